@@ -1,0 +1,82 @@
+"""Evaluation by batched generation: every task of the stream, scored with its metric (0-100)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from cl_bench.metrics import METRICS
+from cl_bench.tasks import Example, Task
+from cl_bench.tokenization import Collator, encode_prompt
+
+
+@dataclass
+class GenerationConfig:
+    """How answers are generated: greedy by default, TRACE's sampling (temperature 0.1) as an option."""
+
+    batch_size: int = 16
+    max_prompt_len: int = 1024
+    do_sample: bool = False
+    temperature: float = 0.1
+    top_p: float = 1.0
+
+
+@dataclass
+class TaskResult:
+    score: float
+    predictions: list[str] = field(default_factory=list)
+
+
+@torch.no_grad()
+def generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    max_new_tokens: int,
+    cfg: GenerationConfig,
+) -> list[str]:
+    """Answers for ``examples``, in their order. Prompts are batched by length (less padding)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    collate = Collator(tokenizer.pad_token_id)
+    encoded = [encode_prompt(tokenizer, ex, cfg.max_prompt_len) for ex in examples]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]))
+    sampling = {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p} if cfg.do_sample else {
+        "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    answers: list[str] = [""] * len(examples)
+    try:
+        for start in range(0, len(order), cfg.batch_size):
+            idx = order[start : start + cfg.batch_size]
+            batch = {k: v.to(device) for k, v in collate([encoded[i] for i in idx]).items()}
+            out = model.generate(
+                **batch,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                use_cache=True,
+                **sampling,
+            )
+            new = out[:, batch["input_ids"].shape[1] :]
+            for i, text in zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True)):
+                answers[i] = text.strip()
+    finally:
+        model.train(was_training)
+    return answers
+
+
+def evaluate_task(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    task: Task,
+    cfg: GenerationConfig,
+    split: str = "test",
+    max_examples: int | None = None,
+) -> TaskResult:
+    """Score of ``task`` on its first ``max_examples`` examples of ``split``."""
+    examples = task.splits[split][:max_examples]
+    predictions = generate(model, tokenizer, examples, task.spec.max_new_tokens, cfg)
+    score = METRICS[task.metric](predictions, [e.answer for e in examples], [e.prompt for e in examples])
+    return TaskResult(float(score), predictions)

@@ -1,0 +1,81 @@
+"""Experiment loggers: Lightning loggers built from ``conf/logger``, fed by the runner.
+
+The runner owns the loggers (the per-task Trainers get ``logger=False``), so one logger spans the
+whole stream: training curves use a step that runs on across tasks, and the per-stage scores, CL
+metrics and the score matrix are logged after every task.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+from lightning.pytorch.loggers import Logger, WandbLogger
+
+
+def wandb_logger(
+    project: str,
+    save_dir: str,
+    name: str | None = None,
+    group: str | None = None,
+    tags: Sequence[str] = (),
+    entity: str | None = None,
+    mode: str = "auto",
+) -> WandbLogger:
+    """A W&B logger; ``mode: auto`` goes online only when an API key is configured, else offline.
+
+    Offline runs land in ``<save_dir>/wandb/offline-run-*``; ``wandb sync`` uploads them later.
+    The API key is read by wandb itself from the environment or netrc and is never put in a config.
+    """
+    if mode not in ("auto", "online", "offline"):
+        raise ValueError(f"logger.wandb.mode must be auto, online or offline, got {mode!r}")
+    if mode == "auto":
+        has_key = bool(os.environ.get("WANDB_API_KEY")) or _netrc_has_wandb()
+        mode = os.environ.get("WANDB_MODE") or ("online" if has_key else "offline")
+    Path(save_dir).mkdir(parents=True, exist_ok=True)
+    return WandbLogger(
+        project=project, name=name, group=group, tags=list(tags), entity=entity,
+        save_dir=save_dir, offline=(mode == "offline"),
+    )
+
+
+def _netrc_has_wandb() -> bool:
+    path = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return "api.wandb.ai" in path.read_text()
+    except OSError:
+        return False
+
+
+class RunLoggers:
+    """Fans metrics, the config and tables out to every configured logger."""
+
+    def __init__(self, loggers: Sequence[Logger]):
+        self.loggers = list(loggers)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        clean = {k: float(v) for k, v in metrics.items() if v is not None}
+        for lg in self.loggers:
+            lg.log_metrics(clean, step=step)
+
+    def log_config(self, config: dict[str, Any]) -> None:
+        for lg in self.loggers:
+            lg.log_hyperparams(config)
+
+    def log_table(self, key: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
+        """A table (the score matrix) for the loggers that have tables (W&B)."""
+        for lg in self.loggers:
+            if hasattr(lg, "log_table"):
+                lg.log_table(key=key, columns=columns, data=rows, step=step)
+
+    def save(self) -> None:
+        for lg in self.loggers:
+            lg.save()
+
+    def finalize(self, status: str) -> None:
+        for lg in self.loggers:
+            lg.finalize(status)
+        for lg in self.loggers:
+            experiment = getattr(lg, "_experiment", None)
+            if isinstance(lg, WandbLogger) and experiment is not None:
+                experiment.finish(exit_code=0 if status == "success" else 1)

@@ -1,0 +1,60 @@
+"""Per-task metrics, each a named pure function on a 0-100 scale.
+
+Signature: ``metric(predictions, answers, prompts) -> float``. ``prompts`` are the sources that
+SARI needs; the other metrics ignore them. Tasks name their metric by its key in :data:`METRICS`.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+from rapidfuzz import fuzz
+from rouge_score import rouge_scorer
+
+from cl_bench.sari import sari
+
+Metric = Callable[[Sequence[str], Sequence[str], Sequence[str]], float]
+
+
+def _mean(values: Sequence[float]) -> float:
+    return 100.0 * sum(values) / len(values) if values else 0.0
+
+
+def accuracy(predictions, answers, prompts=None) -> float:
+    """Exact match after stripping surrounding whitespace."""
+    return _mean([p.strip() == a.strip() for p, a in zip(predictions, answers)])
+
+
+def first_letter_accuracy(predictions, answers, prompts=None) -> float:
+    """Match of the first non-space character (the option letter of a multiple-choice answer)."""
+    def first(s: str) -> str:
+        s = s.strip()
+        return s[:1]
+    return _mean([first(p) != "" and first(p) == first(a) for p, a in zip(predictions, answers)])
+
+
+_ROUGE = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+
+
+def rouge_l(predictions, answers, prompts=None) -> float:
+    """ROUGE-L F-measure (rouge-score's tokenizer: lower-cased alphanumeric tokens)."""
+    return _mean([_ROUGE.score(a, p)["rougeL"].fmeasure for p, a in zip(predictions, answers)])
+
+
+def edit_similarity(predictions, answers, prompts=None) -> float:
+    """fuzzywuzzy/rapidfuzz ``fuzz.ratio`` (normalised Indel similarity, 0-100), averaged."""
+    values = [fuzz.ratio(p.strip(), a.strip()) for p, a in zip(predictions, answers)]
+    return sum(values) / len(values) if values else 0.0
+
+
+def sari_metric(predictions, answers, prompts) -> float:
+    """SARI with the prompt as source and the answer as the single reference."""
+    return sari(list(prompts), list(predictions), [[a] for a in answers])
+
+
+METRICS: dict[str, Metric] = {
+    "accuracy": accuracy,
+    "first_letter_accuracy": first_letter_accuracy,
+    "rouge_l": rouge_l,
+    "edit_similarity": edit_similarity,
+    "sari": sari_metric,
+}

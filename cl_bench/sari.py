@@ -1,0 +1,104 @@
+"""SARI (Xu et al. 2016, "Optimizing Statistical Machine Translation for Text Simplification", TACL).
+
+For n = 1..4, with source S, prediction C and references R_1..R_k (n-gram counts; reference counts
+summed over the k references, source and prediction counts multiplied by k):
+
+    keep_n = F1 of the n-grams kept (in S and C), scored against those kept by the references,
+    del_n  = precision of the n-grams deleted (in S, not in C) that the references also delete,
+    add_n  = F1 of the n-grams added (in C, not in S) against those the references add,
+
+    SARI = (mean_n keep_n + mean_n del_n + mean_n add_n) / 3.
+
+Deletion uses precision only, as in the paper's reference implementation. Keep recall comes in
+two variants: ``"paper"``, as the authors' script computes it (the values printed in the paper:
+0.2683 on its first example), and ``"corrected"`` (default), the count-weighted recall of
+tensor2tensor's ``sari_hook`` and Hugging Face ``evaluate`` (0.2695 on the same example).
+what later simplification work, and TRACE's tooling, report. Text is lower-cased and
+split into words and punctuation (like sacrebleu's 13a tokenizer), then scored per sentence and
+averaged over the corpus, on a 0-100 scale.
+"""
+from __future__ import annotations
+
+import re
+from collections import Counter
+from typing import Sequence
+
+_TOKEN = re.compile(r"\w+|[^\w\s]", re.UNICODE)
+KEEP_RECALL = ("corrected", "paper")
+
+
+def normalize(text: str) -> list[str]:
+    """Lower-case and split into words and punctuation marks."""
+    return _TOKEN.findall(text.lower())
+
+
+def _ngrams(tokens: Sequence[str], n: int) -> list[tuple[str, ...]]:
+    return [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+
+
+def _f1(precision: float, recall: float) -> float:
+    return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
+
+
+def _ngram_scores(
+    source: list, prediction: list, references: list[list], keep_recall: str
+) -> tuple[float, float, float]:
+    """(keep F1, deletion precision, addition F1) for one n-gram order."""
+    k = len(references)
+    ref = Counter(g for r in references for g in r)
+    src = Counter({g: c * k for g, c in Counter(source).items()})
+    pred = Counter({g: c * k for g, c in Counter(prediction).items()})
+
+    kept = src & pred
+    kept_good = kept & ref
+    kept_all = src & ref
+    keep_p = sum(kept_good[g] / kept[g] for g in kept_good) / len(kept) if kept else 0.0
+    if not kept_all:
+        keep_r = 0.0
+    elif keep_recall == "paper":
+        keep_r = sum(kept_good[g] / kept_all[g] for g in kept_good) / len(kept_all)
+    else:
+        keep_r = sum(kept_good.values()) / sum(kept_all.values())
+
+    deleted = src - pred
+    deleted_good = deleted - ref
+    del_p = sum(deleted_good[g] / deleted[g] for g in deleted_good) / len(deleted) if deleted else 0.0
+
+    added = set(pred) - set(src)
+    added_good = added & set(ref)
+    added_all = set(ref) - set(src)
+    add_p = len(added_good) / len(added) if added else 0.0
+    add_r = len(added_good) / len(added_all) if added_all else 0.0
+    return _f1(keep_p, keep_r), del_p, _f1(add_p, add_r)
+
+
+def sari_sentence(
+    source: str, prediction: str, references: Sequence[str], keep_recall: str = "corrected"
+) -> float:
+    """SARI of one prediction, in [0, 1]."""
+    if not references:
+        raise ValueError("SARI needs at least one reference")
+    if keep_recall not in KEEP_RECALL:
+        raise ValueError(f"keep_recall must be one of {KEEP_RECALL}, got {keep_recall!r}")
+    s, c = normalize(source), normalize(prediction)
+    rs = [normalize(r) for r in references]
+    keep = dele = add = 0.0
+    for n in range(1, 5):
+        kn, dn, an = _ngram_scores(_ngrams(s, n), _ngrams(c, n), [_ngrams(r, n) for r in rs], keep_recall)
+        keep, dele, add = keep + kn, dele + dn, add + an
+    return (keep + dele + add) / 12
+
+
+def sari(
+    sources: Sequence[str],
+    predictions: Sequence[str],
+    references: Sequence[Sequence[str]],
+    keep_recall: str = "corrected",
+) -> float:
+    """Corpus SARI on 0-100: the mean of sentence scores."""
+    if not (len(sources) == len(predictions) == len(references)):
+        raise ValueError("sources, predictions and references must have the same length")
+    if not predictions:
+        return 0.0
+    total = sum(sari_sentence(s, p, r, keep_recall) for s, p, r in zip(sources, predictions, references))
+    return 100.0 * total / len(predictions)

@@ -1,0 +1,35 @@
+"""The Rich tables printed by the runner: the score matrix and the CL metrics."""
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f}"
+
+
+def matrix_table(stages: list[str], task_names: list[str], metric_names: list[str], R: list[list[float]]) -> Table:
+    table = Table(title="Scores R[t][i] (0-100): rows = after training task t, columns = task i")
+    table.add_column("stage", style="bold")
+    for name, metric in zip(task_names, metric_names):
+        table.add_column(f"{name}\n({metric})", justify="right")
+    for t, (stage, row) in enumerate(zip(stages, R)):
+        cells = [f"[bold]{_fmt(v)}[/bold]" if i == t - 1 else _fmt(v) for i, v in enumerate(row)]
+        table.add_row(stage, *cells)
+    return table
+
+
+def metrics_table(cl_metrics: dict[str, float | None]) -> Table:
+    table = Table(title="Continual-learning metrics")
+    for name in cl_metrics:
+        table.add_column(name, justify="right")
+    table.add_row(*[_fmt(v) for v in cl_metrics.values()])
+    return table
+
+
+def print_summary(recorder, console: Console | None = None) -> None:
+    console = console or Console()
+    console.print(matrix_table(recorder.stages, recorder.task_names, recorder.metric_names, recorder.R))
+    if recorder.cl_metrics():
+        console.print(metrics_table(recorder.cl_metrics()))

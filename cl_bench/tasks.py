@@ -1,0 +1,174 @@
+"""Tasks and task streams read from TRACE's on-disk layout.
+
+A stream lives in ``<data_dir>/<Task>/{train,eval,test}.json``; each file is a JSON list of
+``{"prompt": str, "answer": str}`` records (other keys are ignored). Every stream, the embedded
+one included, goes through :func:`load_stream`, so all validation lives here.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from cl_bench.errors import ConfigError
+from cl_bench.metrics import METRICS
+
+SPLITS = ("train", "eval", "test")
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str
+    answer: str
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What a task is scored with, independent of where its data lies."""
+
+    name: str
+    metric: str
+    max_new_tokens: int
+
+
+@dataclass
+class Task:
+    """One task of a stream: its data, its metric and its training budget."""
+
+    spec: TaskSpec
+    splits: dict[str, list[Example]]
+    epochs: int
+    max_steps: int | None = None
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def metric(self) -> str:
+        return self.spec.metric
+
+    @property
+    def train(self) -> list[Example]:
+        return self.splits["train"]
+
+    @property
+    def test(self) -> list[Example]:
+        return self.splits["test"]
+
+
+@dataclass
+class TaskStream:
+    """An ordered list of tasks; ``tasks[t]`` is trained at stage t+1."""
+
+    tasks: list[Task] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    def __iter__(self):
+        return iter(self.tasks)
+
+    def __getitem__(self, i: int) -> Task:
+        return self.tasks[i]
+
+    @property
+    def names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+
+def read_split(path: Path) -> list[Example]:
+    """Read one split file, refusing anything that is not a non-empty list of prompt/answer strings."""
+    if not path.is_file():
+        raise ConfigError(f"missing split file: {path}")
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(records, list):
+        raise ConfigError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
+    if not records:
+        raise ConfigError(f"{path}: the split is empty")
+    examples = []
+    for i, rec in enumerate(records):
+        if not isinstance(rec, dict):
+            raise ConfigError(f"{path}: record {i} is a {type(rec).__name__}, expected an object")
+        for key in ("prompt", "answer"):
+            if key not in rec:
+                raise ConfigError(f"{path}: record {i} has no '{key}' key")
+            if not isinstance(rec[key], str):
+                raise ConfigError(
+                    f"{path}: record {i} '{key}' is a {type(rec[key]).__name__}, expected a string"
+                )
+        examples.append(Example(rec["prompt"], rec["answer"]))
+    return examples
+
+
+def per_task_values(value: Any, n: int, key: str, allow_none: bool = False) -> list:
+    """Expand a scalar or a per-task list to n values (>= 1 each), naming ``key`` on error."""
+    if value is None:
+        if allow_none:
+            return [None] * n
+        raise ConfigError(f"{key} must be set")
+    values = list(value) if isinstance(value, Sequence) and not isinstance(value, str) else [value] * n
+    if len(values) != n:
+        raise ConfigError(f"{key} has {len(values)} values but the stream has {n} tasks")
+    for v in values:
+        if v is None and allow_none:
+            continue
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ConfigError(f"{key} values must be integers >= 1, got {v!r}")
+    return values
+
+
+def resolve_order(order: Sequence[str] | None, known: Sequence[str], key: str = "tasks.order") -> list[str]:
+    """The task names in training order; the default is the order they are declared in."""
+    if order is None:
+        return list(known)
+    order = list(order)
+    unknown = [n for n in order if n not in known]
+    if unknown:
+        raise ConfigError(f"{key} names unknown task(s) {unknown}; known: {list(known)}")
+    repeated = sorted({n for n in order if order.count(n) > 1})
+    if repeated:
+        raise ConfigError(f"{key} names task(s) {repeated} more than once")
+    if not order:
+        raise ConfigError(f"{key} is empty")
+    return order
+
+
+def load_stream(
+    data_dir: str | Path,
+    tasks: Sequence[dict | TaskSpec],
+    order: Sequence[str] | None = None,
+    epochs: int | Sequence[int] = 1,
+    max_steps: int | Sequence[int] | None = None,
+    splits: Sequence[str] = SPLITS,
+) -> TaskStream:
+    """Load a stream from ``data_dir`` in TRACE's layout.
+
+    ``tasks`` declares each task's name, metric and ``max_new_tokens``; ``order`` picks and orders
+    them; ``epochs`` and ``max_steps`` are a scalar or one value per task of the ordered stream.
+    Everything is validated before anything is returned.
+    """
+    specs = [t if isinstance(t, TaskSpec) else TaskSpec(**t) for t in tasks]
+    by_name = {s.name: s for s in specs}
+    for s in specs:
+        if s.metric not in METRICS:
+            raise ConfigError(f"task {s.name}: unknown metric '{s.metric}'; known: {sorted(METRICS)}")
+    names = resolve_order(order, [s.name for s in specs])
+    n = len(names)
+    epoch_list = per_task_values(epochs, n, "tasks.epochs")
+    step_list = per_task_values(max_steps, n, "tasks.max_steps", allow_none=True)
+    root = Path(data_dir).expanduser()
+    if not root.is_dir():
+        raise ConfigError(f"tasks.data_dir does not exist or is not a folder: {root}")
+    missing = [name for name in names if not (root / name).is_dir()]
+    if missing:
+        raise ConfigError(f"tasks.data_dir {root} lacks task folder(s) {missing}")
+    stream = TaskStream()
+    for name, ep, steps in zip(names, epoch_list, step_list):
+        loaded = {split: read_split(root / name / f"{split}.json") for split in splits}
+        stream.tasks.append(Task(by_name[name], loaded, epochs=ep, max_steps=steps))
+    return stream

@@ -1,0 +1,80 @@
+"""TRACE's tokenization and left-padded collation.
+
+Training input = BOS + prompt + answer + EOS, with labels -100 on BOS, prompt and padding, so the
+loss covers exactly the answer tokens and EOS. The prompt is truncated on the left to
+``max_prompt_len`` (its end, next to the answer, is kept); the answer on the right to
+``max_ans_len``. Generation input = BOS + prompt. Batches are padded on the left.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from cl_bench.tasks import Example
+
+IGNORE_INDEX = -100
+
+
+def _prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str, max_prompt_len: int) -> list[int]:
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    keep = max_prompt_len - len(bos)
+    return bos + (ids[-keep:] if keep > 0 else [])
+
+
+def encode_train(
+    tokenizer: PreTrainedTokenizerBase, ex: Example, max_prompt_len: int, max_ans_len: int
+) -> dict[str, list[int]]:
+    """Token ids and labels for one training example."""
+    prompt = _prompt_ids(tokenizer, ex.prompt, max_prompt_len)
+    answer = tokenizer(ex.answer, add_special_tokens=False)["input_ids"][: max(max_ans_len - 1, 0)]
+    answer = answer + [tokenizer.eos_token_id]
+    return {"input_ids": prompt + answer, "labels": [IGNORE_INDEX] * len(prompt) + answer}
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, ex: Example, max_prompt_len: int) -> dict[str, list[int]]:
+    """Token ids for generating the answer of one example."""
+    return {"input_ids": _prompt_ids(tokenizer, ex.prompt, max_prompt_len)}
+
+
+def left_pad(rows: Sequence[Sequence[int]], value: int) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    return torch.tensor([[value] * (width - len(r)) + list(r) for r in rows], dtype=torch.long)
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted from each row's first real token, so left padding does not shift them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+@dataclass
+class Collator:
+    """Left-pads encoded examples into a batch (labels too, when present)."""
+
+    pad_token_id: int
+
+    def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        ids = [f["input_ids"] for f in features]
+        batch = {
+            "input_ids": left_pad(ids, self.pad_token_id),
+            "attention_mask": left_pad([[1] * len(r) for r in ids], 0),
+        }
+        if "labels" in features[0]:
+            batch["labels"] = left_pad([f["labels"] for f in features], IGNORE_INDEX)
+        return batch
+
+
+class EncodedDataset(torch.utils.data.Dataset):
+    """A task split encoded once for training."""
+
+    def __init__(self, tokenizer, examples: Sequence[Example], max_prompt_len: int, max_ans_len: int):
+        self.items = [encode_train(tokenizer, ex, max_prompt_len, max_ans_len) for ex in examples]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, list[int]]:
+        return self.items[i]

@@ -1,0 +1,50 @@
+"""The interface every continual-learning method implements.
+
+A method is a Lightning :class:`~lightning.pytorch.callbacks.Callback` (so it can use every Lightning
+hook, e.g. ``on_before_optimizer_step`` for gradient edits) plus the moments a CL method needs that
+Lightning does not know about: the start and end of a task of the stream, and a penalty added to
+the task loss. Every hook is a no-op here; a method overrides the ones its paper needs.
+
+The runner calls, for each task t of the stream (0-based ``task_index``)::
+
+    method.on_task_start(module, task, task_index)   # before trainer.fit; e.g. a Fisher pass
+    trainer.fit(module, ...)                          # loss = task loss + method.penalty(...)
+    method.on_task_end(module, task, task_index)     # after fit; e.g. EWC's Fisher and anchor
+
+A fresh optimizer is created for every task (``configure_optimizers`` runs at each fit), so a method
+never inherits Adam moments from a previous task.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from lightning.pytorch.callbacks import Callback
+
+if TYPE_CHECKING:
+    from cl_bench.module import CLModule
+    from cl_bench.tasks import Task
+
+
+class CLMethod(Callback):
+    """Base class of every strategy plugin; every hook does nothing."""
+
+    #: Trainer strategies the method is known to work under (checked by the runner at start).
+    supported_strategies: tuple[str, ...] = ("single_device", "ddp")
+
+    def on_task_start(self, module: "CLModule", task: "Task", task_index: int) -> None:
+        """Called before training on ``task``."""
+
+    def penalty(self, module: "CLModule", batch: dict[str, torch.Tensor], task_loss: torch.Tensor) -> torch.Tensor | None:
+        """A term added to the task loss of every training step, or None."""
+        return None
+
+    def on_task_end(self, module: "CLModule", task: "Task", task_index: int) -> None:
+        """Called after training on ``task``, before it is evaluated."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the method must keep across a resume (Fisher, anchors, masks, ...)."""
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""

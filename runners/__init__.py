@@ -1,0 +1,1 @@
+"""Entry points: `python -m runners.cl` (train a stream) and `python -m runners.bench`."""

@@ -1,0 +1,138 @@
+"""Train a causal LM on a stream of tasks and record the continual-learning score matrix.
+
+    python -m runners.cl [method=...] [model=...] [tasks=...] [trainer=...] [logger=...] [seed=...]
+
+Compose, seed, build, then for each task: method.on_task_start, trainer.fit, method.on_task_end,
+evaluate every task of the stream, record. Results land in the Hydra run dir.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.utils import instantiate
+from lightning import seed_everything
+from lightning.pytorch.callbacks import RichProgressBar
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.rule import Rule
+
+from cl_bench.config_checks import validate_run_config
+from cl_bench.evaluation import GenerationConfig, evaluate_task
+from cl_bench.loggers import RunLoggers
+from cl_bench.module import CLModule
+from cl_bench.recording import RunRecorder, redact
+from cl_bench.summary import print_summary
+from cl_bench.tasks import TaskStream
+from cl_bench.tokenization import Collator, EncodedDataset
+
+log = logging.getLogger(__name__)
+console = Console()
+# Lightning's per-fit banners ("GPU available", tips) would repeat once per task.
+for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
+
+
+def evaluate_stream(bundle, stream: TaskStream, cfg: DictConfig) -> tuple[list[float], dict[str, list[str]]]:
+    """One row of the score matrix: every task of the stream, future ones included."""
+    gen = GenerationConfig(
+        batch_size=cfg.eval.batch_size, max_prompt_len=cfg.train.max_prompt_len,
+        do_sample=cfg.eval.do_sample, temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
+    )
+    scores, predictions = [], {}
+    for task in stream:
+        result = evaluate_task(bundle.model, bundle.tokenizer, task, gen, cfg.eval.split, cfg.eval.max_examples)
+        scores.append(result.score)
+        predictions[task.name] = result.predictions
+    return scores, predictions
+
+
+def train_loader(bundle, task, cfg: DictConfig, task_index: int) -> torch.utils.data.DataLoader:
+    data = EncodedDataset(bundle.tokenizer, task.train, cfg.train.max_prompt_len, cfg.train.max_ans_len)
+    generator = torch.Generator().manual_seed(cfg.seed + task_index)
+    return torch.utils.data.DataLoader(
+        data, batch_size=cfg.train.batch_size, shuffle=cfg.train.shuffle,
+        collate_fn=Collator(bundle.tokenizer.pad_token_id), generator=generator,
+    )
+
+
+def build_trainer(cfg: DictConfig, task, callbacks):
+    if cfg.trainer.get("enable_progress_bar", True):
+        callbacks = [*callbacks, RichProgressBar(leave=True)]
+    return instantiate(
+        cfg.trainer, max_epochs=task.epochs, max_steps=task.max_steps or -1, callbacks=callbacks
+    )
+
+
+def _record_stage(recorder: RunRecorder, loggers: RunLoggers, step: int) -> None:
+    stage = len(recorder.R) - 1
+    row = recorder.R[-1]
+    metrics = {f"score/{name}": v for name, v in zip(recorder.task_names, row)}
+    metrics.update({f"cl/{k}": v for k, v in recorder.cl_metrics().items()})
+    metrics["stage"] = stage
+    loggers.log_metrics(metrics, step)
+    loggers.log_table("R", ["stage"] + recorder.task_names, [[s] + r for s, r in zip(recorder.stages, recorder.R)], step)
+    loggers.save()
+    recorder.write()
+
+
+def run(cfg: DictConfig, out_dir: str | Path) -> RunRecorder:
+    """The whole stream; returns the recorder (results are also on disk in ``out_dir``)."""
+    validate_run_config(cfg)
+    seed_everything(cfg.seed, workers=True, verbose=False)
+    t0 = time.perf_counter()
+    stream: TaskStream = instantiate(cfg.tasks)  # validates the data before the model is loaded
+    bundle = instantiate(cfg.model)
+    method = instantiate(cfg.method)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    recorder = RunRecorder(out_dir, resolved, stream.names, [t.metric for t in stream])
+    recorder.set_timing("load_s", time.perf_counter() - t0)
+    loggers = RunLoggers([instantiate(c) for c in (cfg.get("logger") or {}).values()])
+    loggers.log_config(redact(resolved))
+    module = CLModule(
+        bundle.model, method, instantiate(cfg.optimizer), instantiate(cfg.scheduler),
+        metric_sink=loggers.log_metrics, log_every_n_steps=cfg.trainer.get("log_every_n_steps", 10),
+    )
+    try:
+        console.print(Rule(f"Evaluating the untrained model on {len(stream)} tasks"))
+        t = time.perf_counter()
+        scores, _ = evaluate_stream(bundle, stream, cfg)
+        recorder.add_row(scores, time.perf_counter() - t)
+        _record_stage(recorder, loggers, module.stream_step)
+        for i, task in enumerate(stream):
+            console.print(Rule(f"Task {i + 1}/{len(stream)}: {task.name} ({len(task.train)} examples, "
+                               f"{task.epochs} epoch(s), metric {task.metric})"))
+            module.task_name = task.name
+            t = time.perf_counter()
+            method.on_task_start(module, task, i)
+            trainer = build_trainer(cfg, task, [method])
+            trainer.fit(module, train_loader(bundle, task, cfg, i))
+            module.step_offset += trainer.global_step
+            method.on_task_end(module, task, i)
+            recorder.add_train_time(time.perf_counter() - t)
+            t = time.perf_counter()
+            scores, _ = evaluate_stream(bundle, stream, cfg)
+            recorder.add_row(scores, time.perf_counter() - t)
+            _record_stage(recorder, loggers, module.stream_step)
+    except BaseException as e:
+        recorder.write(status="failed", error=f"{type(e).__name__}: {e}")
+        loggers.finalize("failed")
+        raise
+    recorder.write(status="finished")
+    loggers.finalize("success")
+    print_summary(recorder, console)
+    console.print(f"Results: {Path(out_dir) / 'results.json'}")
+    return recorder
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> float | None:
+    recorder = run(cfg, cfg.paths.output_dir)
+    return recorder.cl_metrics().get("op")
+
+
+if __name__ == "__main__":
+    main()
