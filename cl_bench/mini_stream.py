@@ -49,7 +49,7 @@ def _arith(rng: random.Random) -> Example:
     names = ["Mia", "Tom", "Ava", "Leo", "Zoe", "Sam", "Ivy", "Max", "Eli", "Ana"]
     items = ["apples", "marbles", "stamps", "books", "coins", "pencils", "shells", "cards"]
     name, item = rng.choice(names), rng.choice(items)
-    a, b = rng.randint(2, 30), rng.randint(2, 20)
+    a, b = rng.randint(2, 15), rng.randint(2, 9)
     if rng.random() < 0.5:
         story, result = f"{name} has {a} {item} and gets {b} more.", a + b
     else:

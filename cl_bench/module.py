@@ -61,6 +61,10 @@ class CLModule(LightningModule):
         """Optimizer steps taken over the whole stream so far."""
         return self.step_offset + self.global_step
 
+    def on_fit_start(self) -> None:
+        # HF models load in eval mode and Lightning keeps the mode it finds: train with dropout on.
+        self.model.train()
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         task_loss = causal_lm_loss(self.model, batch)
         penalty = self.method.penalty(self, batch, task_loss)

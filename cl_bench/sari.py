@@ -9,13 +9,13 @@ summed over the k references, source and prediction counts multiplied by k):
 
     SARI = (mean_n keep_n + mean_n del_n + mean_n add_n) / 3.
 
-Deletion uses precision only, as in the paper's reference implementation. Keep recall comes in
-two variants: ``"paper"``, as the authors' script computes it (the values printed in the paper:
-0.2683 on its first example), and ``"corrected"`` (default), the count-weighted recall of
-tensor2tensor's ``sari_hook`` and Hugging Face ``evaluate`` (0.2695 on the same example).
-what later simplification work, and TRACE's tooling, report. Text is lower-cased and
-split into words and punctuation (like sacrebleu's 13a tokenizer), then scored per sentence and
-averaged over the corpus, on a 0-100 scale.
+Deletion uses precision only, as in the paper's reference implementation. Two variants:
+``"paper"``, as the authors' script computes it (the values printed in the paper: 0.2683 on its
+first example; 0/0 counts as 0), and ``"corrected"`` (default), as tensor2tensor's ``sari_hook``
+and Hugging Face ``evaluate`` compute it: count-weighted keep recall (0.2695 on the same example)
+and 0/0 counted as 1, so an output equal to source and reference scores 1. Text is lower-cased
+and split into words and punctuation (like sacrebleu's 13a tokenizer), then scored per sentence
+and averaged over the corpus, on a 0-100 scale.
 """
 from __future__ import annotations
 
@@ -40,10 +40,15 @@ def _f1(precision: float, recall: float) -> float:
     return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
 
 
+def _ratio(num: float, den: float, empty: float) -> float:
+    return num / den if den else empty
+
+
 def _ngram_scores(
     source: list, prediction: list, references: list[list], keep_recall: str
 ) -> tuple[float, float, float]:
     """(keep F1, deletion precision, addition F1) for one n-gram order."""
+    empty = 1.0 if keep_recall == "corrected" else 0.0  # the value of 0/0
     k = len(references)
     ref = Counter(g for r in references for g in r)
     src = Counter({g: c * k for g, c in Counter(source).items()})
@@ -52,23 +57,21 @@ def _ngram_scores(
     kept = src & pred
     kept_good = kept & ref
     kept_all = src & ref
-    keep_p = sum(kept_good[g] / kept[g] for g in kept_good) / len(kept) if kept else 0.0
-    if not kept_all:
-        keep_r = 0.0
-    elif keep_recall == "paper":
-        keep_r = sum(kept_good[g] / kept_all[g] for g in kept_good) / len(kept_all)
+    keep_p = _ratio(sum(kept_good[g] / kept[g] for g in kept_good), len(kept), empty)
+    if keep_recall == "paper":
+        keep_r = _ratio(sum(kept_good[g] / kept_all[g] for g in kept_good), len(kept_all), empty)
     else:
-        keep_r = sum(kept_good.values()) / sum(kept_all.values())
+        keep_r = _ratio(sum(kept_good.values()), sum(kept_all.values()), empty)
 
     deleted = src - pred
     deleted_good = deleted - ref
-    del_p = sum(deleted_good[g] / deleted[g] for g in deleted_good) / len(deleted) if deleted else 0.0
+    del_p = _ratio(sum(deleted_good[g] / deleted[g] for g in deleted_good), len(deleted), empty)
 
     added = set(pred) - set(src)
     added_good = added & set(ref)
     added_all = set(ref) - set(src)
-    add_p = len(added_good) / len(added) if added else 0.0
-    add_r = len(added_good) / len(added_all) if added_all else 0.0
+    add_p = _ratio(len(added_good), len(added), empty)
+    add_r = _ratio(len(added_good), len(added_all), empty)
     return _f1(keep_p, keep_r), del_p, _f1(add_p, add_r)
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import hydra
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning import seed_everything
 from lightning.pytorch.callbacks import RichProgressBar
@@ -21,6 +22,7 @@ from rich.console import Console
 from rich.rule import Rule
 
 from cl_bench.config_checks import validate_run_config
+from cl_bench.errors import ConfigError
 from cl_bench.evaluation import GenerationConfig, evaluate_task
 from cl_bench.loggers import RunLoggers
 from cl_bench.module import CLModule
@@ -34,6 +36,16 @@ console = Console()
 # Lightning's per-fit banners ("GPU available", tips) would repeat once per task.
 for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
     logging.getLogger(_name).setLevel(logging.WARNING)
+
+
+def build(node: DictConfig, **kwargs):
+    """``instantiate``, letting our own ConfigError through unwrapped (it already names the key)."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, ConfigError):
+            raise e.__cause__ from None
+        raise
 
 
 def evaluate_stream(bundle, stream: TaskStream, cfg: DictConfig) -> tuple[list[float], dict[str, list[str]]]:
@@ -62,7 +74,7 @@ def train_loader(bundle, task, cfg: DictConfig, task_index: int) -> torch.utils.
 def build_trainer(cfg: DictConfig, task, callbacks):
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks = [*callbacks, RichProgressBar(leave=True)]
-    return instantiate(
+    return build(
         cfg.trainer, max_epochs=task.epochs, max_steps=task.max_steps or -1, callbacks=callbacks
     )
 
@@ -84,16 +96,16 @@ def run(cfg: DictConfig, out_dir: str | Path) -> RunRecorder:
     validate_run_config(cfg)
     seed_everything(cfg.seed, workers=True, verbose=False)
     t0 = time.perf_counter()
-    stream: TaskStream = instantiate(cfg.tasks)  # validates the data before the model is loaded
-    bundle = instantiate(cfg.model)
-    method = instantiate(cfg.method)
+    stream: TaskStream = build(cfg.tasks)  # validates the data before the model is loaded
+    bundle = build(cfg.model)
+    method = build(cfg.method)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     recorder = RunRecorder(out_dir, resolved, stream.names, [t.metric for t in stream])
     recorder.set_timing("load_s", time.perf_counter() - t0)
-    loggers = RunLoggers([instantiate(c) for c in (cfg.get("logger") or {}).values()])
+    loggers = RunLoggers([build(c) for c in (cfg.get("logger") or {}).values()])
     loggers.log_config(redact(resolved))
     module = CLModule(
-        bundle.model, method, instantiate(cfg.optimizer), instantiate(cfg.scheduler),
+        bundle.model, method, build(cfg.optimizer), build(cfg.scheduler),
         metric_sink=loggers.log_metrics, log_every_n_steps=cfg.trainer.get("log_every_n_steps", 10),
     )
     try:

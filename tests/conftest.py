@@ -1,0 +1,67 @@
+"""Shared fixtures: compose the real Hydra config with small overrides, tiny-model defaults."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = ROOT / "conf"
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+# A quick stream for the tiny model: every task, 1 epoch over 12 examples, 6 scored per task.
+TINY = [
+    "model=tiny_llama",
+    "trainer.enable_progress_bar=false",
+    "tasks.epochs=1",
+    "tasks.num_train=12",
+    "tasks.num_eval=4",
+    "tasks.num_test=6",
+    "eval.max_examples=6",
+    "logger=none",
+]
+
+
+def compose_config(overrides: list[str], out_dir: Path, cache_dir: Path) -> DictConfig:
+    """The config `python -m runners.cl <overrides>` would run with, with paths under tmp dirs."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(
+            "config",
+            overrides=[f"paths.output_dir={out_dir}", f"paths.cache_dir={cache_dir}", *overrides],
+            return_hydra_config=True,
+        )
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture
+def make_config(tmp_path, cache_dir):
+    def make(*overrides: str, tiny: bool = True) -> DictConfig:
+        return compose_config([*(TINY if tiny else []), *overrides], tmp_path / "run", cache_dir)
+    return make
+
+
+def write_stream(root: Path, tasks: dict[str, int], splits=("train", "eval", "test")) -> Path:
+    """A fixture stream in TRACE's layout: task name -> number of records per split."""
+    for name, n in tasks.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for split in splits:
+            records = [{"prompt": f"{name} question {i}? Answer:", "answer": f"{i % 3}", "extra": 1} for i in range(n)]
+            (root / name / f"{split}.json").write_text(json.dumps(records))
+    return root

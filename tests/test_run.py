@@ -1,0 +1,153 @@
+"""End-to-end runs of the whole stream on the tiny model."""
+import json
+from pathlib import Path
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from hydra.errors import ConfigCompositionException
+
+from cl_bench.errors import ConfigError
+from methods.base import CLMethod
+from runners.cl import run
+from tests.conftest import ROOT
+
+T = 5
+
+
+def _results(out_dir):
+    return json.loads((out_dir / "results.json").read_text())
+
+
+def test_run_writes_the_full_matrix_and_metrics(make_config):
+    cfg = make_config()
+    recorder = run(cfg, cfg.paths.output_dir)
+    res = _results(recorder.out_dir)
+    assert res["status"] == "finished" and res["error"] is None
+    assert res["tasks"] == ["sentiment", "arith", "minutes", "code", "simplify"]
+    assert len(res["R"]) == T + 1 and all(len(row) == T for row in res["R"])
+    assert all(0.0 <= v <= 100.0 for row in res["R"] for v in row)
+    assert set(res["cl_metrics"]) == {"op", "mean_op", "bwt", "bwt_over_t", "fwt", "forgetting"}
+    assert res["cl_metrics"]["op"] == pytest.approx(sum(res["R"][T][i] for i in range(T)) / T)
+    assert len(res["timings"]["train_s"]) == T and len(res["timings"]["eval_s"]) == T + 1
+    assert res["config"]["model"]["_target_"] == "cl_bench.models.tiny_llama"
+    csv_lines = (recorder.out_dir / "scores.csv").read_text().splitlines()
+    assert csv_lines[0] == "stage,sentiment,arith,minutes,code,simplify"
+    assert [line.split(",")[0] for line in csv_lines[1:]] == ["base"] + [f"after_{n}" for n in res["tasks"]]
+
+
+def test_the_same_seed_gives_the_same_matrix(make_config):
+    first = run(make_config("seed=7"), make_config("seed=7").paths.output_dir).R
+    second = run(make_config("seed=7"), make_config("seed=7").paths.output_dir).R
+    assert first == second
+
+
+class _Probe(CLMethod):
+    """Records what the runner hands to methods; optionally fails at a chosen task."""
+
+    def __init__(self, fail_at=None, nan_at=None):
+        self.fail_at, self.nan_at = fail_at, nan_at
+        self.calls, self.optimizers = [], []
+
+    def on_task_start(self, module, task, task_index):
+        self.calls.append(("start", task.name, task_index))
+        if task_index == self.fail_at:
+            raise RuntimeError("boom")
+
+    def on_train_start(self, trainer, pl_module):
+        opt = trainer.optimizers[0]
+        self.optimizers.append((id(opt), len(opt.state)))
+
+    def penalty(self, module, batch, task_loss):
+        if module.task_name and self.nan_at == module.task_name:
+            return torch.tensor(math.nan)
+        return None
+
+    def on_task_end(self, module, task, task_index):
+        self.calls.append(("end", task.name, task_index))
+
+
+def test_hooks_run_in_order_with_a_fresh_optimizer_per_task(make_config, monkeypatch):
+    probe = _Probe()
+    monkeypatch.setattr("runners.cl.instantiate", _instantiate_with(probe))
+    cfg = make_config("tasks.order=[arith,code]")
+    run(cfg, cfg.paths.output_dir)
+    assert probe.calls == [("start", "arith", 0), ("end", "arith", 0), ("start", "code", 1), ("end", "code", 1)]
+    assert len({i for i, _ in probe.optimizers}) == 2
+    assert [n for _, n in probe.optimizers] == [0, 0]  # no Adam state carried into a task
+
+
+def test_a_crash_keeps_the_finished_stages(make_config, monkeypatch):
+    monkeypatch.setattr("runners.cl.instantiate", _instantiate_with(_Probe(fail_at=2)))
+    cfg = make_config()
+    with pytest.raises(RuntimeError, match="boom"):
+        run(cfg, cfg.paths.output_dir)
+    res = _results(Path(cfg.paths.output_dir))
+    assert res["status"] == "failed" and res["error"] == "RuntimeError: boom"
+    assert len(res["R"]) == 3  # base + two finished tasks
+    assert res["stages"] == ["base", "after_sentiment", "after_arith"]
+
+
+def test_a_nan_loss_stops_the_run_naming_the_task_and_keeps_results(make_config, monkeypatch):
+    monkeypatch.setattr("runners.cl.instantiate", _instantiate_with(_Probe(nan_at="minutes")))
+    cfg = make_config()
+    with pytest.raises(FloatingPointError, match="non-finite training loss .* task 'minutes'"):
+        run(cfg, cfg.paths.output_dir)
+    res = _results(Path(cfg.paths.output_dir))
+    assert res["status"] == "failed" and len(res["R"]) == 3
+
+
+def _instantiate_with(method):
+    """hydra's instantiate, except that the method config yields ``method``."""
+    from hydra.utils import instantiate
+
+    def patched(config, *args, **kwargs):
+        if config.get("_target_", "").startswith("methods."):
+            return method
+        return instantiate(config, *args, **kwargs)
+    return patched
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optimizer.lr=-0.001", "optimizer.lr must be > 0"),
+        ("train.batch_size=0", "train.batch_size must be an integer >= 1"),
+        ("eval.max_examples=0", "eval.max_examples must be an integer >= 1 or null"),
+        ("eval.split=dev", "eval.split must be one of"),
+        ("tasks.epochs=[1,2]", "tasks.epochs has 2 values but the stream has 5 tasks"),
+        ("tasks.order=[arith,nope]", r"tasks.order names unknown task\(s\) \['nope'\]"),
+    ],
+)
+def test_bad_values_fail_before_anything_is_written(make_config, override, message):
+    cfg = make_config(override)
+    with pytest.raises(ConfigError, match=message):
+        run(cfg, cfg.paths.output_dir)
+    assert not (Path(cfg.paths.output_dir) / "results.json").exists()
+
+
+def test_custom_stream_with_a_missing_data_dir(make_config, tmp_path):
+    cfg = make_config("model=tiny_llama", "tasks=custom", f"tasks.data_dir={tmp_path / 'absent'}", tiny=False)
+    with pytest.raises(ConfigError, match="tasks.data_dir does not exist"):
+        run(cfg, cfg.paths.output_dir)
+
+
+def test_unknown_group_option_is_refused_by_hydra(make_config):
+    with pytest.raises(ConfigCompositionException, match="method"):
+        make_config("method=nonexistent")
+
+
+def test_cli_runs_end_to_end(tmp_path):
+    out = tmp_path / "cli"
+    proc = subprocess.run(
+        [sys.executable, "-m", "runners.cl", "experiment=smoke", f"hydra.run.dir={out}",
+         f"paths.cache_dir={tmp_path / 'cache'}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = _results(out)
+    assert res["status"] == "finished" and len(res["R"]) == T + 1
+    assert "Continual-learning metrics" in proc.stdout
+    assert (out / ".hydra" / "config.yaml").is_file()
