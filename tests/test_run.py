@@ -12,7 +12,7 @@ from hydra.errors import ConfigCompositionException
 from cl_bench.errors import ConfigError
 from methods.base import CLMethod
 from runners.cl import run
-from tests.conftest import ROOT
+from tests.conftest import ROOT, write_stream
 
 T = 5
 
@@ -151,3 +151,14 @@ def test_cli_runs_end_to_end(tmp_path):
     assert res["status"] == "finished" and len(res["R"]) == T + 1
     assert "Continual-learning metrics" in proc.stdout
     assert (out / ".hydra" / "config.yaml").is_file()
+
+
+def test_custom_stream_in_trace_layout_runs_end_to_end(make_config, tmp_path):
+    data = write_stream(tmp_path / "data", {"TaskA": 6, "TaskB": 5})
+    cfg = make_config(
+        "model=tiny_llama", "tasks=custom", f"tasks.data_dir={data}", "tasks.order=[TaskB,TaskA]",
+        "tasks.epochs=[1,2]", "logger=none", "trainer.enable_progress_bar=false", tiny=False,
+    )
+    recorder = run(cfg, cfg.paths.output_dir)
+    assert recorder.task_names == ["TaskB", "TaskA"] and recorder.metric_names == ["rouge_l", "accuracy"]
+    assert len(recorder.R) == 3 and recorder.status == "finished"

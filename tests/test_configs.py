@@ -1,0 +1,68 @@
+"""Every option of every config group composes, and the CLI prints the composed job config."""
+import subprocess
+import sys
+
+import pytest
+from omegaconf import OmegaConf
+
+from tests.conftest import CONF_DIR, ROOT, compose_config
+
+GROUP_OPTIONS = sorted(
+    (group.name, yaml.stem)
+    for group in CONF_DIR.iterdir() if group.is_dir()
+    for yaml in group.glob("*.yaml")
+)
+
+
+def test_every_group_has_options():
+    groups = {g for g, _ in GROUP_OPTIONS}
+    assert {"method", "model", "tasks", "trainer", "logger", "experiment"} <= groups
+
+
+@pytest.mark.parametrize("group, option", GROUP_OPTIONS)
+def test_option_composes_and_resolves(group, option, tmp_path):
+    overrides = [f"{group}={option}"]
+    if option == "custom":
+        overrides.append(f"tasks.data_dir={tmp_path}")
+    if option == "hf":
+        overrides.append("model.name_or_path=some/model")
+    cfg = compose_config(overrides, tmp_path / "out", tmp_path / "cache")
+    container = OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+    assert container["seed"] == 42
+    for key in ("method", "model", "tasks", "trainer"):
+        assert "_target_" in container[key], f"{key} is not selected by _target_"
+    assert all("_target_" in c for c in (container.get("logger") or {}).values())
+
+
+def test_defaults_are_the_documented_ones(tmp_path):
+    cfg = compose_config([], tmp_path / "out", tmp_path / "cache")
+    assert cfg.method._target_ == "methods.sft.SFT"
+    assert cfg.model._target_ == "cl_bench.models.load_smollm2"
+    assert cfg.tasks._target_ == "cl_bench.mini_stream.mini_stream"
+    assert cfg.trainer.accelerator == "cpu"
+    assert list(cfg.logger) == ["csv"]
+
+
+def test_paper_model_configs_name_their_checkpoints(tmp_path):
+    qwen = compose_config(["model=qwen2_1_5b"], tmp_path / "o", tmp_path / "c").model
+    llama = compose_config(["model=llama2_7b_chat"], tmp_path / "o", tmp_path / "c").model
+    assert qwen.name_or_path == "Qwen/Qwen2-1.5B" and llama.name_or_path == "meta-llama/Llama-2-7b-chat-hf"
+    assert qwen.trust_remote_code is False and qwen._target_ == "cl_bench.models.load_pretrained"
+
+
+def test_cli_prints_the_job_config():
+    proc = subprocess.run(
+        [sys.executable, "-m", "runners.cl", "--cfg", "job", "method=sft", "model=tiny_llama", "logger=wandb"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "_target_: methods.sft.SFT" in proc.stdout and "cl_bench.loggers.wandb_logger" in proc.stdout
+
+
+def test_cli_unknown_option_names_the_group():
+    proc = subprocess.run(
+        [sys.executable, "-m", "runners.cl", "--cfg", "job", "method=nope"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "Could not find 'method/nope'" in proc.stderr

@@ -1,0 +1,64 @@
+"""The loggers as a run uses them: CSV, TensorBoard, W&B offline (read back), and secret redaction."""
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from cl_bench.loggers import wandb_logger
+from cl_bench.recording import REDACTED, redact
+from runners.cl import run
+from tests.wandb_log import read_run
+
+
+def test_redact_hides_secret_keys_only():
+    cfg = {"wandb": {"api_key": "abc", "project": "p"}, "hf_token": "t", "eval": {"max_new_tokens": 5},
+           "list": [{"password": "x"}], "secret": None}
+    out = redact(cfg)
+    assert out["wandb"] == {"api_key": REDACTED, "project": "p"}
+    assert out["hf_token"] == REDACTED and out["list"][0]["password"] == REDACTED
+    assert out["eval"]["max_new_tokens"] == 5 and out["secret"] is None
+
+
+def test_csv_logger_gets_one_monotonic_step_across_tasks(make_config):
+    cfg = make_config("logger=csv", "tasks.order=[arith,code]", "trainer.log_every_n_steps=1")
+    run(cfg, cfg.paths.output_dir)
+    rows = list(csv.DictReader(open(Path(cfg.paths.output_dir) / "csv" / "metrics.csv")))
+    loss_steps = [int(r["step"]) for r in rows if r.get("train/loss")]
+    assert loss_steps == sorted(loss_steps) and len(set(loss_steps)) == len(loss_steps)
+    assert loss_steps[-1] == 2 * 3 - 1  # two tasks x ceil(12 / 4) steps, counted from 0
+    stages = [r for r in rows if r.get("score/arith")]
+    assert len(stages) == 3 and stages[-1]["cl/bwt"] != ""
+
+
+def test_tensorboard_logger_writes_events(make_config):
+    cfg = make_config("logger=tensorboard", "tasks.order=[arith]")
+    run(cfg, cfg.paths.output_dir)
+    assert list((Path(cfg.paths.output_dir) / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_wandb_offline_run_can_be_read_back_and_holds_no_secret(make_config, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = make_config("logger=wandb", "tasks.order=[arith,code]", "+secrets.api_key=SHOULD-NOT-LEAK")
+    recorder = run(cfg, cfg.paths.output_dir)
+    logs = list((Path(cfg.paths.output_dir) / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(logs) == 1
+    logged = read_run(logs[0])
+    scores = [row for row in logged["history"] if "score/arith" in row]
+    assert [row["score/arith"] for row in scores] == pytest.approx([r[0] for r in recorder.R])
+    assert scores[-1]["cl/op"] == pytest.approx(recorder.cl_metrics()["op"])
+    assert any("train/loss" in row for row in logged["history"])
+    assert any(row.get("R", {}).get("_type") == "table-file" or "R/_type" in row for row in logged["history"])
+    assert logged["config"]["model"]["_target_"] == "cl_bench.models.tiny_llama"
+    assert logged["config"]["secrets"]["api_key"] == REDACTED
+    assert b"SHOULD-NOT-LEAK" not in logs[0].read_bytes()
+    assert "SHOULD-NOT-LEAK" not in (Path(cfg.paths.output_dir) / "results.json").read_text()
+
+
+def test_wandb_mode_auto_is_offline_without_a_key(monkeypatch, tmp_path):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    assert wandb_logger("p", str(tmp_path))._offline is True
+    with pytest.raises(ValueError, match="logger.wandb.mode"):
+        wandb_logger("p", str(tmp_path), mode="sometimes")
