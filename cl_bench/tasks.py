@@ -139,7 +139,7 @@ def resolve_order(order: Sequence[str] | None, known: Sequence[str], key: str = 
 
 
 def load_stream(
-    data_dir: str | Path,
+    data_dir: str | Path | None,
     tasks: Sequence[dict | TaskSpec],
     order: Sequence[str] | None = None,
     epochs: int | Sequence[int] = 1,
@@ -161,6 +161,8 @@ def load_stream(
     n = len(names)
     epoch_list = per_task_values(epochs, n, "tasks.epochs")
     step_list = per_task_values(max_steps, n, "tasks.max_steps", allow_none=True)
+    if data_dir is None:
+        raise ConfigError("tasks.data_dir is not set (for tasks=trace, TRACE_DATA_DIR also works)")
     root = Path(data_dir).expanduser()
     if not root.is_dir():
         raise ConfigError(f"tasks.data_dir does not exist or is not a folder: {root}")

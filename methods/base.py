@@ -29,9 +29,6 @@ if TYPE_CHECKING:
 class CLMethod(Callback):
     """Base class of every strategy plugin; every hook does nothing."""
 
-    #: Trainer strategies the method is known to work under (checked by the runner at start).
-    supported_strategies: tuple[str, ...] = ("single_device", "ddp")
-
     def on_task_start(self, module: "CLModule", task: "Task", task_index: int) -> None:
         """Called before training on ``task``."""
 

@@ -13,6 +13,8 @@ from omegaconf import DictConfig, open_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
+# The converted SmolLM2 is shared with `make run` (the default paths.cache_dir) so it converts once.
+MODEL_CACHE = Path(os.environ.get("CL_BENCH_CACHE", Path.home() / ".cache" / "cl_bench")) / "models"
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")

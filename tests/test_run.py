@@ -162,3 +162,24 @@ def test_custom_stream_in_trace_layout_runs_end_to_end(make_config, tmp_path):
     recorder = run(cfg, cfg.paths.output_dir)
     assert recorder.task_names == ["TaskB", "TaskA"] and recorder.metric_names == ["rouge_l", "accuracy"]
     assert len(recorder.R) == 3 and recorder.status == "finished"
+
+
+TRACE_TASKS = ["C-STANCE", "FOMC", "MeetingBank", "Py150", "ScienceQA", "NumGLUE-cm", "NumGLUE-ds", "20Minuten"]
+
+
+def test_trace_config_reads_the_eight_task_layout(make_config, tmp_path):
+    data = write_stream(tmp_path / "LLM-CL-Benchmark_500", {name: 4 for name in TRACE_TASKS})
+    cfg = make_config(
+        "model=tiny_llama", "tasks=trace", f"tasks.data_dir={data}", "tasks.max_steps=1", "eval.max_examples=2",
+        "logger=none", "trainer.enable_progress_bar=false", tiny=False,
+    )
+    recorder = run(cfg, cfg.paths.output_dir)
+    assert recorder.task_names == TRACE_TASKS and len(recorder.R) == 9
+    assert cfg.tasks.epochs == [5, 3, 7, 5, 3, 5, 5, 7]
+
+
+def test_trace_without_a_data_dir_says_how_to_set_it(make_config, monkeypatch):
+    monkeypatch.delenv("TRACE_DATA_DIR", raising=False)
+    cfg = make_config("model=tiny_llama", "tasks=trace", tiny=False)
+    with pytest.raises(ConfigError, match="tasks.data_dir is not set .*TRACE_DATA_DIR"):
+        run(cfg, cfg.paths.output_dir)

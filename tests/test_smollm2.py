@@ -1,0 +1,35 @@
+"""The real offline model (SmolLM2-135M-Instruct): kept few, marked slow."""
+import pytest
+
+from cl_bench.evaluation import GenerationConfig, generate
+from cl_bench.models import load_smollm2
+from cl_bench.tasks import Example
+from runners.cl import run
+from tests.conftest import MODEL_CACHE
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_smollm2(str(MODEL_CACHE))
+
+
+def test_converted_model_answers_and_batched_generation_matches_single(smollm2):
+    assert sum(p.numel() for p in smollm2.model.parameters()) == 134_515_008
+    assert smollm2.tokenizer.padding_side == "left"
+    examples = [Example("What is the capital of France? Answer:", ""),
+                Example("Question: What is 2 + 2?\nAnswer:", "")]
+    cfg = GenerationConfig(batch_size=2)
+    batched = generate(smollm2.model, smollm2.tokenizer, examples, 12, cfg)
+    single = [generate(smollm2.model, smollm2.tokenizer, [ex], 12, cfg)[0] for ex in examples]
+    assert batched == single  # left padding + position ids: batching does not change greedy answers
+
+
+def test_short_stream_on_smollm2_learns_the_first_task(make_config):
+    cfg = make_config(
+        "tasks.order=[sentiment,code]", "tasks.max_steps=12", "tasks.num_train=48", "eval.max_examples=16",
+        "trainer.enable_progress_bar=false", "logger=none", f"model.cache_dir={MODEL_CACHE}", tiny=False,
+    )
+    R = run(cfg, cfg.paths.output_dir).R
+    assert R[1][0] >= R[0][0] + 50  # sentiment accuracy after 12 steps of it
