@@ -150,9 +150,12 @@ def mini_stream(
     num_eval: int = 16,
     num_test: int = 32,
 ) -> TaskStream:
-    """The embedded stream, generated into ``cache_dir/seed<data_seed>-<sizes>`` on first use."""
+    """The embedded stream, written to ``cache_dir/seed<data_seed>-<sizes>`` and loaded from there.
+
+    It is regenerated at every call (milliseconds), so files left by an older version of the
+    templates are never reused; the atomic writes keep parallel jobs from reading half a file.
+    """
     sizes = {"train": num_train, "eval": num_eval, "test": num_test}
     root = Path(cache_dir).expanduser() / f"seed{data_seed}-{num_train}-{num_eval}-{num_test}"
-    if not all((root / n / f"{s}.json").is_file() for n in GENERATORS for s in sizes):
-        write_mini_stream(root, data_seed, sizes)
+    write_mini_stream(root, data_seed, sizes)
     return load_stream(root, [spec for _, spec in GENERATORS.values()], order, epochs, max_steps)

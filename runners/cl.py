@@ -8,6 +8,7 @@ evaluate every task of the stream, record. Results land in the Hydra run dir.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -32,7 +33,8 @@ from cl_bench.tasks import TaskStream
 from cl_bench.tokenization import Collator, EncodedDataset
 
 log = logging.getLogger(__name__)
-console = Console()
+# Logs and CI capture stdout: give tables room there instead of Rich's 80-column default.
+console = Console(width=None if sys.stdout.isatty() else 160)
 # Lightning's per-fit banners ("GPU available", tips) would repeat once per task.
 for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
     logging.getLogger(_name).setLevel(logging.WARNING)

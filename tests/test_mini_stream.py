@@ -37,3 +37,12 @@ def test_answers_follow_their_prompts(tmp_path):
             assert int(ex.answer) == a + b
     simple = {ex.answer for ex in stream[4].train}
     assert not any(w in s for s in simple for w in ("physician", "purchased", "automobile"))
+
+
+def test_stale_files_in_the_cache_are_replaced(tmp_path):
+    mini_stream(str(tmp_path))
+    stale = tmp_path / "seed0-64-16-32" / "arith" / "train.json"
+    fresh = stale.read_text()
+    stale.write_text('[{"prompt": "old template", "answer": "0"}]')
+    stream = mini_stream(str(tmp_path))
+    assert stale.read_text() == fresh and stream[1].train[0].prompt != "old template"

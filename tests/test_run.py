@@ -183,3 +183,10 @@ def test_trace_without_a_data_dir_says_how_to_set_it(make_config, monkeypatch):
     cfg = make_config("model=tiny_llama", "tasks=trace", tiny=False)
     with pytest.raises(ConfigError, match="tasks.data_dir is not set .*TRACE_DATA_DIR"):
         run(cfg, cfg.paths.output_dir)
+
+
+def test_optimizer_gets_plain_python_values(make_config):
+    from hydra.utils import instantiate
+
+    optimizer = instantiate(make_config().optimizer)([torch.nn.Parameter(torch.zeros(2))])
+    assert type(optimizer.param_groups[0]["betas"]) in (list, tuple)
