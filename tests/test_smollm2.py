@@ -28,8 +28,8 @@ def test_converted_model_answers_and_batched_generation_matches_single(smollm2):
 
 def test_short_stream_on_smollm2_learns_the_first_task(make_config):
     cfg = make_config(
-        "tasks.order=[sentiment,code]", "tasks.max_steps=12", "tasks.num_train=48", "eval.max_examples=16",
+        "tasks.order=[sentiment,code]", "tasks.max_steps=24", "tasks.num_train=48", "eval.max_examples=16",
         "trainer.enable_progress_bar=false", "logger=none", f"model.cache_dir={MODEL_CACHE}", tiny=False,
     )
     R = run(cfg, cfg.paths.output_dir).R
-    assert R[1][0] >= R[0][0] + 50  # sentiment accuracy after 12 steps of it
+    assert R[1][0] >= R[0][0] + 50  # sentiment accuracy after 24 steps of it (make run: 0 -> 100 in 32)
