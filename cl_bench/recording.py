@@ -92,6 +92,16 @@ class RunRecorder:
             writer.writerow([stage] + [f"{v:.4f}" for v in row])
         return buf.getvalue()
 
+    def write_predictions(self, answers: dict[str, list[str]], predictions: dict[str, list[str]]) -> None:
+        """``predictions/<stage>.json`` for the latest row: per task, the reference and generated answers."""
+        folder = self.out_dir / "predictions"
+        folder.mkdir(exist_ok=True)
+        records = {
+            task: [{"answer": a, "prediction": p} for a, p in zip(answers[task], preds)]
+            for task, preds in predictions.items()
+        }
+        atomic_write_text(folder / f"{self.stages[-1]}.json", json.dumps(records, ensure_ascii=False, indent=1))
+
     def write(self, status: str | None = None, error: str | None = None) -> None:
         if status is not None:
             self.status = status

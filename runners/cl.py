@@ -81,7 +81,11 @@ def build_trainer(cfg: DictConfig, task, callbacks):
     )
 
 
-def _record_stage(recorder: RunRecorder, loggers: RunLoggers, step: int) -> None:
+def _record_stage(
+    recorder: RunRecorder, loggers: RunLoggers, step: int, stream: TaskStream, predictions: dict, cfg: DictConfig
+) -> None:
+    answers = {t.name: [e.answer for e in t.splits[cfg.eval.split][: cfg.eval.max_examples]] for t in stream}
+    recorder.write_predictions(answers, predictions)
     stage = len(recorder.R) - 1
     row = recorder.R[-1]
     metrics = {f"score/{name}": v for name, v in zip(recorder.task_names, row)}
@@ -113,9 +117,9 @@ def run(cfg: DictConfig, out_dir: str | Path) -> RunRecorder:
     try:
         console.print(Rule(f"Evaluating the untrained model on {len(stream)} tasks"))
         t = time.perf_counter()
-        scores, _ = evaluate_stream(bundle, stream, cfg)
+        scores, predictions = evaluate_stream(bundle, stream, cfg)
         recorder.add_row(scores, time.perf_counter() - t)
-        _record_stage(recorder, loggers, module.stream_step)
+        _record_stage(recorder, loggers, module.stream_step, stream, predictions, cfg)
         for i, task in enumerate(stream):
             console.print(Rule(f"Task {i + 1}/{len(stream)}: {task.name} ({len(task.train)} examples, "
                                f"{task.epochs} epoch(s), metric {task.metric})"))
@@ -128,9 +132,9 @@ def run(cfg: DictConfig, out_dir: str | Path) -> RunRecorder:
             method.on_task_end(module, task, i)
             recorder.add_train_time(time.perf_counter() - t)
             t = time.perf_counter()
-            scores, _ = evaluate_stream(bundle, stream, cfg)
+            scores, predictions = evaluate_stream(bundle, stream, cfg)
             recorder.add_row(scores, time.perf_counter() - t)
-            _record_stage(recorder, loggers, module.stream_step)
+            _record_stage(recorder, loggers, module.stream_step, stream, predictions, cfg)
     except BaseException as e:
         recorder.write(status="failed", error=f"{type(e).__name__}: {e}")
         loggers.finalize("failed")

@@ -36,6 +36,10 @@ def test_run_writes_the_full_matrix_and_metrics(make_config):
     csv_lines = (recorder.out_dir / "scores.csv").read_text().splitlines()
     assert csv_lines[0] == "stage,sentiment,arith,minutes,code,simplify"
     assert [line.split(",")[0] for line in csv_lines[1:]] == ["base"] + [f"after_{n}" for n in res["tasks"]]
+    preds = json.loads((recorder.out_dir / "predictions" / "after_code.json").read_text())
+    assert list(preds) == res["tasks"] and len(preds["arith"]) == 6
+    assert {"answer", "prediction"} == set(preds["arith"][0])
+    assert len(list((recorder.out_dir / "predictions").glob("*.json"))) == T + 1
 
 
 def test_the_same_seed_gives_the_same_matrix(make_config):
