@@ -32,7 +32,8 @@ class CLModule(LightningModule):
     """Wraps the model; the loss is the task loss plus the method's penalty.
 
     ``optimizer`` and ``scheduler`` are factories (Hydra partials); both are called at every
-    ``trainer.fit``, i.e. once per task. Training metrics go to ``metric_sink`` with a step counter
+    ``trainer.fit``, i.e. once per task. ``log_every_n_steps`` also decides how often the loss is
+    checked for NaN and how often methods log their telemetry (``should_log``). Training metrics go to ``metric_sink`` with a step counter
     that runs on across tasks (``step_offset`` + the task's global step), so loggers see one
     monotonic curve for the whole stream.
     """
@@ -45,6 +46,7 @@ class CLModule(LightningModule):
         scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
         metric_sink: Callable[[dict[str, float], int], None] | None = None,
         log_every_n_steps: int = 10,
+        loader_factory: Callable[..., torch.utils.data.DataLoader] | None = None,
     ):
         super().__init__()
         self.model = model
@@ -53,8 +55,16 @@ class CLModule(LightningModule):
         self.scheduler_factory = scheduler
         self.metric_sink = metric_sink
         self.log_every_n_steps = log_every_n_steps
+        #: ``loader_factory(examples, shuffle=False, seed=0)``: batches tokenized as for training
+        #: (methods use it for passes over a task's data, e.g. a Fisher estimate).
+        self.loader_factory = loader_factory
         self.task_name = ""
         self.step_offset = 0
+
+    @property
+    def should_log(self) -> bool:
+        """True on the steps where training metrics are logged."""
+        return self.global_step % self.log_every_n_steps == 0
 
     @property
     def stream_step(self) -> int:
@@ -70,7 +80,7 @@ class CLModule(LightningModule):
         penalty = self.method.penalty(self, batch, task_loss)
         loss = task_loss if penalty is None else task_loss + penalty
         self.log("loss", loss.detach(), prog_bar=True, logger=False)
-        if batch_idx % self.log_every_n_steps == 0:
+        if self.should_log:
             value = loss.item()
             if not math.isfinite(value):
                 raise FloatingPointError(

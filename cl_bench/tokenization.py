@@ -78,3 +78,22 @@ class EncodedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, list[int]]:
         return self.items[i]
+
+
+def make_loader(
+    tokenizer,
+    examples: Sequence[Example],
+    batch_size: int,
+    max_prompt_len: int,
+    max_ans_len: int,
+    shuffle: bool = False,
+    seed: int = 0,
+) -> torch.utils.data.DataLoader:
+    """A loader of left-padded training batches over ``examples`` (shuffled with ``seed`` if asked)."""
+    return torch.utils.data.DataLoader(
+        EncodedDataset(tokenizer, examples, max_prompt_len, max_ans_len),
+        batch_size=batch_size,
+        shuffle=shuffle,
+        collate_fn=Collator(tokenizer.pad_token_id),
+        generator=torch.Generator().manual_seed(seed),
+    )

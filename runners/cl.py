@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import hydra
@@ -30,7 +31,7 @@ from cl_bench.module import CLModule
 from cl_bench.recording import RunRecorder, redact
 from cl_bench.summary import print_summary
 from cl_bench.tasks import TaskStream
-from cl_bench.tokenization import Collator, EncodedDataset
+from cl_bench.tokenization import make_loader
 
 log = logging.getLogger(__name__)
 # Logs and CI capture stdout: give tables room there instead of Rich's 80-column default.
@@ -62,15 +63,6 @@ def evaluate_stream(bundle, stream: TaskStream, cfg: DictConfig) -> tuple[list[f
         scores.append(result.score)
         predictions[task.name] = result.predictions
     return scores, predictions
-
-
-def train_loader(bundle, task, cfg: DictConfig, task_index: int) -> torch.utils.data.DataLoader:
-    data = EncodedDataset(bundle.tokenizer, task.train, cfg.train.max_prompt_len, cfg.train.max_ans_len)
-    generator = torch.Generator().manual_seed(cfg.seed + task_index)
-    return torch.utils.data.DataLoader(
-        data, batch_size=cfg.train.batch_size, shuffle=cfg.train.shuffle,
-        collate_fn=Collator(bundle.tokenizer.pad_token_id), generator=generator,
-    )
 
 
 def build_trainer(cfg: DictConfig, task, callbacks):
@@ -113,6 +105,10 @@ def run(cfg: DictConfig, out_dir: str | Path) -> RunRecorder:
     module = CLModule(
         bundle.model, method, build(cfg.optimizer), build(cfg.scheduler),
         metric_sink=loggers.log_metrics, log_every_n_steps=cfg.trainer.get("log_every_n_steps", 10),
+        loader_factory=partial(
+            make_loader, bundle.tokenizer, batch_size=cfg.train.batch_size,
+            max_prompt_len=cfg.train.max_prompt_len, max_ans_len=cfg.train.max_ans_len,
+        ),
     )
     try:
         console.print(Rule(f"Evaluating the untrained model on {len(stream)} tasks"))
@@ -127,7 +123,7 @@ def run(cfg: DictConfig, out_dir: str | Path) -> RunRecorder:
             t = time.perf_counter()
             method.on_task_start(module, task, i)
             trainer = build_trainer(cfg, task, [method])
-            trainer.fit(module, train_loader(bundle, task, cfg, i))
+            trainer.fit(module, module.loader_factory(task.train, shuffle=cfg.train.shuffle, seed=cfg.seed + i))
             module.step_offset += trainer.global_step
             method.on_task_end(module, task, i)
             recorder.add_train_time(time.perf_counter() - t)

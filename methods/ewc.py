@@ -1,0 +1,133 @@
+"""EWC: elastic weight consolidation (Kirkpatrick et al. 2017, PNAS).
+
+After task t: the diagonal empirical Fisher F_t at theta_t (methods/importance.py, over at most
+``num_samples`` training examples of task t) and the anchor theta*_t = theta_t. On later tasks
+
+    L = L_task + (lambda / 2) * sum_i F_i (theta_i - theta*_i)^2
+
+``mode: online`` (default) keeps one Fisher and one anchor, F <- gamma * F + F_t (gamma = 1);
+``mode: separate`` keeps one (F_t, theta*_t) pair per past task and sums their penalties (memory
+grows with T). ``storage_dtype: bfloat16`` halves the memory of both.
+
+``variant: trace`` reproduces TRACE's EWC for comparability: lambda = 400, and F is a running sum
+of the squared gradients of every training micro-batch (penalty included), divided by the number
+of micro-batches, never reset; the anchor is still theta at the end of each task.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from cl_bench.errors import ConfigError
+from methods.base import CLMethod
+from methods.importance import check_fisher_args, diagonal_fisher
+from methods.masking import select_parameters
+
+MODES = ("online", "separate")
+VARIANTS = ("standard", "trace")
+
+
+class EWC(CLMethod):
+    name = "ewc"
+
+    def __init__(
+        self,
+        lambda_: float = 1000.0,
+        mode: str = "online",
+        gamma: float = 1.0,
+        fisher: str = "per_sample",
+        num_samples: int = 512,
+        variant: str = "standard",
+        storage_dtype: str = "float32",
+        param_patterns: Sequence[str] | None = None,
+    ):
+        if isinstance(lambda_, bool) or not isinstance(lambda_, (int, float)) or lambda_ < 0:
+            raise ConfigError(f"method.lambda_ must be >= 0, got {lambda_!r}")
+        if not 0 <= gamma <= 1:
+            raise ConfigError(f"method.gamma must be in [0, 1], got {gamma!r}")
+        if mode not in MODES:
+            raise ConfigError(f"method.mode must be one of {MODES}, got {mode!r}")
+        if variant not in VARIANTS:
+            raise ConfigError(f"method.variant must be one of {VARIANTS}, got {variant!r}")
+        if storage_dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"method.storage_dtype must be float32 or bfloat16, got {storage_dtype!r}")
+        check_fisher_args(fisher, num_samples, "method")
+        self.lambda_, self.mode, self.gamma, self.variant = float(lambda_), mode, gamma, variant
+        self.fisher_mode, self.num_samples = fisher, num_samples
+        self.dtype = getattr(torch, storage_dtype)
+        self.param_patterns = None if param_patterns is None else list(param_patterns)
+        #: [(F, theta*)] per consolidated task (one entry in online mode)
+        self.consolidated: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []
+        self.params: dict[str, torch.nn.Parameter] = {}
+        # TRACE variant: running sum of squared micro-batch gradients and their count
+        self.grad_sq: dict[str, torch.Tensor] = {}
+        self.micro_batches = 0
+        self.handles: list = []
+
+    def _params(self, module) -> dict[str, torch.nn.Parameter]:
+        if not self.params:
+            self.params = select_parameters(module.model, self.param_patterns, "method.param_patterns")
+        return self.params
+
+    # --- the penalty ---------------------------------------------------------------------------
+    def penalty(self, module, batch, task_loss):
+        if not self.consolidated:
+            return None
+        total = task_loss.new_zeros(())
+        for fisher, anchor in self.consolidated:
+            for n, p in self.params.items():
+                diff = p - anchor[n].to(p.dtype)
+                total = total + (fisher[n].to(p.dtype) * diff * diff).sum()
+        penalty = 0.5 * self.lambda_ * total
+        if module.should_log:
+            value = penalty.item()
+            module.log_metrics({"ewc/penalty": value, "ewc/penalty_to_task_loss": value / max(task_loss.item(), 1e-12)})
+        return penalty
+
+    # --- TRACE variant: squared training gradients of every micro-batch -----------------------
+    def on_task_start(self, module, task, task_index: int) -> None:
+        if self.variant == "trace" and not self.handles:
+            params = self._params(module)
+            self.grad_sq = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+            self.handles = [p.register_hook(self._accumulate(n)) for n, p in params.items()]
+
+    def _accumulate(self, name: str):
+        def hook(grad):
+            self.grad_sq[name].add_(grad.detach().float().square())
+            return grad
+        return hook
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.variant == "trace":
+            self.micro_batches += 1
+
+    # --- consolidation after each task -------------------------------------------------------
+    def on_task_end(self, module, task, task_index: int) -> None:
+        params = self._params(module)
+        anchor = {n: p.detach().to(self.dtype).clone() for n, p in params.items()}
+        if self.variant == "trace":
+            fisher = {n: (g / max(self.micro_batches, 1)).to(self.dtype) for n, g in self.grad_sq.items()}
+            self.consolidated = [(fisher, anchor)]
+            return
+        new, stats = diagonal_fisher(
+            module.model, module.loader_factory(task.train), params, self.fisher_mode, self.num_samples
+        )
+        module.log_metrics({"ewc/fisher_s": stats["seconds"], "ewc/fisher_mean": _mean(new)})
+        if self.mode == "separate" or not self.consolidated:
+            self.consolidated.append(({n: f.to(self.dtype) for n, f in new.items()}, anchor))
+        else:
+            old, _ = self.consolidated[0]
+            self.consolidated = [({n: (self.gamma * old[n].float() + new[n]).to(self.dtype) for n in new}, anchor)]
+
+    def state_dict(self):
+        return {"consolidated": self.consolidated, "grad_sq": self.grad_sq, "micro_batches": self.micro_batches}
+
+    def load_state_dict(self, state_dict) -> None:
+        self.consolidated = state_dict["consolidated"]
+        self.grad_sq = state_dict["grad_sq"]
+        self.micro_batches = state_dict["micro_batches"]
+
+
+def _mean(tensors: dict[str, torch.Tensor]) -> float:
+    return sum(t.sum().item() for t in tensors.values()) / sum(t.numel() for t in tensors.values())

@@ -1,0 +1,83 @@
+"""Methods that freeze part of the model for a whole task with one gradient mask.
+
+Subclasses say how the entries are scored at the start of a task (:meth:`scores`); this base
+aggregates the scores (row / column / element), thresholds them so that a fraction 1 - alpha is
+updated, and applies the mask to every gradient of the task through parameter hooks.
+"""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from typing import Sequence
+
+import torch
+
+from methods.base import CLMethod
+from methods.masking import (
+    AGGREGATES, GradientMask, aggregate, check_choice, check_fraction, expand,
+    frozen_entries_need_zero_decay, select_parameters, threshold_masks,
+)
+
+
+def layer_group(name: str) -> str:
+    """A coarse group for telemetry: attention, mlp, embeddings, norms, lm_head."""
+    for key, group in (("attn", "attention"), ("mlp", "mlp"), ("embed", "embeddings"),
+                       ("norm", "norms"), ("lm_head", "lm_head")):
+        if key in name:
+            return group
+    return "other"
+
+
+class FixedMaskMethod(CLMethod):
+    name = "fixed_mask"
+
+    def __init__(
+        self,
+        alpha: float = 0.7,
+        aggregate: str = "row",
+        quantile_scope: str = "global",
+        update: str = "top",
+        skip_first_task: bool = True,
+        param_patterns: Sequence[str] | None = None,
+    ):
+        check_fraction(alpha, "method.alpha")
+        check_choice(aggregate, AGGREGATES, "method.aggregate")
+        threshold_masks({"probe": torch.zeros(1)}, 0.5, quantile_scope, update)  # validates both
+        self.alpha, self.aggregate, self.quantile_scope, self.update = alpha, aggregate, quantile_scope, update
+        self.skip_first_task = skip_first_task
+        self.param_patterns = None if param_patterns is None else list(param_patterns)
+        self.mask: GradientMask | None = None
+
+    def scores(self, module, task, params: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
+        """Per-entry importance of ``params`` for ``task`` (same shapes as the parameters)."""
+        raise NotImplementedError
+
+    def build_masks(self, scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Boolean masks of the entries to update, broadcastable to each parameter."""
+        agg = {n: aggregate(s, self.aggregate) for n, s in scores.items()}
+        keep = threshold_masks(agg, self.alpha, self.quantile_scope, self.update)
+        return {n: expand(keep[n], scores[n].shape, self.aggregate) for n in scores}
+
+    def on_task_start(self, module, task, task_index: int) -> None:
+        if task_index == 0 and self.skip_first_task:
+            return
+        params = select_parameters(module.model, self.param_patterns, "method.param_patterns")
+        start = time.perf_counter()
+        masks = self.build_masks(self.scores(module, task, params))
+        self.mask = GradientMask(params, masks)
+        groups = defaultdict(list)
+        for n in masks:
+            groups[layer_group(n)].append(n)
+        metrics = {f"{self.name}/updated_fraction": self.mask.updated_fraction(),
+                   f"{self.name}/mask_s": time.perf_counter() - start}
+        metrics.update({f"{self.name}/updated_fraction/{g}": self.mask.updated_fraction(ns) for g, ns in groups.items()})
+        module.log_metrics(metrics)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.mask is not None:
+            frozen_entries_need_zero_decay(trainer, self.name)
+
+    def on_task_end(self, module, task, task_index: int) -> None:
+        if self.mask is not None:
+            self.mask.remove()
+            self.mask = None

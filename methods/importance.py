@@ -1,0 +1,102 @@
+"""Diagonal Fisher information of the answer log-likelihood, shared by EWC and FGGM.
+
+    F_i = (1/N) sum_n ( d log p(y_n | x_n; theta) / d theta_i )^2                 (fisher="per_sample")
+    F_i = (1/B) sum_b ( d [(1/|b|) sum_{n in b} log p(y_n | x_n; theta)] / d theta_i )^2   ("batch")
+
+log p(y|x) is summed over the answer tokens and EOS (the empirical Fisher: ground-truth answers).
+"per_sample" is the true empirical Fisher (one backward pass per example, sharing each batch's
+forward pass); "batch" squares mini-batch gradients, as most LLM code does (one backward pass
+per batch, cheaper, biased towards gradient directions shared within a batch).
+
+The pass runs with dropout off (eval mode), takes no optimizer step, leaves ``.grad`` exactly as
+it found it (gradients are taken with ``torch.autograd.grad``), and stops after ``num_samples``
+examples. Under torch.distributed the result is averaged over ranks, so every rank holds the same
+Fisher and builds the same mask.
+"""
+from __future__ import annotations
+
+import time
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+
+from cl_bench.errors import ConfigError
+from cl_bench.tokenization import IGNORE_INDEX, position_ids
+
+FISHER_MODES = ("per_sample", "batch")
+
+
+def answer_log_likelihood(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """log p(answer | prompt) of each sequence of a left-padded batch, summed over labelled tokens."""
+    logits = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+        position_ids=position_ids(batch["attention_mask"]), use_cache=False,
+    ).logits[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    mask = labels != IGNORE_INDEX
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (logp * mask).sum(-1)
+
+
+def average_across_ranks(tensors: Iterable[torch.Tensor]) -> None:
+    """In-place mean over the ranks of a process group (no-op when not distributed)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for t in tensors:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            t.div_(dist.get_world_size())
+
+
+def check_fisher_args(mode: str, num_samples: int, key: str) -> None:
+    if mode not in FISHER_MODES:
+        raise ConfigError(f"{key}.fisher must be one of {FISHER_MODES}, got {mode!r}")
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise ConfigError(f"{key}.num_samples must be an integer >= 1, got {num_samples!r}")
+
+
+def diagonal_fisher(
+    model: torch.nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    params: dict[str, torch.nn.Parameter],
+    mode: str = "per_sample",
+    num_samples: int = 512,
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """The diagonal Fisher of ``params`` (fp32, same shapes) and stats: samples, seconds."""
+    check_fisher_args(mode, num_samples, "method")
+    start = time.perf_counter()
+    names, tensors = list(params), list(params.values())
+    fisher = [torch.zeros_like(p, dtype=torch.float32) for p in tensors]
+    device = tensors[0].device
+    was_training = model.training
+    model.eval()
+    seen, terms = 0, 0
+    try:
+        for batch in batches:
+            if seen >= num_samples:
+                break
+            batch = {k: v[: num_samples - seen].to(device) for k, v in batch.items()}
+            ll = answer_log_likelihood(model, batch)
+            if mode == "batch":
+                grads = torch.autograd.grad(ll.mean(), tensors, allow_unused=True)
+                _add_squares(fisher, grads)
+                terms += 1
+            else:
+                for i in range(ll.shape[0]):
+                    grads = torch.autograd.grad(ll[i], tensors, retain_graph=i < ll.shape[0] - 1, allow_unused=True)
+                    _add_squares(fisher, grads)
+                    terms += 1
+            seen += ll.shape[0]
+    finally:
+        model.train(was_training)
+    if terms == 0:
+        raise ConfigError("the Fisher pass got no examples (empty training split?)")
+    for f in fisher:
+        f.div_(terms)
+    average_across_ranks(fisher)
+    return dict(zip(names, fisher)), {"samples": seen, "seconds": time.perf_counter() - start}
+
+
+def _add_squares(acc: list[torch.Tensor], grads) -> None:
+    for a, g in zip(acc, grads):
+        if g is not None:
+            a.add_(g.detach().float().square())

@@ -1,0 +1,126 @@
+"""Importance masks shared by the masking methods (FGGM, random rows, MIGU's thresholds).
+
+A Linear weight W has shape [D_out, D_in]; its rows are output units. Scores are aggregated per
+row (sum over input columns), per column, or kept per element; a mask is one boolean per score,
+broadcast back over the weight. 1-D tensors (biases, norms) always use element scores.
+"""
+from __future__ import annotations
+
+import fnmatch
+import math
+from typing import Iterable
+
+import torch
+
+from cl_bench.errors import ConfigError
+
+AGGREGATES = ("row", "column", "element")
+SCOPES = ("global", "per_layer")
+DIRECTIONS = ("top", "bottom")
+
+
+def check_choice(value: str, choices: tuple[str, ...], key: str) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {choices}, got {value!r}")
+
+
+def check_fraction(value: float, key: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise ConfigError(f"{key} must be in (0, 1), got {value!r}")
+
+
+def select_parameters(
+    model: torch.nn.Module, patterns: Iterable[str] | None, key: str
+) -> dict[str, torch.nn.Parameter]:
+    """Trainable parameters whose names match any glob in ``patterns`` (all of them if None)."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if patterns is None:
+        return params
+    patterns = list(patterns)
+    chosen = {n: p for n, p in params.items() if any(fnmatch.fnmatch(n, pat) for pat in patterns)}
+    if not chosen:
+        raise ConfigError(f"{key} {patterns} match no trainable parameter (e.g. {next(iter(params), None)})")
+    return chosen
+
+
+def aggregate(score: torch.Tensor, how: str) -> torch.Tensor:
+    """Per-row, per-column or per-element scores of one tensor (1-D tensors: per element)."""
+    if score.dim() != 2 or how == "element":
+        return score
+    return score.sum(dim=1) if how == "row" else score.sum(dim=0)
+
+
+def expand(mask: torch.Tensor, shape: torch.Size, how: str) -> torch.Tensor:
+    """Broadcast an aggregated mask back to the tensor's shape."""
+    if len(shape) != 2 or how == "element":
+        return mask
+    return mask[:, None] if how == "row" else mask[None, :]
+
+
+def kth_threshold(values: torch.Tensor, fraction: float) -> torch.Tensor:
+    """The value below or at which ``floor(fraction * n)`` of the n values lie (exact, any size)."""
+    flat = values.flatten().float()
+    k = math.floor(fraction * flat.numel())
+    if k == 0:
+        return flat.min() - 1
+    return flat.kthvalue(k).values
+
+
+def threshold_masks(
+    scores: dict[str, torch.Tensor], alpha: float, scope: str = "global", update: str = "top"
+) -> dict[str, torch.Tensor]:
+    """Boolean masks of the entries to UPDATE: a fraction 1 - alpha of them, by score.
+
+    ``update="top"`` keeps the highest scores trainable (score > the alpha-quantile);
+    ``"bottom"`` keeps the lowest (score <= the (1 - alpha)-quantile). ``scope`` picks one
+    threshold over all tensors or one per tensor.
+    """
+    check_choice(scope, SCOPES, "quantile_scope")
+    check_choice(update, DIRECTIONS, "update")
+    q = alpha if update == "top" else 1 - alpha
+
+    def mask(s: torch.Tensor, thr: torch.Tensor) -> torch.Tensor:
+        return s > thr if update == "top" else s <= thr
+
+    if scope == "global":
+        thr = kth_threshold(torch.cat([s.flatten().float() for s in scores.values()]), q)
+        return {n: mask(s, thr) for n, s in scores.items()}
+    return {n: mask(s, kth_threshold(s, q)) for n, s in scores.items()}
+
+
+class GradientMask:
+    """Multiplies each parameter's gradient by a fixed 0/1 mask through a tensor hook.
+
+    The hook acts on the gradient as autograd produces it, before accumulation, DDP's reduction or
+    any optimizer sees it, and it is linear, so it composes with gradient accumulation. With a
+    fresh Adam(W) per task and no weight decay on them, masked entries stay bitwise unchanged.
+    """
+
+    def __init__(self, params: dict[str, torch.nn.Parameter], masks: dict[str, torch.Tensor]):
+        """``masks[name]`` is boolean and broadcastable to ``params[name]`` (e.g. [D_out, 1] for rows)."""
+        self.shapes = {n: params[n].shape for n in masks}
+        self.masks = {n: m.to(params[n].dtype) for n, m in masks.items()}
+        self.handles = [params[n].register_hook(lambda g, m=m: g * m) for n, m in self.masks.items()]
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def updated_fraction(self, names: Iterable[str] | None = None) -> float:
+        """Fraction of the (selected) parameters' entries whose gradient passes."""
+        names = list(self.masks) if names is None else list(names)
+        total = sum(self.shapes[n].numel() for n in names)
+        kept = sum(self.masks[n].expand(self.shapes[n]).sum().item() for n in names)
+        return kept / total if total else 0.0
+
+
+def frozen_entries_need_zero_decay(trainer, method_name: str) -> None:
+    """Decoupled weight decay moves entries whose gradient is masked to zero: refuse it."""
+    for opt in trainer.optimizers:
+        for group in opt.param_groups:
+            if group.get("weight_decay", 0) > 0:
+                raise ConfigError(
+                    f"method {method_name} freezes entries by masking gradients; optimizer.weight_decay "
+                    f"must be 0 (it is {group['weight_decay']}), or decoupled decay would move them"
+                )
