@@ -5,7 +5,8 @@ hook, e.g. ``on_before_optimizer_step`` for gradient edits) plus the moments a C
 Lightning does not know about: the start and end of a task of the stream, and a penalty added to
 the task loss. Every hook is a no-op here; a method overrides the ones its paper needs.
 
-The runner calls, for each task t of the stream (0-based ``task_index``)::
+The runner calls ``method.on_stream_start(module, stream)`` once, before anything is trained
+(validate settings against the model here), then, for each task t (0-based ``task_index``)::
 
     method.on_task_start(module, task, task_index)   # before trainer.fit; e.g. a Fisher pass
     trainer.fit(module, ...)                          # loss = task loss + method.penalty(...)
@@ -18,16 +19,48 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from cl_bench.errors import ConfigError
+
 import torch
 from lightning.pytorch.callbacks import Callback
 
 if TYPE_CHECKING:
     from cl_bench.module import CLModule
-    from cl_bench.tasks import Task
+    from cl_bench.tasks import Task, TaskStream
+
+
+def strategy_family(strategy: Any, devices: Any) -> str:
+    """The family of a Lightning ``trainer.strategy`` setting ("auto" is DDP on several devices)."""
+    name = str(strategy if isinstance(strategy, str) else type(strategy).__name__).lower()
+    if "fsdp" in name:
+        return "fsdp"
+    if "deepspeed" in name:
+        return "deepspeed"
+    if "ddp" in name:
+        return "ddp"
+    if name in ("auto", "single_device", "singledevicestrategy") and devices in (1, "1", None):
+        return "single_device"
+    return "ddp"
 
 
 class CLMethod(Callback):
     """Base class of every strategy plugin; every hook does nothing."""
+
+    #: Short name used in telemetry keys and error messages.
+    name = "method"
+    #: Trainer strategy families the method works under; the runner refuses others at start.
+    supported_strategies: tuple[str, ...] = ("single_device", "ddp")
+
+    def check_strategy(self, strategy: Any, devices: Any) -> None:
+        family = strategy_family(strategy, devices)
+        if family not in self.supported_strategies:
+            raise ConfigError(
+                f"method {self.name} supports trainer strategies {list(self.supported_strategies)}; "
+                f"trainer.strategy={strategy} ({family}) is not one of them"
+            )
+
+    def on_stream_start(self, module: "CLModule", stream: "TaskStream") -> None:
+        """Called once before the first evaluation: check settings against the model here."""
 
     def on_task_start(self, module: "CLModule", task: "Task", task_index: int) -> None:
         """Called before training on ``task``."""

@@ -70,6 +70,9 @@ class EWC(CLMethod):
             self.params = select_parameters(module.model, self.param_patterns, "method.param_patterns")
         return self.params
 
+    def on_stream_start(self, module, stream) -> None:
+        self._params(module)
+
     # --- the penalty ---------------------------------------------------------------------------
     def penalty(self, module, batch, task_loss):
         if not self.consolidated:

@@ -58,6 +58,9 @@ class FixedMaskMethod(CLMethod):
         keep = threshold_masks(agg, self.alpha, self.quantile_scope, self.update)
         return {n: expand(keep[n], scores[n].shape, self.aggregate) for n in scores}
 
+    def on_stream_start(self, module, stream) -> None:
+        select_parameters(module.model, self.param_patterns, "method.param_patterns")
+
     def on_task_start(self, module, task, task_index: int) -> None:
         if task_index == 0 and self.skip_first_task:
             return

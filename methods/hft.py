@@ -61,6 +61,9 @@ class HFT(CLMethod):
         return {b: rng.sample(self.attention, 2) + rng.sample(self.mlp, 2 if b in two_mlp else 1)
                 for b in range(n_blocks)}
 
+    def on_stream_start(self, module, stream) -> None:
+        self.blocks(module.model)
+
     def on_task_start(self, module, task, task_index: int) -> None:
         blocks = self.blocks(module.model)
         index = list(blocks)

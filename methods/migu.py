@@ -82,6 +82,9 @@ class MIGU(CLMethod):
             self.sums[name] = s if name not in self.sums else self.sums[name] + s
         return hook
 
+    def on_stream_start(self, module, stream) -> None:
+        self._linear_layers(module.model)
+
     def on_task_start(self, module, task, task_index: int) -> None:
         self.active = not (task_index == 0 and self.skip_first_task)
         if not self.active:

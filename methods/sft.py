@@ -8,3 +8,6 @@ from methods.base import CLMethod
 
 class SFT(CLMethod):
     """Sequential fine-tuning (no continual-learning mechanism)."""
+
+    name = "sft"
+    supported_strategies = ("single_device", "ddp", "fsdp", "deepspeed")

@@ -97,6 +97,7 @@ def run(cfg: DictConfig, out_dir: str | Path) -> RunRecorder:
     stream: TaskStream = build(cfg.tasks)  # validates the data before the model is loaded
     bundle = build(cfg.model)
     method = build(cfg.method)
+    method.check_strategy(cfg.trainer.get("strategy", "auto"), cfg.trainer.get("devices", 1))
     resolved = OmegaConf.to_container(cfg, resolve=True)
     recorder = RunRecorder(out_dir, resolved, stream.names, [t.metric for t in stream])
     recorder.set_timing("load_s", time.perf_counter() - t0)
@@ -110,6 +111,7 @@ def run(cfg: DictConfig, out_dir: str | Path) -> RunRecorder:
             max_prompt_len=cfg.train.max_prompt_len, max_ans_len=cfg.train.max_ans_len,
         ),
     )
+    method.on_stream_start(module, stream)
     try:
         console.print(Rule(f"Evaluating the untrained model on {len(stream)} tasks"))
         t = time.perf_counter()

@@ -67,3 +67,17 @@ def write_stream(root: Path, tasks: dict[str, int], splits=("train", "eval", "te
             records = [{"prompt": f"{name} question {i}? Answer:", "answer": f"{i % 3}", "extra": 1} for i in range(n)]
             (root / name / f"{split}.json").write_text(json.dumps(records))
     return root
+
+
+def instantiate_with(method):
+    """hydra's instantiate, except that a method config yields ``method`` (a test's own object).
+
+    Patch it over ``runners.cl.instantiate`` to run the real runner with an instrumented method.
+    """
+    from hydra.utils import instantiate
+
+    def patched(config, *args, **kwargs):
+        if str(config.get("_target_", "")).startswith("methods."):
+            return method
+        return instantiate(config, *args, **kwargs)
+    return patched

@@ -12,7 +12,7 @@ from hydra.errors import ConfigCompositionException
 from cl_bench.errors import ConfigError
 from methods.base import CLMethod
 from runners.cl import run
-from tests.conftest import ROOT, write_stream
+from tests.conftest import ROOT, instantiate_with, write_stream
 
 T = 5
 
@@ -75,7 +75,7 @@ class _Probe(CLMethod):
 
 def test_hooks_run_in_order_with_a_fresh_optimizer_per_task(make_config, monkeypatch):
     probe = _Probe()
-    monkeypatch.setattr("runners.cl.instantiate", _instantiate_with(probe))
+    monkeypatch.setattr("runners.cl.instantiate", instantiate_with(probe))
     cfg = make_config("tasks.order=[arith,code]")
     run(cfg, cfg.paths.output_dir)
     assert probe.calls == [("start", "arith", 0), ("end", "arith", 0), ("start", "code", 1), ("end", "code", 1)]
@@ -84,7 +84,7 @@ def test_hooks_run_in_order_with_a_fresh_optimizer_per_task(make_config, monkeyp
 
 
 def test_a_crash_keeps_the_finished_stages(make_config, monkeypatch):
-    monkeypatch.setattr("runners.cl.instantiate", _instantiate_with(_Probe(fail_at=2)))
+    monkeypatch.setattr("runners.cl.instantiate", instantiate_with(_Probe(fail_at=2)))
     cfg = make_config()
     with pytest.raises(RuntimeError, match="boom"):
         run(cfg, cfg.paths.output_dir)
@@ -95,23 +95,12 @@ def test_a_crash_keeps_the_finished_stages(make_config, monkeypatch):
 
 
 def test_a_nan_loss_stops_the_run_naming_the_task_and_keeps_results(make_config, monkeypatch):
-    monkeypatch.setattr("runners.cl.instantiate", _instantiate_with(_Probe(nan_at="minutes")))
+    monkeypatch.setattr("runners.cl.instantiate", instantiate_with(_Probe(nan_at="minutes")))
     cfg = make_config()
     with pytest.raises(FloatingPointError, match="non-finite training loss .* task 'minutes'"):
         run(cfg, cfg.paths.output_dir)
     res = _results(Path(cfg.paths.output_dir))
     assert res["status"] == "failed" and len(res["R"]) == 3
-
-
-def _instantiate_with(method):
-    """hydra's instantiate, except that the method config yields ``method``."""
-    from hydra.utils import instantiate
-
-    def patched(config, *args, **kwargs):
-        if config.get("_target_", "").startswith("methods."):
-            return method
-        return instantiate(config, *args, **kwargs)
-    return patched
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,354 @@
+"""Each method's mechanism, exactly, on the tiny model; and every method through the runner."""
+import math
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+
+from cl_bench.errors import ConfigError
+from cl_bench.models import tiny_llama
+from cl_bench.module import CLModule
+from cl_bench.tasks import Example, Task, TaskSpec
+from cl_bench.tokenization import make_loader
+from methods.ewc import EWC
+from methods.fggm import FGGM
+from methods.hft import HFT
+from methods.masking import aggregate, kth_threshold
+from methods.migu import MIGU
+from methods.random_mask import RandomMask
+from runners.cl import run
+from tests.conftest import ROOT, instantiate_with
+
+TASK = Task(TaskSpec("t", "accuracy", 4), {"train": [Example(f"q{i} x{i * 3}? Answer:", f"a{i}") for i in range(8)]}, 1)
+
+
+def _module(method, seed=0):
+    bundle = tiny_llama(seed=seed)
+    loader = partial(make_loader, bundle.tokenizer, batch_size=4, max_prompt_len=64, max_ans_len=8)
+    return CLModule(bundle.model, method, partial(torch.optim.AdamW, lr=1e-3), loader_factory=loader)
+
+
+def _snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+# --- FGGM -------------------------------------------------------------------------------------
+def test_fggm_trains_exactly_the_top_rows_by_aggregated_fisher():
+    method = FGGM(alpha=0.7)
+    module = _module(method)
+    method.on_task_start(module, TASK, 1)
+    rows = {n: aggregate(f, "row") for n, f in method.last_fisher.items()}
+    everything = torch.cat([r.flatten() for r in rows.values()])
+    thr = everything.sort().values[math.floor(0.7 * everything.numel()) - 1]
+    kept = 0
+    for n, r in rows.items():
+        mask = method.mask.masks[n].bool().reshape(r.shape[0], -1)[:, 0] if r.dim() else method.mask.masks[n].bool()
+        assert torch.equal(mask, r > thr), n
+        kept += int(mask.sum())
+    assert kept / everything.numel() == pytest.approx(0.3, abs=1 / everything.numel())
+    method.on_task_end(module, TASK, 1)
+
+
+def test_fggm_per_layer_scope_keeps_the_fraction_in_every_tensor_and_global_does_not():
+    method = FGGM(alpha=0.7)
+    module = _module(method)
+    fisher = method.scores(module, TASK, dict(module.model.named_parameters()))
+    rows = {n: aggregate(f, "row") for n, f in fisher.items() if f.dim() == 2}
+
+    def kept_rows(masks):
+        return {n: int(masks[n].expand(fisher[n].shape)[:, 0].sum()) for n in rows}
+
+    per_layer = kept_rows(FGGM(alpha=0.7, quantile_scope="per_layer").build_masks(fisher))
+    for n, r in rows.items():
+        exact = r.numel() - math.floor(0.7 * r.numel())
+        # rows of never-seen tokens tie at Fisher 0 and cannot be ranked: at most the exact count
+        assert per_layer[n] == exact if r.unique().numel() == r.numel() else per_layer[n] <= exact, n
+    glob = kept_rows(method.build_masks(fisher))
+    fractions = [glob[n] / rows[n].numel() for n in rows]
+    assert max(fractions) - min(fractions) > 0.2  # one global threshold favours some layers
+    assert glob != per_layer
+
+
+def test_fggm_bottom_updates_the_lowest_rows():
+    scores = {"w": torch.arange(10.0).reshape(10, 1).expand(10, 4)}
+    top = FGGM(alpha=0.7).build_masks(scores)["w"].flatten()
+    bottom = FGGM(alpha=0.7, update="bottom").build_masks(scores)["w"].flatten()
+    assert top.tolist() == [False] * 7 + [True] * 3
+    assert bottom.tolist() == [True] * 3 + [False] * 7
+
+
+class _Recording(FGGM):
+    """FGGM that snapshots the weights around each task."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.records = []
+
+    def on_task_start(self, module, task, task_index):
+        super().on_task_start(module, task, task_index)
+        self.records.append({"mask": None if self.mask is None else dict(self.mask.masks), "before": _snapshot(module.model)})
+
+    def on_task_end(self, module, task, task_index):
+        self.records[-1]["after"] = _snapshot(module.model)
+        super().on_task_end(module, task, task_index)
+
+
+def test_fggm_frozen_entries_stay_bitwise_equal_over_a_task_under_adamw(make_config, monkeypatch):
+    method = _Recording(alpha=0.7, num_samples=8)
+    monkeypatch.setattr("runners.cl.instantiate", instantiate_with(method))
+    cfg = make_config("tasks.order=[arith,code]", "tasks.epochs=2", "optimizer.lr=1e-2")
+    run(cfg, cfg.paths.output_dir)
+    first, second = method.records
+    assert first["mask"] is None  # skip_first_task: task 1 is unmasked
+    assert all(not torch.equal(first["before"][n], first["after"][n]) for n in first["before"])
+    moved = 0
+    for n, mask in second["mask"].items():
+        keep = mask.bool().expand(second["before"][n].shape)
+        before, after = second["before"][n], second["after"][n]
+        assert torch.equal(before[~keep], after[~keep]), n
+        moved += int((before[keep] != after[keep]).sum())
+    assert moved > 0
+
+
+def test_masking_refuses_weight_decay(make_config):
+    cfg = make_config("method=fggm", "tasks.order=[arith,code]", "optimizer.weight_decay=0.01")
+    with pytest.raises(ConfigError, match="optimizer.weight_decay must be 0"):
+        run(cfg, cfg.paths.output_dir)
+
+
+def test_random_mask_trains_the_same_fraction_of_rows_reseeded_per_task():
+    method = RandomMask(alpha=0.7, seed=1)
+    module = _module(method)
+    params = dict(module.model.named_parameters())
+    masks = []
+    for t in (1, 2):
+        method.task_index = t
+        m = method.build_masks(method.scores(module, TASK, params))
+        rows = torch.cat([aggregate(v.expand(params[n].shape).float(), "row").gt(0).flatten() for n, v in m.items()])
+        assert rows.float().mean().item() == pytest.approx(0.3, abs=0.01)
+        masks.append(rows)
+    assert not torch.equal(masks[0], masks[1])
+
+
+# --- MIGU -------------------------------------------------------------------------------------
+class _MiguProbe(MIGU):
+    """MIGU plus an independent record of sum |W x| per Linear, and the gradients around the mask."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.checked = 0
+        self.own_sums, self.own_handles, self.seen_tasks = {}, [], []
+
+    def on_task_start(self, module, task, task_index):
+        super().on_task_start(module, task, task_index)
+        self.seen_tasks.append((task_index, self.active, len(self.handles)))
+        for n, m in module.model.named_modules():
+            if isinstance(m, torch.nn.Linear):
+                self.own_handles.append(m.register_forward_hook(self._own(n)))
+
+    def _own(self, name):
+        def hook(mod, inp, out):
+            if mod.training:
+                self.own_sums[name] = self.own_sums.get(name, 0) + (inp[0] @ mod.weight.T).detach().abs().sum((0, 1))
+        return hook
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        grads = {n: p.grad.clone() for n, p in pl_module.model.named_parameters() if p.grad is not None}
+        super().on_before_optimizer_step(trainer, pl_module, optimizer)
+        if self.active:
+            assert self.sums == {}  # accumulators reset every optimizer step
+            names = dict(pl_module.model.named_parameters())
+            for n, mask in self.last_masks.items():
+                s = self.own_sums[n]
+                assert torch.equal(mask, s >= torch.quantile(s, self.threshold))
+                w = names[f"{n}.weight"]
+                assert torch.equal(w.grad, grads[f"{n}.weight"] * mask[:, None])
+            for n, p in names.items():
+                if not any(n == f"{layer}.weight" for layer in self.last_masks):
+                    assert p.grad is None or torch.equal(p.grad, grads[n]), n  # embeddings, norms, lm_head
+            self.checked += 1
+        self.own_sums = {}
+
+    def on_task_end(self, module, task, task_index):
+        super().on_task_end(module, task, task_index)
+        for h in self.own_handles:
+            h.remove()
+        self.own_handles = []
+
+
+def test_migu_masks_rows_by_the_steps_own_output_magnitudes(make_config, monkeypatch):
+    method = _MiguProbe(threshold=0.7)
+    monkeypatch.setattr("runners.cl.instantiate", instantiate_with(method))
+    cfg = make_config("tasks.order=[arith,code]", "tasks.epochs=1", "trainer.accumulate_grad_batches=2")
+    run(cfg, cfg.paths.output_dir)
+    assert method.seen_tasks[0] == (0, False, 0)  # first task: no hooks, no masking
+    assert method.seen_tasks[1][1] is True
+    assert method.checked == 2  # 3 micro-batches, accumulation 2 -> 2 optimizer steps
+    linear = {n for n, m in tiny_llama().model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert set(method.last_masks) == linear  # every Linear (the tiny model's lm_head is untied)
+
+
+def test_migu_skips_an_lm_head_tied_to_the_embeddings():
+    bundle = tiny_llama()
+    bundle.model.lm_head.weight = bundle.model.model.embed_tokens.weight
+    layers = MIGU()._linear_layers(bundle.model)
+    assert "lm_head" not in layers and "model.layers.0.self_attn.q_proj" in layers
+
+
+# --- EWC --------------------------------------------------------------------------------------
+def test_ewc_penalty_gradient_is_lambda_f_times_distance():
+    method = EWC(lambda_=3.0)
+    module = _module(method)
+    params = dict(module.model.named_parameters())
+    method.params = params
+    g = torch.Generator().manual_seed(0)
+    fisher = {n: torch.rand(p.shape, generator=g) for n, p in params.items()}
+    anchor = {n: p.detach() + torch.randn(p.shape, generator=g) * 0.1 for n, p in params.items()}
+    method.consolidated = [(fisher, anchor)]
+    penalty = method.penalty(module, None, torch.tensor(1.0))
+    penalty.backward()
+    for n, p in params.items():
+        torch.testing.assert_close(p.grad, 3.0 * fisher[n] * (p.detach() - anchor[n]))
+    expected = 0.5 * 3.0 * sum((fisher[n] * (p.detach() - anchor[n]) ** 2).sum() for n, p in params.items())
+    torch.testing.assert_close(penalty.detach(), expected)
+
+
+@pytest.mark.parametrize("mode", ["online", "separate"])
+def test_ewc_consolidation_online_decays_and_sums_separate_keeps_each_task(mode, monkeypatch):
+    method = EWC(mode=mode, gamma=0.5)
+    module = _module(method)
+    fishers = iter([{n: torch.full_like(p, 2.0) for n, p in module.model.named_parameters()},
+                    {n: torch.full_like(p, 3.0) for n, p in module.model.named_parameters()}])
+    monkeypatch.setattr("methods.ewc.diagonal_fisher", lambda *a, **k: (next(fishers), {"seconds": 0.0}))
+    method.on_task_end(module, TASK, 0)
+    with torch.no_grad():
+        for p in module.model.parameters():
+            p.add_(1.0)
+    method.on_task_end(module, TASK, 1)
+    name, p = next(iter(module.model.named_parameters()))
+    if mode == "online":
+        assert len(method.consolidated) == 1
+        fisher, anchor = method.consolidated[0]
+        assert torch.all(fisher[name] == 0.5 * 2.0 + 3.0) and torch.equal(anchor[name], p.detach())
+    else:
+        assert [f[name].unique().item() for f, _ in method.consolidated] == [2.0, 3.0]
+        assert torch.equal(method.consolidated[0][1][name] + 1.0, method.consolidated[1][1][name])
+
+
+def test_ewc_trace_variant_averages_squared_microbatch_gradients_penalty_included():
+    method = EWC(lambda_=400.0, variant="trace")
+    module = _module(method)
+    model = module.model
+    method.on_stream_start(module, None)
+    method.on_task_start(module, TASK, 0)
+    batches = list(module.loader_factory(TASK.train))
+    expected = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    from cl_bench.module import causal_lm_loss
+    for i, batch in enumerate(batches + batches[:1]):
+        if i == len(batches):  # after task 1: the penalty is part of the loss from now on
+            method.on_task_end(module, TASK, 0)
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(0.01)
+        loss = causal_lm_loss(model, batch)
+        penalty = method.penalty(module, batch, loss)
+        total = loss if penalty is None else loss + penalty
+        model.zero_grad(set_to_none=True)
+        total.backward()  # the method's hooks see this gradient; .grad holds the same
+        for n, p in model.named_parameters():
+            expected[n] += p.grad.square()
+        method.on_train_batch_end(None, module, None, batch, i)
+    method.on_task_end(module, TASK, 1)
+    fisher, _ = method.consolidated[0]
+    for n in expected:
+        torch.testing.assert_close(fisher[n], expected[n] / (len(batches) + 1), rtol=1e-5, atol=1e-10)
+
+
+# --- HFT --------------------------------------------------------------------------------------
+def test_hft_freezes_half_of_each_block_reseeded_per_task():
+    method = HFT(seed=0)
+    plans = [method.choose(4, t) for t in (0, 1)]
+    for plan in plans:
+        assert all(sum(s.endswith("_proj") and s[0] in "qkvo" for s in mats) == 2 for mats in plan.values())
+        mlp_counts = sorted(sum(s in ("gate_proj", "up_proj", "down_proj") for s in mats) for mats in plan.values())
+        assert mlp_counts == [1, 1, 2, 2]
+    assert plans[0] != plans[1] and method.choose(4, 0) == plans[0]
+
+
+class _HftRecording(HFT):
+    def __init__(self):
+        super().__init__(seed=0)
+        self.records = []
+
+    def on_task_start(self, module, task, task_index):
+        super().on_task_start(module, task, task_index)
+        frozen = [n for n, p in module.model.named_parameters() if not p.requires_grad]
+        self.records.append({"frozen": frozen, "before": _snapshot(module.model)})
+
+    def on_task_end(self, module, task, task_index):
+        self.records[-1]["after"] = _snapshot(module.model)
+        super().on_task_end(module, task, task_index)
+        assert all(p.requires_grad for p in module.model.parameters())
+
+
+def test_hft_frozen_matrices_stay_bitwise_equal_over_a_task(make_config, monkeypatch):
+    method = _HftRecording()
+    monkeypatch.setattr("runners.cl.instantiate", instantiate_with(method))
+    cfg = make_config("tasks.order=[arith,code]", "optimizer.lr=1e-2")
+    run(cfg, cfg.paths.output_dir)
+    for rec in method.records:
+        assert len(rec["frozen"]) == 2 * 2 + 1 + 2  # 2 blocks: 2 attention each, MLP 1 + 2
+        for n in rec["frozen"]:
+            assert torch.equal(rec["before"][n], rec["after"][n]), n
+        assert not torch.equal(rec["before"]["model.embed_tokens.weight"], rec["after"]["model.embed_tokens.weight"])
+    assert method.records[0]["frozen"] != method.records[1]["frozen"]
+
+
+# --- every method through the runner; the plugin seam; bad input --------------------------------
+METHODS = ["sft", "ewc", "ewc_trace", "migu", "fggm", "hft", "random_mask"]
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_every_method_runs_the_stream(make_config, name):
+    cfg = make_config(f"method={name}", "tasks.order=[arith,code,simplify]", "method.num_samples=4" if name in ("ewc", "fggm") else "seed=42")
+    recorder = run(cfg, cfg.paths.output_dir)
+    assert recorder.status == "finished" and len(recorder.R) == 4
+
+
+def test_a_new_method_is_one_file_and_one_yaml(make_config):
+    cfg = make_config(f"hydra.searchpath=[file://{ROOT / 'tests' / 'plugin_example'}]", "method=l2_init", "tasks.order=[arith,code]")
+    assert cfg.method._target_ == "tests.plugin_example.l2_init.L2Init"
+    recorder = run(cfg, cfg.paths.output_dir)
+    assert recorder.status == "finished"
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["method=fggm", "method.alpha=1.0"], r"method.alpha must be in \(0, 1\)"),
+        (["method=fggm", "method.alpha=0"], r"method.alpha must be in \(0, 1\)"),
+        (["method=migu", "method.threshold=1.5"], r"method.threshold must be in \(0, 1\)"),
+        (["method=ewc", "method.lambda_=-1"], "method.lambda_ must be >= 0"),
+        (["method=ewc", "method.num_samples=0"], "method.num_samples must be an integer >= 1"),
+        (["method=fggm", "method.aggregate=block"], "method.aggregate must be one of"),
+        (["method=fggm", "method.quantile_scope=local"], "quantile_scope must be one of"),
+        (["method=ewc", "method.mode=both"], "method.mode must be one of"),
+        (["method=fggm", "method.param_patterns=[nothing.*]"], r"method.param_patterns \['nothing.\*'\] match no"),
+        (["method=migu", "method.module_patterns=[nothing]"], "method.module_patterns .* match no nn.Linear"),
+        (["method=hft", "method.block_pattern=blocks"], "match no transformer block"),
+        (["method=migu", "trainer.strategy=fsdp"], r"method migu supports trainer strategies \['single_device', 'ddp'\]"),
+        (["method=fggm", "trainer.strategy=deepspeed_stage_2"], "trainer.strategy=deepspeed_stage_2 .deepspeed. is not one"),
+    ],
+)
+def test_bad_method_settings_fail_before_training(make_config, overrides, message):
+    cfg = make_config(*overrides)
+    with pytest.raises(ConfigError, match=message):
+        run(cfg, cfg.paths.output_dir)
+    assert not (Path(cfg.paths.output_dir) / "results.json").exists()
+
+
+def test_sft_is_allowed_under_every_strategy():
+    from methods.sft import SFT
+    for strategy in ("auto", "ddp", "fsdp", "deepspeed_stage_2"):
+        SFT().check_strategy(strategy, 2)
