@@ -33,7 +33,7 @@ class EWC(CLMethod):
 
     def __init__(
         self,
-        lambda_: float = 1000.0,
+        lambda_: float = 1.0e5,
         mode: str = "online",
         gamma: float = 1.0,
         fisher: str = "per_sample",

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
-
 from methods.fixed_mask import FixedMaskMethod
 from methods.importance import check_fisher_args, diagonal_fisher
 
@@ -40,12 +38,10 @@ class FGGM(FixedMaskMethod):
         super().__init__(alpha, aggregate, quantile_scope, update, skip_first_task, param_patterns)
         check_fisher_args(fisher, num_samples, "method")
         self.fisher, self.num_samples = fisher, num_samples
-        self.last_fisher: dict[str, torch.Tensor] = {}
 
     def scores(self, module, task, params):
         fisher, stats = diagonal_fisher(
             module.model, module.loader_factory(task.train), params, self.fisher, self.num_samples
         )
         module.log_metrics({"fggm/fisher_s": stats["seconds"], "fggm/fisher_samples": stats["samples"]})
-        self.last_fisher = fisher
         return fisher

@@ -47,6 +47,10 @@ class FixedMaskMethod(CLMethod):
         self.skip_first_task = skip_first_task
         self.param_patterns = None if param_patterns is None else list(param_patterns)
         self.mask: GradientMask | None = None
+        #: aggregated scores behind the current mask (one per row / column / entry): telemetry, tests
+        self.last_scores: dict[str, torch.Tensor] = {}
+        #: fraction of those units (rows, columns or entries) that are updated: 1 - alpha up to ties
+        self.last_unit_fraction = 0.0
 
     def scores(self, module, task, params: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
         """Per-entry importance of ``params`` for ``task`` (same shapes as the parameters)."""
@@ -55,7 +59,9 @@ class FixedMaskMethod(CLMethod):
     def build_masks(self, scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Boolean masks of the entries to update, broadcastable to each parameter."""
         agg = {n: aggregate(s, self.aggregate) for n, s in scores.items()}
+        self.last_scores = agg
         keep = threshold_masks(agg, self.alpha, self.quantile_scope, self.update)
+        self.last_unit_fraction = sum(int(k.sum()) for k in keep.values()) / sum(k.numel() for k in keep.values())
         return {n: expand(keep[n], scores[n].shape, self.aggregate) for n in scores}
 
     def on_stream_start(self, module, stream) -> None:
@@ -72,6 +78,7 @@ class FixedMaskMethod(CLMethod):
         for n in masks:
             groups[layer_group(n)].append(n)
         metrics = {f"{self.name}/updated_fraction": self.mask.updated_fraction(),
+                   f"{self.name}/updated_unit_fraction": self.last_unit_fraction,
                    f"{self.name}/mask_s": time.perf_counter() - start}
         metrics.update({f"{self.name}/updated_fraction/{g}": self.mask.updated_fraction(ns) for g, ns in groups.items()})
         module.log_metrics(metrics)

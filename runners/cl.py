@@ -126,7 +126,9 @@ def run(cfg: DictConfig, out_dir: str | Path) -> RunRecorder:
             method.on_task_start(module, task, i)
             trainer = build_trainer(cfg, task, [method])
             trainer.fit(module, module.loader_factory(task.train, shuffle=cfg.train.shuffle, seed=cfg.seed + i))
+            # Detach the finished Trainer: its global_step must not count again after step_offset.
             module.step_offset += trainer.global_step
+            module.trainer = None
             method.on_task_end(module, task, i)
             recorder.add_train_time(time.perf_counter() - t)
             t = time.perf_counter()

@@ -20,13 +20,15 @@ def test_redact_hides_secret_keys_only():
     assert out["eval"]["max_new_tokens"] == 5 and out["secret"] is None
 
 
-def test_csv_logger_gets_one_monotonic_step_across_tasks(make_config):
-    cfg = make_config("logger=csv", "tasks.order=[arith,code]", "trainer.log_every_n_steps=1")
+def test_csv_logger_gets_one_monotonic_step_across_tasks_and_methods(make_config):
+    cfg = make_config("logger=csv", "method=fggm", "tasks.order=[arith,code]", "trainer.log_every_n_steps=1")
     run(cfg, cfg.paths.output_dir)
     rows = list(csv.DictReader(open(Path(cfg.paths.output_dir) / "csv" / "metrics.csv")))
     loss_steps = [int(r["step"]) for r in rows if r.get("train/loss")]
     assert loss_steps == sorted(loss_steps) and len(set(loss_steps)) == len(loss_steps)
     assert loss_steps[-1] == 2 * 3 - 1  # two tasks x ceil(12 / 4) steps, counted from 0
+    # a method's telemetry between tasks sits at the end of the previous task, not later
+    assert [int(r["step"]) for r in rows if r.get("fggm/fisher_s")] == [3]
     stages = [r for r in rows if r.get("score/arith")]
     assert len(stages) == 3 and stages[-1]["cl/bwt"] != ""
 

@@ -38,7 +38,7 @@ def test_fggm_trains_exactly_the_top_rows_by_aggregated_fisher():
     method = FGGM(alpha=0.7)
     module = _module(method)
     method.on_task_start(module, TASK, 1)
-    rows = {n: aggregate(f, "row") for n, f in method.last_fisher.items()}
+    rows = method.last_scores  # the Fisher summed over each row (element scores for 1-D tensors)
     everything = torch.cat([r.flatten() for r in rows.values()])
     thr = everything.sort().values[math.floor(0.7 * everything.numel()) - 1]
     kept = 0
@@ -47,6 +47,7 @@ def test_fggm_trains_exactly_the_top_rows_by_aggregated_fisher():
         assert torch.equal(mask, r > thr), n
         kept += int(mask.sum())
     assert kept / everything.numel() == pytest.approx(0.3, abs=1 / everything.numel())
+    assert method.last_unit_fraction == kept / everything.numel()
     method.on_task_end(module, TASK, 1)
 
 
