@@ -14,7 +14,7 @@ import torch
 
 from methods.base import CLMethod
 from methods.masking import (
-    AGGREGATES, GradientMask, aggregate, check_choice, check_fraction, expand,
+    AGGREGATES, DIRECTIONS, SCOPES, GradientMask, aggregate, check_choice, check_fraction, expand,
     frozen_entries_need_zero_decay, select_parameters, threshold_masks,
 )
 
@@ -42,7 +42,8 @@ class FixedMaskMethod(CLMethod):
     ):
         check_fraction(alpha, "method.alpha")
         check_choice(aggregate, AGGREGATES, "method.aggregate")
-        threshold_masks({"probe": torch.zeros(1)}, 0.5, quantile_scope, update)  # validates both
+        check_choice(quantile_scope, SCOPES, "method.quantile_scope")
+        check_choice(update, DIRECTIONS, "method.update")
         self.alpha, self.aggregate, self.quantile_scope, self.update = alpha, aggregate, quantile_scope, update
         self.skip_first_task = skip_first_task
         self.param_patterns = None if param_patterns is None else list(param_patterns)

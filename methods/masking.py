@@ -1,4 +1,4 @@
-"""Importance masks shared by the masking methods (FGGM, random rows, MIGU's thresholds).
+"""Importance masks shared by the masking methods (FGGM, random rows; MIGU uses the validators).
 
 A Linear weight W has shape [D_out, D_in]; its rows are output units. Scores are aggregated per
 row (sum over input columns), per column, or kept per element; a mask is one boolean per score,

@@ -60,7 +60,9 @@ def bare_loop(model, batches, cfg: DictConfig, warmup: int) -> float:
     return (time.perf_counter() - start) / (len(batches) - warmup)
 
 
-class _StepTimer(Callback):
+class StepTimer(Callback):
+    """Times the steps after ``warmup`` up to the end of training."""
+
     def __init__(self, warmup: int):
         self.warmup = warmup
         self.start = self.end = 0.0
@@ -73,7 +75,7 @@ class _StepTimer(Callback):
         self.end = time.perf_counter()
 
 
-class _Task:
+class BudgetTask:
     """What build_trainer needs of a task: its budget."""
 
     def __init__(self, steps: int):
@@ -83,8 +85,8 @@ class _Task:
 def lightning_loop(model, batches, cfg: DictConfig, warmup: int) -> float:
     """Seconds per optimizer step of the path ``runners.cl`` trains with."""
     module = CLModule(model, SFT(), build(cfg.optimizer), build(cfg.scheduler))
-    timer = _StepTimer(warmup)
-    trainer = build_trainer(cfg, _Task(len(batches)), [timer])
+    timer = StepTimer(warmup)
+    trainer = build_trainer(cfg, BudgetTask(len(batches)), [timer])
     loader = torch.utils.data.DataLoader(batches, batch_size=None)
     trainer.fit(module, loader)
     return (timer.end - timer.start) / (len(batches) - warmup)

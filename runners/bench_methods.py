@@ -24,7 +24,7 @@ from rich.table import Table
 
 from cl_bench.module import CLModule
 from cl_bench.tokenization import make_loader
-from runners.bench import _StepTimer, _Task, make_batches
+from runners.bench import StepTimer, BudgetTask, make_batches
 from runners.cl import build, build_trainer
 
 
@@ -48,8 +48,8 @@ def tensor_bytes(obj, seen: set | None = None) -> int:
 
 
 def timed_fit(cfg, module, callbacks, loader, steps: int, warmup: int) -> float:
-    timer = _StepTimer(warmup)
-    trainer = build_trainer(cfg, _Task(steps), [*callbacks, timer])
+    timer = StepTimer(warmup)
+    trainer = build_trainer(cfg, BudgetTask(steps), [*callbacks, timer])
     trainer.fit(module, loader)
     return (timer.end - timer.start) / (steps - warmup)
 
@@ -83,7 +83,7 @@ def epoch_seconds(cfg, bundle, initial, task) -> float:
     bundle.model.load_state_dict(initial)
     module = CLModule(bundle.model, SFT(), build(cfg.optimizer), build(cfg.scheduler))
     loader = make_loader(bundle.tokenizer, task.train, cfg.train.batch_size, cfg.train.max_prompt_len, cfg.train.max_ans_len)
-    trainer = build_trainer(cfg, _Task(len(loader)), [])
+    trainer = build_trainer(cfg, BudgetTask(len(loader)), [])
     start = time.perf_counter()
     trainer.fit(module, loader)
     return time.perf_counter() - start

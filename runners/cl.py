@@ -74,9 +74,8 @@ def build_trainer(cfg: DictConfig, task, callbacks):
 
 
 def _record_stage(
-    recorder: RunRecorder, loggers: RunLoggers, step: int, stream: TaskStream, predictions: dict, cfg: DictConfig
+    recorder: RunRecorder, loggers: RunLoggers, step: int, answers: dict, predictions: dict
 ) -> None:
-    answers = {t.name: [e.answer for e in t.splits[cfg.eval.split][: cfg.eval.max_examples]] for t in stream}
     recorder.write_predictions(answers, predictions)
     stage = len(recorder.R) - 1
     row = recorder.R[-1]
@@ -112,12 +111,13 @@ def run(cfg: DictConfig, out_dir: str | Path) -> RunRecorder:
         ),
     )
     method.on_stream_start(module, stream)
+    answers = {t.name: [e.answer for e in t.splits[cfg.eval.split][: cfg.eval.max_examples]] for t in stream}
     try:
         console.print(Rule(f"Evaluating the untrained model on {len(stream)} tasks"))
         t = time.perf_counter()
         scores, predictions = evaluate_stream(bundle, stream, cfg)
         recorder.add_row(scores, time.perf_counter() - t)
-        _record_stage(recorder, loggers, module.stream_step, stream, predictions, cfg)
+        _record_stage(recorder, loggers, module.stream_step, answers, predictions)
         for i, task in enumerate(stream):
             console.print(Rule(f"Task {i + 1}/{len(stream)}: {task.name} ({len(task.train)} examples, "
                                f"{task.epochs} epoch(s), metric {task.metric})"))
@@ -134,7 +134,7 @@ def run(cfg: DictConfig, out_dir: str | Path) -> RunRecorder:
             t = time.perf_counter()
             scores, predictions = evaluate_stream(bundle, stream, cfg)
             recorder.add_row(scores, time.perf_counter() - t)
-            _record_stage(recorder, loggers, module.stream_step, stream, predictions, cfg)
+            _record_stage(recorder, loggers, module.stream_step, answers, predictions)
     except BaseException as e:
         recorder.write(status="failed", error=f"{type(e).__name__}: {e}")
         loggers.finalize("failed")
