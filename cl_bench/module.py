@@ -7,20 +7,8 @@ from typing import Callable
 import torch
 from lightning.pytorch import LightningModule
 
-from cl_bench.tokenization import position_ids
+from cl_bench.lm import causal_lm_loss
 from methods.base import CLMethod
-
-
-def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean next-token cross-entropy over the labelled (answer + EOS) tokens of a left-padded batch."""
-    out = model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        position_ids=position_ids(batch["attention_mask"]),
-        labels=batch["labels"],
-        use_cache=False,
-    )
-    return out.loss
 
 
 def constant_with_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int = 0):

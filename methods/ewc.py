@@ -12,6 +12,12 @@ grows with T). ``storage_dtype: bfloat16`` halves the memory of both.
 ``variant: trace`` reproduces TRACE's EWC for comparability: lambda = 400, and F is a running sum
 of the squared gradients of every training micro-batch (penalty included), divided by the number
 of micro-batches, never reset; the anchor is still theta at the end of each task.
+
+The penalty's gradient is closed-form, lambda * sum_i F_i (theta - theta*_i), so no autograd graph
+is built for it: a parameter hook adds it to each micro-batch's gradient (scaled by 1 /
+accumulate_grad_batches like the task loss), in place, through one scratch buffer. Under DDP every
+rank adds the same term before the gradients are averaged. The penalty's value is computed only on
+logging steps, for telemetry.
 """
 from __future__ import annotations
 
@@ -64,6 +70,10 @@ class EWC(CLMethod):
         self.grad_sq: dict[str, torch.Tensor] = {}
         self.micro_batches = 0
         self.handles: list = []
+        #: one flat buffer per dtype, as large as the largest parameter: theta - theta* without allocating
+        self.scratch: dict[torch.dtype, torch.Tensor] = {}
+        #: 1 / accumulate_grad_batches of the current fit (Lightning scales the task loss the same way)
+        self.grad_scale = 1.0
 
     def _params(self, module) -> dict[str, torch.nn.Parameter]:
         if not self.params:
@@ -73,30 +83,66 @@ class EWC(CLMethod):
     def on_stream_start(self, module, stream) -> None:
         self._params(module)
 
-    # --- the penalty ---------------------------------------------------------------------------
+    # --- the penalty: its value on logging steps, its gradient through parameter hooks ---------
     def penalty(self, module, batch, task_loss):
-        if not self.consolidated:
-            return None
-        total = task_loss.new_zeros(())
+        if self.consolidated and module.should_log:
+            value = self.penalty_value()
+            module.log_metrics({"ewc/penalty": value, "ewc/penalty_to_task_loss": value / max(task_loss.item(), 1e-12)})
+        return None
+
+    @torch.no_grad()
+    def penalty_value(self) -> float:
+        """(lambda / 2) * sum_i F_i (theta - theta*_i)^2 at the current weights."""
+        total = 0.0
         for fisher, anchor in self.consolidated:
             for n, p in self.params.items():
-                diff = p - anchor[n].to(p.dtype)
-                total = total + (fisher[n].to(p.dtype) * diff * diff).sum()
-        penalty = 0.5 * self.lambda_ * total
-        if module.should_log:
-            value = penalty.item()
-            module.log_metrics({"ewc/penalty": value, "ewc/penalty_to_task_loss": value / max(task_loss.item(), 1e-12)})
-        return penalty
+                diff = self._diff(p, anchor[n])
+                total += torch.dot(fisher[n].flatten().to(diff.dtype), diff.square_().flatten()).item()
+        return 0.5 * self.lambda_ * total
 
-    # --- TRACE variant: squared training gradients of every micro-batch -----------------------
+    def _diff(self, p: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+        """theta - theta*, written into the scratch buffer when there is one (no allocation)."""
+        if p.dtype not in self.scratch:
+            return p.detach() - anchor
+        return torch.sub(p.detach(), anchor, out=self.scratch[p.dtype][: p.numel()].view(p.shape))
+
+    def _add_penalty_grad(self, grad: torch.Tensor, name: str, p: torch.Tensor) -> None:
+        """grad += (lambda / accumulate_grad_batches) * sum_i F_i (theta - theta*_i), in place."""
+        for fisher, anchor in self.consolidated:
+            grad.addcmul_(fisher[name], self._diff(p, anchor[name]), value=self.lambda_ * self.grad_scale)
+
     def on_task_start(self, module, task, task_index: int) -> None:
-        if self.variant == "trace" and not self.handles:
-            params = self._params(module)
+        params = self._params(module)
+        if self.variant == "trace" and not self.grad_sq:
             self.grad_sq = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
-            self.handles = [p.register_hook(self._accumulate(n)) for n, p in params.items()]
+        for n, p in params.items():
+            if self.variant == "trace":  # the micro-batch's own gradient, penalty included, is squared
+                self.handles.append(p.register_hook(self._trace_hook(n, p)))
+            elif self.consolidated:
+                self.handles.append(p.register_post_accumulate_grad_hook(self._standard_hook(n)))
 
-    def _accumulate(self, name: str):
+    def on_train_start(self, trainer, pl_module) -> None:
+        """The model is on its training device now: put the state and the scratch buffers there."""
+        self.grad_scale = 1.0 / trainer.accumulate_grad_batches
+        device = pl_module.device
+        self.consolidated = [({n: f.to(device) for n, f in fisher.items()}, {n: a.to(device) for n, a in anchor.items()})
+                             for fisher, anchor in self.consolidated]
+        self.grad_sq = {n: g.to(device) for n, g in self.grad_sq.items()}
+        largest: dict[torch.dtype, int] = {}
+        for p in self.params.values():
+            largest[p.dtype] = max(largest.get(p.dtype, 0), p.numel())
+        self.scratch = {dtype: torch.empty(n, dtype=dtype, device=device) for dtype, n in largest.items()}
+
+    def _standard_hook(self, name: str):
+        def hook(p):
+            self._add_penalty_grad(p.grad, name, p)
+        return hook
+
+    def _trace_hook(self, name: str, p: torch.nn.Parameter):
         def hook(grad):
+            if self.consolidated:
+                grad = grad.clone()  # a hook must not edit its argument
+                self._add_penalty_grad(grad, name, p)
             self.grad_sq[name].add_(grad.detach().float().square())
             return grad
         return hook
@@ -107,6 +153,9 @@ class EWC(CLMethod):
 
     # --- consolidation after each task -------------------------------------------------------
     def on_task_end(self, module, task, task_index: int) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles, self.scratch = [], {}
         params = self._params(module)
         anchor = {n: p.detach().to(self.dtype).clone() for n, p in params.items()}
         if self.variant == "trace":

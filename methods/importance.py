@@ -22,21 +22,9 @@ import torch
 import torch.distributed as dist
 
 from cl_bench.errors import ConfigError
-from cl_bench.tokenization import IGNORE_INDEX, position_ids
+from cl_bench.lm import answer_log_likelihood
 
 FISHER_MODES = ("per_sample", "batch")
-
-
-def answer_log_likelihood(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """log p(answer | prompt) of each sequence of a left-padded batch, summed over labelled tokens."""
-    logits = model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-        position_ids=position_ids(batch["attention_mask"]), use_cache=False,
-    ).logits[:, :-1].float()
-    labels = batch["labels"][:, 1:]
-    mask = labels != IGNORE_INDEX
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (logp * mask).sum(-1)
 
 
 def average_across_ranks(tensors: Iterable[torch.Tensor]) -> None:
@@ -99,4 +87,5 @@ def diagonal_fisher(
 def _add_squares(acc: list[torch.Tensor], grads) -> None:
     for a, g in zip(acc, grads):
         if g is not None:
-            a.add_(g.detach().float().square())
+            g = g.detach().float()
+            a.addcmul_(g, g)  # in place: no squared copy of every gradient

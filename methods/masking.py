@@ -89,18 +89,25 @@ def threshold_masks(
 
 
 class GradientMask:
-    """Multiplies each parameter's gradient by a fixed 0/1 mask through a tensor hook.
+    """Multiplies each parameter's gradient by a fixed 0/1 mask, in place, through a parameter hook.
 
-    The hook acts on the gradient as autograd produces it, before accumulation, DDP's reduction or
-    any optimizer sees it, and it is linear, so it composes with gradient accumulation. With a
-    fresh Adam(W) per task and no weight decay on them, masked entries stay bitwise unchanged.
+    The hook runs each time autograd accumulates a gradient into ``p.grad`` (every micro-batch),
+    inside the accumulation and before DDP's reducer copies the gradient into its buckets, so the
+    averaged gradient and the optimizer see the masked one (tested with 2-process gloo DDP). Masking
+    in place costs one pass over the gradient and no allocation. With a fresh Adam(W) per task and
+    no weight decay on them, masked entries stay bitwise unchanged.
     """
 
     def __init__(self, params: dict[str, torch.nn.Parameter], masks: dict[str, torch.Tensor]):
         """``masks[name]`` is boolean and broadcastable to ``params[name]`` (e.g. [D_out, 1] for rows)."""
         self.shapes = {n: params[n].shape for n in masks}
-        self.masks = {n: m.to(params[n].dtype) for n, m in masks.items()}
-        self.handles = [params[n].register_hook(lambda g, m=m: g * m) for n, m in self.masks.items()]
+        self.masks = {n: m.to(device=params[n].device, dtype=params[n].dtype) for n, m in masks.items()}
+        self.handles = [params[n].register_post_accumulate_grad_hook(self._hook(n)) for n in self.masks]
+
+    def _hook(self, name: str):
+        def hook(p):
+            p.grad.mul_(self.masks[name])
+        return hook
 
     def remove(self) -> None:
         for h in self.handles:

@@ -23,7 +23,8 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from cl_bench.module import CLModule, causal_lm_loss
+from cl_bench.lm import causal_lm_loss
+from cl_bench.module import CLModule
 from cl_bench.tokenization import IGNORE_INDEX
 from methods.sft import SFT
 from runners.cl import build, build_trainer

@@ -6,10 +6,20 @@ Every method is measured in the state it has while training the second task of t
 with a consolidated Fisher and anchor, FGGM with its mask, MIGU with its hooks): the first two
 tasks of ``tasks`` provide the data for that set-up; the timed steps use the same random batches
 (``bench.batch_size`` x ``bench.seq_len``) for every method, from the same initial weights.
+Each method gets its own copy of the model (its hooks stay on it), and the timed fits are
+interleaved: every repeat times each method once, starting from a different method each time, so
+a drift of the machine's speed during the run spreads over all methods alike. The ratio uses each
+method's best repeat: on a shared machine noise only ever adds time (single steps here vary by
++-30%), so the minimum is the estimate of a method's own cost; medians are reported beside it.
+
+Fisher pass / epoch is measured on task 2 of the stream. A pass covers min(num_samples, N)
+examples and an epoch N, so the ratio depends on the task size N; it is also given for TRACE's
+task sizes (500 and 5000 training examples), from the measured per-example costs.
 """
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import statistics
 import time
@@ -54,12 +64,14 @@ def timed_fit(cfg, module, callbacks, loader, steps: int, warmup: int) -> float:
     return (timer.end - timer.start) / (steps - warmup)
 
 
-def measure(cfg: DictConfig, name: str, bundle, initial, stream, batches) -> dict:
+def set_up(cfg: DictConfig, name: str, bundle, initial, stream) -> dict:
+    """``name`` on its own copy of the model, in the state it has at the start of task 2."""
     method = build(compose(config_name="bench", overrides=[f"method={name}"]).method)
-    bundle.model.load_state_dict(initial)
+    model = copy.deepcopy(bundle.model)
+    model.load_state_dict(initial)
     telemetry: dict[str, float] = {}
     module = CLModule(
-        bundle.model, method, build(cfg.optimizer), build(cfg.scheduler),
+        model, method, build(cfg.optimizer), build(cfg.scheduler),
         metric_sink=lambda metrics, step: telemetry.update(metrics),
         loader_factory=partial(make_loader, bundle.tokenizer, batch_size=cfg.train.batch_size,
                                max_prompt_len=cfg.train.max_prompt_len, max_ans_len=cfg.train.max_ans_len),
@@ -68,13 +80,33 @@ def measure(cfg: DictConfig, name: str, bundle, initial, stream, batches) -> dic
     method.on_task_start(module, stream[0], 0)
     method.on_task_end(module, stream[0], 0)
     method.on_task_start(module, stream[1], 1)
-    state = tensor_bytes(method)
+    return {"method": name, "module": module, "state_bytes": tensor_bytes(method), "times": [],
+            "fisher_s": telemetry.get("fggm/fisher_s", telemetry.get("ewc/fisher_s")),
+            "num_samples": getattr(method, "num_samples", None)}
+
+
+def time_interleaved(cfg: DictConfig, setups: list[dict], initial, batches) -> None:
+    """Appends to each set-up's ``times`` one timed fit per repeat, the starting method rotating."""
     loader = torch.utils.data.DataLoader(batches, batch_size=None)
-    times = [timed_fit(cfg, module, [method], loader, len(batches), cfg.bench.warmup) for _ in range(cfg.bench.repeats)]
-    method.on_task_end(module, stream[1], 1)
-    fisher_s = telemetry.get("fggm/fisher_s", telemetry.get("ewc/fisher_s"))
-    return {"method": name, "s_per_step": statistics.median(times), "all": times, "state_bytes": state,
-            "fisher_s": fisher_s}
+    for r in range(cfg.bench.repeats):
+        for s in setups[r % len(setups):] + setups[: r % len(setups)]:
+            s["module"].model.load_state_dict(initial)
+            s["times"].append(timed_fit(cfg, s["module"], [s["module"].method], loader, len(batches), cfg.bench.warmup))
+            s["module"].trainer = None  # release the optimizer state and gradients before the next method
+            s["module"].model.zero_grad(set_to_none=True)
+            gc.collect()
+
+
+TRACE_TASK_SIZES = (500, 5000)
+
+
+def fisher_over_epoch(row: dict, epoch_s: float, n_task: int, n_target: int) -> float | None:
+    """Fisher pass / epoch for a task of ``n_target`` examples, from the costs per example measured
+    on a task of ``n_task`` examples (a pass covers min(num_samples, N) examples, an epoch N)."""
+    if row["fisher_s"] is None:
+        return None
+    per_example = row["fisher_s"] / min(row["num_samples"], n_task)
+    return per_example * min(row["num_samples"], n_target) / (epoch_s / n_task * n_target)
 
 
 def epoch_seconds(cfg, bundle, initial, task) -> float:
@@ -96,18 +128,24 @@ def main(cfg: DictConfig) -> None:
     stream = build(cfg.tasks)
     initial = copy.deepcopy(bundle.model.state_dict())
     batches = make_batches(len(bundle.tokenizer), b.warmup + b.steps, b.batch_size, b.seq_len, cfg.seed)
-    rows = [measure(cfg, name, bundle, initial, stream, batches) for name in b.methods]
+    setups = [set_up(cfg, name, bundle, initial, stream) for name in b.methods]
+    time_interleaved(cfg, setups, initial, batches)
     epoch = epoch_seconds(cfg, bundle, initial, stream[1])
+    rows = [{k: v for k, v in s.items() if k != "module"} for s in setups]
+    for r in rows:
+        r["s_per_step"], r["median_s_per_step"] = min(r["times"]), statistics.median(r["times"])
     base = next(r["s_per_step"] for r in rows if r["method"] == "sft")
+    n = len(stream[1].train)
     table = Table(title=f"Method cost on {bundle.name}, batch {b.batch_size}x{b.seq_len} (task 2 of the stream)")
-    for col in ("method", "ms/step", "/ SFT", "state bytes", "Fisher pass s", "Fisher / epoch"):
+    columns = ["method", "ms/step (best)", "median", "/ SFT", "state bytes", "Fisher pass s", f"Fisher / epoch (N={n})"]
+    for col in columns + [f"(N={size})" for size in TRACE_TASK_SIZES]:
         table.add_column(col, justify="right")
     for r in rows:
         r["ratio"] = r["s_per_step"] / base
-        r["fisher_over_epoch"] = None if r["fisher_s"] is None else r["fisher_s"] / epoch
-        table.add_row(r["method"], f"{1000 * r['s_per_step']:.1f}", f"{r['ratio']:.3f}", f"{r['state_bytes']:,}",
+        r["fisher_over_epoch"] = {size: fisher_over_epoch(r, epoch, n, size) for size in (n, *TRACE_TASK_SIZES)}
+        table.add_row(r["method"], f"{1000 * r['s_per_step']:.1f}", f"{1000 * r['median_s_per_step']:.1f}", f"{r['ratio']:.3f}", f"{r['state_bytes']:,}",
                       "-" if r["fisher_s"] is None else f"{r['fisher_s']:.2f}",
-                      "-" if r["fisher_over_epoch"] is None else f"{r['fisher_over_epoch']:.2f}")
+                      *("-" if v is None else f"{v:.2f}" for v in r["fisher_over_epoch"].values()))
     Console(width=160).print(table)
     Console().print(f"one SFT epoch of task 2 ({len(stream[1].train)} examples): {epoch:.2f} s")
     with open(f"{cfg.paths.output_dir}/bench_methods.json", "w") as f:

@@ -3,6 +3,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT
 
 
@@ -32,3 +34,6 @@ def test_bench_methods_reports_every_method_relative_to_sft(tmp_path):
     assert rows["fggm"]["fisher_s"] > 0 and rows["ewc"]["fisher_s"] > 0
     # EWC keeps a Fisher and an anchor per weight (fp32): twice the model; FGGM only row masks
     assert rows["ewc"]["state_bytes"] > 5 * rows["fggm"]["state_bytes"]
+    # a pass covers min(num_samples, N) examples and an epoch N: at N = 5000 only 512 of them
+    ratios = rows["fggm"]["fisher_over_epoch"]
+    assert ratios["5000"] == pytest.approx(ratios["8"] * 512 / 5000)

@@ -2,12 +2,14 @@
 import math
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from cl_bench.errors import ConfigError
 from cl_bench.models import tiny_llama
+from cl_bench.lm import causal_lm_loss
 from cl_bench.module import CLModule
 from cl_bench.tasks import Example, Task, TaskSpec
 from cl_bench.tokenization import make_loader
@@ -198,21 +200,46 @@ def test_migu_skips_an_lm_head_tied_to_the_embeddings():
 
 
 # --- EWC --------------------------------------------------------------------------------------
-def test_ewc_penalty_gradient_is_lambda_f_times_distance():
-    method = EWC(lambda_=3.0)
-    module = _module(method)
+def _consolidate_random(method, module, seed=0):
+    """Give ``method`` a random Fisher and an anchor near the current weights."""
     params = dict(module.model.named_parameters())
-    method.params = params
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     fisher = {n: torch.rand(p.shape, generator=g) for n, p in params.items()}
     anchor = {n: p.detach() + torch.randn(p.shape, generator=g) * 0.1 for n, p in params.items()}
     method.consolidated = [(fisher, anchor)]
-    penalty = method.penalty(module, None, torch.tensor(1.0))
-    penalty.backward()
+    return params, fisher, anchor
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_ewc_adds_lambda_f_times_distance_to_every_gradient(accumulate):
+    method = EWC(lambda_=3.0)
+    module = _module(method)
+    method.on_stream_start(module, None)
+    params, fisher, anchor = _consolidate_random(method, module)
+    batches = list(module.loader_factory(TASK.train))[:accumulate]
+    for batch in batches:  # the task gradient alone, as Lightning scales it under accumulation
+        (causal_lm_loss(module.model, batch) / accumulate).backward()
+    task_grad = {n: p.grad.clone() for n, p in params.items()}
+    module.model.zero_grad(set_to_none=True)
+    method.on_task_start(module, TASK, 1)
+    method.on_train_start(SimpleNamespace(accumulate_grad_batches=accumulate), module)
+    for batch in batches:
+        (causal_lm_loss(module.model, batch) / accumulate).backward()
     for n, p in params.items():
-        torch.testing.assert_close(p.grad, 3.0 * fisher[n] * (p.detach() - anchor[n]))
-    expected = 0.5 * 3.0 * sum((fisher[n] * (p.detach() - anchor[n]) ** 2).sum() for n, p in params.items())
-    torch.testing.assert_close(penalty.detach(), expected)
+        torch.testing.assert_close(p.grad, task_grad[n] + 3.0 * fisher[n] * (p.detach() - anchor[n]))
+
+
+def test_ewc_logs_the_penalty_value_and_adds_no_graph():
+    method = EWC(lambda_=3.0)
+    module = _module(method)
+    logged = []
+    module.metric_sink = lambda metrics, step: logged.append(metrics)
+    method.on_stream_start(module, None)
+    params, fisher, anchor = _consolidate_random(method, module)
+    assert method.penalty(module, None, torch.tensor(2.0)) is None
+    expected = 0.5 * 3.0 * sum((fisher[n] * (p.detach() - anchor[n]) ** 2).sum().item() for n, p in params.items())
+    assert logged[-1]["ewc/penalty"] == pytest.approx(expected, rel=1e-5)
+    assert logged[-1]["ewc/penalty_to_task_loss"] == pytest.approx(expected / 2.0, rel=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["online", "separate"])
@@ -237,30 +264,36 @@ def test_ewc_consolidation_online_decays_and_sums_separate_keeps_each_task(mode,
         assert torch.equal(method.consolidated[0][1][name] + 1.0, method.consolidated[1][1][name])
 
 
+def _grads(model, batch):
+    model.zero_grad(set_to_none=True)
+    causal_lm_loss(model, batch).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
 def test_ewc_trace_variant_averages_squared_microbatch_gradients_penalty_included():
     method = EWC(lambda_=400.0, variant="trace")
     module = _module(method)
     model = module.model
     method.on_stream_start(module, None)
-    method.on_task_start(module, TASK, 0)
     batches = list(module.loader_factory(TASK.train))
     expected = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
-    from cl_bench.module import causal_lm_loss
-    for i, batch in enumerate(batches + batches[:1]):
-        if i == len(batches):  # after task 1: the penalty is part of the loss from now on
-            method.on_task_end(module, TASK, 0)
+    for task_index, task_batches in enumerate([batches, batches[:1]]):
+        if task_index == 1:  # move away from the anchor (theta after task 1); gradients without hooks
             with torch.no_grad():
                 for p in model.parameters():
                     p.add_(0.01)
-        loss = causal_lm_loss(model, batch)
-        penalty = method.penalty(module, batch, loss)
-        total = loss if penalty is None else loss + penalty
-        model.zero_grad(set_to_none=True)
-        total.backward()  # the method's hooks see this gradient; .grad holds the same
-        for n, p in model.named_parameters():
-            expected[n] += p.grad.square()
-        method.on_train_batch_end(None, module, None, batch, i)
-    method.on_task_end(module, TASK, 1)
+            plain = [_grads(model, b) for b in task_batches]
+            fisher, anchor = method.consolidated[0]
+        method.on_task_start(module, TASK, task_index)
+        method.on_train_start(SimpleNamespace(accumulate_grad_batches=1), module)
+        for i, batch in enumerate(task_batches):
+            grads = _grads(model, batch)  # what the hooks squared and left in .grad
+            for n, p in model.named_parameters():
+                if task_index == 1:
+                    torch.testing.assert_close(grads[n], plain[i][n] + 400.0 * fisher[n] * (p.detach() - anchor[n]))
+                expected[n] += grads[n].square()
+            method.on_train_batch_end(None, module, None, batch, i)
+        method.on_task_end(module, TASK, task_index)
     fisher, _ = method.consolidated[0]
     for n in expected:
         torch.testing.assert_close(fisher[n], expected[n] / (len(batches) + 1), rtol=1e-5, atol=1e-10)

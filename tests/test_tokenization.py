@@ -45,7 +45,7 @@ def test_position_ids_ignore_left_padding():
 
 
 def test_loss_does_not_depend_on_left_padding():
-    from cl_bench.module import causal_lm_loss
+    from cl_bench.lm import causal_lm_loss
 
     model = tiny_llama().model.eval()
     short = encode_train(TOK, Example("ab", "cd"), 16, 4)
@@ -54,3 +54,4 @@ def test_loss_does_not_depend_on_left_padding():
     batch = Collator(TOK.pad_token_id)([short, long])
     padded = causal_lm_loss(model, {k: v[:1] for k, v in batch.items()})
     torch.testing.assert_close(alone, padded, rtol=1e-5, atol=1e-5)
+

@@ -1,0 +1,41 @@
+"""Forward passes of a causal LM on a left-padded batch, scoring only the labelled tokens.
+
+With left padding every sequence ends at the last position, so the labelled tokens (answer + EOS)
+all lie in the batch's last K positions. The LM head and the softmax are computed for those
+positions only (transformers' ``logits_to_keep``): the values are those of the full forward pass,
+without the [batch, sequence, vocabulary] logits of the prompt. With TRACE's long prompts and
+short answers, and vocabularies of 50k-150k, that is most of the head's cost.
+"""
+from __future__ import annotations
+
+import torch
+
+from cl_bench.tokenization import IGNORE_INDEX, position_ids
+
+
+def labelled_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, targets): fp32 next-token logits at the positions that predict a labelled token,
+    and those tokens (IGNORE_INDEX elsewhere); both [batch, K]."""
+    labels = batch["labels"]
+    labelled = (labels != IGNORE_INDEX).any(0)
+    first = int(labelled.float().argmax()) if labelled.any() else labels.shape[1] - 1
+    keep = max(labels.shape[1] - first + 1, 2)  # the position before the first labelled token too
+    logits = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+        position_ids=position_ids(batch["attention_mask"]), use_cache=False, logits_to_keep=keep,
+    ).logits
+    return logits[:, :-1].float(), labels[:, -(keep - 1):]
+
+
+def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token cross-entropy over the labelled (answer + EOS) tokens of the batch."""
+    logits, targets = labelled_logits(model, batch)
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+
+
+def answer_log_likelihood(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """log p(answer | prompt) of each sequence, summed over its labelled tokens."""
+    logits, targets = labelled_logits(model, batch)
+    mask = targets != IGNORE_INDEX
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (logp * mask).sum(-1)
