@@ -1,7 +1,13 @@
 """Per-task metrics, each a named pure function on a 0-100 scale.
 
 Signature: ``metric(predictions, answers, prompts) -> float``. ``prompts`` are the sources that
-SARI needs; the other metrics ignore them. Tasks name their metric by its key in :data:`METRICS`.
+SARI needs; the other metrics ignore them. Tasks name their metric by its key in :data:`METRICS`
+(the task-to-metric table is the stream's config).
+
+TRACE's conventions (its ``metrics.py``), kept here: every metric averages over all examples; an
+empty prediction or an empty reference scores 0 (TRACE skips the pair but still divides by the
+number of examples), even where the library would call two empty strings equal. TRACE reports
+accuracy on 0-1 and edit similarity on 0-100; everything here is on 0-100.
 """
 from __future__ import annotations
 
@@ -19,17 +25,18 @@ def _mean(values: Sequence[float]) -> float:
     return 100.0 * sum(values) / len(values) if values else 0.0
 
 
+def _both_non_empty(prediction: str, answer: str) -> bool:
+    return prediction.strip() != "" and answer.strip() != ""
+
+
 def accuracy(predictions, answers, prompts=None) -> float:
     """Exact match after stripping surrounding whitespace."""
-    return _mean([p.strip() == a.strip() for p, a in zip(predictions, answers)])
+    return _mean([_both_non_empty(p, a) and p.strip() == a.strip() for p, a in zip(predictions, answers)])
 
 
 def first_letter_accuracy(predictions, answers, prompts=None) -> float:
     """Match of the first non-space character (the option letter of a multiple-choice answer)."""
-    def first(s: str) -> str:
-        s = s.strip()
-        return s[:1]
-    return _mean([first(p) != "" and first(p) == first(a) for p, a in zip(predictions, answers)])
+    return _mean([_both_non_empty(p, a) and p.strip()[0] == a.strip()[0] for p, a in zip(predictions, answers)])
 
 
 _ROUGE = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
@@ -42,7 +49,7 @@ def rouge_l(predictions, answers, prompts=None) -> float:
 
 def edit_similarity(predictions, answers, prompts=None) -> float:
     """fuzzywuzzy/rapidfuzz ``fuzz.ratio`` (normalised Indel similarity, 0-100), averaged."""
-    values = [fuzz.ratio(p.strip(), a.strip()) for p, a in zip(predictions, answers)]
+    values = [fuzz.ratio(p.strip(), a.strip()) if _both_non_empty(p, a) else 0.0 for p, a in zip(predictions, answers)]
     return sum(values) / len(values) if values else 0.0
 
 

@@ -53,6 +53,8 @@ class RunRecorder:
         self.status = "running"
         self.error: str | None = None
         self.started = time.time()
+        #: general-ability scores (0-100) per benchmark, by the stage they were taken at
+        self.general: dict[str, dict[str, float]] = {}
 
     @property
     def stages(self) -> list[str]:
@@ -64,6 +66,18 @@ class RunRecorder:
     def add_row(self, scores: list[float], eval_s: float) -> None:
         self.R.append([float(s) for s in scores])
         self.timings["eval_s"].append(round(eval_s, 3))
+
+    def add_general(self, scores: dict[str, float]) -> None:
+        """General-ability scores taken at the latest stage."""
+        self.general[self.stages[-1]] = {k: float(v) for k, v in scores.items()}
+
+    def general_delta(self) -> float | None:
+        """delta R^G: mean over benchmarks of (latest - base); None until both exist."""
+        stages = [s for s in self.stages if s in self.general]
+        if len(stages) < 2 or stages[0] != "base":
+            return None
+        base, last = self.general["base"], self.general[stages[-1]]
+        return sum(last[k] - base[k] for k in base) / len(base)
 
     def add_train_time(self, seconds: float) -> None:
         self.timings["train_s"].append(round(seconds, 3))
@@ -80,6 +94,7 @@ class RunRecorder:
             "stages": self.stages,
             "R": self.R,
             "cl_metrics": self.cl_metrics(),
+            "general": {"scores": self.general, "delta_RG": self.general_delta()},
             "timings": {**self.timings, "total_s": round(time.time() - self.started, 3)},
             "config": self.config,
         }

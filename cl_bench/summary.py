@@ -28,8 +28,22 @@ def metrics_table(cl_metrics: dict[str, float | None]) -> Table:
     return table
 
 
+def general_table(general: dict[str, dict[str, float]], delta: float | None) -> Table:
+    """General-ability scores by stage (rows) and benchmark (columns), and delta R^G."""
+    benchmarks = list(next(iter(general.values())))
+    table = Table(title="General ability (0-100)", caption=f"delta R^G = {_fmt(delta)}")
+    table.add_column("stage", style="bold")
+    for name in benchmarks:
+        table.add_column(name, justify="right")
+    for stage, scores in general.items():
+        table.add_row(stage, *[_fmt(scores[b]) for b in benchmarks])
+    return table
+
+
 def print_summary(recorder, console: Console | None = None) -> None:
     console = console or Console()
     console.print(matrix_table(recorder.stages, recorder.task_names, recorder.metric_names, recorder.R))
     if recorder.cl_metrics():
         console.print(metrics_table(recorder.cl_metrics()))
+    if recorder.general:
+        console.print(general_table(recorder.general, recorder.general_delta()))

@@ -30,6 +30,8 @@ class TaskSpec:
     name: str
     metric: str
     max_new_tokens: int
+    #: the task's own number of epochs, used when the stream does not set ``epochs``
+    epochs: int = 1
 
 
 @dataclass
@@ -122,10 +124,21 @@ def per_task_values(value: Any, n: int, key: str, allow_none: bool = False) -> l
     return values
 
 
-def resolve_order(order: Sequence[str] | None, known: Sequence[str], key: str = "tasks.order") -> list[str]:
-    """The task names in training order; the default is the order they are declared in."""
+def resolve_order(
+    order: str | Sequence[str] | None,
+    known: Sequence[str],
+    orders: dict[str, Sequence[str]] | None = None,
+    key: str = "tasks.order",
+) -> list[str]:
+    """The task names in training order: a list, the name of one of ``orders``, or None for the
+    order in which the tasks are declared."""
     if order is None:
         return list(known)
+    if isinstance(order, str):
+        orders = orders or {}
+        if order not in orders:
+            raise ConfigError(f"{key}={order!r} is not a named order; known: {sorted(orders)} (or give a list of tasks)")
+        return resolve_order(list(orders[order]), known, None, f"tasks.orders.{order}")
     order = list(order)
     unknown = [n for n in order if n not in known]
     if unknown:
@@ -138,39 +151,90 @@ def resolve_order(order: Sequence[str] | None, known: Sequence[str], key: str = 
     return order
 
 
+def select_subset(names: list[str], subset: Sequence[str] | None) -> list[str]:
+    """The tasks of ``names`` that are in ``subset`` (None = all), in the order of ``names``."""
+    if subset is None:
+        return names
+    subset = list(subset)
+    outside = [n for n in subset if n not in names]
+    if outside:
+        raise ConfigError(f"tasks.subset names task(s) {outside} that are not in the stream {names}")
+    if not subset:
+        raise ConfigError("tasks.subset is empty")
+    return [n for n in names if n in subset]
+
+
+def stream_epochs(epochs, specs: list[TaskSpec]) -> list[int]:
+    """Epochs per task: ``epochs`` (one value or one per task) or, when None, each task's own."""
+    if epochs is not None:
+        return per_task_values(epochs, len(specs), "tasks.epochs")
+    return per_task_values([s.epochs for s in specs], len(specs), "tasks.tasks[].epochs")
+
+
+def check_caps(max_examples: dict[str, int | None] | None, splits: Sequence[str]) -> dict[str, int | None]:
+    caps = dict(max_examples or {})
+    unknown = [k for k in caps if k not in splits]
+    if unknown:
+        raise ConfigError(f"tasks.max_examples has unknown split(s) {unknown}; splits are {list(splits)}")
+    for split, cap in caps.items():
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+            raise ConfigError(f"tasks.max_examples.{split} must be an integer >= 1 or null, got {cap!r}")
+    return caps
+
+
+def missing_data(root: Path, names: Sequence[str], splits: Sequence[str]) -> list[str]:
+    """The task folders and split files of the stream that ``root`` lacks."""
+    missing = []
+    for name in names:
+        if not (root / name).is_dir():
+            missing.append(f"{name}/")
+        else:
+            missing += [f"{name}/{split}.json" for split in splits if not (root / name / f"{split}.json").is_file()]
+    return missing
+
+
 def load_stream(
     data_dir: str | Path | None,
     tasks: Sequence[dict | TaskSpec],
-    order: Sequence[str] | None = None,
-    epochs: int | Sequence[int] = 1,
+    order: str | Sequence[str] | None = None,
+    epochs: int | Sequence[int] | None = None,
     max_steps: int | Sequence[int] | None = None,
     splits: Sequence[str] = SPLITS,
+    orders: dict[str, Sequence[str]] | None = None,
+    subset: Sequence[str] | None = None,
+    max_examples: dict[str, int | None] | None = None,
+    data_help: str = "",
 ) -> TaskStream:
     """Load a stream from ``data_dir`` in TRACE's layout.
 
-    ``tasks`` declares each task's name, metric and ``max_new_tokens``; ``order`` picks and orders
-    them; ``epochs`` and ``max_steps`` are a scalar or one value per task of the ordered stream.
-    Everything is validated before anything is returned.
+    ``tasks`` declares each task's name, metric, ``max_new_tokens`` and (optionally) its own
+    epochs; ``order`` is a list of names or the name of one of ``orders``; ``subset`` keeps some
+    tasks of that order. ``epochs`` and ``max_steps`` are a scalar or one value per task of the
+    resulting stream (``epochs: None`` = each task's own, so epochs follow their task when the
+    order changes). ``max_examples`` caps each task's splits (``{"train": 100}``). Everything is
+    validated, and every missing file named (with ``data_help`` on how to get the data), before
+    anything is returned.
     """
     specs = [t if isinstance(t, TaskSpec) else TaskSpec(**t) for t in tasks]
     by_name = {s.name: s for s in specs}
     for s in specs:
         if s.metric not in METRICS:
             raise ConfigError(f"task {s.name}: unknown metric '{s.metric}'; known: {sorted(METRICS)}")
-    names = resolve_order(order, [s.name for s in specs])
-    n = len(names)
-    epoch_list = per_task_values(epochs, n, "tasks.epochs")
-    step_list = per_task_values(max_steps, n, "tasks.max_steps", allow_none=True)
+    names = select_subset(resolve_order(order, [s.name for s in specs], orders), subset)
+    epoch_list = stream_epochs(epochs, [by_name[n] for n in names])
+    step_list = per_task_values(max_steps, len(names), "tasks.max_steps", allow_none=True)
+    caps = check_caps(max_examples, splits)
+    help_text = f"\n{data_help.strip()}" if data_help else ""
     if data_dir is None:
-        raise ConfigError("tasks.data_dir is not set (for tasks=trace, TRACE_DATA_DIR also works)")
+        raise ConfigError(f"tasks.data_dir is not set{help_text}")
     root = Path(data_dir).expanduser()
     if not root.is_dir():
-        raise ConfigError(f"tasks.data_dir does not exist or is not a folder: {root}")
-    missing = [name for name in names if not (root / name).is_dir()]
+        raise ConfigError(f"tasks.data_dir does not exist or is not a folder: {root}{help_text}")
+    missing = missing_data(root, names, splits)
     if missing:
-        raise ConfigError(f"tasks.data_dir {root} lacks task folder(s) {missing}")
+        raise ConfigError(f"tasks.data_dir {root} is incomplete; missing: {', '.join(missing)}{help_text}")
     stream = TaskStream()
     for name, ep, steps in zip(names, epoch_list, step_list):
-        loaded = {split: read_split(root / name / f"{split}.json") for split in splits}
+        loaded = {split: read_split(root / name / f"{split}.json")[: caps.get(split)] for split in splits}
         stream.tasks.append(Task(by_name[name], loaded, epochs=ep, max_steps=steps))
     return stream

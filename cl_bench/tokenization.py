@@ -8,12 +8,14 @@ loss covers exactly the answer tokens and EOS. The prompt is truncated on the le
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from cl_bench.tasks import Example
+from cl_bench.token_cache import cache_key, cached_encoding
 
 IGNORE_INDEX = -100
 
@@ -68,10 +70,16 @@ class Collator:
 
 
 class EncodedDataset(torch.utils.data.Dataset):
-    """A task split encoded once for training."""
+    """A task split encoded once for training (and cached in ``cache_dir`` when one is given)."""
 
-    def __init__(self, tokenizer, examples: Sequence[Example], max_prompt_len: int, max_ans_len: int):
-        self.items = [encode_train(tokenizer, ex, max_prompt_len, max_ans_len) for ex in examples]
+    def __init__(self, tokenizer, examples: Sequence[Example], max_prompt_len: int, max_ans_len: int,
+                 cache_dir: str | Path | None = None):
+        def encode():
+            return [encode_train(tokenizer, ex, max_prompt_len, max_ans_len) for ex in examples]
+        if cache_dir is None:
+            self.items = encode()
+        else:
+            self.items = cached_encoding(cache_dir, cache_key(tokenizer, examples, max_prompt_len, max_ans_len), encode)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -88,10 +96,11 @@ def make_loader(
     max_ans_len: int,
     shuffle: bool = False,
     seed: int = 0,
+    cache_dir: str | Path | None = None,
 ) -> torch.utils.data.DataLoader:
     """A loader of left-padded training batches over ``examples`` (shuffled with ``seed`` if asked)."""
     return torch.utils.data.DataLoader(
-        EncodedDataset(tokenizer, examples, max_prompt_len, max_ans_len),
+        EncodedDataset(tokenizer, examples, max_prompt_len, max_ans_len, cache_dir),
         batch_size=batch_size,
         shuffle=shuffle,
         collate_fn=Collator(tokenizer.pad_token_id),

@@ -26,6 +26,7 @@ from rich.rule import Rule
 from cl_bench.config_checks import validate_run_config
 from cl_bench.errors import ConfigError
 from cl_bench.evaluation import GenerationConfig, evaluate_task
+from cl_bench.general_ability import GeneralAbility
 from cl_bench.loggers import RunLoggers
 from cl_bench.module import CLModule
 from cl_bench.recording import RunRecorder, redact
@@ -81,11 +82,23 @@ def _record_stage(
     row = recorder.R[-1]
     metrics = {f"score/{name}": v for name, v in zip(recorder.task_names, row)}
     metrics.update({f"cl/{k}": v for k, v in recorder.cl_metrics().items()})
+    if recorder.stages[-1] in recorder.general:
+        metrics.update({f"general/{k}": v for k, v in recorder.general[recorder.stages[-1]].items()})
+        if recorder.general_delta() is not None:
+            metrics["general/delta_RG"] = recorder.general_delta()
     metrics["stage"] = stage
     loggers.log_metrics(metrics, step)
     loggers.log_table("R", ["stage"] + recorder.task_names, [[s] + r for s, r in zip(recorder.stages, recorder.R)], step)
     loggers.save()
     recorder.write()
+
+
+def _evaluate_general(general: GeneralAbility, bundle, recorder: RunRecorder) -> None:
+    if general.enabled:
+        console.print(f"General ability: {', '.join(general.tasks)}")
+        t = time.perf_counter()
+        recorder.add_general(general.evaluate(bundle.model, bundle.tokenizer))
+        recorder.timings.setdefault("general_s", []).append(round(time.perf_counter() - t, 3))
 
 
 def run(cfg: DictConfig, out_dir: str | Path) -> RunRecorder:
@@ -94,6 +107,8 @@ def run(cfg: DictConfig, out_dir: str | Path) -> RunRecorder:
     seed_everything(cfg.seed, workers=True, verbose=False)
     t0 = time.perf_counter()
     stream: TaskStream = build(cfg.tasks)  # validates the data before the model is loaded
+    general: GeneralAbility = build(cfg.general) if cfg.get("general") else GeneralAbility()
+    general.check()
     bundle = build(cfg.model)
     method = build(cfg.method)
     method.check_strategy(cfg.trainer.get("strategy", "auto"), cfg.trainer.get("devices", 1))
@@ -108,8 +123,13 @@ def run(cfg: DictConfig, out_dir: str | Path) -> RunRecorder:
         loader_factory=partial(
             make_loader, bundle.tokenizer, batch_size=cfg.train.batch_size,
             max_prompt_len=cfg.train.max_prompt_len, max_ans_len=cfg.train.max_ans_len,
+            cache_dir=cfg.train.get("token_cache"),
         ),
     )
+    # Evaluation and the methods' passes (Fisher, anchors) run where training runs; Lightning moves
+    # the model back to the CPU when a fit ends, so it is put back after every fit too.
+    device = build_trainer(cfg, stream[0], []).strategy.root_device
+    module.to(device)
     method.on_stream_start(module, stream)
     answers = {t.name: [e.answer for e in t.splits[cfg.eval.split][: cfg.eval.max_examples]] for t in stream}
     try:
@@ -117,6 +137,7 @@ def run(cfg: DictConfig, out_dir: str | Path) -> RunRecorder:
         t = time.perf_counter()
         scores, predictions = evaluate_stream(bundle, stream, cfg)
         recorder.add_row(scores, time.perf_counter() - t)
+        _evaluate_general(general, bundle, recorder)
         _record_stage(recorder, loggers, module.stream_step, answers, predictions)
         for i, task in enumerate(stream):
             console.print(Rule(f"Task {i + 1}/{len(stream)}: {task.name} ({len(task.train)} examples, "
@@ -129,11 +150,14 @@ def run(cfg: DictConfig, out_dir: str | Path) -> RunRecorder:
             # Detach the finished Trainer: its global_step must not count again after step_offset.
             module.step_offset += trainer.global_step
             module.trainer = None
+            module.to(device)
             method.on_task_end(module, task, i)
             recorder.add_train_time(time.perf_counter() - t)
             t = time.perf_counter()
             scores, predictions = evaluate_stream(bundle, stream, cfg)
             recorder.add_row(scores, time.perf_counter() - t)
+            if general.every_task or i == len(stream) - 1:
+                _evaluate_general(general, bundle, recorder)
             _record_stage(recorder, loggers, module.stream_step, answers, predictions)
     except BaseException as e:
         recorder.write(status="failed", error=f"{type(e).__name__}: {e}")

@@ -29,6 +29,7 @@ TINY = [
     "tasks.num_test=6",
     "eval.max_examples=6",
     "logger=none",
+    "general=none",
 ]
 
 
@@ -55,7 +56,10 @@ def cache_dir(tmp_path_factory) -> Path:
 @pytest.fixture
 def make_config(tmp_path, cache_dir):
     def make(*overrides: str, tiny: bool = True) -> DictConfig:
-        return compose_config([*(TINY if tiny else []), *overrides], tmp_path / "run", cache_dir)
+        base = TINY if tiny else ["general=none"]
+        overridden = {o.split("=")[0] for o in overrides}
+        base = [b for b in base if b.split("=")[0] not in overridden]  # the test's own value wins
+        return compose_config([*base, *overrides], tmp_path / "run", cache_dir)
     return make
 
 

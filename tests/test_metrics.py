@@ -8,6 +8,13 @@ def test_accuracy_is_exact_match_after_strip():
     assert accuracy([], []) == 0.0
 
 
+@pytest.mark.parametrize("metric", [accuracy, first_letter_accuracy, edit_similarity, rouge_l])
+def test_empty_prediction_or_reference_scores_zero_as_in_trace(metric):
+    # TRACE skips such pairs but divides by all examples; the libraries call "" == "" a match
+    assert metric(["", "x", "  "], ["", "", "x"]) == 0.0
+    assert metric(["x", ""], ["x", "x"]) == pytest.approx(50.0)
+
+
 def test_first_letter_accuracy_compares_the_option_letter_and_never_matches_empty():
     assert first_letter_accuracy(["A. dovish", "b", "", "C"], ["A", "B", "", "C"]) == 50.0
 

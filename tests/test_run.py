@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 from hydra.errors import ConfigCompositionException
+from hydra.utils import instantiate
 
 from cl_bench.errors import ConfigError
 from methods.base import CLMethod
@@ -158,23 +159,63 @@ def test_custom_stream_in_trace_layout_runs_end_to_end(make_config, tmp_path):
 
 
 TRACE_TASKS = ["C-STANCE", "FOMC", "MeetingBank", "Py150", "ScienceQA", "NumGLUE-cm", "NumGLUE-ds", "20Minuten"]
+ORDER2 = ["NumGLUE-cm", "NumGLUE-ds", "FOMC", "20Minuten", "C-STANCE", "Py150", "MeetingBank", "ScienceQA"]
+EPOCHS = dict(zip(TRACE_TASKS, [5, 3, 7, 5, 3, 5, 5, 7]))
 
 
-def test_trace_config_reads_the_eight_task_layout(make_config, tmp_path):
-    data = write_stream(tmp_path / "LLM-CL-Benchmark_500", {name: 4 for name in TRACE_TASKS})
+def test_trace_fixture_runs_end_to_end_with_caps(make_config, tmp_path):
+    data = write_stream(tmp_path / "LLM-CL-Benchmark_500", {name: 6 for name in TRACE_TASKS})
     cfg = make_config(
-        "model=tiny_llama", "tasks=trace", f"tasks.data_dir={data}", "tasks.max_steps=1", "eval.max_examples=2",
-        "logger=none", "trainer.enable_progress_bar=false", tiny=False,
+        "model=tiny_llama", "tasks=trace", f"tasks.data_dir={data}", "tasks.max_steps=1",
+        "tasks.max_examples.train=4", "tasks.max_examples.test=2", tiny=False,
     )
     recorder = run(cfg, cfg.paths.output_dir)
-    assert recorder.task_names == TRACE_TASKS and len(recorder.R) == 9
-    assert cfg.tasks.epochs == [5, 3, 7, 5, 3, 5, 5, 7]
+    assert recorder.task_names == TRACE_TASKS and len(recorder.R) == 9 and recorder.status == "finished"
+    assert recorder.metric_names[2:5] == ["rouge_l", "edit_similarity", "first_letter_accuracy"]
+    predictions = json.loads((Path(cfg.paths.output_dir) / "predictions" / "base.json").read_text())
+    assert all(len(v) == 2 for v in predictions.values())
 
 
-def test_trace_without_a_data_dir_says_how_to_set_it(make_config, monkeypatch):
+@pytest.mark.parametrize("order, expected", [("order1", TRACE_TASKS), ("order2", ORDER2),
+                                             ("[Py150,FOMC]", ["Py150", "FOMC"])])
+def test_trace_orders_keep_each_tasks_epochs(make_config, tmp_path, order, expected):
+    data = write_stream(tmp_path / "data", {name: 2 for name in TRACE_TASKS})
+    stream = instantiate(make_config("tasks=trace", f"tasks.data_dir={data}", f"tasks.order={order}", tiny=False).tasks)
+    assert stream.names == expected
+    assert [t.epochs for t in stream] == [EPOCHS[n] for n in expected]
+
+
+def test_trace_subset_keeps_the_orders_order(make_config, tmp_path):
+    data = write_stream(tmp_path / "data", {name: 2 for name in TRACE_TASKS})
+    cfg = make_config("tasks=trace", f"tasks.data_dir={data}", "tasks.order=order2", "tasks.subset=[ScienceQA,FOMC]", tiny=False)
+    assert instantiate(cfg.tasks).names == ["FOMC", "ScienceQA"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("tasks.order=order3", "tasks.order='order3' is not a named order; known: \\['order1', 'order2'\\]"),
+    ("tasks.order=[FOMC,FOMC]", "more than once"),
+    ("tasks.order=[FOMC,SST2]", "unknown task"),
+    ("tasks.subset=[SST2]", "tasks.subset names task\\(s\\) \\['SST2'\\] that are not in the stream"),
+    ("tasks.epochs=[1,2]", "tasks.epochs has 2 values but the stream has 8 tasks"),
+    ("tasks.max_examples.train=0", "tasks.max_examples.train must be an integer >= 1"),
+])
+def test_bad_trace_settings_fail_before_the_model_loads(make_config, tmp_path, monkeypatch, override, message):
+    data = write_stream(tmp_path / "data", {name: 2 for name in TRACE_TASKS})
+    cfg = make_config("model=tiny_llama", "tasks=trace", f"tasks.data_dir={data}", override, tiny=False)
+    monkeypatch.setattr("cl_bench.models.tiny_llama", lambda **k: pytest.fail("the model was loaded"))
+    with pytest.raises(ConfigError, match=message):
+        run(cfg, cfg.paths.output_dir)
+
+
+def test_trace_with_missing_data_says_what_is_missing_and_where_to_get_it(make_config, tmp_path, monkeypatch):
     monkeypatch.delenv("TRACE_DATA_DIR", raising=False)
     cfg = make_config("model=tiny_llama", "tasks=trace", tiny=False)
-    with pytest.raises(ConfigError, match="tasks.data_dir is not set .*TRACE_DATA_DIR"):
+    with pytest.raises(ConfigError, match="tasks.data_dir is not set\\nTRACE's data is not downloaded.*BeyonderXX/TRACE"):
+        run(cfg, cfg.paths.output_dir)
+    data = write_stream(tmp_path / "data", {name: 2 for name in TRACE_TASKS[:7]})
+    (data / "FOMC" / "eval.json").unlink()
+    cfg = make_config("model=tiny_llama", "tasks=trace", f"tasks.data_dir={data}", tiny=False)
+    with pytest.raises(ConfigError, match="missing: FOMC/eval.json, 20Minuten/\\n.*LLM-CL-Benchmark_500"):
         run(cfg, cfg.paths.output_dir)
 
 

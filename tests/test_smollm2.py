@@ -33,3 +33,12 @@ def test_short_stream_on_smollm2_learns_the_first_task(make_config):
     )
     R = run(cfg, cfg.paths.output_dir).R
     assert R[1][0] >= R[0][0] + 50  # sentiment accuracy after 24 steps of it (make run: 0 -> 100 in 32)
+
+
+def test_smollm2_scores_well_above_chance_on_the_offline_probe(smollm2):
+    from cl_bench.general_ability import GeneralAbility
+
+    general = GeneralAbility(tasks={"cl_bench_probe": "acc,none"}, batch_size=16)
+    general.check()
+    score = general.evaluate(smollm2.model, smollm2.tokenizer)["cl_bench_probe"]
+    assert score >= 50.0  # 4 choices: chance is 25 (measured 61.4 on 2026-11-23)

@@ -53,14 +53,16 @@ def test_unknown_metric(data_dir):
         load_stream(data_dir, [{"name": "A", "metric": "bleu", "max_new_tokens": 4}])
 
 
-def test_missing_data_dir_and_task_folder(tmp_path, data_dir):
-    with pytest.raises(ConfigError, match="tasks.data_dir does not exist"):
-        load_stream(tmp_path / "nowhere", SPECS)
+def test_missing_data_names_every_missing_file_and_how_to_get_the_data(tmp_path, data_dir):
+    with pytest.raises(ConfigError, match="tasks.data_dir does not exist.*\nGet it here"):
+        load_stream(tmp_path / "nowhere", SPECS, data_help="Get it here")
+    with pytest.raises(ConfigError, match="tasks.data_dir is not set"):
+        load_stream(None, SPECS)
     (data_dir / "B" / "train.json").unlink()
-    with pytest.raises(ConfigError, match=r"missing split file: .*B/train.json"):
-        load_stream(data_dir, SPECS)
-    with pytest.raises(ConfigError, match=r"lacks task folder\(s\) \['D'\]"):
-        load_stream(data_dir, SPECS + [{"name": "D", "metric": "accuracy", "max_new_tokens": 1}])
+    (data_dir / "C" / "test.json").unlink()
+    specs = SPECS + [{"name": "D", "metric": "accuracy", "max_new_tokens": 1}]
+    with pytest.raises(ConfigError, match="incomplete; missing: B/train.json, C/test.json, D/$"):
+        load_stream(data_dir, specs)
 
 
 @pytest.mark.parametrize(

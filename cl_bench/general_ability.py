@@ -1,0 +1,121 @@
+"""General ability kept through the stream, measured with lm-evaluation-harness.
+
+TRACE reports general ability before and after the stream (MMLU, GSM8K, BBH, TyDiQA, BoolQ, PIQA)
+and delta R^G = mean over benchmarks of (after - before). Here the benchmarks are any lm-eval tasks
+(or groups), each reported by one metric of its results on 0-100, evaluated on the in-memory model
+through ``HFLM(pretrained=model, tokenizer=tokenizer)``. The project ships an offline probe,
+``cl_bench_probe`` (``cl_bench/general/``): 280 four-way multiple-choice questions written for this
+project (facts, arithmetic, reading, commonsense), scored by log-likelihood.
+
+The harness reseeds Python's, NumPy's and torch's global generators; they are restored afterwards,
+so turning the evaluation on or off does not change training.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cl_bench.errors import ConfigError
+
+#: lm-eval task configs shipped with the project (the offline probe)
+PROJECT_TASKS = Path(__file__).parent / "general"
+
+
+@contextlib.contextmanager
+def preserved_rng():
+    """Restore the global random generators (Python, NumPy, torch CPU and CUDA) on exit."""
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
+@dataclass
+class GeneralAbility:
+    """Which lm-eval benchmarks to run, with which metric, and when."""
+
+    #: lm-eval task or group name -> the key of the metric reported, as in its results ("acc,none")
+    tasks: dict[str, str] = field(default_factory=dict)
+    #: also evaluate after every task (always: before the stream and after the last task)
+    every_task: bool = False
+    batch_size: int = 16
+    num_fewshot: int | None = None
+    #: at most this many examples per task (quick runs); None = all
+    limit: int | None = None
+    #: further folders of lm-eval task YAMLs
+    include_paths: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.tasks = dict(self.tasks or {})
+        for name, metric in self.tasks.items():
+            if not isinstance(metric, str) or not metric:
+                raise ConfigError(f"general.tasks.{name} must name a metric of its results (e.g. 'acc,none'), got {metric!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ConfigError(f"general.batch_size must be an integer >= 1, got {self.batch_size!r}")
+        if self.limit is not None and (not isinstance(self.limit, int) or self.limit < 1):
+            raise ConfigError(f"general.limit must be an integer >= 1 or null, got {self.limit!r}")
+        self._manager = None
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.tasks)
+
+    def task_manager(self):
+        """lm-eval's task index over the project's and ``include_paths``' tasks, plus the harness's
+        own only when a requested task needs them (indexing those takes ~10 s)."""
+        if self._manager is None:
+            from lm_eval.tasks import TaskManager
+
+            paths = [str(PROJECT_TASKS), *(str(Path(p).expanduser()) for p in self.include_paths)]
+            local = TaskManager(include_path=paths, include_defaults=False, verbosity="ERROR")
+            known = set(local.all_tasks)
+            full = all(t in known for t in self.tasks)
+            self._manager = local if full else TaskManager(include_path=paths, verbosity="ERROR")
+        return self._manager
+
+    def check(self) -> None:
+        """Refuse task names the harness does not know, before anything is trained."""
+        if not self.enabled:
+            return
+        known = set(self.task_manager().all_tasks)
+        unknown = [t for t in self.tasks if t not in known]
+        if unknown:
+            raise ConfigError(
+                f"general.tasks: lm-eval does not know task(s) {unknown} "
+                f"(project tasks: {sorted(p.stem for p in PROJECT_TASKS.glob('*.yaml'))}; "
+                f"list the harness's with `lm_eval --tasks list`)"
+            )
+
+    def evaluate(self, model: torch.nn.Module, tokenizer) -> dict[str, float]:
+        """Each benchmark's score (0-100) for ``model`` as it is now."""
+        from lm_eval import simple_evaluate
+        from lm_eval.models.huggingface import HFLM
+
+        was_training = model.training
+        logging.getLogger("lm_eval").setLevel(logging.ERROR)
+        with preserved_rng():
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size)
+            out = simple_evaluate(
+                model=lm, tasks=list(self.tasks), num_fewshot=self.num_fewshot, limit=self.limit,
+                task_manager=self.task_manager(), log_samples=False, bootstrap_iters=0, verbosity="ERROR",
+            )
+        model.train(was_training)
+        scores = {}
+        for task, metric in self.tasks.items():
+            results = out["results"].get(task, {})
+            if metric not in results:
+                raise ConfigError(f"general.tasks.{task}: its results have no metric '{metric}'; they have {sorted(results)}")
+            scores[task] = 100.0 * float(results[metric])
+        return scores
