@@ -86,3 +86,11 @@ def test_an_unknown_benchmark_stops_the_run_before_the_model_loads(make_config, 
     monkeypatch.setattr("cl_bench.models.tiny_llama", lambda **k: pytest.fail("the model was loaded"))
     with pytest.raises(ConfigError, match="lm-eval does not know"):
         run(cfg, cfg.paths.output_dir)
+
+
+def test_traces_six_benchmarks_are_names_the_harness_knows(make_config):
+    from hydra.utils import instantiate
+
+    general = instantiate(make_config("general=trace").general)
+    assert set(general.tasks) == {"mmlu", "gsm8k", "bbh_cot_fewshot", "tydiqa_goldp_en", "boolq", "piqa", "cl_bench_probe"}
+    general.check()  # indexes the harness's own tasks too; running them needs their datasets
