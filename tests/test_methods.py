@@ -16,7 +16,7 @@ from cl_bench.tokenization import make_loader
 from methods.ewc import EWC
 from methods.fggm import FGGM
 from methods.hft import HFT
-from methods.masking import aggregate, kth_threshold
+from methods.masking import GradientMask, aggregate, kth_threshold
 from methods.migu import MIGU
 from methods.random_mask import RandomMask
 from runners.cl import run
@@ -33,6 +33,24 @@ def _module(method, seed=0):
 
 def _snapshot(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("mask", [
+    torch.tensor([[True], [False], [True]]),              # rows
+    torch.tensor([[False, True, True, False]]),           # columns
+    torch.tensor([[True, False, True, False]] * 3),       # elements
+], ids=["row", "column", "element"])
+def test_gradient_mask_zeroes_exactly_the_masked_entries(mask):
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(3, 4))
+    x = torch.randn(5, 3)
+    (x @ weight).square().sum().backward()
+    expected = weight.grad * mask.expand(3, 4)
+    weight.grad = None
+    gm = GradientMask({"w": weight}, {"w": mask})
+    (x @ weight).square().sum().backward()
+    assert torch.equal(weight.grad, expected)
+    assert gm.updated_fraction() == mask.expand(3, 4).sum().item() / 12
 
 
 # --- FGGM -------------------------------------------------------------------------------------
