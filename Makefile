@@ -25,7 +25,7 @@ test: $(STAMP)
 	$(PY) -m pytest tests $(ARGS)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest tests -m "not slow" $(ARGS)
+	$(PY) -m pytest tests -m "not slow and not processes" $(ARGS)
 
 bench: $(STAMP)
 	$(PY) -m runners.bench $(ARGS)

@@ -31,6 +31,10 @@ def validate_run_config(cfg: DictConfig) -> None:
     _check(cfg, "scheduler.warmup_steps", lambda v: int(v) == v and v >= 0, "an integer >= 0")
     for key in ("train.batch_size", "train.max_prompt_len", "eval.batch_size"):
         _check(cfg, key, lambda v: int(v) == v and v >= 1, "an integer >= 1")
+    _check(cfg, "train.micro_batch_size", lambda v: int(v) == v and v >= 1, "an integer >= 1 or null", allow_none=True)
+    _check(cfg, "checkpoint.every_n_steps", lambda v: int(v) == v and v >= 1, "an integer >= 1 or null", allow_none=True)
+    _check(cfg, "checkpoint.keep_steps", lambda v: int(v) == v and v >= 1, "an integer >= 1")
+    _check(cfg, "checkpoint.keep_stages", lambda v: int(v) == v and v >= 1, "an integer >= 1 or null", allow_none=True)
     _check(cfg, "train.max_ans_len", lambda v: int(v) == v and v >= 2, "an integer >= 2 (answer + EOS)")
     _check(cfg, "eval.max_examples", lambda v: int(v) == v and v >= 1, "an integer >= 1 or null", allow_none=True)
     _check(cfg, "eval.temperature", positive, "> 0")

@@ -7,6 +7,7 @@ from typing import Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from cl_bench.distributed import gather_shards, shard
 from cl_bench.metrics import METRICS
 from cl_bench.tasks import Example, Task
 from cl_bench.tokenization import Collator, encode_prompt
@@ -75,8 +76,13 @@ def evaluate_task(
     split: str = "test",
     max_examples: int | None = None,
 ) -> TaskResult:
-    """Score of ``task`` on its first ``max_examples`` examples of ``split``."""
+    """Score of ``task`` on its first ``max_examples`` examples of ``split``.
+
+    Under several processes each generates for its share of the examples; every process gets all
+    predictions back in example order and computes the same score.
+    """
     examples = task.splits[split][:max_examples]
-    predictions = generate(model, tokenizer, examples, task.spec.max_new_tokens, cfg)
+    local = generate(model, tokenizer, shard(examples), task.spec.max_new_tokens, cfg)
+    predictions = gather_shards(local, len(examples))
     score = METRICS[task.metric](predictions, [e.answer for e in examples], [e.prompt for e in examples])
     return TaskResult(float(score), predictions)

@@ -28,9 +28,17 @@ def labelled_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> t
 
 
 def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean next-token cross-entropy over the labelled (answer + EOS) tokens of the batch."""
+    """Next-token cross-entropy over the labelled (answer + EOS) tokens of the batch.
+
+    Summed and divided by ``batch["loss_normalizer"]`` when the batch has one (the global-batch
+    token count / (processes x micro-batches), see cl_bench.batching); else the batch's token mean.
+    """
     logits, targets = labelled_logits(model, batch)
-    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+    if "loss_normalizer" not in batch:
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+    total = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / batch["loss_normalizer"][0]
 
 
 def answer_log_likelihood(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -21,11 +21,15 @@ def wandb_logger(
     tags: Sequence[str] = (),
     entity: str | None = None,
     mode: str = "auto",
+    job_type: str | None = None,
+    run_id: str | None = None,
 ) -> WandbLogger:
     """A W&B logger; ``mode: auto`` goes online only when an API key is configured, else offline.
 
     Offline runs land in ``<save_dir>/wandb/offline-run-*``; ``wandb sync`` uploads them later.
     The API key is read by wandb itself from the environment or netrc and is never put in a config.
+    Runs of one sweep share ``group``; ``job_type`` (the method) splits them inside it, so the W&B
+    UI shows each method's mean and spread over seeds. ``run_id`` continues an existing run (resume).
     """
     if mode not in ("auto", "online", "offline"):
         raise ValueError(f"logger.wandb.mode must be auto, online or offline, got {mode!r}")
@@ -34,8 +38,9 @@ def wandb_logger(
         mode = os.environ.get("WANDB_MODE") or ("online" if has_key else "offline")
     Path(save_dir).mkdir(parents=True, exist_ok=True)
     return WandbLogger(
-        project=project, name=name, group=group, tags=list(tags), entity=entity,
+        project=project, name=name, group=group, tags=list(tags), entity=entity, job_type=job_type,
         save_dir=save_dir, offline=(mode == "offline"),
+        **({"id": run_id, "resume": "allow"} if run_id else {}),
     )
 
 
@@ -50,8 +55,14 @@ def _netrc_has_wandb() -> bool:
 class RunLoggers:
     """Fans metrics, the config and tables out to every configured logger."""
 
-    def __init__(self, loggers: Sequence[Logger]):
-        self.loggers = list(loggers)
+    def __init__(self, loggers: dict[str, Logger] | None = None):
+        """``loggers`` by their key under ``logger`` in the config (``csv``, ``wandb``, ...)."""
+        self.by_key = dict(loggers or {})
+        self.loggers = list(self.by_key.values())
+
+    def run_ids(self) -> dict[str, str]:
+        """The W&B run id of each W&B logger, by key: a resumed run logs to the same run."""
+        return {k: lg.version for k, lg in self.by_key.items() if isinstance(lg, WandbLogger) and lg.version}
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         clean = {k: float(v) for k, v in metrics.items() if v is not None}

@@ -7,6 +7,7 @@ from typing import Callable
 import torch
 from lightning.pytorch import LightningModule
 
+from cl_bench.checkpointing import rng_state, set_rng_state
 from cl_bench.lm import causal_lm_loss
 from methods.base import CLMethod
 
@@ -76,6 +77,13 @@ class CLModule(LightningModule):
                 )
             self.log_metrics({"train/loss": value, "train/task_loss": task_loss.item()})
         return loss
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Mid-task checkpoints also carry the RNG states, so a resumed task draws what it would have."""
+        checkpoint["rng"] = rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        set_rng_state(checkpoint["rng"])
 
     def log_metrics(self, metrics: dict[str, float]) -> None:
         """Send metrics to the run's loggers at the current stream step (methods use this too)."""

@@ -42,9 +42,13 @@ def atomic_write_text(path: Path, text: str) -> None:
 class RunRecorder:
     """Collects the score matrix and timings of a run and writes them after every stage."""
 
-    def __init__(self, out_dir: str | Path, config: dict, task_names: list[str], metric_names: list[str]):
+    def __init__(self, out_dir: str | Path, config: dict, task_names: list[str], metric_names: list[str],
+                 writes: bool = True):
+        """``writes=False`` keeps everything in memory (the processes other than rank 0)."""
         self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.writes = writes
+        if writes:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
         self.config = redact(config)
         self.task_names = task_names
         self.metric_names = metric_names
@@ -85,6 +89,15 @@ class RunRecorder:
     def set_timing(self, key: str, seconds: float) -> None:
         self.timings[key] = round(seconds, 3)
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to go on recording (checkpoints carry it)."""
+        return {"R": self.R, "timings": self.timings, "general": self.general,
+                "elapsed_s": time.time() - self.started}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.R, self.timings, self.general = state["R"], state["timings"], state["general"]
+        self.started = time.time() - state["elapsed_s"]
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "status": self.status,
@@ -109,6 +122,8 @@ class RunRecorder:
 
     def write_predictions(self, answers: dict[str, list[str]], predictions: dict[str, list[str]]) -> None:
         """``predictions/<stage>.json`` for the latest row: per task, the reference and generated answers."""
+        if not self.writes:
+            return
         folder = self.out_dir / "predictions"
         folder.mkdir(exist_ok=True)
         records = {
@@ -122,5 +137,7 @@ class RunRecorder:
             self.status = status
         if error is not None:
             self.error = error
+        if not self.writes:
+            return
         atomic_write_text(self.out_dir / "results.json", json.dumps(self.to_dict(), indent=2))
         atomic_write_text(self.out_dir / "scores.csv", self.scores_csv())

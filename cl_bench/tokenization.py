@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from cl_bench.batching import ResumableLoader, StepBatchSampler, StepIndex
 from cl_bench.tasks import Example
 from cl_bench.token_cache import cache_key, cached_encoding
 
@@ -66,6 +67,9 @@ class Collator:
         }
         if "labels" in features[0]:
             batch["labels"] = left_pad([f["labels"] for f in features], IGNORE_INDEX)
+        if "loss_normalizer" in features[0]:
+            # one value per row (the same for all: its optimizer step's), so the batch slices like the rest
+            batch["loss_normalizer"] = torch.tensor([f["loss_normalizer"] for f in features], dtype=torch.float32)
         return batch
 
 
@@ -84,8 +88,14 @@ class EncodedDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> dict[str, list[int]]:
+    def __getitem__(self, i: int | StepIndex) -> dict:
+        if isinstance(i, StepIndex):
+            return {**self.items[i.index], "loss_normalizer": i.loss_normalizer}
         return self.items[i]
+
+    def label_tokens(self) -> list[int]:
+        """Per example, the number of tokens the loss is taken on (labelled, after the first position)."""
+        return [sum(1 for t in item["labels"][1:] if t != IGNORE_INDEX) for item in self.items]
 
 
 def make_loader(
@@ -97,12 +107,19 @@ def make_loader(
     shuffle: bool = False,
     seed: int = 0,
     cache_dir: str | Path | None = None,
-) -> torch.utils.data.DataLoader:
-    """A loader of left-padded training batches over ``examples`` (shuffled with ``seed`` if asked)."""
-    return torch.utils.data.DataLoader(
-        EncodedDataset(tokenizer, examples, max_prompt_len, max_ans_len, cache_dir),
-        batch_size=batch_size,
-        shuffle=shuffle,
-        collate_fn=Collator(tokenizer.pad_token_id),
-        generator=torch.Generator().manual_seed(seed),
-    )
+    micro_batch_size: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    drop_last: bool = False,
+) -> ResumableLoader:
+    """A resumable loader of left-padded training micro-batches over ``examples``.
+
+    ``batch_size`` is the global batch of one optimizer step; this process (``rank`` of
+    ``world_size``) gets its share in micro-batches of ``micro_batch_size`` (see cl_bench.batching).
+    """
+    dataset = EncodedDataset(tokenizer, examples, max_prompt_len, max_ans_len, cache_dir)
+    sampler = StepBatchSampler(dataset.label_tokens(), batch_size, micro_batch_size, rank, world_size,
+                               shuffle, seed, drop_last)
+    # Its own generator: starting an epoch's iterator must not draw from the global RNG.
+    return ResumableLoader(dataset, batch_sampler=sampler, collate_fn=Collator(tokenizer.pad_token_id),
+                           generator=torch.Generator().manual_seed(seed))

@@ -30,8 +30,15 @@ if TYPE_CHECKING:
 
 
 def strategy_family(strategy: Any, devices: Any) -> str:
-    """The family of a Lightning ``trainer.strategy`` setting ("auto" is DDP on several devices)."""
-    name = str(strategy if isinstance(strategy, str) else type(strategy).__name__).lower()
+    """The family of a Lightning ``trainer.strategy`` setting: a name, a config node with a
+    ``_target_`` (e.g. DDPStrategy), or an instance ("auto" is DDP on several devices)."""
+    if isinstance(strategy, str):
+        name = strategy
+    elif hasattr(strategy, "get") and strategy.get("_target_"):
+        name = str(strategy.get("_target_")).rsplit(".", 1)[-1]
+    else:
+        name = type(strategy).__name__
+    name = name.lower()
     if "fsdp" in name:
         return "fsdp"
     if "deepspeed" in name:
@@ -56,7 +63,7 @@ class CLMethod(Callback):
         if family not in self.supported_strategies:
             raise ConfigError(
                 f"method {self.name} supports trainer strategies {list(self.supported_strategies)}; "
-                f"trainer.strategy={strategy} ({family}) is not one of them"
+                f"trainer.strategy is {family}, which is not one of them"
             )
 
     def on_stream_start(self, module: "CLModule", stream: "TaskStream") -> None:

@@ -122,6 +122,13 @@ class MIGU(CLMethod):
             kept = sum(m.sum().item() for m in masks.values())
             pl_module.log_metrics({"migu/updated_row_fraction": kept / sum(m.numel() for m in masks.values())})
 
+    def state_dict(self):
+        """The random_update ablation's generator: a resumed task draws the masks it would have."""
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state_dict) -> None:
+        self.generator.set_state(state_dict["generator"])
+
     def on_task_end(self, module, task, task_index: int) -> None:
         for h in self.handles:
             h.remove()

@@ -10,4 +10,5 @@ class SFT(CLMethod):
     """Sequential fine-tuning (no continual-learning mechanism)."""
 
     name = "sft"
-    supported_strategies = ("single_device", "ddp", "fsdp", "deepspeed")
+    # Not fsdp: evaluation between tasks generates with the model in place, which FSDP leaves sharded.
+    supported_strategies = ("single_device", "ddp", "deepspeed")

@@ -55,6 +55,11 @@ def test_wandb_offline_run_can_be_read_back_and_holds_no_secret(make_config, mon
     assert logged["config"]["secrets"]["api_key"] == REDACTED
     assert b"SHOULD-NOT-LEAK" not in logs[0].read_bytes()
     assert "SHOULD-NOT-LEAK" not in (Path(cfg.paths.output_dir) / "results.json").read_text()
+    # rerun in the same dir: it resumes from the last checkpoint and logs to the same W&B run
+    again = run(cfg, cfg.paths.output_dir)
+    assert again.R == recorder.R
+    runs = sorted((Path(cfg.paths.output_dir) / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and len({p.name.rsplit("-", 1)[-1] for p in runs}) == 1
 
 
 def test_wandb_mode_auto_is_offline_without_a_key(monkeypatch, tmp_path):

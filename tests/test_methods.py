@@ -201,11 +201,11 @@ class _MiguProbe(MIGU):
 def test_migu_masks_rows_by_the_steps_own_output_magnitudes(make_config, monkeypatch):
     method = _MiguProbe(threshold=0.7)
     monkeypatch.setattr("runners.cl.instantiate", instantiate_with(method))
-    cfg = make_config("tasks.order=[arith,code]", "tasks.epochs=1", "trainer.accumulate_grad_batches=2")
+    cfg = make_config("tasks.order=[arith,code]", "tasks.epochs=1", "train.micro_batch_size=2")
     run(cfg, cfg.paths.output_dir)
     assert method.seen_tasks[0] == (0, False, 0)  # first task: no hooks, no masking
     assert method.seen_tasks[1][1] is True
-    assert method.checked == 2  # 3 micro-batches, accumulation 2 -> 2 optimizer steps
+    assert method.checked == 3  # 12 examples: 3 global batches of 4, each 2 micro-batches of 2
     linear = {n for n, m in tiny_llama().model.named_modules() if isinstance(m, torch.nn.Linear)}
     assert set(method.last_masks) == linear  # every Linear (the tiny model's lm_head is untied)
 
@@ -390,7 +390,9 @@ def test_a_new_method_is_one_file_and_one_yaml(make_config):
         (["method=migu", "method.module_patterns=[nothing]"], "method.module_patterns .* match no nn.Linear"),
         (["method=hft", "method.block_pattern=blocks"], "match no transformer block"),
         (["method=migu", "trainer.strategy=fsdp"], r"method migu supports trainer strategies \['single_device', 'ddp'\]"),
-        (["method=fggm", "trainer.strategy=deepspeed_stage_2"], "trainer.strategy=deepspeed_stage_2 .deepspeed. is not one"),
+        (["method=fggm", "trainer.strategy=deepspeed_stage_2"], "trainer.strategy is deepspeed, which is not one"),
+        (["method=ewc", "trainer=deepspeed"], "method ewc supports .*trainer.strategy is deepspeed"),
+        (["method=sft", "trainer=fsdp"], "method sft supports .*trainer.strategy is fsdp"),
     ],
 )
 def test_bad_method_settings_fail_before_training(make_config, overrides, message):
@@ -400,7 +402,7 @@ def test_bad_method_settings_fail_before_training(make_config, overrides, messag
     assert not (Path(cfg.paths.output_dir) / "results.json").exists()
 
 
-def test_sft_is_allowed_under_every_strategy():
+def test_sft_is_allowed_under_every_strategy_that_keeps_parameters_whole():
     from methods.sft import SFT
-    for strategy in ("auto", "ddp", "fsdp", "deepspeed_stage_2"):
+    for strategy in ("auto", "ddp", "deepspeed_stage_2", {"_target_": "lightning.pytorch.strategies.DDPStrategy"}):
         SFT().check_strategy(strategy, 2)

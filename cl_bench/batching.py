@@ -1,0 +1,132 @@
+"""Global batches laid out over processes and micro-batches, resumable mid-epoch.
+
+An optimizer step consumes one *global* batch of ``batch_size`` examples, whatever the number of
+processes W and micro-batches A per process: per epoch, the examples are permuted (from the seed
+and the epoch), global batch s is ``perm[s*G:(s+1)*G]``, process r takes its contiguous share
+``[r*G/W, (r+1)*G/W)`` and cuts it into A micro-batches. Every micro-batch carries the loss
+normaliser of its step, N_step / (W * A), where N_step is the number of labelled tokens in the
+whole global batch: Lightning divides each micro-batch loss by A and DDP averages over W, so the
+gradient is exactly the token mean over the global batch, the same for any W and A (up to float
+summation order). With W = A = 1 this is the ordinary per-batch token mean.
+
+The loader is stateful in Lightning's sense (``state_dict``/``load_state_dict``): a checkpoint
+taken mid-epoch records the epoch and the micro-batches handed out, and a restored loader skips
+those (without touching their data) and goes on with the same permutation.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Sequence
+
+import torch
+
+from cl_bench.errors import ConfigError
+
+
+class StepIndex(NamedTuple):
+    """An example index plus the loss normaliser of the optimizer step it belongs to."""
+
+    index: int
+    loss_normalizer: float
+
+
+def layout(batch_size: int, micro_batch_size: int | None, world_size: int) -> tuple[int, int, int]:
+    """(per-process batch, micro-batch, accumulation steps) for a global ``batch_size``."""
+    if batch_size < 1:
+        raise ConfigError(f"train.batch_size must be >= 1, got {batch_size}")
+    if batch_size % world_size:
+        raise ConfigError(
+            f"train.batch_size ({batch_size}) is the global batch and must be divisible by the number of "
+            f"processes ({world_size} = trainer.devices x trainer.num_nodes)"
+        )
+    per_process = batch_size // world_size
+    micro = per_process if micro_batch_size is None else micro_batch_size
+    if micro < 1 or per_process % micro:
+        raise ConfigError(
+            f"train.micro_batch_size ({micro_batch_size}) must divide the per-process batch "
+            f"({per_process} = train.batch_size {batch_size} / {world_size} processes)"
+        )
+    return per_process, micro, per_process // micro
+
+
+class StepBatchSampler(torch.utils.data.Sampler):
+    """Yields this process's micro-batches of :class:`StepIndex`, step by step (see module doc)."""
+
+    def __init__(
+        self,
+        label_tokens: Sequence[int],
+        batch_size: int,
+        micro_batch_size: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = False,
+        seed: int = 0,
+        drop_last: bool = False,
+    ):
+        self.per_process, self.micro, self.accumulate = layout(batch_size, micro_batch_size, world_size)
+        if world_size > 1 and not drop_last and len(label_tokens) % batch_size:
+            raise ConfigError(
+                f"train.drop_last=false keeps a last, smaller global batch, which cannot be split evenly over "
+                f"{world_size} processes ({len(label_tokens)} examples, batch {batch_size}); set train.drop_last=true"
+            )
+        self.label_tokens = torch.as_tensor(list(label_tokens), dtype=torch.long)
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
+        self.epoch = 0
+        self.consumed = 0  # micro-batches handed out in the current epoch
+        self._skip = 0
+        # Lightning calls set_epoch on ``loader.batch_sampler.sampler`` at every epoch start.
+        self.sampler = self
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _steps(self) -> list[torch.Tensor]:
+        n = len(self.label_tokens)
+        if self.shuffle:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+        else:
+            order = torch.arange(n)
+        full = n // self.batch_size
+        steps = [order[s * self.batch_size : (s + 1) * self.batch_size] for s in range(full)]
+        if not self.drop_last and n % self.batch_size:
+            steps.append(order[full * self.batch_size :])
+        return steps
+
+    def _micro_batches(self) -> list[list[StepIndex]]:
+        out = []
+        for step in self._steps():
+            normalizer = max(int(self.label_tokens[step].sum()), 1) / (self.world_size * self.accumulate)
+            mine = step if len(step) < self.batch_size else step[self.rank * self.per_process : (self.rank + 1) * self.per_process]
+            for m in range(0, len(mine), self.micro):
+                out.append([StepIndex(int(i), normalizer) for i in mine[m : m + self.micro]])
+        return out
+
+    def __iter__(self):
+        batches = self._micro_batches()
+        skip, self._skip = self._skip, 0
+        self.consumed = skip
+        for batch in batches[skip:]:
+            self.consumed += 1
+            yield batch
+
+    def __len__(self) -> int:
+        n = len(self.label_tokens)
+        full, rest = divmod(n, self.batch_size)
+        per_step = self.per_process // self.micro
+        return full * per_step + (0 if self.drop_last or not rest else -(-rest // self.micro))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "consumed": self.consumed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch, self._skip = int(state["epoch"]), int(state["consumed"])
+
+
+class ResumableLoader(torch.utils.data.DataLoader):
+    """A DataLoader over a :class:`StepBatchSampler` whose position Lightning checkpoints."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.batch_sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.batch_sampler.load_state_dict(state)

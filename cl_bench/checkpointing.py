@@ -1,0 +1,152 @@
+"""Checkpoints of a stream, for exact resume after a crash or preemption.
+
+Two kinds, both under ``<run dir>/checkpoints/``:
+
+* ``stage-NNN.pt``: written after the base evaluation (NNN = 0) and after every task (NNN = tasks
+  done): model weights (none for stage 0: they are the configured initial model), the method's
+  state (Fisher, anchors, ...), the score matrix and timings so far, the stream step counter, the
+  RNG states, the loggers' run ids and the config it was taken under. The newest ``keep_stages``
+  are kept.
+* ``task-NNN-step-SSSSSSS.ckpt``: Lightning checkpoints every ``every_n_steps`` optimizer steps
+  within task NNN: weights, optimizer, scheduler, loop counters, the method's mid-task state (a
+  Lightning callback's state), the data loader's position and the RNG states (CLModule adds them).
+  The newest ``keep_steps`` of the current task are kept; a finished task's are deleted.
+
+Files appear by atomic rename, so a killed process leaves either the old or the new file. Loading
+uses ``torch.load(weights_only=True)``; an unreadable file is reported by name and the previous
+good one is used instead.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from cl_bench.distributed import is_main
+
+log = logging.getLogger(__name__)
+CHECKPOINT_DIR = "checkpoints"
+_STAGE = re.compile(r"^stage-(\d+)\.pt$")
+_STEP = re.compile(r"^task-(\d+)-step-(\d+)\.ckpt$")
+
+
+def rng_state() -> dict[str, Any]:
+    """Every global RNG's state, in types that ``torch.load(weights_only=True)`` accepts."""
+    version, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": [version, list(mt), gauss],
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
+def load_file(path: Path) -> dict[str, Any]:
+    """A checkpoint's contents; ``ValueError`` naming the file when it cannot be read."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, corrupt, or not a checkpoint: one message that names the file
+        raise ValueError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e})") from e
+
+
+class StreamCheckpoints:
+    """Writes, prunes and finds the checkpoints of one run dir (writes on rank 0 only)."""
+
+    def __init__(self, run_dir: str | Path, every_n_steps: int | None = None, keep_steps: int = 1,
+                 keep_stages: int | None = 1):
+        self.dir = Path(run_dir) / CHECKPOINT_DIR
+        self.every_n_steps, self.keep_steps, self.keep_stages = every_n_steps, keep_steps, keep_stages
+
+    def files(self, pattern: re.Pattern, task_index: int | None = None) -> list[tuple[tuple[int, ...], Path]]:
+        """Matching files, oldest first."""
+        if not self.dir.is_dir():
+            return []
+        found = []
+        for p in self.dir.iterdir():
+            m = pattern.match(p.name)
+            if m and (task_index is None or int(m.group(1)) == task_index):
+                found.append((tuple(int(g) for g in m.groups()), p))
+        return sorted(found)
+
+    def _save(self, obj: Any, path: Path) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+
+    def save_stage(self, state: dict[str, Any], tasks_done: int) -> None:
+        """The stream state after ``tasks_done`` tasks; then prune old stages and the task's step files."""
+        if not is_main():
+            return
+        self._save(state, self.dir / f"stage-{tasks_done:03d}.pt")
+        stages = self.files(_STAGE)
+        if self.keep_stages is not None:
+            for _, p in stages[: max(len(stages) - self.keep_stages, 0)]:
+                p.unlink()
+        for _, p in self.files(_STEP):
+            if int(_STEP.match(p.name).group(1)) < tasks_done:
+                p.unlink()
+
+    def latest_stage(self) -> dict[str, Any] | None:
+        """The newest readable stage checkpoint (falling back past unreadable ones), or None."""
+        for _, path in reversed(self.files(_STAGE)):
+            try:
+                return load_file(path)
+            except ValueError as e:
+                log.warning("%s; falling back to the previous checkpoint", e)
+        return None
+
+    def latest_step(self, task_index: int) -> Path | None:
+        """The newest readable step checkpoint of ``task_index`` (falling back past unreadable ones)."""
+        for _, path in reversed(self.files(_STEP, task_index)):
+            try:
+                load_file(path)
+                return path
+            except ValueError as e:
+                log.warning("%s; falling back to the previous checkpoint", e)
+        return None
+
+    def step_callback(self, task_index: int) -> "StepCheckpoint | None":
+        return StepCheckpoint(self, task_index) if self.every_n_steps else None
+
+
+class StepCheckpoint(Callback):
+    """Saves a Lightning checkpoint every ``every_n_steps`` optimizer steps of one task."""
+
+    def __init__(self, checkpoints: StreamCheckpoints, task_index: int):
+        self.checkpoints, self.task_index = checkpoints, task_index
+        self.last_saved = -1
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step == 0 or step % self.checkpoints.every_n_steps or step == self.last_saved:
+            return
+        self.last_saved = step
+        ck = self.checkpoints
+        path = ck.dir / f"task-{self.task_index:03d}-step-{step:07d}.ckpt"
+        tmp = path.with_name(f".{path.name}.tmp")
+        ck.dir.mkdir(parents=True, exist_ok=True)
+        trainer.save_checkpoint(tmp)  # every rank takes part; rank 0 writes
+        if is_main():
+            os.replace(tmp, path)
+            steps = ck.files(_STEP, self.task_index)
+            for _, p in steps[: max(len(steps) - ck.keep_steps, 0)]:
+                p.unlink()

@@ -1,0 +1,80 @@
+"""The run's processes: started once, at the start of a run, by Lightning's own launcher.
+
+With ``trainer.strategy=ddp`` (or fsdp, deepspeed) and ``trainer.devices=N``, the first process
+starts the other N-1 with Lightning's launcher before anything is loaded (under Hydra it re-runs
+the same command in the same run dir; under torchrun or SLURM the processes already exist), and
+opens the process group. Every process then runs the same stream in lockstep: each one trains on
+its share of every global batch, generates answers for its share of the evaluation examples
+(gathered in example order), and computes the same scores; rank 0 alone writes results,
+checkpoints and logs.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch.distributed as dist
+from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+
+from cl_bench.errors import ConfigError
+
+
+def start_processes(trainer) -> None:
+    """Start the other processes of ``trainer``'s strategy and open its process group (no-op for one)."""
+    strategy = trainer.strategy
+    launcher = strategy.launcher
+    if launcher is None or trainer.world_size == 1:
+        return
+    if not isinstance(launcher, _SubprocessScriptLauncher):
+        raise ConfigError(
+            f"trainer.strategy={type(strategy).__name__} starts its processes with {type(launcher).__name__}; "
+            "the runner needs whole-script processes: use ddp, fsdp or deepspeed (not *_spawn or *_notebook)"
+        )
+    launcher.launch(lambda: None)
+    strategy.setup_environment()
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def shard(items: Sequence[Any]) -> list[Any]:
+    """This process's share of ``items``: every world_size-th one, starting at its rank."""
+    return list(items[rank():: world_size()])
+
+
+def gather_shards(local: list[Any], total: int) -> list[Any]:
+    """The inverse of :func:`shard`: every process's share, back in the original order."""
+    if not is_distributed():
+        return local
+    parts: list[list[Any]] = [[] for _ in range(world_size())]
+    dist.all_gather_object(parts, local)
+    out: list[Any] = [None] * total
+    for r, part in enumerate(parts):
+        out[r:: world_size()] = part
+    return out
+
+
+def broadcast(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every process."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

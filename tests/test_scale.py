@@ -1,0 +1,230 @@
+"""Scaling out: global batches over processes, DDP = one process, checkpoints and exact resume, sweeps."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf
+
+from cl_bench.batching import StepBatchSampler, layout
+from cl_bench.checkpointing import StreamCheckpoints
+from cl_bench.errors import ConfigError
+from cl_bench.lm import causal_lm_loss
+from cl_bench.models import tiny_llama
+from cl_bench.tasks import Example
+from cl_bench.tokenization import make_loader
+from tests.conftest import CONF_DIR, ROOT, TINY
+
+# --- global batch layout ------------------------------------------------------------------------
+
+
+def test_layout_derives_per_process_batch_and_accumulation():
+    assert layout(32, None, 4) == (8, 8, 1)
+    assert layout(32, 2, 4) == (8, 2, 4)
+    assert layout(4, 1, 1) == (4, 1, 4)
+    with pytest.raises(ConfigError, match=r"train.batch_size \(6\) is the global batch .* divisible .* \(4 = "):
+        layout(6, None, 4)
+    with pytest.raises(ConfigError, match=r"train.micro_batch_size \(3\) must divide the per-process batch \(4 = "):
+        layout(8, 3, 2)
+
+
+def test_every_global_batch_is_split_exactly_over_processes_and_micro_batches():
+    tokens = list(range(1, 25))  # 24 examples, labelled-token counts 1..24
+    single = list(StepBatchSampler(tokens, batch_size=8, shuffle=True, seed=3))
+    parts = [list(StepBatchSampler(tokens, batch_size=8, micro_batch_size=2, rank=r, world_size=2,
+                                   shuffle=True, seed=3)) for r in range(2)]
+    assert len(single) == 3 and all(len(p) == 6 for p in parts)
+    for step in range(3):
+        whole = [i.index for i in single[step]]
+        split = [i.index for r in range(2) for mb in parts[r][2 * step: 2 * step + 2] for i in mb]
+        assert split == whole  # rank 0 then rank 1, micro-batches in order: the same examples
+        n_step = sum(tokens[i] for i in whole)
+        assert {i.loss_normalizer for i in single[step]} == {n_step}
+        assert {i.loss_normalizer for r in range(2) for mb in parts[r][2 * step: 2 * step + 2] for i in mb} == {n_step / 4}
+
+
+def test_a_smaller_last_batch_cannot_be_split_over_processes():
+    with pytest.raises(ConfigError, match=r"train.drop_last=false .* \(10 examples, batch 4\); set train.drop_last=true"):
+        StepBatchSampler([1] * 10, batch_size=4, rank=0, world_size=2)
+    assert len(StepBatchSampler([1] * 10, batch_size=4, rank=1, world_size=2, drop_last=True)) == 2
+    assert [len(b) for b in StepBatchSampler([1] * 10, batch_size=4, micro_batch_size=2)] == [2, 2, 2, 2, 2]
+
+
+def test_micro_batch_losses_add_up_to_the_global_token_mean():
+    """Lightning divides each micro-batch loss by A: the summed gradient is the global batch's token mean."""
+    bundle = tiny_llama(seed=0)
+    examples = [Example(f"q{i}", "a" * (1 + 3 * i)) for i in range(4)]  # answers of different lengths
+    whole = next(iter(make_loader(bundle.tokenizer, examples, 4, 32, 16)))
+    micro = list(make_loader(bundle.tokenizer, examples, 4, 32, 16, micro_batch_size=1))
+    model = bundle.model
+
+    def grads(loss):
+        model.zero_grad()
+        loss.backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    expected = grads(causal_lm_loss(model, {k: v for k, v in whole.items() if k != "loss_normalizer"}))
+    got = grads(sum(causal_lm_loss(model, b) / len(micro) for b in micro))
+    assert len(micro) == 4
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-7)
+
+
+def test_the_loader_resumes_mid_epoch_with_the_same_order():
+    sampler = StepBatchSampler([1] * 12, batch_size=2, shuffle=True, seed=5)
+    sampler.set_epoch(1)
+    full = [[i.index for i in b] for b in sampler]
+    it = iter(sampler)
+    next(it), next(it)
+    state = sampler.state_dict()
+    again = StepBatchSampler([1] * 12, batch_size=2, shuffle=True, seed=5)
+    again.load_state_dict(state)
+    again.set_epoch(1)
+    assert state == {"epoch": 1, "consumed": 2}
+    assert [[i.index for i in b] for b in again] == full[2:]
+
+
+# --- through the runner, in subprocesses ----------------------------------------------------------
+
+TINY_RUN = [*TINY, "tasks.order=[arith,code,sentiment]", "tasks.num_train=16", "optimizer.eps=1.0"]
+
+
+def _run(args, timeout=300, check=True):
+    env = {**os.environ, "CL_BENCH_CACHE": os.environ.get("CL_BENCH_CACHE", str(Path.home() / ".cache/cl_bench"))}
+    proc = subprocess.run([sys.executable, "-m", "runners.cl", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, env=env)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def _final(run_dir: Path):
+    results = json.loads((run_dir / "results.json").read_text())
+    stages = sorted((run_dir / "checkpoints").glob("stage-*.pt"))
+    return results, torch.load(stages[-1], weights_only=True)["model"]
+
+
+@pytest.mark.processes
+def test_ddp_on_two_processes_matches_one_process(tmp_path):
+    """Global batch 4: 2 gloo processes x 2 examples give one process's R matrix and weights.
+
+    AdamW's eps is raised to 1 so its update is proportional to the gradient: with the default
+    1e-8, coordinates whose gradient is ~0 get a +-lr step whose sign is float noise.
+    """
+    common = [*TINY_RUN, "method._target_=tests.ddp_probe.RecordingFGGM", "train.batch_size=4"]
+    _run([*common, f"+method.dump_dir={tmp_path / 'one'}", f"hydra.run.dir={tmp_path / 'single'}"])
+    _run([*common, f"+method.dump_dir={tmp_path / 'two'}", f"hydra.run.dir={tmp_path / 'ddp'}", "trainer=ddp",
+          "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true"])
+    (r1, w1), (r2, w2) = _final(tmp_path / "single"), _final(tmp_path / "ddp")
+    assert r2["status"] == "finished" and r2["R"] == r1["R"]
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=1e-6)
+    for task in (1, 2):  # FGGM's Fisher and masks: identical on both ranks; the Fisher equals one process's
+        ranks = [torch.load(tmp_path / "two" / f"rank{r}-task{task}.pt", weights_only=True) for r in (0, 1)]
+        one = torch.load(tmp_path / "one" / f"rank0-task{task}.pt", weights_only=True)
+        for n in one["masks"]:
+            assert torch.equal(ranks[0]["masks"][n], ranks[1]["masks"][n])
+            assert torch.equal(ranks[0]["scores"][n], ranks[1]["scores"][n])
+            torch.testing.assert_close(ranks[0]["scores"][n], one["scores"][n], rtol=1e-4, atol=1e-9)
+    assert not (tmp_path / "ddp" / ".hydra" / "train_ddp_process_1").exists()
+    assert sorted(p.name for p in (tmp_path / "ddp" / "predictions").iterdir()) == [
+        "after_arith.json", "after_code.json", "after_sentiment.json", "base.json"]
+
+
+@pytest.mark.processes
+def test_a_run_killed_mid_task_resumes_to_the_same_weights_and_scores(tmp_path):
+    common = [*TINY_RUN, "method=ewc", "tasks.num_train=240", "train.batch_size=2", "checkpoint.every_n_steps=5"]
+    _run([*common, f"hydra.run.dir={tmp_path / 'whole'}"])
+    killed = tmp_path / "killed"
+    env = {**os.environ}
+    proc = subprocess.Popen([sys.executable, "-m", "runners.cl", *common, f"hydra.run.dir={killed}"],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = killed / "checkpoints"
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(ckpts.glob("task-001-step-*.ckpt")):
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    steps = list(ckpts.glob("task-001-step-*.ckpt"))
+    assert steps and not (ckpts / "stage-002.pt").exists(), "the kill must land inside task 2"
+    assert json.loads((killed / "results.json").read_text())["status"] == "running"
+    out = _run([*common, f"resume={killed}", f"hydra.run.dir={tmp_path / 'resumed_log'}"])
+    assert "Resuming task code from task-001-step-" in out.stdout
+    (r1, w1), (r2, w2) = _final(tmp_path / "whole"), _final(killed)
+    assert r2["status"] == "finished" and r2["R"] == r1["R"]
+    for k in w1:
+        assert torch.equal(w2[k], w1[k]), k
+
+
+def test_an_unreadable_checkpoint_is_named_and_the_previous_one_used(tmp_path, caplog):
+    ck = StreamCheckpoints(tmp_path, every_n_steps=1, keep_stages=None)
+    ck.save_stage({"tasks_done": 1}, 1)
+    ck.save_stage({"tasks_done": 2}, 2)
+    newest = tmp_path / "checkpoints" / "stage-002.pt"
+    newest.write_bytes(newest.read_bytes()[:20])  # truncated
+    assert ck.latest_stage() == {"tasks_done": 1}
+    assert f"checkpoint {newest} is unreadable" in caplog.text
+    (tmp_path / "checkpoints" / "task-002-step-0000004.ckpt").write_bytes(b"not a checkpoint")
+    assert ck.latest_step(2) is None
+
+
+@pytest.mark.processes
+def test_resume_refuses_changed_settings(tmp_path):
+    run_dir = tmp_path / "run"
+    _run([*TINY_RUN, "tasks.order=[arith]", f"hydra.run.dir={run_dir}"])
+    out = _run([*TINY_RUN, "tasks.order=[arith]", "optimizer.lr=0.5", f"resume={run_dir}",
+                f"hydra.run.dir={tmp_path / 'log'}"], check=False)
+    assert out.returncode != 0
+    assert f"cannot resume {run_dir}: these settings differ" in out.stderr and "optimizer.lr (0.0001 -> 0.5)" in out.stderr
+
+
+@pytest.mark.processes
+def test_a_sweep_runs_every_job_in_its_own_dir_and_survives_a_failed_one(tmp_path):
+    out = _run(["-m", *TINY_RUN, "tasks.order=[arith,code],[arith,nope]", "method=sft,ewc", "seed=1,2",
+                f"hydra.sweep.dir={tmp_path}", "hydra.sweep.subdir=${hydra.job.num}"], timeout=500)
+    jobs = [json.loads((tmp_path / str(n) / "results.json").read_text()) for n in range(8)]
+    done = [j for j in jobs if j["status"] == "finished"]
+    failed = [j for j in jobs if j["status"] == "failed"]
+    assert {(j["config"]["method"]["_target_"].rsplit(".", 1)[-1], j["config"]["seed"]) for j in done} == {
+        ("SFT", 1), ("SFT", 2), ("EWC", 1), ("EWC", 2)}
+    assert len(failed) == 4 and all("tasks.order names unknown task(s) ['nope']" in j["error"] for j in failed)
+    assert (out.stdout + out.stderr).count("failed; the sweep goes on") == 4
+
+
+@pytest.mark.processes
+def test_optuna_tunes_on_the_metric_the_run_returns(tmp_path):
+    _run(["-m", *TINY_RUN, "tasks.order=[arith,code]", "method=fggm", "hydra/sweeper=tune",
+          "hydra.sweeper.n_trials=2", "method.alpha=interval(0.5, 0.95)", "objective=op",
+          f"hydra.sweep.dir={tmp_path}"])
+    ops = [json.loads(p.read_text())["cl_metrics"]["op"] for p in tmp_path.glob("*/results.json")]
+    best = OmegaConf.load(tmp_path / "optimization_results.yaml")
+    assert len(ops) == 2 and best.best_value == max(ops) and 0.5 <= best.best_params["method.alpha"] <= 0.95
+
+
+def _with_hydra(overrides):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+def test_launchers_sweepers_and_trainers_compose_for_eight_gpus():
+    cfg = _with_hydra(["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=8", "trainer.num_nodes=2"])
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.nodes, launcher.gpus_per_node, launcher.tasks_per_node) == (2, 8, 8)
+    assert cfg.trainer.strategy._target_ == "lightning.pytorch.strategies.DDPStrategy"
+    assert _with_hydra(["hydra/launcher=local_parallel"]).hydra.launcher._target_.endswith("JoblibLauncher")
+    assert _with_hydra(["hydra/sweeper=tune"]).hydra.sweeper._target_.endswith("OptunaSweeper")
+    assert _with_hydra(["trainer=deepspeed"]).trainer.strategy.stage == 2
+    wandb = _with_hydra(["logger=wandb", "method=fggm", "seed=3"]).logger.wandb
+    assert (wandb.group, wandb.job_type, wandb.name) == ("mini-smollm2_135m", "fggm", "fggm-mini-s3")
