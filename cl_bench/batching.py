@@ -63,11 +63,6 @@ class StepBatchSampler(torch.utils.data.Sampler):
         drop_last: bool = False,
     ):
         self.per_process, self.micro, self.accumulate = layout(batch_size, micro_batch_size, world_size)
-        if world_size > 1 and not drop_last and len(label_tokens) % batch_size:
-            raise ConfigError(
-                f"train.drop_last=false keeps a last, smaller global batch, which cannot be split evenly over "
-                f"{world_size} processes ({len(label_tokens)} examples, batch {batch_size}); set train.drop_last=true"
-            )
         self.label_tokens = torch.as_tensor(list(label_tokens), dtype=torch.long)
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
@@ -88,17 +83,33 @@ class StepBatchSampler(torch.utils.data.Sampler):
             order = torch.arange(n)
         full = n // self.batch_size
         steps = [order[s * self.batch_size : (s + 1) * self.batch_size] for s in range(full)]
-        if not self.drop_last and n % self.batch_size:
-            steps.append(order[full * self.batch_size :])
+        rest = order[full * self.batch_size :]
+        if not self.drop_last and len(rest) >= self.world_size:  # (< world_size examples cannot be shared)
+            steps.append(rest)
         return steps
+
+    def _split(self, step: torch.Tensor) -> list[torch.Tensor]:
+        """This process's micro-batches of one global batch.
+
+        A full batch: its contiguous share, in micro-batches of ``micro``. The smaller last batch of
+        an epoch: with one process, micro-batches of ``micro`` as usual; with several, near-equal
+        shares cut into the same number of micro-batches on every process (DDP needs equal counts),
+        which may hold one example more than ``micro`` when the shares differ.
+        """
+        if len(step) == self.batch_size:
+            mine = step[self.rank * self.per_process : (self.rank + 1) * self.per_process]
+            return list(mine.split(self.micro))
+        if self.world_size == 1:
+            return list(step.split(self.micro))
+        shares = torch.tensor_split(step, self.world_size)
+        parts = min(-(-len(shares[0]) // self.micro), len(shares[-1]))
+        return list(torch.tensor_split(shares[self.rank], parts))
 
     def _micro_batches(self) -> list[list[StepIndex]]:
         out = []
         for step in self._steps():
             normalizer = max(int(self.label_tokens[step].sum()), 1) / (self.world_size * self.accumulate)
-            mine = step if len(step) < self.batch_size else step[self.rank * self.per_process : (self.rank + 1) * self.per_process]
-            for m in range(0, len(mine), self.micro):
-                out.append([StepIndex(int(i), normalizer) for i in mine[m : m + self.micro]])
+            out.extend([StepIndex(int(i), normalizer) for i in part] for part in self._split(step))
         return out
 
     def __iter__(self):
@@ -110,10 +121,7 @@ class StepBatchSampler(torch.utils.data.Sampler):
             yield batch
 
     def __len__(self) -> int:
-        n = len(self.label_tokens)
-        full, rest = divmod(n, self.batch_size)
-        per_step = self.per_process // self.micro
-        return full * per_step + (0 if self.drop_last or not rest else -(-rest // self.micro))
+        return sum(len(self._split(step)) for step in self._steps())
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "consumed": self.consumed}

@@ -15,9 +15,14 @@ of micro-batches, never reset; the anchor is still theta at the end of each task
 
 The penalty's gradient is closed-form, lambda * sum_i F_i (theta - theta*_i), so no autograd graph
 is built for it: a parameter hook adds it to each micro-batch's gradient (scaled by 1 /
-accumulate_grad_batches like the task loss), in place, through one scratch buffer. Under DDP every
-rank adds the same term before the gradients are averaged. The penalty's value is computed only on
-logging steps, for telemetry.
+accumulate_grad_batches like the task loss), in place, through one scratch buffer. The penalty's
+value is computed only on logging steps, for telemetry.
+
+Under DDP (``shard_state: true``, standard variant) each process keeps F and theta* only for its
+share of the parameter tensors (balanced by size), estimates the Fisher only for those, and adds
+world_size * lambda * F (theta - theta*) to their gradients; DDP's mean over processes then gives
+every process exactly the penalty gradient, with 1 / world_size of the state per process (a 7B
+model's fp32 Fisher and anchor are 56 GB). Checkpoints gather the shards on rank 0.
 """
 from __future__ import annotations
 
@@ -25,6 +30,9 @@ from typing import Sequence
 
 import torch
 
+import torch.distributed as dist
+
+from cl_bench.distributed import is_distributed, rank, world_size
 from cl_bench.errors import ConfigError
 from methods.base import CLMethod
 from methods.importance import check_fisher_args, diagonal_fisher
@@ -47,6 +55,7 @@ class EWC(CLMethod):
         variant: str = "standard",
         storage_dtype: str = "float32",
         param_patterns: Sequence[str] | None = None,
+        shard_state: bool = True,
     ):
         if isinstance(lambda_, bool) or not isinstance(lambda_, (int, float)) or lambda_ < 0:
             raise ConfigError(f"method.lambda_ must be >= 0, got {lambda_!r}")
@@ -63,6 +72,7 @@ class EWC(CLMethod):
         self.fisher_mode, self.num_samples = fisher, num_samples
         self.dtype = getattr(torch, storage_dtype)
         self.param_patterns = None if param_patterns is None else list(param_patterns)
+        self.shard_state = shard_state and variant == "standard"
         #: [(F, theta*)] per consolidated task (one entry in online mode)
         self.consolidated: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []
         self.params: dict[str, torch.nn.Parameter] = {}
@@ -76,9 +86,18 @@ class EWC(CLMethod):
         self.grad_scale = 1.0
 
     def _params(self, module) -> dict[str, torch.nn.Parameter]:
+        """The parameters this process keeps state for (its share when the state is sharded)."""
         if not self.params:
-            self.params = select_parameters(module.model, self.param_patterns, "method.param_patterns")
+            params = select_parameters(module.model, self.param_patterns, "method.param_patterns")
+            if self.sharded:
+                owner = shard_by_size({n: p.numel() for n, p in params.items()}, world_size())
+                params = {n: p for n, p in params.items() if owner[n] == rank()}
+            self.params = params
         return self.params
+
+    @property
+    def sharded(self) -> bool:
+        return self.shard_state and is_distributed()
 
     def on_stream_start(self, module, stream) -> None:
         self._params(module)
@@ -98,6 +117,10 @@ class EWC(CLMethod):
             for n, p in self.params.items():
                 diff = self._diff(p, anchor[n])
                 total += torch.dot(fisher[n].flatten().to(diff.dtype), diff.square_().flatten()).item()
+        if self.sharded:
+            box = torch.tensor([total], dtype=torch.float64, device=next(iter(self.params.values())).device)
+            dist.all_reduce(box)
+            total = box.item()
         return 0.5 * self.lambda_ * total
 
     def _diff(self, p: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
@@ -123,7 +146,9 @@ class EWC(CLMethod):
 
     def on_train_start(self, trainer, pl_module) -> None:
         """The model is on its training device now: put the state and the scratch buffers there."""
-        self.grad_scale = 1.0 / trainer.accumulate_grad_batches
+        # Lightning divides the task loss by the accumulation; DDP averages over processes, which
+        # a sharded penalty (added on one process only) makes up for.
+        self.grad_scale = (world_size() if self.sharded else 1.0) / trainer.accumulate_grad_batches
         device = pl_module.device
         self.consolidated = [({n: f.to(device) for n, f in fisher.items()}, {n: a.to(device) for n, a in anchor.items()})
                              for fisher, anchor in self.consolidated]
@@ -163,7 +188,8 @@ class EWC(CLMethod):
             self.consolidated = [(fisher, anchor)]
             return
         new, stats = diagonal_fisher(
-            module.model, module.loader_factory(task.train), params, self.fisher_mode, self.num_samples
+            module.model, module.loader_factory(task.train), params, self.fisher_mode, self.num_samples,
+            average_ranks=not self.sharded,
         )
         module.log_metrics({"ewc/fisher_s": stats["seconds"], "ewc/fisher_mean": _mean(new)})
         if self.mode == "separate" or not self.consolidated:
@@ -173,12 +199,36 @@ class EWC(CLMethod):
             self.consolidated = [({n: (self.gamma * old[n].float() + new[n]).to(self.dtype) for n in new}, anchor)]
 
     def state_dict(self):
-        return {"consolidated": self.consolidated, "grad_sq": self.grad_sq, "micro_batches": self.micro_batches}
+        """The whole state; a sharded one is gathered on rank 0 (which writes checkpoints)."""
+        consolidated = self.consolidated
+        if self.sharded:
+            local = [({n: f.cpu() for n, f in fi.items()}, {n: a.cpu() for n, a in an.items()}) for fi, an in consolidated]
+            parts = [None] * world_size() if rank() == 0 else None
+            dist.gather_object(local, parts, dst=0)
+            if rank() == 0:
+                consolidated = [({n: f for p in parts for n, f in p[t][0].items()},
+                                 {n: a for p in parts for n, a in p[t][1].items()}) for t in range(len(local))]
+        return {"consolidated": consolidated, "grad_sq": self.grad_sq, "micro_batches": self.micro_batches}
 
     def load_state_dict(self, state_dict) -> None:
-        self.consolidated = state_dict["consolidated"]
+        """Restore a whole state (a sharded process keeps its own share of it)."""
+        keep = set(self.params) if self.sharded else None
+        self.consolidated = [({n: f for n, f in fi.items() if keep is None or n in keep},
+                              {n: a for n, a in an.items() if keep is None or n in keep})
+                             for fi, an in state_dict["consolidated"]]
         self.grad_sq = state_dict["grad_sq"]
         self.micro_batches = state_dict["micro_batches"]
+
+
+def shard_by_size(sizes: dict[str, int], world: int) -> dict[str, int]:
+    """Owner process of each tensor: largest first, each to the least-loaded process (deterministic)."""
+    load = [0] * world
+    owner = {}
+    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
+        r = min(range(world), key=lambda i: (load[i], i))
+        owner[name] = r
+        load[r] += sizes[name]
+    return owner
 
 
 def _mean(tensors: dict[str, torch.Tensor]) -> float:

@@ -48,8 +48,13 @@ def diagonal_fisher(
     params: dict[str, torch.nn.Parameter],
     mode: str = "per_sample",
     num_samples: int = 512,
+    average_ranks: bool = True,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """The diagonal Fisher of ``params`` (fp32, same shapes) and stats: samples, seconds."""
+    """The diagonal Fisher of ``params`` (fp32, same shapes) and stats: samples, seconds.
+
+    ``average_ranks=False`` skips the mean over processes, for callers whose processes estimate
+    different parameters on the same data (EWC's sharded state).
+    """
     check_fisher_args(mode, num_samples, "method")
     start = time.perf_counter()
     names, tensors = list(params), list(params.values())
@@ -80,7 +85,8 @@ def diagonal_fisher(
         raise ConfigError("the Fisher pass got no examples (empty training split?)")
     for f in fisher:
         f.div_(terms)
-    average_across_ranks(fisher)
+    if average_ranks:
+        average_across_ranks(fisher)
     return dict(zip(names, fisher)), {"samples": seen, "seconds": time.perf_counter() - start}
 
 

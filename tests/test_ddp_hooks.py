@@ -7,7 +7,9 @@ Lightning uses).
 """
 import os
 import socket
+from types import SimpleNamespace
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -40,16 +42,26 @@ def _worker(rank: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     results = {}
-    for name in ("mask", "ewc"):
+    for name in ("mask", "ewc", "ewc_sharded"):
         layer = _layer()
         params = dict(layer.named_parameters())
         if name == "mask":
             GradientMask(params, {"weight": ROW_MASK})
-        else:
-            ewc = EWC(lambda_=LAMBDA)
+        elif name == "ewc":
+            ewc = EWC(lambda_=LAMBDA, shard_state=False)
             ewc.params, ewc.consolidated = params, [_state()]
             ewc.on_task_start(None, None, 1)
             ewc.grad_scale, ewc.scratch = 0.5, {torch.float32: torch.empty(24)}
+        else:  # each rank keeps F and theta* of its share only (weight: rank 0, bias: rank 1)
+            ewc = EWC(lambda_=LAMBDA, shard_state=True)
+            ewc.on_stream_start(SimpleNamespace(model=layer), None)
+            ewc.load_state_dict({"consolidated": [_state()], "grad_sq": {}, "micro_batches": 0})
+            ewc.on_task_start(None, None, 1)
+            ewc.on_train_start(SimpleNamespace(accumulate_grad_batches=2), SimpleNamespace(device=torch.device("cpu")))
+            results["owned"] = sorted(ewc.consolidated[0][0])
+            results["penalty"] = ewc.penalty_value()
+            gathered = ewc.state_dict()["consolidated"][0]
+            results["gathered"] = {n: gathered[0][n] for n in gathered[0]}
         model = torch.nn.parallel.DistributedDataParallel(layer)
         with model.no_sync():  # two micro-batches: the first accumulates locally
             (model(_inputs(rank, 0)).pow(2).sum() / 2).backward()
@@ -83,3 +95,8 @@ def test_hook_edits_reach_the_averaged_gradient(tmp_path):
     for n, p in _layer().named_parameters():
         expected = plain[n] + LAMBDA * fisher[n] * (p.detach() - anchor[n])
         torch.testing.assert_close(got["ewc"][n], expected)
+        torch.testing.assert_close(got["ewc_sharded"][n], expected)  # the same, from half the state per rank
+    assert got["owned"] == ["weight"]
+    assert sorted(got["gathered"]) == ["bias", "weight"] and torch.equal(got["gathered"]["bias"], fisher["bias"])
+    full = sum((fisher[n] * (p.detach() - anchor[n]) ** 2).sum() for n, p in _layer().named_parameters())
+    assert got["penalty"] == pytest.approx(0.5 * LAMBDA * full.item(), rel=1e-6)

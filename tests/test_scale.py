@@ -51,11 +51,16 @@ def test_every_global_batch_is_split_exactly_over_processes_and_micro_batches():
         assert {i.loss_normalizer for r in range(2) for mb in parts[r][2 * step: 2 * step + 2] for i in mb} == {n_step / 4}
 
 
-def test_a_smaller_last_batch_cannot_be_split_over_processes():
-    with pytest.raises(ConfigError, match=r"train.drop_last=false .* \(10 examples, batch 4\); set train.drop_last=true"):
-        StepBatchSampler([1] * 10, batch_size=4, rank=0, world_size=2)
-    assert len(StepBatchSampler([1] * 10, batch_size=4, rank=1, world_size=2, drop_last=True)) == 2
-    assert [len(b) for b in StepBatchSampler([1] * 10, batch_size=4, micro_batch_size=2)] == [2, 2, 2, 2, 2]
+def test_the_smaller_last_batch_is_shared_with_equal_micro_batch_counts():
+    tokens = [1] * 11  # batch 4: two full global batches, then 3 examples
+    assert [len(b) for b in StepBatchSampler(tokens, batch_size=4, micro_batch_size=2)] == [2, 2, 2, 2, 2, 1]
+    parts = [list(StepBatchSampler(tokens, batch_size=4, micro_batch_size=1, rank=r, world_size=2)) for r in range(2)]
+    assert [len(b) for b in parts[0]] == [1, 1, 1, 1, 2] and [len(b) for b in parts[1]] == [1, 1, 1, 1, 1]
+    assert sorted(i.index for p in parts for b in p[4:] for i in b) == [8, 9, 10]
+    assert {i.loss_normalizer for p in parts for b in p[4:] for i in b} == {3 / 4}  # 3 tokens / (W 2 x A 2)
+    assert len(StepBatchSampler(tokens, batch_size=4, rank=1, world_size=2, drop_last=True)) == 2
+    # fewer examples left than processes: they cannot be shared and are left out of the epoch
+    assert len(StepBatchSampler([1] * 9, batch_size=4, rank=0, world_size=2)) == 2
 
 
 def test_micro_batch_losses_add_up_to_the_global_token_mean():
@@ -113,20 +118,36 @@ def _final(run_dir: Path):
 
 
 @pytest.mark.processes
-def test_ddp_on_two_processes_matches_one_process(tmp_path):
+@pytest.mark.parametrize("method", ["fggm", "ewc"])
+def test_ddp_on_two_processes_matches_one_process(method, tmp_path):
     """Global batch 4: 2 gloo processes x 2 examples give one process's R matrix and weights.
 
+    FGGM: the Fisher and masks are identical on both ranks. EWC: each rank keeps half of the
+    Fisher and anchor (shard_state), and the stage checkpoint gathers them whole.
     AdamW's eps is raised to 1 so its update is proportional to the gradient: with the default
     1e-8, coordinates whose gradient is ~0 get a +-lr step whose sign is float noise.
     """
-    common = [*TINY_RUN, "method._target_=tests.ddp_probe.RecordingFGGM", "train.batch_size=4"]
-    _run([*common, f"+method.dump_dir={tmp_path / 'one'}", f"hydra.run.dir={tmp_path / 'single'}"])
-    _run([*common, f"+method.dump_dir={tmp_path / 'two'}", f"hydra.run.dir={tmp_path / 'ddp'}", "trainer=ddp",
+    target = {"fggm": "tests.ddp_probe.RecordingFGGM", "ewc": "methods.ewc.EWC"}[method]
+    common = [*TINY_RUN, f"method={method}", f"method._target_={target}", "train.batch_size=4"]
+    dump = {"fggm": lambda name: [f"+method.dump_dir={tmp_path / name}"], "ewc": lambda name: []}[method]
+    _run([*common, *dump("one"), f"hydra.run.dir={tmp_path / 'single'}"])
+    _run([*common, *dump("two"), f"hydra.run.dir={tmp_path / 'ddp'}", "trainer=ddp",
           "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true"])
     (r1, w1), (r2, w2) = _final(tmp_path / "single"), _final(tmp_path / "ddp")
     assert r2["status"] == "finished" and r2["R"] == r1["R"]
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=1e-6)
+    assert sorted(p.name for p in (tmp_path / "ddp" / "predictions").iterdir()) == [
+        "after_arith.json", "after_code.json", "after_sentiment.json", "base.json"]
+    if method == "ewc":
+        s1, s2 = (torch.load(sorted((tmp_path / d / "checkpoints").glob("stage-*.pt"))[-1], weights_only=True)["method"]
+                  for d in ("single", "ddp"))
+        (f1, a1), (f2, a2) = s1["consolidated"][0], s2["consolidated"][0]
+        assert sorted(f2) == sorted(f1)  # gathered whole from both ranks
+        for n in f1:
+            torch.testing.assert_close(f2[n], f1[n], rtol=1e-4, atol=1e-9)
+            torch.testing.assert_close(a2[n], a1[n], rtol=0, atol=1e-6)
+        return
     for task in (1, 2):  # FGGM's Fisher and masks: identical on both ranks; the Fisher equals one process's
         ranks = [torch.load(tmp_path / "two" / f"rank{r}-task{task}.pt", weights_only=True) for r in (0, 1)]
         one = torch.load(tmp_path / "one" / f"rank0-task{task}.pt", weights_only=True)
@@ -134,9 +155,6 @@ def test_ddp_on_two_processes_matches_one_process(tmp_path):
             assert torch.equal(ranks[0]["masks"][n], ranks[1]["masks"][n])
             assert torch.equal(ranks[0]["scores"][n], ranks[1]["scores"][n])
             torch.testing.assert_close(ranks[0]["scores"][n], one["scores"][n], rtol=1e-4, atol=1e-9)
-    assert not (tmp_path / "ddp" / ".hydra" / "train_ddp_process_1").exists()
-    assert sorted(p.name for p in (tmp_path / "ddp" / "predictions").iterdir()) == [
-        "after_arith.json", "after_code.json", "after_sentiment.json", "base.json"]
 
 
 @pytest.mark.processes
