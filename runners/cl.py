@@ -41,6 +41,7 @@ from cl_bench.tasks import TaskStream
 from cl_bench.tokenization import make_loader
 
 log = logging.getLogger(__name__)
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"  # absolute: main also runs as runners.cl.main
 # Logs and CI capture stdout: give tables room there instead of Rich's 80-column default.
 console = Console(width=None if sys.stdout.isatty() else 160)
 # Lightning's per-fit banners ("GPU available", tips) would repeat once per task.
@@ -261,7 +262,7 @@ def run(cfg: DictConfig, out_dir: str | Path) -> RunRecorder:
     return recorder
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     """One run; returns ``cfg.objective`` (a CL metric, e.g. op or bwt) for sweepers such as Optuna.
 
@@ -283,4 +284,8 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    # Call the importable module's main, not this __main__ copy: the joblib launcher pickles the
+    # task function, which works by reference only for a function of an importable module.
+    from runners.cl import main as importable_main
+
+    importable_main()

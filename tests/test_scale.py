@@ -246,3 +246,10 @@ def test_launchers_sweepers_and_trainers_compose_for_eight_gpus():
     assert _with_hydra(["trainer=deepspeed"]).trainer.strategy.stage == 2
     wandb = _with_hydra(["logger=wandb", "method=fggm", "seed=3"]).logger.wandb
     assert (wandb.group, wandb.job_type, wandb.name) == ("mini-smollm2_135m", "fggm", "fggm-mini-s3")
+
+
+@pytest.mark.processes
+def test_the_local_parallel_launcher_runs_jobs_in_worker_processes(tmp_path):
+    _run(["-m", *TINY_RUN, "tasks.order=[arith,code]", "method=sft,ewc", "hydra/launcher=local_parallel",
+          f"hydra.sweep.dir={tmp_path}", "hydra.sweep.subdir=${hydra.job.num}"])
+    assert [json.loads((tmp_path / str(n) / "results.json").read_text())["status"] for n in (0, 1)] == ["finished"] * 2
