@@ -146,6 +146,10 @@ def _check_resumable(saved: dict, now: dict, run_dir: Path) -> None:
         )
 
 
+def _in_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 def run(cfg: DictConfig, out_dir: str | Path) -> RunRecorder:
     """The whole stream; returns the recorder (results are also on disk in ``out_dir``).
 
@@ -158,6 +162,9 @@ def run(cfg: DictConfig, out_dir: str | Path) -> RunRecorder:
     method.check_strategy(cfg.trainer.get("strategy", "auto"), cfg.trainer.get("devices", 1))
     probe = build_trainer(cfg)
     _, micro, accumulate = batch_layout(cfg, probe.world_size)
+    if probe.world_size > 1 and _in_multirun() and not probe.strategy.cluster_environment.creates_processes_externally:
+        raise ConfigError("a local multirun cannot start DDP processes (Lightning re-runs the command line, sweep "
+                          "and all, in each); sweep with hydra/launcher=slurm, which starts every run's processes")
     start_processes(probe)  # from here on, every process runs this function in lockstep
     console.quiet = not is_main()
     t0 = time.perf_counter()
@@ -276,7 +283,7 @@ def main(cfg: DictConfig) -> float | None:
         if is_main() and not results.exists():  # it failed before its recorder existed
             config = OmegaConf.to_container(cfg, resolve=False)
             RunRecorder(cfg.paths.output_dir, config, [], []).write(status="failed", error=f"{type(e).__name__}: {e}")
-        if HydraConfig.get().mode != RunMode.MULTIRUN:
+        if not _in_multirun():
             raise
         log.exception("job %s failed; the sweep goes on", HydraConfig.get().job.num)
         return float("nan")

@@ -218,6 +218,14 @@ def test_a_sweep_runs_every_job_in_its_own_dir_and_survives_a_failed_one(tmp_pat
 
 
 @pytest.mark.processes
+def test_a_local_sweep_refuses_to_start_ddp_processes(tmp_path):
+    _run(["-m", *TINY_RUN, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "seed=1",
+          f"hydra.sweep.dir={tmp_path}", "hydra.sweep.subdir=job"])
+    result = json.loads((tmp_path / "job" / "results.json").read_text())
+    assert result["status"] == "failed" and "a local multirun cannot start DDP processes" in result["error"]
+
+
+@pytest.mark.processes
 def test_optuna_tunes_on_the_metric_the_run_returns(tmp_path):
     _run(["-m", *TINY_RUN, "tasks.order=[arith,code]", "method=fggm", "hydra/sweeper=tune",
           "hydra.sweeper.n_trials=2", "method.alpha=interval(0.5, 0.95)", "objective=op",
