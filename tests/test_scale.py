@@ -158,8 +158,9 @@ def test_ddp_on_two_processes_matches_one_process(method, tmp_path):
 
 
 @pytest.mark.processes
-def test_a_run_killed_mid_task_resumes_to_the_same_weights_and_scores(tmp_path):
-    common = [*TINY_RUN, "method=ewc", "tasks.num_train=240", "train.batch_size=2", "checkpoint.every_n_steps=5"]
+@pytest.mark.parametrize("method", ["ewc", "fggm"])  # EWC: state from the stage; FGGM: the mask replayed
+def test_a_run_killed_mid_task_resumes_to_the_same_weights_and_scores(method, tmp_path):
+    common = [*TINY_RUN, f"method={method}", "tasks.num_train=240", "train.batch_size=2", "checkpoint.every_n_steps=5"]
     _run([*common, f"hydra.run.dir={tmp_path / 'whole'}"])
     killed = tmp_path / "killed"
     env = {**os.environ}
