@@ -59,10 +59,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
 
 
-def load_file(path: Path) -> dict[str, Any]:
-    """A checkpoint's contents; ``ValueError`` naming the file when it cannot be read."""
+def load_file(path: Path, mmap: bool = False) -> dict[str, Any]:
+    """A checkpoint's contents; ``ValueError`` naming the file when it cannot be read.
+
+    ``mmap=True`` maps the tensors instead of reading them: enough to check a file is whole.
+    """
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # truncated, corrupt, or not a checkpoint: one message that names the file
         raise ValueError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e})") from e
 
@@ -86,24 +89,37 @@ class StreamCheckpoints:
                 found.append((tuple(int(g) for g in m.groups()), p))
         return sorted(found)
 
-    def _save(self, obj: Any, path: Path) -> None:
+    def _write(self, path: Path, write) -> None:
+        """``write(tmp)`` then an atomic rename to ``path`` (the rename on rank 0, which wrote it)."""
         self.dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
+        write(tmp)
+        if is_main():
+            os.replace(tmp, path)
+
+    @staticmethod
+    def _prune(files: list[tuple[tuple[int, ...], Path]], keep: int | None) -> None:
+        """Delete all but the newest ``keep`` of ``files`` (oldest first; None keeps all)."""
+        if keep is not None:
+            for _, p in files[: max(len(files) - keep, 0)]:
+                p.unlink()
 
     def save_stage(self, state: dict[str, Any], tasks_done: int) -> None:
         """The stream state after ``tasks_done`` tasks; then prune old stages and the task's step files."""
         if not is_main():
             return
-        self._save(state, self.dir / f"stage-{tasks_done:03d}.pt")
-        stages = self.files(_STAGE)
-        if self.keep_stages is not None:
-            for _, p in stages[: max(len(stages) - self.keep_stages, 0)]:
+        self._write(self.dir / f"stage-{tasks_done:03d}.pt", lambda tmp: torch.save(state, tmp))
+        self._prune(self.files(_STAGE), self.keep_stages)
+        for (task, _), p in self.files(_STEP):
+            if task < tasks_done:
                 p.unlink()
-        for _, p in self.files(_STEP):
-            if int(_STEP.match(p.name).group(1)) < tasks_done:
-                p.unlink()
+
+    def save_step(self, trainer, task_index: int) -> None:
+        """A Lightning checkpoint at the trainer's step (every rank takes part); keep the newest."""
+        path = self.dir / f"task-{task_index:03d}-step-{trainer.global_step:07d}.ckpt"
+        self._write(path, trainer.save_checkpoint)
+        if is_main():
+            self._prune(self.files(_STEP, task_index), self.keep_steps)
 
     def latest_stage(self) -> dict[str, Any] | None:
         """The newest readable stage checkpoint (falling back past unreadable ones), or None."""
@@ -118,7 +134,7 @@ class StreamCheckpoints:
         """The newest readable step checkpoint of ``task_index`` (falling back past unreadable ones)."""
         for _, path in reversed(self.files(_STEP, task_index)):
             try:
-                load_file(path)
+                load_file(path, mmap=True)
                 return path
             except ValueError as e:
                 log.warning("%s; falling back to the previous checkpoint", e)
@@ -140,13 +156,4 @@ class StepCheckpoint(Callback):
         if step == 0 or step % self.checkpoints.every_n_steps or step == self.last_saved:
             return
         self.last_saved = step
-        ck = self.checkpoints
-        path = ck.dir / f"task-{self.task_index:03d}-step-{step:07d}.ckpt"
-        tmp = path.with_name(f".{path.name}.tmp")
-        ck.dir.mkdir(parents=True, exist_ok=True)
-        trainer.save_checkpoint(tmp)  # every rank takes part; rank 0 writes
-        if is_main():
-            os.replace(tmp, path)
-            steps = ck.files(_STEP, self.task_index)
-            for _, p in steps[: max(len(steps) - ck.keep_steps, 0)]:
-                p.unlink()
+        self.checkpoints.save_step(trainer, self.task_index)

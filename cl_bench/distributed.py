@@ -70,11 +70,3 @@ def gather_shards(local: list[Any], total: int) -> list[Any]:
         out[r:: world_size()] = part
     return out
 
-
-def broadcast(obj: Any) -> Any:
-    """Rank 0's ``obj`` on every process."""
-    if not is_distributed():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]

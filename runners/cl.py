@@ -73,11 +73,6 @@ def evaluate_stream(bundle, stream: TaskStream, cfg: DictConfig) -> tuple[list[f
     return scores, predictions
 
 
-def batch_layout(cfg: DictConfig, world: int) -> tuple[int, int, int]:
-    """(per-process batch, micro-batch, accumulation) for ``train.batch_size`` over ``world`` processes."""
-    return layout(cfg.train.batch_size, cfg.train.get("micro_batch_size"), world)
-
-
 def build_trainer(cfg: DictConfig, task=None, callbacks=(), accumulate: int = 1):
     """A Lightning Trainer for one task (``task=None``: one that only tells the device and processes)."""
     if "accumulate_grad_batches" in cfg.trainer:
@@ -123,15 +118,15 @@ def _evaluate_general(general: GeneralAbility, bundle, recorder: RunRecorder) ->
 def _comparable(config: dict) -> dict:
     """The settings that decide a run's results (what a resume must not change), flattened."""
     ignored = ("paths", "resume", "logger", "checkpoint", "trainer.enable_progress_bar", "hydra")
-    flat = flatten_config(config)
+    flat = _flatten(config)
     return {k: v for k, v in flat.items() if not any(k == p or k.startswith(p + ".") for p in ignored)}
 
 
-def flatten_config(tree: Any, prefix: str = "") -> dict[str, Any]:
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(tree, dict):
         out: dict[str, Any] = {}
         for k, v in tree.items():
-            out.update(flatten_config(v, f"{prefix}{k}."))
+            out.update(_flatten(v, f"{prefix}{k}."))
         return out
     return {prefix[:-1]: tree}
 
@@ -161,7 +156,7 @@ def run(cfg: DictConfig, out_dir: str | Path) -> RunRecorder:
     method = build(cfg.method)
     method.check_strategy(cfg.trainer.get("strategy", "auto"), cfg.trainer.get("devices", 1))
     probe = build_trainer(cfg)
-    _, micro, accumulate = batch_layout(cfg, probe.world_size)
+    _, micro, accumulate = layout(cfg.train.batch_size, cfg.train.get("micro_batch_size"), probe.world_size)
     if probe.world_size > 1 and _in_multirun() and not probe.strategy.cluster_environment.creates_processes_externally:
         raise ConfigError("a local multirun cannot start DDP processes (Lightning re-runs the command line, sweep "
                           "and all, in each); sweep with hydra/launcher=slurm, which starts every run's processes")
