@@ -10,12 +10,31 @@ checkpoints and logs.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
+import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 
 from cl_bench.errors import ConfigError
+
+
+def strategy_family(strategy: Any, devices: Any) -> str:
+    """The family of a Lightning ``trainer.strategy`` setting: a name, a config node with a
+    ``_target_`` (e.g. DDPStrategy), or an instance ("auto" is DDP on several devices)."""
+    if isinstance(strategy, str):
+        name = strategy
+    elif hasattr(strategy, "get") and strategy.get("_target_"):
+        name = str(strategy.get("_target_")).rsplit(".", 1)[-1]
+    else:
+        name = type(strategy).__name__
+    name = name.lower()
+    for family in ("fsdp", "deepspeed", "ddp"):
+        if family in name:
+            return family
+    if name in ("auto", "single_device", "singledevicestrategy") and devices in (1, "1", None):
+        return "single_device"
+    return "ddp"
 
 
 def start_processes(trainer) -> None:
@@ -70,3 +89,10 @@ def gather_shards(local: list[Any], total: int) -> list[Any]:
         out[r:: world_size()] = part
     return out
 
+
+def average_across_ranks(tensors: Iterable[torch.Tensor]) -> None:
+    """In-place mean over the processes (no-op in one process)."""
+    if is_distributed():
+        for t in tensors:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            t.div_(world_size())

@@ -1,5 +1,75 @@
-"""The one error type raised for bad user input (config values, data files)."""
+"""The one error type raised for bad user input, and the checks that raise it.
+
+Every config value and data record is checked by these few functions, so a bad value always gets
+the same kind of message: the key (or file and record) at fault, what it must be, what it was.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence
 
 
 class ConfigError(ValueError):
     """Bad input: the message names the config key, file or record at fault."""
+
+
+def check_choice(value: Any, choices: Sequence[Any], key: str) -> Any:
+    """``value`` if it is one of ``choices``."""
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def _describe(integer: bool, low, high, low_open: bool, high_open: bool, plural: bool = False) -> str:
+    """E.g. "an integer >= 1", "in (0, 1]", "> 0", "integers >= 1"."""
+    if low is not None and high is not None:
+        bound = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    elif low is not None:
+        bound = f"{'>' if low_open else '>='} {low}"
+    elif high is not None:
+        bound = f"{'<' if high_open else '<='} {high}"
+    else:
+        bound = ""
+    if integer:
+        kind = "integers" if plural else "an integer"
+    else:
+        kind = "numbers" if plural else ("" if bound else "a number")
+    return " ".join(filter(None, [kind, bound]))
+
+
+def check_number(
+    value: Any, key: str, *, integer: bool = False, low: float | None = None, high: float | None = None,
+    low_open: bool = False, high_open: bool = False, allow_none: bool = False,
+) -> Any:
+    """``value`` if it is a number (an int when ``integer``; never a bool) within the bounds.
+
+    ``low``/``high`` are inclusive unless ``low_open``/``high_open``; ``allow_none`` accepts None.
+    The error reads e.g. "train.batch_size must be an integer >= 1, got 0".
+    """
+    if value is None and allow_none:
+        return value
+    wrong_type = isinstance(value, bool) or not isinstance(value, int if integer else (int, float))
+    if (wrong_type or (low is not None and (value <= low if low_open else value < low))
+            or (high is not None and (value >= high if high_open else value > high))):
+        expected = _describe(integer, low, high, low_open, high_open)
+        raise ConfigError(f"{key} must be {expected}{' or null' if allow_none else ''}, got {value!r}")
+    return value
+
+
+def check_numbers(
+    values: Iterable[Any], key: str, *, integer: bool = False, low: float | None = None,
+    high: float | None = None, allow_none: bool = False,
+) -> list[Any]:
+    """:func:`check_number` for each value of a per-task list; the error names the list's key."""
+    values = list(values)
+    for v in values:
+        try:
+            check_number(v, key, integer=integer, low=low, high=high, allow_none=allow_none)
+        except ConfigError:
+            expected = _describe(integer, low, high, False, False, plural=True)
+            raise ConfigError(f"{key} values must be {expected}, got {v!r}") from None
+    return values
+
+
+def check_fraction(value: Any, key: str) -> float:
+    """A fraction strictly between 0 and 1 (a masking rate, a quantile)."""
+    return check_number(value, key, low=0, high=1, low_open=True, high_open=True)

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from cl_bench.errors import ConfigError
+from cl_bench.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -87,15 +86,15 @@ def convert_gguf(gguf: Path, out_dir: Path) -> None:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     try:
-        tmp.rename(out_dir)
-    except OSError:  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
+        atomic_write(out_dir, save)
+    except OSError:  # another process finished first: its folder is as good as ours
+        if not (out_dir / "model.safetensors").is_file():
+            raise
 
 
 def load_smollm2(cache_dir: str, dtype: str | None = "float32") -> ModelBundle:

@@ -19,35 +19,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from cl_bench.errors import ConfigError
-
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from cl_bench.distributed import strategy_family
+from cl_bench.errors import ConfigError
+
 if TYPE_CHECKING:
-    from cl_bench.module import CLModule
-    from cl_bench.tasks import Task, TaskStream
-
-
-def strategy_family(strategy: Any, devices: Any) -> str:
-    """The family of a Lightning ``trainer.strategy`` setting: a name, a config node with a
-    ``_target_`` (e.g. DDPStrategy), or an instance ("auto" is DDP on several devices)."""
-    if isinstance(strategy, str):
-        name = strategy
-    elif hasattr(strategy, "get") and strategy.get("_target_"):
-        name = str(strategy.get("_target_")).rsplit(".", 1)[-1]
-    else:
-        name = type(strategy).__name__
-    name = name.lower()
-    if "fsdp" in name:
-        return "fsdp"
-    if "deepspeed" in name:
-        return "deepspeed"
-    if "ddp" in name:
-        return "ddp"
-    if name in ("auto", "single_device", "singledevicestrategy") and devices in (1, "1", None):
-        return "single_device"
-    return "ddp"
+    from cl_bench.data.tasks import Task, TaskStream
+    from cl_bench.training.module import CLModule
 
 
 class CLMethod(Callback):

@@ -7,18 +7,15 @@ After task t: the diagonal empirical Fisher F_t at theta_t (methods/importance.p
 
 ``mode: online`` (default) keeps one Fisher and one anchor, F <- gamma * F + F_t (gamma = 1);
 ``mode: separate`` keeps one (F_t, theta*_t) pair per past task and sums their penalties (memory
-grows with T). ``storage_dtype: bfloat16`` halves the memory of both.
-
-``variant: trace`` reproduces TRACE's EWC for comparability: lambda = 400, and F is a running sum
-of the squared gradients of every training micro-batch (penalty included), divided by the number
-of micro-batches, never reset; the anchor is still theta at the end of each task.
+grows with T). ``storage_dtype: bfloat16`` halves the memory of both. TRACE's own EWC, which
+estimates F from the training gradients, is methods/ewc_trace.py.
 
 The penalty's gradient is closed-form, lambda * sum_i F_i (theta - theta*_i), so no autograd graph
 is built for it: a parameter hook adds it to each micro-batch's gradient (scaled by 1 /
 accumulate_grad_batches like the task loss), in place, through one scratch buffer. The penalty's
 value is computed only on logging steps, for telemetry.
 
-Under DDP (``shard_state: true``, standard variant) each process keeps F and theta* only for its
+Under DDP (``shard_state: true``) each process keeps F and theta* only for its
 share of the parameter tensors (balanced by size), estimates the Fisher only for those, and adds
 world_size * lambda * F (theta - theta*) to their gradients; DDP's mean over processes then gives
 every process exactly the penalty gradient, with 1 / world_size of the state per process (a 7B
@@ -29,17 +26,16 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-
 import torch.distributed as dist
 
 from cl_bench.distributed import is_distributed, rank, world_size
-from cl_bench.errors import ConfigError
+from cl_bench.errors import check_choice, check_number
 from methods.base import CLMethod
 from methods.importance import check_fisher_args, diagonal_fisher
 from methods.masking import select_parameters
 
 MODES = ("online", "separate")
-VARIANTS = ("standard", "trace")
+STORAGE_DTYPES = ("float32", "bfloat16")
 
 
 class EWC(CLMethod):
@@ -52,33 +48,21 @@ class EWC(CLMethod):
         gamma: float = 1.0,
         fisher: str = "per_sample",
         num_samples: int = 512,
-        variant: str = "standard",
         storage_dtype: str = "float32",
         param_patterns: Sequence[str] | None = None,
         shard_state: bool = True,
     ):
-        if isinstance(lambda_, bool) or not isinstance(lambda_, (int, float)) or lambda_ < 0:
-            raise ConfigError(f"method.lambda_ must be >= 0, got {lambda_!r}")
-        if not 0 <= gamma <= 1:
-            raise ConfigError(f"method.gamma must be in [0, 1], got {gamma!r}")
-        if mode not in MODES:
-            raise ConfigError(f"method.mode must be one of {MODES}, got {mode!r}")
-        if variant not in VARIANTS:
-            raise ConfigError(f"method.variant must be one of {VARIANTS}, got {variant!r}")
-        if storage_dtype not in ("float32", "bfloat16"):
-            raise ConfigError(f"method.storage_dtype must be float32 or bfloat16, got {storage_dtype!r}")
+        self.lambda_ = float(check_number(lambda_, "method.lambda_", low=0))
+        self.gamma = check_number(gamma, "method.gamma", low=0, high=1)
+        self.mode = check_choice(mode, MODES, "method.mode")
+        self.dtype = getattr(torch, check_choice(storage_dtype, STORAGE_DTYPES, "method.storage_dtype"))
         check_fisher_args(fisher, num_samples, "method")
-        self.lambda_, self.mode, self.gamma, self.variant = float(lambda_), mode, gamma, variant
         self.fisher_mode, self.num_samples = fisher, num_samples
-        self.dtype = getattr(torch, storage_dtype)
         self.param_patterns = None if param_patterns is None else list(param_patterns)
-        self.shard_state = shard_state and variant == "standard"
+        self.shard_state = shard_state
         #: [(F, theta*)] per consolidated task (one entry in online mode)
         self.consolidated: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []
         self.params: dict[str, torch.nn.Parameter] = {}
-        # TRACE variant: running sum of squared micro-batch gradients and their count
-        self.grad_sq: dict[str, torch.Tensor] = {}
-        self.micro_batches = 0
         self.handles: list = []
         #: one flat buffer per dtype, as large as the largest parameter: theta - theta* without allocating
         self.scratch: dict[torch.dtype, torch.Tensor] = {}
@@ -135,14 +119,9 @@ class EWC(CLMethod):
             grad.addcmul_(fisher[name], self._diff(p, anchor[name]), value=self.lambda_ * self.grad_scale)
 
     def on_task_start(self, module, task, task_index: int) -> None:
-        params = self._params(module)
-        if self.variant == "trace" and not self.grad_sq:
-            self.grad_sq = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
-        for n, p in params.items():
-            if self.variant == "trace":  # the micro-batch's own gradient, penalty included, is squared
-                self.handles.append(p.register_hook(self._trace_hook(n, p)))
-            elif self.consolidated:
-                self.handles.append(p.register_post_accumulate_grad_hook(self._standard_hook(n)))
+        if self.consolidated:
+            self.handles = [p.register_post_accumulate_grad_hook(self._penalty_hook(n))
+                            for n, p in self._params(module).items()]
 
     def on_train_start(self, trainer, pl_module) -> None:
         """The model is on its training device now: put the state and the scratch buffers there."""
@@ -152,43 +131,29 @@ class EWC(CLMethod):
         device = pl_module.device
         self.consolidated = [({n: f.to(device) for n, f in fisher.items()}, {n: a.to(device) for n, a in anchor.items()})
                              for fisher, anchor in self.consolidated]
-        self.grad_sq = {n: g.to(device) for n, g in self.grad_sq.items()}
         largest: dict[torch.dtype, int] = {}
         for p in self.params.values():
             largest[p.dtype] = max(largest.get(p.dtype, 0), p.numel())
         self.scratch = {dtype: torch.empty(n, dtype=dtype, device=device) for dtype, n in largest.items()}
 
-    def _standard_hook(self, name: str):
+    def _penalty_hook(self, name: str):
         def hook(p):
             self._add_penalty_grad(p.grad, name, p)
         return hook
 
-    def _trace_hook(self, name: str, p: torch.nn.Parameter):
-        def hook(grad):
-            if self.consolidated:
-                grad = grad.clone()  # a hook must not edit its argument
-                self._add_penalty_grad(grad, name, p)
-            self.grad_sq[name].add_(grad.detach().float().square())
-            return grad
-        return hook
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.variant == "trace":
-            self.micro_batches += 1
-
     # --- consolidation after each task -------------------------------------------------------
-    def on_task_end(self, module, task, task_index: int) -> None:
+    def release_hooks(self) -> dict[str, torch.Tensor]:
+        """End of a task's training: remove the hooks and scratch buffers; the anchor theta*_t."""
         for h in self.handles:
             h.remove()
         self.handles, self.scratch = [], {}
+        return {n: p.detach().to(self.dtype).clone() for n, p in self.params.items()}
+
+    def on_task_end(self, module, task, task_index: int) -> None:
         params = self._params(module)
-        anchor = {n: p.detach().to(self.dtype).clone() for n, p in params.items()}
-        if self.variant == "trace":
-            fisher = {n: (g / max(self.micro_batches, 1)).to(self.dtype) for n, g in self.grad_sq.items()}
-            self.consolidated = [(fisher, anchor)]
-            return
+        anchor = self.release_hooks()
         new, stats = diagonal_fisher(
-            module.model, module.loader_factory(task.train), params, self.fisher_mode, self.num_samples,
+            module.model, module.pass_loader(task.train), params, self.fisher_mode, self.num_samples,
             average_ranks=not self.sharded,
         )
         module.log_metrics({"ewc/fisher_s": stats["seconds"], "ewc/fisher_mean": _mean(new)})
@@ -208,7 +173,7 @@ class EWC(CLMethod):
             if rank() == 0:
                 consolidated = [({n: f for p in parts for n, f in p[t][0].items()},
                                  {n: a for p in parts for n, a in p[t][1].items()}) for t in range(len(local))]
-        return {"consolidated": consolidated, "grad_sq": self.grad_sq, "micro_batches": self.micro_batches}
+        return {"consolidated": consolidated}
 
     def load_state_dict(self, state_dict) -> None:
         """Restore a whole state (a sharded process keeps its own share of it)."""
@@ -216,8 +181,6 @@ class EWC(CLMethod):
         self.consolidated = [({n: f for n, f in fi.items() if keep is None or n in keep},
                               {n: a for n, a in an.items() if keep is None or n in keep})
                              for fi, an in state_dict["consolidated"]]
-        self.grad_sq = state_dict["grad_sq"]
-        self.micro_batches = state_dict["micro_batches"]
 
 
 def shard_by_size(sizes: dict[str, int], world: int) -> dict[str, int]:

@@ -41,7 +41,7 @@ class FGGM(FixedMaskMethod):
 
     def scores(self, module, task, params):
         fisher, stats = diagonal_fisher(
-            module.model, module.loader_factory(task.train), params, self.fisher, self.num_samples
+            module.model, module.pass_loader(task.train), params, self.fisher, self.num_samples
         )
         module.log_metrics({"fggm/fisher_s": stats["seconds"], "fggm/fisher_samples": stats["samples"]})
         return fisher

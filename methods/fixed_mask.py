@@ -12,10 +12,11 @@ from typing import Sequence
 
 import torch
 
+from cl_bench.errors import check_choice, check_fraction
 from methods.base import CLMethod
 from methods.masking import (
-    AGGREGATES, DIRECTIONS, SCOPES, GradientMask, aggregate, check_choice, check_fraction, expand,
-    frozen_entries_need_zero_decay, select_parameters, threshold_masks,
+    AGGREGATES, DIRECTIONS, SCOPES, GradientMask, aggregate, expand, frozen_entries_need_zero_decay,
+    select_parameters, threshold_masks,
 )
 
 

@@ -21,6 +21,7 @@ from typing import Sequence
 import torch
 
 from cl_bench.errors import ConfigError
+from cl_bench.rng import derive_seed
 from methods.base import CLMethod
 
 
@@ -56,7 +57,7 @@ class HFT(CLMethod):
 
     def choose(self, n_blocks: int, task_index: int) -> dict[int, list[str]]:
         """The matrices to freeze in each block for this task."""
-        rng = random.Random(self.seed * 100_003 + task_index)
+        rng = random.Random(derive_seed(self.seed, task_index))
         two_mlp = set(rng.sample(range(n_blocks), n_blocks // 2))
         return {b: rng.sample(self.attention, 2) + rng.sample(self.mlp, 2 if b in two_mlp else 1)
                 for b in range(n_blocks)}

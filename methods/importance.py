@@ -19,27 +19,18 @@ import time
 from typing import Iterable
 
 import torch
-import torch.distributed as dist
 
-from cl_bench.errors import ConfigError
-from cl_bench.lm import answer_log_likelihood
+from cl_bench.distributed import average_across_ranks
+from cl_bench.errors import ConfigError, check_choice, check_number
+from cl_bench.training.lm import answer_log_likelihood
 
 FISHER_MODES = ("per_sample", "batch")
 
 
-def average_across_ranks(tensors: Iterable[torch.Tensor]) -> None:
-    """In-place mean over the ranks of a process group (no-op when not distributed)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        for t in tensors:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
-            t.div_(dist.get_world_size())
-
-
 def check_fisher_args(mode: str, num_samples: int, key: str) -> None:
-    if mode not in FISHER_MODES:
-        raise ConfigError(f"{key}.fisher must be one of {FISHER_MODES}, got {mode!r}")
-    if not isinstance(num_samples, int) or num_samples < 1:
-        raise ConfigError(f"{key}.num_samples must be an integer >= 1, got {num_samples!r}")
+    """The Fisher settings of method config ``key``: its ``fisher`` mode and ``num_samples``."""
+    check_choice(mode, FISHER_MODES, f"{key}.fisher")
+    check_number(num_samples, f"{key}.num_samples", integer=True, low=1)
 
 
 def diagonal_fisher(

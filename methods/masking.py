@@ -12,21 +12,11 @@ from typing import Iterable
 
 import torch
 
-from cl_bench.errors import ConfigError
+from cl_bench.errors import ConfigError, check_choice
 
 AGGREGATES = ("row", "column", "element")
 SCOPES = ("global", "per_layer")
 DIRECTIONS = ("top", "bottom")
-
-
-def check_choice(value: str, choices: tuple[str, ...], key: str) -> None:
-    if value not in choices:
-        raise ConfigError(f"{key} must be one of {choices}, got {value!r}")
-
-
-def check_fraction(value: float, key: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
-        raise ConfigError(f"{key} must be in (0, 1), got {value!r}")
 
 
 def select_parameters(

@@ -28,10 +28,9 @@ from typing import Sequence
 
 import torch
 
-from cl_bench.errors import ConfigError
+from cl_bench.distributed import average_across_ranks
+from cl_bench.errors import ConfigError, check_fraction
 from methods.base import CLMethod
-from methods.importance import average_across_ranks
-from methods.masking import check_fraction
 
 
 class MIGU(CLMethod):

@@ -10,6 +10,7 @@ from typing import Sequence
 
 import torch
 
+from cl_bench.rng import derive_seed
 from methods.fixed_mask import FixedMaskMethod
 
 
@@ -36,7 +37,7 @@ class RandomMask(FixedMaskMethod):
     def scores(self, module, task, params):
         """Uniform scores per aggregated unit (row, column or entry), spread over its entries so
         that aggregation gives back exactly that uniform draw whatever the tensor's width."""
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.task_index)
+        g = torch.Generator().manual_seed(derive_seed(self.seed, self.task_index))
         out = {}
         for n, p in params.items():
             if p.dim() == 2 and self.aggregate == "row":

@@ -23,11 +23,12 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from cl_bench.lm import causal_lm_loss
-from cl_bench.module import CLModule
-from cl_bench.tokenization import IGNORE_INDEX
+from cl_bench.config import build
+from cl_bench.data.tokenization import IGNORE_INDEX
+from cl_bench.training.lm import causal_lm_loss
+from cl_bench.training.module import CLModule
+from cl_bench.training.trainer import build_trainer
 from methods.sft import SFT
-from runners.cl import build, build_trainer
 
 
 def make_batches(vocab_size: int, n: int, batch_size: int, seq_len: int, seed: int) -> list[dict[str, torch.Tensor]]:
@@ -76,18 +77,11 @@ class StepTimer(Callback):
         self.end = time.perf_counter()
 
 
-class BudgetTask:
-    """What build_trainer needs of a task: its budget."""
-
-    def __init__(self, steps: int):
-        self.epochs, self.max_steps = 1, steps
-
-
 def lightning_loop(model, batches, cfg: DictConfig, warmup: int) -> float:
     """Seconds per optimizer step of the path ``runners.cl`` trains with."""
     module = CLModule(model, SFT(), build(cfg.optimizer), build(cfg.scheduler))
     timer = StepTimer(warmup)
-    trainer = build_trainer(cfg, BudgetTask(len(batches)), [timer])
+    trainer = build_trainer(cfg, epochs=1, max_steps=len(batches), callbacks=[timer])
     loader = torch.utils.data.DataLoader(batches, batch_size=None)
     trainer.fit(module, loader)
     return (timer.end - timer.start) / (len(batches) - warmup)

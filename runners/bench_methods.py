@@ -23,7 +23,6 @@ import gc
 import json
 import statistics
 import time
-from functools import partial
 
 import hydra
 import torch
@@ -32,10 +31,12 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from cl_bench.module import CLModule
-from cl_bench.tokenization import make_loader
-from runners.bench import StepTimer, BudgetTask, make_batches
-from runners.cl import build, build_trainer
+from cl_bench.config import build
+from cl_bench.data.loaders import TaskLoaders
+from cl_bench.training.module import CLModule
+from cl_bench.training.trainer import build_trainer
+from methods.sft import SFT
+from runners.bench import StepTimer, make_batches
 
 
 def tensor_bytes(obj, seen: set | None = None) -> int:
@@ -59,7 +60,7 @@ def tensor_bytes(obj, seen: set | None = None) -> int:
 
 def timed_fit(cfg, module, callbacks, loader, steps: int, warmup: int) -> float:
     timer = StepTimer(warmup)
-    trainer = build_trainer(cfg, BudgetTask(steps), [*callbacks, timer])
+    trainer = build_trainer(cfg, epochs=1, max_steps=steps, callbacks=[*callbacks, timer])
     trainer.fit(module, loader)
     return (timer.end - timer.start) / (steps - warmup)
 
@@ -73,8 +74,7 @@ def set_up(cfg: DictConfig, name: str, bundle, initial, stream) -> dict:
     module = CLModule(
         model, method, build(cfg.optimizer), build(cfg.scheduler),
         metric_sink=lambda metrics, step: telemetry.update(metrics),
-        loader_factory=partial(make_loader, bundle.tokenizer, batch_size=cfg.train.batch_size,
-                               max_prompt_len=cfg.train.max_prompt_len, max_ans_len=cfg.train.max_ans_len),
+        loaders=TaskLoaders.from_config(cfg.train, bundle.tokenizer),
     )
     method.on_stream_start(module, stream)
     method.on_task_start(module, stream[0], 0)
@@ -92,7 +92,7 @@ def time_interleaved(cfg: DictConfig, setups: list[dict], initial, batches) -> N
         for s in setups[r % len(setups):] + setups[: r % len(setups)]:
             s["module"].model.load_state_dict(initial)
             s["times"].append(timed_fit(cfg, s["module"], [s["module"].method], loader, len(batches), cfg.bench.warmup))
-            s["module"].trainer = None  # release the optimizer state and gradients before the next method
+            s["module"].end_fit()  # release the optimizer state and gradients before the next method
             s["module"].model.zero_grad(set_to_none=True)
             gc.collect()
 
@@ -111,11 +111,10 @@ def fisher_over_epoch(row: dict, epoch_s: float, n_task: int, n_target: int) -> 
 
 def epoch_seconds(cfg, bundle, initial, task) -> float:
     """One SFT training epoch over ``task``: the yardstick for a Fisher pass."""
-    from methods.sft import SFT
     bundle.model.load_state_dict(initial)
     module = CLModule(bundle.model, SFT(), build(cfg.optimizer), build(cfg.scheduler))
-    loader = make_loader(bundle.tokenizer, task.train, cfg.train.batch_size, cfg.train.max_prompt_len, cfg.train.max_ans_len)
-    trainer = build_trainer(cfg, BudgetTask(len(loader)), [])
+    loader = TaskLoaders.from_config(cfg.train, bundle.tokenizer).training(task.train, seed=cfg.seed)
+    trainer = build_trainer(cfg, epochs=1, max_steps=len(loader))
     start = time.perf_counter()
     trainer.fit(module, loader)
     return time.perf_counter() - start

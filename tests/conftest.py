@@ -76,7 +76,7 @@ def write_stream(root: Path, tasks: dict[str, int], splits=("train", "eval", "te
 def instantiate_with(method):
     """hydra's instantiate, except that a method config yields ``method`` (a test's own object).
 
-    Patch it over ``runners.cl.instantiate`` to run the real runner with an instrumented method.
+    Patch it over ``cl_bench.config.instantiate`` to run the real runner with an instrumented method.
     """
     from hydra.utils import instantiate
 

@@ -38,7 +38,7 @@ def test_defaults_are_the_documented_ones(tmp_path):
     cfg = compose_config([], tmp_path / "out", tmp_path / "cache")
     assert cfg.method._target_ == "methods.sft.SFT"
     assert cfg.model._target_ == "cl_bench.models.load_smollm2"
-    assert cfg.tasks._target_ == "cl_bench.mini_stream.mini_stream"
+    assert cfg.tasks._target_ == "cl_bench.data.mini_stream.mini_stream"
     assert cfg.trainer.accelerator == "cpu"
     assert list(cfg.logger) == ["csv"]
 
@@ -56,7 +56,7 @@ def test_cli_prints_the_job_config():
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
-    assert "_target_: methods.sft.SFT" in proc.stdout and "cl_bench.loggers.wandb_logger" in proc.stdout
+    assert "_target_: methods.sft.SFT" in proc.stdout and "cl_bench.recording.loggers.wandb_logger" in proc.stdout
 
 
 def test_cli_unknown_option_names_the_group():

@@ -4,8 +4,9 @@ import torch
 
 from cl_bench.errors import ConfigError
 from cl_bench.models import tiny_llama
-from cl_bench.tasks import Example
-from cl_bench.tokenization import Collator, encode_train, make_loader
+from cl_bench.data.tasks import Example
+from cl_bench.data.loaders import make_loader
+from cl_bench.data.tokenization import Collator, encode_train
 from methods.importance import diagonal_fisher
 
 EXAMPLES = [Example(f"question {i} about item{i * 7}? Answer:", f"ans {i % 3}") for i in range(7)]

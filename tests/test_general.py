@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cl_bench.errors import ConfigError
-from cl_bench.general_ability import PROJECT_TASKS, GeneralAbility
+from cl_bench.evaluation.general_ability import PROJECT_TASKS, GeneralAbility
 from cl_bench.models import tiny_llama
 from runners.cl import run
 

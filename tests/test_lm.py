@@ -1,10 +1,10 @@
 """Scoring only the labelled tail of a left-padded batch gives the full forward pass's values."""
 import torch
 
-from cl_bench.lm import answer_log_likelihood, causal_lm_loss, labelled_logits
+from cl_bench.training.lm import answer_log_likelihood, causal_lm_loss, labelled_logits
 from cl_bench.models import tiny_llama
-from cl_bench.tasks import Example
-from cl_bench.tokenization import IGNORE_INDEX, Collator, encode_train, position_ids
+from cl_bench.data.tasks import Example
+from cl_bench.data.tokenization import IGNORE_INDEX, Collator, encode_train, position_ids
 
 BUNDLE = tiny_llama(seed=3)
 TOK = BUNDLE.tokenizer

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from cl_bench.loggers import wandb_logger
-from cl_bench.recording import REDACTED, redact
+from cl_bench.recording.loggers import wandb_logger
+from cl_bench.recording.results import REDACTED, redact
 from runners.cl import run
 from tests.wandb_log import read_run
 

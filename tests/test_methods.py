@@ -9,11 +9,12 @@ import torch
 
 from cl_bench.errors import ConfigError
 from cl_bench.models import tiny_llama
-from cl_bench.lm import causal_lm_loss
-from cl_bench.module import CLModule
-from cl_bench.tasks import Example, Task, TaskSpec
-from cl_bench.tokenization import make_loader
+from cl_bench.training.lm import causal_lm_loss
+from cl_bench.training.module import CLModule
+from cl_bench.data.tasks import Example, Task, TaskSpec
+from cl_bench.data.loaders import TaskLoaders
 from methods.ewc import EWC
+from methods.ewc_trace import TraceEWC
 from methods.fggm import FGGM
 from methods.hft import HFT
 from methods.masking import GradientMask, aggregate, kth_threshold
@@ -27,8 +28,8 @@ TASK = Task(TaskSpec("t", "accuracy", 4), {"train": [Example(f"q{i} x{i * 3}? An
 
 def _module(method, seed=0):
     bundle = tiny_llama(seed=seed)
-    loader = partial(make_loader, bundle.tokenizer, batch_size=4, max_prompt_len=64, max_ans_len=8)
-    return CLModule(bundle.model, method, partial(torch.optim.AdamW, lr=1e-3), loader_factory=loader)
+    loaders = TaskLoaders(bundle.tokenizer, batch_size=4, max_prompt_len=64, max_ans_len=8)
+    return CLModule(bundle.model, method, partial(torch.optim.AdamW, lr=1e-3), loaders=loaders)
 
 
 def _snapshot(model):
@@ -117,7 +118,7 @@ class _Recording(FGGM):
 
 def test_fggm_frozen_entries_stay_bitwise_equal_over_a_task_under_adamw(make_config, monkeypatch):
     method = _Recording(alpha=0.7, num_samples=8)
-    monkeypatch.setattr("runners.cl.instantiate", instantiate_with(method))
+    monkeypatch.setattr("cl_bench.config.instantiate", instantiate_with(method))
     cfg = make_config("tasks.order=[arith,code]", "tasks.epochs=2", "optimizer.lr=1e-2")
     run(cfg, cfg.paths.output_dir)
     first, second = method.records
@@ -200,7 +201,7 @@ class _MiguProbe(MIGU):
 
 def test_migu_masks_rows_by_the_steps_own_output_magnitudes(make_config, monkeypatch):
     method = _MiguProbe(threshold=0.7)
-    monkeypatch.setattr("runners.cl.instantiate", instantiate_with(method))
+    monkeypatch.setattr("cl_bench.config.instantiate", instantiate_with(method))
     cfg = make_config("tasks.order=[arith,code]", "tasks.epochs=1", "train.micro_batch_size=2")
     run(cfg, cfg.paths.output_dir)
     assert method.seen_tasks[0] == (0, False, 0)  # first task: no hooks, no masking
@@ -234,7 +235,7 @@ def test_ewc_adds_lambda_f_times_distance_to_every_gradient(accumulate):
     module = _module(method)
     method.on_stream_start(module, None)
     params, fisher, anchor = _consolidate_random(method, module)
-    batches = list(module.loader_factory(TASK.train))[:accumulate]
+    batches = list(module.pass_loader(TASK.train))[:accumulate]
     for batch in batches:  # the task gradient alone, as Lightning scales it under accumulation
         (causal_lm_loss(module.model, batch) / accumulate).backward()
     task_grad = {n: p.grad.clone() for n, p in params.items()}
@@ -289,11 +290,11 @@ def _grads(model, batch):
 
 
 def test_ewc_trace_variant_averages_squared_microbatch_gradients_penalty_included():
-    method = EWC(lambda_=400.0, variant="trace")
+    method = TraceEWC(lambda_=400.0)
     module = _module(method)
     model = module.model
     method.on_stream_start(module, None)
-    batches = list(module.loader_factory(TASK.train))
+    batches = list(module.pass_loader(TASK.train))
     expected = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
     for task_index, task_batches in enumerate([batches, batches[:1]]):
         if task_index == 1:  # move away from the anchor (theta after task 1); gradients without hooks
@@ -346,7 +347,7 @@ class _HftRecording(HFT):
 
 def test_hft_frozen_matrices_stay_bitwise_equal_over_a_task(make_config, monkeypatch):
     method = _HftRecording()
-    monkeypatch.setattr("runners.cl.instantiate", instantiate_with(method))
+    monkeypatch.setattr("cl_bench.config.instantiate", instantiate_with(method))
     cfg = make_config("tasks.order=[arith,code]", "optimizer.lr=1e-2")
     run(cfg, cfg.paths.output_dir)
     for rec in method.records:

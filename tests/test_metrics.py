@@ -1,6 +1,6 @@
 import pytest
 
-from cl_bench.metrics import METRICS, accuracy, edit_similarity, first_letter_accuracy, rouge_l, sari_metric
+from cl_bench.evaluation.metrics import METRICS, accuracy, edit_similarity, first_letter_accuracy, rouge_l, sari_metric
 
 
 def test_accuracy_is_exact_match_after_strip():

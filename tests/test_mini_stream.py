@@ -1,7 +1,7 @@
 import json
 
-from cl_bench.metrics import METRICS
-from cl_bench.mini_stream import GENERATORS, mini_stream
+from cl_bench.evaluation.metrics import METRICS
+from cl_bench.data.mini_stream import GENERATORS, mini_stream
 
 
 def _files(root):

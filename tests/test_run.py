@@ -76,7 +76,7 @@ class _Probe(CLMethod):
 
 def test_hooks_run_in_order_with_a_fresh_optimizer_per_task(make_config, monkeypatch):
     probe = _Probe()
-    monkeypatch.setattr("runners.cl.instantiate", instantiate_with(probe))
+    monkeypatch.setattr("cl_bench.config.instantiate", instantiate_with(probe))
     cfg = make_config("tasks.order=[arith,code]")
     run(cfg, cfg.paths.output_dir)
     assert probe.calls == [("start", "arith", 0), ("end", "arith", 0), ("start", "code", 1), ("end", "code", 1)]
@@ -85,7 +85,7 @@ def test_hooks_run_in_order_with_a_fresh_optimizer_per_task(make_config, monkeyp
 
 
 def test_a_crash_keeps_the_finished_stages(make_config, monkeypatch):
-    monkeypatch.setattr("runners.cl.instantiate", instantiate_with(_Probe(fail_at=2)))
+    monkeypatch.setattr("cl_bench.config.instantiate", instantiate_with(_Probe(fail_at=2)))
     cfg = make_config()
     with pytest.raises(RuntimeError, match="boom"):
         run(cfg, cfg.paths.output_dir)
@@ -96,7 +96,7 @@ def test_a_crash_keeps_the_finished_stages(make_config, monkeypatch):
 
 
 def test_a_nan_loss_stops_the_run_naming_the_task_and_keeps_results(make_config, monkeypatch):
-    monkeypatch.setattr("runners.cl.instantiate", instantiate_with(_Probe(nan_at="minutes")))
+    monkeypatch.setattr("cl_bench.config.instantiate", instantiate_with(_Probe(nan_at="minutes")))
     cfg = make_config()
     with pytest.raises(FloatingPointError, match="non-finite training loss .* task 'minutes'"):
         run(cfg, cfg.paths.output_dir)

@@ -1,6 +1,6 @@
 import pytest
 
-from cl_bench.sari import normalize, sari, sari_sentence
+from cl_bench.evaluation.sari import normalize, sari, sari_sentence
 
 SOURCE = "About 95 species are currently accepted ."
 REFS = ["About 95 species are currently known .", "About 95 species are now accepted .", "95 species are now accepted ."]

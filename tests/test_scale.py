@@ -14,13 +14,13 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
-from cl_bench.batching import StepBatchSampler, layout
-from cl_bench.checkpointing import StreamCheckpoints
+from cl_bench.data.batching import StepBatchSampler, layout
+from cl_bench.training.checkpointing import StreamCheckpoints
 from cl_bench.errors import ConfigError
-from cl_bench.lm import causal_lm_loss
+from cl_bench.training.lm import causal_lm_loss
 from cl_bench.models import tiny_llama
-from cl_bench.tasks import Example
-from cl_bench.tokenization import make_loader
+from cl_bench.data.tasks import Example
+from cl_bench.data.loaders import make_loader
 from tests.conftest import CONF_DIR, ROOT, TINY
 
 # --- global batch layout ------------------------------------------------------------------------

@@ -1,9 +1,9 @@
 """The real offline model (SmolLM2-135M-Instruct): kept few, marked slow."""
 import pytest
 
-from cl_bench.evaluation import GenerationConfig, generate
+from cl_bench.evaluation.generation import GenerationConfig, generate
 from cl_bench.models import load_smollm2
-from cl_bench.tasks import Example
+from cl_bench.data.tasks import Example
 from runners.cl import run
 from tests.conftest import MODEL_CACHE
 
@@ -36,7 +36,7 @@ def test_short_stream_on_smollm2_learns_the_first_task(make_config):
 
 
 def test_smollm2_scores_well_above_chance_on_the_offline_probe(smollm2):
-    from cl_bench.general_ability import GeneralAbility
+    from cl_bench.evaluation.general_ability import GeneralAbility
 
     general = GeneralAbility(tasks={"cl_bench_probe": "acc,none"}, batch_size=16)
     general.check()

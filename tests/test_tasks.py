@@ -3,7 +3,7 @@ import json
 import pytest
 
 from cl_bench.errors import ConfigError
-from cl_bench.tasks import load_stream, read_split
+from cl_bench.data.tasks import load_stream, read_split
 from tests.conftest import write_stream
 
 SPECS = [

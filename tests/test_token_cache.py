@@ -1,10 +1,10 @@
 """Tokenized training splits are cached on disk and never reused stale."""
 import pytest
 
-import cl_bench.tokenization as tokenization
+import cl_bench.data.tokenization as tokenization
 from cl_bench.models import tiny_llama
-from cl_bench.tasks import Example
-from cl_bench.tokenization import EncodedDataset
+from cl_bench.data.tasks import Example
+from cl_bench.data.tokenization import EncodedDataset
 
 TOK = tiny_llama().tokenizer
 

@@ -1,8 +1,8 @@
 import torch
 
 from cl_bench.models import tiny_llama
-from cl_bench.tasks import Example
-from cl_bench.tokenization import IGNORE_INDEX, Collator, encode_prompt, encode_train, position_ids
+from cl_bench.data.tasks import Example
+from cl_bench.data.tokenization import IGNORE_INDEX, Collator, encode_prompt, encode_train, position_ids
 
 TOK = tiny_llama().tokenizer  # byte-level: one token per byte
 
@@ -45,7 +45,7 @@ def test_position_ids_ignore_left_padding():
 
 
 def test_loss_does_not_depend_on_left_padding():
-    from cl_bench.lm import causal_lm_loss
+    from cl_bench.training.lm import causal_lm_loss
 
     model = tiny_llama().model.eval()
     short = encode_train(TOK, Example("ab", "cd"), 16, 4)

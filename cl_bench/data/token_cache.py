@@ -10,11 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+
+from cl_bench.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +61,5 @@ def cached_encoding(cache_dir: str | Path, key: str, encode: Callable[[], Encode
         except Exception as e:  # a truncated or foreign file: encode again
             log.warning("tokenized cache %s is unreadable (%s); encoding again", path, e)
     items = encode()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(_pack(items), tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(_pack(items), tmp))
     return items

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from cl_bench.errors import ConfigError
-from cl_bench.metrics import METRICS
+from cl_bench.errors import ConfigError, check_number, check_numbers
+from cl_bench.evaluation.metrics import METRICS
 
 SPLITS = ("train", "eval", "test")
 
@@ -116,12 +116,7 @@ def per_task_values(value: Any, n: int, key: str, allow_none: bool = False) -> l
     values = list(value) if isinstance(value, Sequence) and not isinstance(value, str) else [value] * n
     if len(values) != n:
         raise ConfigError(f"{key} has {len(values)} values but the stream has {n} tasks")
-    for v in values:
-        if v is None and allow_none:
-            continue
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ConfigError(f"{key} values must be integers >= 1, got {v!r}")
-    return values
+    return check_numbers(values, key, integer=True, low=1, allow_none=allow_none)
 
 
 def resolve_order(
@@ -177,8 +172,7 @@ def check_caps(max_examples: dict[str, int | None] | None, splits: Sequence[str]
     if unknown:
         raise ConfigError(f"tasks.max_examples has unknown split(s) {unknown}; splits are {list(splits)}")
     for split, cap in caps.items():
-        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
-            raise ConfigError(f"tasks.max_examples.{split} must be an integer >= 1 or null, got {cap!r}")
+        check_number(cap, f"tasks.max_examples.{split}", integer=True, low=1, allow_none=True)
     return caps
 
 

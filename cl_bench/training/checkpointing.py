@@ -19,44 +19,23 @@ good one is used instead.
 from __future__ import annotations
 
 import logging
-import os
-import random
 import re
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
 from cl_bench.distributed import is_main
+from cl_bench.errors import ConfigError
+from cl_bench.files import atomic_write
 
 log = logging.getLogger(__name__)
 CHECKPOINT_DIR = "checkpoints"
 _STAGE = re.compile(r"^stage-(\d+)\.pt$")
 _STEP = re.compile(r"^task-(\d+)-step-(\d+)\.ckpt$")
-
-
-def rng_state() -> dict[str, Any]:
-    """Every global RNG's state, in types that ``torch.load(weights_only=True)`` accepts."""
-    version, mt, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "python": [version, list(mt), gauss],
-        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    version, mt, gauss = state["python"]
-    random.setstate((version, tuple(mt), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+#: config keys a resume may change: where files go, how it is logged and checkpointed
+RESUMABLE_CHANGES = ("paths", "resume", "logger", "checkpoint", "trainer.enable_progress_bar", "hydra")
 
 
 def load_file(path: Path, mmap: bool = False) -> dict[str, Any]:
@@ -89,14 +68,6 @@ class StreamCheckpoints:
                 found.append((tuple(int(g) for g in m.groups()), p))
         return sorted(found)
 
-    def _write(self, path: Path, write) -> None:
-        """``write(tmp)`` then an atomic rename to ``path`` (the rename on rank 0, which wrote it)."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        write(tmp)
-        if is_main():
-            os.replace(tmp, path)
-
     @staticmethod
     def _prune(files: list[tuple[tuple[int, ...], Path]], keep: int | None) -> None:
         """Delete all but the newest ``keep`` of ``files`` (oldest first; None keeps all)."""
@@ -108,7 +79,7 @@ class StreamCheckpoints:
         """The stream state after ``tasks_done`` tasks; then prune old stages and the task's step files."""
         if not is_main():
             return
-        self._write(self.dir / f"stage-{tasks_done:03d}.pt", lambda tmp: torch.save(state, tmp))
+        atomic_write(self.dir / f"stage-{tasks_done:03d}.pt", lambda tmp: torch.save(state, tmp))
         self._prune(self.files(_STAGE), self.keep_stages)
         for (task, _), p in self.files(_STEP):
             if task < tasks_done:
@@ -117,9 +88,11 @@ class StreamCheckpoints:
     def save_step(self, trainer, task_index: int) -> None:
         """A Lightning checkpoint at the trainer's step (every rank takes part); keep the newest."""
         path = self.dir / f"task-{task_index:03d}-step-{trainer.global_step:07d}.ckpt"
-        self._write(path, trainer.save_checkpoint)
-        if is_main():
-            self._prune(self.files(_STEP, task_index), self.keep_steps)
+        if not is_main():  # a collective call: Lightning writes on rank 0 alone
+            trainer.save_checkpoint(path)
+            return
+        atomic_write(path, trainer.save_checkpoint)
+        self._prune(self.files(_STEP, task_index), self.keep_steps)
 
     def latest_stage(self) -> dict[str, Any] | None:
         """The newest readable stage checkpoint (falling back past unreadable ones), or None."""
@@ -140,6 +113,23 @@ class StreamCheckpoints:
                 log.warning("%s; falling back to the previous checkpoint", e)
         return None
 
+    @staticmethod
+    def comparable(config: dict[str, Any]) -> dict[str, Any]:
+        """The settings that decide a run's results (what a resume must not change), flattened."""
+        flat = _flatten(config)
+        return {k: v for k, v in flat.items()
+                if not any(k == p or k.startswith(p + ".") for p in RESUMABLE_CHANGES)}
+
+    def check_resumable(self, saved: dict[str, Any], config: dict[str, Any]) -> None:
+        """Refuse to resume from ``saved`` (a stage checkpoint) under settings that differ from its own."""
+        before, after = saved["config"], self.comparable(config)
+        changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+        if changed:
+            raise ConfigError(
+                f"cannot resume {self.dir.parent}: these settings differ from the run's checkpoint: "
+                + ", ".join(f"{k} ({before.get(k)!r} -> {after.get(k)!r})" for k in changed[:10])
+            )
+
     def step_callback(self, task_index: int) -> "StepCheckpoint | None":
         return StepCheckpoint(self, task_index) if self.every_n_steps else None
 
@@ -157,3 +147,12 @@ class StepCheckpoint(Callback):
             return
         self.last_saved = step
         self.checkpoints.save_step(trainer, self.task_index)
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: tree}

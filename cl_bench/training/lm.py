@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from cl_bench.tokenization import IGNORE_INDEX, position_ids
+from cl_bench.data.tokenization import IGNORE_INDEX, position_ids
 
 
 def labelled_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,7 +31,7 @@ def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> to
     """Next-token cross-entropy over the labelled (answer + EOS) tokens of the batch.
 
     Summed and divided by ``batch["loss_normalizer"]`` when the batch has one (the global-batch
-    token count / (processes x micro-batches), see cl_bench.batching); else the batch's token mean.
+    token count / (processes x micro-batches), see cl_bench.data.batching); else the batch's token mean.
     """
     logits, targets = labelled_logits(model, batch)
     if "loss_normalizer" not in batch:

@@ -19,7 +19,8 @@ from typing import Any, NamedTuple, Sequence
 
 import torch
 
-from cl_bench.errors import ConfigError
+from cl_bench.errors import ConfigError, check_number
+from cl_bench.rng import derive_seed
 
 
 class StepIndex(NamedTuple):
@@ -31,8 +32,7 @@ class StepIndex(NamedTuple):
 
 def layout(batch_size: int, micro_batch_size: int | None, world_size: int) -> tuple[int, int, int]:
     """(per-process batch, micro-batch, accumulation steps) for a global ``batch_size``."""
-    if batch_size < 1:
-        raise ConfigError(f"train.batch_size must be >= 1, got {batch_size}")
+    check_number(batch_size, "train.batch_size", integer=True, low=1)
     if batch_size % world_size:
         raise ConfigError(
             f"train.batch_size ({batch_size}) is the global batch and must be divisible by the number of "
@@ -78,7 +78,7 @@ class StepBatchSampler(torch.utils.data.Sampler):
     def _steps(self) -> list[torch.Tensor]:
         n = len(self.label_tokens)
         if self.shuffle:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(self.seed, self.epoch)))
         else:
             order = torch.arange(n)
         full = n // self.batch_size

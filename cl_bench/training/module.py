@@ -2,14 +2,18 @@
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 from lightning.pytorch import LightningModule
 
-from cl_bench.checkpointing import rng_state, set_rng_state
-from cl_bench.lm import causal_lm_loss
-from methods.base import CLMethod
+from cl_bench.data.loaders import TaskLoaders
+from cl_bench.rng import rng_state, set_rng_state
+from cl_bench.training.lm import causal_lm_loss
+
+if TYPE_CHECKING:
+    from cl_bench.data.tasks import Example
+    from methods.base import CLMethod
 
 
 def constant_with_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int = 0):
@@ -22,20 +26,25 @@ class CLModule(LightningModule):
 
     ``optimizer`` and ``scheduler`` are factories (Hydra partials); both are called at every
     ``trainer.fit``, i.e. once per task. ``log_every_n_steps`` also decides how often the loss is
-    checked for NaN and how often methods log their telemetry (``should_log``). Training metrics go to ``metric_sink`` with a step counter
-    that runs on across tasks (``step_offset`` + the task's global step), so loggers see one
-    monotonic curve for the whole stream.
+    checked for NaN and how often methods log their telemetry (``should_log``). Training metrics
+    go to ``metric_sink`` with a step counter that runs on across tasks (:attr:`stream_step`), so
+    loggers see one monotonic curve for the whole stream.
+
+    What the run does with it: :meth:`begin_task` before a task's fit, :meth:`end_fit` after it.
+    What methods use: :meth:`pass_loader` (a task's examples, batched as for training),
+    :meth:`log_metrics`, :attr:`should_log`, ``model`` and ``task_name``.
     """
 
     def __init__(
         self,
         model: torch.nn.Module,
-        method: CLMethod,
+        method: "CLMethod",
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
         metric_sink: Callable[[dict[str, float], int], None] | None = None,
         log_every_n_steps: int = 10,
-        loader_factory: Callable[..., torch.utils.data.DataLoader] | None = None,
+        loaders: TaskLoaders | None = None,
+        device: torch.device | str = "cpu",
     ):
         super().__init__()
         self.model = model
@@ -44,11 +53,34 @@ class CLModule(LightningModule):
         self.scheduler_factory = scheduler
         self.metric_sink = metric_sink
         self.log_every_n_steps = log_every_n_steps
-        #: ``loader_factory(examples, shuffle=False, seed=0)``: batches tokenized as for training
-        #: (methods use it for passes over a task's data, e.g. a Fisher estimate).
-        self.loader_factory = loader_factory
+        self.loaders = loaders
+        #: where the model lives between fits (Lightning moves it to the CPU when a fit ends)
+        self.home_device = torch.device(device)
         self.task_name = ""
+        #: optimizer steps of the tasks finished before the current one
         self.step_offset = 0
+
+    def begin_task(self, name: str) -> None:
+        """The next fit trains task ``name`` (named in errors, e.g. a non-finite loss)."""
+        self.task_name = name
+
+    def resume_stream(self, step_offset: int) -> None:
+        """Continue the stream's step axis of a resumed run after its ``step_offset`` finished steps."""
+        self.step_offset = step_offset
+
+    def end_fit(self) -> None:
+        """After a task's fit: count its steps into the stream step, detach the finished Trainer
+        (its global_step must not count twice) and put the model back on the run's device."""
+        self.step_offset += self.trainer.global_step
+        self.trainer = None
+        self.to(self.home_device)
+
+    def pass_loader(self, examples: Sequence["Example"]) -> torch.utils.data.DataLoader:
+        """All of ``examples`` in order, in micro-batches tokenized as for training (for a method's
+        pass over a task's data, e.g. a Fisher estimate)."""
+        if self.loaders is None:
+            raise RuntimeError("this CLModule was built without loaders (CLModule(..., loaders=TaskLoaders(...)))")
+        return self.loaders.passes(examples)
 
     @property
     def should_log(self) -> bool:

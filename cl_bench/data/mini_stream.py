@@ -2,7 +2,7 @@
 
 Each task is drawn from templates with a ``random.Random`` seeded by ``data_seed`` and the task's
 name, written in TRACE's layout under ``cache_dir`` and then read back through
-:func:`cl_bench.tasks.load_stream`, like any other stream. Every prompt ends with "Answer:" as
+:func:`cl_bench.data.tasks.load_stream`, like any other stream. Every prompt ends with "Answer:" as
 TRACE's do, so the tasks compete for the same cue and sequential training forgets measurably.
 
 | task      | TRACE analogue        | metric          |
@@ -16,13 +16,13 @@ TRACE's do, so the tasks compete for the same cue and sequential training forget
 from __future__ import annotations
 
 import json
-import os
 import random
-import zlib
 from pathlib import Path
 from typing import Callable, Sequence
 
-from cl_bench.tasks import Example, TaskSpec, TaskStream, load_stream
+from cl_bench.data.tasks import Example, TaskSpec, TaskStream, load_stream
+from cl_bench.files import atomic_write
+from cl_bench.rng import derive_seed
 
 
 def _sentiment(rng: random.Random) -> Example:
@@ -123,21 +123,13 @@ GENERATORS: dict[str, tuple[Callable[[random.Random], Example], TaskSpec]] = {
 }
 
 
-def _write_json_atomic(path: Path, records: list[dict]) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(records, ensure_ascii=False, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_mini_stream(root: Path, data_seed: int, sizes: dict[str, int]) -> None:
     """Generate every task's splits into ``root`` (deterministic in ``data_seed``)."""
     for name, (generate, _) in GENERATORS.items():
-        rng = random.Random(data_seed * 1_000_003 + zlib.crc32(name.encode()))
-        folder = root / name
-        folder.mkdir(parents=True, exist_ok=True)
+        rng = random.Random(derive_seed(data_seed, name))
         for split, n in sizes.items():
             records = [generate(rng).__dict__ for _ in range(n)]
-            _write_json_atomic(folder / f"{split}.json", records)
+            atomic_write(root / name / f"{split}.json", json.dumps(records, ensure_ascii=False, indent=1))
 
 
 def mini_stream(

@@ -4,7 +4,7 @@ TRACE reports general ability before and after the stream (MMLU, GSM8K, BBH, TyD
 and delta R^G = mean over benchmarks of (after - before). Here the benchmarks are any lm-eval tasks
 (or groups), each reported by one metric of its results on 0-100, evaluated on the in-memory model
 through ``HFLM(pretrained=model, tokenizer=tokenizer)``. The project ships an offline probe,
-``cl_bench_probe`` (``cl_bench/general/``): 280 four-way multiple-choice questions written for this
+``cl_bench_probe`` (``cl_bench/evaluation/general/``): 280 four-way multiple-choice questions written for this
 project (facts, arithmetic, reading, commonsense), scored by log-likelihood.
 
 The harness reseeds Python's, NumPy's and torch's global generators; they are restored afterwards,
@@ -12,34 +12,17 @@ so turning the evaluation on or off does not change training.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from cl_bench.errors import ConfigError
+from cl_bench.errors import ConfigError, check_number
+from cl_bench.rng import preserved_rng
 
 #: lm-eval task configs shipped with the project (the offline probe)
 PROJECT_TASKS = Path(__file__).parent / "general"
-
-
-@contextlib.contextmanager
-def preserved_rng():
-    """Restore the global random generators (Python, NumPy, torch CPU and CUDA) on exit."""
-    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    try:
-        yield
-    finally:
-        random.setstate(states[0])
-        np.random.set_state(states[1])
-        torch.set_rng_state(states[2])
-        if cuda is not None:
-            torch.cuda.set_rng_state_all(cuda)
 
 
 @dataclass
@@ -62,10 +45,8 @@ class GeneralAbility:
         for name, metric in self.tasks.items():
             if not isinstance(metric, str) or not metric:
                 raise ConfigError(f"general.tasks.{name} must name a metric of its results (e.g. 'acc,none'), got {metric!r}")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ConfigError(f"general.batch_size must be an integer >= 1, got {self.batch_size!r}")
-        if self.limit is not None and (not isinstance(self.limit, int) or self.limit < 1):
-            raise ConfigError(f"general.limit must be an integer >= 1 or null, got {self.limit!r}")
+        check_number(self.batch_size, "general.batch_size", integer=True, low=1)
+        check_number(self.limit, "general.limit", integer=True, low=1, allow_none=True)
         self._manager = None
 
     @property

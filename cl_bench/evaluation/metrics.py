@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 from rapidfuzz import fuzz
 from rouge_score import rouge_scorer
 
-from cl_bench.sari import sari
+from cl_bench.evaluation.sari import sari
 
 Metric = Callable[[Sequence[str], Sequence[str], Sequence[str]], float]
 

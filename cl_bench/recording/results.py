@@ -8,13 +8,13 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import re
 import time
 from pathlib import Path
 from typing import Any
 
-from cl_bench.cl_metrics import all_metrics
+from cl_bench.evaluation.cl_metrics import all_metrics
+from cl_bench.files import atomic_write
 
 _SECRET_KEY = re.compile(r"(^|_)(api_?key|secret|password|passwd|token|auth|credentials?)$", re.IGNORECASE)
 REDACTED = "<redacted>"
@@ -27,16 +27,6 @@ def redact(obj: Any) -> Any:
     if isinstance(obj, list):
         return [redact(v) for v in obj]
     return obj
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary file in the same folder and rename, so readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class RunRecorder:
@@ -124,13 +114,11 @@ class RunRecorder:
         """``predictions/<stage>.json`` for the latest row: per task, the reference and generated answers."""
         if not self.writes:
             return
-        folder = self.out_dir / "predictions"
-        folder.mkdir(exist_ok=True)
         records = {
             task: [{"answer": a, "prediction": p} for a, p in zip(answers[task], preds)]
             for task, preds in predictions.items()
         }
-        atomic_write_text(folder / f"{self.stages[-1]}.json", json.dumps(records, ensure_ascii=False, indent=1))
+        atomic_write(self.out_dir / "predictions" / f"{self.stages[-1]}.json", json.dumps(records, ensure_ascii=False, indent=1))
 
     def write(self, status: str | None = None, error: str | None = None) -> None:
         if status is not None:
@@ -139,5 +127,5 @@ class RunRecorder:
             self.error = error
         if not self.writes:
             return
-        atomic_write_text(self.out_dir / "results.json", json.dumps(self.to_dict(), indent=2))
-        atomic_write_text(self.out_dir / "scores.csv", self.scores_csv())
+        atomic_write(self.out_dir / "results.json", json.dumps(self.to_dict(), indent=2))
+        atomic_write(self.out_dir / "scores.csv", self.scores_csv())

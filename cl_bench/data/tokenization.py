@@ -14,9 +14,9 @@ from typing import Sequence
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from cl_bench.batching import ResumableLoader, StepBatchSampler, StepIndex
-from cl_bench.tasks import Example
-from cl_bench.token_cache import cache_key, cached_encoding
+from cl_bench.data.batching import StepIndex
+from cl_bench.data.tasks import Example
+from cl_bench.data.token_cache import cache_key, cached_encoding
 
 IGNORE_INDEX = -100
 
@@ -96,30 +96,3 @@ class EncodedDataset(torch.utils.data.Dataset):
     def label_tokens(self) -> list[int]:
         """Per example, the number of tokens the loss is taken on (labelled, after the first position)."""
         return [sum(1 for t in item["labels"][1:] if t != IGNORE_INDEX) for item in self.items]
-
-
-def make_loader(
-    tokenizer,
-    examples: Sequence[Example],
-    batch_size: int,
-    max_prompt_len: int,
-    max_ans_len: int,
-    shuffle: bool = False,
-    seed: int = 0,
-    cache_dir: str | Path | None = None,
-    micro_batch_size: int | None = None,
-    rank: int = 0,
-    world_size: int = 1,
-    drop_last: bool = False,
-) -> ResumableLoader:
-    """A resumable loader of left-padded training micro-batches over ``examples``.
-
-    ``batch_size`` is the global batch of one optimizer step; this process (``rank`` of
-    ``world_size``) gets its share in micro-batches of ``micro_batch_size`` (see cl_bench.batching).
-    """
-    dataset = EncodedDataset(tokenizer, examples, max_prompt_len, max_ans_len, cache_dir)
-    sampler = StepBatchSampler(dataset.label_tokens(), batch_size, micro_batch_size, rank, world_size,
-                               shuffle, seed, drop_last)
-    # Its own generator: starting an epoch's iterator must not draw from the global RNG.
-    return ResumableLoader(dataset, batch_sampler=sampler, collate_fn=Collator(tokenizer.pad_token_id),
-                           generator=torch.Generator().manual_seed(seed))

@@ -8,9 +8,9 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from cl_bench.distributed import gather_shards, shard
-from cl_bench.metrics import METRICS
-from cl_bench.tasks import Example, Task
-from cl_bench.tokenization import Collator, encode_prompt
+from cl_bench.evaluation.metrics import METRICS
+from cl_bench.data.tasks import Example, Task, TaskStream
+from cl_bench.data.tokenization import Collator, encode_prompt
 
 
 @dataclass
@@ -86,3 +86,16 @@ def evaluate_task(
     predictions = gather_shards(local, len(examples))
     score = METRICS[task.metric](predictions, [e.answer for e in examples], [e.prompt for e in examples])
     return TaskResult(float(score), predictions)
+
+
+def evaluate_stream(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, stream: TaskStream,
+                    cfg: GenerationConfig, split: str = "test", max_examples: int | None = None,
+                    ) -> tuple[list[float], dict[str, list[str]]]:
+    """One row of the score matrix, every task of the stream (future ones too, so FWT exists),
+    and each task's generated answers."""
+    scores, predictions = [], {}
+    for task in stream:
+        result = evaluate_task(model, tokenizer, task, cfg, split, max_examples)
+        scores.append(result.score)
+        predictions[task.name] = result.predictions
+    return scores, predictions

@@ -12,6 +12,8 @@ from typing import Any, Sequence
 
 from lightning.pytorch.loggers import Logger, WandbLogger
 
+from cl_bench.errors import check_choice
+
 
 def wandb_logger(
     project: str,
@@ -31,8 +33,7 @@ def wandb_logger(
     Runs of one sweep share ``group``; ``job_type`` (the method) splits them inside it, so the W&B
     UI shows each method's mean and spread over seeds. ``run_id`` continues an existing run (resume).
     """
-    if mode not in ("auto", "online", "offline"):
-        raise ValueError(f"logger.wandb.mode must be auto, online or offline, got {mode!r}")
+    check_choice(mode, ("auto", "online", "offline"), "logger.wandb.mode")
     if mode == "auto":
         has_key = bool(os.environ.get("WANDB_API_KEY")) or _netrc_has_wandb()
         mode = os.environ.get("WANDB_MODE") or ("online" if has_key else "offline")

@@ -1,0 +1,51 @@
+"""The run config: building objects from it, and range checks done before anything is loaded."""
+from __future__ import annotations
+
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from cl_bench.data.tasks import SPLITS
+from cl_bench.errors import ConfigError, check_choice, check_number
+
+
+def build(node: DictConfig, **kwargs):
+    """``instantiate``, letting our own ConfigError through unwrapped (it already names the key)."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, ConfigError):
+            raise e.__cause__ from None
+        raise
+
+
+def _get(cfg: DictConfig, key: str):
+    node = cfg
+    for part in key.split("."):
+        if part not in node:
+            raise ConfigError(f"missing config key {key}")
+        node = node[part]
+    return node
+
+
+def validate_run_config(cfg: DictConfig) -> None:
+    """Every numeric setting of the run outside the plugins (which check their own), by key."""
+    checks = {
+        "optimizer.lr": dict(low=0, low_open=True),
+        "optimizer.weight_decay": dict(low=0),
+        "scheduler.warmup_steps": dict(integer=True, low=0),
+        "train.batch_size": dict(integer=True, low=1),
+        "train.max_prompt_len": dict(integer=True, low=1),
+        "eval.batch_size": dict(integer=True, low=1),
+        "train.micro_batch_size": dict(integer=True, low=1, allow_none=True),
+        "checkpoint.every_n_steps": dict(integer=True, low=1, allow_none=True),
+        "checkpoint.keep_steps": dict(integer=True, low=1),
+        "checkpoint.keep_stages": dict(integer=True, low=1, allow_none=True),
+        "train.max_ans_len": dict(integer=True, low=2),  # the answer's first token and EOS
+        "eval.max_examples": dict(integer=True, low=1, allow_none=True),
+        "eval.temperature": dict(low=0, low_open=True),
+        "eval.top_p": dict(low=0, high=1, low_open=True),
+    }
+    for key, bounds in checks.items():
+        check_number(_get(cfg, key), key, **bounds)
+    check_choice(cfg.eval.split, SPLITS, "eval.split")

@@ -1,0 +1,82 @@
+"""Data loaders over a task's examples: training batches and the methods' passes, built in one place.
+
+:class:`TaskLoaders` holds the run's ``train`` settings and the tokenizer, and makes both kinds of
+loader a run needs: this process's share of every global batch for training, and the whole split
+in order, in micro-batches, for a method's pass over a task (a Fisher estimate).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from cl_bench.data.batching import ResumableLoader, StepBatchSampler
+from cl_bench.data.tasks import Example
+from cl_bench.data.tokenization import Collator, EncodedDataset
+
+
+def make_loader(
+    tokenizer,
+    examples: Sequence[Example],
+    batch_size: int,
+    max_prompt_len: int,
+    max_ans_len: int,
+    shuffle: bool = False,
+    seed: int = 0,
+    cache_dir: str | Path | None = None,
+    micro_batch_size: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    drop_last: bool = False,
+) -> ResumableLoader:
+    """A resumable loader of left-padded training micro-batches over ``examples``.
+
+    ``batch_size`` is the global batch of one optimizer step; this process (``rank`` of
+    ``world_size``) gets its share in micro-batches of ``micro_batch_size`` (see cl_bench.data.batching).
+    """
+    dataset = EncodedDataset(tokenizer, examples, max_prompt_len, max_ans_len, cache_dir)
+    sampler = StepBatchSampler(dataset.label_tokens(), batch_size, micro_batch_size, rank, world_size,
+                               shuffle, seed, drop_last)
+    # Its own generator: starting an epoch's iterator must not draw from the global RNG.
+    return ResumableLoader(dataset, batch_sampler=sampler, collate_fn=Collator(tokenizer.pad_token_id),
+                           generator=torch.Generator().manual_seed(seed))
+
+
+@dataclass(frozen=True)
+class TaskLoaders:
+    """The loaders of one run (``train`` config + tokenizer); see the module doc."""
+
+    tokenizer: Any
+    #: the global batch of one optimizer step
+    batch_size: int
+    max_prompt_len: int
+    max_ans_len: int
+    #: examples per forward pass and process; None = the whole per-process batch
+    micro_batch_size: int | None = None
+    shuffle: bool = False
+    drop_last: bool = False
+    #: where tokenized splits are cached; None = tokenize every time
+    cache_dir: str | Path | None = None
+
+    @classmethod
+    def from_config(cls, train, tokenizer) -> "TaskLoaders":
+        """From the run config's ``train`` node."""
+        return cls(tokenizer, train.batch_size, train.max_prompt_len, train.max_ans_len,
+                   train.get("micro_batch_size"), train.get("shuffle", False), train.get("drop_last", False),
+                   train.get("token_cache"))
+
+    def training(self, examples: Sequence[Example], seed: int, rank: int = 0, world_size: int = 1) -> ResumableLoader:
+        """This process's micro-batches of every global batch, epoch by epoch (resumable)."""
+        return make_loader(
+            self.tokenizer, examples, self.batch_size, self.max_prompt_len, self.max_ans_len, shuffle=self.shuffle,
+            seed=seed, cache_dir=self.cache_dir, micro_batch_size=self.micro_batch_size, rank=rank,
+            world_size=world_size, drop_last=self.drop_last,
+        )
+
+    def passes(self, examples: Sequence[Example]) -> ResumableLoader:
+        """All of ``examples`` in order, tokenized as for training, in micro-batches: a method's pass
+        batches by the config alone, whatever the number of processes."""
+        return make_loader(self.tokenizer, examples, self.micro_batch_size or self.batch_size, self.max_prompt_len,
+                           self.max_ans_len, cache_dir=self.cache_dir)

@@ -1,0 +1,225 @@
+"""One run of a stream: set up, start or restore, then train and evaluate task by task.
+
+    run = StreamRun(cfg, out_dir)          # check the config, start the processes, build everything
+    first = run.start_or_restore()         # R[0] (the untrained model), or the newest checkpoint
+    for i in range(first, len(run.stream)):
+        run.train_task(i)                  # method.on_task_start, Trainer.fit, method.on_task_end
+        run.evaluate_stage()               # R[i + 1]: every task; record, log, checkpoint
+    run.finish()                           # results.json status "finished", summary
+
+:func:`run` does exactly this, writing the error into results.json if anything fails. Under
+several processes every process runs the same calls in lockstep (cl_bench/distributed.py).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from lightning import seed_everything
+from omegaconf import DictConfig, OmegaConf
+from rich.rule import Rule
+
+from cl_bench.config import build, validate_run_config
+from cl_bench.data.batching import layout
+from cl_bench.data.loaders import TaskLoaders
+from cl_bench.data.tasks import TaskStream
+from cl_bench.distributed import barrier, is_main, rank, start_processes, world_size
+from cl_bench.errors import ConfigError
+from cl_bench.evaluation.general_ability import GeneralAbility
+from cl_bench.evaluation.generation import GenerationConfig, evaluate_stream
+from cl_bench.recording.console import console
+from cl_bench.recording.loggers import RunLoggers
+from cl_bench.recording.results import RunRecorder, redact
+from cl_bench.recording.summary import print_summary
+from cl_bench.rng import rng_state, set_rng_state
+from cl_bench.training.checkpointing import StreamCheckpoints
+from cl_bench.training.module import CLModule
+from cl_bench.training.trainer import build_trainer, placement_trainer
+
+
+def in_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+class StreamRun:
+    """Everything one run holds: config, method, stream, model, module, recorder, loggers, checkpoints."""
+
+    def __init__(self, cfg: DictConfig, out_dir: str | Path):
+        """Check the settings, start the processes (DDP), build the run; nothing is trained yet.
+
+        Bad settings fail here, before the model loads, with an error that names the key.
+        """
+        validate_run_config(cfg)
+        seed_everything(cfg.seed, workers=True, verbose=False)
+        self.cfg = cfg
+        self.method = build(cfg.method)
+        self.method.check_strategy(cfg.trainer.get("strategy", "auto"), cfg.trainer.get("devices", 1))
+        placement = placement_trainer(cfg)
+        _, _, self.accumulate = layout(cfg.train.batch_size, cfg.train.get("micro_batch_size"), placement.world_size)
+        if (placement.world_size > 1 and in_multirun()
+                and not placement.strategy.cluster_environment.creates_processes_externally):
+            raise ConfigError("a local multirun cannot start DDP processes (Lightning re-runs the command line, sweep "
+                              "and all, in each); sweep with hydra/launcher=slurm, which starts every run's processes")
+        start_processes(placement)  # from here on, every process runs this run in lockstep
+        console.quiet = not is_main()
+        t0 = time.perf_counter()
+        self.stream: TaskStream = build(cfg.tasks)  # validates the data before the model is loaded
+        self.general: GeneralAbility = build(cfg.general) if cfg.get("general") else GeneralAbility()
+        self.general.check()
+        self.bundle = build(cfg.model)
+        self.config = OmegaConf.to_container(cfg, resolve=True)
+        self.out_dir = Path(cfg.get("resume") or out_dir)
+        self.checkpoints = StreamCheckpoints(self.out_dir, **cfg.checkpoint)
+        self.saved = self.checkpoints.latest_stage()
+        if self.saved is not None:
+            self.checkpoints.check_resumable(self.saved, self.config)
+        self.recorder = RunRecorder(self.out_dir, self.config, self.stream.names, [t.metric for t in self.stream],
+                                    writes=is_main())
+        self.recorder.set_timing("load_s", time.perf_counter() - t0)
+        run_ids = self.saved["run_ids"] if self.saved else {}
+        self.loggers = RunLoggers({k: build(c, **({"run_id": run_ids[k]} if k in run_ids else {}))
+                                   for k, c in (cfg.get("logger") or {}).items()} if is_main() else {})
+        self.loggers.log_config(redact(self.config))
+        self.loaders = TaskLoaders.from_config(cfg.train, self.bundle.tokenizer)
+        # Evaluation and the methods' passes (Fisher, anchors) run where training runs.
+        self.module = CLModule(
+            self.bundle.model, self.method, build(cfg.optimizer), build(cfg.scheduler),
+            metric_sink=self.loggers.log_metrics, log_every_n_steps=cfg.trainer.get("log_every_n_steps", 10),
+            loaders=self.loaders, device=placement.strategy.root_device,
+        )
+        self.module.to(self.module.home_device)
+        self.method.on_stream_start(self.module, self.stream)
+        self.generation = GenerationConfig(
+            batch_size=cfg.eval.batch_size, max_prompt_len=cfg.train.max_prompt_len,
+            do_sample=cfg.eval.do_sample, temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
+        )
+        self.answers = {t.name: [e.answer for e in t.splits[cfg.eval.split][: cfg.eval.max_examples]]
+                        for t in self.stream}
+
+    @property
+    def tasks_done(self) -> int:
+        return len(self.recorder.R) - 1
+
+    # --- the stream ------------------------------------------------------------------------------
+    def start_or_restore(self) -> int:
+        """Evaluate the untrained model (stage 0), or restore the newest readable checkpoint; returns
+        the index of the first task still to train."""
+        if self.saved is None:
+            console.print(Rule(f"Evaluating the untrained model on {len(self.stream)} tasks"))
+            self.evaluate_stage()
+            return 0
+        saved = self.saved
+        if saved["model"] is not None:
+            self.bundle.model.load_state_dict(saved["model"])
+        self.method.load_state_dict(saved["method"])
+        self.recorder.load_state_dict(saved["recorder"])
+        self.module.resume_stream(saved["step_offset"])
+        set_rng_state(saved["rng"])
+        console.print(Rule(f"Resuming {self.out_dir} after {saved['tasks_done']} of {len(self.stream)} tasks"))
+        return saved["tasks_done"]
+
+    def train_task(self, i: int) -> None:
+        """Task ``i``: the method's task start, a fresh Trainer's fit (continuing from this task's
+        newest step checkpoint on a resume), the method's task end."""
+        task, cfg = self.stream[i], self.cfg
+        console.print(Rule(f"Task {i + 1}/{len(self.stream)}: {task.name} ({len(task.train)} examples, "
+                           f"{task.epochs} epoch(s), metric {task.metric})"))
+        self.module.begin_task(task.name)
+        t = time.perf_counter()
+        self.method.on_task_start(self.module, task, i)
+        step_checkpoint = self.checkpoints.step_callback(i)
+        callbacks = [self.method] + ([step_checkpoint] if step_checkpoint else [])
+        trainer = build_trainer(cfg, task.epochs, task.max_steps, callbacks, self.accumulate)
+        loader = self.loaders.training(task.train, seed=cfg.seed + i, rank=rank(), world_size=world_size())
+        mid_task = self.checkpoints.latest_step(i) if self.saved is not None and i == self.saved["tasks_done"] else None
+        if mid_task is not None:
+            console.print(f"Resuming task {task.name} from {mid_task.name}")
+        trainer.fit(self.module, loader, ckpt_path=mid_task, weights_only=True)
+        self.module.end_fit()
+        self.method.on_task_end(self.module, task, i)
+        self.recorder.add_train_time(time.perf_counter() - t)
+
+    def evaluate_stage(self) -> None:
+        """The next row of R (every task of the stream), general ability when due, then record, log
+        and checkpoint the stage."""
+        t = time.perf_counter()
+        scores, predictions = evaluate_stream(self.bundle.model, self.bundle.tokenizer, self.stream,
+                                              self.generation, self.cfg.eval.split, self.cfg.eval.max_examples)
+        self.recorder.add_row(scores, time.perf_counter() - t)
+        done = self.tasks_done
+        if done == 0 or self.general.every_task or done == len(self.stream):
+            self._evaluate_general()
+        self._record_stage(predictions)
+        self.checkpoints.save_stage(self.stage_state(), done)
+
+    def finish(self) -> RunRecorder:
+        self.recorder.write(status="finished")
+        self.loggers.finalize("success")
+        if is_main():
+            print_summary(self.recorder, console)
+            console.print(f"Results: {self.out_dir / 'results.json'}")
+        return self.recorder
+
+    def fail(self, error: BaseException) -> None:
+        """Keep what was finished: results.json says the run failed, and why."""
+        self.recorder.write(status="failed", error=f"{type(error).__name__}: {error}")
+        self.loggers.finalize("failed")
+
+    # --- pieces ----------------------------------------------------------------------------------
+    def stage_state(self) -> dict[str, Any]:
+        """What a stage checkpoint holds (see cl_bench/training/checkpointing.py)."""
+        done = self.tasks_done
+        return {
+            "tasks_done": done, "model": self.bundle.model.state_dict() if done else None,
+            "method": self.method.state_dict(), "recorder": self.recorder.state_dict(),
+            "step_offset": self.module.step_offset, "rng": rng_state(), "run_ids": self.loggers.run_ids(),
+            "config": self.checkpoints.comparable(self.config),
+        }
+
+    def _evaluate_general(self) -> None:
+        """lm-eval on rank 0 (the harness runs in one process here); the other processes wait."""
+        if not self.general.enabled:
+            return
+        if is_main():
+            console.print(f"General ability: {', '.join(self.general.tasks)}")
+            t = time.perf_counter()
+            self.recorder.add_general(self.general.evaluate(self.bundle.model, self.bundle.tokenizer))
+            self.recorder.timings.setdefault("general_s", []).append(round(time.perf_counter() - t, 3))
+        barrier()
+
+    def _record_stage(self, predictions: dict[str, list[str]]) -> None:
+        recorder, step = self.recorder, self.module.stream_step
+        recorder.write_predictions(self.answers, predictions)
+        metrics = {f"score/{name}": v for name, v in zip(recorder.task_names, recorder.R[-1])}
+        metrics.update({f"cl/{k}": v for k, v in recorder.cl_metrics().items()})
+        if recorder.stages[-1] in recorder.general:
+            metrics.update({f"general/{k}": v for k, v in recorder.general[recorder.stages[-1]].items()})
+            if recorder.general_delta() is not None:
+                metrics["general/delta_RG"] = recorder.general_delta()
+        metrics["stage"] = self.tasks_done
+        self.loggers.log_metrics(metrics, step)
+        self.loggers.log_table("R", ["stage"] + recorder.task_names,
+                               [[s] + r for s, r in zip(recorder.stages, recorder.R)], step)
+        self.loggers.save()
+        recorder.write()
+
+
+def run(cfg: DictConfig, out_dir: str | Path) -> RunRecorder:
+    """The whole stream; returns the recorder (results are also on disk in the run dir).
+
+    With ``resume=<run dir>`` (or a rerun in a dir that has checkpoints) the stream goes on from
+    the newest readable checkpoint: the last finished task, then the newest step within the next.
+    """
+    stream_run = StreamRun(cfg, out_dir)
+    try:
+        first = stream_run.start_or_restore()
+        for i in range(first, len(stream_run.stream)):
+            stream_run.train_task(i)
+            stream_run.evaluate_stage()
+    except BaseException as e:
+        stream_run.fail(e)
+        raise
+    return stream_run.finish()

@@ -1,0 +1,64 @@
+"""Lightning Trainers built from ``conf/trainer``: one per task, and one that only places the run.
+
+Every task gets a fresh Trainer (so a fresh optimizer; see methods/base.py); its epochs and step
+cap come from the task, its gradient accumulation from the global batch layout
+(cl_bench/data/batching.py). Before anything is loaded, :func:`placement_trainer` builds a Trainer
+that trains nothing: it tells the device and the number of processes, and its strategy starts the
+processes (cl_bench/distributed.py).
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Iterable
+
+from lightning import Trainer
+from lightning.pytorch.accelerators import CUDAAccelerator, MPSAccelerator
+from lightning.pytorch.callbacks import Callback, RichProgressBar
+from omegaconf import DictConfig
+
+from cl_bench.config import build
+from cl_bench.errors import ConfigError
+
+# Lightning's own use of a deprecated torch API, warned at every fit; nothing a user can change.
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+# Lightning's per-fit banners ("GPU available", tips) would repeat once per task.
+for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
+
+
+def check_accelerator(trainer: DictConfig) -> None:
+    """Refuse a GPU trainer on a machine without one, saying which settings run it on the CPU."""
+    accelerator = str(trainer.get("accelerator", "auto"))
+    if accelerator in ("gpu", "cuda", "mps") and not (CUDAAccelerator.is_available() or MPSAccelerator.is_available()):
+        raise ConfigError(
+            f"trainer.accelerator={accelerator} but this machine has no GPU; to run these settings on the CPU "
+            "add trainer.accelerator=cpu trainer.precision=32-true (e.g. DDP over 2 CPU processes: trainer=ddp "
+            "trainer.accelerator=cpu trainer.devices=2 trainer.precision=32-true)"
+        )
+
+
+def build_trainer(
+    cfg: DictConfig, epochs: int | None = None, max_steps: int | None = None,
+    callbacks: Iterable[Callback] = (), accumulate: int = 1,
+) -> Trainer:
+    """A Trainer for one task of ``epochs`` epochs (and at most ``max_steps`` optimizer steps).
+
+    ``epochs=None``: a Trainer that trains nothing (no budget, no progress bar).
+    """
+    if "accumulate_grad_batches" in cfg.trainer:
+        raise ConfigError("trainer.accumulate_grad_batches is derived from train.batch_size (the global batch) "
+                          "and train.micro_batch_size; set those instead")
+    check_accelerator(cfg.trainer)
+    callbacks = list(callbacks)
+    budget = {}
+    if epochs is not None:
+        budget = {"max_epochs": epochs, "max_steps": max_steps or -1}
+        if cfg.trainer.get("enable_progress_bar", True):
+            callbacks.append(RichProgressBar(leave=True))
+    return build(cfg.trainer, callbacks=callbacks, accumulate_grad_batches=accumulate, **budget)
+
+
+def placement_trainer(cfg: DictConfig) -> Trainer:
+    """A Trainer that trains nothing: its device, its process count and the launcher of its strategy."""
+    return build_trainer(cfg)

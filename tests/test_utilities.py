@@ -1,0 +1,101 @@
+"""The utilities written once and used everywhere: input checks, atomic writes, RNG and seeds,
+the GPU check, and progress bars in logs."""
+import io
+import os
+import random
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+from cl_bench.errors import ConfigError, check_choice, check_fraction, check_number, check_numbers
+from cl_bench.files import atomic_write
+from cl_bench.recording.console import LastRedraw
+from cl_bench.rng import derive_seed, preserved_rng, rng_state, set_rng_state
+from cl_bench.training.trainer import check_accelerator
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: check_number(0, "train.batch_size", integer=True, low=1), "train.batch_size must be an integer >= 1, got 0"),
+    (lambda: check_number(2.0, "k", integer=True, low=1), "k must be an integer >= 1, got 2.0"),
+    (lambda: check_number(True, "k", low=0), "k must be >= 0, got True"),
+    (lambda: check_number(0, "lr", low=0, low_open=True), "lr must be > 0, got 0"),
+    (lambda: check_number(1.5, "p", low=0, high=1, low_open=True), r"p must be in \(0, 1\], got 1.5"),
+    (lambda: check_number("x", "k"), "k must be a number, got 'x'"),
+    (lambda: check_number(0, "n", integer=True, low=1, allow_none=True), "n must be an integer >= 1 or null, got 0"),
+    (lambda: check_numbers([1, None, 0], "tasks.epochs", integer=True, low=1, allow_none=True),
+     "tasks.epochs values must be integers >= 1, got 0"),
+    (lambda: check_fraction(1, "method.alpha"), r"method.alpha must be in \(0, 1\), got 1"),
+    (lambda: check_choice("dev", ("train", "test"), "eval.split"), r"eval.split must be one of \('train', 'test'\), got 'dev'"),
+])
+def test_checks_name_the_key_the_rule_and_the_value(call, message):
+    with pytest.raises(ConfigError, match=f"^{message}$"):
+        call()
+
+
+def test_checks_return_good_values():
+    assert check_number(None, "n", integer=True, low=1, allow_none=True) is None
+    assert check_number(1.0, "p", low=0, high=1, low_open=True) == 1.0
+    assert check_numbers([1, None, 3], "e", integer=True, low=1, allow_none=True) == [1, None, 3]
+    assert check_choice("a", ("a",), "k") == "a" and check_fraction(0.7, "a") == 0.7
+
+
+def test_atomic_write_replaces_whole_files_and_leaves_nothing_behind_on_failure(tmp_path):
+    path = tmp_path / "sub" / "results.json"
+    atomic_write(path, "old")
+    atomic_write(path, b"new")
+    assert path.read_text() == "new"
+
+    def broken(tmp):
+        tmp.write_text("half")
+        raise OSError("disk full")
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(path, broken)
+    assert path.read_text() == "new" and sorted(p.name for p in path.parent.iterdir()) == ["results.json"]
+    folder = atomic_write(tmp_path / "model", lambda tmp: (tmp.mkdir(), (tmp / "w.bin").write_bytes(b"1")))
+    assert (folder / "w.bin").read_bytes() == b"1"
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
+    assert f".tmp{os.getpid()}" not in str(folder)
+
+
+def test_derived_seeds_keep_the_recorded_formulas():
+    # changing these changes every shuffled batch order and generated stream: golden values depend on them
+    assert derive_seed(42, 3) == 42 * 100_003 + 3
+    assert derive_seed(0, "arith") == zlib.crc32(b"arith")
+    assert len({derive_seed(s, k) for s in range(3) for k in range(100)}) == 300
+
+
+def test_preserved_rng_restores_every_generator_and_states_round_trip():
+    torch.manual_seed(1), random.seed(1), np.random.seed(1)
+    expected = (torch.rand(2), random.random(), np.random.rand())
+    torch.manual_seed(1), random.seed(1), np.random.seed(1)
+    with preserved_rng():
+        torch.manual_seed(7), random.seed(7), np.random.seed(7)
+        torch.rand(5)
+    assert (torch.equal(torch.rand(2), expected[0]), random.random(), np.random.rand()) == (True, *expected[1:])
+    state = rng_state()
+    first = torch.rand(3)
+    set_rng_state(state)
+    assert torch.equal(torch.rand(3), first)
+
+
+def test_a_gpu_trainer_on_a_machine_without_one_says_what_to_set(monkeypatch):
+    from omegaconf import OmegaConf
+    from lightning.pytorch.accelerators import CUDAAccelerator, MPSAccelerator
+    monkeypatch.setattr(CUDAAccelerator, "is_available", staticmethod(lambda: False))
+    monkeypatch.setattr(MPSAccelerator, "is_available", staticmethod(lambda: False))
+    with pytest.raises(ConfigError, match="trainer.accelerator=gpu but this machine has no GPU.*add trainer.accelerator=cpu "
+                                          "trainer.precision=32-true"):
+        check_accelerator(OmegaConf.create({"accelerator": "gpu"}))
+    check_accelerator(OmegaConf.create({"accelerator": "cpu"}))
+
+
+def test_progress_bars_keep_their_last_state_on_one_line():
+    out = io.StringIO()
+    stream = LastRedraw(out)
+    for chunk in ["Loading:   0%|  | 0/9", "\rLoading:  50%|# | 4/9", "\rLoading: 100%|##| 9/9\n",
+                  "plain line\n", "\n", "tmp bar 1/2\r", "          \r", "next\rnext done", " 2/2\n", "tail"]:
+        stream.write(chunk)
+    stream.close_pending()
+    assert out.getvalue().splitlines() == ["Loading: 100%|##| 9/9", "plain line", "", "next done 2/2", "tail"]
