@@ -145,6 +145,12 @@ def test_cli_runs_end_to_end(tmp_path):
     assert res["status"] == "finished" and len(res["R"]) == T + 1
     assert "Continual-learning metrics" in proc.stdout
     assert (out / ".hydra" / "config.yaml").is_file()
+    # a log a person can read: lm-eval's progress bars (general.limit=40 runs the probe) keep one
+    # line each, no carriage-return redraws, no library warning repeated at every task
+    log = proc.stdout + proc.stderr
+    assert "Running loglikelihood requests" in proc.stderr
+    assert "\r" not in log and max(len(line) for line in log.splitlines()) <= 400
+    assert "LeafSpec" not in log
 
 
 def test_custom_stream_in_trace_layout_runs_end_to_end(make_config, tmp_path):
