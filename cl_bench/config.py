@@ -31,6 +31,7 @@ def _get(cfg: DictConfig, key: str):
 def validate_run_config(cfg: DictConfig) -> None:
     """Every numeric setting of the run outside the plugins (which check their own), by key."""
     checks = {
+        "seed": dict(integer=True, low=0),
         "optimizer.lr": dict(low=0, low_open=True),
         "optimizer.weight_decay": dict(low=0),
         "scheduler.warmup_steps": dict(integer=True, low=0),

@@ -5,11 +5,16 @@ the same kind of message: the key (or file and record) at fault, what it must be
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable, Sequence
 
 
 class ConfigError(ValueError):
     """Bad input: the message names the config key, file or record at fault."""
+
+
+class RunDirInUse(ConfigError):
+    """Another run holds the run dir: nothing may be written there."""
 
 
 def check_choice(value: Any, choices: Sequence[Any], key: str) -> Any:
@@ -40,7 +45,7 @@ def check_number(
     value: Any, key: str, *, integer: bool = False, low: float | None = None, high: float | None = None,
     low_open: bool = False, high_open: bool = False, allow_none: bool = False,
 ) -> Any:
-    """``value`` if it is a number (an int when ``integer``; never a bool) within the bounds.
+    """``value`` if it is a finite number (an int when ``integer``; never a bool) within the bounds.
 
     ``low``/``high`` are inclusive unless ``low_open``/``high_open``; ``allow_none`` accepts None.
     The error reads e.g. "train.batch_size must be an integer >= 1, got 0".
@@ -48,10 +53,11 @@ def check_number(
     if value is None and allow_none:
         return value
     wrong_type = isinstance(value, bool) or not isinstance(value, int if integer else (int, float))
-    if (wrong_type or (low is not None and (value <= low if low_open else value < low))
+    non_finite = not wrong_type and not math.isfinite(value)
+    if (wrong_type or non_finite or (low is not None and (value <= low if low_open else value < low))
             or (high is not None and (value >= high if high_open else value > high))):
-        expected = _describe(integer, low, high, low_open, high_open)
-        raise ConfigError(f"{key} must be {expected}{' or null' if allow_none else ''}, got {value!r}")
+        expected = _describe(integer, low, high, low_open, high_open) + (" or null" if allow_none else "")
+        raise ConfigError(f"{key} must be {f'finite ({expected})' if non_finite else expected}, got {value!r}")
     return value
 
 

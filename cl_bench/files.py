@@ -1,10 +1,20 @@
-"""Atomic writes: a reader (or a resumed run) sees the old file or the new one, never half of one."""
+"""Files a run writes: atomically (a reader, or a resumed run, sees the old file or the new one,
+never half of one), into a run dir that one run at a time holds."""
 from __future__ import annotations
 
+import errno
+import json
+import logging
 import os
 import shutil
+import socket
+import time
 from pathlib import Path
 from typing import Callable
+
+from cl_bench.errors import ConfigError, RunDirInUse
+
+log = logging.getLogger(__name__)
 
 
 def _remove(path: Path) -> None:
@@ -35,7 +45,88 @@ def atomic_write(path: str | Path, content: str | bytes | Callable[[Path], None]
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
+    except Exception as e:
+        full = not isinstance(e, OSError) and _nearly_full(path.parent)
+        _remove(tmp)
+        if full:  # e.g. torch's "unexpected pos" when its zip writer hits a full disk
+            raise OSError(errno.ENOSPC, f"no space left on the device of {path.parent} while writing {path.name}") from e
+        raise
     except BaseException:
         _remove(tmp)
         raise
     return path
+
+
+def _nearly_full(folder: Path, margin: int = 1 << 20) -> bool:
+    try:
+        return shutil.disk_usage(folder).free < margin
+    except OSError:
+        return False
+
+
+class RunDirLock:
+    """One run per run dir: ``<dir>/.lock`` names the holding process (pid and host).
+
+    A second run into a held dir is refused, naming the holder. A lock whose process is gone (same
+    host, pid not alive: a killed run) is stale and taken over with a warning. Released on exit.
+    """
+
+    def __init__(self, run_dir: str | Path):
+        self.path = Path(run_dir) / ".lock"
+        self.held = False
+
+    def _holder(self) -> dict | None:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    @staticmethod
+    def _alive(holder: dict) -> bool:
+        if holder.get("host") != socket.gethostname():
+            return True  # another machine's process cannot be checked from here
+        try:
+            os.kill(int(holder["pid"]), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is None:  # being written this instant, or garbage: stale only when old
+                    if time.time() - self.path.stat().st_mtime < 10:
+                        time.sleep(0.2)
+                        continue
+                elif self._alive(holder):
+                    raise RunDirInUse(
+                        f"run dir {self.path.parent} is in use by process {holder.get('pid')} on {holder.get('host')} "
+                        f"(lock {self.path}); wait for it to finish, or choose another hydra.run.dir"
+                    ) from None
+                log.warning("taking over the stale lock %s (%s)", self.path, holder or "unreadable")
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump({"pid": os.getpid(), "host": socket.gethostname()}, f)
+            self.held = True
+            self._remove_stale_temporaries()
+            return
+        raise ConfigError(f"could not lock run dir {self.path.parent} ({self.path} keeps changing)")
+
+    def _remove_stale_temporaries(self) -> None:
+        """Temporary files of writers that died mid-write (a killed run): theirs, never a live one's."""
+        for tmp in self.path.parent.rglob(".*.tmp*"):
+            pid = tmp.name.rsplit(".tmp", 1)[-1]
+            if pid.isdigit() and not self._alive({"pid": int(pid), "host": socket.gethostname()}):
+                _remove(tmp)
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False

@@ -1,17 +1,20 @@
 """One run of a stream: set up, start or restore, then train and evaluate task by task.
 
-    run = StreamRun(cfg, out_dir)          # check the config, start the processes, build everything
-    first = run.start_or_restore()         # R[0] (the untrained model), or the newest checkpoint
-    for i in range(first, len(run.stream)):
-        run.train_task(i)                  # method.on_task_start, Trainer.fit, method.on_task_end
-        run.evaluate_stage()               # R[i + 1]: every task; record, log, checkpoint
-    run.finish()                           # results.json status "finished", summary
+    stream_run = StreamRun(cfg, out_dir)   # check the config, hold the run dir, start the processes,
+                                           # build everything (bad settings are refused here)
+    stream_run.run():
+        first = start_or_restore()         # R[0] (the untrained model), or the newest checkpoint
+        for i in range(first, len(stream)):
+            train_task(i)                  # method.on_task_start, Trainer.fit, method.on_task_end
+            evaluate_stage()               # R[i + 1]: every task; record, log, checkpoint
+        finish()                           # results.json status "finished", summary
 
-:func:`run` does exactly this, writing the error into results.json if anything fails. Under
+Any error after set-up is written into results.json (``fail``), every finished stage kept. Under
 several processes every process runs the same calls in lockstep (cl_bench/distributed.py).
 """
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,7 @@ from cl_bench.data.loaders import TaskLoaders
 from cl_bench.data.tasks import TaskStream
 from cl_bench.distributed import barrier, is_main, rank, start_processes, world_size
 from cl_bench.errors import ConfigError
+from cl_bench.files import RunDirLock
 from cl_bench.evaluation.general_ability import GeneralAbility
 from cl_bench.evaluation.generation import GenerationConfig, evaluate_stream
 from cl_bench.recording.console import console
@@ -35,9 +39,11 @@ from cl_bench.recording.loggers import RunLoggers
 from cl_bench.recording.results import RunRecorder, redact
 from cl_bench.recording.summary import print_summary
 from cl_bench.rng import rng_state, set_rng_state
-from cl_bench.training.checkpointing import StreamCheckpoints
+from cl_bench.training.checkpointing import CHECKPOINT_DIR, StreamCheckpoints
 from cl_bench.training.module import CLModule
 from cl_bench.training.trainer import build_trainer, placement_trainer
+
+log = logging.getLogger(__name__)
 
 
 def in_multirun() -> bool:
@@ -69,19 +75,46 @@ class StreamRun:
         self.stream: TaskStream = build(cfg.tasks)  # validates the data before the model is loaded
         self.general: GeneralAbility = build(cfg.general) if cfg.get("general") else GeneralAbility()
         self.general.check()
+        self.out_dir = self._run_dir(cfg, out_dir)
+        self.lock = RunDirLock(self.out_dir)
+        if is_main():
+            self.lock.acquire()  # released by close(); the other processes of this run share the dir
+        try:
+            self._build(cfg, t0, placement)
+        except BaseException:
+            self.close()
+            raise
+
+    @staticmethod
+    def _run_dir(cfg: DictConfig, out_dir: str | Path) -> Path:
+        """``out_dir``, or the run dir named by ``resume`` (which must hold a run to resume); the
+        loggers then write into that run's own dir too."""
+        if not cfg.get("resume"):
+            return Path(out_dir)
+        resume = Path(cfg.resume)
+        if not (resume / CHECKPOINT_DIR).is_dir():
+            raise ConfigError(f"resume={resume}: no run to resume there ({resume / CHECKPOINT_DIR} does not exist)")
+        OmegaConf.update(cfg, "paths.output_dir", str(resume))
+        return resume
+
+    def _build(self, cfg: DictConfig, t0: float, placement) -> None:
         self.bundle = build(cfg.model)
         self.config = OmegaConf.to_container(cfg, resolve=True)
-        self.out_dir = Path(cfg.get("resume") or out_dir)
         self.checkpoints = StreamCheckpoints(self.out_dir, **cfg.checkpoint)
         self.saved = self.checkpoints.latest_stage()
+        #: on a resume, the newest step checkpoint of the task the run continues with
+        self.mid_task: Path | None = None
         if self.saved is not None:
             self.checkpoints.check_resumable(self.saved, self.config)
+            self.mid_task = self.checkpoints.latest_step(self.saved["tasks_done"])
         self.recorder = RunRecorder(self.out_dir, self.config, self.stream.names, [t.metric for t in self.stream],
                                     writes=is_main())
         self.recorder.set_timing("load_s", time.perf_counter() - t0)
         run_ids = self.saved["run_ids"] if self.saved else {}
         self.loggers = RunLoggers({k: build(c, **({"run_id": run_ids[k]} if k in run_ids else {}))
                                    for k, c in (cfg.get("logger") or {}).items()} if is_main() else {})
+        if self.saved is not None:  # keep the curves logged up to where this run continues
+            self.loggers.continue_from(self.saved["step_offset"] + self.checkpoints.step_of(self.mid_task))
         self.loggers.log_config(redact(self.config))
         self.loaders = TaskLoaders.from_config(cfg.train, self.bundle.tokenizer)
         # Evaluation and the methods' passes (Fisher, anchors) run where training runs.
@@ -104,6 +137,21 @@ class StreamRun:
         return len(self.recorder.R) - 1
 
     # --- the stream ------------------------------------------------------------------------------
+    def run(self) -> RunRecorder:
+        """Every task still to train, each followed by its stage; on any error, results.json says
+        failed (and why) and every finished stage stays on disk. The run dir is let go at the end."""
+        try:
+            first = self.start_or_restore()
+            for i in range(first, len(self.stream)):
+                self.train_task(i)
+                self.evaluate_stage()
+            return self.finish()
+        except BaseException as e:
+            self.fail(e)
+            raise
+        finally:
+            self.close()
+
     def start_or_restore(self) -> int:
         """Evaluate the untrained model (stage 0), or restore the newest readable checkpoint; returns
         the index of the first task still to train."""
@@ -134,10 +182,11 @@ class StreamRun:
         callbacks = [self.method] + ([step_checkpoint] if step_checkpoint else [])
         trainer = build_trainer(cfg, task.epochs, task.max_steps, callbacks, self.accumulate)
         loader = self.loaders.training(task.train, seed=cfg.seed + i, rank=rank(), world_size=world_size())
-        mid_task = self.checkpoints.latest_step(i) if self.saved is not None and i == self.saved["tasks_done"] else None
+        mid_task = self.mid_task if self.saved is not None and i == self.saved["tasks_done"] else None
         if mid_task is not None:
             console.print(f"Resuming task {task.name} from {mid_task.name}")
         trainer.fit(self.module, loader, ckpt_path=mid_task, weights_only=True)
+        self.module.check_weights_finite()  # before anything of this task is recorded or pruned
         self.module.end_fit()
         self.method.on_task_end(self.module, task, i)
         self.recorder.add_train_time(time.perf_counter() - t)
@@ -164,9 +213,17 @@ class StreamRun:
         return self.recorder
 
     def fail(self, error: BaseException) -> None:
-        """Keep what was finished: results.json says the run failed, and why."""
-        self.recorder.write(status="failed", error=f"{type(error).__name__}: {error}")
+        """Keep what was finished: results.json says the run failed, and why (where the dir still
+        takes a write; a full disk or a read-only dir is reported in one line instead)."""
+        try:
+            self.recorder.write(status="failed", error=f"{type(error).__name__}: {error}")
+        except OSError as e:
+            log.error("could not record the failure in %s: %s", self.out_dir / "results.json", e.strerror or e)
         self.loggers.finalize("failed")
+
+    def close(self) -> None:
+        """Let the run dir go (the lock)."""
+        self.lock.release()
 
     # --- pieces ----------------------------------------------------------------------------------
     def stage_state(self) -> dict[str, Any]:
@@ -208,18 +265,9 @@ class StreamRun:
 
 
 def run(cfg: DictConfig, out_dir: str | Path) -> RunRecorder:
-    """The whole stream; returns the recorder (results are also on disk in the run dir).
+    """The whole stream: ``StreamRun(cfg, out_dir).run()``; results are also on disk in the run dir.
 
     With ``resume=<run dir>`` (or a rerun in a dir that has checkpoints) the stream goes on from
     the newest readable checkpoint: the last finished task, then the newest step within the next.
     """
-    stream_run = StreamRun(cfg, out_dir)
-    try:
-        first = stream_run.start_or_restore()
-        for i in range(first, len(stream_run.stream)):
-            stream_run.train_task(i)
-            stream_run.evaluate_stage()
-    except BaseException as e:
-        stream_run.fail(e)
-        raise
-    return stream_run.finish()
+    return StreamRun(cfg, out_dir).run()

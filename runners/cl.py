@@ -2,12 +2,14 @@
 
     python -m runners.cl [method=...] [model=...] [tasks=...] [trainer=...] [logger=...] [seed=...]
 
-Hydra composes the config; :func:`cl_bench.stream_run.run` does the rest (see its module doc).
-Results land in the Hydra run dir.
+Hydra composes the config; :class:`cl_bench.stream_run.StreamRun` does the rest (see its module
+doc). Results land in the Hydra run dir.
 """
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from pathlib import Path
 
 import hydra
@@ -15,9 +17,11 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from cl_bench.distributed import is_main
+from cl_bench.errors import ConfigError, RunDirInUse
 from cl_bench.recording.console import one_line_per_bar
+from cl_bench.recording.hydra_record import discard_backup, restore_record
 from cl_bench.recording.results import RunRecorder
-from cl_bench.stream_run import in_multirun, run
+from cl_bench.stream_run import StreamRun, in_multirun
 
 log = logging.getLogger(__name__)
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"  # absolute: main also runs as runners.cl.main
@@ -28,17 +32,32 @@ def main(cfg: DictConfig) -> float | None:
     """One run; returns ``cfg.objective`` (a CL metric, e.g. op or bwt) for sweepers such as Optuna.
 
     In a multirun a failed job has already written its error to its results.json; it is logged and
-    returns NaN (Optuna records a failed trial) so that the rest of the sweep goes on.
+    returns NaN (Optuna records a failed trial) so that the rest of the sweep goes on. A single run
+    stopped by bad input (a ConfigError, which names the key or file) prints that one line and
+    exits with status 1; ``HYDRA_FULL_ERROR=1`` shows the traceback instead.
     """
+    subdir = HydraConfig.get().output_subdir if HydraConfig.initialized() else None
     try:
         with one_line_per_bar():
-            recorder = run(cfg, cfg.paths.output_dir)
+            try:
+                stream_run = StreamRun(cfg, cfg.paths.output_dir)
+            except Exception:  # refused before it began: the dir keeps its earlier run's record
+                if subdir is not None and is_main():
+                    restore_record(cfg.paths.output_dir, subdir)
+                raise
+            if subdir is not None and is_main():
+                discard_backup(cfg.paths.output_dir, subdir)
+            recorder = stream_run.run()
     except Exception as e:
         results = Path(cfg.paths.output_dir) / "results.json"
-        if is_main() and not results.exists():  # it failed before its recorder existed
+        # it failed before its recorder existed (never into a dir that another run holds)
+        if is_main() and not results.exists() and not isinstance(e, RunDirInUse):
             config = OmegaConf.to_container(cfg, resolve=False)
             RunRecorder(cfg.paths.output_dir, config, [], []).write(status="failed", error=f"{type(e).__name__}: {e}")
         if not in_multirun():
+            if isinstance(e, ConfigError) and not os.environ.get("HYDRA_FULL_ERROR"):
+                print(f"Error: {e}", file=sys.stderr)
+                sys.exit(1)
             raise
         log.exception("job %s failed; the sweep goes on", HydraConfig.get().job.num)
         return float("nan")

@@ -8,7 +8,7 @@ import torch
 from cl_bench.errors import ConfigError
 from cl_bench.evaluation.general_ability import PROJECT_TASKS, GeneralAbility
 from cl_bench.models import tiny_llama
-from runners.cl import run
+from cl_bench.stream_run import run
 
 PROBE = [json.loads(line) for line in (PROJECT_TASKS / "probe.jsonl").read_text().splitlines()]
 

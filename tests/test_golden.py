@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from runners.cl import run
+from cl_bench.stream_run import run
 from tests.conftest import compose_config
 
 GOLDEN = Path(__file__).with_name("golden") / "stream.json"

@@ -7,7 +7,7 @@ import pytest
 
 from cl_bench.recording.loggers import wandb_logger
 from cl_bench.recording.results import REDACTED, redact
-from runners.cl import run
+from cl_bench.stream_run import run
 from tests.wandb_log import read_run
 
 

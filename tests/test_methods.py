@@ -20,7 +20,7 @@ from methods.hft import HFT
 from methods.masking import GradientMask, aggregate, kth_threshold
 from methods.migu import MIGU
 from methods.random_mask import RandomMask
-from runners.cl import run
+from cl_bench.stream_run import run
 from tests.conftest import ROOT, instantiate_with
 
 TASK = Task(TaskSpec("t", "accuracy", 4), {"train": [Example(f"q{i} x{i * 3}? Answer:", f"a{i}") for i in range(8)]}, 1)

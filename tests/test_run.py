@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 
 from cl_bench.errors import ConfigError
 from methods.base import CLMethod
-from runners.cl import run
+from cl_bench.stream_run import run
 from tests.conftest import ROOT, instantiate_with, write_stream
 
 T = 5

@@ -4,7 +4,7 @@ import pytest
 from cl_bench.evaluation.generation import GenerationConfig, generate
 from cl_bench.models import load_smollm2
 from cl_bench.data.tasks import Example
-from runners.cl import run
+from cl_bench.stream_run import run
 from tests.conftest import MODEL_CACHE
 
 pytestmark = pytest.mark.slow

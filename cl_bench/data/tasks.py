@@ -81,13 +81,26 @@ class TaskStream:
 
 
 def read_split(path: Path) -> list[Example]:
-    """Read one split file, refusing anything that is not a non-empty list of prompt/answer strings."""
+    """Read one split file, refusing anything that is not a non-empty list of prompt/answer strings.
+
+    Every error names the file and says what is wrong in one line; none quotes the file's contents.
+    """
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder; expected a JSON file")
     if not path.is_file():
         raise ConfigError(f"missing split file: {path}")
     try:
-        records = json.loads(path.read_text(encoding="utf-8"))
+        data = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read ({e.strerror or type(e).__name__})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}: {e.reason})") from None
+    try:
+        records = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from e
+        raise ConfigError(f"{path}: not valid JSON ({e.msg}: line {e.lineno} column {e.colno})") from None
     if not isinstance(records, list):
         raise ConfigError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
     if not records:
@@ -105,6 +118,20 @@ def read_split(path: Path) -> list[Example]:
                 )
         examples.append(Example(rec["prompt"], rec["answer"]))
     return examples
+
+
+def check_task_specs(specs: Sequence[TaskSpec]) -> None:
+    """Each task's name is a plain folder name (it is read under data_dir and written under the run
+    dir), unique in the stream, and its ``max_new_tokens`` is an integer >= 1."""
+    seen = set()
+    for spec in specs:
+        name = spec.name
+        if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+            raise ConfigError(f"task name {name!r} is not a plain folder name (no '/', '\\', '..' or absolute paths)")
+        if name in seen:
+            raise ConfigError(f"task name {name!r} is declared twice in tasks.tasks")
+        seen.add(name)
+        check_number(spec.max_new_tokens, f"task {name}: max_new_tokens", integer=True, low=1)
 
 
 def per_task_values(value: Any, n: int, key: str, allow_none: bool = False) -> list:
@@ -210,6 +237,7 @@ def load_stream(
     anything is returned.
     """
     specs = [t if isinstance(t, TaskSpec) else TaskSpec(**t) for t in tasks]
+    check_task_specs(specs)
     by_name = {s.name: s for s in specs}
     for s in specs:
         if s.metric not in METRICS:

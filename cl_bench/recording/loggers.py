@@ -6,11 +6,12 @@ metrics and the score matrix are logged after every task.
 """
 from __future__ import annotations
 
+import csv
 import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from lightning.pytorch.loggers import Logger, WandbLogger
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 
 from cl_bench.errors import check_choice
 
@@ -64,6 +65,21 @@ class RunLoggers:
     def run_ids(self) -> dict[str, str]:
         """The W&B run id of each W&B logger, by key: a resumed run logs to the same run."""
         return {k: lg.version for k, lg in self.by_key.items() if isinstance(lg, WandbLogger) and lg.version}
+
+    def continue_from(self, step: int, stage_key: str = "stage") -> None:
+        """A resumed run that goes on training at ``step``: keep what the CSV loggers recorded before
+        it, and the stage rows (those with ``stage_key``) at it, which the resumed run does not log
+        again (Lightning's CSV writer would delete metrics.csv); W&B continues its run id by itself."""
+        for lg in self.loggers:
+            if not isinstance(lg, CSVLogger):
+                continue
+            path = Path(lg.log_dir) / "metrics.csv"
+            rows = list(csv.DictReader(path.open(newline=""))) if path.is_file() else []
+            for row in rows:  # read whole before ``lg.experiment`` first opens (and deletes) the file
+                values = {k: float(v) for k, v in row.items() if k != "step" and v not in ("", None)}
+                row_step = int(float(row["step"]))
+                if values and (row_step < step or (row_step == step and stage_key in values)):
+                    lg.experiment.log_metrics(values, row_step)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         clean = {k: float(v) for k, v in metrics.items() if v is not None}

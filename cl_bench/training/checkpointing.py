@@ -46,7 +46,8 @@ def load_file(path: Path, mmap: bool = False) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # truncated, corrupt, or not a checkpoint: one message that names the file
-        raise ValueError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e})") from e
+        reason = (str(e).strip().splitlines() or [""])[0][:200]  # torch's messages run to paragraphs
+        raise ValueError(f"checkpoint {path} is unreadable ({type(e).__name__}: {reason})") from e
 
 
 class StreamCheckpoints:
@@ -80,7 +81,11 @@ class StreamCheckpoints:
         if not is_main():
             return
         atomic_write(self.dir / f"stage-{tasks_done:03d}.pt", lambda tmp: torch.save(state, tmp))
-        self._prune(self.files(_STAGE), self.keep_stages)
+        stages = self.files(_STAGE)
+        for (done,), p in stages:  # stages past this one are from a past the run could not restore
+            if done > tasks_done:
+                p.unlink()
+        self._prune([(k, p) for k, p in stages if k[0] <= tasks_done], self.keep_stages)
         for (task, _), p in self.files(_STEP):
             if task < tasks_done:
                 p.unlink()
@@ -95,13 +100,26 @@ class StreamCheckpoints:
         self._prune(self.files(_STEP, task_index), self.keep_steps)
 
     def latest_stage(self) -> dict[str, Any] | None:
-        """The newest readable stage checkpoint (falling back past unreadable ones), or None."""
-        for _, path in reversed(self.files(_STAGE)):
+        """The newest readable stage checkpoint (falling back past unreadable ones), or None if there
+        is none at all. Stage files of which none is readable are refused: starting over would
+        overwrite the results they recorded."""
+        stages = self.files(_STAGE)
+        for _, path in reversed(stages):
             try:
                 return load_file(path)
             except ValueError as e:
                 log.warning("%s; falling back to the previous checkpoint", e)
+        if stages:
+            raise ConfigError(
+                f"cannot resume {self.dir.parent}: no stage checkpoint is readable "
+                f"({', '.join(p.name for _, p in stages)}); move {self.dir} away to start this run over"
+            )
         return None
+
+    @staticmethod
+    def step_of(path: Path | None) -> int:
+        """The optimizer step (within its task) a step checkpoint was taken at; 0 for None."""
+        return 0 if path is None else int(_STEP.match(path.name).group(2))
 
     def latest_step(self, task_index: int) -> Path | None:
         """The newest readable step checkpoint of ``task_index`` (falling back past unreadable ones)."""
@@ -145,6 +163,7 @@ class StepCheckpoint(Callback):
         step = trainer.global_step
         if step == 0 or step % self.checkpoints.every_n_steps or step == self.last_saved:
             return
+        pl_module.check_weights_finite()  # a diverged step must not replace the last good checkpoint
         self.last_saved = step
         self.checkpoints.save_step(trainer, self.task_index)
 

@@ -101,14 +101,22 @@ class CLModule(LightningModule):
         penalty = self.method.penalty(self, batch, task_loss)
         loss = task_loss if penalty is None else task_loss + penalty
         self.log("loss", loss.detach(), prog_bar=True, logger=False)
+        value = loss.item()  # checked at every step: a diverged task must never be recorded as a stage
+        if not math.isfinite(value):
+            raise FloatingPointError(
+                f"non-finite training loss ({value}) on task '{self.task_name}' at step {self.global_step}"
+            )
         if self.should_log:
-            value = loss.item()
-            if not math.isfinite(value):
-                raise FloatingPointError(
-                    f"non-finite training loss ({value}) on task '{self.task_name}' at step {self.global_step}"
-                )
             self.log_metrics({"train/loss": value, "train/task_loss": task_loss.item()})
         return loss
+
+    def check_weights_finite(self) -> None:
+        """Raise if any weight is NaN or infinite (an optimizer step can diverge after a finite loss)."""
+        for name, p in self.model.named_parameters():
+            if not torch.isfinite(p).all():
+                raise FloatingPointError(
+                    f"non-finite weights in {name} on task '{self.task_name}' at step {self.global_step}"
+                )
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Mid-task checkpoints also carry the RNG states, so a resumed task draws what it would have."""

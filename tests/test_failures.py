@@ -1,0 +1,260 @@
+"""When things go wrong nothing is lost and nothing is reported wrong: divergence, corrupt
+checkpoints, two runs in one dir, path-like task names, unreadable data files, bad settings."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cl_bench.data.tasks import read_split
+from cl_bench.errors import ConfigError, RunDirInUse
+from cl_bench.files import RunDirLock
+from cl_bench.stream_run import run
+from tests.conftest import ROOT, write_stream
+
+SHORT = ["tasks.order=[arith,code,sentiment]", "checkpoint.keep_stages=null"]
+
+
+def _results(out_dir) -> dict:
+    return json.loads((Path(out_dir) / "results.json").read_text())
+
+
+def _stages(out_dir) -> list[str]:
+    return sorted(p.name for p in (Path(out_dir) / "checkpoints").glob("stage-*.pt"))
+
+
+# --- divergence --------------------------------------------------------------------------------
+def test_a_diverged_run_fails_and_keeps_the_last_good_stage(make_config):
+    cfg = make_config("optimizer.lr=1e30", "checkpoint.keep_stages=1")
+    with pytest.raises(FloatingPointError, match="non-finite .* task 'sentiment' at step"):
+        run(cfg, cfg.paths.output_dir)
+    res = _results(cfg.paths.output_dir)
+    assert res["status"] == "failed" and "non-finite" in res["error"] and len(res["R"]) == 1
+    assert _stages(cfg.paths.output_dir) == ["stage-000.pt"]  # the base stage was not pruned
+
+
+@pytest.mark.parametrize("value", ["inf", "nan"])
+def test_non_finite_settings_are_refused_at_start(make_config, value):
+    cfg = make_config(f"optimizer.lr={value}")
+    with pytest.raises(ConfigError, match=f"optimizer.lr must be finite \\(> 0\\), got {value}"):
+        run(cfg, cfg.paths.output_dir)
+
+
+# --- corrupt checkpoints -----------------------------------------------------------------------
+def test_a_corrupt_last_stage_falls_back_to_the_previous_one_and_keeps_every_row(make_config):
+    cfg = make_config(*SHORT)
+    finished = run(cfg, cfg.paths.output_dir).R
+    out = Path(cfg.paths.output_dir)
+    last = out / "checkpoints" / "stage-003.pt"
+    last.write_bytes(last.read_bytes()[:100])
+    resumed = run(make_config(*SHORT), out)
+    assert resumed.R == finished and _results(out)["R"] == finished and _results(out)["status"] == "finished"
+    assert torch.load(last, weights_only=True)["tasks_done"] == 3  # written again, whole
+
+
+def test_no_readable_stage_is_refused_and_the_results_stay(make_config):
+    cfg = make_config("tasks.order=[arith]")
+    run(cfg, cfg.paths.output_dir)
+    out = Path(cfg.paths.output_dir)
+    before = (out / "results.json").read_text()
+    for p in (out / "checkpoints").glob("stage-*.pt"):
+        p.write_bytes(b"garbage")
+    with pytest.raises(ConfigError, match="no stage checkpoint is readable \\(stage-001.pt\\)"):
+        run(make_config("tasks.order=[arith]"), out)
+    assert (out / "results.json").read_text() == before
+
+
+def test_saving_a_stage_drops_the_unrestorable_ones_after_it(make_config, tmp_path):
+    from cl_bench.training.checkpointing import StreamCheckpoints
+    ckpt = StreamCheckpoints(tmp_path, keep_stages=1)
+    ckpt.save_stage({"tasks_done": 1}, 1)
+    (tmp_path / "checkpoints" / "stage-003.pt").write_bytes(b"corrupt")
+    ckpt.save_stage({"tasks_done": 2}, 2)
+    assert _stages(tmp_path) == ["stage-002.pt"]
+
+
+def test_resume_of_a_dir_without_a_run_is_refused(make_config, tmp_path):
+    cfg = make_config(f"resume={tmp_path / 'nothing'}")
+    with pytest.raises(ConfigError, match="resume=.*nothing: no run to resume there"):
+        run(cfg, cfg.paths.output_dir)
+
+
+# --- one run per dir ----------------------------------------------------------------------------
+def test_a_second_run_into_a_held_dir_is_refused_naming_the_holder(make_config):
+    cfg = make_config("tasks.order=[arith]")
+    lock = RunDirLock(cfg.paths.output_dir)
+    lock.acquire()
+    try:
+        with pytest.raises(RunDirInUse, match=f"in use by process {os.getpid()} on "):
+            run(cfg, cfg.paths.output_dir)
+        assert not (Path(cfg.paths.output_dir) / "results.json").exists()
+    finally:
+        lock.release()
+    run(cfg, cfg.paths.output_dir)
+    assert not (Path(cfg.paths.output_dir) / ".lock").exists()
+
+
+def test_a_killed_holder_leaves_a_stale_lock_that_the_next_run_takes_over(make_config):
+    cfg = make_config("tasks.order=[arith]")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from cl_bench.files import RunDirLock; "
+         "RunDirLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(60)", cfg.paths.output_dir],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    assert json.loads((Path(cfg.paths.output_dir) / ".lock").read_text())["pid"] == holder.pid
+    assert run(cfg, cfg.paths.output_dir).status == "finished"
+
+
+@pytest.mark.processes
+def test_two_runs_in_one_dir_the_second_is_refused_and_the_first_finishes(tmp_path):
+    out = tmp_path / "shared"
+    cmd = [sys.executable, "-m", "runners.cl", "experiment=smoke", "general=none", f"hydra.run.dir={out}",
+           f"paths.cache_dir={tmp_path / 'cache'}"]
+    # the first trains long enough (30 epochs per task) to still hold the dir when the second starts
+    first = subprocess.Popen(cmd + ["tasks.epochs=30"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out / ".lock").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert first.poll() is None, "the first run ended before the second started: the test proves nothing"
+    assert first.wait(timeout=300) == 0
+    assert second.returncode == 1 and f"is in use by process {first.pid}" in second.stderr
+    assert "Traceback" not in second.stderr
+    assert _results(out)["status"] == "finished" and not (out / ".lock").exists()
+
+
+# --- task names and data files -------------------------------------------------------------------
+@pytest.mark.parametrize("tasks, message", [
+    ("[{name: ../outside/X, metric: accuracy, max_new_tokens: 4}]", "task name '../outside/X' is not a plain folder name"),
+    ("[{name: /etc, metric: accuracy, max_new_tokens: 4}]", "task name '/etc' is not a plain folder name"),
+    ("[{name: A, metric: accuracy, max_new_tokens: 4}, {name: A, metric: rouge_l, max_new_tokens: 8}]",
+     "task name 'A' is declared twice"),
+    ("[{name: A, metric: accuracy, max_new_tokens: 0}]", "task A: max_new_tokens must be an integer >= 1"),
+])
+def test_path_like_and_duplicate_task_names_are_refused_before_the_model_loads(make_config, tmp_path, monkeypatch,
+                                                                                tasks, message):
+    data = write_stream(tmp_path / "data", {"A": 2})
+    cfg = make_config("model=tiny_llama", "tasks=custom", f"tasks.data_dir={data}", f"tasks.tasks={tasks}", tiny=False)
+    monkeypatch.setattr("cl_bench.models.tiny_llama", lambda **k: pytest.fail("the model was loaded"))
+    with pytest.raises(ConfigError, match=message):
+        run(cfg, cfg.paths.output_dir)
+
+
+def test_invalid_utf8_is_reported_in_one_short_line_naming_file_and_offset(tmp_path):
+    path = tmp_path / "train.json"
+    path.write_bytes(b'[{"prompt": "p", "answer": "' + b"x" * 5_000_000 + b'\xff"}]')
+    with pytest.raises(ConfigError) as err:
+        read_split(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: not UTF-8 text (byte 0xff at offset 5000028") and len(message) < 500
+
+
+def test_a_folder_named_like_a_split_is_not_called_missing(tmp_path):
+    (tmp_path / "train.json").mkdir()
+    with pytest.raises(ConfigError, match="train.json is a folder; expected a JSON file"):
+        read_split(tmp_path / "train.json")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("seed=abc", "seed must be an integer >= 0, got 'abc'"),
+    ("seed=-5", "seed must be an integer >= 0, got -5"),
+    ("seed=1.5", "seed must be an integer >= 0, got 1.5"),
+])
+def test_bad_seeds_are_named_at_start(make_config, override, message):
+    cfg = make_config(override)
+    with pytest.raises(ConfigError, match=message):
+        run(cfg, cfg.paths.output_dir)
+
+
+def test_a_config_error_prints_one_line_without_a_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "runners.cl", "model=tiny_llama", "general=none", "optimizer.lr=-1",
+         f"hydra.run.dir={tmp_path / 'run'}", f"paths.cache_dir={tmp_path / 'cache'}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == "Error: optimizer.lr must be > 0, got -1"
+    assert "Traceback" not in proc.stderr
+
+
+# --- records of a resumed or refused run ----------------------------------------------------------
+def test_a_resume_keeps_the_csv_rows_before_it_and_logs_into_the_runs_own_dir(make_config, tmp_path):
+    cfg = make_config(*SHORT, "logger=csv")
+    run(cfg, cfg.paths.output_dir)
+    out = Path(cfg.paths.output_dir)
+    metrics = out / "csv" / "metrics.csv"
+    before = metrics.read_text().splitlines()
+    last = out / "checkpoints" / "stage-003.pt"
+    last.write_bytes(b"corrupt")
+    elsewhere = tmp_path / "new_hydra_dir"
+    run(make_config(*SHORT, "logger=csv", f"resume={out}", f"paths.output_dir={elsewhere}"), elsewhere)
+    assert not (elsewhere / "csv").exists()
+    after = metrics.read_text().splitlines()
+    stage_rows = lambda lines: [r for r in lines[1:] if r.split(",")[lines[0].split(",").index("stage")] != ""]  # noqa: E731
+    assert len(stage_rows(after)) == len(stage_rows(before)) == 4  # base + 3 stages, none lost or doubled
+    assert len(after) == len(before)
+
+
+def test_a_refused_rerun_leaves_the_runs_hydra_record_as_it_was(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "runners.cl", "experiment=smoke", "general=none", "tasks.order=[arith]",
+           f"hydra.run.dir={out}", f"paths.cache_dir={tmp_path / 'cache'}"]
+    assert subprocess.run(cmd, cwd=ROOT, capture_output=True, timeout=300).returncode == 0
+    record = (out / ".hydra" / "config.yaml").read_text()
+    refused = subprocess.run(cmd + ["optimizer.lr=0.5"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 1 and "cannot resume" in refused.stderr and "optimizer.lr" in refused.stderr
+    assert (out / ".hydra" / "config.yaml").read_text() == record
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".hydra")) == [".hydra"]
+
+
+def test_a_full_disk_is_named_instead_of_the_writers_own_message(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    def torch_like(tmp):
+        tmp.write_bytes(b"part")
+        raise RuntimeError("[enforce fail at inline_container.cc] . unexpected pos 64 vs 12")
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(100, 100, 0))
+    with pytest.raises(OSError, match="no space left on the device of .* while writing stage-001.pt"):
+        from cl_bench.files import atomic_write
+        atomic_write(tmp_path / "stage-001.pt", torch_like)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_taking_over_a_dir_removes_the_dead_writers_temporaries_only(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "checkpoints").mkdir(parents=True)
+    stale = tmp_path / "checkpoints" / f".stage-002.pt.tmp{dead.pid}"
+    live = tmp_path / f".results.json.tmp{os.getpid()}"
+    stale.write_bytes(b"half"), live.write_bytes(b"being written")
+    lock = RunDirLock(tmp_path)
+    lock.acquire()
+    lock.release()
+    assert not stale.exists() and live.exists()
+
+
+def test_a_failed_checkpoint_write_is_recorded_as_failed_with_its_cause(make_config, monkeypatch):
+    import errno
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if Path(f).name.startswith(".stage-002.pt"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+    monkeypatch.setattr(torch, "save", save)
+    cfg = make_config(*SHORT)
+    with pytest.raises(OSError, match="No space left"):
+        run(cfg, cfg.paths.output_dir)
+    res = _results(cfg.paths.output_dir)
+    assert res["status"] == "failed" and "No space left on device" in res["error"] and len(res["R"]) == 3
+    assert _stages(cfg.paths.output_dir) == ["stage-000.pt", "stage-001.pt"]
+    assert not [p for p in Path(cfg.paths.output_dir).rglob(".*.tmp*")]
