@@ -258,3 +258,12 @@ def test_a_failed_checkpoint_write_is_recorded_as_failed_with_its_cause(make_con
     assert res["status"] == "failed" and "No space left on device" in res["error"] and len(res["R"]) == 3
     assert _stages(cfg.paths.output_dir) == ["stage-000.pt", "stage-001.pt"]
     assert not [p for p in Path(cfg.paths.output_dir).rglob(".*.tmp*")]
+
+
+def test_an_unreadable_split_file_is_named_with_the_cause(tmp_path, monkeypatch):
+    path = tmp_path / "train.json"
+    path.write_text("[]")
+    # root reads any file whatever its mode, so the denial is simulated where the read happens
+    monkeypatch.setattr(Path, "read_bytes", lambda self: (_ for _ in ()).throw(PermissionError(13, "Permission denied")))
+    with pytest.raises(ConfigError, match=f"^{path}: cannot be read \\(Permission denied\\)$"):
+        read_split(path)
