@@ -41,7 +41,7 @@ from cl_bench.recording.summary import print_summary
 from cl_bench.rng import rng_state, set_rng_state
 from cl_bench.training.checkpointing import CHECKPOINT_DIR, StreamCheckpoints
 from cl_bench.training.module import CLModule
-from cl_bench.training.trainer import build_trainer, placement_trainer
+from cl_bench.training.trainer import build_trainer, placement_trainer, warn_low_precision_weights
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,7 @@ class StreamRun:
 
     def _build(self, cfg: DictConfig, t0: float, placement) -> None:
         self.bundle = build(cfg.model)
+        warn_low_precision_weights(self.bundle.model)
         self.config = OmegaConf.to_container(cfg, resolve=True)
         self.checkpoints = StreamCheckpoints(self.out_dir, **cfg.checkpoint)
         self.saved = self.checkpoints.latest_stage()

@@ -12,6 +12,7 @@ import logging
 import warnings
 from typing import Iterable
 
+import torch
 from lightning import Trainer
 from lightning.pytorch.accelerators import CUDAAccelerator, MPSAccelerator
 from lightning.pytorch.callbacks import Callback, RichProgressBar
@@ -20,6 +21,7 @@ from omegaconf import DictConfig
 from cl_bench.config import build
 from cl_bench.errors import ConfigError
 
+log = logging.getLogger(__name__)
 # Lightning's own use of a deprecated torch API, warned at every fit; nothing a user can change.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 # Lightning's per-fit banners ("GPU available", tips) would repeat once per task.
@@ -36,6 +38,24 @@ def check_accelerator(trainer: DictConfig) -> None:
             "add trainer.accelerator=cpu trainer.precision=32-true (e.g. DDP over 2 CPU processes: trainer=ddp "
             "trainer.accelerator=cpu trainer.devices=2 trainer.precision=32-true)"
         )
+
+
+#: weights in these dtypes lose small optimizer updates to rounding (bf16 keeps 8 significant bits)
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def warn_low_precision_weights(model: torch.nn.Module) -> bool:
+    """Say at start when the trained weights themselves are bf16/fp16 (no fp32 master copy)."""
+    dtypes = {p.dtype for p in model.parameters() if p.requires_grad}
+    low = sorted(str(d).removeprefix("torch.") for d in dtypes if d in LOW_PRECISION)
+    if low:
+        log.warning(
+            "the trained weights are %s: AdamW updates them in place, and an update smaller than the "
+            "weight's rounding step (1/256 of its size in bf16) is lost, e.g. most updates at lr 1e-5. "
+            "For fp32 master weights keep model.dtype=float32 with trainer.precision=bf16-mixed",
+            "/".join(low),
+        )
+    return bool(low)
 
 
 def build_trainer(

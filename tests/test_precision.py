@@ -1,0 +1,63 @@
+"""Mixed precision keeps fp32 master weights: small updates land; in pure bf16 they are rounded away."""
+import logging
+from functools import partial
+
+import torch
+
+from cl_bench.data.loaders import TaskLoaders
+from cl_bench.data.tasks import Example
+from cl_bench.models import tiny_llama
+from cl_bench.training.module import CLModule
+from cl_bench.training.trainer import warn_low_precision_weights
+from lightning import Trainer
+from methods.sft import SFT
+
+EXAMPLES = [Example(f"q{i} x{i * 3}? Answer:", f"a{i}") for i in range(4)]
+
+
+def _one_step(dtype: torch.dtype) -> tuple[dict, dict, dict]:
+    """Weights before and after one AdamW step at lr 1e-5 under bf16-mixed autocast, and the gradients."""
+    bundle = tiny_llama(seed=0)
+    model = bundle.model.to(dtype)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    grads = {}
+
+    class Keep(SFT):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            grads.update({n: p.grad.detach().clone() for n, p in pl_module.model.named_parameters()})
+
+    loaders = TaskLoaders(bundle.tokenizer, batch_size=4, max_prompt_len=32, max_ans_len=8)
+    method = Keep()
+    module = CLModule(model, method, partial(torch.optim.AdamW, lr=1e-5, weight_decay=0.0), loaders=loaders)
+    trainer = Trainer(accelerator="cpu", precision="bf16-mixed", max_steps=1, callbacks=[method], logger=False,
+                      enable_progress_bar=False,
+                      enable_checkpointing=False, enable_model_summary=False)
+    trainer.fit(module, loaders.training(EXAMPLES, seed=0))
+    return before, {n: p.detach() for n, p in model.named_parameters()}, grads
+
+
+def test_fp32_master_weights_take_every_small_update():
+    before, after, grads = _one_step(torch.float32)
+    moved = [n for n in grads if (grads[n] != 0).any()]
+    assert moved  # the bf16-autocast backward reached every layer
+    for n in moved:
+        nonzero = grads[n] != 0
+        assert torch.all(after[n][nonzero] != before[n][nonzero]), n
+
+
+def test_bf16_weights_lose_most_small_updates():
+    before, after, grads = _one_step(torch.bfloat16)
+    nonzero = {n: grads[n] != 0 for n in grads}
+    lost = sum(int(((after[n] == before[n]) & nonzero[n]).sum()) for n in grads)
+    total = sum(int(nonzero[n].sum()) for n in grads)
+    assert lost / total > 0.5  # norm weights at 1.0 and most others keep their old value
+    norms = [n for n in grads if "norm" in n]
+    assert all(torch.equal(after[n], before[n]) for n in norms)
+
+
+def test_bf16_weights_are_warned_about_at_start(caplog):
+    model = tiny_llama().model
+    with caplog.at_level(logging.WARNING):
+        assert not warn_low_precision_weights(model)
+        assert warn_low_precision_weights(model.to(torch.bfloat16))
+    assert "bfloat16: AdamW updates them in place" in caplog.text and "model.dtype=float32" in caplog.text
