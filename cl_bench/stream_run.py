@@ -129,6 +129,7 @@ class StreamRun:
         self.generation = GenerationConfig(
             batch_size=cfg.eval.batch_size, max_prompt_len=cfg.train.max_prompt_len,
             do_sample=cfg.eval.do_sample, temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
+            raw=self.stream.scorers == "trace",
         )
         self.answers = {t.name: [e.answer for e in t.splits[cfg.eval.split][: cfg.eval.max_examples]]
                         for t in self.stream}

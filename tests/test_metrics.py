@@ -37,4 +37,6 @@ def test_sari_metric_uses_the_prompt_as_source():
 
 
 def test_registry_names():
-    assert set(METRICS) == {"accuracy", "first_letter_accuracy", "rouge_l", "edit_similarity", "sari"}
+    project = {"accuracy", "first_letter_accuracy", "rouge_l", "edit_similarity", "sari"}
+    trace = {"trace_accuracy", "trace_first_char_accuracy", "trace_rouge_l", "trace_edit_similarity", "trace_sari"}
+    assert set(METRICS) == project | trace

@@ -177,7 +177,8 @@ def test_trace_fixture_runs_end_to_end_with_caps(make_config, tmp_path):
     )
     recorder = run(cfg, cfg.paths.output_dir)
     assert recorder.task_names == TRACE_TASKS and len(recorder.R) == 9 and recorder.status == "finished"
-    assert recorder.metric_names[2:5] == ["rouge_l", "edit_similarity", "first_letter_accuracy"]
+    # TRACE's own scorers by default (tasks.scorers=trace); the project's with tasks.scorers=project
+    assert recorder.metric_names[2:5] == ["trace_rouge_l", "trace_edit_similarity", "trace_first_char_accuracy"]
     predictions = json.loads((Path(cfg.paths.output_dir) / "predictions" / "base.json").read_text())
     assert all(len(v) == 2 for v in predictions.values())
 

@@ -89,3 +89,12 @@ def test_extra_keys_are_ignored(tmp_path):
     path = tmp_path / "test.json"
     path.write_text(json.dumps([{"prompt": "p", "answer": "a", "id": 7}]))
     assert read_split(path)[0].answer == "a"
+
+
+def test_scorers_choose_traces_own_or_the_projects(data_dir):
+    project = [t.metric for t in load_stream(data_dir, SPECS)]
+    trace = [t.metric for t in load_stream(data_dir, SPECS, scorers="trace")]
+    assert trace == [f"trace_{m}" if m != "first_letter_accuracy" else "trace_first_char_accuracy" for m in project]
+    assert load_stream(data_dir, SPECS, scorers="trace").scorers == "trace"
+    with pytest.raises(ConfigError, match="tasks.scorers must be one of \\('project', 'trace'\\), got 'nltk'"):
+        load_stream(data_dir, SPECS, scorers="nltk")

@@ -7,12 +7,12 @@ one included, goes through :func:`load_stream`, so all validation lives here.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
-from cl_bench.errors import ConfigError, check_number, check_numbers
-from cl_bench.evaluation.metrics import METRICS
+from cl_bench.errors import ConfigError, check_choice, check_number, check_numbers
+from cl_bench.evaluation.metrics import METRICS, SCORER_SETS
 
 SPLITS = ("train", "eval", "test")
 
@@ -65,6 +65,9 @@ class TaskStream:
     """An ordered list of tasks; ``tasks[t]`` is trained at stage t+1."""
 
     tasks: list[Task] = field(default_factory=list)
+    #: how the tasks' metrics are scored: "project" or "trace" (TRACE's own scorers, on the raw
+    #: decoded answers; see cl_bench/evaluation/trace_metrics.py)
+    scorers: str = "project"
 
     def __len__(self) -> int:
         return len(self.tasks)
@@ -225,6 +228,7 @@ def load_stream(
     subset: Sequence[str] | None = None,
     max_examples: dict[str, int | None] | None = None,
     data_help: str = "",
+    scorers: str = "project",
 ) -> TaskStream:
     """Load a stream from ``data_dir`` in TRACE's layout.
 
@@ -236,7 +240,9 @@ def load_stream(
     validated, and every missing file named (with ``data_help`` on how to get the data), before
     anything is returned.
     """
+    check_choice(scorers, tuple(SCORER_SETS), "tasks.scorers")
     specs = [t if isinstance(t, TaskSpec) else TaskSpec(**t) for t in tasks]
+    specs = [replace(s, metric=SCORER_SETS[scorers].get(s.metric, s.metric)) for s in specs]
     check_task_specs(specs)
     by_name = {s.name: s for s in specs}
     for s in specs:
@@ -255,7 +261,7 @@ def load_stream(
     missing = missing_data(root, names, splits)
     if missing:
         raise ConfigError(f"tasks.data_dir {root} is incomplete; missing: {', '.join(missing)}{help_text}")
-    stream = TaskStream()
+    stream = TaskStream(scorers=scorers)
     for name, ep, steps in zip(names, epoch_list, step_list):
         loaded = {split: read_split(root / name / f"{split}.json")[: caps.get(split)] for split in splits}
         stream.tasks.append(Task(by_name[name], loaded, epochs=ep, max_steps=steps))

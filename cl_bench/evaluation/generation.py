@@ -22,6 +22,9 @@ class GenerationConfig:
     do_sample: bool = False
     temperature: float = 0.1
     top_p: float = 1.0
+    #: the answers exactly as decoded (no clean-up of tokenization spaces, nothing stripped), as
+    #: TRACE scores them; else stripped of surrounding whitespace
+    raw: bool = False
 
 
 @dataclass
@@ -61,8 +64,9 @@ def generate(
                 **sampling,
             )
             new = out[:, batch["input_ids"].shape[1] :]
-            for i, text in zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True)):
-                answers[i] = text.strip()
+            decode = {"clean_up_tokenization_spaces": False} if cfg.raw else {}
+            for i, text in zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True, **decode)):
+                answers[i] = text if cfg.raw else text.strip()
     finally:
         model.train(was_training)
     return answers

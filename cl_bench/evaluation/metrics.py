@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 from rapidfuzz import fuzz
 from rouge_score import rouge_scorer
 
+from cl_bench.evaluation import trace_metrics
 from cl_bench.evaluation.sari import sari
 
 Metric = Callable[[Sequence[str], Sequence[str], Sequence[str]], float]
@@ -64,4 +65,8 @@ METRICS: dict[str, Metric] = {
     "rouge_l": rouge_l,
     "edit_similarity": edit_similarity,
     "sari": sari_metric,
+    # TRACE's own scorers (cl_bench/evaluation/trace_metrics.py), chosen by tasks.scorers=trace
+    **{name: getattr(trace_metrics, name) for name in trace_metrics.TRACE_SCORERS.values()},
 }
+#: ``tasks.scorers``: how a task's declared metric is scored
+SCORER_SETS = {"project": {name: name for name in METRICS}, "trace": trace_metrics.TRACE_SCORERS}

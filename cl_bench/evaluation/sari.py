@@ -14,8 +14,10 @@ Deletion uses precision only, as in the paper's reference implementation. Two va
 first example; 0/0 counts as 0), and ``"corrected"`` (default), as tensor2tensor's ``sari_hook``
 and Hugging Face ``evaluate`` compute it: count-weighted keep recall (0.2695 on the same example)
 and 0/0 counted as 1, so an output equal to source and reference scores 1. Text is lower-cased
-and split into words and punctuation (like sacrebleu's 13a tokenizer), then scored per sentence
-and averaged over the corpus, on a 0-100 scale.
+and split into words and punctuation marks (``tokenizer="words"``), or, as Hugging Face's ``sari``
+metric does (``tokenizer="13a"``, TRACE's scorer), tokenized by sacrebleu's 13a tokenizer and split
+on single spaces (so an empty text is one empty token). Sentences are scored one by one and
+averaged over the corpus, on a 0-100 scale.
 """
 from __future__ import annotations
 
@@ -23,12 +25,17 @@ import re
 from collections import Counter
 from typing import Sequence
 
+from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
+
 _TOKEN = re.compile(r"\w+|[^\w\s]", re.UNICODE)
 KEEP_RECALL = ("corrected", "paper")
+TOKENIZERS = ("words", "13a")
 
 
-def normalize(text: str) -> list[str]:
-    """Lower-case and split into words and punctuation marks."""
+def normalize(text: str, tokenizer: str = "words") -> list[str]:
+    """Lower-case and tokenize: words and punctuation marks, or sacrebleu's 13a (see module doc)."""
+    if tokenizer == "13a":
+        return Tokenizer13a()(text.lower()).split(" ")
     return _TOKEN.findall(text.lower())
 
 
@@ -76,15 +83,17 @@ def _ngram_scores(
 
 
 def sari_sentence(
-    source: str, prediction: str, references: Sequence[str], keep_recall: str = "corrected"
+    source: str, prediction: str, references: Sequence[str], keep_recall: str = "corrected", tokenizer: str = "words"
 ) -> float:
     """SARI of one prediction, in [0, 1]."""
     if not references:
         raise ValueError("SARI needs at least one reference")
     if keep_recall not in KEEP_RECALL:
         raise ValueError(f"keep_recall must be one of {KEEP_RECALL}, got {keep_recall!r}")
-    s, c = normalize(source), normalize(prediction)
-    rs = [normalize(r) for r in references]
+    if tokenizer not in TOKENIZERS:
+        raise ValueError(f"tokenizer must be one of {TOKENIZERS}, got {tokenizer!r}")
+    s, c = normalize(source, tokenizer), normalize(prediction, tokenizer)
+    rs = [normalize(r, tokenizer) for r in references]
     keep = dele = add = 0.0
     for n in range(1, 5):
         kn, dn, an = _ngram_scores(_ngrams(s, n), _ngrams(c, n), [_ngrams(r, n) for r in rs], keep_recall)
@@ -97,11 +106,12 @@ def sari(
     predictions: Sequence[str],
     references: Sequence[Sequence[str]],
     keep_recall: str = "corrected",
+    tokenizer: str = "words",
 ) -> float:
     """Corpus SARI on 0-100: the mean of sentence scores."""
     if not (len(sources) == len(predictions) == len(references)):
         raise ValueError("sources, predictions and references must have the same length")
     if not predictions:
         return 0.0
-    total = sum(sari_sentence(s, p, r, keep_recall) for s, p, r in zip(sources, predictions, references))
+    total = sum(sari_sentence(s, p, r, keep_recall, tokenizer) for s, p, r in zip(sources, predictions, references))
     return 100.0 * total / len(predictions)
