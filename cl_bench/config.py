@@ -1,9 +1,11 @@
 """The run config: building objects from it, and range checks done before anything is loaded."""
 from __future__ import annotations
 
+from typing import Callable
+
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from cl_bench.data.tasks import SPLITS
 from cl_bench.errors import ConfigError, check_choice, check_number
@@ -17,6 +19,15 @@ def build(node: DictConfig, **kwargs):
         if isinstance(e.__cause__, ConfigError):
             raise e.__cause__ from None
         raise
+
+
+def optimizer_factory(node: DictConfig) -> tuple[Callable, bool]:
+    """The optimizer partial of ``conf: optimizer`` and its ``reset_per_task`` flag (default true:
+    a fresh optimizer for every task; false: one optimizer, its moments carried, for the stream)."""
+    reset = node.get("reset_per_task", True)
+    if not isinstance(reset, bool):
+        raise ConfigError(f"optimizer.reset_per_task must be true or false, got {reset!r}")
+    return build(OmegaConf.masked_copy(node, [k for k in node if k != "reset_per_task"])), reset
 
 
 def _get(cfg: DictConfig, key: str):
@@ -44,9 +55,11 @@ def validate_run_config(cfg: DictConfig) -> None:
         "checkpoint.keep_stages": dict(integer=True, low=1, allow_none=True),
         "train.max_ans_len": dict(integer=True, low=2),  # the answer's first token and EOS
         "eval.max_examples": dict(integer=True, low=1, allow_none=True),
+        "eval.max_new_tokens": dict(integer=True, low=1, allow_none=True),
         "eval.temperature": dict(low=0, low_open=True),
         "eval.top_p": dict(low=0, high=1, low_open=True),
     }
     for key, bounds in checks.items():
         check_number(_get(cfg, key), key, **bounds)
     check_choice(cfg.eval.split, SPLITS, "eval.split")
+    optimizer_factory(cfg.optimizer)  # its reset_per_task flag

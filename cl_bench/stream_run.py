@@ -25,7 +25,7 @@ from lightning import seed_everything
 from omegaconf import DictConfig, OmegaConf
 from rich.rule import Rule
 
-from cl_bench.config import build, validate_run_config
+from cl_bench.config import build, optimizer_factory, validate_run_config
 from cl_bench.data.batching import layout
 from cl_bench.data.loaders import TaskLoaders
 from cl_bench.data.tasks import TaskStream
@@ -119,17 +119,18 @@ class StreamRun:
         self.loggers.log_config(redact(self.config))
         self.loaders = TaskLoaders.from_config(cfg.train, self.bundle.tokenizer)
         # Evaluation and the methods' passes (Fisher, anchors) run where training runs.
+        optimizer, reset_optimizer = optimizer_factory(cfg.optimizer)
         self.module = CLModule(
-            self.bundle.model, self.method, build(cfg.optimizer), build(cfg.scheduler),
+            self.bundle.model, self.method, optimizer, build(cfg.scheduler),
             metric_sink=self.loggers.log_metrics, log_every_n_steps=cfg.trainer.get("log_every_n_steps", 10),
-            loaders=self.loaders, device=placement.strategy.root_device,
+            loaders=self.loaders, device=placement.strategy.root_device, reset_optimizer=reset_optimizer,
         )
         self.module.to(self.module.home_device)
         self.method.on_stream_start(self.module, self.stream)
         self.generation = GenerationConfig(
             batch_size=cfg.eval.batch_size, max_prompt_len=cfg.train.max_prompt_len,
             do_sample=cfg.eval.do_sample, temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
-            raw=self.stream.scorers == "trace",
+            max_new_tokens=cfg.eval.get("max_new_tokens"), raw=self.stream.scorers == "trace",
         )
         self.answers = {t.name: [e.answer for e in t.splits[cfg.eval.split][: cfg.eval.max_examples]]
                         for t in self.stream}
@@ -167,6 +168,7 @@ class StreamRun:
         self.method.load_state_dict(saved["method"])
         self.recorder.load_state_dict(saved["recorder"])
         self.module.resume_stream(saved["step_offset"])
+        self.module.load_optimizer_state(saved.get("optimizer"))
         set_rng_state(saved["rng"])
         console.print(Rule(f"Resuming {self.out_dir} after {saved['tasks_done']} of {len(self.stream)} tasks"))
         return saved["tasks_done"]
@@ -234,7 +236,8 @@ class StreamRun:
         return {
             "tasks_done": done, "model": self.bundle.model.state_dict() if done else None,
             "method": self.method.state_dict(), "recorder": self.recorder.state_dict(),
-            "step_offset": self.module.step_offset, "rng": rng_state(), "run_ids": self.loggers.run_ids(),
+            "step_offset": self.module.step_offset, "optimizer": self.module.optimizer_state(),
+            "rng": rng_state(), "run_ids": self.loggers.run_ids(),
             "config": self.checkpoints.comparable(self.config),
         }
 

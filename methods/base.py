@@ -12,8 +12,10 @@ The runner calls ``method.on_stream_start(module, stream)`` once, before anythin
     trainer.fit(module, ...)                          # loss = task loss + method.penalty(...)
     method.on_task_end(module, task, task_index)     # after fit; e.g. EWC's Fisher and anchor
 
-A fresh optimizer is created for every task (``configure_optimizers`` runs at each fit), so a method
-never inherits Adam moments from a previous task.
+By default a fresh optimizer is created for every task (``configure_optimizers`` runs at each fit),
+so a method never inherits Adam moments from a previous task. With ``optimizer.reset_per_task=false``
+one optimizer runs the whole stream (TRACE's recipe): a method that promises frozen entries must
+then clear their carried moments (methods/fixed_mask.py does, through GradientMask).
 """
 from __future__ import annotations
 

@@ -88,6 +88,9 @@ class FixedMaskMethod(CLMethod):
     def on_train_start(self, trainer, pl_module) -> None:
         if self.mask is not None:
             frozen_entries_need_zero_decay(trainer, self.name)
+            # an optimizer kept across tasks (optimizer.reset_per_task=false) carries moments that
+            # would move frozen entries without a gradient: clear them there
+            self.mask.clear_optimizer_state(trainer.optimizers)
 
     def on_task_end(self, module, task, task_index: int) -> None:
         if self.mask is not None:

@@ -91,6 +91,7 @@ class GradientMask:
     def __init__(self, params: dict[str, torch.nn.Parameter], masks: dict[str, torch.Tensor]):
         """``masks[name]`` is boolean and broadcastable to ``params[name]`` (e.g. [D_out, 1] for rows)."""
         self.shapes = {n: params[n].shape for n in masks}
+        self.names = {id(params[n]): n for n in masks}
         self.masks = {n: m.to(device=params[n].device, dtype=params[n].dtype) for n, m in masks.items()}
         self.handles = [params[n].register_post_accumulate_grad_hook(self._hook(n)) for n in self.masks]
 
@@ -98,6 +99,18 @@ class GradientMask:
         def hook(p):
             p.grad.mul_(self.masks[name])
         return hook
+
+    def clear_optimizer_state(self, optimizers) -> None:
+        """Zero the masked entries of every per-parameter optimizer buffer (Adam's moments, SGD's
+        momentum), so that an optimizer carried over from an earlier task leaves them unchanged."""
+        for opt in optimizers:
+            for p, state in opt.state.items():
+                name = self.names.get(id(p))
+                if name is None:
+                    continue
+                for buffer in state.values():
+                    if torch.is_tensor(buffer) and buffer.shape == p.shape:
+                        buffer.mul_(self.masks[name].to(buffer.dtype))
 
     def remove(self) -> None:
         for h in self.handles:

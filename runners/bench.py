@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from cl_bench.config import build
+from cl_bench.config import build, optimizer_factory
 from cl_bench.data.tokenization import IGNORE_INDEX
 from cl_bench.training.lm import causal_lm_loss
 from cl_bench.training.module import CLModule
@@ -46,7 +46,7 @@ def bare_loop(model, batches, cfg: DictConfig, warmup: int) -> float:
     """Seconds per optimizer step of a plain PyTorch loop, in Lightning's order of operations
     (gradients are released between forward and backward, which the allocator prefers)."""
     model.train()
-    optimizer = build(cfg.optimizer)([p for p in model.parameters() if p.requires_grad])
+    optimizer = optimizer_factory(cfg.optimizer)[0]([p for p in model.parameters() if p.requires_grad])
     scheduler = build(cfg.scheduler)(optimizer)
     clip = cfg.trainer.get("gradient_clip_val")
     for i, batch in enumerate(batches):
@@ -79,7 +79,7 @@ class StepTimer(Callback):
 
 def lightning_loop(model, batches, cfg: DictConfig, warmup: int) -> float:
     """Seconds per optimizer step of the path ``runners.cl`` trains with."""
-    module = CLModule(model, SFT(), build(cfg.optimizer), build(cfg.scheduler))
+    module = CLModule(model, SFT(), optimizer_factory(cfg.optimizer)[0], build(cfg.scheduler))
     timer = StepTimer(warmup)
     trainer = build_trainer(cfg, epochs=1, max_steps=len(batches), callbacks=[timer])
     loader = torch.utils.data.DataLoader(batches, batch_size=None)

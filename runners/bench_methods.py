@@ -31,7 +31,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from cl_bench.config import build
+from cl_bench.config import build, optimizer_factory
 from cl_bench.data.loaders import TaskLoaders
 from cl_bench.training.module import CLModule
 from cl_bench.training.trainer import build_trainer
@@ -72,7 +72,7 @@ def set_up(cfg: DictConfig, name: str, bundle, initial, stream) -> dict:
     model.load_state_dict(initial)
     telemetry: dict[str, float] = {}
     module = CLModule(
-        model, method, build(cfg.optimizer), build(cfg.scheduler),
+        model, method, optimizer_factory(cfg.optimizer)[0], build(cfg.scheduler),
         metric_sink=lambda metrics, step: telemetry.update(metrics),
         loaders=TaskLoaders.from_config(cfg.train, bundle.tokenizer),
     )
@@ -112,7 +112,7 @@ def fisher_over_epoch(row: dict, epoch_s: float, n_task: int, n_target: int) -> 
 def epoch_seconds(cfg, bundle, initial, task) -> float:
     """One SFT training epoch over ``task``: the yardstick for a Fisher pass."""
     bundle.model.load_state_dict(initial)
-    module = CLModule(bundle.model, SFT(), build(cfg.optimizer), build(cfg.scheduler))
+    module = CLModule(bundle.model, SFT(), optimizer_factory(cfg.optimizer)[0], build(cfg.scheduler))
     loader = TaskLoaders.from_config(cfg.train, bundle.tokenizer).training(task.train, seed=cfg.seed)
     trainer = build_trainer(cfg, epochs=1, max_steps=len(loader))
     start = time.perf_counter()

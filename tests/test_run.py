@@ -227,7 +227,9 @@ def test_trace_with_missing_data_says_what_is_missing_and_where_to_get_it(make_c
 
 
 def test_optimizer_gets_plain_python_values(make_config):
-    from hydra.utils import instantiate
+    from cl_bench.config import optimizer_factory
 
-    optimizer = instantiate(make_config().optimizer)([torch.nn.Parameter(torch.zeros(2))])
+    factory, reset = optimizer_factory(make_config().optimizer)
+    optimizer = factory([torch.nn.Parameter(torch.zeros(2))])
+    assert reset is True  # a fresh optimizer per task unless optimizer.reset_per_task=false
     assert type(optimizer.param_groups[0]["betas"]) in (list, tuple)

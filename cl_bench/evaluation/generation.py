@@ -22,6 +22,8 @@ class GenerationConfig:
     do_sample: bool = False
     temperature: float = 0.1
     top_p: float = 1.0
+    #: new tokens for every task (TRACE generates up to 512 for all); None = each task's own budget
+    max_new_tokens: int | None = None
     #: the answers exactly as decoded (no clean-up of tokenization spaces, nothing stripped), as
     #: TRACE scores them; else stripped of surrounding whitespace
     raw: bool = False
@@ -86,7 +88,7 @@ def evaluate_task(
     predictions back in example order and computes the same score.
     """
     examples = task.splits[split][:max_examples]
-    local = generate(model, tokenizer, shard(examples), task.spec.max_new_tokens, cfg)
+    local = generate(model, tokenizer, shard(examples), cfg.max_new_tokens or task.spec.max_new_tokens, cfg)
     predictions = gather_shards(local, len(examples))
     score = METRICS[task.metric](predictions, [e.answer for e in examples], [e.prompt for e in examples])
     return TaskResult(float(score), predictions)

@@ -25,7 +25,10 @@ class CLModule(LightningModule):
     """Wraps the model; the loss is the task loss plus the method's penalty.
 
     ``optimizer`` and ``scheduler`` are factories (Hydra partials); both are called at every
-    ``trainer.fit``, i.e. once per task. ``log_every_n_steps`` also decides how often the loss is
+    ``trainer.fit``, i.e. once per task, unless ``reset_optimizer=False``: then they are called once,
+    over every parameter of the model, and the same optimizer and scheduler (moments, step count)
+    run the whole stream, as in TRACE; :meth:`optimizer_state` and :meth:`load_optimizer_state`
+    carry them through stage checkpoints. ``log_every_n_steps`` also decides how often the loss is
     checked for NaN and how often methods log their telemetry (``should_log``). Training metrics
     go to ``metric_sink`` with a step counter that runs on across tasks (:attr:`stream_step`), so
     loggers see one monotonic curve for the whole stream.
@@ -45,6 +48,7 @@ class CLModule(LightningModule):
         log_every_n_steps: int = 10,
         loaders: TaskLoaders | None = None,
         device: torch.device | str = "cpu",
+        reset_optimizer: bool = True,
     ):
         super().__init__()
         self.model = model
@@ -59,6 +63,11 @@ class CLModule(LightningModule):
         self.task_name = ""
         #: optimizer steps of the tasks finished before the current one
         self.step_offset = 0
+        self.reset_optimizer = reset_optimizer
+        #: the stream's one optimizer and scheduler when they are not reset per task
+        self.stream_optimizer: torch.optim.Optimizer | None = None
+        self.stream_scheduler = None
+        self._pending_optimizer_state: dict | None = None
 
     def begin_task(self, name: str) -> None:
         """The next fit trains task ``name`` (named in errors, e.g. a non-finite loss)."""
@@ -131,9 +140,35 @@ class CLModule(LightningModule):
             self.metric_sink(metrics, self.stream_step)
 
     def configure_optimizers(self):
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = self.optimizer_factory(params)
-        if self.scheduler_factory is None:
+        if self.reset_optimizer:
+            optimizer = self.optimizer_factory([p for p in self.model.parameters() if p.requires_grad])
+            scheduler = None if self.scheduler_factory is None else self.scheduler_factory(optimizer)
+        else:
+            if self.stream_optimizer is None:
+                # every parameter: a matrix frozen during the first task (HFT) must train in later ones
+                self.stream_optimizer = self.optimizer_factory(list(self.model.parameters()))
+                self.stream_scheduler = None if self.scheduler_factory is None else self.scheduler_factory(
+                    self.stream_optimizer)
+                if self._pending_optimizer_state is not None:
+                    self.load_optimizer_state(self._pending_optimizer_state)
+            optimizer, scheduler = self.stream_optimizer, self.stream_scheduler
+        if scheduler is None:
             return optimizer
-        scheduler = self.scheduler_factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def optimizer_state(self) -> dict | None:
+        """The stream optimizer's and scheduler's state (None when the optimizer is reset per task)."""
+        if self.stream_optimizer is None:
+            return self._pending_optimizer_state
+        return {"optimizer": self.stream_optimizer.state_dict(),
+                "scheduler": None if self.stream_scheduler is None else self.stream_scheduler.state_dict()}
+
+    def load_optimizer_state(self, state: dict | None) -> None:
+        """Restore :meth:`optimizer_state` (now, or when the stream optimizer is created)."""
+        if state is None or self.stream_optimizer is None:
+            self._pending_optimizer_state = state
+            return
+        self.stream_optimizer.load_state_dict(state["optimizer"])
+        if self.stream_scheduler is not None and state["scheduler"] is not None:
+            self.stream_scheduler.load_state_dict(state["scheduler"])
+        self._pending_optimizer_state = None
