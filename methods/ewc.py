@@ -129,12 +129,16 @@ class EWC(CLMethod):
         # a sharded penalty (added on one process only) makes up for.
         self.grad_scale = (world_size() if self.sharded else 1.0) / trainer.accumulate_grad_batches
         device = pl_module.device
-        self.consolidated = [({n: f.to(device) for n, f in fisher.items()}, {n: a.to(device) for n, a in anchor.items()})
-                             for fisher, anchor in self.consolidated]
+        self.place_state(device)
         largest: dict[torch.dtype, int] = {}
         for p in self.params.values():
             largest[p.dtype] = max(largest.get(p.dtype, 0), p.numel())
         self.scratch = {dtype: torch.empty(n, dtype=dtype, device=device) for dtype, n in largest.items()}
+
+    def place_state(self, device: torch.device) -> None:
+        """Move the consolidated Fisher and anchors to ``device``."""
+        self.consolidated = [({n: f.to(device) for n, f in fisher.items()}, {n: a.to(device) for n, a in anchor.items()})
+                             for fisher, anchor in self.consolidated]
 
     def _penalty_hook(self, name: str):
         def hook(p):
@@ -142,16 +146,16 @@ class EWC(CLMethod):
         return hook
 
     # --- consolidation after each task -------------------------------------------------------
-    def release_hooks(self) -> dict[str, torch.Tensor]:
-        """End of a task's training: remove the hooks and scratch buffers; the anchor theta*_t."""
+    def release_hooks(self) -> None:
+        """End of a task's training: remove the hooks and the scratch buffers."""
         for h in self.handles:
             h.remove()
         self.handles, self.scratch = [], {}
-        return {n: p.detach().to(self.dtype).clone() for n, p in self.params.items()}
 
     def on_task_end(self, module, task, task_index: int) -> None:
         params = self._params(module)
-        anchor = self.release_hooks()
+        self.release_hooks()
+        anchor = {n: p.detach().to(self.dtype).clone() for n, p in params.items()}
         new, stats = diagonal_fisher(
             module.model, module.pass_loader(task.train), params, self.fisher_mode, self.num_samples,
             average_ranks=not self.sharded,

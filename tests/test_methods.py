@@ -289,33 +289,56 @@ def _grads(model, batch):
     return {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def test_ewc_trace_variant_averages_squared_microbatch_gradients_penalty_included():
-    method = TraceEWC(lambda_=400.0)
+def _trace_ewc_reference(model, tasks, lam, accumulate, lr):
+    """TRACE's model/Regular/EWC.py loop, restated: autograd penalty with the live F, a hook that
+    keeps each micro-batch's gradient (NaN -> 0), F += g^2 / len(dataloader) after every micro-batch."""
+    params = dict(model.named_parameters())
+    fisher = {n: torch.zeros_like(p) for n, p in params.items()}
+    previous = {n: p.detach().clone() for n, p in params.items()}
+    grads = {}
+    for n, p in params.items():
+        p.register_hook(lambda g, n=n: grads.__setitem__(n, torch.nan_to_num(g, nan=0)))
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    for task_num, batches in enumerate(tasks):
+        for i, batch in enumerate(batches):
+            loss = causal_lm_loss(model, batch)
+            if task_num != 0:
+                loss = loss + 0.5 * lam * sum((fisher[n] * (p - previous[n]) ** 2).sum() for n, p in params.items())
+            (loss / accumulate).backward()  # DeepSpeed's backward scales by the accumulation too
+            for n in params:
+                fisher[n] += grads[n] ** 2 / len(batches)
+            if (i + 1) % accumulate == 0:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        previous = {n: p.detach().clone() for n, p in params.items()}
+    return fisher
+
+
+def test_ewc_trace_matches_a_restatement_of_traces_loop():
+    lam, accumulate, lr = 400.0, 2, 0.05
+    reference_model = tiny_llama(seed=0).model
+    method = TraceEWC(lambda_=lam)
     module = _module(method)
     model = module.model
+    batches = list(module.pass_loader(TASK.train))[:2] * 2  # 4 micro-batches, 2 optimizer steps per task
+    tasks = [batches, batches]  # the penalty acts from task 2's second step on (moves weights by ~0.2 here)
+    expected = _trace_ewc_reference(reference_model, tasks, lam, accumulate, lr)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     method.on_stream_start(module, None)
-    batches = list(module.pass_loader(TASK.train))
-    expected = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
-    for task_index, task_batches in enumerate([batches, batches[:1]]):
-        if task_index == 1:  # move away from the anchor (theta after task 1); gradients without hooks
-            with torch.no_grad():
-                for p in model.parameters():
-                    p.add_(0.01)
-            plain = [_grads(model, b) for b in task_batches]
-            fisher, anchor = method.consolidated[0]
+    for task_index, task_batches in enumerate(tasks):
         method.on_task_start(module, TASK, task_index)
-        method.on_train_start(SimpleNamespace(accumulate_grad_batches=1), module)
+        method.on_train_start(SimpleNamespace(accumulate_grad_batches=accumulate, num_training_batches=len(task_batches)),
+                              module)
         for i, batch in enumerate(task_batches):
-            grads = _grads(model, batch)  # what the hooks squared and left in .grad
-            for n, p in model.named_parameters():
-                if task_index == 1:
-                    torch.testing.assert_close(grads[n], plain[i][n] + 400.0 * fisher[n] * (p.detach() - anchor[n]))
-                expected[n] += grads[n].square()
-            method.on_train_batch_end(None, module, None, batch, i)
+            (causal_lm_loss(model, batch) / accumulate).backward()
+            if (i + 1) % accumulate == 0:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
         method.on_task_end(module, TASK, task_index)
-    fisher, _ = method.consolidated[0]
-    for n in expected:
-        torch.testing.assert_close(fisher[n], expected[n] / (len(batches) + 1), rtol=1e-5, atol=1e-10)
+    for n, p in reference_model.named_parameters():
+        torch.testing.assert_close(method.fisher[n], expected[n], rtol=1e-4, atol=1e-12)
+        torch.testing.assert_close(model.get_parameter(n), p, rtol=1e-4, atol=1e-7)
+    assert any(f.abs().sum() > 0 for f in method.fisher.values())
 
 
 # --- HFT --------------------------------------------------------------------------------------
