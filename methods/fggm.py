@@ -9,6 +9,11 @@ Before training task t (t >= 2 by default), at theta_{t-1} and on task t's own t
     m_r = [s_r > thr]                   update=top: the top 1 - alpha rows are trained
     g   <- m * g                        for every gradient of the task; the rest stays frozen
 
+F is averaged over the task's whole training split (``num_samples: null``, as the paper's M_t), or
+over a seeded uniform sample of ``num_samples`` examples. ``aggregate_reduce: mean`` scores a row
+by its mean instead of its sum (the sum favours wide matrices); ``vectors`` says what happens to
+1-D tensors (norms, biases: ranked with the rest and then mostly frozen, always trained, or frozen).
+
 alpha = 0.7 (masking rate). ``update=bottom`` trains the lowest-Fisher rows instead (the reading
 of "preserving critical parameters" in which high-Fisher rows are frozen). Frozen entries stay
 bitwise unchanged: a fresh AdamW per task with zero moments, no weight decay (checked).
@@ -17,8 +22,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from cl_bench.rng import derive_seed
 from methods.fixed_mask import FixedMaskMethod
-from methods.importance import check_fisher_args, diagonal_fisher
+from methods.importance import check_fisher_args, diagonal_fisher, sample_examples
 
 
 class FGGM(FixedMaskMethod):
@@ -31,17 +37,20 @@ class FGGM(FixedMaskMethod):
         quantile_scope: str = "global",
         update: str = "top",
         fisher: str = "batch",
-        num_samples: int = 512,
+        num_samples: int | None = None,
         skip_first_task: bool = True,
         param_patterns: Sequence[str] | None = None,
+        aggregate_reduce: str = "sum",
+        vectors: str = "mask",
+        seed: int = 0,
     ):
-        super().__init__(alpha, aggregate, quantile_scope, update, skip_first_task, param_patterns)
+        super().__init__(alpha, aggregate, quantile_scope, update, skip_first_task, param_patterns,
+                         aggregate_reduce, vectors)
         check_fisher_args(fisher, num_samples, "method")
-        self.fisher, self.num_samples = fisher, num_samples
+        self.fisher, self.num_samples, self.seed = fisher, num_samples, seed
 
     def scores(self, module, task, params):
-        fisher, stats = diagonal_fisher(
-            module.model, module.pass_loader(task.train), params, self.fisher, self.num_samples
-        )
+        examples = sample_examples(task.train, self.num_samples, derive_seed(self.seed, self.task_index))
+        fisher, stats = diagonal_fisher(module.model, module.pass_loader(examples), params, self.fisher, None)
         module.log_metrics({"fggm/fisher_s": stats["seconds"], "fggm/fisher_samples": stats["samples"]})
         return fisher

@@ -15,8 +15,8 @@ import torch
 from cl_bench.errors import check_choice, check_fraction
 from methods.base import CLMethod
 from methods.masking import (
-    AGGREGATES, DIRECTIONS, SCOPES, GradientMask, aggregate, expand, frozen_entries_need_zero_decay,
-    select_parameters, threshold_masks,
+    AGGREGATES, DIRECTIONS, REDUCTIONS, SCOPES, VECTORS, GradientMask, aggregate, expand,
+    frozen_entries_need_zero_decay, select_parameters, threshold_masks,
 )
 
 
@@ -40,8 +40,15 @@ class FixedMaskMethod(CLMethod):
         update: str = "top",
         skip_first_task: bool = True,
         param_patterns: Sequence[str] | None = None,
+        aggregate_reduce: str = "sum",
+        vectors: str = "mask",
     ):
+        """``vectors``: what happens to 1-D tensors (norm weights, biases): ``mask`` ranks their
+        entries with the rest (under a global quantile they are then almost always frozen),
+        ``train`` always updates them, ``freeze`` never does."""
         check_fraction(alpha, "method.alpha")
+        self.aggregate_reduce = check_choice(aggregate_reduce, REDUCTIONS, "method.aggregate_reduce")
+        self.vectors = check_choice(vectors, VECTORS, "method.vectors")
         check_choice(aggregate, AGGREGATES, "method.aggregate")
         check_choice(quantile_scope, SCOPES, "method.quantile_scope")
         check_choice(update, DIRECTIONS, "method.update")
@@ -49,6 +56,7 @@ class FixedMaskMethod(CLMethod):
         self.skip_first_task = skip_first_task
         self.param_patterns = None if param_patterns is None else list(param_patterns)
         self.mask: GradientMask | None = None
+        self.task_index = 0
         #: aggregated scores behind the current mask (one per row / column / entry): telemetry, tests
         self.last_scores: dict[str, torch.Tensor] = {}
         #: fraction of those units (rows, columns or entries) that are updated: 1 - alpha up to ties
@@ -60,9 +68,12 @@ class FixedMaskMethod(CLMethod):
 
     def build_masks(self, scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Boolean masks of the entries to update, broadcastable to each parameter."""
-        agg = {n: aggregate(s, self.aggregate) for n, s in scores.items()}
+        agg = {n: aggregate(s, self.aggregate, self.aggregate_reduce) for n, s in scores.items()}
         self.last_scores = agg
-        keep = threshold_masks(agg, self.alpha, self.quantile_scope, self.update)
+        ranked = agg if self.vectors == "mask" else {n: a for n, a in agg.items() if scores[n].dim() == 2}
+        keep = threshold_masks(ranked, self.alpha, self.quantile_scope, self.update)
+        keep.update({n: torch.full(a.shape, self.vectors == "train", dtype=torch.bool, device=a.device)
+                     for n, a in agg.items() if n not in keep})
         self.last_unit_fraction = sum(int(k.sum()) for k in keep.values()) / sum(k.numel() for k in keep.values())
         return {n: expand(keep[n], scores[n].shape, self.aggregate) for n in scores}
 
@@ -70,6 +81,7 @@ class FixedMaskMethod(CLMethod):
         select_parameters(module.model, self.param_patterns, "method.param_patterns")
 
     def on_task_start(self, module, task, task_index: int) -> None:
+        self.task_index = task_index
         if task_index == 0 and self.skip_first_task:
             return
         params = select_parameters(module.model, self.param_patterns, "method.param_patterns")

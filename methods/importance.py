@@ -15,8 +15,9 @@ Fisher and builds the same mask.
 """
 from __future__ import annotations
 
+import random
 import time
-from typing import Iterable
+from typing import Iterable, Sequence, TypeVar
 
 import torch
 
@@ -25,12 +26,21 @@ from cl_bench.errors import ConfigError, check_choice, check_number
 from cl_bench.training.lm import answer_log_likelihood
 
 FISHER_MODES = ("per_sample", "batch")
+T = TypeVar("T")
 
 
 def check_fisher_args(mode: str, num_samples: int, key: str) -> None:
     """The Fisher settings of method config ``key``: its ``fisher`` mode and ``num_samples``."""
     check_choice(mode, FISHER_MODES, f"{key}.fisher")
-    check_number(num_samples, f"{key}.num_samples", integer=True, low=1)
+    check_number(num_samples, f"{key}.num_samples", integer=True, low=1, allow_none=True)
+
+
+def sample_examples(examples: Sequence[T], num_samples: int | None, seed: int) -> list[T]:
+    """A seeded uniform sample of ``num_samples`` of ``examples`` (in their order); all if None or more."""
+    if num_samples is None or num_samples >= len(examples):
+        return list(examples)
+    keep = sorted(random.Random(seed).sample(range(len(examples)), num_samples))
+    return [examples[i] for i in keep]
 
 
 def diagonal_fisher(
@@ -38,12 +48,12 @@ def diagonal_fisher(
     batches: Iterable[dict[str, torch.Tensor]],
     params: dict[str, torch.nn.Parameter],
     mode: str = "per_sample",
-    num_samples: int = 512,
+    num_samples: int | None = 512,
     average_ranks: bool = True,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """The diagonal Fisher of ``params`` (fp32, same shapes) and stats: samples, seconds.
 
-    ``average_ranks=False`` skips the mean over processes, for callers whose processes estimate
+    ``num_samples=None`` reads every batch. ``average_ranks=False`` skips the mean over processes, for callers whose processes estimate
     different parameters on the same data (EWC's sharded state).
     """
     check_fisher_args(mode, num_samples, "method")
@@ -56,9 +66,9 @@ def diagonal_fisher(
     seen, terms = 0, 0
     try:
         for batch in batches:
-            if seen >= num_samples:
+            if num_samples is not None and seen >= num_samples:
                 break
-            batch = {k: v[: num_samples - seen].to(device) for k, v in batch.items()}
+            batch = {k: v[: None if num_samples is None else num_samples - seen].to(device) for k, v in batch.items()}
             ll = answer_log_likelihood(model, batch)
             if mode == "batch":
                 grads = torch.autograd.grad(ll.mean(), tensors, allow_unused=True)

@@ -15,6 +15,8 @@ import torch
 from cl_bench.errors import ConfigError, check_choice
 
 AGGREGATES = ("row", "column", "element")
+REDUCTIONS = ("sum", "mean")
+VECTORS = ("mask", "train", "freeze")
 SCOPES = ("global", "per_layer")
 DIRECTIONS = ("top", "bottom")
 
@@ -33,11 +35,17 @@ def select_parameters(
     return chosen
 
 
-def aggregate(score: torch.Tensor, how: str) -> torch.Tensor:
-    """Per-row, per-column or per-element scores of one tensor (1-D tensors: per element)."""
+def aggregate(score: torch.Tensor, how: str, reduce: str = "sum") -> torch.Tensor:
+    """Per-row, per-column or per-element scores of one tensor (1-D tensors: per element).
+
+    ``reduce="sum"`` adds a row's (column's) entries, which favours the rows of wide matrices (a
+    Llama down_proj row has intermediate/hidden = 2.7x the entries of a q_proj row); ``"mean"``
+    compares units of any width on the same footing.
+    """
     if score.dim() != 2 or how == "element":
         return score
-    return score.sum(dim=1) if how == "row" else score.sum(dim=0)
+    dim = 1 if how == "row" else 0
+    return score.sum(dim=dim) if reduce == "sum" else score.mean(dim=dim)
 
 
 def expand(mask: torch.Tensor, shape: torch.Size, how: str) -> torch.Tensor:

@@ -25,14 +25,10 @@ class RandomMask(FixedMaskMethod):
         skip_first_task: bool = True,
         param_patterns: Sequence[str] | None = None,
         seed: int = 0,
+        vectors: str = "mask",
     ):
-        super().__init__(alpha, aggregate, quantile_scope, "top", skip_first_task, param_patterns)
+        super().__init__(alpha, aggregate, quantile_scope, "top", skip_first_task, param_patterns, vectors=vectors)
         self.seed = seed
-        self.task_index = 0
-
-    def on_task_start(self, module, task, task_index: int) -> None:
-        self.task_index = task_index
-        super().on_task_start(module, task, task_index)
 
     def scores(self, module, task, params):
         """Uniform scores per aggregated unit (row, column or entry), spread over its entries so

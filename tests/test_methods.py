@@ -430,3 +430,47 @@ def test_sft_is_allowed_under_every_strategy_that_keeps_parameters_whole():
     from methods.sft import SFT
     for strategy in ("auto", "ddp", "deepspeed_stage_2", {"_target_": "lightning.pytorch.strategies.DDPStrategy"}):
         SFT().check_strategy(strategy, 2)
+
+
+# --- FGGM's options ----------------------------------------------------------------------------
+def test_fisher_samples_are_seeded_uniform_and_whole_by_default():
+    from methods.importance import sample_examples
+    items = list(range(100))
+    first, again, other = sample_examples(items, 10, 1), sample_examples(items, 10, 1), sample_examples(items, 10, 2)
+    assert first == again and first != other and first == sorted(first) and len(set(first)) == 10
+    assert first != items[:10]  # not the first examples in file order
+    assert sample_examples(items, None, 1) == items and sample_examples(items, 500, 1) == items
+
+
+def test_fggm_fisher_is_taken_over_its_sample(monkeypatch):
+    seen = []
+
+    def fisher(model, batches, params, *args):
+        seen.extend(int(b["input_ids"].shape[0]) for b in batches)
+        return {n: torch.ones_like(p) for n, p in params.items()}, {"seconds": 0.0, "samples": sum(seen)}
+    monkeypatch.setattr("methods.fggm.diagonal_fisher", fisher)
+    method = FGGM(num_samples=3, seed=5)
+    method.on_task_start(_module(method), TASK, 1)
+    assert sum(seen) == 3  # of the task's 8 examples
+    seen.clear()
+    whole = FGGM()  # num_samples=None: the whole training split, as the paper averages
+    whole.on_task_start(_module(whole), TASK, 1)
+    assert sum(seen) == len(TASK.train)
+
+
+def test_row_scores_sum_or_average_the_entries():
+    score = torch.tensor([[1.0, 3.0], [2.0, 2.0]])
+    assert torch.equal(aggregate(score, "row"), torch.tensor([4.0, 4.0]))
+    assert torch.equal(aggregate(score, "row", "mean"), torch.tensor([2.0, 2.0]))
+    assert torch.equal(aggregate(score, "column", "mean"), torch.tensor([1.5, 2.5]))
+
+
+@pytest.mark.parametrize("vectors, expected", [("train", True), ("freeze", False)])
+def test_one_dimensional_tensors_can_be_always_trained_or_frozen(vectors, expected):
+    method = FGGM(alpha=0.5, vectors=vectors)
+    scores = {"w": torch.tensor([[4.0, 4.0], [1.0, 1.0], [3.0, 3.0], [2.0, 2.0]]), "norm": torch.tensor([9.0, 0.0])}
+    masks = method.build_masks(scores)
+    assert masks["norm"].tolist() == [expected, expected]
+    assert masks["w"].flatten().tolist() == [True, False, True, False]  # half of the rows, by their own ranking
+    ranked = FGGM(alpha=0.5).build_masks(scores)  # "mask": the norm's entries compete with the rows
+    assert ranked["norm"].tolist() == [True, False]
