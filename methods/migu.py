@@ -11,7 +11,9 @@ At the optimizer step, n is averaged across ranks and, per layer,
     thr = quantile(n, T),   m_r = [n_r >= thr],   grad(W)_{r,:} <- m_r * grad(W)_{r,:}
 
 (T = 0.7: about 30% of the rows, those with the largest outputs, are updated; biases, embeddings
-and norms are untouched, and so is an lm_head tied to the embedding matrix). The mask is rebuilt every optimizer step and the accumulators reset.
+and norms are untouched). An ``lm_head`` tied to the embedding matrix is an ``nn.Linear`` too and
+is masked like the others, as the official code does (``mask_tied_head: false`` leaves it, and so
+the embedding matrix, unmasked). The mask is rebuilt every optimizer step and the accumulators reset.
 Normalising n (as the paper describes) does not change a within-layer quantile and is skipped.
 Not applied on the first task (``skip_first_task``). The released code sums padding tokens too;
 ``ignore_padding: true`` leaves them out. ``random_update: true`` is the ablation that updates a
@@ -44,8 +46,10 @@ class MIGU(CLMethod):
         random_update: bool = False,
         module_patterns: Sequence[str] | None = None,
         seed: int = 0,
+        mask_tied_head: bool = True,
     ):
         check_fraction(threshold, "method.threshold")
+        self.mask_tied_head = mask_tied_head
         self.threshold, self.skip_first_task = threshold, skip_first_task
         self.ignore_padding, self.random_update = ignore_padding, random_update
         self.module_patterns = None if module_patterns is None else list(module_patterns)
@@ -60,8 +64,9 @@ class MIGU(CLMethod):
         self.active = False
 
     def _linear_layers(self, model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
-        # A Linear whose weight is an embedding matrix (a tied lm_head) is an embedding: left alone.
-        embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+        # A Linear whose weight is an embedding matrix (a tied lm_head) is masked only if asked.
+        embeddings = set() if self.mask_tied_head else {
+            id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
         layers = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
                   and m.weight.requires_grad and id(m.weight) not in embeddings}
         if self.module_patterns is not None:

@@ -211,13 +211,6 @@ def test_migu_masks_rows_by_the_steps_own_output_magnitudes(make_config, monkeyp
     assert set(method.last_masks) == linear  # every Linear (the tiny model's lm_head is untied)
 
 
-def test_migu_skips_an_lm_head_tied_to_the_embeddings():
-    bundle = tiny_llama()
-    bundle.model.lm_head.weight = bundle.model.model.embed_tokens.weight
-    layers = MIGU()._linear_layers(bundle.model)
-    assert "lm_head" not in layers and "model.layers.0.self_attn.q_proj" in layers
-
-
 # --- EWC --------------------------------------------------------------------------------------
 def _consolidate_random(method, module, seed=0):
     """Give ``method`` a random Fisher and an anchor near the current weights."""
@@ -474,3 +467,12 @@ def test_one_dimensional_tensors_can_be_always_trained_or_frozen(vectors, expect
     assert masks["w"].flatten().tolist() == [True, False, True, False]  # half of the rows, by their own ranking
     ranked = FGGM(alpha=0.5).build_masks(scores)  # "mask": the norm's entries compete with the rows
     assert ranked["norm"].tolist() == [True, False]
+
+
+@pytest.mark.parametrize("mask_tied_head", [True, False])
+def test_migu_masks_a_tied_lm_head_as_the_official_code_does(mask_tied_head):
+    method = MIGU(mask_tied_head=mask_tied_head)
+    model = tiny_llama().model
+    model.lm_head.weight = model.model.embed_tokens.weight  # tied, as in Qwen2 or SmolLM2
+    assert ("lm_head" in method._linear_layers(model)) is mask_tied_head
+    assert "lm_head" in MIGU(mask_tied_head=False)._linear_layers(tiny_llama().model)  # an untied head always is
