@@ -342,6 +342,7 @@ def test_hft_freezes_half_of_each_block_reseeded_per_task():
         assert all(sum(s.endswith("_proj") and s[0] in "qkvo" for s in mats) == 2 for mats in plan.values())
         mlp_counts = sorted(sum(s in ("gate_proj", "up_proj", "down_proj") for s in mats) for mats in plan.values())
         assert mlp_counts == [1, 1, 2, 2]
+        assert all(sum(s.endswith("layernorm") for s in mats) == 1 for mats in plan.values())
     assert plans[0] != plans[1] and method.choose(4, 0) == plans[0]
 
 
@@ -367,7 +368,7 @@ def test_hft_frozen_matrices_stay_bitwise_equal_over_a_task(make_config, monkeyp
     cfg = make_config("tasks.order=[arith,code]", "optimizer.lr=1e-2")
     run(cfg, cfg.paths.output_dir)
     for rec in method.records:
-        assert len(rec["frozen"]) == 2 * 2 + 1 + 2  # 2 blocks: 2 attention each, MLP 1 + 2
+        assert len(rec["frozen"]) == 2 * 2 + 1 + 2 + 2  # 2 blocks: 2 attention each, MLP 1 + 2, a norm each
         for n in rec["frozen"]:
             assert torch.equal(rec["before"][n], rec["after"][n]), n
         assert not torch.equal(rec["before"]["model.embed_tokens.weight"], rec["after"]["model.embed_tokens.weight"])
@@ -476,3 +477,17 @@ def test_migu_masks_a_tied_lm_head_as_the_official_code_does(mask_tied_head):
     model.lm_head.weight = model.model.embed_tokens.weight  # tied, as in Qwen2 or SmolLM2
     assert ("lm_head" in method._linear_layers(model)) is mask_tied_head
     assert "lm_head" in MIGU(mask_tied_head=False)._linear_layers(tiny_llama().model)  # an untied head always is
+
+
+def test_hft_freezes_a_matrix_with_its_bias():
+    model = tiny_llama().model
+    for block in model.model.layers:  # give q, k, v biases, as Qwen2 has
+        for proj in (block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj):
+            proj.bias = torch.nn.Parameter(torch.zeros(proj.out_features))
+    method = HFT(seed=3)
+    method.on_task_start(SimpleNamespace(model=model, log_metrics=lambda m: None), TASK, 0)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    for n, p in model.named_parameters():
+        if n.endswith(".bias"):
+            assert (n in frozen) == (n.replace(".bias", ".weight") in frozen), n
+    assert any(n.endswith("_proj.bias") for n in frozen)
