@@ -259,6 +259,7 @@ class StreamRun:
         metrics.update({f"cl/{k}": v for k, v in recorder.cl_metrics().items()})
         if recorder.stages[-1] in recorder.general:
             metrics.update({f"general/{k}": v for k, v in recorder.general[recorder.stages[-1]].items()})
+            metrics["general/mean"] = recorder.general_mean(recorder.stages[-1])
             if recorder.general_delta() is not None:
                 metrics["general/delta_RG"] = recorder.general_delta()
         metrics["stage"] = self.tasks_done

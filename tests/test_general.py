@@ -94,3 +94,20 @@ def test_traces_six_benchmarks_are_names_the_harness_knows(make_config):
     general = instantiate(make_config("general=trace").general)
     assert set(general.tasks) == {"mmlu", "gsm8k", "bbh_cot_fewshot", "tydiqa_goldp_en", "boolq", "piqa", "cl_bench_probe"}
     general.check()  # indexes the harness's own tasks too; running them needs their datasets
+
+
+def test_the_general_mean_and_delta_leave_the_probe_out_when_traces_benchmarks_ran(tmp_path):
+    from cl_bench.recording.results import RunRecorder
+    rec = RunRecorder(tmp_path, {}, ["A"], ["accuracy"])
+    rec.add_row([0.0], 0.0)
+    rec.add_general({"mmlu": 40.0, "gsm8k": 20.0, "cl_bench_probe": 90.0})
+    rec.add_row([50.0], 0.0)
+    rec.add_general({"mmlu": 38.0, "gsm8k": 10.0, "cl_bench_probe": 10.0})
+    assert rec.general_mean("base") == 30.0 and rec.general_mean("after_A") == 24.0  # FGGM's "General"
+    assert rec.general_delta() == pytest.approx(-6.0)  # mean of (-2, -10); the probe's -80 left out
+    rec.write()
+    assert json.loads((tmp_path / "results.json").read_text())["general"]["mean"] == {"base": 30.0, "after_A": 24.0}
+    probe_only = RunRecorder(tmp_path, {}, ["A"], ["accuracy"], writes=False)
+    probe_only.add_row([0.0], 0.0)
+    probe_only.add_general({"cl_bench_probe": 61.0})
+    assert probe_only.general_mean("base") == 61.0

@@ -23,6 +23,8 @@ from cl_bench.rng import preserved_rng
 
 #: lm-eval task configs shipped with the project (the offline probe)
 PROJECT_TASKS = Path(__file__).parent / "general"
+#: the offline probe's task name: left out of the summary scores when other benchmarks ran beside it
+PROBE_TASK = "cl_bench_probe"
 
 
 @dataclass

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from cl_bench.evaluation.cl_metrics import all_metrics
+from cl_bench.evaluation.general_ability import PROBE_TASK
 from cl_bench.files import atomic_write
 
 _SECRET_KEY = re.compile(r"(^|_)(api_?key|secret|password|passwd|token|auth|credentials?)$", re.IGNORECASE)
@@ -65,13 +66,27 @@ class RunRecorder:
         """General-ability scores taken at the latest stage."""
         self.general[self.stages[-1]] = {k: float(v) for k, v in scores.items()}
 
+    def general_benchmarks(self, scores: dict[str, float]) -> list[str]:
+        """The benchmarks the summaries average: all, less the offline probe when others ran too
+        (TRACE's six, say), so that the numbers compare with the papers'."""
+        others = [k for k in scores if k != PROBE_TASK]
+        return others or list(scores)
+
+    def general_mean(self, stage: str) -> float | None:
+        """The plain mean of the benchmarks' scores at ``stage`` (FGGM's "General")."""
+        if stage not in self.general:
+            return None
+        names = self.general_benchmarks(self.general[stage])
+        return sum(self.general[stage][k] for k in names) / len(names)
+
     def general_delta(self) -> float | None:
-        """delta R^G: mean over benchmarks of (latest - base); None until both exist."""
+        """delta R^G: mean over the benchmarks of (latest - base); None until both exist."""
         stages = [s for s in self.stages if s in self.general]
         if len(stages) < 2 or stages[0] != "base":
             return None
         base, last = self.general["base"], self.general[stages[-1]]
-        return sum(last[k] - base[k] for k in base) / len(base)
+        names = self.general_benchmarks(base)
+        return sum(last[k] - base[k] for k in names) / len(names)
 
     def add_train_time(self, seconds: float) -> None:
         self.timings["train_s"].append(round(seconds, 3))
@@ -97,7 +112,8 @@ class RunRecorder:
             "stages": self.stages,
             "R": self.R,
             "cl_metrics": self.cl_metrics(),
-            "general": {"scores": self.general, "delta_RG": self.general_delta()},
+            "general": {"scores": self.general, "delta_RG": self.general_delta(),
+                        "mean": {stage: self.general_mean(stage) for stage in self.general}},
             "timings": {**self.timings, "total_s": round(time.time() - self.started, 3)},
             "config": self.config,
         }

@@ -28,15 +28,16 @@ def metrics_table(cl_metrics: dict[str, float | None]) -> Table:
     return table
 
 
-def general_table(general: dict[str, dict[str, float]], delta: float | None) -> Table:
-    """General-ability scores by stage (rows) and benchmark (columns), and delta R^G."""
+def general_table(general: dict[str, dict[str, float]], means: dict[str, float | None], delta: float | None) -> Table:
+    """General-ability scores by stage (rows) and benchmark (columns), their mean, and delta R^G."""
     benchmarks = list(next(iter(general.values())))
     table = Table(title="General ability (0-100)", caption=f"delta R^G = {_fmt(delta)}")
     table.add_column("stage", style="bold")
     for name in benchmarks:
         table.add_column(name, justify="right")
+    table.add_column("mean", justify="right")
     for stage, scores in general.items():
-        table.add_row(stage, *[_fmt(scores[b]) for b in benchmarks])
+        table.add_row(stage, *[_fmt(scores[b]) for b in benchmarks], _fmt(means.get(stage)))
     return table
 
 
@@ -46,4 +47,5 @@ def print_summary(recorder, console: Console | None = None) -> None:
     if recorder.cl_metrics():
         console.print(metrics_table(recorder.cl_metrics()))
     if recorder.general:
-        console.print(general_table(recorder.general, recorder.general_delta()))
+        means = {stage: recorder.general_mean(stage) for stage in recorder.general}
+        console.print(general_table(recorder.general, means, recorder.general_delta()))
