@@ -118,8 +118,8 @@ class StreamRun:
             self.loggers.continue_from(self.saved["step_offset"] + self.checkpoints.step_of(self.mid_task))
         self.loggers.log_config(redact(self.config))
         self.loaders = TaskLoaders.from_config(cfg.train, self.bundle.tokenizer)
-        # Evaluation and the methods' passes (Fisher, anchors) run where training runs.
         optimizer, reset_optimizer = optimizer_factory(cfg.optimizer)
+        # Evaluation and the methods' passes (Fisher, anchors) run where training runs.
         self.module = CLModule(
             self.bundle.model, self.method, optimizer, build(cfg.scheduler),
             metric_sink=self.loggers.log_metrics, log_every_n_steps=cfg.trainer.get("log_every_n_steps", 10),

@@ -105,8 +105,9 @@ def fisher_over_epoch(row: dict, epoch_s: float, n_task: int, n_target: int) -> 
     on a task of ``n_task`` examples (a pass covers min(num_samples, N) examples, an epoch N)."""
     if row["fisher_s"] is None:
         return None
-    per_example = row["fisher_s"] / min(row["num_samples"], n_task)
-    return per_example * min(row["num_samples"], n_target) / (epoch_s / n_task * n_target)
+    cap = row["num_samples"] or float("inf")  # None: the pass reads the whole training split
+    per_example = row["fisher_s"] / min(cap, n_task)
+    return per_example * min(cap, n_target) / (epoch_s / n_task * n_target)
 
 
 def epoch_seconds(cfg, bundle, initial, task) -> float:
