@@ -31,7 +31,7 @@ import torch.distributed as dist
 from cl_bench.distributed import is_distributed, rank, world_size
 from cl_bench.errors import check_choice, check_number
 from methods.base import CLMethod
-from methods.importance import check_fisher_args, diagonal_fisher
+from methods.importance import check_fisher_args, diagonal_fisher, overall_mean
 from methods.masking import select_parameters
 
 MODES = ("online", "separate")
@@ -90,7 +90,8 @@ class EWC(CLMethod):
     def penalty(self, module, batch, task_loss):
         if self.consolidated and module.should_log:
             value = self.penalty_value()
-            module.log_metrics({"ewc/penalty": value, "ewc/penalty_to_task_loss": value / max(task_loss.item(), 1e-12)})
+            module.log_metrics({f"{self.name}/penalty": value,
+                                f"{self.name}/penalty_to_task_loss": value / max(task_loss.item(), 1e-12)})
         return None
 
     @torch.no_grad()
@@ -156,16 +157,19 @@ class EWC(CLMethod):
         params = self._params(module)
         self.release_hooks()
         anchor = {n: p.detach().to(self.dtype).clone() for n, p in params.items()}
-        new, stats = diagonal_fisher(
-            module.model, module.pass_loader(task.train), params, self.fisher_mode, self.num_samples,
-            average_ranks=not self.sharded,
-        )
-        module.log_metrics({"ewc/fisher_s": stats["seconds"], "ewc/fisher_mean": _mean(new)})
+        new = self.importance(module, task, params)
         if self.mode == "separate" or not self.consolidated:
             self.consolidated.append(({n: f.to(self.dtype) for n, f in new.items()}, anchor))
         else:
             old, _ = self.consolidated[0]
             self.consolidated = [({n: (self.gamma * old[n].float() + new[n]).to(self.dtype) for n in new}, anchor)]
+
+    def importance(self, module, task, params: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
+        """F_t: the diagonal Fisher of ``params`` on ``task``'s training data, at the current weights."""
+        fisher, stats = diagonal_fisher(module.model, module.pass_loader(task.train), params, self.fisher_mode,
+                                        self.num_samples, average_ranks=not self.sharded)
+        module.log_metrics({f"{self.name}/fisher_s": stats["seconds"], f"{self.name}/fisher_mean": overall_mean(fisher)})
+        return fisher
 
     def state_dict(self):
         """The whole state; a sharded one is gathered on rank 0 (which writes checkpoints)."""
@@ -197,6 +201,3 @@ def shard_by_size(sizes: dict[str, int], world: int) -> dict[str, int]:
         load[r] += sizes[name]
     return owner
 
-
-def _mean(tensors: dict[str, torch.Tensor]) -> float:
-    return sum(t.sum().item() for t in tensors.values()) / sum(t.numel() for t in tensors.values())

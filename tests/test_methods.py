@@ -17,6 +17,7 @@ from methods.ewc import EWC
 from methods.ewc_trace import TraceEWC
 from methods.fggm import FGGM
 from methods.hft import HFT
+from methods.mas import MAS
 from methods.masking import GradientMask, aggregate, kth_threshold
 from methods.migu import MIGU
 from methods.random_mask import RandomMask
@@ -376,7 +377,7 @@ def test_hft_frozen_matrices_stay_bitwise_equal_over_a_task(make_config, monkeyp
 
 
 # --- every method through the runner; the plugin seam; bad input --------------------------------
-METHODS = ["sft", "ewc", "ewc_trace", "migu", "fggm", "hft", "random_mask"]
+METHODS = ["sft", "ewc", "ewc_trace", "mas", "migu", "fggm", "hft", "random_mask"]
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -491,3 +492,46 @@ def test_hft_freezes_a_matrix_with_its_bias():
         if n.endswith(".bias"):
             assert (n in frozen) == (n.replace(".bias", ".weight") in frozen), n
     assert any(n.endswith("_proj.bias") for n in frozen)
+
+
+# --- MAS --------------------------------------------------------------------------------------
+def test_mas_importance_equals_brute_force_per_example_output_gradients():
+    from cl_bench.data.tokenization import IGNORE_INDEX, encode_train
+    from methods.importance import output_sensitivity
+    bundle = tiny_llama(seed=1)
+    model = bundle.model
+    module = _module(MAS())
+    params = dict(model.named_parameters())
+    got, stats = output_sensitivity(model, module.loaders.passes(TASK.train), params, num_samples=None)
+    expected = {n: torch.zeros_like(p) for n, p in params.items()}
+    model.eval()
+    for ex in TASK.train:  # one example at a time, no padding, the full logits
+        item = encode_train(bundle.tokenizer, ex, 64, 8)
+        ids, labels = torch.tensor([item["input_ids"]]), torch.tensor([item["labels"]])
+        logits = model(input_ids=ids).logits[0, :-1]
+        predicts_answer = labels[0, 1:] != IGNORE_INDEX
+        model.zero_grad()
+        logits[predicts_answer].square().sum().backward()
+        for n, p in params.items():
+            expected[n] += p.grad.abs() / len(TASK.train)
+    assert stats["samples"] == len(TASK.train)
+    for n in params:
+        torch.testing.assert_close(got[n], expected[n], rtol=1e-4, atol=1e-6)
+
+
+def test_mas_penalty_is_lambda_omega_times_squared_distance():
+    method = MAS(lambda_=3.0)
+    module = _module(method)
+    method.on_stream_start(module, None)
+    params, omega, anchor = _consolidate_random(method, module)
+    batch = list(module.pass_loader(TASK.train))[0]
+    causal_lm_loss(module.model, batch).backward()
+    task_grad = {n: p.grad.clone() for n, p in params.items()}
+    module.model.zero_grad(set_to_none=True)
+    method.on_task_start(module, TASK, 1)
+    method.on_train_start(SimpleNamespace(accumulate_grad_batches=1), module)
+    causal_lm_loss(module.model, batch).backward()
+    for n, p in params.items():
+        torch.testing.assert_close(p.grad, task_grad[n] + 2 * 3.0 * omega[n] * (p.detach() - anchor[n]))
+    expected = 3.0 * sum((omega[n] * (p.detach() - anchor[n]) ** 2).sum().item() for n, p in params.items())
+    assert method.penalty_value() == pytest.approx(expected, rel=1e-5)

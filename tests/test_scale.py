@@ -158,7 +158,7 @@ def test_ddp_on_two_processes_matches_one_process(method, tmp_path):
 
 
 @pytest.mark.processes
-@pytest.mark.parametrize("method", ["ewc", "fggm"])  # EWC: state from the stage; FGGM: the mask replayed
+@pytest.mark.parametrize("method", ["ewc", "fggm", "ewc_trace"])  # EWC: state from the stage; FGGM: the mask replayed; ewc_trace: F mid-task
 def test_a_run_killed_mid_task_resumes_to_the_same_weights_and_scores(method, tmp_path):
     common = [*TINY_RUN, f"method={method}", "tasks.num_train=240", "train.batch_size=2", "checkpoint.every_n_steps=5"]
     _run([*common, f"hydra.run.dir={tmp_path / 'whole'}"])

@@ -1,0 +1,48 @@
+"""MAS: memory aware synapses (Aljundi et al. 2018, "Memory Aware Synapses: Learning what (not)
+to forget", ECCV).
+
+After task t, the importance of every parameter is the sensitivity of the squared norm of the
+model's output to it, averaged over the task's inputs (no labels are needed):
+
+    Omega_i^t = (1/N) sum_n | d ||f(x_n)||^2 / d theta_i |
+
+f(x) is the vector of logits at the positions that predict the answer (methods/importance.py,
+``output_sensitivity``). Importances add up over tasks, Omega <- Omega + Omega^t, and theta* is
+theta at the end of the latest task. On later tasks
+
+    L = L_task + lambda * sum_i Omega_i (theta_i - theta*_i)^2.
+
+This is EWC's machinery (methods/ewc.py) with Omega for F: the penalty's closed-form gradient
+2 lambda Omega (theta - theta*) through parameter hooks, state sharded over DDP processes,
+checkpointed, bf16 storage as an option. The paper's lambda is 1.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from methods.ewc import EWC
+from methods.importance import output_sensitivity, overall_mean
+
+
+class MAS(EWC):
+    name = "mas"
+
+    def __init__(
+        self,
+        lambda_: float = 1.0,
+        num_samples: int | None = 512,
+        storage_dtype: str = "float32",
+        param_patterns: Sequence[str] | None = None,
+        shard_state: bool = True,
+    ):
+        # EWC's penalty is (lambda_ewc / 2) sum F d^2: lambda_ewc = 2 lambda gives MAS's lambda sum Omega d^2
+        super().__init__(lambda_=2 * lambda_, mode="online", gamma=1.0, num_samples=num_samples,
+                         storage_dtype=storage_dtype, param_patterns=param_patterns, shard_state=shard_state)
+
+    def importance(self, module, task, params) -> dict[str, torch.Tensor]:
+        omega, stats = output_sensitivity(module.model, module.pass_loader(task.train), params, self.num_samples,
+                                          average_ranks=not self.sharded)
+        module.log_metrics({"mas/importance_s": stats["seconds"], "mas/importance_mean": overall_mean(omega)})
+        return omega
