@@ -25,6 +25,7 @@ from rich.table import Table
 
 from cl_bench.config import build, optimizer_factory
 from cl_bench.data.tokenization import IGNORE_INDEX
+from cl_bench.recording.console import one_line_per_bar
 from cl_bench.training.lm import causal_lm_loss
 from cl_bench.training.module import CLModule
 from cl_bench.training.trainer import build_trainer
@@ -108,7 +109,8 @@ def run_bench(cfg: DictConfig) -> dict:
 
 @hydra.main(config_path="../conf", config_name="bench", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    result = run_bench(cfg)
+    with one_line_per_bar():
+        result = run_bench(cfg)
     table = Table(title="Framework overhead (median over repeats)")
     for col in ("model", "batch", "bare ms/step", "lightning ms/step", "lightning / bare"):
         table.add_column(col, justify="right")

@@ -33,6 +33,7 @@ from rich.table import Table
 
 from cl_bench.config import build, optimizer_factory
 from cl_bench.data.loaders import TaskLoaders
+from cl_bench.recording.console import one_line_per_bar
 from cl_bench.training.module import CLModule
 from cl_bench.training.trainer import build_trainer
 from methods.sft import SFT
@@ -81,7 +82,7 @@ def set_up(cfg: DictConfig, name: str, bundle, initial, stream) -> dict:
     method.on_task_end(module, stream[0], 0)
     method.on_task_start(module, stream[1], 1)
     return {"method": name, "module": module, "state_bytes": tensor_bytes(method), "times": [],
-            "fisher_s": telemetry.get("fggm/fisher_s", telemetry.get("ewc/fisher_s")),
+            "fisher_s": next((v for k, v in telemetry.items() if k.endswith(("/fisher_s", "/importance_s"))), None),
             "num_samples": getattr(method, "num_samples", None)}
 
 
@@ -124,13 +125,14 @@ def epoch_seconds(cfg, bundle, initial, task) -> float:
 @hydra.main(config_path="../conf", config_name="bench", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     b = cfg.bench
-    bundle = build(cfg.model)
-    stream = build(cfg.tasks)
-    initial = copy.deepcopy(bundle.model.state_dict())
-    batches = make_batches(len(bundle.tokenizer), b.warmup + b.steps, b.batch_size, b.seq_len, cfg.seed)
-    setups = [set_up(cfg, name, bundle, initial, stream) for name in b.methods]
-    time_interleaved(cfg, setups, initial, batches)
-    epoch = epoch_seconds(cfg, bundle, initial, stream[1])
+    with one_line_per_bar():
+        bundle = build(cfg.model)
+        stream = build(cfg.tasks)
+        initial = copy.deepcopy(bundle.model.state_dict())
+        batches = make_batches(len(bundle.tokenizer), b.warmup + b.steps, b.batch_size, b.seq_len, cfg.seed)
+        setups = [set_up(cfg, name, bundle, initial, stream) for name in b.methods]
+        time_interleaved(cfg, setups, initial, batches)
+        epoch = epoch_seconds(cfg, bundle, initial, stream[1])
     rows = [{k: v for k, v in s.items() if k != "module"} for s in setups]
     for r in rows:
         r["s_per_step"], r["median_s_per_step"] = min(r["times"]), statistics.median(r["times"])
