@@ -185,7 +185,8 @@ class StreamRun:
         step_checkpoint = self.checkpoints.step_callback(i)
         callbacks = [self.method] + ([step_checkpoint] if step_checkpoint else [])
         trainer = build_trainer(cfg, task.epochs, task.max_steps, callbacks, self.accumulate)
-        loader = self.loaders.training(task.train, seed=cfg.seed + i, rank=rank(), world_size=world_size())
+        examples = self.method.training_examples(task, i)
+        loader = self.loaders.training(examples, seed=cfg.seed + i, rank=rank(), world_size=world_size())
         mid_task = self.mid_task if self.saved is not None and i == self.saved["tasks_done"] else None
         if mid_task is not None:
             console.print(f"Resuming task {task.name} from {mid_task.name}")

@@ -28,7 +28,7 @@ from cl_bench.distributed import strategy_family
 from cl_bench.errors import ConfigError
 
 if TYPE_CHECKING:
-    from cl_bench.data.tasks import Task, TaskStream
+    from cl_bench.data.tasks import Example, Task, TaskStream
     from cl_bench.training.module import CLModule
 
 
@@ -53,6 +53,11 @@ class CLMethod(Callback):
 
     def on_task_start(self, module: "CLModule", task: "Task", task_index: int) -> None:
         """Called before training on ``task``."""
+
+    def training_examples(self, task: "Task", task_index: int) -> list["Example"]:
+        """The examples the task is trained on: its training split; a replay method adds
+        remembered ones (called after :meth:`on_task_start`)."""
+        return list(task.train)
 
     def penalty(self, module: "CLModule", batch: dict[str, torch.Tensor], task_loss: torch.Tensor) -> torch.Tensor | None:
         """A term added to the task loss of every training step, or None."""

@@ -377,7 +377,7 @@ def test_hft_frozen_matrices_stay_bitwise_equal_over_a_task(make_config, monkeyp
 
 
 # --- every method through the runner; the plugin seam; bad input --------------------------------
-METHODS = ["sft", "ewc", "ewc_trace", "mas", "migu", "fggm", "hft", "random_mask"]
+METHODS = ["sft", "ewc", "ewc_trace", "mas", "migu", "fggm", "hft", "random_mask", "replay"]
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -535,3 +535,55 @@ def test_mas_penalty_is_lambda_omega_times_squared_distance():
         torch.testing.assert_close(p.grad, task_grad[n] + 2 * 3.0 * omega[n] * (p.detach() - anchor[n]))
     expected = 3.0 * sum((omega[n] * (p.detach() - anchor[n]) ** 2).sum().item() for n, p in params.items())
     assert method.penalty_value() == pytest.approx(expected, rel=1e-5)
+
+
+# --- replay -----------------------------------------------------------------------------------
+def test_replay_keeps_the_seeded_sample_and_trains_later_tasks_with_it(tmp_path):
+    import json
+    from cl_bench.rng import derive_seed
+    from methods.importance import sample_examples
+    from methods.replay import Replay
+    general = tmp_path / "lima.json"
+    general.write_text(json.dumps([{"prompt": "Say hi. Answer:", "answer": "hi"}]))
+    method = Replay(ratio=0.25, general_data=str(general), seed=7)
+    module = _module(method)
+    method.on_stream_start(module, None)
+    assert method.training_examples(TASK, 0) == TASK.train  # nothing to replay yet, not even the general set
+    method.on_task_end(module, TASK, 0)
+    kept = sample_examples(TASK.train, 2, derive_seed(7, 0))  # int(0.25 * 8)
+    assert method.buffer == [kept] and len(set(kept)) == 2
+    second = Task(TaskSpec("u", "accuracy", 4), {"train": [Example(f"u{i}? Answer:", "x") for i in range(6)]}, 1)
+    trained = method.training_examples(second, 1)
+    assert trained == second.train + kept + [Example("Say hi. Answer:", "hi")]
+    method.on_task_end(module, second, 1)
+    restored = Replay(ratio=0.25, seed=7)
+    restored.load_state_dict(method.state_dict())
+    assert restored.buffer == method.buffer and len(restored.buffer[1]) == 1  # int(0.25 * 6)
+
+
+def test_the_runner_trains_on_the_replayed_examples(make_config, monkeypatch):
+    from methods.replay import Replay
+
+    class Counting(Replay):
+        def __init__(self):
+            super().__init__(per_task=3)  # wins over the default ratio
+            self.sizes = []
+
+        def on_train_start(self, trainer, pl_module):
+            self.sizes.append(len(trainer.train_dataloader.dataset))
+    method = Counting()
+    monkeypatch.setattr("cl_bench.config.instantiate", instantiate_with(method))
+    cfg = make_config("tasks.order=[arith,code,sentiment]")
+    run(cfg, cfg.paths.output_dir)
+    assert method.sizes == [12, 12 + 3, 12 + 6]  # tasks.num_train=12, 3 kept of each earlier task
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"per_task": None, "ratio": None}, "method.per_task or method.ratio must be set"),
+    ({"per_task": None, "ratio": 1.5}, r"method.ratio must be in \(0, 1\]"),
+    ({"per_task": 0, "ratio": None}, "method.per_task must be an integer >= 1"),
+])
+def test_bad_replay_settings_are_refused(kwargs, message):
+    from methods.replay import Replay
+    with pytest.raises(ConfigError, match=message):
+        Replay(**kwargs)

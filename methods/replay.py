@@ -1,0 +1,65 @@
+"""Experience replay: train each task together with remembered examples of the earlier ones.
+
+After task t, a seeded uniform sample of its training examples is kept: ``per_task`` of them (when
+set), else a fraction ``ratio`` of the split (TRACE's ``--past_task_ratio 0.1``; int(ratio * N) examples). From
+the second task on, the task is trained on the concatenation of its own split, every kept sample,
+and, if ``general_data`` names one, a general instruction set (a JSON list of prompt/answer records
+in the task layout; TRACE replays LIMA). The buffer holds examples, not tensors, and is part of the
+method's checkpointed state.
+
+TRACE's ``training/replay.py`` does not concatenate: after each task it runs a separate epoch over
+the kept samples of the tasks before it and the general set (docs/fidelity.md).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from cl_bench.data.tasks import Example, read_split
+from cl_bench.errors import ConfigError, check_number
+from cl_bench.rng import derive_seed
+from methods.base import CLMethod
+from methods.importance import sample_examples
+
+
+class Replay(CLMethod):
+    name = "replay"
+    # it edits no gradient, so every strategy that keeps parameters whole works
+    supported_strategies = ("single_device", "ddp", "deepspeed")
+
+    def __init__(self, per_task: int | None = None, ratio: float | None = 0.1, general_data: str | None = None,
+                 seed: int = 0):
+        if per_task is None and ratio is None:
+            raise ConfigError("method.per_task or method.ratio must be set (per_task wins when both are)")
+        self.per_task = check_number(per_task, "method.per_task", integer=True, low=1, allow_none=True)
+        self.ratio = check_number(ratio, "method.ratio", low=0, high=1, low_open=True, allow_none=True)
+        self.general_data = general_data
+        self.seed = seed
+        #: the kept examples of each finished task, in task order
+        self.buffer: list[list[Example]] = []
+        self.general: list[Example] = []
+
+    def on_stream_start(self, module, stream) -> None:
+        if self.general_data is not None:
+            self.general = read_split(Path(self.general_data).expanduser())
+
+    def replayed(self) -> list[Example]:
+        return [ex for kept in self.buffer for ex in kept] + (self.general if self.buffer else [])
+
+    def training_examples(self, task, task_index: int) -> list[Example]:
+        return list(task.train) + self.replayed()
+
+    def on_task_start(self, module, task, task_index: int) -> None:
+        replayed = len(self.replayed())
+        module.log_metrics({"replay/buffer_size": sum(len(kept) for kept in self.buffer),
+                            "replay/replayed_fraction": replayed / (replayed + len(task.train))})
+
+    def on_task_end(self, module, task, task_index: int) -> None:
+        n = self.per_task if self.per_task is not None else math.floor(self.ratio * len(task.train))
+        self.buffer.append(sample_examples(task.train, n, derive_seed(self.seed, task_index)))
+
+    def state_dict(self):
+        return {"buffer": [[{"prompt": e.prompt, "answer": e.answer} for e in kept] for kept in self.buffer]}
+
+    def load_state_dict(self, state_dict) -> None:
+        self.buffer = [[Example(**e) for e in kept] for kept in state_dict["buffer"]]
