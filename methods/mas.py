@@ -14,9 +14,9 @@ theta at the end of the latest task. On later tasks
 
 This is EWC's machinery (methods/ewc.py) with Omega for F: the penalty's closed-form gradient
 2 lambda Omega (theta - theta*) through parameter hooks, state sharded over DDP processes,
-checkpointed, bf16 storage as an option. The paper's lambda is 1; conf/method/mas.yaml uses 1e-2,
-measured on SmolLM2 (with lambda 1 the penalty was 18-905x the task loss and nothing was learnt
-after the first task).
+checkpointed, bf16 storage as an option. The paper's lambda is 1; conf/method/mas.yaml uses 1e-2.
+On SmolLM2 both over-regularise (the penalty was 18-905x, then 0.8-12x the task loss, and little is
+learnt after the first task): calibrate lambda_ on ``mas/penalty_to_task_loss``.
 """
 from __future__ import annotations
 
