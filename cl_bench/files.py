@@ -82,11 +82,13 @@ class RunDirLock:
             return None
 
     @staticmethod
-    def _alive(holder: dict) -> bool:
-        if holder.get("host") != socket.gethostname():
+    def _alive(pid: int, host: str | None) -> bool:
+        if pid <= 0:
+            return False  # no process named: a garbage lock
+        if host != socket.gethostname():
             return True  # another machine's process cannot be checked from here
         try:
-            os.kill(int(holder["pid"]), 0)
+            os.kill(pid, 0)
         except ProcessLookupError:
             return False
         except PermissionError:
@@ -104,7 +106,7 @@ class RunDirLock:
                     if time.time() - self.path.stat().st_mtime < 10:
                         time.sleep(0.2)
                         continue
-                elif self._alive(holder):
+                elif self._alive(int(holder.get("pid", -1)), holder.get("host")):
                     raise RunDirInUse(
                         f"run dir {self.path.parent} is in use by process {holder.get('pid')} on {holder.get('host')} "
                         f"(lock {self.path}); wait for it to finish, or choose another hydra.run.dir"
@@ -123,7 +125,7 @@ class RunDirLock:
         """Temporary files of writers that died mid-write (a killed run): theirs, never a live one's."""
         for tmp in self.path.parent.rglob(".*.tmp*"):
             pid = tmp.name.rsplit(".tmp", 1)[-1]
-            if pid.isdigit() and not self._alive({"pid": int(pid), "host": socket.gethostname()}):
+            if pid.isdigit() and not self._alive(int(pid), socket.gethostname()):
                 _remove(tmp)
 
     def release(self) -> None:
