@@ -27,18 +27,34 @@ def labelled_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> t
     return logits[:, :-1].float(), labels[:, -(keep - 1):]
 
 
+def labelled_mean(values: torch.Tensor, targets: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A per-position quantity [batch, K] reduced as the task loss is: summed over the labelled
+    positions and divided by ``batch["loss_normalizer"]`` when the batch has one (the global-batch
+    token count / (processes x micro-batches), see cl_bench.data.batching), else their mean. A
+    method's per-token term reduced this way is exact under accumulation and DDP, as the loss is."""
+    mask = targets != IGNORE_INDEX
+    total = (values * mask).sum()
+    if "loss_normalizer" in batch:
+        return total / batch["loss_normalizer"][0]
+    return total / mask.sum().clamp(min=1)
+
+
+def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The task loss from :func:`labelled_logits`' output (see :func:`causal_lm_loss`)."""
+    if "loss_normalizer" not in batch:
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+    total = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / batch["loss_normalizer"][0]
+
+
 def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Next-token cross-entropy over the labelled (answer + EOS) tokens of the batch.
 
     Summed and divided by ``batch["loss_normalizer"]`` when the batch has one (the global-batch
     token count / (processes x micro-batches), see cl_bench.data.batching); else the batch's token mean.
     """
-    logits, targets = labelled_logits(model, batch)
-    if "loss_normalizer" not in batch:
-        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
-    total = torch.nn.functional.cross_entropy(
-        logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-    return total / batch["loss_normalizer"][0]
+    return token_cross_entropy(*labelled_logits(model, batch), batch)
 
 
 def answer_log_likelihood(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -9,7 +9,7 @@ from lightning.pytorch import LightningModule
 
 from cl_bench.data.loaders import TaskLoaders
 from cl_bench.rng import rng_state, set_rng_state
-from cl_bench.training.lm import causal_lm_loss
+from cl_bench.training.lm import labelled_logits, token_cross_entropy
 
 if TYPE_CHECKING:
     from cl_bench.data.tasks import Example
@@ -35,7 +35,8 @@ class CLModule(LightningModule):
 
     What the run does with it: :meth:`begin_task` before a task's fit, :meth:`end_fit` after it.
     What methods use: :meth:`pass_loader` (a task's examples, batched as for training),
-    :meth:`log_metrics`, :attr:`should_log`, ``model`` and ``task_name``.
+    :meth:`log_metrics`, :attr:`should_log`, :attr:`step_logits` (in ``penalty``), ``model`` and
+    ``task_name``.
     """
 
     def __init__(
@@ -68,6 +69,9 @@ class CLModule(LightningModule):
         self.stream_optimizer: torch.optim.Optimizer | None = None
         self.stream_scheduler = None
         self._pending_optimizer_state: dict | None = None
+        #: (logits, targets) of the current training micro-batch at its labelled positions
+        #: (cl_bench.training.lm.labelled_logits), for a method's penalty (e.g. LwF's distillation)
+        self.step_logits: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def begin_task(self, name: str) -> None:
         """The next fit trains task ``name`` (named in errors, e.g. a non-finite loss)."""
@@ -106,8 +110,11 @@ class CLModule(LightningModule):
         self.model.train()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        task_loss = causal_lm_loss(self.model, batch)
+        logits, targets = labelled_logits(self.model, batch)
+        self.step_logits = (logits, targets)
+        task_loss = token_cross_entropy(logits, targets, batch)
         penalty = self.method.penalty(self, batch, task_loss)
+        self.step_logits = None  # the logits are not kept past the step
         loss = task_loss if penalty is None else task_loss + penalty
         self.log("loss", loss.detach(), prog_bar=True, logger=False)
         value = loss.item()  # checked at every step: a diverged task must never be recorded as a stage
