@@ -377,7 +377,7 @@ def test_hft_frozen_matrices_stay_bitwise_equal_over_a_task(make_config, monkeyp
 
 
 # --- every method through the runner; the plugin seam; bad input --------------------------------
-METHODS = ["sft", "ewc", "ewc_trace", "mas", "migu", "fggm", "hft", "random_mask", "replay"]
+METHODS = ["sft", "ewc", "ewc_trace", "mas", "migu", "fggm", "hft", "random_mask", "replay", "lwf", "agem", "gere", "agft"]
 
 
 @pytest.mark.parametrize("name", METHODS)

@@ -1,0 +1,111 @@
+"""A-GEM: averaged gradient episodic memory (Chaudhry et al. 2019, ICLR).
+
+After each task, ``per_task`` seeded training examples of it join an episodic memory. At every
+optimizer step of a later task, a reference gradient g_ref of the task loss on a batch of
+``memory_batch_size`` examples drawn from the memory is computed at the current weights; if the
+step's gradient g conflicts with it, g is projected onto the half-space where it does not:
+
+    if g . g_ref < 0:   g <- g - (g . g_ref / g_ref . g_ref) g_ref
+
+over all trainable parameters at once (one dot product over the whole model).
+
+The edit runs in ``on_before_optimizer_step``: g is then the whole step's gradient, accumulated
+over micro-batches and (under DDP) averaged over processes, before clipping. g_ref is computed the
+same way: the memory batch is laid out over processes and micro-batches as a training batch is
+(cl_bench/data/batching.py, the same token-mean normaliser), its micro-batch gradients summed
+and averaged over processes, so both vectors and the projection are those of one process. The
+memory batch of a step is drawn from the seed and the stream step alone: a resumed run draws the
+same ones. The memory holds examples (checkpointed), not tensors.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from cl_bench.data.batching import layout
+from cl_bench.data.tasks import Example
+from cl_bench.distributed import average_across_ranks, rank, world_size
+from cl_bench.errors import ConfigError, check_number
+from cl_bench.rng import derive_seed
+from cl_bench.training.lm import causal_lm_loss
+from methods.base import CLMethod
+from methods.importance import sample_examples
+
+
+def project(grads: list[torch.Tensor], reference: list[torch.Tensor]) -> tuple[float, bool]:
+    """A-GEM's projection of ``grads`` against ``reference``, in place; returns (g . g_ref, projected)."""
+    dot = sum(torch.dot(g.flatten().double(), r.flatten().double()) for g, r in zip(grads, reference)).item()
+    if dot >= 0:
+        return dot, False
+    norm = sum(r.double().square().sum() for r in reference).item()
+    if norm == 0:
+        return dot, False
+    for g, r in zip(grads, reference):
+        g.sub_(r.to(g.dtype), alpha=dot / norm)
+    return dot, True
+
+
+class AGEM(CLMethod):
+    name = "agem"
+
+    def __init__(self, per_task: int = 100, memory_batch_size: int | None = None, seed: int = 0):
+        self.per_task = check_number(per_task, "method.per_task", integer=True, low=1)
+        self.memory_batch_size = check_number(memory_batch_size, "method.memory_batch_size", integer=True, low=1,
+                                              allow_none=True)
+        self.seed = seed
+        #: the kept examples of each finished task
+        self.memory: list[list[Example]] = []
+        self.loaders = None
+        self.projected_steps = self.steps = 0
+
+    def on_stream_start(self, module, stream) -> None:
+        loaders = module.loaders
+        size = self.memory_batch_size or loaders.batch_size
+        try:
+            layout(size, loaders.micro_batch_size, world_size())
+        except ConfigError as e:
+            raise ConfigError(f"method.memory_batch_size ({size}) must be laid out like a training batch: {e}") from None
+        # the memory batch in micro-batches and shares as a training batch; drawn already shuffled
+        self.loaders = dataclasses.replace(loaders, batch_size=size, shuffle=False, drop_last=False)
+
+    def on_task_start(self, module, task, task_index: int) -> None:
+        self.projected_steps = self.steps = 0
+
+    def reference_gradient(self, module, params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
+        """The task-loss gradient on this step's memory batch, as one process would compute it (a
+        memory smaller than a batch is used whole)."""
+        pool = [ex for kept in self.memory for ex in kept]
+        examples = sample_examples(pool, self.loaders.batch_size, derive_seed(self.seed, module.stream_step))
+        loader = self.loaders.training(examples, seed=0, rank=rank(), world_size=world_size())
+        micro = list(loader)
+        reference = [torch.zeros_like(p) for p in params]
+        device = params[0].device
+        for batch in micro:
+            loss = causal_lm_loss(module.model, {k: v.to(device) for k, v in batch.items()}) / len(micro)
+            for r, g in zip(reference, torch.autograd.grad(loss, params, allow_unused=True)):
+                if g is not None:
+                    r.add_(g)
+        average_across_ranks(reference)
+        return reference
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if not self.memory:
+            return
+        params = [p for p in pl_module.model.parameters() if p.requires_grad and p.grad is not None]
+        reference = self.reference_gradient(pl_module, params)
+        dot, projected = project([p.grad for p in params], reference)
+        self.steps += 1
+        self.projected_steps += projected
+        if pl_module.should_log:
+            pl_module.log_metrics({"agem/dot": dot, "agem/projected_fraction": self.projected_steps / self.steps,
+                                   "agem/memory_size": sum(len(kept) for kept in self.memory)})
+
+    def on_task_end(self, module, task, task_index: int) -> None:
+        self.memory.append(sample_examples(task.train, self.per_task, derive_seed(self.seed, task_index)))
+
+    def state_dict(self):
+        return {"memory": [[dataclasses.asdict(e) for e in kept] for kept in self.memory]}
+
+    def load_state_dict(self, state_dict) -> None:
+        self.memory = [[Example(**e) for e in kept] for kept in state_dict["memory"]]
