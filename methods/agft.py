@@ -1,0 +1,216 @@
+"""AGFT: attribution-guided continual fine-tuning (Liu et al. 2026, arXiv 2605.05285).
+
+After task tau, for each of its correctly predicted training samples n (of a seeded sample of
+``num_samples``), the relevance of every selected weight for the predicted next-token logits,
+from layer-wise relevance propagation (LRP-epsilon):
+
+    f_n     = sum over answer positions j of max_v z_{j,v}            (the predicted logits)
+    R^n     = W (.) g~^n        g~^n: the gradient of f_n with the epsilon rule on every nn.Linear
+                                (the backward signal at each output z is scaled by z / (z + eps sign z))
+    S^n     = log(1 + |R^n| / mean|R^n|)                              (log scale, per tensor)
+    I_tau   = mean over the top-K samples of S^n, per entry
+    Ibar    = I_tau normalised into [0, 1] (min-max per tensor, or by the global max)
+    Rbar   <- max(Rbar, Ibar)                                          (the gate: max over past tasks)
+
+and while task t trains every gradient is scaled, g <- (1 - Rbar) (.) g (``scale: grad``), or
+every optimizer update, theta <- theta_old + (1 - Rbar) (.) (theta_new - theta_old)
+(``scale: update``; Adam normalises a fixed per-coordinate gradient scale away, except through eps).
+
+"Correctly predicted": the teacher-forced argmax equals the answer at every answer position
+(``samples: all`` uses every sample of the seeded sample). For
+a network of linear layers and ReLUs, W (.) g~ is exactly LRP-epsilon's relevance of each weight
+(tested against the layer-by-layer rule); through softmax attention, RMSNorm and SwiGLU the other
+operations pass the ordinary gradient (gradient x input), not AttnLRP's rules. What the paper
+leaves open (the rule, eps, K, the log scale, the normalisation) is set in conf/method/agft.yaml
+and listed in docs/fidelity.md.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from typing import Sequence
+
+import torch
+
+from cl_bench.data.tokenization import IGNORE_INDEX
+from cl_bench.errors import check_choice, check_number
+from cl_bench.rng import derive_seed
+from cl_bench.training.lm import labelled_logits
+from methods.base import CLMethod
+from methods.importance import sample_examples
+from methods.masking import GradientMask, select_parameters
+
+SCALES = ("grad", "update")
+NORMALIZATIONS = ("tensor", "global")
+SAMPLES = ("correct", "all")
+
+
+class _EpsilonRule(torch.autograd.Function):
+    """Identity forward; backward scales the signal by z / (z + eps sign(z)) (LRP-epsilon)."""
+
+    @staticmethod
+    def forward(ctx, z, eps):
+        ctx.save_for_backward(z)
+        ctx.eps = eps
+        return z.view_as(z)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (z,) = ctx.saved_tensors
+        stabilised = z + ctx.eps * torch.where(z >= 0, 1.0, -1.0).to(z.dtype)
+        return grad * (z / stabilised), None
+
+
+@contextmanager
+def epsilon_rule(model: torch.nn.Module, eps: float):
+    """Within the block, gradients through ``model`` follow LRP-epsilon at every nn.Linear output."""
+    handles = [] if eps == 0 else [
+        m.register_forward_hook(lambda module, args, out: _EpsilonRule.apply(out, eps))
+        for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def weight_relevance(output: torch.Tensor, params: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
+    """W (.) d output / d W for each parameter (under :func:`epsilon_rule`: LRP-epsilon relevance)."""
+    grads = torch.autograd.grad(output, list(params.values()), allow_unused=True)
+    return {n: torch.zeros_like(p) if g is None else (p.detach() * g).float() for (n, p), g in zip(params.items(), grads)}
+
+
+class TopKMean:
+    """Per entry, the mean of the K largest values seen (of fewer, while fewer were seen)."""
+
+    def __init__(self, shapes: dict[str, torch.Size], k: int, device):
+        self.k, self.count = k, 0
+        self.values = {n: torch.empty(k, *s, device=device) for n, s in shapes.items()}
+
+    def add(self, scores: dict[str, torch.Tensor]) -> None:
+        for n, s in scores.items():
+            buf = self.values[n]
+            if self.count < self.k:
+                buf[self.count] = s
+            else:
+                low, where = buf.min(0)
+                buf.scatter_(0, where.unsqueeze(0), torch.maximum(s, low).unsqueeze(0))
+        self.count += 1
+
+    def mean(self) -> dict[str, torch.Tensor]:
+        used = min(self.count, self.k)
+        return {n: v[:used].mean(0) for n, v in self.values.items()}
+
+
+def normalise(scores: dict[str, torch.Tensor], how: str) -> dict[str, torch.Tensor]:
+    """Into [0, 1]: min-max per tensor, or divided by the largest entry of all (scores are >= 0)."""
+    if how == "global":
+        top = max(s.max() for s in scores.values()).clamp(min=1e-30)
+        return {n: s / top for n, s in scores.items()}
+    return {n: (s - s.min()) / (s.max() - s.min()).clamp(min=1e-30) for n, s in scores.items()}
+
+
+class AGFT(CLMethod):
+    name = "agft"
+
+    def __init__(self, num_samples: int = 64, top_k: int = 5, epsilon: float = 1e-6, normalize: str = "tensor",
+                 scale: str = "grad", samples: str = "correct", param_patterns: Sequence[str] | None = ("*layers.*",),
+                 seed: int = 0):
+        self.num_samples = check_number(num_samples, "method.num_samples", integer=True, low=1)
+        self.top_k = check_number(top_k, "method.top_k", integer=True, low=1)
+        self.epsilon = float(check_number(epsilon, "method.epsilon", low=0))
+        self.normalize = check_choice(normalize, NORMALIZATIONS, "method.normalize")
+        self.scale = check_choice(scale, SCALES, "method.scale")
+        self.samples = check_choice(samples, SAMPLES, "method.samples")
+        self.param_patterns = None if param_patterns is None else list(param_patterns)
+        self.seed = seed
+        #: Rbar: the element-wise max of the normalised relevance of every finished task
+        self.gate: dict[str, torch.Tensor] = {}
+        self.params: dict[str, torch.nn.Parameter] = {}
+        self.mask: GradientMask | None = None
+        self.handles: list = []
+        self.before_step: dict[str, torch.Tensor] = {}
+
+    def on_stream_start(self, module, stream) -> None:
+        self.params = select_parameters(module.model, self.param_patterns, "method.param_patterns")
+
+    # --- after a task: the relevance of its correctly predicted samples ---------------------------
+    def relevance(self, module, examples) -> tuple[dict[str, torch.Tensor], int]:
+        """I_tau (top-K mean of the log-scaled relevance over the correctly predicted samples, or
+        over all with ``samples: all``) and how many samples it used."""
+        model = module.model
+        device = next(model.parameters()).device
+        top = TopKMean({n: p.shape for n, p in self.params.items()}, self.top_k, device)
+        was_training = model.training
+        model.eval()
+        try:
+            with epsilon_rule(model, self.epsilon):
+                for batch in module.pass_loader(examples):
+                    for b in range(batch["input_ids"].shape[0]):
+                        one = {k: v[b:b + 1].to(device) for k, v in batch.items()}
+                        logits, targets = labelled_logits(model, one)
+                        answer = targets != IGNORE_INDEX
+                        if self.samples == "correct" and not bool((logits.argmax(-1) == targets)[answer].all()):
+                            continue
+                        relevance = weight_relevance(logits.max(-1).values[answer].sum(), self.params)
+                        top.add({n: torch.log1p(r.abs() / r.abs().mean().clamp(min=1e-30))
+                                 for n, r in relevance.items()})
+        finally:
+            model.train(was_training)
+        return top.mean() if top.count else {n: torch.zeros_like(p, dtype=torch.float32)
+                                              for n, p in self.params.items()}, top.count
+
+    def on_task_end(self, module, task, task_index: int) -> None:
+        self.release()
+        start = time.perf_counter()
+        examples = sample_examples(task.train, self.num_samples, derive_seed(self.seed, task_index))
+        scores, correct = self.relevance(module, examples)
+        scores = normalise(scores, self.normalize) if correct else scores
+        self.gate = scores if not self.gate else {n: torch.maximum(self.gate[n], s) for n, s in scores.items()}
+        module.log_metrics({"agft/correct_samples": correct, "agft/attribution_s": time.perf_counter() - start,
+                            "agft/gate_mean": sum(g.sum().item() for g in self.gate.values())
+                            / sum(g.numel() for g in self.gate.values())})
+
+    # --- during a task: the gate scales gradients or updates ------------------------------------
+    def keep(self) -> dict[str, torch.Tensor]:
+        """1 - Rbar: the share of each entry's gradient (update) that is applied."""
+        return {n: 1 - g for n, g in self.gate.items()}
+
+    def on_task_start(self, module, task, task_index: int) -> None:
+        if self.gate and self.scale == "grad":
+            self.mask = GradientMask(self.params, self.keep())
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if not self.gate or self.scale != "update":
+            return
+        keep = {n: k.to(self.params[n].device, self.params[n].dtype) for n, k in self.keep().items()}
+        for opt in trainer.optimizers:
+            self.handles.append(opt.register_step_pre_hook(lambda *_: self._remember()))
+            self.handles.append(opt.register_step_post_hook(lambda *_: self._scale_updates(keep)))
+
+    @torch.no_grad()
+    def _remember(self) -> None:
+        self.before_step = {n: p.detach().clone() for n, p in self.params.items()}
+
+    @torch.no_grad()
+    def _scale_updates(self, keep: dict[str, torch.Tensor]) -> None:
+        for n, p in self.params.items():
+            old = self.before_step[n]
+            p.sub_(old).mul_(keep[n]).add_(old)
+        self.before_step = {}
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def release(self) -> None:
+        if self.mask is not None:
+            self.mask.remove()
+            self.mask = None
+
+    def state_dict(self):
+        return {"gate": {n: g.cpu() for n, g in self.gate.items()}}
+
+    def load_state_dict(self, state_dict) -> None:
+        self.gate = {n: g.to(self.params[n].device) if n in self.params else g for n, g in state_dict["gate"].items()}
