@@ -297,3 +297,113 @@ def test_agft_update_scaling_applies_one_minus_the_gate_to_the_optimizer_step():
     before = start[name]
     plain, scaled = step(False), step(True)
     torch.testing.assert_close(scaled - before, (1 - method.gate[name]) * (plain - before), rtol=1e-5, atol=1e-8)
+
+
+# --- GeRe -------------------------------------------------------------------------------------
+def _gere(tmp_path, **kwargs):
+    import json
+    from methods.gere import GeRe
+    path = tmp_path / "general.jsonl"
+    path.write_text("\n".join(json.dumps({"text": f"General text number {i}: the {'quick ' * (i + 1)}fox."})
+                              for i in range(5)))
+    method = GeRe(general_data=str(path), **kwargs)
+    module = _module(method)
+    module.log_every_n_steps = 1
+    logged = {}
+    module.metric_sink = lambda metrics, step: logged.update(metrics)
+    method.on_stream_start(module, None)
+    return method, module, logged
+
+
+def test_gere_thresholds_are_mean_plus_minus_std_of_the_untrained_hidden_states(tmp_path):
+    method, module, logged = _gere(tmp_path)
+    model = module.model.eval()
+    with torch.no_grad():  # the decoder's normalised output = what the lm_head reads
+        hidden = torch.cat([model.model(input_ids=torch.tensor([t])).last_hidden_state[0] for t in method.texts])
+        head_input = model(input_ids=torch.tensor([method.texts[0]]), output_hidden_states=True)
+    mean, std = hidden.mean(0), hidden.std(0, unbiased=False)
+    torch.testing.assert_close(method.lower, mean - std, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(method.upper, mean + std, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(model.lm_head(hidden[: len(method.texts[0])]), head_input.logits[0], rtol=1e-4, atol=1e-5)
+    first = hidden[: len(method.texts[0])]
+    assert torch.equal(method.bands[0] == -1, first <= method.lower) and torch.equal(method.bands[0] == 1, first >= method.upper)
+    assert logged["gere/general_texts"] == 5 and logged["gere/general_tokens"] == hidden.shape[0]
+
+
+def test_gere_margin_is_zero_at_the_start_and_the_hand_value_on_a_crafted_state(tmp_path):
+    from methods.gere import margin_loss
+    method, module, logged = _gere(tmp_path)
+    batch = next(iter(module.pass_loader(TASK.train)))
+    task_loss = torch.tensor(2.0)
+    penalty = method.penalty(module, batch, task_loss)
+    assert logged["gere/margin"] == 0.0
+    torch.testing.assert_close(penalty, (logged["gere/ce_general"] - task_loss) / 2)
+    lower, upper = torch.tensor([-1.0, -1.0]), torch.tensor([1.0, 1.0])
+    hidden = torch.tensor([[[-0.5, 2.0], [0.5, -3.0]], [[9.0, 9.0], [0.0, 0.0]]])
+    band = torch.tensor([[[-1, 0], [1, 0]], [[0, 0], [0, 0]]], dtype=torch.int8)
+    mask = torch.tensor([[1, 1], [0, 1]])
+    # terms: below -0.5 -> relu(-0.5+1)=0.5; inside 2 -> 1; above 0.5 -> relu(1-0.5)=0.5;
+    # inside -3 -> relu(-1+3)=2; row 2 position 1 is padding; (0, 0) inside -> 0 twice
+    assert margin_loss(hidden, band, lower, upper, mask).item() == pytest.approx((0.5 + 1 + 0.5 + 2) / 4)
+
+
+def test_gere_dynamic_weight_carries_no_gradient(tmp_path):
+    method, module, logged = _gere(tmp_path, weight="dy")
+    with torch.no_grad():
+        for p in module.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # so that TM > 0
+    batch = next(iter(module.pass_loader(TASK.train)))
+    params = list(module.model.parameters())
+    from cl_bench.training.lm import causal_lm_loss
+    task_loss = causal_lm_loss(module.model, batch)
+    dynamic = method.penalty(module, batch, task_loss)
+    w = logged["gere/weight"]
+    assert logged["gere/margin"] > 0 and w == pytest.approx(((logged["gere/ce_general"] + task_loss) / 2).item()
+                                                             / logged["gere/margin"], rel=1e-5)
+    got = torch.autograd.grad(task_loss + dynamic, params, retain_graph=True, allow_unused=True)
+    method.weight, method.drawn = w, 0  # the same draw, the weight as a constant
+    task_loss = causal_lm_loss(module.model, batch)
+    fixed = torch.autograd.grad(task_loss + method.penalty(module, batch, task_loss), params, allow_unused=True)
+    for a, b in zip(got, fixed):
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_gere_draws_cycle_through_every_text_and_resume_where_they_were(tmp_path):
+    method, module, _ = _gere(tmp_path, per_batch=2)
+    draws = [method.draw() for _ in range(5)]  # 10 draws = two passes over the 5 texts
+    flat = [i for d in draws for i in d]
+    assert sorted(flat[:5]) == sorted(flat[5:]) == list(range(5))
+    state = method.state_dict()
+    again, _, _ = _gere(tmp_path, per_batch=2)
+    again.load_state_dict(state)
+    assert again.draw() == method.draw()
+    again.lower = again.lower + 1
+    with pytest.raises(ConfigError, match="thresholds, rebuilt from the untrained model, differ"):
+        again.load_state_dict(state)
+
+
+def test_general_texts_are_read_or_refused_with_the_file_named(tmp_path):
+    from cl_bench.data.general_text import read_texts
+    good = tmp_path / "texts.json"
+    good.write_text('["one", {"text": "two"}]')
+    assert read_texts(good) == ["one", "two"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"txt": "no"}\n')
+    with pytest.raises(ConfigError, match=f"{bad} record 2: expected a non-empty string"):
+        read_texts(bad)
+    with pytest.raises(ConfigError, match="general text file not found"):
+        read_texts(tmp_path / "none.jsonl")
+    from methods.gere import GeRe
+    with pytest.raises(ConfigError, match="method.weight must be a number >= 0 or 'dy'"):
+        GeRe(weight="auto")
+
+
+def test_agft_gate_survives_a_checkpoint():
+    from methods.agft import AGFT
+    method, module = _gated_module("grad")
+    restored = AGFT(param_patterns=["*layers.0.self_attn.q_proj.weight"])
+    restored.on_stream_start(_module(restored), None)
+    restored.load_state_dict(method.state_dict())
+    assert restored.gate.keys() == method.gate.keys()
+    assert all(torch.equal(restored.gate[n], method.gate[n]) for n in method.gate)

@@ -161,9 +161,14 @@ def test_ddp_on_two_processes_matches_one_process(method, tmp_path):
 
 
 @pytest.mark.processes
-@pytest.mark.parametrize("method", ["ewc", "fggm", "ewc_trace"])  # EWC: state from the stage; FGGM: the mask replayed; ewc_trace: F mid-task
+@pytest.mark.parametrize("method", ["ewc", "fggm", "ewc_trace", "agem", "gere"])
 def test_a_run_killed_mid_task_resumes_to_the_same_weights_and_scores(method, tmp_path):
-    common = [*TINY_RUN, f"method={method}", "tasks.num_train=240", "train.batch_size=2", "checkpoint.every_n_steps=5"]
+    """EWC: state from the stage (as LwF's teacher and AGFT's gate, passed 127 and 117 s when run
+    on 2026-11-24, left out for time); FGGM: the mask replayed; ewc_trace: F mid-task; A-GEM: the
+    memory and the step's memory batch; GeRe: the general set rebuilt, its draws mid-task."""
+    small = {"gere": ["method.num_samples=4", "method.generate_tokens=16"]}
+    common = [*TINY_RUN, f"method={method}", "tasks.num_train=240", "train.batch_size=2", "checkpoint.every_n_steps=5",
+              *small.get(method, [])]
     _run([*common, f"hydra.run.dir={tmp_path / 'whole'}"])
     killed = tmp_path / "killed"
     env = {**os.environ}

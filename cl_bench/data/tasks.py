@@ -83,6 +83,14 @@ class TaskStream:
         return [t.name for t in self.tasks]
 
 
+def joint_task(stream: TaskStream) -> Task:
+    """The multi-task reference: one task trained on the union of the stream's training splits,
+    each task's examples repeated as many times as it has epochs (one pass over the union then
+    gives every example its own number of passes)."""
+    train = [ex for task in stream for _ in range(task.epochs) for ex in task.train]
+    return Task(TaskSpec("joint", "mixed", 0), {"train": train}, epochs=1)
+
+
 def read_split(path: Path) -> list[Example]:
     """Read one split file, refusing anything that is not a non-empty list of prompt/answer strings.
 

@@ -1,0 +1,171 @@
+"""GeRe: general sample replay with a threshold-based margin loss (Zhang et al. 2025, arXiv
+2508.04676; the authors' code is github.com/Qznan/GeRe, gere/gere_trainer.py).
+
+At stream start, with the untrained model: a fixed set of general texts, each cut to
+``max_length`` tokens; their final hidden states h* (the lm_head input) at every token; per hidden
+dimension d, over all tokens of all texts, mu_d and sigma_d (population variance); and for every
+stored entry its band: at or below mu - sigma, strictly between, at or above mu + sigma.
+
+Every training micro-batch then also draws ``per_batch`` general texts (seeded, cycling through
+the set in a fresh order each pass), and the loss is
+
+    L  = (CE_general + CE_task) / 2 + w * TM
+    TM = (sum of the terms below) / (number of non-zero terms), over every dimension of every
+         non-padding token of the drawn texts, h the current hidden state:
+           relu(h - (mu - sigma))                         where h* <= mu - sigma   (stay below)
+           relu(h - (mu + sigma)) + relu(mu - sigma - h)  where h* is between      (stay inside)
+           relu(mu + sigma - h)                           where h* >= mu + sigma   (stay above)
+    w  = 100 (``weight: 100``), or (CE_general + CE_task) / 2 / TM without gradient (``weight: dy``)
+
+CE_general is the next-token loss over every token of the drawn texts (full-token LM loss). TM is 0
+until the weights move. Only the bands are kept (int8), which is all TM reads; the authors keep
+the fp32 hidden states on disk. The set is rebuilt from the untrained model when a run resumes
+(the statistics are checked against the checkpoint's).
+
+General texts: ``general_data`` (JSON Lines with a ``text`` field, as the authors' SlimPajama
+sample) or, by default, ``num_samples`` texts the untrained model writes itself
+(cl_bench/data/general_text.py). The authors mix general texts into the task's data (a random
+share of every batch, or a fixed count per global batch); here a fixed count per micro-batch is
+added to it (docs/fidelity.md).
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from cl_bench.data.general_text import read_texts, self_generated
+from cl_bench.distributed import rank
+from cl_bench.errors import ConfigError, check_number
+from cl_bench.rng import derive_seed
+from methods.base import CLMethod
+
+BELOW, INSIDE, ABOVE = -1, 0, 1
+
+
+def final_hidden(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The lm_head input at every position (the decoder's normalised last hidden state), fp32."""
+    return model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state.float()
+
+
+def bands(hidden: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
+    """int8 band of every entry: BELOW (<= lower), ABOVE (>= upper), INSIDE otherwise."""
+    out = torch.zeros(hidden.shape, dtype=torch.int8, device=hidden.device)
+    out[hidden <= lower] = BELOW
+    out[hidden >= upper] = ABOVE
+    return out
+
+
+def margin_loss(hidden: torch.Tensor, band: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor,
+                mask: torch.Tensor) -> torch.Tensor:
+    """TM: the band-crossing terms summed over unmasked entries, divided by how many are non-zero."""
+    below = torch.relu(hidden - lower) * (band == BELOW)
+    inside = (torch.relu(hidden - upper) + torch.relu(lower - hidden)) * (band == INSIDE)
+    above = torch.relu(upper - hidden) * (band == ABOVE)
+    terms = (below + inside + above) * mask.unsqueeze(-1)
+    return terms.sum() / ((terms != 0).sum() + 1e-8)
+
+
+class GeRe(CLMethod):
+    name = "gere"
+
+    def __init__(self, general_data: str | None = None, num_samples: int = 64, max_length: int = 563,
+                 generate_tokens: int = 128, per_batch: int = 1, weight: float | str = 100, seed: int = 0):
+        self.general_data = general_data
+        self.num_samples = check_number(num_samples, "method.num_samples", integer=True, low=1)
+        self.max_length = check_number(max_length, "method.max_length", integer=True, low=2)
+        self.generate_tokens = check_number(generate_tokens, "method.generate_tokens", integer=True, low=1)
+        self.per_batch = check_number(per_batch, "method.per_batch", integer=True, low=1)
+        if weight != "dy":
+            try:
+                weight = float(check_number(weight, "method.weight", low=0))
+            except ConfigError:
+                raise ConfigError(f"method.weight must be a number >= 0 or 'dy', got {weight!r}") from None
+        self.weight = weight
+        self.seed = seed
+        self.texts: list[list[int]] = []  # token ids of each general text
+        self.bands: list[torch.Tensor] = []
+        self.lower = self.upper = None
+        self.drawn = 0  # general texts drawn so far by this process
+
+    # --- stream start: the general set and its statistics, from the untrained model ------------------
+    def on_stream_start(self, module, stream) -> None:
+        start = time.perf_counter()
+        model, tokenizer = module.model, module.loaders.tokenizer
+        if self.general_data is not None:
+            texts = read_texts(self.general_data)[: self.num_samples]
+        else:
+            texts = self_generated(model, tokenizer, self.num_samples, self.generate_tokens, self.seed)
+        ids = [tokenizer(t, add_special_tokens=False)["input_ids"][: self.max_length] for t in texts]
+        self.texts = [t for t in ids if len(t) >= 2]
+        if not self.texts:
+            raise ConfigError("method.general_data: no general text is 2 tokens long or more")
+        hidden = self.hidden_states(model)
+        flat = torch.cat(hidden).double()
+        mean = flat.mean(0)
+        std = (flat.square().mean(0) - mean.square()).clamp(min=0).sqrt()
+        self.lower, self.upper = (mean - std).float(), (mean + std).float()
+        self.bands = [bands(h, self.lower, self.upper) for h in hidden]
+        module.log_metrics({"gere/general_texts": len(self.texts), "gere/general_tokens": flat.shape[0],
+                            "gere/state_bytes": sum(b.numel() for b in self.bands), "gere/setup_s": time.perf_counter() - start})
+
+    @torch.no_grad()
+    def hidden_states(self, model) -> list[torch.Tensor]:
+        """h* of every general text, one text at a time (no padding), on the model's device."""
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        try:
+            return [final_hidden(model, torch.tensor([t], device=device), torch.ones(1, len(t), dtype=torch.long,
+                                                                                      device=device))[0]
+                    for t in self.texts]
+        finally:
+            model.train(was_training)
+
+    # --- every micro-batch: replay and margin --------------------------------------------------
+    def draw(self) -> list[int]:
+        """The indices of the next ``per_batch`` general texts of this process (seeded cycles)."""
+        n, out = len(self.texts), []
+        for k in range(self.drawn, self.drawn + self.per_batch):
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(self.seed + rank(), k // n)))
+            out.append(int(order[k % n]))
+        self.drawn += self.per_batch
+        return out
+
+    def general_batch(self, device) -> dict[str, torch.Tensor]:
+        """The drawn texts, right-padded (as the authors pad them), with their bands."""
+        picked = self.draw()
+        length = max(len(self.texts[i]) for i in picked)
+        ids = torch.zeros(len(picked), length, dtype=torch.long)
+        mask = torch.zeros(len(picked), length, dtype=torch.long)
+        band = torch.zeros(len(picked), length, self.bands[0].shape[-1], dtype=torch.int8)
+        for row, i in enumerate(picked):
+            n = len(self.texts[i])
+            ids[row, :n], mask[row, :n], band[row, :n] = torch.tensor(self.texts[i]), 1, self.bands[i].cpu()
+        return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "bands": band.to(device)}
+
+    def penalty(self, module, batch, task_loss):
+        model = module.model
+        general = self.general_batch(task_loss.device)
+        hidden = final_hidden(model, general["input_ids"], general["attention_mask"])
+        logits = model.get_output_embeddings()(hidden.to(model.dtype)).float()
+        labels = general["input_ids"][:, 1:].masked_fill(general["attention_mask"][:, 1:] == 0, -100)
+        ce_general = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(), ignore_index=-100)
+        margin = margin_loss(hidden, general["bands"], self.lower.to(hidden.device), self.upper.to(hidden.device),
+                             general["attention_mask"])
+        ce = (ce_general + task_loss) / 2
+        weight = ce.detach() / (margin.detach() + 1e-8) if self.weight == "dy" else self.weight
+        if module.should_log:
+            module.log_metrics({"gere/ce_general": ce_general.item(), "gere/margin": margin.item(),
+                                "gere/weight": float(weight)})
+        return ce - task_loss + weight * margin
+
+    def state_dict(self):
+        return {"drawn": self.drawn, "lower": self.lower, "upper": self.upper}
+
+    def load_state_dict(self, state_dict) -> None:
+        if self.lower is not None and not (torch.equal(state_dict["lower"].cpu(), self.lower.cpu())
+                                           and torch.equal(state_dict["upper"].cpu(), self.upper.cpu())):
+            raise ConfigError("GeRe's general-sample thresholds, rebuilt from the untrained model, differ from the "
+                              "checkpoint's: the general texts or the base model changed since the run started")
+        self.drawn = state_dict["drawn"]
