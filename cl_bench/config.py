@@ -21,6 +21,13 @@ def build(node: DictConfig, **kwargs):
         raise
 
 
+def build_stream(tasks: DictConfig):
+    """The TaskStream of a ``tasks`` config node; its ``joint`` switch is the run's (not the data's)
+    and is left out."""
+    node = OmegaConf.create({k: v for k, v in OmegaConf.to_container(tasks, resolve=True).items() if k != "joint"})
+    return build(node)
+
+
 def optimizer_factory(node: DictConfig) -> tuple[Callable, bool]:
     """The optimizer partial of ``conf: optimizer`` and its ``reset_per_task`` flag (default true:
     a fresh optimizer for every task; false: one optimizer, its moments carried, for the stream)."""

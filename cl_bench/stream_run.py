@@ -25,10 +25,10 @@ from lightning import seed_everything
 from omegaconf import DictConfig, OmegaConf
 from rich.rule import Rule
 
-from cl_bench.config import build, optimizer_factory, validate_run_config
+from cl_bench.config import build, build_stream, optimizer_factory, validate_run_config
 from cl_bench.data.batching import layout
 from cl_bench.data.loaders import TaskLoaders
-from cl_bench.data.tasks import TaskStream
+from cl_bench.data.tasks import Task, TaskStream, joint_task
 from cl_bench.distributed import barrier, is_main, rank, start_processes, world_size
 from cl_bench.errors import ConfigError
 from cl_bench.files import RunDirLock
@@ -72,7 +72,10 @@ class StreamRun:
         start_processes(placement)  # from here on, every process runs this run in lockstep
         console.quiet = not is_main()
         t0 = time.perf_counter()
-        self.stream: TaskStream = build(cfg.tasks)  # validates the data before the model is loaded
+        # validates the data before the model is loaded
+        self.stream: TaskStream = build_stream(cfg.tasks)
+        #: what is trained, in order: the stream's tasks, or their union (tasks.joint=true)
+        self.training: list[Task] = self._training_plan(cfg.tasks)
         self.general: GeneralAbility = build(cfg.general) if cfg.get("general") else GeneralAbility()
         self.general.check()
         self.out_dir = self._run_dir(cfg, out_dir)
@@ -109,7 +112,7 @@ class StreamRun:
             self.checkpoints.check_resumable(self.saved, self.config)
             self.mid_task = self.checkpoints.latest_step(self.saved["tasks_done"])
         self.recorder = RunRecorder(self.out_dir, self.config, self.stream.names, [t.metric for t in self.stream],
-                                    writes=is_main())
+                                    writes=is_main(), trained=[t.name for t in self.training])
         self.recorder.set_timing("load_s", time.perf_counter() - t0)
         run_ids = self.saved["run_ids"] if self.saved else {}
         self.loggers = RunLoggers({k: build(c, **({"run_id": run_ids[k]} if k in run_ids else {}))
@@ -135,6 +138,19 @@ class StreamRun:
         self.answers = {t.name: [e.answer for e in t.splits[cfg.eval.split][: cfg.eval.max_examples]]
                         for t in self.stream}
 
+    def _training_plan(self, tasks: DictConfig) -> list[Task]:
+        joint = tasks.get("joint", False)
+        if not isinstance(joint, bool):
+            raise ConfigError(f"tasks.joint must be true or false, got {joint!r}")
+        if not joint:
+            return list(self.stream)
+        if any(t.max_steps is not None for t in self.stream):
+            raise ConfigError("tasks.max_steps caps each task of a sequence; a joint run (tasks.joint=true) trains "
+                              "one union of them: unset tasks.max_steps")
+        if not self.cfg.train.get("shuffle", True):
+            raise ConfigError("a joint run (tasks.joint=true) needs train.shuffle=true, or it trains the tasks in turn")
+        return [joint_task(self.stream)]
+
     @property
     def tasks_done(self) -> int:
         return len(self.recorder.R) - 1
@@ -145,7 +161,7 @@ class StreamRun:
         failed (and why) and every finished stage stays on disk. The run dir is let go at the end."""
         try:
             first = self.start_or_restore()
-            for i in range(first, len(self.stream)):
+            for i in range(first, len(self.training)):
                 self.train_task(i)
                 self.evaluate_stage()
             return self.finish()
@@ -170,14 +186,14 @@ class StreamRun:
         self.module.resume_stream(saved["step_offset"])
         self.module.load_optimizer_state(saved.get("optimizer"))
         set_rng_state(saved["rng"])
-        console.print(Rule(f"Resuming {self.out_dir} after {saved['tasks_done']} of {len(self.stream)} tasks"))
+        console.print(Rule(f"Resuming {self.out_dir} after {saved['tasks_done']} of {len(self.training)} tasks"))
         return saved["tasks_done"]
 
     def train_task(self, i: int) -> None:
         """Task ``i``: the method's task start, a fresh Trainer's fit (continuing from this task's
         newest step checkpoint on a resume), the method's task end."""
-        task, cfg = self.stream[i], self.cfg
-        console.print(Rule(f"Task {i + 1}/{len(self.stream)}: {task.name} ({len(task.train)} examples, "
+        task, cfg = self.training[i], self.cfg
+        console.print(Rule(f"Task {i + 1}/{len(self.training)}: {task.name} ({len(task.train)} examples, "
                            f"{task.epochs} epoch(s), metric {task.metric})"))
         self.module.begin_task(task.name)
         t = time.perf_counter()
@@ -204,7 +220,7 @@ class StreamRun:
                                               self.generation, self.cfg.eval.split, self.cfg.eval.max_examples)
         self.recorder.add_row(scores, time.perf_counter() - t)
         done = self.tasks_done
-        if done == 0 or self.general.every_task or done == len(self.stream):
+        if done == 0 or self.general.every_task or done == len(self.training):
             self._evaluate_general()
         self._record_stage(predictions)
         self.checkpoints.save_stage(self.stage_state(), done)

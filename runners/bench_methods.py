@@ -31,7 +31,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from cl_bench.config import build, optimizer_factory
+from cl_bench.config import build, build_stream, optimizer_factory
 from cl_bench.data.loaders import TaskLoaders
 from cl_bench.recording.console import one_line_per_bar
 from cl_bench.training.module import CLModule
@@ -127,7 +127,7 @@ def main(cfg: DictConfig) -> None:
     b = cfg.bench
     with one_line_per_bar():
         bundle = build(cfg.model)
-        stream = build(cfg.tasks)
+        stream = build_stream(cfg.tasks)
         initial = copy.deepcopy(bundle.model.state_dict())
         batches = make_batches(len(bundle.tokenizer), b.warmup + b.steps, b.batch_size, b.seq_len, cfg.seed)
         setups = [set_up(cfg, name, bundle, initial, stream) for name in b.methods]

@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 from hydra.errors import ConfigCompositionException
-from hydra.utils import instantiate
 
+from cl_bench.config import build_stream
 from cl_bench.errors import ConfigError
 from methods.base import CLMethod
 from cl_bench.stream_run import run
@@ -187,7 +187,7 @@ def test_trace_fixture_runs_end_to_end_with_caps(make_config, tmp_path):
                                              ("[Py150,FOMC]", ["Py150", "FOMC"])])
 def test_trace_orders_keep_each_tasks_epochs(make_config, tmp_path, order, expected):
     data = write_stream(tmp_path / "data", {name: 2 for name in TRACE_TASKS})
-    stream = instantiate(make_config("tasks=trace", f"tasks.data_dir={data}", f"tasks.order={order}", tiny=False).tasks)
+    stream = build_stream(make_config("tasks=trace", f"tasks.data_dir={data}", f"tasks.order={order}", tiny=False).tasks)
     assert stream.names == expected
     assert [t.epochs for t in stream] == [EPOCHS[n] for n in expected]
 
@@ -195,7 +195,7 @@ def test_trace_orders_keep_each_tasks_epochs(make_config, tmp_path, order, expec
 def test_trace_subset_keeps_the_orders_order(make_config, tmp_path):
     data = write_stream(tmp_path / "data", {name: 2 for name in TRACE_TASKS})
     cfg = make_config("tasks=trace", f"tasks.data_dir={data}", "tasks.order=order2", "tasks.subset=[ScienceQA,FOMC]", tiny=False)
-    assert instantiate(cfg.tasks).names == ["FOMC", "ScienceQA"]
+    assert build_stream(cfg.tasks).names == ["FOMC", "ScienceQA"]
 
 
 @pytest.mark.parametrize("override, message", [

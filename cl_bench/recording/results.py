@@ -34,8 +34,10 @@ class RunRecorder:
     """Collects the score matrix and timings of a run and writes them after every stage."""
 
     def __init__(self, out_dir: str | Path, config: dict, task_names: list[str], metric_names: list[str],
-                 writes: bool = True):
-        """``writes=False`` keeps everything in memory (the processes other than rank 0)."""
+                 writes: bool = True, trained: list[str] | None = None):
+        """``writes=False`` keeps everything in memory (the processes other than rank 0).
+        ``trained``: what each stage trains, when it is not one task of the stream after another
+        (a joint run: ``["joint"]``, one row after the base row)."""
         self.out_dir = Path(out_dir)
         self.writes = writes
         if writes:
@@ -43,6 +45,9 @@ class RunRecorder:
         self.config = redact(config)
         self.task_names = task_names
         self.metric_names = metric_names
+        self.trained = list(task_names) if trained is None else list(trained)
+        #: a multi-task reference run: R has the base row and one trained row
+        self.joint = self.trained != list(task_names)
         self.R: list[list[float]] = []
         self.timings: dict[str, Any] = {"train_s": [], "eval_s": []}
         self.status = "running"
@@ -53,10 +58,15 @@ class RunRecorder:
 
     @property
     def stages(self) -> list[str]:
-        return ["base"] + [f"after_{name}" for name in self.task_names[: len(self.R) - 1]]
+        return ["base"] + [f"after_{name}" for name in self.trained[: len(self.R) - 1]]
 
     def cl_metrics(self) -> dict[str, float | None]:
-        return all_metrics(self.R) if len(self.R) >= 2 else {}
+        """The CL metrics of R; a joint run has no sequence: only OP (the mean of its trained row)."""
+        if len(self.R) < 2:
+            return {}
+        if self.joint:
+            return {"op": sum(self.R[-1]) / len(self.R[-1])}
+        return all_metrics(self.R)
 
     def add_row(self, scores: list[float], eval_s: float) -> None:
         self.R.append([float(s) for s in scores])
@@ -107,6 +117,7 @@ class RunRecorder:
         return {
             "status": self.status,
             "error": self.error,
+            "joint": self.joint,
             "tasks": self.task_names,
             "metrics": self.metric_names,
             "stages": self.stages,
