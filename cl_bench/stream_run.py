@@ -202,7 +202,9 @@ class StreamRun:
         callbacks = [self.method] + ([step_checkpoint] if step_checkpoint else [])
         trainer = build_trainer(cfg, task.epochs, task.max_steps, callbacks, self.accumulate)
         examples = self.method.training_examples(task, i)
-        loader = self.loaders.training(examples, seed=cfg.seed + i, rank=rank(), world_size=world_size())
+        share = self.method.replayed_per_batch(task, i)
+        loader = self.loaders.training(examples, seed=cfg.seed + i, rank=rank(), world_size=world_size(),
+                                       fixed_share=None if share is None else (len(task.train), share))
         mid_task = self.mid_task if self.saved is not None and i == self.saved["tasks_done"] else None
         if mid_task is not None:
             console.print(f"Resuming task {task.name} from {mid_task.name}")

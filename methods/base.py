@@ -59,6 +59,11 @@ class CLMethod(Callback):
         remembered ones (called after :meth:`on_task_start`)."""
         return list(task.train)
 
+    def replayed_per_batch(self, task: "Task", task_index: int) -> int | None:
+        """How many examples of every global batch come from past ``task.train`` in
+        :meth:`training_examples` (the rest are the task's own); None: all are shuffled together."""
+        return None
+
     def penalty(self, module: "CLModule", batch: dict[str, torch.Tensor], task_loss: torch.Tensor) -> torch.Tensor | None:
         """A term added to the task loss of every training step, or None."""
         return None

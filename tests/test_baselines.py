@@ -452,3 +452,45 @@ def test_joint_training_refuses_settings_that_assume_a_sequence(make_config):
         cfg = make_config("tasks.joint=true", "tasks.order=[arith,code]", *overrides)
         with pytest.raises(ConfigError, match=message):
             run(cfg, cfg.paths.output_dir)
+
+
+# --- replay, interleaved ----------------------------------------------------------------------
+def _steps(sampler):
+    """The global batches of an epoch, as example indices (the micro-batches of every process)."""
+    return [[i.index for i in step] for step in sampler._micro_batches()]
+
+
+def test_interleaved_replay_puts_a_fixed_share_in_every_global_batch():
+    from cl_bench.data.batching import StepBatchSampler
+    sampler = StepBatchSampler([1] * 14, batch_size=4, fixed_share=(10, 1), shuffle=True, seed=3)
+    pooled = []
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        steps = _steps(sampler)
+        assert len(steps) == 4 and len(sampler) == 4  # ceil(10 own / 3 per batch)
+        own = sorted(i for s in steps for i in s if i < 10)
+        assert own == list(range(10))  # each own example once per epoch
+        assert [sum(i >= 10 for i in s) for s in steps] == [1, 1, 1, 1]
+        pooled += [i for s in steps for i in s if i >= 10]
+    assert sorted(pooled) == [10, 10, 11, 11, 12, 12, 13, 13]  # the pool is cycled whole, twice in 8 draws
+    halves = [StepBatchSampler([1] * 14, batch_size=4, rank=r, world_size=2, fixed_share=(10, 1), shuffle=True, seed=3)
+              for r in (0, 1)]
+    sampler.set_epoch(0)
+    assert [a + b for a, b in zip(*map(_steps, halves))] == _steps(sampler)
+    with pytest.raises(ConfigError, match="a fixed share of 4 pooled examples per batch of 4"):
+        StepBatchSampler([1] * 14, batch_size=4, fixed_share=(10, 4))
+
+
+def test_interleaved_replay_runs_through_the_runner_and_refuses_a_whole_batch(make_config):
+    from cl_bench.stream_run import run
+    from methods.replay import Replay
+    cfg = make_config("method=replay", "method.mode=interleave", "method.per_task=2", "tasks.order=[arith,code,sentiment]")
+    assert run(cfg, cfg.paths.output_dir).status == "finished"
+    method = Replay(mode="interleave", batch_share=0.9)
+    with pytest.raises(ConfigError, match="method.batch_share 0.9 of train.batch_size 4 leaves no room"):
+        method.on_stream_start(_module(method), None)
+    method = Replay(mode="interleave", batch_share=0.3)
+    method.on_stream_start(_module(method), None)
+    assert method.replayed_per_batch(TASK, 1) is None  # nothing kept yet
+    method.on_task_end(None, TASK, 0)
+    assert method.replayed_per_batch(TASK, 1) == 1  # round(0.3 x 4)

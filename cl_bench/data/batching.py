@@ -61,8 +61,15 @@ class StepBatchSampler(torch.utils.data.Sampler):
         shuffle: bool = False,
         seed: int = 0,
         drop_last: bool = False,
+        fixed_share: tuple[int, int] | None = None,
     ):
+        """``fixed_share=(own, r)``: the first ``own`` examples are the task's, the rest a pool of
+        which every global batch takes exactly ``r`` (see :meth:`_steps`)."""
         self.per_process, self.micro, self.accumulate = layout(batch_size, micro_batch_size, world_size)
+        if fixed_share is not None and not (0 < fixed_share[1] < batch_size and 0 < fixed_share[0] < len(label_tokens)):
+            raise ConfigError(f"a fixed share of {fixed_share[1]} pooled examples per batch of {batch_size} needs "
+                              f"0 < share < batch and a non-empty pool ({len(label_tokens) - fixed_share[0]} pooled)")
+        self.fixed_share = fixed_share
         self.label_tokens = torch.as_tensor(list(label_tokens), dtype=torch.long)
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
@@ -76,6 +83,8 @@ class StepBatchSampler(torch.utils.data.Sampler):
         self.epoch = epoch
 
     def _steps(self) -> list[torch.Tensor]:
+        if self.fixed_share is not None:
+            return self._shared_steps(*self.fixed_share)
         n = len(self.label_tokens)
         if self.shuffle:
             order = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(self.seed, self.epoch)))
@@ -86,6 +95,29 @@ class StepBatchSampler(torch.utils.data.Sampler):
         rest = order[full * self.batch_size :]
         if not self.drop_last and len(rest) >= self.world_size:  # (< world_size examples cannot be shared)
             steps.append(rest)
+        return steps
+
+    def _shared_steps(self, own: int, share: int) -> list[torch.Tensor]:
+        """Every global batch: ``batch_size - share`` of the task's own examples (each once per
+        epoch, in the epoch's order) and ``share`` from the pool, which is read in a fresh seeded
+        order each time it is used up, its position carried across epochs."""
+        take = self.batch_size - share
+        order = torch.arange(own)
+        if self.shuffle:
+            order = torch.randperm(own, generator=torch.Generator().manual_seed(derive_seed(self.seed, self.epoch)))
+        chunks = [order[s : s + take] for s in range(0, own, take)]
+        if self.drop_last and len(chunks[-1]) < take:
+            chunks.pop()
+        pool = len(self.label_tokens) - own
+        cursor = self.epoch * len(chunks) * share
+
+        def pooled(k: int) -> int:
+            cycle = torch.randperm(pool, generator=torch.Generator().manual_seed(derive_seed(self.seed, 1_000_000 + k // pool)))
+            return own + int(cycle[k % pool])
+        steps = []
+        for chunk in chunks:
+            steps.append(torch.cat([chunk, torch.tensor([pooled(cursor + j) for j in range(share)])]))
+            cursor += share
         return steps
 
     def _split(self, step: torch.Tensor) -> list[torch.Tensor]:

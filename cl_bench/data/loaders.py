@@ -30,6 +30,7 @@ def make_loader(
     rank: int = 0,
     world_size: int = 1,
     drop_last: bool = False,
+    fixed_share: tuple[int, int] | None = None,
 ) -> ResumableLoader:
     """A resumable loader of left-padded training micro-batches over ``examples``.
 
@@ -38,7 +39,7 @@ def make_loader(
     """
     dataset = EncodedDataset(tokenizer, examples, max_prompt_len, max_ans_len, cache_dir)
     sampler = StepBatchSampler(dataset.label_tokens(), batch_size, micro_batch_size, rank, world_size,
-                               shuffle, seed, drop_last)
+                               shuffle, seed, drop_last, fixed_share)
     # Its own generator: starting an epoch's iterator must not draw from the global RNG.
     return ResumableLoader(dataset, batch_sampler=sampler, collate_fn=Collator(tokenizer.pad_token_id),
                            generator=torch.Generator().manual_seed(seed))
@@ -67,12 +68,14 @@ class TaskLoaders:
                    train.get("micro_batch_size"), train.get("shuffle", False), train.get("drop_last", False),
                    train.get("token_cache"))
 
-    def training(self, examples: Sequence[Example], seed: int, rank: int = 0, world_size: int = 1) -> ResumableLoader:
-        """This process's micro-batches of every global batch, epoch by epoch (resumable)."""
+    def training(self, examples: Sequence[Example], seed: int, rank: int = 0, world_size: int = 1,
+                 fixed_share: tuple[int, int] | None = None) -> ResumableLoader:
+        """This process's micro-batches of every global batch, epoch by epoch (resumable);
+        ``fixed_share=(own, r)``: r of every global batch from ``examples[own:]`` (a replay pool)."""
         return make_loader(
             self.tokenizer, examples, self.batch_size, self.max_prompt_len, self.max_ans_len, shuffle=self.shuffle,
             seed=seed, cache_dir=self.cache_dir, micro_batch_size=self.micro_batch_size, rank=rank,
-            world_size=world_size, drop_last=self.drop_last,
+            world_size=world_size, drop_last=self.drop_last, fixed_share=fixed_share,
         )
 
     def passes(self, examples: Sequence[Example]) -> ResumableLoader:
