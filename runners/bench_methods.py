@@ -2,6 +2,8 @@
 
     python -m runners.bench_methods [model=tiny_llama] [bench.methods=[sft,ewc,migu,fggm]]
 
+An entry of ``bench.methods`` is a method config name, optionally with settings after a slash
+(``agft/scale=update``); ``bench.overrides`` adds settings to every entry of a method.
 Every method is measured in the state it has while training the second task of the stream (EWC
 with a consolidated Fisher and anchor, FGGM with its mask, MIGU with its hooks): the first two
 tasks of ``tasks`` provide the data for that set-up; the timed steps use the same random batches
@@ -12,7 +14,8 @@ a drift of the machine's speed during the run spreads over all methods alike. Th
 method's best repeat: on a shared machine noise only ever adds time (single steps here vary by
 +-30%), so the minimum is the estimate of a method's own cost; medians are reported beside it.
 
-Fisher pass / epoch is measured on task 2 of the stream. A pass covers min(num_samples, N)
+Fisher pass / epoch (EWC's and FGGM's Fisher, MAS's importance, AGFT's attribution pass) is
+measured on task 2 of the stream. A pass covers min(num_samples, N)
 examples and an epoch N, so the ratio depends on the task size N; it is also given for TRACE's
 task sizes (500 and 5000 training examples), from the measured per-example costs.
 """
@@ -66,9 +69,18 @@ def timed_fit(cfg, module, callbacks, loader, steps: int, warmup: int) -> float:
     return (timer.end - timer.start) / (steps - warmup)
 
 
-def set_up(cfg: DictConfig, name: str, bundle, initial, stream) -> dict:
-    """``name`` on its own copy of the model, in the state it has at the start of task 2."""
-    method = build(compose(config_name="bench", overrides=[f"method={name}"]).method)
+def method_overrides(entry: str, cfg: DictConfig) -> tuple[str, list[str]]:
+    """A ``bench.methods`` entry: a method config name, optionally with settings after a slash
+    (``agft/scale=update``), plus that method's ``bench.overrides``."""
+    name, _, settings = entry.partition("/")
+    extra = [f"method.{s}" for s in settings.split(",") if s]
+    return name, [f"method={name}", *cfg.bench.get("overrides", {}).get(name, []), *extra]
+
+
+def set_up(cfg: DictConfig, entry: str, bundle, initial, stream) -> dict:
+    """The method of ``entry`` on its own copy of the model, in the state it has at the start of task 2."""
+    name, overrides = method_overrides(entry, cfg)
+    method = build(compose(config_name="bench", overrides=overrides).method)
     model = copy.deepcopy(bundle.model)
     model.load_state_dict(initial)
     telemetry: dict[str, float] = {}
@@ -81,8 +93,9 @@ def set_up(cfg: DictConfig, name: str, bundle, initial, stream) -> dict:
     method.on_task_start(module, stream[0], 0)
     method.on_task_end(module, stream[0], 0)
     method.on_task_start(module, stream[1], 1)
-    return {"method": name, "module": module, "state_bytes": tensor_bytes(method), "times": [],
-            "fisher_s": next((v for k, v in telemetry.items() if k.endswith(("/fisher_s", "/importance_s"))), None),
+    return {"method": entry, "module": module, "state_bytes": tensor_bytes(method), "times": [],
+            "fisher_s": next((v for k, v in telemetry.items()
+                              if k.endswith(("/fisher_s", "/importance_s", "/attribution_s"))), None),
             "num_samples": getattr(method, "num_samples", None)}
 
 

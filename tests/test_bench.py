@@ -24,7 +24,7 @@ def test_bench_runs_both_paths_on_identical_steps(tmp_path):
 def test_bench_methods_reports_every_method_relative_to_sft(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "runners.bench_methods", "model=tiny_llama", "bench.steps=3", "bench.warmup=1",
-         "bench.repeats=1", "bench.methods=[sft,fggm,ewc]", "tasks.num_train=8",
+         "bench.repeats=1", "bench.methods=[sft,fggm,ewc,'agft/scale=update']", "tasks.num_train=8",
          "trainer.enable_progress_bar=false", f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path}"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
@@ -32,6 +32,7 @@ def test_bench_methods_reports_every_method_relative_to_sft(tmp_path):
     rows = {r["method"]: r for r in json.loads((tmp_path / "bench_methods.json").read_text())["rows"]}
     assert rows["sft"]["ratio"] == 1.0 and rows["sft"]["state_bytes"] == 0
     assert rows["fggm"]["fisher_s"] > 0 and rows["ewc"]["fisher_s"] > 0
+    assert rows["agft/scale=update"]["fisher_s"] > 0  # its attribution pass, over every sample (bench.overrides)
     # EWC keeps a Fisher and an anchor per weight (fp32): twice the model; FGGM only row masks
     assert rows["ewc"]["state_bytes"] > 5 * rows["fggm"]["state_bytes"]
     # a pass covers min(num_samples, N) examples and an epoch N: EWC's at N = 5000 only 512 of them,
