@@ -66,8 +66,9 @@ class AGEM(CLMethod):
             layout(size, loaders.micro_batch_size, world_size())
         except ConfigError as e:
             raise ConfigError(f"method.memory_batch_size ({size}) must be laid out like a training batch: {e}") from None
-        # the memory batch in micro-batches and shares as a training batch; drawn already shuffled
-        self.loaders = dataclasses.replace(loaders, batch_size=size, shuffle=False, drop_last=False)
+        # the memory batch in micro-batches and shares as a training batch; drawn already shuffled,
+        # and tokenized anew (a few examples; a cache entry per drawn batch would fill the disk)
+        self.loaders = dataclasses.replace(loaders, batch_size=size, shuffle=False, drop_last=False, cache_dir=None)
 
     def on_task_start(self, module, task, task_index: int) -> None:
         self.projected_steps = self.steps = 0

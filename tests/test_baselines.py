@@ -494,3 +494,17 @@ def test_interleaved_replay_runs_through_the_runner_and_refuses_a_whole_batch(ma
     assert method.replayed_per_batch(TASK, 1) is None  # nothing kept yet
     method.on_task_end(None, TASK, 0)
     assert method.replayed_per_batch(TASK, 1) == 1  # round(0.3 x 4)
+
+
+def test_agem_memory_batches_leave_no_token_cache_entries(tmp_path):
+    from methods.agem import AGEM
+    method = AGEM(per_task=6, seed=1)
+    bundle = tiny_llama(seed=0)
+    loaders = TaskLoaders(bundle.tokenizer, batch_size=4, max_prompt_len=64, max_ans_len=8, cache_dir=tmp_path)
+    module = CLModule(bundle.model, method, partial(torch.optim.AdamW, lr=1e-3), loaders=loaders)
+    method.on_stream_start(module, None)
+    method.on_task_end(module, TASK, 0)
+    for step in range(3):
+        module.step_offset = step
+        method.reference_gradient(module, list(module.model.parameters()))
+    assert list(tmp_path.iterdir()) == []
