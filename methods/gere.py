@@ -100,25 +100,31 @@ class GeRe(CLMethod):
         self.texts = [t for t in ids if len(t) >= 2]
         if not self.texts:
             raise ConfigError("method.general_data: no general text is 2 tokens long or more")
-        hidden = self.hidden_states(model)
-        flat = torch.cat(hidden).double()
-        mean = flat.mean(0)
-        std = (flat.square().mean(0) - mean.square()).clamp(min=0).sqrt()
+        # pass 1: per-dimension moments over every token; pass 2: each entry's band (kept on the host)
+        total = square = None
+        count = 0
+        for h in self.hidden_states(model):
+            h = h.double()
+            total = h.sum(0) if total is None else total + h.sum(0)
+            square = h.square().sum(0) if square is None else square + h.square().sum(0)
+            count += h.shape[0]
+        mean = total / count
+        std = (square / count - mean.square()).clamp(min=0).sqrt()
         self.lower, self.upper = (mean - std).float(), (mean + std).float()
-        self.bands = [bands(h, self.lower, self.upper) for h in hidden]
-        module.log_metrics({"gere/general_texts": len(self.texts), "gere/general_tokens": flat.shape[0],
+        self.bands = [bands(h, self.lower, self.upper).cpu() for h in self.hidden_states(model)]
+        module.log_metrics({"gere/general_texts": len(self.texts), "gere/general_tokens": count,
                             "gere/state_bytes": sum(b.numel() for b in self.bands), "gere/setup_s": time.perf_counter() - start})
 
-    @torch.no_grad()
-    def hidden_states(self, model) -> list[torch.Tensor]:
-        """h* of every general text, one text at a time (no padding), on the model's device."""
+    def hidden_states(self, model):
+        """h* of each general text in turn, one text at a time (no padding), on the model's device."""
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
         try:
-            return [final_hidden(model, torch.tensor([t], device=device), torch.ones(1, len(t), dtype=torch.long,
-                                                                                      device=device))[0]
-                    for t in self.texts]
+            for t in self.texts:
+                with torch.no_grad():
+                    ids = torch.tensor([t], device=device)
+                    yield final_hidden(model, ids, torch.ones_like(ids))[0]
         finally:
             model.train(was_training)
 
@@ -141,7 +147,7 @@ class GeRe(CLMethod):
         band = torch.zeros(len(picked), length, self.bands[0].shape[-1], dtype=torch.int8)
         for row, i in enumerate(picked):
             n = len(self.texts[i])
-            ids[row, :n], mask[row, :n], band[row, :n] = torch.tensor(self.texts[i]), 1, self.bands[i].cpu()
+            ids[row, :n], mask[row, :n], band[row, :n] = torch.tensor(self.texts[i]), 1, self.bands[i]
         return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "bands": band.to(device)}
 
     def penalty(self, module, batch, task_loss):
