@@ -1,0 +1,175 @@
+"""Runs compared: read results.json files, group runs that differ only by seed, aggregate, pair.
+
+A *group* is one method (with the settings in which its runs differ) on one stream, task order
+and model; its runs differ by seed. Runs of different streams, task sets or models are never
+averaged together. A *paired* comparison takes, for each seed (and order) that a method and the
+baseline both ran, the difference of a metric, and gives its mean with a percentile-bootstrap 95%
+interval (seeded, so a report is reproducible).
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from cl_bench.errors import ConfigError
+
+#: the numbers a group is summarised by: key -> how to read it from a results.json
+METRICS = ("op", "mean_op", "bwt", "fwt", "forgetting", "delta_RG", "general_before", "general_after", "wall_min")
+
+
+@dataclass
+class RunResult:
+    """One run dir's results.json, with what grouping needs."""
+
+    path: Path
+    status: str
+    error: str | None
+    method: str
+    settings: dict[str, Any]
+    stream: str
+    order: tuple[str, ...]
+    model: str
+    seed: Any
+    joint: bool
+    R: list[list[float]]
+    values: dict[str, float | None] = field(default_factory=dict)
+
+
+def _model_name(model: dict) -> str:
+    for key in ("name", "path", "pretrained_model_name_or_path"):
+        if model.get(key):
+            return str(model[key])
+    return str(model.get("_target_", "?")).rsplit(".", 1)[-1]
+
+
+def _stream_name(tasks: dict, names: list[str]) -> str:
+    source = tasks.get("data_dir") or f"data_seed={tasks.get('data_seed')}"
+    kind = str(tasks.get("_target_", "?")).rsplit(".", 1)[-1]
+    return f"{kind}({source}; {','.join(sorted(names))})"
+
+
+def read_run(path: Path) -> RunResult:
+    """A run dir (or its results.json) read; a file that is not a run's results is refused by name."""
+    file = path / "results.json" if path.is_dir() else path
+    try:
+        data = json.loads(file.read_text())
+        config = data["config"]
+        method = config["method"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{file}: not a run's results.json ({type(e).__name__}: {e})") from None
+    general = data.get("general") or {}
+    means = general.get("mean") or {}
+    stages = data.get("stages") or []
+    values = dict(data.get("cl_metrics") or {})
+    values["delta_RG"] = general.get("delta_RG")
+    values["general_before"] = means.get("base")
+    values["general_after"] = means.get(stages[-1]) if len(stages) > 1 else None
+    total = (data.get("timings") or {}).get("total_s")
+    values["wall_min"] = None if total is None else total / 60
+    return RunResult(
+        path=file.parent, status=data.get("status", "?"), error=data.get("error"),
+        method=str(method.get("_target_", "?")).rsplit(".", 2)[-2],
+        settings={k: v for k, v in method.items() if k not in ("_target_", "seed")},
+        stream=_stream_name(config.get("tasks") or {}, data.get("tasks") or []),
+        order=tuple(data.get("tasks") or ()), model=_model_name(config.get("model") or {}),
+        seed=config.get("seed"), joint=bool(data.get("joint")), R=data.get("R") or [], values=values,
+    )
+
+
+def find_runs(paths: Iterable[str | Path]) -> list[RunResult]:
+    """Every run under ``paths`` (run dirs, multirun dirs, or results.json files), in path order."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_file():
+            files.append(p)
+        elif (p / "results.json").is_file():
+            files.append(p / "results.json")
+        elif p.is_dir():
+            files.extend(sorted(p.rglob("results.json")))
+        else:
+            raise ConfigError(f"{p}: no such run or sweep dir")
+    if not files:
+        raise ConfigError(f"no results.json under {', '.join(map(str, paths))}")
+    return [read_run(f) for f in files]
+
+
+def _label(run: RunResult, varying: list[str]) -> str:
+    name = run.method + (" (joint)" if run.joint else "")
+    extra = ", ".join(f"{k}={run.settings.get(k)}" for k in varying)
+    return f"{name} [{extra}]" if extra else name
+
+
+def group_runs(runs: list[RunResult]) -> dict[tuple[str, str, tuple, str], list[RunResult]]:
+    """Finished runs by (label, stream, order, model); a label names the method and the settings
+    in which that method's runs differ."""
+    finished = [r for r in runs if r.status == "finished"]
+    varying: dict[str, list[str]] = {}
+    for method in {r.method for r in finished}:
+        mine = [r for r in finished if r.method == method]
+        keys = sorted({k for r in mine for k in r.settings})
+        varying[method] = [k for k in keys if len({json.dumps(r.settings.get(k), sort_keys=True) for r in mine}) > 1]
+    groups: dict[tuple, list[RunResult]] = {}
+    for r in finished:
+        groups.setdefault((_label(r, varying[r.method]), r.stream, r.order, r.model), []).append(r)
+    return groups
+
+
+def summary_stats(values: list[float | None]) -> dict[str, float | int | None]:
+    """mean, sample std (n - 1; None for one value) and n of the values that exist."""
+    xs = [v for v in values if v is not None]
+    if not xs:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else None, "n": len(xs)}
+
+
+def aggregate(groups: dict[tuple, list[RunResult]]) -> list[dict[str, Any]]:
+    """One row per group: its key, seeds, and mean/std/n of every metric."""
+    rows = []
+    for (label, stream, order, model), runs in groups.items():
+        row = {"method": label, "stream": stream, "order": list(order), "model": model,
+               "seeds": sorted(r.seed for r in runs)}
+        for m in METRICS:
+            row[m] = summary_stats([r.values.get(m) for r in runs])
+        rows.append(row)
+    return rows
+
+
+def bootstrap_interval(diffs: list[float], seed: int = 0, resamples: int = 10_000) -> tuple[float, float]:
+    """Percentile bootstrap 95% interval of the mean of ``diffs`` (deterministic given ``seed``)."""
+    rng = random.Random(seed)
+    n = len(diffs)
+    means = sorted(sum(rng.choices(diffs, k=n)) / n for _ in range(resamples))
+    return means[int(0.025 * resamples)], means[min(resamples - 1, math.ceil(0.975 * resamples) - 1)]
+
+
+def paired(groups: dict[tuple, list[RunResult]], baseline: str, seed: int = 0) -> list[dict[str, Any]]:
+    """For each group beside the baseline's on the same stream, order and model: per metric, the
+    mean difference (method - baseline) over the seeds both ran, with its bootstrap interval."""
+    out = []
+    for (label, stream, order, model), runs in groups.items():
+        base = groups.get((baseline, stream, order, model))
+        if base is None or label == baseline:
+            continue
+        by_seed = {r.seed: r for r in base}
+        pairs = [(r, by_seed[r.seed]) for r in runs if r.seed in by_seed]
+        row = {"method": label, "baseline": baseline, "stream": stream, "order": list(order), "model": model,
+               "seeds": sorted(r.seed for r, _ in pairs)}
+        for m in METRICS[:-1]:
+            diffs = [a.values[m] - b.values[m] for a, b in pairs
+                     if a.values.get(m) is not None and b.values.get(m) is not None]
+            row[m] = None if not diffs else {
+                "diff": statistics.fmean(diffs), "n": len(diffs),
+                "ci95": list(bootstrap_interval(diffs, seed)) if len(diffs) > 1 else None}
+        out.append(row)
+    return out
+
+
+def mean_matrix(runs: list[RunResult]) -> list[list[float]]:
+    """The element-wise mean score matrix R of runs of one group."""
+    rows, cols = len(runs[0].R), len(runs[0].R[0])
+    return [[statistics.fmean(r.R[i][j] for r in runs) for j in range(cols)] for i in range(rows)]

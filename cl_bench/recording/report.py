@@ -1,0 +1,181 @@
+"""The comparison report of many runs: report.md, report.html (figures embedded), summary.csv,
+summary.json and PNG figures, from results.json files alone (cl_bench/recording/comparison.py).
+
+Figures, one set per setting (stream, task order, model): the mean score matrix of each method,
+the CL metrics as bars with +-1 std error bars, each task's score across the stages (forgetting
+curves), and general ability before and after the stream.
+"""
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from cl_bench.files import atomic_write  # noqa: E402
+from cl_bench.recording.comparison import (METRICS, RunResult, aggregate, group_runs, mean_matrix,  # noqa: E402
+                                           paired)
+
+BAR_METRICS = ("op", "bwt", "fwt", "forgetting", "delta_RG")
+
+
+def _fmt(stat: dict | None) -> str:
+    if not stat or stat.get("mean") is None:
+        return "-"
+    return f"{stat['mean']:.1f}" + (f" ± {stat['std']:.1f}" if stat["std"] is not None else "") + f" (n={stat['n']})"
+
+
+def _fmt_pair(stat: dict | None) -> str:
+    if not stat:
+        return "-"
+    ci = stat["ci95"]
+    return f"{stat['diff']:+.1f}" + (f" [{ci[0]:+.1f}, {ci[1]:+.1f}]" if ci else "") + f" (n={stat['n']})"
+
+
+def _settings(rows: list[dict]) -> list[tuple]:
+    return list(dict.fromkeys((r["stream"], tuple(r["order"]), r["model"]) for r in rows))
+
+
+def markdown(rows: list[dict], pairs: list[dict], failed: list[RunResult], baseline: str) -> str:
+    out = ["# Comparison report", ""]
+    for k, (stream, order, model) in enumerate(_settings(rows)):
+        mine = [r for r in rows if (r["stream"], tuple(r["order"]), r["model"]) == (stream, order, model)]
+        out += [f"## Setting {k + 1}: {model} on {stream}", "", f"Task order: {' -> '.join(order)}", "",
+                "| method | seeds | " + " | ".join(METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
+        out += [f"| {r['method']} | {','.join(map(str, r['seeds']))} | " + " | ".join(_fmt(r[m]) for m in METRICS) + " |"
+                for r in mine]
+        mine_pairs = [p for p in pairs if (p["stream"], tuple(p["order"]), p["model"]) == (stream, order, model)]
+        if mine_pairs:
+            shown = METRICS[:-1]
+            out += ["", f"Paired with {baseline} over the seeds both ran: mean difference (method - {baseline}) "
+                    "[bootstrap 95% interval]", "", "| method | seeds | " + " | ".join(shown) + " |",
+                    "|---|---|" + "---|" * len(shown)]
+            out += [f"| {p['method']} | {','.join(map(str, p['seeds']))} | " + " | ".join(_fmt_pair(p[m]) for m in shown)
+                    + " |" for p in mine_pairs]
+        out.append("")
+    if failed:
+        out += ["## Runs that did not finish", "", "| run | status | error |", "|---|---|---|"]
+        out += [f"| {r.path} | {r.status} | {' '.join((r.error or '').replace('|', '/').split())} |" for r in failed]
+    return "\n".join(out) + "\n"
+
+
+def figures(groups: dict[tuple, list[RunResult]], rows: list[dict]) -> dict[str, bytes]:
+    """PNG bytes by file name."""
+    pngs: dict[str, bytes] = {}
+    for k, setting in enumerate(_settings(rows)):
+        mine = {key[0]: runs for key, runs in groups.items() if key[1:] == setting}
+        stats = {r["method"]: r for r in rows if (r["stream"], tuple(r["order"]), r["model"]) == setting}
+        labels = list(mine)
+        tasks = list(setting[1])
+        n = len(labels)
+        fig, axes = plt.subplots(1, n, figsize=(3.2 * n + 1, 3.4), squeeze=False)
+        for ax, label in zip(axes[0], labels):
+            R = mean_matrix(mine[label])
+            ax.imshow(R, vmin=0, vmax=100, cmap="viridis")
+            stages = ["base"] + [f"after {t}" for t in (["joint"] if len(R) == 2 and len(tasks) > 1 else tasks)][: len(R) - 1]
+            ax.set_xticks(range(len(tasks)), tasks, rotation=45, ha="right", fontsize=7)
+            ax.set_yticks(range(len(R)), stages[: len(R)], fontsize=7)
+            for i, row in enumerate(R):
+                for j, v in enumerate(row):
+                    ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=6, color="white" if v < 60 else "black")
+            ax.set_title(label, fontsize=8)
+        fig.suptitle("Mean score matrix R (rows: after training, columns: task scored)", fontsize=9)
+        pngs[f"setting{k + 1}_score_matrices.png"] = _png(fig)
+
+        fig, axes = plt.subplots(1, len(BAR_METRICS), figsize=(3 * len(BAR_METRICS), 3.2))
+        for ax, m in zip(axes, BAR_METRICS):
+            means = [stats[lab][m]["mean"] or 0 for lab in labels]
+            errs = [stats[lab][m]["std"] or 0 for lab in labels]
+            ax.bar(range(n), means, yerr=errs, capsize=3, color=plt.cm.tab10.colors[: n])
+            ax.set_xticks(range(n), labels, rotation=45, ha="right", fontsize=7)
+            ax.set_title(m, fontsize=9)
+            ax.axhline(0, color="black", linewidth=0.6)
+        fig.suptitle("CL metrics, mean ± std over seeds", fontsize=9)
+        pngs[f"setting{k + 1}_cl_metrics.png"] = _png(fig)
+
+        fig, axes = plt.subplots(1, n, figsize=(3.2 * n + 1, 3), squeeze=False, sharey=True)
+        for ax, label in zip(axes[0], labels):
+            R = mean_matrix(mine[label])
+            for j, task in enumerate(tasks):
+                ax.plot(range(len(R)), [row[j] for row in R], marker="o", markersize=3, label=task)
+            ax.set_title(label, fontsize=8)
+            ax.set_xlabel("stage (0 = untrained)", fontsize=7)
+        axes[0][0].set_ylabel("score", fontsize=7)
+        axes[0][-1].legend(fontsize=6, loc="best")
+        fig.suptitle("Each task's score across the stages", fontsize=9)
+        pngs[f"setting{k + 1}_task_curves.png"] = _png(fig)
+
+        if any(stats[lab]["general_before"]["n"] for lab in labels):
+            fig, ax = plt.subplots(figsize=(1.2 * n + 2, 3))
+            for off, key in ((-0.2, "general_before"), (0.2, "general_after")):
+                ax.bar([i + off for i in range(n)], [stats[lab][key]["mean"] or 0 for lab in labels], width=0.4,
+                       yerr=[stats[lab][key]["std"] or 0 for lab in labels], capsize=3,
+                       label="before" if "before" in key else "after")
+            ax.set_xticks(range(n), labels, rotation=45, ha="right", fontsize=7)
+            ax.set_title("General ability (mean of the benchmarks) before and after the stream", fontsize=9)
+            ax.legend(fontsize=7)
+            pngs[f"setting{k + 1}_general_ability.png"] = _png(fig)
+    return pngs
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def html_page(md_text: str, pngs: dict[str, bytes]) -> str:
+    """One self-contained page: the tables (as preformatted markdown tables) and every figure inline."""
+    body = []
+    for block in md_text.split("\n\n"):
+        if block.startswith("#"):
+            level = len(block) - len(block.lstrip("#"))
+            first, _, rest = block.partition("\n")
+            body.append(f"<h{level}>{html.escape(first.lstrip('# '))}</h{level}>")
+            if rest:
+                body.append(f"<pre>{html.escape(rest)}</pre>")
+        elif block.strip():
+            body.append(f"<pre>{html.escape(block)}</pre>")
+    for name, data in pngs.items():
+        body.append(f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,'
+                    f'{base64.b64encode(data).decode()}"><figcaption>{html.escape(name)}</figcaption></figure>')
+    style = "body{font-family:sans-serif;max-width:1400px;margin:2em auto} pre{font-size:12px} img{max-width:100%}"
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>Comparison report</title><style>{style}</style>"
+            f"</head><body>{''.join(body)}</body></html>\n")
+
+
+def write_report(runs: list[RunResult], out_dir: str | Path, baseline: str = "sft", seed: int = 0) -> dict[str, Any]:
+    """Write every output into ``out_dir``; returns the summary (also summary.json)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    groups = group_runs(runs)
+    rows = aggregate(groups)
+    pairs = paired(groups, baseline, seed)
+    failed = [r for r in runs if r.status != "finished"]
+    md_text = markdown(rows, pairs, failed, baseline)
+    pngs = figures(groups, rows) if rows else {}
+    summary = {"groups": rows, "paired": pairs,
+               "failed": [{"path": str(r.path), "status": r.status, "error": r.error} for r in failed]}
+    atomic_write(out / "report.md", md_text)
+    atomic_write(out / "summary.json", json.dumps(summary, indent=1))
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["method", "stream", "order", "model", "seeds"] + [f"{m}_{s}" for m in METRICS for s in ("mean", "std", "n")])
+    for r in rows:
+        writer.writerow([r["method"], r["stream"], " ".join(r["order"]), r["model"], " ".join(map(str, r["seeds"]))]
+                        + [r[m][s] for m in METRICS for s in ("mean", "std", "n")])
+    atomic_write(out / "summary.csv", buf.getvalue())
+    for name, data in pngs.items():
+        atomic_write(out / name, data)
+    atomic_write(out / "report.html", html_page(md_text, pngs))
+    return summary

@@ -1,0 +1,120 @@
+"""The comparison report (runners/report.py) on hand-made results files."""
+import json
+import re
+import statistics
+import subprocess
+import sys
+import time
+from html.parser import HTMLParser
+
+import pytest
+
+from cl_bench.errors import ConfigError
+from cl_bench.recording.comparison import bootstrap_interval, find_runs, group_runs, aggregate, paired
+from tests.conftest import ROOT
+
+ORDER = ["a", "b"]
+
+
+def write_result(root, name, method, seed, R, delta=None, status="finished", error=None, data_seed=0, extra=None):
+    """A results.json as a run writes it (the keys the report reads)."""
+    from cl_bench.evaluation.cl_metrics import all_metrics
+    run = root / name
+    run.mkdir(parents=True)
+    config = {"method": {"_target_": f"methods.{method}.X", "seed": seed, **(extra or {})},
+              "model": {"_target_": "cl_bench.models.tiny_llama"},
+              "tasks": {"_target_": "cl_bench.data.mini_stream.mini_stream", "data_seed": data_seed, "order": ORDER},
+              "seed": seed}
+    general = {"scores": {}, "delta_RG": delta, "mean": {"base": 50.0, "after_b": 50.0 + (delta or 0)}}
+    (run / "results.json").write_text(json.dumps({
+        "status": status, "error": error, "tasks": ORDER, "stages": ["base", "after_a", "after_b"][: len(R)], "R": R,
+        "cl_metrics": all_metrics(R) if len(R) > 1 else {}, "general": general, "timings": {"total_s": 60.0},
+        "config": config}))
+    return run
+
+
+def sweep(root):
+    write_result(root, "0", "sft", 1, [[0, 0], [80, 10], [40, 90]], delta=-5)
+    write_result(root, "1", "sft", 2, [[0, 0], [70, 10], [50, 70]], delta=-3)
+    write_result(root, "2", "fggm", 1, [[0, 0], [80, 10], [60, 80]], delta=-1)
+    write_result(root, "3", "fggm", 2, [[0, 0], [60, 10], [60, 60]], delta=0)
+    write_result(root, "4", "fggm", 3, [[0, 0]], status="failed", error="FloatingPointError: non-finite | loss\nat step 3")
+    return root
+
+
+def test_groups_are_aggregated_exactly_and_failed_runs_listed(tmp_path):
+    runs = find_runs([sweep(tmp_path)])
+    rows = {r["method"]: r for r in aggregate(group_runs(runs))}
+    assert set(rows) == {"sft", "fggm"} and rows["fggm"]["seeds"] == [1, 2]
+    assert rows["sft"]["op"] == {"mean": 62.5, "std": pytest.approx(statistics.stdev([65, 60])), "n": 2}
+    assert rows["fggm"]["bwt"]["mean"] == pytest.approx(statistics.fmean([-20, 0]))
+    assert rows["fggm"]["delta_RG"] == {"mean": -0.5, "std": pytest.approx(statistics.stdev([-1, 0])), "n": 2}
+    assert rows["sft"]["general_after"]["mean"] == 46.0
+    from cl_bench.recording.report import write_report
+    summary = write_report(runs, tmp_path / "out")
+    assert [f["status"] for f in summary["failed"]] == ["failed"]
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "| " + str(tmp_path / "4") + " | failed | FloatingPointError: non-finite / loss at step 3 |" in md
+
+
+def test_two_streams_are_never_averaged_together(tmp_path):
+    write_result(tmp_path, "x", "sft", 1, [[0, 0], [80, 10], [40, 90]], data_seed=0)
+    write_result(tmp_path, "y", "sft", 2, [[0, 0], [70, 10], [50, 70]], data_seed=1)
+    rows = aggregate(group_runs(find_runs([tmp_path])))
+    assert len(rows) == 2 and all(r["op"]["n"] == 1 for r in rows)
+
+
+def test_a_method_s_differing_settings_make_separate_groups(tmp_path):
+    write_result(tmp_path, "x", "fggm", 1, [[0, 0], [80, 10], [40, 90]], extra={"alpha": 0.7, "fisher": "batch"})
+    write_result(tmp_path, "y", "fggm", 1, [[0, 0], [70, 10], [50, 70]], extra={"alpha": 0.5, "fisher": "batch"})
+    assert sorted(r["method"] for r in aggregate(group_runs(find_runs([tmp_path])))) == [
+        "fggm [alpha=0.5]", "fggm [alpha=0.7]"]
+
+
+def test_paired_differences_and_a_deterministic_bootstrap(tmp_path):
+    pairs = paired(group_runs(find_runs([sweep(tmp_path)])), "sft", seed=3)
+    (row,) = pairs
+    assert row["method"] == "fggm" and row["seeds"] == [1, 2]
+    assert row["delta_RG"]["diff"] == pytest.approx(statistics.fmean([-1 - -5, 0 - -3]))
+    assert row["op"]["ci95"] == list(bootstrap_interval([70 - 65, 60 - 60], 3))
+    diffs = [1.0, 2.0, 4.0, -1.0, 3.0]
+    assert bootstrap_interval(diffs, 7) == bootstrap_interval(diffs, 7)
+    low, high = bootstrap_interval(diffs, 7)
+    assert min(diffs) <= low < statistics.fmean(diffs) < high <= max(diffs)
+
+
+class _Images(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.images = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.images.append(dict(attrs))
+
+
+def test_the_cli_writes_every_output_fast_and_the_html_holds_every_figure(tmp_path):
+    out = tmp_path / "report"
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "runners.report", str(sweep(tmp_path / "runs")), "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert time.perf_counter() - start < 5 + 3  # the report itself in < 5 s; the interpreter starts in the rest
+    assert re.search(r"5 runs, 2 groups, 1 not finished", proc.stdout)
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == ["setting1_cl_metrics.png", "setting1_general_ability.png", "setting1_score_matrices.png",
+                    "setting1_task_curves.png"]
+    parser = _Images()
+    parser.feed((out / "report.html").read_text())
+    assert sorted(i["alt"] for i in parser.images) == pngs
+    assert all(i["src"].startswith("data:image/png;base64,") for i in parser.images)
+    csv_lines = (out / "summary.csv").read_text().splitlines()
+    assert len(csv_lines) == 3 and csv_lines[0].startswith("method,stream,order,model,seeds,op_mean,op_std,op_n")
+
+
+def test_bad_paths_are_refused_by_name(tmp_path):
+    with pytest.raises(ConfigError, match="no such run or sweep dir"):
+        find_runs([tmp_path / "nope"])
+    (tmp_path / "results.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"results.json: not a run's results.json"):
+        find_runs([tmp_path])
