@@ -118,3 +118,19 @@ def test_bad_paths_are_refused_by_name(tmp_path):
     (tmp_path / "results.json").write_text("{}")
     with pytest.raises(ConfigError, match=r"results.json: not a run's results.json"):
         find_runs([tmp_path])
+
+
+def test_the_html_renders_in_a_headless_browser(tmp_path):
+    import shutil
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("no chromium here (Debian: apt-get install chromium) to render report.html")
+    from cl_bench.recording.report import write_report
+    write_report(find_runs([sweep(tmp_path / "runs")]), tmp_path / "out")
+    shot = tmp_path / "shot.png"
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
+                    "--window-size=1200,1600", (tmp_path / "out" / "report.html").as_uri()],
+                   capture_output=True, timeout=120)
+    import matplotlib.image
+    pixels = matplotlib.image.imread(shot)
+    assert pixels.shape[:2] == (1600, 1200) and pixels.std() > 0.05  # drawn, not a blank page

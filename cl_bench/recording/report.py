@@ -114,13 +114,13 @@ def figures(groups: dict[tuple, list[RunResult]], rows: list[dict]) -> dict[str,
         pngs[f"setting{k + 1}_task_curves.png"] = _png(fig)
 
         if any(stats[lab]["general_before"]["n"] for lab in labels):
-            fig, ax = plt.subplots(figsize=(1.2 * n + 2, 3))
+            fig, ax = plt.subplots(figsize=(1.2 * n + 3, 3.4))
             for off, key in ((-0.2, "general_before"), (0.2, "general_after")):
                 ax.bar([i + off for i in range(n)], [stats[lab][key]["mean"] or 0 for lab in labels], width=0.4,
                        yerr=[stats[lab][key]["std"] or 0 for lab in labels], capsize=3,
                        label="before" if "before" in key else "after")
             ax.set_xticks(range(n), labels, rotation=45, ha="right", fontsize=7)
-            ax.set_title("General ability (mean of the benchmarks) before and after the stream", fontsize=9)
+            ax.set_title("General ability before and after the stream", fontsize=9)
             ax.legend(fontsize=7)
             pngs[f"setting{k + 1}_general_ability.png"] = _png(fig)
     return pngs
@@ -134,22 +134,34 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
+def _html_table(lines: list[str]) -> str:
+    cells = [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines if not set(line) <= set("|-")]
+    head, body = cells[0], cells[1:]
+    return ("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in head) + "</tr>"
+            + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in body) + "</table>")
+
+
 def html_page(md_text: str, pngs: dict[str, bytes]) -> str:
-    """One self-contained page: the tables (as preformatted markdown tables) and every figure inline."""
+    """One self-contained page: the report's headings, text and tables, and every figure inline."""
     body = []
     for block in md_text.split("\n\n"):
-        if block.startswith("#"):
-            level = len(block) - len(block.lstrip("#"))
-            first, _, rest = block.partition("\n")
-            body.append(f"<h{level}>{html.escape(first.lstrip('# '))}</h{level}>")
-            if rest:
-                body.append(f"<pre>{html.escape(rest)}</pre>")
-        elif block.strip():
-            body.append(f"<pre>{html.escape(block)}</pre>")
+        lines = block.strip().splitlines()
+        if not lines:
+            continue
+        if lines[0].startswith("#"):
+            level = len(lines[0]) - len(lines[0].lstrip("#"))
+            body.append(f"<h{level}>{html.escape(lines[0].lstrip('# '))}</h{level}>")
+            lines = lines[1:]
+        if lines and all(line.startswith("|") for line in lines):
+            body.append(_html_table(lines))
+        elif lines:
+            body.append(f"<p>{html.escape(' '.join(lines))}</p>")
     for name, data in pngs.items():
         body.append(f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,'
                     f'{base64.b64encode(data).decode()}"><figcaption>{html.escape(name)}</figcaption></figure>')
-    style = "body{font-family:sans-serif;max-width:1400px;margin:2em auto} pre{font-size:12px} img{max-width:100%}"
+    style = ("body{font-family:sans-serif;max-width:1500px;margin:1.5em auto;padding:0 1em} "
+             "table{border-collapse:collapse;font-size:13px;margin:0.5em 0} th,td{border:1px solid #bbb;padding:3px 7px;"
+             "text-align:right} th{background:#eee} td:first-child,th:first-child{text-align:left} img{max-width:100%}")
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>Comparison report</title><style>{style}</style>"
             f"</head><body>{''.join(body)}</body></html>\n")
 
