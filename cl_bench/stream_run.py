@@ -119,7 +119,7 @@ class StreamRun:
                                    for k, c in (cfg.get("logger") or {}).items()} if is_main() else {})
         if self.saved is not None:  # keep the curves logged up to where this run continues
             self.loggers.continue_from(self.saved["step_offset"] + self.checkpoints.step_of(self.mid_task))
-        self.loggers.log_config(redact(self.config))
+        self.loggers.log_config({**redact(self.config), "method_name": self.method.name})
         self.loaders = TaskLoaders.from_config(cfg.train, self.bundle.tokenizer)
         optimizer, reset_optimizer = optimizer_factory(cfg.optimizer)
         # Evaluation and the methods' passes (Fisher, anchors) run where training runs.
@@ -285,6 +285,7 @@ class StreamRun:
         self.loggers.log_metrics(metrics, step)
         self.loggers.log_table("R", ["stage"] + recorder.task_names,
                                [[s] + r for s, r in zip(recorder.stages, recorder.R)], step)
+        self.loggers.log_comparison(recorder, self.out_dir / "score_matrix.png", self.cfg.run_name, step)
         self.loggers.save()
         recorder.write()
 

@@ -52,6 +52,13 @@ def test_wandb_offline_run_can_be_read_back_and_holds_no_secret(make_config, mon
     assert any("train/loss" in row for row in logged["history"])
     assert any(row.get("R", {}).get("_type") == "table-file" or "R/_type" in row for row in logged["history"])
     assert logged["config"]["model"]["_target_"] == "cl_bench.models.tiny_llama"
+    # comparable in the W&B UI: summary values to sort by, stage metrics against the stage, a heatmap
+    assert logged["summary"]["cl/op"] == pytest.approx(recorder.cl_metrics()["op"])
+    assert logged["summary"]["cl/bwt"] == pytest.approx(recorder.cl_metrics()["bwt"]) and logged["summary"]["stage"] == 2
+    assert logged["metrics"]["score/*"] == logged["metrics"]["cl/*"] == logged["metrics"]["general/*"] == "stage"
+    assert logged["config"]["method_name"] == "sft" and logged["config"]["seed"] == cfg.seed
+    assert any(k.startswith("R_heatmap") for row in logged["history"] for k in row)
+    assert (Path(cfg.paths.output_dir) / "score_matrix.png").is_file()
     assert logged["config"]["secrets"]["api_key"] == REDACTED
     assert b"SHOULD-NOT-LEAK" not in logs[0].read_bytes()
     assert "SHOULD-NOT-LEAK" not in (Path(cfg.paths.output_dir) / "results.json").read_text()

@@ -41,12 +41,17 @@ def _key(item) -> str:
 
 
 def read_run(path: Path) -> dict:
-    """{"history": [row, ...], "config": {...}} of an offline run log."""
-    history, config = [], {}
+    """{"history": [row, ...], "config": {...}, "summary": {...}, "metrics": {name or glob: step
+    metric}} of an offline run log."""
+    history, config, summary, metrics = [], {}, {}, {}
     for rec in records(path):
         kind = rec.WhichOneof("record_type")
         if kind == "history":
             history.append({_key(i): json.loads(i.value_json) for i in rec.history.item})
         elif kind == "config":
             config.update({_key(i): json.loads(i.value_json) for i in rec.config.update})
-    return {"history": history, "config": config}
+        elif kind == "summary":
+            summary.update({_key(i): json.loads(i.value_json) for i in rec.summary.update})
+        elif kind == "metric":
+            metrics[rec.metric.name or rec.metric.glob_name] = rec.metric.step_metric
+    return {"history": history, "config": config, "summary": summary, "metrics": metrics}

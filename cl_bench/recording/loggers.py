@@ -14,6 +14,7 @@ from typing import Any, Sequence
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 
 from cl_bench.errors import check_choice
+from cl_bench.files import atomic_write
 
 
 def wandb_logger(
@@ -54,13 +55,27 @@ def _netrc_has_wandb() -> bool:
         return False
 
 
+#: metric prefixes logged once per stage, plotted against the stage in W&B
+STAGE_METRICS = ("score", "cl", "general")
+
+
 class RunLoggers:
     """Fans metrics, the config and tables out to every configured logger."""
 
     def __init__(self, loggers: dict[str, Logger] | None = None):
-        """``loggers`` by their key under ``logger`` in the config (``csv``, ``wandb``, ...)."""
+        """``loggers`` by their key under ``logger`` in the config (``csv``, ``wandb``, ...).
+
+        W&B runs plot the per-stage metrics (``score/*``, ``cl/*``, ``general/*``) against the
+        stage, and training curves against the stream step (Lightning's ``trainer/global_step``)."""
         self.by_key = dict(loggers or {})
         self.loggers = list(self.by_key.values())
+        for lg in self.wandb():
+            lg.experiment.define_metric("stage")
+            for prefix in STAGE_METRICS:
+                lg.experiment.define_metric(f"{prefix}/*", step_metric="stage")
+
+    def wandb(self) -> list[WandbLogger]:
+        return [lg for lg in self.loggers if isinstance(lg, WandbLogger)]
 
     def run_ids(self) -> dict[str, str]:
         """The W&B run id of each W&B logger, by key: a resumed run logs to the same run."""
@@ -95,6 +110,29 @@ class RunLoggers:
         for lg in self.loggers:
             if hasattr(lg, "log_table"):
                 lg.log_table(key=key, columns=columns, data=rows, step=step)
+
+    def summarize(self, values: dict[str, float | str | None]) -> None:
+        """Run summary values (W&B's runs table sorts and groups by them)."""
+        clean = {k: v for k, v in values.items() if v is not None}
+        for lg in self.wandb():
+            lg.experiment.summary.update(clean)
+
+    def log_image(self, key: str, path: str | Path, step: int) -> None:
+        """An image file (the score-matrix heatmap) for the loggers that take images (W&B)."""
+        for lg in self.wandb():
+            lg.log_image(key=key, images=[str(path)], step=step)
+
+    def log_comparison(self, recorder, png: Path, title: str, step: int) -> None:
+        """W&B: a run's CL metrics and general scores as summary values (the runs table sorts by
+        them) and its score matrix as a heatmap image (written to ``png`` too). No-op without W&B."""
+        if not self.wandb():
+            return
+        from cl_bench.recording.report import score_matrix_png  # matplotlib only where W&B logs
+        atomic_write(png, score_matrix_png(recorder.R, recorder.task_names, recorder.stages, title))
+        self.log_image("R_heatmap", png, step)
+        general = {f"general/mean_{stage}": recorder.general_mean(stage) for stage in recorder.general}
+        self.summarize({**{f"cl/{k}": v for k, v in recorder.cl_metrics().items()},
+                        "general/delta_RG": recorder.general_delta(), **general, "stage": len(recorder.R) - 1})
 
     def save(self) -> None:
         for lg in self.loggers:

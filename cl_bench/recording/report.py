@@ -67,6 +67,24 @@ def markdown(rows: list[dict], pairs: list[dict], failed: list[RunResult], basel
     return "\n".join(out) + "\n"
 
 
+def draw_score_matrix(ax, R: list[list[float]], tasks: list[str], stages: list[str], title: str) -> None:
+    """R as a heatmap on ``ax`` (0-100), each cell labelled with its score."""
+    ax.imshow(R, vmin=0, vmax=100, cmap="viridis")
+    ax.set_xticks(range(len(tasks)), tasks, rotation=45, ha="right", fontsize=7)
+    ax.set_yticks(range(len(R)), stages[: len(R)], fontsize=7)
+    for i, row in enumerate(R):
+        for j, v in enumerate(row):
+            ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=6, color="white" if v < 60 else "black")
+    ax.set_title(title, fontsize=8)
+
+
+def score_matrix_png(R: list[list[float]], tasks: list[str], stages: list[str], title: str) -> bytes:
+    """One run's score matrix as a PNG (the W&B heatmap image)."""
+    fig, ax = plt.subplots(figsize=(0.7 * len(tasks) + 2.5, 0.45 * len(R) + 2))
+    draw_score_matrix(ax, R, tasks, stages, title)
+    return _png(fig)
+
+
 def figures(groups: dict[tuple, list[RunResult]], rows: list[dict]) -> dict[str, bytes]:
     """PNG bytes by file name."""
     pngs: dict[str, bytes] = {}
@@ -79,14 +97,8 @@ def figures(groups: dict[tuple, list[RunResult]], rows: list[dict]) -> dict[str,
         fig, axes = plt.subplots(1, n, figsize=(3.2 * n + 1, 3.4), squeeze=False)
         for ax, label in zip(axes[0], labels):
             R = mean_matrix(mine[label])
-            ax.imshow(R, vmin=0, vmax=100, cmap="viridis")
-            stages = ["base"] + [f"after {t}" for t in (["joint"] if len(R) == 2 and len(tasks) > 1 else tasks)][: len(R) - 1]
-            ax.set_xticks(range(len(tasks)), tasks, rotation=45, ha="right", fontsize=7)
-            ax.set_yticks(range(len(R)), stages[: len(R)], fontsize=7)
-            for i, row in enumerate(R):
-                for j, v in enumerate(row):
-                    ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=6, color="white" if v < 60 else "black")
-            ax.set_title(label, fontsize=8)
+            trained = ["joint"] if len(R) == 2 and len(tasks) > 1 and mine[label][0].joint else tasks
+            draw_score_matrix(ax, R, tasks, ["base"] + [f"after {t}" for t in trained][: len(R) - 1], label)
         fig.suptitle("Mean score matrix R (rows: after training, columns: task scored)", fontsize=9)
         pngs[f"setting{k + 1}_score_matrices.png"] = _png(fig)
 
