@@ -153,8 +153,10 @@ class AGFT(CLMethod):
                         if self.samples == "correct" and not bool((logits.argmax(-1) == targets)[answer].all()):
                             continue
                         relevance = weight_relevance(logits.max(-1).values[answer].sum(), self.params)
-                        top.add({n: torch.log1p(r.abs() / r.abs().mean().clamp(min=1e-30))
-                                 for n, r in relevance.items()})
+                        for r in relevance.values():  # log1p(|R| / mean |R|), in place
+                            r.abs_()
+                            r.div_(r.mean().clamp(min=1e-30)).log1p_()
+                        top.add(relevance)
         finally:
             model.train(was_training)
         return top.mean() if top.count else {n: torch.zeros_like(p, dtype=torch.float32)
