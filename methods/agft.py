@@ -113,7 +113,7 @@ def normalise(scores: dict[str, torch.Tensor], how: str) -> dict[str, torch.Tens
 class AGFT(CLMethod):
     name = "agft"
 
-    def __init__(self, num_samples: int = 64, top_k: int = 5, epsilon: float = 1e-6, normalize: str = "tensor",
+    def __init__(self, num_samples: int = 32, top_k: int = 5, epsilon: float = 1e-6, normalize: str = "tensor",
                  scale: str = "grad", samples: str = "correct", param_patterns: Sequence[str] | None = ("*layers.*",),
                  seed: int = 0):
         self.num_samples = check_number(num_samples, "method.num_samples", integer=True, low=1)
