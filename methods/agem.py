@@ -35,10 +35,11 @@ from methods.importance import sample_examples
 
 def project(grads: list[torch.Tensor], reference: list[torch.Tensor]) -> tuple[float, bool]:
     """A-GEM's projection of ``grads`` against ``reference``, in place; returns (g . g_ref, projected)."""
-    dot = sum(torch.dot(g.flatten().double(), r.flatten().double()) for g, r in zip(grads, reference)).item()
+    # per-tensor dot products in the gradients' dtype (fp32 accumulation), summed in float64
+    dot = torch.stack([torch.dot(g.flatten(), r.flatten()) for g, r in zip(grads, reference)]).double().sum().item()
     if dot >= 0:
         return dot, False
-    norm = sum(r.double().square().sum() for r in reference).item()
+    norm = torch.stack([torch.dot(r.flatten(), r.flatten()) for r in reference]).double().sum().item()
     if norm == 0:
         return dot, False
     for g, r in zip(grads, reference):
@@ -80,13 +81,13 @@ class AGEM(CLMethod):
         examples = sample_examples(pool, self.loaders.batch_size, derive_seed(self.seed, module.stream_step))
         loader = self.loaders.training(examples, seed=0, rank=rank(), world_size=world_size())
         micro = list(loader)
-        reference = [torch.zeros_like(p) for p in params]
+        reference: list[torch.Tensor] | None = None
         device = params[0].device
         for batch in micro:
             loss = causal_lm_loss(module.model, {k: v.to(device) for k, v in batch.items()}) / len(micro)
-            for r, g in zip(reference, torch.autograd.grad(loss, params, allow_unused=True)):
-                if g is not None:
-                    r.add_(g)
+            grads = [torch.zeros_like(p) if g is None else g
+                     for p, g in zip(params, torch.autograd.grad(loss, params, allow_unused=True))]
+            reference = grads if reference is None else [r.add_(g) for r, g in zip(reference, grads)]
         average_across_ranks(reference)
         return reference
 
