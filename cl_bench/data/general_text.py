@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from cl_bench.data.tasks import Example
+from cl_bench.data.tasks import Example, json_list, read_text
 from cl_bench.errors import ConfigError
 from cl_bench.evaluation.generation import GenerationConfig, generate
 from cl_bench.rng import preserved_rng
@@ -35,7 +35,7 @@ def read_texts(path: str | Path) -> list[str]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise ConfigError(f"general text file not found: {path}")
-    raw = path.read_text(encoding="utf-8")
+    raw = read_text(path)
     if path.suffix == ".jsonl":
         records = []
         for n, line in enumerate(raw.splitlines(), 1):
@@ -45,12 +45,7 @@ def read_texts(path: str | Path) -> list[str]:
                 except json.JSONDecodeError as e:
                     raise ConfigError(f"{path} line {n}: not valid JSON ({e.msg})") from None
     else:
-        try:
-            records = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e.msg}: line {e.lineno})") from None
-        if not isinstance(records, list):
-            raise ConfigError(f"{path}: expected a JSON list of texts, got {type(records).__name__}")
+        records = json_list(path, raw, "texts")
     texts = []
     for n, r in enumerate(records, 1):
         text = r.get("text") if isinstance(r, dict) else r

@@ -91,6 +91,29 @@ def joint_task(stream: TaskStream) -> Task:
     return Task(TaskSpec("joint", "mixed", 0), {"train": train}, epochs=1)
 
 
+def read_text(path: Path) -> str:
+    """A UTF-8 file's text; an unreadable or non-UTF-8 file is refused in one line naming it."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read ({e.strerror or type(e).__name__})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}: {e.reason})") from None
+
+
+def json_list(path: Path, text: str, what: str) -> list:
+    """``text`` (of ``path``) parsed as a JSON list of ``what``; anything else refused by name."""
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e.msg}: line {e.lineno} column {e.colno})") from None
+    if not isinstance(records, list):
+        raise ConfigError(f"{path}: expected a JSON list of {what}, got {type(records).__name__}")
+    return records
+
+
 def read_split(path: Path) -> list[Example]:
     """Read one split file, refusing anything that is not a non-empty list of prompt/answer strings.
 
@@ -100,20 +123,7 @@ def read_split(path: Path) -> list[Example]:
         raise ConfigError(f"{path} is a folder; expected a JSON file")
     if not path.is_file():
         raise ConfigError(f"missing split file: {path}")
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot be read ({e.strerror or type(e).__name__})") from None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}: {e.reason})") from None
-    try:
-        records = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e.msg}: line {e.lineno} column {e.colno})") from None
-    if not isinstance(records, list):
-        raise ConfigError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
+    records = json_list(path, read_text(path), "records")
     if not records:
         raise ConfigError(f"{path}: the split is empty")
     examples = []
