@@ -32,6 +32,7 @@ from cl_bench.data.tasks import Task, TaskStream, joint_task
 from cl_bench.distributed import barrier, is_main, rank, start_processes, world_size
 from cl_bench.errors import ConfigError
 from cl_bench.files import RunDirLock
+from cl_bench.evaluation.continual import ContinualEvaluator, ContinualSettings
 from cl_bench.evaluation.general_ability import GeneralAbility
 from cl_bench.evaluation.generation import GenerationConfig, evaluate_stream
 from cl_bench.recording.console import console
@@ -78,6 +79,7 @@ class StreamRun:
         self.training: list[Task] = self._training_plan(cfg.tasks)
         self.general: GeneralAbility = build(cfg.general) if cfg.get("general") else GeneralAbility()
         self.general.check()
+        self.continual = ContinualSettings.from_config(cfg.eval.get("continual"), self.stream.names)
         self.out_dir = self._run_dir(cfg, out_dir)
         self.lock = RunDirLock(self.out_dir)
         if is_main():
@@ -112,7 +114,8 @@ class StreamRun:
             self.checkpoints.check_resumable(self.saved, self.config)
             self.mid_task = self.checkpoints.latest_step(self.saved["tasks_done"])
         self.recorder = RunRecorder(self.out_dir, self.config, self.stream.names, [t.metric for t in self.stream],
-                                    writes=is_main(), trained=[t.name for t in self.training])
+                                    writes=is_main(), trained=[t.name for t in self.training],
+                                    continual=self.continual)
         self.recorder.set_timing("load_s", time.perf_counter() - t0)
         run_ids = self.saved["run_ids"] if self.saved else {}
         self.loggers = RunLoggers({k: build(c, **({"run_id": run_ids[k]} if k in run_ids else {}))
@@ -135,6 +138,9 @@ class StreamRun:
             do_sample=cfg.eval.do_sample, temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
             max_new_tokens=cfg.eval.get("max_new_tokens"), raw=self.stream.scorers == "trace",
         )
+        #: scores the seen tasks during training (eval.continual; None when off)
+        self.evaluator = ContinualEvaluator(self.continual, self.stream, self.bundle.tokenizer, self.loaders,
+                                            self.generation, cfg.eval.split) if self.continual.enabled else None
         self.answers = {t.name: [e.answer for e in t.splits[cfg.eval.split][: cfg.eval.max_examples]]
                         for t in self.stream}
 
@@ -199,7 +205,10 @@ class StreamRun:
         t = time.perf_counter()
         self.method.on_task_start(self.module, task, i)
         step_checkpoint = self.checkpoints.step_callback(i)
-        callbacks = [self.method] + ([step_checkpoint] if step_checkpoint else [])
+        if self.evaluator is not None:  # the tasks trained so far (all of them in a joint run)
+            self.evaluator.begin_task(i, self.stream.names if self.recorder.joint else self.stream.names[: i + 1])
+        # the evaluator before the step checkpoint: a checkpoint at step s holds the point at s
+        callbacks = [self.method] + [c for c in (self.evaluator, step_checkpoint) if c is not None]
         trainer = build_trainer(cfg, task.epochs, task.max_steps, callbacks, self.accumulate)
         examples = self.method.training_examples(task, i)
         share = self.method.replayed_per_batch(task, i)
@@ -211,6 +220,8 @@ class StreamRun:
         trainer.fit(self.module, loader, ckpt_path=mid_task, weights_only=True)
         self.module.check_weights_finite()  # before anything of this task is recorded or pruned
         self.module.end_fit()
+        if self.evaluator is not None:
+            self.recorder.add_continual(self.evaluator.take_points())
         self.method.on_task_end(self.module, task, i)
         self.recorder.add_train_time(time.perf_counter() - t)
 
@@ -276,6 +287,7 @@ class StreamRun:
         recorder.write_predictions(self.answers, predictions)
         metrics = {f"score/{name}": v for name, v in zip(recorder.task_names, recorder.R[-1])}
         metrics.update({f"cl/{k}": v for k, v in recorder.cl_metrics().items()})
+        metrics.update({f"cl/{k}": v for k, v in recorder.continual_metrics().items() if not isinstance(v, dict)})
         if recorder.stages[-1] in recorder.general:
             metrics.update({f"general/{k}": v for k, v in recorder.general[recorder.stages[-1]].items()})
             metrics["general/mean"] = recorder.general_mean(recorder.stages[-1])

@@ -134,3 +134,33 @@ def test_the_html_renders_in_a_headless_browser(tmp_path):
     import matplotlib.image
     pixels = matplotlib.image.imread(shot)
     assert pixels.shape[:2] == (1600, 1200) and pixels.std() > 0.05  # drawn, not a blank page
+
+
+def test_continual_metrics_and_curves_reach_the_tables_and_a_figure(tmp_path):
+    from cl_bench.recording.comparison import mean_curves
+    from cl_bench.recording.report import write_report
+    curves = [{"steps": [2, 4, 6], "training": [0, 1, 1], "measures": {"a": "loglik", "b": "loglik"},
+               "scores": {"a": [-1.0, -3.0, -2.0], "b": [None, -4.0, -1.0]}},
+              {"steps": [2, 4, 6], "training": [0, 1, 1], "measures": {"a": "loglik", "b": "loglik"},
+               "scores": {"a": [-2.0, -5.0, -2.0], "b": [None, -2.0, -1.0]}}]
+    for seed, (c, wc) in enumerate(zip(curves, (-2.5, -3.0)), start=1):
+        run = write_result(tmp_path / "runs", str(seed), "sft", seed, [[0, 0], [80, 10], [40, 90]])
+        data = json.loads((run / "results.json").read_text())
+        data["continual"] = c
+        data["continual_metrics"] = {"avg_min_acc": min(c["scores"]["a"][1:]), "wc_acc": wc, "wf10": 2.0}
+        (run / "results.json").write_text(json.dumps(data))
+    runs = find_runs([tmp_path / "runs"])
+    mean = mean_curves(runs)
+    assert mean["scores"] == {"a": [-1.5, -4.0, -2.0], "b": [None, -3.0, -1.0]} and mean["n"] == 2
+    (row,) = aggregate(group_runs(runs))
+    assert row["avg_min_acc"] == {"mean": -4.0, "std": pytest.approx(2 ** 0.5), "n": 2}
+    write_report(runs, tmp_path / "out")
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "| avg_min_acc | wc_acc | wf10 |" in md and "-2.8 ± 0.4 (n=2)" in md
+    assert (tmp_path / "out" / "setting1_continual.png").is_file()
+
+
+def test_runs_without_continual_evaluation_show_no_continual_columns(tmp_path):
+    from cl_bench.recording.report import write_report
+    write_report(find_runs([sweep(tmp_path / "runs")]), tmp_path / "out")
+    assert "avg_min_acc" not in (tmp_path / "out" / "report.md").read_text()

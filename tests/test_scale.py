@@ -165,8 +165,11 @@ def test_ddp_on_two_processes_matches_one_process(method, tmp_path):
 def test_a_run_killed_mid_task_resumes_to_the_same_weights_and_scores(method, tmp_path):
     """EWC: state from the stage (as LwF's teacher and AGFT's gate, passed 127 and 117 s when run
     on 2026-11-24, left out for time); FGGM: the mask replayed; ewc_trace: F mid-task; A-GEM: the
-    memory and the step's memory batch; GeRe: the general set rebuilt, its draws mid-task."""
-    small = {"gere": ["method.num_samples=4", "method.generate_tokens=16"]}
+    memory and the step's memory batch; GeRe: the general set rebuilt, its draws mid-task. FGGM's
+    run also evaluates continually: its curve (points before the kill come from the step
+    checkpoint) equals the uninterrupted run's."""
+    small = {"gere": ["method.num_samples=4", "method.generate_tokens=16"],
+             "fggm": ["eval.continual.every_n_steps=10", "eval.continual.max_examples=4"]}
     common = [*TINY_RUN, f"method={method}", "tasks.num_train=240", "train.batch_size=2", "checkpoint.every_n_steps=5",
               *small.get(method, [])]
     _run([*common, f"hydra.run.dir={tmp_path / 'whole'}"])
@@ -187,6 +190,9 @@ def test_a_run_killed_mid_task_resumes_to_the_same_weights_and_scores(method, tm
     assert "Resuming task code from task-001-step-" in out.stdout
     (r1, w1), (r2, w2) = _final(tmp_path / "whole"), _final(killed)
     assert r2["status"] == "finished" and r2["R"] == r1["R"]
+    assert r2.get("continual") == r1.get("continual") and r2.get("continual_metrics") == r1.get("continual_metrics")
+    if method == "fggm":  # 120 steps a task, a point every 10: 12 per task
+        assert r1["continual"]["training"] == [0] * 12 + [1] * 12 + [2] * 12
     for k in w1:
         assert torch.equal(w2[k], w1[k]), k
 

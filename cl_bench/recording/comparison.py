@@ -19,7 +19,10 @@ from typing import Any, Iterable
 from cl_bench.errors import ConfigError
 
 #: the numbers a group is summarised by: key -> how to read it from a results.json
-METRICS = ("op", "mean_op", "bwt", "fwt", "forgetting", "delta_RG", "general_before", "general_after", "wall_min")
+METRICS = ("op", "mean_op", "bwt", "fwt", "forgetting", "delta_RG", "general_before", "general_after",
+           "avg_min_acc", "wc_acc", "wf10", "wall_min")
+#: the continual-evaluation metrics (results.json's continual_metrics; only runs with eval.continual)
+CONTINUAL_METRICS = ("avg_min_acc", "wc_acc", "wf10")
 
 
 @dataclass
@@ -38,6 +41,8 @@ class RunResult:
     joint: bool
     R: list[list[float]]
     values: dict[str, float | None] = field(default_factory=dict)
+    #: results.json's ``continual`` (the continual-evaluation curves), when the run had them
+    continual: dict[str, Any] | None = None
 
 
 def _model_name(model: dict) -> str:
@@ -69,6 +74,8 @@ def read_run(path: Path) -> RunResult:
     values["delta_RG"] = general.get("delta_RG")
     values["general_before"] = means.get("base")
     values["general_after"] = means.get(stages[-1]) if len(stages) > 1 else None
+    continual = data.get("continual_metrics") or {}
+    values.update({m: continual.get(m) for m in CONTINUAL_METRICS})
     total = (data.get("timings") or {}).get("total_s")
     values["wall_min"] = None if total is None else total / 60
     return RunResult(
@@ -78,6 +85,7 @@ def read_run(path: Path) -> RunResult:
         stream=_stream_name(config.get("tasks") or {}, data.get("tasks") or []),
         order=tuple(data.get("tasks") or ()), model=_model_name(config.get("model") or {}),
         seed=config.get("seed"), joint=bool(data.get("joint")), R=data.get("R") or [], values=values,
+        continual=data.get("continual"),
     )
 
 
@@ -173,3 +181,20 @@ def mean_matrix(runs: list[RunResult]) -> list[list[float]]:
     """The element-wise mean score matrix R of runs of one group."""
     rows, cols = len(runs[0].R), len(runs[0].R[0])
     return [[statistics.fmean(r.R[i][j] for r in runs) for j in range(cols)] for i in range(rows)]
+
+
+def mean_curves(runs: list[RunResult]) -> dict[str, Any] | None:
+    """The continual-evaluation curves of a group averaged over its runs, point by point: steps,
+    training index, per task the mean score (None where no run scored it) and the measures. Only
+    runs whose points fall on the same steps are averaged (the first run's); None without curves."""
+    curves = [r.continual for r in runs if r.continual and r.continual.get("steps")]
+    if not curves:
+        return None
+    first = curves[0]
+    same = [c for c in curves if c["steps"] == first["steps"]]
+    scores = {}
+    for task, values in first["scores"].items():
+        columns = zip(*(c["scores"][task] for c in same))
+        scores[task] = [None if any(v is None for v in col) else statistics.fmean(col) for col in columns]
+    return {"steps": first["steps"], "training": first["training"], "scores": scores,
+            "measures": first.get("measures", {}), "n": len(same)}

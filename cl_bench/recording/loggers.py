@@ -131,7 +131,8 @@ class RunLoggers:
         atomic_write(png, score_matrix_png(recorder.R, recorder.task_names, recorder.stages, title))
         self.log_image("R_heatmap", png, step)
         general = {f"general/mean_{stage}": recorder.general_mean(stage) for stage in recorder.general}
-        self.summarize({**{f"cl/{k}": v for k, v in recorder.cl_metrics().items()},
+        continual = {f"cl/{k}": v for k, v in recorder.continual_metrics().items() if not isinstance(v, dict)}
+        self.summarize({**{f"cl/{k}": v for k, v in recorder.cl_metrics().items()}, **continual,
                         "general/delta_RG": recorder.general_delta(), **general, "stage": len(recorder.R) - 1})
 
     def save(self) -> None:

@@ -21,8 +21,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from cl_bench.files import atomic_write  # noqa: E402
-from cl_bench.recording.comparison import (METRICS, RunResult, aggregate, group_runs, mean_matrix,  # noqa: E402
-                                           paired)
+from cl_bench.recording.comparison import (CONTINUAL_METRICS, METRICS, RunResult, aggregate,  # noqa: E402
+                                           group_runs, mean_curves, mean_matrix, paired)
 
 BAR_METRICS = ("op", "bwt", "fwt", "forgetting", "delta_RG")
 
@@ -44,17 +44,23 @@ def _settings(rows: list[dict]) -> list[tuple]:
     return list(dict.fromkeys((r["stream"], tuple(r["order"]), r["model"]) for r in rows))
 
 
+def _shown(rows: list[dict]) -> list[str]:
+    """The metrics of the tables: all, less the continual-evaluation ones no run of ``rows`` has."""
+    return [m for m in METRICS if m not in CONTINUAL_METRICS or any(r[m]["n"] for r in rows)]
+
+
 def markdown(rows: list[dict], pairs: list[dict], failed: list[RunResult], baseline: str) -> str:
     out = ["# Comparison report", ""]
     for k, (stream, order, model) in enumerate(_settings(rows)):
         mine = [r for r in rows if (r["stream"], tuple(r["order"]), r["model"]) == (stream, order, model)]
+        metrics = _shown(mine)
         out += [f"## Setting {k + 1}: {model} on {stream}", "", f"Task order: {' -> '.join(order)}", "",
-                "| method | seeds | " + " | ".join(METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
-        out += [f"| {r['method']} | {','.join(map(str, r['seeds']))} | " + " | ".join(_fmt(r[m]) for m in METRICS) + " |"
+                "| method | seeds | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
+        out += [f"| {r['method']} | {','.join(map(str, r['seeds']))} | " + " | ".join(_fmt(r[m]) for m in metrics) + " |"
                 for r in mine]
         mine_pairs = [p for p in pairs if (p["stream"], tuple(p["order"]), p["model"]) == (stream, order, model)]
         if mine_pairs:
-            shown = METRICS[:-1]
+            shown = [m for m in metrics if m != "wall_min"]
             out += ["", f"Paired with {baseline} over the seeds both ran: mean difference (method - {baseline}) "
                     "[bootstrap 95% interval]", "", "| method | seeds | " + " | ".join(shown) + " |",
                     "|---|---|" + "---|" * len(shown)]
@@ -102,8 +108,9 @@ def figures(groups: dict[tuple, list[RunResult]], rows: list[dict]) -> dict[str,
         fig.suptitle("Mean score matrix R (rows: after training, columns: task scored)", fontsize=9)
         pngs[f"setting{k + 1}_score_matrices.png"] = _png(fig)
 
-        fig, axes = plt.subplots(1, len(BAR_METRICS), figsize=(3 * len(BAR_METRICS), 3.2))
-        for ax, m in zip(axes, BAR_METRICS):
+        bars = [m for m in _shown(list(stats.values())) if m in BAR_METRICS or m in CONTINUAL_METRICS]
+        fig, axes = plt.subplots(1, len(bars), figsize=(3 * len(bars), 3.2))
+        for ax, m in zip(axes, bars):
             means = [stats[lab][m]["mean"] or 0 for lab in labels]
             errs = [stats[lab][m]["std"] or 0 for lab in labels]
             ax.bar(range(n), means, yerr=errs, capsize=3, color=plt.cm.tab10.colors[: n])
@@ -135,7 +142,35 @@ def figures(groups: dict[tuple, list[RunResult]], rows: list[dict]) -> dict[str,
             ax.set_title("General ability before and after the stream", fontsize=9)
             ax.legend(fontsize=7)
             pngs[f"setting{k + 1}_general_ability.png"] = _png(fig)
+
+        curves = {label: c for label in labels if (c := mean_curves(mine[label])) is not None}
+        if curves:
+            pngs[f"setting{k + 1}_continual.png"] = continual_figure(curves, tasks)
     return pngs
+
+
+def continual_figure(curves: dict[str, dict], tasks: list[str]) -> bytes:
+    """Per method, each task's continual-evaluation score (mean over seeds) against the stream
+    step; dotted lines where a task's training ends. The stability gap is the dip right after one."""
+    n = len(curves)
+    fig, axes = plt.subplots(1, n, figsize=(3.4 * n + 1, 3.1), squeeze=False)
+    for ax, (label, c) in zip(axes[0], curves.items()):
+        for j, task in enumerate(tasks):
+            pts = [(s, v) for s, v in zip(c["steps"], c["scores"].get(task, [])) if v is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker=".", markersize=3, linewidth=1, color=plt.cm.tab10(j % 10), label=task)
+        for a, b, step in zip(c["training"], c["training"][1:], c["steps"]):
+            if b != a:
+                ax.axvline(step, color="grey", linestyle=":", linewidth=0.8)
+        measures = sorted(set(c["measures"].values()))
+        ax.set_title(f"{label} (n={c['n']})", fontsize=8)
+        ax.set_xlabel("stream step", fontsize=7)
+        ax.set_ylabel(" / ".join("answer log-likelihood per token" if m == "loglik" else "task metric"
+                                 for m in measures), fontsize=7)
+        ax.tick_params(labelsize=6)
+    axes[0][-1].legend(fontsize=6, loc="best")
+    fig.suptitle("Continual evaluation: seen tasks scored during training (dotted: task ends)", fontsize=9)
+    return _png(fig)
 
 
 def _png(fig) -> bytes:

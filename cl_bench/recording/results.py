@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from cl_bench.evaluation.cl_metrics import all_metrics
+from cl_bench.evaluation.continual import ContinualSettings
+from cl_bench.evaluation.continual_metrics import continual_metrics
 from cl_bench.evaluation.general_ability import PROBE_TASK
 from cl_bench.files import atomic_write
 
@@ -34,10 +36,11 @@ class RunRecorder:
     """Collects the score matrix and timings of a run and writes them after every stage."""
 
     def __init__(self, out_dir: str | Path, config: dict, task_names: list[str], metric_names: list[str],
-                 writes: bool = True, trained: list[str] | None = None):
+                 writes: bool = True, trained: list[str] | None = None, continual: ContinualSettings | None = None):
         """``writes=False`` keeps everything in memory (the processes other than rank 0).
         ``trained``: what each stage trains, when it is not one task of the stream after another
-        (a joint run: ``["joint"]``, one row after the base row)."""
+        (a joint run: ``["joint"]``, one row after the base row). ``continual``: the run's continual
+        evaluation, whose points :meth:`add_continual` collects."""
         self.out_dir = Path(out_dir)
         self.writes = writes
         if writes:
@@ -55,6 +58,9 @@ class RunRecorder:
         self.started = time.time()
         #: general-ability scores (0-100) per benchmark, by the stage they were taken at
         self.general: dict[str, dict[str, float]] = {}
+        self.continual = continual or ContinualSettings()
+        #: continual-evaluation points: {"step", "training" (task index), "scores": {task: score}}
+        self.points: list[dict[str, Any]] = []
 
     @property
     def stages(self) -> list[str]:
@@ -67,6 +73,34 @@ class RunRecorder:
         if self.joint:
             return {"op": sum(self.R[-1]) / len(self.R[-1])}
         return all_metrics(self.R)
+
+    def add_continual(self, points: list[dict[str, Any]]) -> None:
+        """The continual-evaluation points of the task just trained."""
+        self.points.extend(points)
+
+    def continual_curves(self) -> dict[str, Any] | None:
+        """results.json's ``continual``: the settings and, per point, its step, the index of the
+        task in training, and every task's score (None before the task was seen)."""
+        if not self.continual.enabled:
+            return None
+        return {"every_n_steps": self.continual.every_n_steps, "max_examples": self.continual.max_examples,
+                "measures": self.continual.measures, "windows": list(self.continual.windows),
+                "steps": [p["step"] for p in self.points], "training": [p["training"] for p in self.points],
+                "scores": {n: [p["scores"].get(n) for p in self.points] for n in self.task_names}}
+
+    def continual_metrics(self) -> dict[str, Any]:
+        """min-ACC, avg-min-ACC, WC-ACC and WF^w of the points so far (none for a joint run, which
+        has no sequence); see cl_bench/evaluation/continual_metrics.py. Where tasks are scored in
+        different measures (a metric here, log-likelihood there) only the per-task values exist:
+        an average over both would mix units."""
+        curves = self.continual_curves()
+        if curves is None or self.joint or not self.points:
+            return {}
+        out = continual_metrics(curves["steps"], curves["training"], curves["scores"], self.task_names,
+                                self.continual.windows)
+        if len(set(self.continual.measures.values())) > 1:
+            out = {k: (v if isinstance(v, dict) else None) for k, v in out.items()}
+        return out
 
     def add_row(self, scores: list[float], eval_s: float) -> None:
         self.R.append([float(s) for s in scores])
@@ -106,11 +140,12 @@ class RunRecorder:
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to go on recording (checkpoints carry it)."""
-        return {"R": self.R, "timings": self.timings, "general": self.general,
+        return {"R": self.R, "timings": self.timings, "general": self.general, "points": self.points,
                 "elapsed_s": time.time() - self.started}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.R, self.timings, self.general = state["R"], state["timings"], state["general"]
+        self.points = state.get("points", [])
         self.started = time.time() - state["elapsed_s"]
 
     def to_dict(self) -> dict[str, Any]:
@@ -125,6 +160,8 @@ class RunRecorder:
             "cl_metrics": self.cl_metrics(),
             "general": {"scores": self.general, "delta_RG": self.general_delta(),
                         "mean": {stage: self.general_mean(stage) for stage in self.general}},
+            **({"continual": self.continual_curves(), "continual_metrics": self.continual_metrics()}
+               if self.continual.enabled else {}),
             "timings": {**self.timings, "total_s": round(time.time() - self.started, 3)},
             "config": self.config,
         }

@@ -1,0 +1,151 @@
+"""Continual evaluation: every task seen so far scored *during* training, every N optimizer steps,
+on a small fixed subsample, so that transient forgetting (the stability gap) shows.
+
+``eval.continual``:
+
+    every_n_steps: null      # off; N = score after every N-th optimizer step and at each task's end
+    max_examples: 16         # the first this many examples of each task's ``eval.split``
+    measure: loglik          # loglik (the answers' mean per-token log-likelihood, one forward pass)
+                             # | metric (generate and score with the task's metric, 0-100)
+    measures: null           # per-task exceptions, e.g. eval.continual.measures={sentiment: metric}
+    windows: [10, 100]       # WF^w windows, in evaluations
+
+The evaluator is a Lightning callback of every task's fit. A point is (stream step, index of the
+task in training, each seen task's score); the points of the running task are callback state, so
+step checkpoints carry them and a resumed run keeps its curve. Scoring never touches the global
+random generators (a run with continual evaluation trains bitwise as one without) and runs in
+every process, in lockstep (the ``metric`` measure generates sharded, as the stage evaluation).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from lightning.pytorch.callbacks import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from cl_bench.data.loaders import TaskLoaders
+from cl_bench.data.tasks import Task, TaskStream
+from cl_bench.data.tokenization import IGNORE_INDEX
+from cl_bench.errors import ConfigError, check_choice, check_number
+from cl_bench.evaluation.generation import GenerationConfig, evaluate_task
+from cl_bench.rng import preserved_rng
+from cl_bench.training.lm import answer_log_likelihood
+
+MEASURES = ("loglik", "metric")
+
+
+@dataclass(frozen=True)
+class ContinualSettings:
+    """``eval.continual``, checked (see the module doc)."""
+
+    every_n_steps: int | None = None
+    max_examples: int = 16
+    measures: dict[str, str] = field(default_factory=dict)
+    windows: tuple[int, ...] = (10, 100)
+
+    @property
+    def enabled(self) -> bool:
+        return self.every_n_steps is not None
+
+    @classmethod
+    def from_config(cls, node: DictConfig | None, task_names: Sequence[str]) -> "ContinualSettings":
+        """Every key checked by name; ``measures`` must name tasks of the stream."""
+        if node is None:
+            return cls()
+        node = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+        unknown = set(node) - {"every_n_steps", "max_examples", "measure", "measures", "windows"}
+        if unknown:
+            raise ConfigError(f"eval.continual has no key {sorted(unknown)[0]!r}")
+        every = check_number(node.get("every_n_steps"), "eval.continual.every_n_steps", integer=True, low=1,
+                             allow_none=True)
+        max_examples = check_number(node.get("max_examples", 16), "eval.continual.max_examples", integer=True, low=1)
+        default = check_choice(node.get("measure", "loglik"), MEASURES, "eval.continual.measure")
+        overrides = node.get("measures") or {}
+        for name, measure in overrides.items():
+            if name not in task_names:
+                raise ConfigError(f"eval.continual.measures.{name}: no task {name!r} in the stream {list(task_names)}")
+            check_choice(measure, MEASURES, f"eval.continual.measures.{name}")
+        windows = node.get("windows", [10, 100])
+        if not isinstance(windows, (list, tuple)):
+            raise ConfigError(f"eval.continual.windows must be a list of integers >= 2, got {windows!r}")
+        for w in windows:
+            check_number(w, "eval.continual.windows", integer=True, low=2)
+        return cls(every, max_examples, {n: overrides.get(n, default) for n in task_names}, tuple(windows))
+
+
+@torch.no_grad()
+def mean_answer_log_likelihood(model: torch.nn.Module, loader, device: torch.device) -> float:
+    """The mean over examples of each answer's mean per-token log p (answer + EOS | prompt)."""
+    per_example = []
+    for batch in loader:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        tokens = (batch["labels"] != IGNORE_INDEX).sum(-1).clamp(min=1)
+        per_example.append(answer_log_likelihood(model, batch) / tokens)
+    return torch.cat(per_example).mean().item()
+
+
+class ContinualEvaluator(Callback):
+    """Scores the seen tasks every ``every_n_steps`` optimizer steps and at the end of each fit."""
+
+    def __init__(self, settings: ContinualSettings, stream: TaskStream, tokenizer, loaders: TaskLoaders,
+                 generation: GenerationConfig, split: str):
+        self.settings = settings
+        self.tokenizer = tokenizer
+        self.generation = generation
+        self.split = split
+        self.tasks: dict[str, Task] = {t.name: t for t in stream}
+        self.loaders = {t.name: loaders.passes(t.splits[split][: settings.max_examples]) for t in stream
+                        if settings.measures[t.name] == "loglik"}
+        #: the task in training (its index) and the tasks scored meanwhile
+        self.training = 0
+        self.seen: list[str] = []
+        #: this fit's points, and the last global step scored
+        self.points: list[dict[str, Any]] = []
+        self.last_step = -1
+
+    def begin_task(self, index: int, seen: Sequence[str]) -> None:
+        self.training, self.seen = index, list(seen)
+        self.points, self.last_step = [], -1
+
+    def take_points(self) -> list[dict[str, Any]]:
+        """This fit's points (the evaluator starts the next fit empty)."""
+        points, self.points = self.points, []
+        return points
+
+    def score(self, model: torch.nn.Module, name: str) -> float:
+        if self.settings.measures[name] == "metric":
+            return evaluate_task(model, self.tokenizer, self.tasks[name], self.generation, self.split,
+                                 self.settings.max_examples).score
+        was_training = model.training
+        model.eval()
+        try:
+            return mean_answer_log_likelihood(model, self.loaders[name], next(model.parameters()).device)
+        finally:
+            model.train(was_training)
+
+    def evaluate(self, trainer, pl_module) -> None:
+        with preserved_rng():
+            scores = {name: self.score(pl_module.model, name) for name in self.seen}
+        step = pl_module.stream_step
+        self.points.append({"step": step, "training": self.training, "scores": scores})
+        self.last_step = trainer.global_step
+        if pl_module.metric_sink is not None:
+            pl_module.metric_sink({f"continual/{name}": v for name, v in scores.items()}, step)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step > 0 and step != self.last_step and step % self.settings.every_n_steps == 0:
+            self.evaluate(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.global_step != self.last_step:
+            self.evaluate(trainer, pl_module)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"training": self.training, "seen": self.seen, "points": self.points, "last_step": self.last_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.training, self.seen = state["training"], state["seen"]
+        self.points, self.last_step = state["points"], state["last_step"]
