@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-fast bench clean
+.PHONY: install run test test-fast bench replicate clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,17 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m runners.bench $(ARGS)
+
+# The README's replication (conf/experiment/replication.yaml): 7 methods x 3 seeds on SmolLM2, then
+# the report. JOBS=2 runs two jobs at once, each with half the cores. Rerun to continue after a stop.
+JOBS ?= 1
+REPLICATION := docs/results/replication
+replicate: $(STAMP)
+	OMP_NUM_THREADS=$$(( $$(nproc) / $(JOBS) > 0 ? $$(nproc) / $(JOBS) : 1 )) $(PY) -m runners.cl -m experiment=replication \
+	  $(if $(filter-out 1,$(JOBS)),hydra/launcher=local_parallel hydra.launcher.n_jobs=$(JOBS)) $(ARGS)
+	for d in multirun/replication/*/; do mkdir -p $(REPLICATION)/runs/$$(basename $$d) && \
+	  cp $$d/results.json $(REPLICATION)/runs/$$(basename $$d)/; done
+	$(PY) -m runners.report $(REPLICATION)/runs --out $(REPLICATION)
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache
