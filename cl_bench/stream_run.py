@@ -63,7 +63,7 @@ class StreamRun:
         seed_everything(cfg.seed, workers=True, verbose=False)
         self.cfg = cfg
         self.method = build(cfg.method)
-        self.method.check_strategy(cfg.trainer.get("strategy", "auto"), cfg.trainer.get("devices", 1))
+        self.method.check_run(cfg)  # its needs of the other groups, before anything loads
         placement = placement_trainer(cfg)
         _, _, self.accumulate = layout(cfg.train.batch_size, cfg.train.get("micro_batch_size"), placement.world_size)
         if (placement.world_size > 1 and in_multirun()

@@ -32,6 +32,13 @@ if TYPE_CHECKING:
     from cl_bench.training.module import CLModule
 
 
+def refuse_weight_decay(method_name: str, weight_decay: float) -> None:
+    """A method that freezes entries by masking gradients cannot have decoupled weight decay."""
+    if weight_decay > 0:
+        raise ConfigError(f"method {method_name} freezes entries by masking gradients; optimizer.weight_decay "
+                          f"must be 0 (it is {weight_decay}), or decoupled decay would move them")
+
+
 class CLMethod(Callback):
     """Base class of every strategy plugin; every hook does nothing."""
 
@@ -39,6 +46,17 @@ class CLMethod(Callback):
     name = "method"
     #: Trainer strategy families the method works under; the runner refuses others at start.
     supported_strategies: tuple[str, ...] = ("single_device", "ddp")
+    #: True for a method that freezes entries by masking their gradients: decoupled weight decay
+    #: would still move them, so ``optimizer.weight_decay`` must be 0.
+    masks_gradients = False
+
+    def check_run(self, cfg: Any) -> None:
+        """Called with the whole run config before the data and the model load: refuse settings of
+        the other groups (trainer, optimizer, model) the method cannot work with, naming the key.
+        The default checks the strategy and, for :attr:`masks_gradients`, the weight decay."""
+        self.check_strategy(cfg.trainer.get("strategy", "auto"), cfg.trainer.get("devices", 1))
+        if self.masks_gradients:
+            refuse_weight_decay(self.name, cfg.optimizer.get("weight_decay", 0) or 0)
 
     def check_strategy(self, strategy: Any, devices: Any) -> None:
         family = strategy_family(strategy, devices)

@@ -31,6 +31,7 @@ def layer_group(name: str) -> str:
 
 class FixedMaskMethod(CLMethod):
     name = "fixed_mask"
+    masks_gradients = True
 
     def __init__(
         self,

@@ -13,6 +13,7 @@ from typing import Iterable
 import torch
 
 from cl_bench.errors import ConfigError, check_choice
+from methods.base import refuse_weight_decay
 
 AGGREGATES = ("row", "column", "element")
 REDUCTIONS = ("sum", "mean")
@@ -137,8 +138,4 @@ def frozen_entries_need_zero_decay(trainer, method_name: str) -> None:
     """Decoupled weight decay moves entries whose gradient is masked to zero: refuse it."""
     for opt in trainer.optimizers:
         for group in opt.param_groups:
-            if group.get("weight_decay", 0) > 0:
-                raise ConfigError(
-                    f"method {method_name} freezes entries by masking gradients; optimizer.weight_decay "
-                    f"must be 0 (it is {group['weight_decay']}), or decoupled decay would move them"
-                )
+            refuse_weight_decay(method_name, group.get("weight_decay", 0))

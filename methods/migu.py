@@ -37,6 +37,7 @@ from methods.base import CLMethod
 
 class MIGU(CLMethod):
     name = "migu"
+    masks_gradients = True
 
     def __init__(
         self,

@@ -134,10 +134,21 @@ def test_fggm_frozen_entries_stay_bitwise_equal_over_a_task_under_adamw(make_con
     assert moved > 0
 
 
-def test_masking_refuses_weight_decay(make_config):
-    cfg = make_config("method=fggm", "tasks.order=[arith,code]", "optimizer.weight_decay=0.01")
-    with pytest.raises(ConfigError, match="optimizer.weight_decay must be 0"):
+@pytest.mark.parametrize("name", ["fggm", "random_mask", "migu"])
+def test_masking_refuses_weight_decay_before_the_model_loads(make_config, monkeypatch, name):
+    """Refused at set-up: no model is built, nothing is evaluated (the base row would be)."""
+    import cl_bench.stream_run
+    built = []
+    monkeypatch.setattr(cl_bench.stream_run, "evaluate_stream", lambda *a, **k: built.append("evaluated"))
+    cfg = make_config(f"method={name}", "tasks.order=[arith,code]", "optimizer.weight_decay=0.01")
+    with pytest.raises(ConfigError, match=f"method {name} freezes entries .* optimizer.weight_decay must be 0"):
         run(cfg, cfg.paths.output_dir)
+    assert built == [] and not (Path(cfg.paths.output_dir) / "results.json").exists()
+
+
+def test_hft_freezes_with_requires_grad_so_weight_decay_is_allowed(make_config):
+    from methods.hft import HFT
+    HFT().check_run(make_config("method=hft", "optimizer.weight_decay=0.01"))  # no error
 
 
 def test_random_mask_trains_the_same_fraction_of_rows_reseeded_per_task():
