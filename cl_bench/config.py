@@ -1,6 +1,8 @@
 """The run config: building objects from it, and range checks done before anything is loaded."""
 from __future__ import annotations
 
+import os
+import traceback
 from typing import Callable
 
 from hydra.errors import InstantiationException
@@ -12,13 +14,30 @@ from cl_bench.errors import ConfigError, check_choice, check_number
 
 
 def build(node: DictConfig, **kwargs):
-    """``instantiate``, letting our own ConfigError through unwrapped (it already names the key)."""
+    """``instantiate``, letting our own ConfigError through unwrapped (it already names the key),
+    and a ``_target_`` that fails to import (a plugin with a bug) reported in one line: the target,
+    the file and line where the import failed, and the exception (Hydra's own message says only
+    "Error locating target" unless HYDRA_FULL_ERROR=1)."""
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as e:
         if isinstance(e.__cause__, ConfigError):
             raise e.__cause__ from None
+        if str(e).startswith("Error locating target") and e.__cause__ is not None:
+            raise ConfigError(f"cannot import {node.get('_target_')}: {_import_failure(e.__cause__)}") from e
         raise
+
+
+def _import_failure(error: BaseException) -> str:
+    """The innermost exception of an import's chain, with the file and line it was raised at
+    outside the import machinery (the plugin's own source), e.g.
+    "methods/l2_init.py:3: NameError: name 'CLMethod' is not defined"."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    frames = [f for f in traceback.extract_tb(error.__traceback__)
+              if "importlib" not in f.filename and f"{os.sep}hydra{os.sep}" not in f.filename]
+    where = f"{frames[-1].filename}:{frames[-1].lineno}: " if frames else ""
+    return f"{where}{type(error).__name__}: {error}"
 
 
 def build_stream(tasks: DictConfig):

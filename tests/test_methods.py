@@ -1,4 +1,5 @@
 """Each method's mechanism, exactly, on the tiny model; and every method through the runner."""
+import json
 import math
 from functools import partial
 from pathlib import Path
@@ -22,7 +23,7 @@ from methods.masking import GradientMask, aggregate, kth_threshold
 from methods.migu import MIGU
 from methods.random_mask import RandomMask
 from cl_bench.stream_run import run
-from tests.conftest import ROOT, instantiate_with
+from tests.conftest import ROOT, TINY, instantiate_with
 
 TASK = Task(TaskSpec("t", "accuracy", 4), {"train": [Example(f"q{i} x{i * 3}? Answer:", f"a{i}") for i in range(8)]}, 1)
 
@@ -405,6 +406,38 @@ def test_a_new_method_is_one_file_and_one_yaml(make_config):
     assert cfg.method._target_ == "tests.plugin_example.l2_init.L2Init"
     recorder = run(cfg, cfg.paths.output_dir)
     assert recorder.status == "finished"
+
+
+@pytest.mark.processes
+def test_the_readme_s_adding_a_method_snippet_runs_as_written(tmp_path):
+    """The README's two blocks written where their first lines say, into a copy of the repo's
+    methods/, conf/ and runners/, run through the real runner; without its import line the plugin
+    fails in one line that names the file, the line and the NameError."""
+    import re
+    import shutil
+    import subprocess
+    import sys
+    section = (ROOT / "README.md").read_text().split("### Adding a method", 1)[1]
+    blocks = re.findall(r"```(?:python|yaml)\n# (\S+)\n(.*?)```", section, re.S)[:2]
+    assert [path for path, _ in blocks] == ["methods/l2_init.py", "conf/method/l2_init.yaml"]
+    repo = tmp_path / "repo"
+    for folder in ("methods", "conf", "runners"):
+        shutil.copytree(ROOT / folder, repo / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    for path, text in blocks:
+        (repo / path).write_text(text)
+    args = [sys.executable, "-m", "runners.cl", "method=l2_init", *TINY, "tasks.order=[arith]"]
+    done = subprocess.run([*args, f"hydra.run.dir={tmp_path / 'run'}"], cwd=repo, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["status"] == "finished"
+    plugin = repo / "methods" / "l2_init.py"
+    plugin.write_text(plugin.read_text().replace("from methods.base import CLMethod\n", ""))
+    failed = subprocess.run([*args, f"hydra.run.dir={tmp_path / 'broken'}"], cwd=repo, capture_output=True,
+                            text=True, timeout=300)
+    line = next(ln for ln in failed.stderr.splitlines() if ln.startswith("Error: "))
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr
+    assert re.fullmatch(r"Error: cannot import methods\.l2_init\.L2Init: \S+/methods/l2_init\.py:\d+: "
+                        r"NameError: name 'CLMethod' is not defined", line), line
 
 
 @pytest.mark.parametrize(
