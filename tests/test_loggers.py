@@ -65,8 +65,10 @@ def test_wandb_offline_run_can_be_read_back_and_holds_no_secret(make_config, mon
     # rerun in the same dir: it resumes from the last checkpoint and logs to the same W&B run
     again = run(cfg, cfg.paths.output_dir)
     assert again.R == recorder.R
-    runs = sorted((Path(cfg.paths.output_dir) / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2 and len({p.name.rsplit("-", 1)[-1] for p in runs}) == 1
+    # the run id as each run's own log records it (a dir started in the same second is named <id>-1)
+    runs = sorted((Path(cfg.paths.output_dir) / "wandb").glob("offline-run-*/run-*.wandb"))
+    ids = [read_run(path)["run_id"] for path in runs]
+    assert len(runs) == 2 and ids[0] and ids[0] == ids[1] == logged["run_id"]
 
 
 def test_wandb_mode_auto_is_offline_without_a_key(monkeypatch, tmp_path):

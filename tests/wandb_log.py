@@ -42,11 +42,13 @@ def _key(item) -> str:
 
 def read_run(path: Path) -> dict:
     """{"history": [row, ...], "config": {...}, "summary": {...}, "metrics": {name or glob: step
-    metric}} of an offline run log."""
-    history, config, summary, metrics = [], {}, {}, {}
+    metric}, "run_id": the run's id as its run record holds it} of an offline run log."""
+    history, config, summary, metrics, run_id = [], {}, {}, {}, None
     for rec in records(path):
         kind = rec.WhichOneof("record_type")
-        if kind == "history":
+        if kind == "run":
+            run_id = rec.run.run_id
+        elif kind == "history":
             history.append({_key(i): json.loads(i.value_json) for i in rec.history.item})
         elif kind == "config":
             config.update({_key(i): json.loads(i.value_json) for i in rec.config.update})
@@ -54,4 +56,4 @@ def read_run(path: Path) -> dict:
             summary.update({_key(i): json.loads(i.value_json) for i in rec.summary.update})
         elif kind == "metric":
             metrics[rec.metric.name or rec.metric.glob_name] = rec.metric.step_metric
-    return {"history": history, "config": config, "summary": summary, "metrics": metrics}
+    return {"history": history, "config": config, "summary": summary, "metrics": metrics, "run_id": run_id}
