@@ -36,6 +36,12 @@ def main(cfg: DictConfig) -> float | None:
     stopped by bad input (a ConfigError, which names the key or file) prints that one line and
     exits with status 1; ``HYDRA_FULL_ERROR=1`` shows the traceback instead.
     """
+    if cfg.get("dry_run"):  # the job's settings, resolved; nothing is loaded or run
+        job = HydraConfig.get().job if HydraConfig.initialized() else None
+        print(f"# job {getattr(job, 'num', 0)}: {' '.join(getattr(job, 'override_dirname', '').split(',')) or '(defaults)'}"
+              f"  ->  {cfg.paths.output_dir}")
+        print(OmegaConf.to_yaml(cfg, resolve=True))
+        return None
     subdir = HydraConfig.get().output_subdir if HydraConfig.initialized() else None
     try:
         with one_line_per_bar():
@@ -59,7 +65,10 @@ def main(cfg: DictConfig) -> float | None:
                 print(f"Error: {e}", file=sys.stderr)
                 sys.exit(1)
             raise
-        log.exception("job %s failed; the sweep goes on", HydraConfig.get().job.num)
+        if isinstance(e, ConfigError):  # it names the key or file: one line is enough
+            log.error("job %s refused: %s; the sweep goes on", HydraConfig.get().job.num, e)
+        else:
+            log.exception("job %s failed; the sweep goes on", HydraConfig.get().job.num)
         return float("nan")
     return recorder.cl_metrics().get(cfg.objective)
 

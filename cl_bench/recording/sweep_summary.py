@@ -1,0 +1,70 @@
+"""The end of a multirun: a table of its jobs (status, objective, dir), and a non-zero exit when
+any job did not finish, so that a sweep whose every job failed does not look like a success.
+
+A Hydra callback (``conf/config.yaml``, ``hydra.callbacks.sweep_summary``). The jobs are the run
+dirs under ``hydra.sweep.dir`` that Hydra set up during this multirun (their ``.hydra`` record is
+newer than its start), so jobs of an earlier multirun in the same dir are not counted; each job's
+``results.json`` says how it ended.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+from rich.table import Table
+
+from cl_bench.recording.console import console
+
+
+def sweep_jobs(sweep_dir: str | Path, since: float = 0.0) -> list[dict[str, Any]]:
+    """One row per job dir under ``sweep_dir`` set up at or after ``since`` (a Unix time): its
+    dir, status ("finished", "failed", "running", or "no results" when none were written), the
+    objective's value and the error."""
+    rows = []
+    for record in sorted(Path(sweep_dir).glob("*/.hydra/overrides.yaml"), key=lambda p: p.stat().st_mtime):
+        if record.stat().st_mtime < since:
+            continue
+        run_dir = record.parent.parent
+        try:
+            results = json.loads((run_dir / "results.json").read_text())
+        except (OSError, ValueError):
+            rows.append({"dir": str(run_dir), "status": "no results", "objective": None, "error": None})
+            continue
+        objective = (results.get("config") or {}).get("objective", "op")
+        rows.append({"dir": str(run_dir), "status": results.get("status", "?"),
+                     "objective": (results.get("cl_metrics") or {}).get(objective), "objective_name": objective,
+                     "error": results.get("error")})
+    return rows
+
+
+class SweepSummary(Callback):
+    """Prints the jobs of a multirun when it ends; exits with status 1 if any did not finish."""
+
+    def __init__(self) -> None:
+        self.started = time.time()
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.started = time.time() - 1  # file times may be rounded to the second
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if config.get("dry_run"):  # a preview: no job ran
+            return
+        rows = sweep_jobs(config.hydra.sweep.dir, self.started)
+        table = Table(title=f"Multirun: {len(rows)} jobs in {config.hydra.sweep.dir}")
+        for column in ("job", "status", "objective", "error"):
+            table.add_column(column, overflow="fold")
+        for row in rows:
+            value = row["objective"]
+            shown = "-" if value is None else f"{row.get('objective_name', 'op')} {value:.2f}"
+            error = " ".join((row["error"] or "").split())
+            table.add_row(Path(row["dir"]).name, row["status"], shown, error[:160])
+        console.print(table)
+        failed = [r for r in rows if r["status"] != "finished"]
+        if failed:
+            console.print(f"{len(failed)} of {len(rows)} jobs did not finish (see their results.json)")
+            sys.exit(1)
