@@ -66,3 +66,13 @@ def test_cli_unknown_option_names_the_group():
     )
     assert proc.returncode != 0
     assert "Could not find 'method/nope'" in proc.stderr
+
+
+def test_help_lists_the_groups_and_the_commands_without_a_config_dump():
+    proc = subprocess.run([sys.executable, "-m", "runners.cl", "--help"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "method: agem, agft, ewc" in out and "tasks: custom, mini, trace" in out
+    assert "make run" in out and "python -m runners.report" in out and "dry_run=true" in out
+    assert "checkpoint:" not in out and "every_n_steps" not in out and len(out.splitlines()) < 40
