@@ -49,13 +49,22 @@ class Replay(CLMethod):
         self.buffer: list[list[Example]] = []
         self.general: list[Example] = []
 
+    def shared_slots(self, batch_size: int) -> int:
+        """Remembered examples in every global batch of ``batch_size`` (mode interleave)."""
+        slots = max(1, round(self.batch_share * batch_size))
+        if slots >= batch_size:
+            raise ConfigError(f"method.batch_share {self.batch_share} of train.batch_size {batch_size} leaves no room "
+                              "for the task's own examples")
+        return slots
+
+    def check_run(self, cfg) -> None:
+        super().check_run(cfg)
+        if self.mode == "interleave":
+            self.shared_slots(cfg.train.batch_size)
+
     def on_stream_start(self, module, stream) -> None:
         if self.mode == "interleave":
-            size = module.loaders.batch_size
-            self.per_batch = max(1, round(self.batch_share * size))
-            if self.per_batch >= size:
-                raise ConfigError(f"method.batch_share {self.batch_share} of train.batch_size {size} leaves no room "
-                                  "for the task's own examples")
+            self.per_batch = self.shared_slots(module.loaders.batch_size)
         if self.general_data is not None:
             self.general = read_split(Path(self.general_data).expanduser())
 

@@ -488,7 +488,7 @@ def test_interleaved_replay_runs_through_the_runner_and_refuses_a_whole_batch(ma
     assert run(cfg, cfg.paths.output_dir).status == "finished"
     method = Replay(mode="interleave", batch_share=0.9)
     with pytest.raises(ConfigError, match="method.batch_share 0.9 of train.batch_size 4 leaves no room"):
-        method.on_stream_start(_module(method), None)
+        method.check_run(make_config("method=replay"))  # at set-up, before the model loads
     method = Replay(mode="interleave", batch_share=0.3)
     method.on_stream_start(_module(method), None)
     assert method.replayed_per_batch(TASK, 1) is None  # nothing kept yet
