@@ -92,6 +92,7 @@ def test_a_run_records_curves_that_match_the_stage_scores_and_leave_training_unc
     res = json.loads((out / "results.json").read_text())
     curves = res["continual"]
     assert curves["steps"] == [2, 3, 5, 6, 8, 9] and curves["training"] == [0, 0, 1, 1, 2, 2]
+    assert all(s > 0 for s in curves["seconds"]) and res["timings"]["continual_s"] == pytest.approx(sum(curves["seconds"]), abs=0.01)
     assert curves["measures"] == {"sentiment": "metric", "arith": "loglik", "minutes": "loglik"}
     assert [v is None for v in curves["scores"]["minutes"]] == [True] * 4 + [False] * 2
     ends = [1, 3, 5]

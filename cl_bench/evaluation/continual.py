@@ -11,13 +11,14 @@ on a small fixed subsample, so that transient forgetting (the stability gap) sho
     windows: [10, 100]       # WF^w windows, in evaluations
 
 The evaluator is a Lightning callback of every task's fit. A point is (stream step, index of the
-task in training, each seen task's score); the points of the running task are callback state, so
+task in training, each seen task's score, the seconds it took); the points of the running task are callback state, so
 step checkpoints carry them and a resumed run keeps its curve. Scoring never touches the global
 random generators (a run with continual evaluation trains bitwise as one without) and runs in
 every process, in lockstep (the ``metric`` measure generates sharded, as the stage evaluation).
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -126,10 +127,12 @@ class ContinualEvaluator(Callback):
             model.train(was_training)
 
     def evaluate(self, trainer, pl_module) -> None:
+        start = time.perf_counter()
         with preserved_rng():
             scores = {name: self.score(pl_module.model, name) for name in self.seen}
         step = pl_module.stream_step
-        self.points.append({"step": step, "training": self.training, "scores": scores})
+        self.points.append({"step": step, "training": self.training, "scores": scores,
+                            "seconds": round(time.perf_counter() - start, 3)})
         self.last_step = trainer.global_step
         if pl_module.metric_sink is not None:
             pl_module.metric_sink({f"continual/{name}": v for name, v in scores.items()}, step)

@@ -86,6 +86,7 @@ class RunRecorder:
         return {"every_n_steps": self.continual.every_n_steps, "max_examples": self.continual.max_examples,
                 "measures": self.continual.measures, "windows": list(self.continual.windows),
                 "steps": [p["step"] for p in self.points], "training": [p["training"] for p in self.points],
+                "seconds": [p.get("seconds") for p in self.points],
                 "scores": {n: [p["scores"].get(n) for p in self.points] for n in self.task_names}}
 
     def continual_metrics(self) -> dict[str, Any]:
@@ -162,7 +163,9 @@ class RunRecorder:
                         "mean": {stage: self.general_mean(stage) for stage in self.general}},
             **({"continual": self.continual_curves(), "continual_metrics": self.continual_metrics()}
                if self.continual.enabled else {}),
-            "timings": {**self.timings, "total_s": round(time.time() - self.started, 3)},
+            "timings": {**self.timings, "total_s": round(time.time() - self.started, 3),
+                        **({"continual_s": round(sum(p.get("seconds") or 0 for p in self.points), 3)}
+                           if self.continual.enabled else {})},
             "config": self.config,
         }
 

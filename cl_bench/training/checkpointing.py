@@ -35,7 +35,7 @@ CHECKPOINT_DIR = "checkpoints"
 _STAGE = re.compile(r"^stage-(\d+)\.pt$")
 _STEP = re.compile(r"^task-(\d+)-step-(\d+)\.ckpt$")
 #: config keys a resume may change: where files go, how it is logged and checkpointed
-RESUMABLE_CHANGES = ("paths", "resume", "logger", "checkpoint", "trainer.enable_progress_bar", "hydra")
+RESUMABLE_CHANGES = ("paths", "resume", "logger", "checkpoint", "trainer.enable_progress_bar", "hydra", "dry_run")
 
 
 def load_file(path: Path, mmap: bool = False) -> dict[str, Any]:
