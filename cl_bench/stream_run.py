@@ -28,7 +28,7 @@ from rich.rule import Rule
 from cl_bench.config import build, build_stream, optimizer_factory, validate_run_config
 from cl_bench.data.batching import layout
 from cl_bench.data.loaders import TaskLoaders
-from cl_bench.data.tasks import Task, TaskStream, joint_task
+from cl_bench.data.tasks import Task, TaskStream, training_plan
 from cl_bench.distributed import barrier, is_main, rank, start_processes, world_size
 from cl_bench.errors import ConfigError
 from cl_bench.files import RunDirLock
@@ -76,7 +76,8 @@ class StreamRun:
         # validates the data before the model is loaded
         self.stream: TaskStream = build_stream(cfg.tasks)
         #: what is trained, in order: the stream's tasks, or their union (tasks.joint=true)
-        self.training: list[Task] = self._training_plan(cfg.tasks)
+        self.training: list[Task] = training_plan(self.stream, cfg.tasks.get("joint", False),
+                                                  cfg.train.get("shuffle", True))
         self.general: GeneralAbility = build(cfg.general) if cfg.get("general") else GeneralAbility()
         self.general.check()
         self.continual = ContinualSettings.from_config(cfg.eval.get("continual"), self.stream.names)
@@ -143,19 +144,6 @@ class StreamRun:
                                             self.generation, cfg.eval.split) if self.continual.enabled else None
         self.answers = {t.name: [e.answer for e in t.splits[cfg.eval.split][: cfg.eval.max_examples]]
                         for t in self.stream}
-
-    def _training_plan(self, tasks: DictConfig) -> list[Task]:
-        joint = tasks.get("joint", False)
-        if not isinstance(joint, bool):
-            raise ConfigError(f"tasks.joint must be true or false, got {joint!r}")
-        if not joint:
-            return list(self.stream)
-        if any(t.max_steps is not None for t in self.stream):
-            raise ConfigError("tasks.max_steps caps each task of a sequence; a joint run (tasks.joint=true) trains "
-                              "one union of them: unset tasks.max_steps")
-        if not self.cfg.train.get("shuffle", True):
-            raise ConfigError("a joint run (tasks.joint=true) needs train.shuffle=true, or it trains the tasks in turn")
-        return [joint_task(self.stream)]
 
     @property
     def tasks_done(self) -> int:

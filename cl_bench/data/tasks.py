@@ -91,6 +91,20 @@ def joint_task(stream: TaskStream) -> Task:
     return Task(TaskSpec("joint", "mixed", 0), {"train": train}, epochs=1)
 
 
+def training_plan(stream: TaskStream, joint: bool, shuffle: bool) -> list[Task]:
+    """What a run trains, in order: the stream's tasks, or (``tasks.joint=true``) their union."""
+    if not isinstance(joint, bool):
+        raise ConfigError(f"tasks.joint must be true or false, got {joint!r}")
+    if not joint:
+        return list(stream)
+    if any(t.max_steps is not None for t in stream):
+        raise ConfigError("tasks.max_steps caps each task of a sequence; a joint run (tasks.joint=true) trains "
+                          "one union of them: unset tasks.max_steps")
+    if not shuffle:
+        raise ConfigError("a joint run (tasks.joint=true) needs train.shuffle=true, or it trains the tasks in turn")
+    return [joint_task(stream)]
+
+
 def read_text(path: Path) -> str:
     """A UTF-8 file's text; an unreadable or non-UTF-8 file is refused in one line naming it."""
     try:

@@ -59,7 +59,7 @@ class RunRecorder:
         #: general-ability scores (0-100) per benchmark, by the stage they were taken at
         self.general: dict[str, dict[str, float]] = {}
         self.continual = continual or ContinualSettings()
-        #: continual-evaluation points: {"step", "training" (task index), "scores": {task: score}}
+        #: continual-evaluation points: {"step", "training" (task index), "scores": {task: score}, "seconds"}
         self.points: list[dict[str, Any]] = []
 
     @property
