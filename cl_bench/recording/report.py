@@ -153,7 +153,7 @@ def continual_figure(curves: dict[str, dict], tasks: list[str]) -> bytes:
     """Per method, each task's continual-evaluation score (mean over seeds) against the stream
     step; dotted lines where a task's training ends. The stability gap is the dip right after one."""
     n = len(curves)
-    fig, axes = plt.subplots(1, n, figsize=(3.4 * n + 1, 3.1), squeeze=False)
+    fig, axes = plt.subplots(1, n, figsize=(max(3.4 * n + 1, 6.5), 3.1), squeeze=False)
     for ax, (label, c) in zip(axes[0], curves.items()):
         for j, task in enumerate(tasks):
             pts = [(s, v) for s, v in zip(c["steps"], c["scores"].get(task, [])) if v is not None]
@@ -169,7 +169,7 @@ def continual_figure(curves: dict[str, dict], tasks: list[str]) -> bytes:
                                  for m in measures), fontsize=7)
         ax.tick_params(labelsize=6)
     axes[0][-1].legend(fontsize=6, loc="best")
-    fig.suptitle("Continual evaluation: seen tasks scored during training (dotted: task ends)", fontsize=9)
+    fig.suptitle("Continual evaluation: the seen tasks during training (dotted: a task ends)", fontsize=9)
     return _png(fig)
 
 
