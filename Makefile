@@ -41,7 +41,7 @@ replicate: $(STAMP)
 	  $(if $(filter-out 1,$(JOBS)),hydra/launcher=local_parallel hydra.launcher.n_jobs=$(JOBS)) $(ARGS)
 	for d in multirun/replication/*/; do mkdir -p $(REPLICATION)/runs/$$(basename $$d) && \
 	  cp $$d/results.json $(REPLICATION)/runs/$$(basename $$d)/; done
-	$(PY) -m runners.report $(REPLICATION)/runs --out $(REPLICATION)
+	$(PY) -m runners.report $(REPLICATION)/runs --out $(REPLICATION) --baseline sft,migu
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache

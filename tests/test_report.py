@@ -164,3 +164,13 @@ def test_runs_without_continual_evaluation_show_no_continual_columns(tmp_path):
     from cl_bench.recording.report import write_report
     write_report(find_runs([sweep(tmp_path / "runs")]), tmp_path / "out")
     assert "avg_min_acc" not in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_several_baselines_give_one_paired_table_each(tmp_path):
+    from cl_bench.recording.report import write_report
+    runs = find_runs([sweep(tmp_path / "runs")])
+    summary = write_report(runs, tmp_path / "out", baseline=["sft", "fggm"], seed=3)
+    assert [(p["method"], p["baseline"]) for p in summary["paired"]] == [("fggm", "sft"), ("sft", "fggm")]
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "Paired with sft over" in md and "Paired with fggm over" in md
+    assert summary["paired"][1]["op"]["diff"] == -summary["paired"][0]["op"]["diff"]

@@ -49,7 +49,7 @@ def _shown(rows: list[dict]) -> list[str]:
     return [m for m in METRICS if m not in CONTINUAL_METRICS or any(r[m]["n"] for r in rows)]
 
 
-def markdown(rows: list[dict], pairs: list[dict], failed: list[RunResult], baseline: str) -> str:
+def markdown(rows: list[dict], pairs: list[dict], failed: list[RunResult]) -> str:
     out = ["# Comparison report", ""]
     for k, (stream, order, model) in enumerate(_settings(rows)):
         mine = [r for r in rows if (r["stream"], tuple(r["order"]), r["model"]) == (stream, order, model)]
@@ -59,13 +59,13 @@ def markdown(rows: list[dict], pairs: list[dict], failed: list[RunResult], basel
         out += [f"| {r['method']} | {','.join(map(str, r['seeds']))} | " + " | ".join(_fmt(r[m]) for m in metrics) + " |"
                 for r in mine]
         mine_pairs = [p for p in pairs if (p["stream"], tuple(p["order"]), p["model"]) == (stream, order, model)]
-        if mine_pairs:
-            shown = [m for m in metrics if m != "wall_min"]
+        shown = [m for m in metrics if m != "wall_min"]
+        for baseline in dict.fromkeys(p["baseline"] for p in mine_pairs):
             out += ["", f"Paired with {baseline} over the seeds both ran: mean difference (method - {baseline}) "
                     "[bootstrap 95% interval]", "", "| method | seeds | " + " | ".join(shown) + " |",
                     "|---|---|" + "---|" * len(shown)]
             out += [f"| {p['method']} | {','.join(map(str, p['seeds']))} | " + " | ".join(_fmt_pair(p[m]) for m in shown)
-                    + " |" for p in mine_pairs]
+                    + " |" for p in mine_pairs if p["baseline"] == baseline]
         out.append("")
     if failed:
         out += ["## Runs that did not finish", "", "| run | status | error |", "|---|---|---|"]
@@ -213,15 +213,17 @@ def html_page(md_text: str, pngs: dict[str, bytes]) -> str:
             f"</head><body>{''.join(body)}</body></html>\n")
 
 
-def write_report(runs: list[RunResult], out_dir: str | Path, baseline: str = "sft", seed: int = 0) -> dict[str, Any]:
-    """Write every output into ``out_dir``; returns the summary (also summary.json)."""
+def write_report(runs: list[RunResult], out_dir: str | Path, baseline: str | list[str] = "sft", seed: int = 0,
+                 ) -> dict[str, Any]:
+    """Write every output into ``out_dir``; returns the summary (also summary.json). ``baseline``:
+    the method (or methods) the others are paired with, one table each."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     groups = group_runs(runs)
     rows = aggregate(groups)
-    pairs = paired(groups, baseline, seed)
+    pairs = [p for b in ([baseline] if isinstance(baseline, str) else baseline) for p in paired(groups, b, seed)]
     failed = [r for r in runs if r.status != "finished"]
-    md_text = markdown(rows, pairs, failed, baseline)
+    md_text = markdown(rows, pairs, failed)
     pngs = figures(groups, rows) if rows else {}
     summary = {"groups": rows, "paired": pairs,
                "failed": [{"path": str(r.path), "status": r.status, "error": r.error} for r in failed]}
