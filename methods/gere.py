@@ -6,8 +6,11 @@ At stream start, with the untrained model: a fixed set of general texts, each cu
 dimension d, over all tokens of all texts, mu_d and sigma_d (population variance); and for every
 stored entry its band: at or below mu - sigma, strictly between, at or above mu + sigma.
 
-Every training micro-batch then also draws ``per_batch`` general texts (seeded, cycling through
-the set in a fresh order each pass), and the loss is
+``mode: batch``: every training micro-batch also draws ``per_batch`` general texts (seeded,
+cycling through the set in a fresh order each pass). ``mode: concat`` (the authors' default): the
+general texts join every task's training data, shuffled with it, so a batch holds some of them
+and a step costs what an SFT step does (an epoch has more steps); their rows are recognised by
+their tokens, their hidden states read from the step's own forward pass. Either way the loss is
 
     L  = (CE_general + CE_task) / 2 + w * TM
     TM = (sum of the terms below) / (number of non-zero terms), over every dimension of every
@@ -17,16 +20,18 @@ the set in a fresh order each pass), and the loss is
            relu(mu + sigma - h)                           where h* >= mu + sigma   (stay above)
     w  = 100 (``weight: 100``), or (CE_general + CE_task) / 2 / TM without gradient (``weight: dy``)
 
-CE_general is the next-token loss over every token of the drawn texts (full-token LM loss). TM is 0
+CE_general is the next-token loss over every token of the drawn texts (full-token LM loss; in
+concat mode a text is an example with an empty prompt, so every token after BOS is labelled), and
+CE_task the task's; in concat mode both are the micro-batch's token means over their rows, as the
+authors compute them, and a micro-batch without general rows keeps the plain task loss. TM is 0
 until the weights move. Only the bands are kept (int8), which is all TM reads; the authors keep
 the fp32 hidden states on disk. The set is rebuilt from the untrained model when a run resumes
 (the statistics are checked against the checkpoint's).
 
 General texts: ``general_data`` (JSON Lines with a ``text`` field, as the authors' SlimPajama
 sample) or, by default, ``num_samples`` texts the untrained model writes itself
-(cl_bench/data/general_text.py). The authors mix general texts into the task's data (a random
-share of every batch, or a fixed count per global batch); here a fixed count per micro-batch is
-added to it (docs/fidelity.md).
+(cl_bench/data/general_text.py). The authors mix general texts into the task's data (concat, or a
+fixed count per global batch); ``mode: batch`` adds a fixed count per micro-batch (docs/fidelity.md).
 """
 from __future__ import annotations
 
@@ -35,8 +40,10 @@ import time
 import torch
 
 from cl_bench.data.general_text import read_texts, self_generated
+from cl_bench.data.tasks import Example
+from cl_bench.data.tokenization import IGNORE_INDEX, encode_train
 from cl_bench.distributed import rank
-from cl_bench.errors import ConfigError, check_number
+from cl_bench.errors import ConfigError, check_choice, check_number
 from cl_bench.rng import derive_seed
 from methods.base import CLMethod
 
@@ -70,7 +77,9 @@ class GeRe(CLMethod):
     name = "gere"
 
     def __init__(self, general_data: str | None = None, num_samples: int = 64, max_length: int = 563,
-                 generate_tokens: int = 128, per_batch: int = 1, weight: float | str = 100, seed: int = 0):
+                 generate_tokens: int = 128, per_batch: int = 1, weight: float | str = 100, seed: int = 0,
+                 mode: str = "batch"):
+        self.mode = check_choice(mode, ("batch", "concat"), "method.mode")
         self.general_data = general_data
         self.num_samples = check_number(num_samples, "method.num_samples", integer=True, low=1)
         self.max_length = check_number(max_length, "method.max_length", integer=True, low=2)
@@ -87,6 +96,11 @@ class GeRe(CLMethod):
         self.bands: list[torch.Tensor] = []
         self.lower = self.upper = None
         self.drawn = 0  # general texts drawn so far by this process
+        #: concat mode: the texts as training examples, each one's token ids -> its index, and the
+        #: final hidden state of the step's forward pass (read by a hook)
+        self.examples: list[Example] = []
+        self.rows: dict[tuple[int, ...], int] = {}
+        self.step_hidden: torch.Tensor | None = None
 
     # --- stream start: the general set and its statistics, from the untrained model ------------------
     def on_stream_start(self, module, stream) -> None:
@@ -100,6 +114,13 @@ class GeRe(CLMethod):
         self.texts = [t for t in ids if len(t) >= 2]
         if not self.texts:
             raise ConfigError("method.general_data: no general text is 2 tokens long or more")
+        if self.mode == "concat":  # the texts as the training rows will hold them (BOS ... EOS)
+            loaders = module.loaders
+            self.examples = [Example("", tokenizer.decode(t)) for t in self.texts]
+            self.texts = [encode_train(tokenizer, ex, loaders.max_prompt_len, loaders.max_ans_len)["input_ids"]
+                          for ex in self.examples]
+            self.rows = {tuple(t): i for i, t in enumerate(self.texts)}
+            model.base_model.register_forward_hook(self._keep_hidden)
         # pass 1: per-dimension moments over every token; pass 2: each entry's band (kept on the host)
         total = square = None
         count = 0
@@ -128,6 +149,12 @@ class GeRe(CLMethod):
         finally:
             model.train(was_training)
 
+    def _keep_hidden(self, module, args, output) -> None:
+        self.step_hidden = output.last_hidden_state if self.mode == "concat" and module.training else None
+
+    def training_examples(self, task, task_index: int) -> list[Example]:
+        return list(task.train) + self.examples  # empty in batch mode
+
     # --- every micro-batch: replay and margin --------------------------------------------------
     def draw(self) -> list[int]:
         """The indices of the next ``per_batch`` general texts of this process (seeded cycles)."""
@@ -150,7 +177,39 @@ class GeRe(CLMethod):
             ids[row, :n], mask[row, :n], band[row, :n] = torch.tensor(self.texts[i]), 1, self.bands[i]
         return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "bands": band.to(device)}
 
+    def concat_penalty(self, module, batch, task_loss):
+        """Concat mode: the general rows of this micro-batch (recognised by their tokens) give
+        CE_general and TM from the step's own forward pass; None when it has none."""
+        found = [(r, self.rows.get(tuple(ids[m.bool()].tolist())))
+                 for r, (ids, m) in enumerate(zip(batch["input_ids"].cpu(), batch["attention_mask"].cpu()))]
+        general = {r: k for r, k in found if k is not None}
+        if not general:
+            return None
+        logits, targets = module.step_logits
+        token_ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none",
+                                                     ignore_index=IGNORE_INDEX).view(targets.shape)
+        labelled = targets != IGNORE_INDEX
+        is_general = torch.zeros(len(found), dtype=torch.bool, device=targets.device)
+        is_general[list(general)] = True
+
+        def mean(rows: torch.Tensor) -> torch.Tensor:
+            return token_ce[rows].sum() / labelled[rows].sum().clamp(min=1)
+
+        ce_general = mean(is_general)
+        ce = (ce_general + mean(~is_general)) / 2 if len(general) < len(found) else ce_general
+        hidden = torch.cat([self.step_hidden[r, -len(self.texts[k]):] for r, k in general.items()]).float()
+        band = torch.cat([self.bands[k] for k in general.values()]).to(hidden.device)
+        margin = margin_loss(hidden[None], band[None], self.lower.to(hidden.device), self.upper.to(hidden.device),
+                             torch.ones(1, hidden.shape[0], device=hidden.device))
+        return ce_general, ce, margin
+
     def penalty(self, module, batch, task_loss):
+        if self.mode == "concat":
+            parts = self.concat_penalty(module, batch, task_loss)
+            if parts is None:
+                return None
+            ce_general, ce, margin = parts
+            return self.combine(module, task_loss, ce_general, ce, margin)
         model = module.model
         general = self.general_batch(task_loss.device)
         hidden = final_hidden(model, general["input_ids"], general["attention_mask"])
@@ -159,7 +218,10 @@ class GeRe(CLMethod):
         ce_general = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(), ignore_index=-100)
         margin = margin_loss(hidden, general["bands"], self.lower.to(hidden.device), self.upper.to(hidden.device),
                              general["attention_mask"])
-        ce = (ce_general + task_loss) / 2
+        return self.combine(module, task_loss, ce_general, (ce_general + task_loss) / 2, margin)
+
+    def combine(self, module, task_loss, ce_general, ce, margin):
+        """The penalty that turns the task loss into ce + w TM (w = 100, or dy: ce / TM, no gradient)."""
         weight = ce.detach() / (margin.detach() + 1e-8) if self.weight == "dy" else self.weight
         if module.should_log:
             module.log_metrics({"gere/ce_general": ce_general.item(), "gere/margin": margin.item(),

@@ -508,3 +508,37 @@ def test_agem_memory_batches_leave_no_token_cache_entries(tmp_path):
         module.step_offset = step
         method.reference_gradient(module, list(module.model.parameters()))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_gere_concat_mode_mixes_the_texts_into_the_data_and_scores_them_from_the_step_s_own_pass(tmp_path):
+    """A batch of two task examples and two general texts: the penalty equals (CE_general +
+    CE_task) / 2 - task loss + w TM computed directly, TM from each general row's hidden state,
+    and a batch without general rows adds nothing."""
+    from cl_bench.training.lm import labelled_logits, token_cross_entropy
+    from methods.gere import final_hidden, margin_loss
+    method, module, logged = _gere(tmp_path, mode="concat", weight=3.0)
+    assert method.training_examples(TASK, 1) == list(TASK.train) + method.examples and len(method.examples) == 5
+    with torch.no_grad():
+        for p in module.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # so that TM > 0
+    module.model.train()
+    mixed = list(TASK.train[:2]) + method.examples[1:3]
+    batch = next(iter(module.loaders.passes(mixed)))
+    logits, targets = labelled_logits(module.model, batch)
+    module.step_logits = (logits, targets)
+    task_loss = token_cross_entropy(logits, targets, batch)
+    penalty = method.penalty(module, batch, task_loss)
+
+    def mean_ce(rows):
+        return token_cross_entropy(logits[rows], targets[rows], {})
+    ce_general, ce_task = mean_ce(slice(2, 4)), mean_ce(slice(0, 2))
+    hidden = torch.cat([final_hidden(module.model, torch.tensor([method.texts[k]]), torch.ones(1, len(method.texts[k]),
+                                                                                                dtype=torch.long))[0]
+                        for k in (1, 2)])
+    band = torch.cat([method.bands[1], method.bands[2]])
+    tm = margin_loss(hidden[None], band[None], method.lower, method.upper, torch.ones(1, hidden.shape[0]))
+    assert tm > 0 and logged["gere/margin"] == pytest.approx(tm.item(), rel=1e-4)
+    torch.testing.assert_close(penalty, (ce_general + ce_task) / 2 - task_loss + 3.0 * tm, rtol=1e-4, atol=1e-5)
+    plain = next(iter(module.loaders.passes(list(TASK.train[:2]))))
+    module.step_logits = labelled_logits(module.model, plain)
+    assert method.penalty(module, plain, task_loss) is None
