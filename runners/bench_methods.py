@@ -8,6 +8,9 @@ Every method is measured in the state it has while training the second task of t
 with a consolidated Fisher and anchor, FGGM with its mask, MIGU with its hooks): the first two
 tasks of ``tasks`` provide the data for that set-up; the timed steps use the same random batches
 (``bench.batch_size`` x ``bench.seq_len``) for every method, from the same initial weights.
+``bench.data=stream`` times each method on the first batches of what it trains task 2 on instead
+(its ``training_examples``, at ``train.batch_size``): the cost of methods that change the data
+(replay's remembered examples, GeRe's general texts in ``mode: concat``) shows there.
 Each method gets its own copy of the model (its hooks stay on it), and the timed fits are
 interleaved: every repeat times each method once, starting from a different method each time, so
 a drift of the machine's speed during the run spreads over all methods alike. The ratio uses each
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import itertools
 import json
 import statistics
 import time
@@ -93,7 +97,14 @@ def set_up(cfg: DictConfig, entry: str, bundle, initial, stream) -> dict:
     method.on_task_start(module, stream[0], 0)
     method.on_task_end(module, stream[0], 0)
     method.on_task_start(module, stream[1], 1)
-    return {"method": entry, "module": module, "state_bytes": tensor_bytes(method), "times": [],
+    batches = None
+    if cfg.bench.get("data", "synthetic") == "stream":  # the first batches of what it trains task 2 on
+        loader = module.loaders.training(method.training_examples(stream[1], 1), seed=cfg.seed + 1)
+        wanted = cfg.bench.warmup + cfg.bench.steps
+        batches = list(itertools.islice((b for _ in range(wanted) for b in loader), wanted))
+    labelled = None if batches is None else sum(int((b["labels"] != -100).sum()) for b in batches) / len(batches)
+    return {"method": entry, "module": module, "state_bytes": tensor_bytes(method), "times": [], "batches": batches,
+            "labelled_tokens_per_step": labelled,
             "fisher_s": next((v for k, v in telemetry.items()
                               if k.endswith(("/fisher_s", "/importance_s", "/attribution_s"))), None),
             "num_samples": getattr(method, "num_samples", None)}
@@ -101,11 +112,12 @@ def set_up(cfg: DictConfig, entry: str, bundle, initial, stream) -> dict:
 
 def time_interleaved(cfg: DictConfig, setups: list[dict], initial, batches) -> None:
     """Appends to each set-up's ``times`` one timed fit per repeat, the starting method rotating."""
-    loader = torch.utils.data.DataLoader(batches, batch_size=None)
     for r in range(cfg.bench.repeats):
         for s in setups[r % len(setups):] + setups[: r % len(setups)]:
+            mine = s["batches"] or batches
+            loader = torch.utils.data.DataLoader(mine, batch_size=None)
             s["module"].model.load_state_dict(initial)
-            s["times"].append(timed_fit(cfg, s["module"], [s["module"].method], loader, len(batches), cfg.bench.warmup))
+            s["times"].append(timed_fit(cfg, s["module"], [s["module"].method], loader, len(mine), cfg.bench.warmup))
             s["module"].end_fit()  # release the optimizer state and gradients before the next method
             s["module"].model.zero_grad(set_to_none=True)
             gc.collect()
@@ -146,12 +158,14 @@ def main(cfg: DictConfig) -> None:
         setups = [set_up(cfg, name, bundle, initial, stream) for name in b.methods]
         time_interleaved(cfg, setups, initial, batches)
         epoch = epoch_seconds(cfg, bundle, initial, stream[1])
-    rows = [{k: v for k, v in s.items() if k != "module"} for s in setups]
+    rows = [{k: v for k, v in s.items() if k not in ("module", "batches")} for s in setups]
     for r in rows:
         r["s_per_step"], r["median_s_per_step"] = min(r["times"]), statistics.median(r["times"])
     base = next(r["s_per_step"] for r in rows if r["method"] == "sft")
     n = len(stream[1].train)
-    table = Table(title=f"Method cost on {bundle.name}, batch {b.batch_size}x{b.seq_len} (task 2 of the stream)")
+    shape = (f"each method's own task-2 batches of {cfg.train.batch_size}" if b.get("data") == "stream"
+             else f"batch {b.batch_size}x{b.seq_len}")
+    table = Table(title=f"Method cost on {bundle.name}, {shape} (task 2 of the stream)")
     columns = ["method", "ms/step (best)", "median", "/ SFT", "state bytes", "Fisher pass s", f"Fisher / epoch (N={n})"]
     for col in columns + [f"(N={size})" for size in TRACE_TASK_SIZES]:
         table.add_column(col, justify="right")

@@ -40,3 +40,21 @@ def test_bench_methods_reports_every_method_relative_to_sft(tmp_path):
     ratios = rows["ewc"]["fisher_over_epoch"]
     assert ratios["5000"] == pytest.approx(ratios["8"] * 512 / 5000)
     assert rows["fggm"]["fisher_over_epoch"]["5000"] == pytest.approx(rows["fggm"]["fisher_over_epoch"]["8"])
+
+
+def test_bench_methods_on_stream_data_times_each_method_on_its_own_batches(tmp_path):
+    """GeRe in concat mode trains task 2 on its examples plus the general texts: with bench.data=stream
+    its timed batches are those, SFT's the task's own."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "runners.bench_methods", "model=tiny_llama", "bench.steps=2", "bench.warmup=1",
+         "bench.repeats=1", "bench.data=stream", "bench.methods=[sft,'gere/mode=concat,num_samples=4,generate_tokens=8']",
+         "tasks.num_train=8", "trainer.enable_progress_bar=false", f"paths.cache_dir={tmp_path / 'cache'}",
+         f"hydra.run.dir={tmp_path}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["method"]: r for r in json.loads((tmp_path / "bench_methods.json").read_text())["rows"]}
+    assert rows["sft"]["ratio"] == 1.0 and len(rows) == 2 and "own task-2 batches" in proc.stdout
+    gere = rows["gere/mode=concat,num_samples=4,generate_tokens=8"]
+    # its batches hold general texts (every token scored) among the task's short answers
+    assert gere["labelled_tokens_per_step"] > rows["sft"]["labelled_tokens_per_step"] > 0
