@@ -28,7 +28,8 @@ def write_result(root, name, method, seed, R, delta=None, status="finished", err
     general = {"scores": {}, "delta_RG": delta, "mean": {"base": 50.0, "after_b": 50.0 + (delta or 0)}}
     (run / "results.json").write_text(json.dumps({
         "status": status, "error": error, "tasks": ORDER, "stages": ["base", "after_a", "after_b"][: len(R)], "R": R,
-        "cl_metrics": all_metrics(R) if len(R) > 1 else {}, "general": general, "timings": {"total_s": 60.0},
+        "cl_metrics": all_metrics(R) if len(R) > 1 else {}, "general": general,
+        "timings": {"total_s": 60.0, "cpu_s": 90.0 * seed},
         "config": config}))
     return run
 
@@ -50,6 +51,8 @@ def test_groups_are_aggregated_exactly_and_failed_runs_listed(tmp_path):
     assert rows["fggm"]["bwt"]["mean"] == pytest.approx(statistics.fmean([-20, 0]))
     assert rows["fggm"]["delta_RG"] == {"mean": -0.5, "std": pytest.approx(statistics.stdev([-1, 0])), "n": 2}
     assert rows["sft"]["general_after"]["mean"] == 46.0
+    assert rows["sft"]["cpu_min"] == {"mean": 2.25, "std": pytest.approx(statistics.stdev([1.5, 3.0])), "n": 2}
+    assert "cpu_min" not in paired(group_runs(runs), "sft")[0]  # a cost, not a result: never paired
     from cl_bench.recording.report import write_report
     summary = write_report(runs, tmp_path / "out")
     assert [f["status"] for f in summary["failed"]] == ["failed"]

@@ -33,6 +33,7 @@ def test_run_writes_the_full_matrix_and_metrics(make_config):
     assert set(res["cl_metrics"]) == {"op", "mean_op", "bwt", "bwt_over_t", "fwt", "forgetting"}
     assert res["cl_metrics"]["op"] == pytest.approx(sum(res["R"][T][i] for i in range(T)) / T)
     assert len(res["timings"]["train_s"]) == T and len(res["timings"]["eval_s"]) == T + 1
+    assert 0 < res["timings"]["cpu_s"]  # this process's CPU time (a paused or shared run's wall time is not its cost)
     assert res["config"]["model"]["_target_"] == "cl_bench.models.tiny_llama"
     csv_lines = (recorder.out_dir / "scores.csv").read_text().splitlines()
     assert csv_lines[0] == "stage,sentiment,arith,minutes,code,simplify"

@@ -20,7 +20,9 @@ from cl_bench.errors import ConfigError
 
 #: the numbers a group is summarised by: key -> how to read it from a results.json
 METRICS = ("op", "mean_op", "bwt", "fwt", "forgetting", "delta_RG", "general_before", "general_after",
-           "avg_min_acc", "wc_acc", "wf10", "wall_min")
+           "avg_min_acc", "wc_acc", "wf10", "wall_min", "cpu_min")
+#: what a run cost, not what it achieved: summarised, never paired
+TIMINGS = ("wall_min", "cpu_min")
 #: the continual-evaluation metrics (results.json's continual_metrics; only runs with eval.continual)
 CONTINUAL_METRICS = ("avg_min_acc", "wc_acc", "wf10")
 
@@ -78,6 +80,8 @@ def read_run(path: Path) -> RunResult:
     values.update({m: continual.get(m) for m in CONTINUAL_METRICS})
     total = (data.get("timings") or {}).get("total_s")
     values["wall_min"] = None if total is None else total / 60
+    cpu = (data.get("timings") or {}).get("cpu_s")
+    values["cpu_min"] = None if cpu is None else cpu / 60
     return RunResult(
         path=file.parent, status=data.get("status", "?"), error=data.get("error"),
         method=str(method.get("_target_", "?")).rsplit(".", 2)[-2],
@@ -167,7 +171,7 @@ def paired(groups: dict[tuple, list[RunResult]], baseline: str, seed: int = 0) -
         pairs = [(r, by_seed[r.seed]) for r in runs if r.seed in by_seed]
         row = {"method": label, "baseline": baseline, "stream": stream, "order": list(order), "model": model,
                "seeds": sorted(r.seed for r, _ in pairs)}
-        for m in METRICS[:-1]:
+        for m in (m for m in METRICS if m not in TIMINGS):
             diffs = [a.values[m] - b.values[m] for a, b in pairs
                      if a.values.get(m) is not None and b.values.get(m) is not None]
             row[m] = None if not diffs else {

@@ -21,8 +21,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from cl_bench.files import atomic_write  # noqa: E402
-from cl_bench.recording.comparison import (CONTINUAL_METRICS, METRICS, RunResult, aggregate,  # noqa: E402
-                                           group_runs, mean_curves, mean_matrix, paired)
+from cl_bench.recording.comparison import (CONTINUAL_METRICS, METRICS, TIMINGS, RunResult,  # noqa: E402
+                                           aggregate, group_runs, mean_curves, mean_matrix, paired)
 
 BAR_METRICS = ("op", "bwt", "fwt", "forgetting", "delta_RG")
 
@@ -46,7 +46,7 @@ def _settings(rows: list[dict]) -> list[tuple]:
 
 def _shown(rows: list[dict]) -> list[str]:
     """The metrics of the tables: all, less the continual-evaluation ones no run of ``rows`` has."""
-    return [m for m in METRICS if m not in CONTINUAL_METRICS or any(r[m]["n"] for r in rows)]
+    return [m for m in METRICS if m not in (*CONTINUAL_METRICS, "cpu_min") or any(r[m]["n"] for r in rows)]
 
 
 def markdown(rows: list[dict], pairs: list[dict], failed: list[RunResult]) -> str:
@@ -59,7 +59,7 @@ def markdown(rows: list[dict], pairs: list[dict], failed: list[RunResult]) -> st
         out += [f"| {r['method']} | {','.join(map(str, r['seeds']))} | " + " | ".join(_fmt(r[m]) for m in metrics) + " |"
                 for r in mine]
         mine_pairs = [p for p in pairs if (p["stream"], tuple(p["order"]), p["model"]) == (stream, order, model)]
-        shown = [m for m in metrics if m != "wall_min"]
+        shown = [m for m in metrics if m not in TIMINGS]
         for baseline in dict.fromkeys(p["baseline"] for p in mine_pairs):
             out += ["", f"Paired with {baseline} over the seeds both ran: mean difference (method - {baseline}) "
                     "[bootstrap 95% interval]", "", "| method | seeds | " + " | ".join(shown) + " |",
