@@ -245,3 +245,14 @@ def test_a_dry_run_previews_every_job_of_a_sweep_and_runs_none(tmp_path):
     assert len(jobs) == 4 and "method=fggm seed=2" in jobs[3] and jobs[3].endswith("3_fggm-mini-s2")
     assert proc.stdout.count("_target_: methods.fggm.FGGM") == 2
     assert not list((tmp_path / "sweep").glob("*/results.json"))
+
+
+def test_cpu_seconds_carry_through_a_resume_and_stay_unknown_when_a_checkpoint_lacks_them(tmp_path):
+    from cl_bench.recording.results import RunRecorder
+    state = RunRecorder(tmp_path, {}, ["a"], ["accuracy"], writes=False).state_dict()
+    resumed = RunRecorder(tmp_path, {}, ["a"], ["accuracy"], writes=False)
+    resumed.load_state_dict({**state, "cpu_s": 100.0})
+    assert resumed.to_dict()["timings"]["cpu_s"] >= 100.0
+    older = {k: v for k, v in state.items() if k != "cpu_s"}  # a checkpoint from before cpu_s existed
+    resumed.load_state_dict(older)
+    assert resumed.to_dict()["timings"]["cpu_s"] is None and resumed.state_dict()["cpu_s"] is None

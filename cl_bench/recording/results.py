@@ -56,8 +56,9 @@ class RunRecorder:
         self.status = "running"
         self.error: str | None = None
         self.started = time.time()
-        #: CPU seconds of this process at the start (a resumed run adds the CPU time it had spent)
-        self.cpu_started = time.process_time()
+        #: CPU seconds of this process at the start (a resumed run adds the CPU time it had spent;
+        #: None when a checkpoint from before this was recorded leaves it unknown)
+        self.cpu_started: float | None = time.process_time()
         #: general-ability scores (0-100) per benchmark, by the stage they were taken at
         self.general: dict[str, dict[str, float]] = {}
         self.continual = continual or ContinualSettings()
@@ -144,13 +145,17 @@ class RunRecorder:
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to go on recording (checkpoints carry it)."""
         return {"R": self.R, "timings": self.timings, "general": self.general, "points": self.points,
-                "elapsed_s": time.time() - self.started, "cpu_s": time.process_time() - self.cpu_started}
+                "elapsed_s": time.time() - self.started, "cpu_s": self.cpu_seconds()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.R, self.timings, self.general = state["R"], state["timings"], state["general"]
         self.points = state.get("points", [])
         self.started = time.time() - state["elapsed_s"]
-        self.cpu_started = time.process_time() - state.get("cpu_s", 0.0)
+        spent = state.get("cpu_s")
+        self.cpu_started = None if spent is None else time.process_time() - spent
+
+    def cpu_seconds(self) -> float | None:
+        return None if self.cpu_started is None else time.process_time() - self.cpu_started
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -167,7 +172,7 @@ class RunRecorder:
             **({"continual": self.continual_curves(), "continual_metrics": self.continual_metrics()}
                if self.continual.enabled else {}),
             "timings": {**self.timings, "total_s": round(time.time() - self.started, 3),
-                        "cpu_s": round(time.process_time() - self.cpu_started, 3),
+                        "cpu_s": None if self.cpu_started is None else round(self.cpu_seconds(), 3),
                         **({"continual_s": round(sum(p.get("seconds") or 0 for p in self.points), 3)}
                            if self.continual.enabled else {})},
             "config": self.config,
