@@ -153,7 +153,7 @@ def continual_figure(curves: dict[str, dict], tasks: list[str]) -> bytes:
     """Per method, each task's continual-evaluation score (mean over seeds) against the stream
     step; dotted lines where a task's training ends. The stability gap is the dip right after one."""
     n = len(curves)
-    fig, axes = plt.subplots(1, n, figsize=(max(3.4 * n + 1, 6.5), 3.1), squeeze=False)
+    fig, axes = plt.subplots(1, n, figsize=(max(3.4 * n + 1, 6.5), 3.1), squeeze=False, sharey=True)
     for ax, (label, c) in zip(axes[0], curves.items()):
         for j, task in enumerate(tasks):
             pts = [(s, v) for s, v in zip(c["steps"], c["scores"].get(task, [])) if v is not None]
