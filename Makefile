@@ -36,12 +36,14 @@ bench: $(STAMP)
 # the report. JOBS=2 runs two jobs at once, each with half the cores. Rerun to continue after a stop.
 JOBS ?= 1
 REPLICATION := docs/results/replication
+# A failed job still gets its row in the report (with its error); make then exits non-zero.
 replicate: $(STAMP)
 	OMP_NUM_THREADS=$$(( $$(nproc) / $(JOBS) > 0 ? $$(nproc) / $(JOBS) : 1 )) $(PY) -m runners.cl -m experiment=replication \
-	  $(if $(filter-out 1,$(JOBS)),hydra/launcher=local_parallel hydra.launcher.n_jobs=$(JOBS)) $(ARGS)
+	  $(if $(filter-out 1,$(JOBS)),hydra/launcher=local_parallel hydra.launcher.n_jobs=$(JOBS)) $(ARGS); \
+	status=$$?; \
 	for d in multirun/replication/*/; do mkdir -p $(REPLICATION)/runs/$$(basename $$d) && \
-	  cp $$d/results.json $(REPLICATION)/runs/$$(basename $$d)/; done
-	$(PY) -m runners.report $(REPLICATION)/runs --out $(REPLICATION) --baseline sft,migu
+	  cp $$d/results.json $(REPLICATION)/runs/$$(basename $$d)/; done; \
+	$(PY) -m runners.report $(REPLICATION)/runs --out $(REPLICATION) --baseline sft,migu && exit $$status
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache
