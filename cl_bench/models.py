@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from cl_bench.errors import ConfigError
+from cl_bench.errors import ConfigError, check_number
 from cl_bench.files import atomic_write
 
 log = logging.getLogger(__name__)
@@ -154,3 +154,50 @@ def tiny_llama(
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
     return ModelBundle(model, tokenizer, "tiny_llama")
+
+
+def build_model(node) -> ModelBundle:
+    """The model of a run config's ``model`` node: its builder (``_target_``) with the other keys,
+    then, with ``lora.enabled``, LoRA adapters on it (peft): only the adapters train."""
+    from omegaconf import OmegaConf
+
+    from cl_bench.config import build
+    lora = node.get("lora")
+    bundle = build(OmegaConf.create({k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k != "lora"}))
+    if lora is None or not lora.get("enabled", False):
+        return bundle
+    from peft import LoraConfig, get_peft_model
+    check_number(lora.r, "model.lora.r", integer=True, low=1)
+    check_number(lora.alpha, "model.lora.alpha", low=0, low_open=True)
+    check_number(lora.dropout, "model.lora.dropout", low=0, high=1, high_open=True)
+    targets = list(lora.target_modules)
+    found = {name.rsplit(".", 1)[-1] for name, _ in bundle.model.named_modules()}
+    if not targets or any(t not in found for t in targets):
+        raise ConfigError(f"model.lora.target_modules {targets}: every entry must name modules of "
+                          f"{type(bundle.model).__name__} (e.g. q_proj, v_proj)")
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets)
+    return ModelBundle(get_peft_model(bundle.model, config), bundle.tokenizer, f"{bundle.name}+lora(r={lora.r})")
+
+
+def is_adapter(name: str) -> bool:
+    """A LoRA adapter's weight (peft names them ``...lora_A...``, ``lora_B``, ``lora_embedding_*``)."""
+    return ".lora_" in name
+
+
+def stage_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What a stage checkpoint keeps of the model: every weight, or with LoRA (peft) only the
+    adapters; the base model stays as it was loaded."""
+    state = model.state_dict()
+    return {k: v for k, v in state.items() if is_adapter(k)} if hasattr(model, "peft_config") else state
+
+
+def restore_weights(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load what :func:`stage_weights` kept: with LoRA, the weights left out must be exactly the
+    base model's."""
+    if not hasattr(model, "peft_config"):
+        model.load_state_dict(state)
+        return
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    wrong = [k for k in missing if is_adapter(k)] + list(unexpected)
+    if wrong:
+        raise ConfigError(f"the checkpoint's weights do not fit the model (e.g. {wrong[0]}): was model.lora changed?")

@@ -35,6 +35,7 @@ from cl_bench.files import RunDirLock
 from cl_bench.evaluation.continual import ContinualEvaluator, ContinualSettings
 from cl_bench.evaluation.general_ability import GeneralAbility
 from cl_bench.evaluation.generation import GenerationConfig, evaluate_stream
+from cl_bench.models import build_model, restore_weights, stage_weights
 from cl_bench.recording.console import console
 from cl_bench.recording.loggers import RunLoggers
 from cl_bench.recording.results import RunRecorder, redact
@@ -104,7 +105,7 @@ class StreamRun:
         return resume
 
     def _build(self, cfg: DictConfig, t0: float, placement) -> None:
-        self.bundle = build(cfg.model)
+        self.bundle = build_model(cfg.model)
         warn_low_precision_weights(self.bundle.model)
         self.config = OmegaConf.to_container(cfg, resolve=True)
         self.checkpoints = StreamCheckpoints(self.out_dir, **cfg.checkpoint)
@@ -174,7 +175,7 @@ class StreamRun:
             return 0
         saved = self.saved
         if saved["model"] is not None:
-            self.bundle.model.load_state_dict(saved["model"])
+            restore_weights(self.bundle.model, saved["model"])
         self.method.load_state_dict(saved["method"])
         self.recorder.load_state_dict(saved["recorder"])
         self.module.resume_stream(saved["step_offset"])
@@ -252,7 +253,7 @@ class StreamRun:
         """What a stage checkpoint holds (see cl_bench/training/checkpointing.py)."""
         done = self.tasks_done
         return {
-            "tasks_done": done, "model": self.bundle.model.state_dict() if done else None,
+            "tasks_done": done, "model": stage_weights(self.bundle.model) if done else None,
             "method": self.method.state_dict(), "recorder": self.recorder.state_dict(),
             "step_offset": self.module.step_offset, "optimizer": self.module.optimizer_state(),
             "rng": rng_state(), "run_ids": self.loggers.run_ids(),

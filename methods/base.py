@@ -49,6 +49,9 @@ class CLMethod(Callback):
     #: True for a method that freezes entries by masking their gradients: decoupled weight decay
     #: would still move them, so ``optimizer.weight_decay`` must be 0.
     masks_gradients = False
+    #: True for a method whose mechanism holds when only LoRA adapters train (``model.lora``);
+    #: the others are refused at start until their state is defined on adapters.
+    trains_lora = False
 
     def check_run(self, cfg: Any) -> None:
         """Called with the whole run config before the data and the model load: refuse settings of
@@ -57,6 +60,9 @@ class CLMethod(Callback):
         self.check_strategy(cfg.trainer.get("strategy", "auto"), cfg.trainer.get("devices", 1))
         if self.masks_gradients:
             refuse_weight_decay(self.name, cfg.optimizer.get("weight_decay", 0) or 0)
+        if (cfg.model.get("lora") or {}).get("enabled", False) and not self.trains_lora:
+            raise ConfigError(f"method {self.name} does not train LoRA adapters (model.lora.enabled=true): its state "
+                              "is defined on the full weights; with LoRA use sft (SeqLoRA) or replay")
 
     def check_strategy(self, strategy: Any, devices: Any) -> None:
         family = strategy_family(strategy, devices)

@@ -33,6 +33,7 @@ class Replay(CLMethod):
     name = "replay"
     # it edits no gradient, so every strategy that keeps parameters whole works
     supported_strategies = ("single_device", "ddp", "deepspeed")
+    trains_lora = True  # its mechanism is the data (or nothing): adapters train as full weights would
 
     def __init__(self, per_task: int | None = None, ratio: float | None = 0.1, general_data: str | None = None,
                  mode: str = "concat", batch_share: float = 0.25, seed: int = 0):

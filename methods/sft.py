@@ -12,3 +12,4 @@ class SFT(CLMethod):
     name = "sft"
     # Not fsdp: evaluation between tasks generates with the model in place, which FSDP leaves sharded.
     supported_strategies = ("single_device", "ddp", "deepspeed")
+    trains_lora = True  # its mechanism is the data (or nothing): adapters train as full weights would

@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cl_bench.config import build, optimizer_factory
+from cl_bench.models import build_model
 from cl_bench.data.tokenization import IGNORE_INDEX
 from cl_bench.recording.console import one_line_per_bar
 from cl_bench.training.lm import causal_lm_loss
@@ -90,7 +91,7 @@ def lightning_loop(model, batches, cfg: DictConfig, warmup: int) -> float:
 
 def run_bench(cfg: DictConfig) -> dict:
     b = cfg.bench
-    bundle = build(cfg.model)
+    bundle = build_model(cfg.model)
     batches = make_batches(len(bundle.tokenizer), b.warmup + b.steps, b.batch_size, b.seq_len, cfg.seed)
     initial = copy.deepcopy(bundle.model.state_dict())
     times = {"bare": [], "lightning": []}

@@ -39,6 +39,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cl_bench.config import build, build_stream, optimizer_factory
+from cl_bench.models import build_model
 from cl_bench.data.loaders import TaskLoaders
 from cl_bench.recording.console import one_line_per_bar
 from cl_bench.training.module import CLModule
@@ -151,7 +152,7 @@ def epoch_seconds(cfg, bundle, initial, task) -> float:
 def main(cfg: DictConfig) -> None:
     b = cfg.bench
     with one_line_per_bar():
-        bundle = build(cfg.model)
+        bundle = build_model(cfg.model)
         stream = build_stream(cfg.tasks)
         initial = copy.deepcopy(bundle.model.state_dict())
         batches = make_batches(len(bundle.tokenizer), b.warmup + b.steps, b.batch_size, b.seq_len, cfg.seed)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cl_bench.config import build
+from cl_bench.models import build_model
 from cl_bench.data.loaders import TaskLoaders
 from cl_bench.errors import ConfigError
 from cl_bench.evaluation.continual import ContinualSettings, mean_answer_log_likelihood
@@ -100,7 +100,7 @@ def test_a_run_records_curves_that_match_the_stage_scores_and_leave_training_unc
     # mixed measures: per-task values only
     assert res["continual_metrics"]["avg_min_acc"] is None and res["continual_metrics"]["min_acc"]["arith"] is not None
 
-    bundle = build(cfg.model)
+    bundle = build_model(cfg.model)
     bundle.model.load_state_dict(_final_weights(out))
     bundle.model.eval()
     loaders = TaskLoaders.from_config(cfg.train, bundle.tokenizer)

@@ -177,3 +177,13 @@ def test_several_baselines_give_one_paired_table_each(tmp_path):
     md = (tmp_path / "out" / "report.md").read_text()
     assert "Paired with sft over" in md and "Paired with fggm over" in md
     assert summary["paired"][1]["op"]["diff"] == -summary["paired"][0]["op"]["diff"]
+
+
+def test_lora_runs_are_never_averaged_with_full_fine_tuning(tmp_path):
+    write_result(tmp_path, "full", "sft", 1, [[0, 0], [80, 10], [40, 90]])
+    lora = write_result(tmp_path, "lora", "sft", 2, [[0, 0], [70, 10], [50, 70]])
+    data = json.loads((lora / "results.json").read_text())
+    data["config"]["model"]["lora"] = {"enabled": True, "r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]}
+    (lora / "results.json").write_text(json.dumps(data))
+    rows = aggregate(group_runs(find_runs([tmp_path])))
+    assert sorted(r["model"] for r in rows) == ["tiny_llama", "tiny_llama+lora(r=8, alpha=16, q_proj,v_proj)"]

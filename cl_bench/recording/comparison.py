@@ -48,10 +48,14 @@ class RunResult:
 
 
 def _model_name(model: dict) -> str:
-    for key in ("name", "path", "pretrained_model_name_or_path"):
+    """The model's name, with its LoRA settings when adapters trained (never grouped with full runs)."""
+    lora = model.get("lora") or {}
+    suffix = (f"+lora(r={lora.get('r')}, alpha={lora.get('alpha')}, {','.join(lora.get('target_modules') or [])})"
+              if lora.get("enabled") else "")
+    for key in ("name_or_path", "name", "path", "pretrained_model_name_or_path"):
         if model.get(key):
-            return str(model[key])
-    return str(model.get("_target_", "?")).rsplit(".", 1)[-1]
+            return str(model[key]) + suffix
+    return str(model.get("_target_", "?")).rsplit(".", 1)[-1] + suffix
 
 
 def _stream_name(tasks: dict, names: list[str]) -> str:
