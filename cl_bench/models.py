@@ -179,6 +179,14 @@ def build_model(node) -> ModelBundle:
     return ModelBundle(get_peft_model(bundle.model, config), bundle.tokenizer, f"{bundle.name}+lora(r={lora.r})")
 
 
+def decoder(model: torch.nn.Module) -> torch.nn.Module:
+    """The decoder stack of a causal LM (its output's ``last_hidden_state`` feeds the LM head),
+    also under LoRA, where ``model.base_model`` is peft's wrapper instead."""
+    if hasattr(model, "peft_config"):
+        model = model.get_base_model()
+    return model.base_model
+
+
 def is_adapter(name: str) -> bool:
     """A LoRA adapter's weight (peft names them ``...lora_A...``, ``lora_B``, ``lora_embedding_*``)."""
     return ".lora_" in name

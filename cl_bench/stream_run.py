@@ -174,9 +174,9 @@ class StreamRun:
             self.evaluate_stage()
             return 0
         saved = self.saved
+        self.method.load_state_dict(saved["method"])  # first: a method may add modules (IncLoRA's adapters)
         if saved["model"] is not None:
             restore_weights(self.bundle.model, saved["model"])
-        self.method.load_state_dict(saved["method"])
         self.recorder.load_state_dict(saved["recorder"])
         self.module.resume_stream(saved["step_offset"])
         self.module.load_optimizer_state(saved.get("optimizer"))

@@ -49,6 +49,7 @@ def project(grads: list[torch.Tensor], reference: list[torch.Tensor]) -> tuple[f
 
 class AGEM(CLMethod):
     name = "agem"
+    trains_lora = True  # projects the gradient of the trainable weights: the adapters under LoRA
 
     def __init__(self, per_task: int = 100, memory_batch_size: int | None = None, seed: int = 0):
         self.per_task = check_number(per_task, "method.per_task", integer=True, low=1)

@@ -112,6 +112,7 @@ def normalise(scores: dict[str, torch.Tensor], how: str) -> dict[str, torch.Tens
 
 class AGFT(CLMethod):
     name = "agft"
+    trains_lora = True  # gates the trainable weights: the adapters under LoRA
 
     def __init__(self, num_samples: int = 32, top_k: int = 5, epsilon: float = 1e-6, normalize: str = "tensor",
                  scale: str = "grad", samples: str = "correct", param_patterns: Sequence[str] | None = ("*layers.*",),

@@ -52,6 +52,8 @@ class CLMethod(Callback):
     #: True for a method whose mechanism holds when only LoRA adapters train (``model.lora``);
     #: the others are refused at start until their state is defined on adapters.
     trains_lora = False
+    #: why a method that does not train adapters refuses them (the error names it)
+    lora_refusal = "its state is defined on the full weights"
 
     def check_run(self, cfg: Any) -> None:
         """Called with the whole run config before the data and the model load: refuse settings of
@@ -61,8 +63,8 @@ class CLMethod(Callback):
         if self.masks_gradients:
             refuse_weight_decay(self.name, cfg.optimizer.get("weight_decay", 0) or 0)
         if (cfg.model.get("lora") or {}).get("enabled", False) and not self.trains_lora:
-            raise ConfigError(f"method {self.name} does not train LoRA adapters (model.lora.enabled=true): its state "
-                              "is defined on the full weights; with LoRA use sft (SeqLoRA) or replay")
+            raise ConfigError(f"method {self.name} does not train LoRA adapters (model.lora.enabled=true): "
+                              f"{self.lora_refusal}")
 
     def check_strategy(self, strategy: Any, devices: Any) -> None:
         family = strategy_family(strategy, devices)

@@ -40,6 +40,7 @@ STORAGE_DTYPES = ("float32", "bfloat16")
 
 class EWC(CLMethod):
     name = "ewc"
+    trains_lora = True  # F and theta* over the trainable weights: the adapters under LoRA
 
     def __init__(
         self,

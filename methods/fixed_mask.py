@@ -31,6 +31,7 @@ def layer_group(name: str) -> str:
 
 class FixedMaskMethod(CLMethod):
     name = "fixed_mask"
+    trains_lora = True  # scores and masks over the trainable weights: the adapters' rows under LoRA
     masks_gradients = True
 
     def __init__(

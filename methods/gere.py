@@ -44,6 +44,7 @@ from cl_bench.data.tasks import Example
 from cl_bench.data.tokenization import IGNORE_INDEX, encode_train
 from cl_bench.distributed import rank
 from cl_bench.errors import ConfigError, check_choice, check_number
+from cl_bench.models import decoder
 from cl_bench.rng import derive_seed
 from methods.base import CLMethod
 
@@ -52,7 +53,7 @@ BELOW, INSIDE, ABOVE = -1, 0, 1
 
 def final_hidden(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """The lm_head input at every position (the decoder's normalised last hidden state), fp32."""
-    return model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state.float()
+    return decoder(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state.float()
 
 
 def bands(hidden: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
@@ -75,6 +76,7 @@ def margin_loss(hidden: torch.Tensor, band: torch.Tensor, lower: torch.Tensor, u
 
 class GeRe(CLMethod):
     name = "gere"
+    trains_lora = True  # its penalty is on hidden states, whatever trains
 
     def __init__(self, general_data: str | None = None, num_samples: int = 64, max_length: int = 563,
                  generate_tokens: int = 128, per_batch: int = 1, weight: float | str = 100, seed: int = 0,
@@ -120,7 +122,7 @@ class GeRe(CLMethod):
             self.texts = [encode_train(tokenizer, ex, loaders.max_prompt_len, loaders.max_ans_len)["input_ids"]
                           for ex in self.examples]
             self.rows = {tuple(t): i for i, t in enumerate(self.texts)}
-            model.base_model.register_forward_hook(self._keep_hidden)
+            decoder(model).register_forward_hook(self._keep_hidden)
         # pass 1: per-dimension moments over every token; pass 2: each entry's band (kept on the host)
         total = square = None
         count = 0

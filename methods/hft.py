@@ -30,6 +30,8 @@ from methods.base import CLMethod
 
 class HFT(CLMethod):
     name = "hft"
+    lora_refusal = ("it trains half of every block's base matrices, which LoRA freezes; its LoRA analogue "
+                    "is a new adapter per task: method=inclora or olora")
 
     def __init__(
         self,

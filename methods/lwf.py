@@ -64,6 +64,7 @@ def distillation(student: torch.Tensor, teacher: torch.Tensor, temperature: floa
 
 class LwF(CLMethod):
     name = "lwf"
+    trains_lora = True  # the teacher is a copy of the model, adapters included
 
     def __init__(self, lambda_: float = 1.0, temperature: float = 2.0, teacher: str = "copy", top_k: int = 64,
                  direction: str = "forward", cache_dtype: str = "float16"):

@@ -37,6 +37,7 @@ from methods.base import CLMethod
 
 class MIGU(CLMethod):
     name = "migu"
+    trains_lora = True  # every trainable nn.Linear: under LoRA, each lora_A / lora_B, masked by |A x|, |B A x|
     masks_gradients = True
 
     def __init__(

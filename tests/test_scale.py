@@ -119,19 +119,23 @@ def _final(run_dir: Path):
 
 
 @pytest.mark.processes
-@pytest.mark.parametrize("method", ["fggm", "ewc", "agem"])
+@pytest.mark.parametrize("method", ["fggm", "ewc", "agem", "olora"])
 def test_ddp_on_two_processes_matches_one_process(method, tmp_path):
     """Global batch 4: 2 gloo processes x 2 examples give one process's R matrix and weights.
 
     FGGM: the Fisher and masks are identical on both ranks. EWC: each rank keeps half of the
     Fisher and anchor (shard_state), and the stage checkpoint gathers them whole. A-GEM: the
-    projection uses the global step gradient and the global memory-batch gradient.
+    projection uses the global step gradient and the global memory-batch gradient. O-LoRA: LoRA
+    adapters under DDP, a new one added (and wrapped) at every task, the earlier ones frozen.
     AdamW's eps is raised to 1 so its update is proportional to the gradient: with the default
     1e-8, coordinates whose gradient is ~0 get a +-lr step whose sign is float noise.
     """
-    target = {"fggm": "tests.ddp_probe.RecordingFGGM", "ewc": "methods.ewc.EWC", "agem": "methods.agem.AGEM"}[method]
+    target = {"fggm": "tests.ddp_probe.RecordingFGGM", "ewc": "methods.ewc.EWC", "agem": "methods.agem.AGEM",
+              "olora": "methods.olora.OLoRA"}[method]
     common = [*TINY_RUN, f"method={method}", f"method._target_={target}", "train.batch_size=4"]
     dump = {"fggm": lambda name: [f"+method.dump_dir={tmp_path / name}"]}.get(method, lambda name: [])
+    if method == "olora":  # dropout draws per example: one process and two would draw differently
+        common.append("model.lora.dropout=0")
     _run([*common, *dump("one"), f"hydra.run.dir={tmp_path / 'single'}"])
     _run([*common, *dump("two"), f"hydra.run.dir={tmp_path / 'ddp'}", "trainer=ddp",
           "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true"])
@@ -150,7 +154,9 @@ def test_ddp_on_two_processes_matches_one_process(method, tmp_path):
             torch.testing.assert_close(f2[n], f1[n], rtol=1e-4, atol=1e-9)
             torch.testing.assert_close(a2[n], a1[n], rtol=0, atol=1e-6)
         return
-    if method == "agem":
+    if method == "olora":
+        assert any(".task3." in k for k in w1)  # all three adapters, compared above
+    if method in ("agem", "olora"):
         return
     for task in (1, 2):  # FGGM's Fisher and masks: identical on both ranks; the Fisher equals one process's
         ranks = [torch.load(tmp_path / "two" / f"rank{r}-task{task}.pt", weights_only=True) for r in (0, 1)]

@@ -1,0 +1,59 @@
+"""O-LoRA: orthogonal subspace learning (Wang et al. 2023, "Orthogonal Subspace Learning for
+Language Model Continual Learning"; TRACE's ``model/Regular/O_LoRA.py``).
+
+IncLoRA's adapters (methods/inclora.py: a new one per task, the earlier ones frozen, all summed),
+with task t's adapter pushed into a subspace orthogonal to the earlier ones:
+
+    L = L_task + lambda_1 * sum_{layers} sum_{i < t} sum_{j,k} |(A_i A_t^T)_{jk}|
+               + lambda_2 * sum_{theta in (A_t, B_t)} ||theta||_2
+
+as TRACE computes it (``torch.abs(torch.mm(A_old, A_new.T)).sum()`` over the concatenation of the
+earlier A's, which is the sum over them; the norm of each new matrix, not squared). The paper writes
+the orthogonality term with squares: ``orthogonality: square``. lambda_1 = 0.5, lambda_2 = 0
+(TRACE's and the paper's defaults).
+"""
+from __future__ import annotations
+
+import torch
+
+from cl_bench.errors import check_choice, check_number
+from methods.inclora import IncLoRA
+
+ORTHOGONALITY = ("abs", "square")
+
+
+class OLoRA(IncLoRA):
+    name = "olora"
+
+    def __init__(self, lambda_1: float = 0.5, lambda_2: float = 0.0, orthogonality: str = "abs", seed: int = 0) -> None:
+        super().__init__(seed)
+        check_number(lambda_1, "method.lambda_1", low=0)
+        check_number(lambda_2, "method.lambda_2", low=0)
+        self.lambda_1, self.lambda_2 = lambda_1, lambda_2
+        self.orthogonality = check_choice(orthogonality, ORTHOGONALITY, "method.orthogonality")
+
+    def orthogonality_loss(self) -> torch.Tensor:
+        """sum over LoRA layers and earlier adapters i of |A_i A_t^T| (entry-wise, summed)."""
+        *old, new = self.adapters
+        total = torch.zeros((), device=next(self.model.parameters()).device)
+        for layer in self.lora_layers():
+            a_new = layer.lora_A[new].weight
+            for name in old:
+                overlap = layer.lora_A[name].weight @ a_new.T
+                total = total + (overlap.abs().sum() if self.orthogonality == "abs" else overlap.square().sum())
+        return total
+
+    def l2_loss(self) -> torch.Tensor:
+        """sum of the L2 norms of the new adapter's matrices."""
+        new = self.adapters[-1]
+        norms = [m[new].weight.norm(p=2) for layer in self.lora_layers() for m in (layer.lora_A, layer.lora_B)]
+        return torch.stack(norms).sum()
+
+    def penalty(self, module, batch, task_loss):
+        orth = self.orthogonality_loss() if len(self.adapters) > 1 and self.lambda_1 > 0 else None
+        l2 = self.l2_loss() if self.lambda_2 > 0 else None
+        if module.should_log:
+            module.log_metrics({f"{self.name}/orthogonality": 0.0 if orth is None else orth.item(),
+                                f"{self.name}/l2": 0.0 if l2 is None else l2.item()})
+        terms = [w * t for w, t in ((self.lambda_1, orth), (self.lambda_2, l2)) if t is not None]
+        return sum(terms) if terms else None
