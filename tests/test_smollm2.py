@@ -42,3 +42,15 @@ def test_smollm2_scores_well_above_chance_on_the_offline_probe(smollm2):
     general.check()
     score = general.evaluate(smollm2.model, smollm2.tokenizer)["cl_bench_probe"]
     assert score >= 50.0  # 4 choices: chance is 25 (measured 61.4 on 2026-11-23)
+
+
+def test_a_lora_stage_checkpoint_is_under_5_percent_of_the_full_one(smollm2, make_config, tmp_path):
+    import torch
+    from cl_bench.models import build_model, restore_weights, stage_weights
+    cfg = make_config("model.lora.enabled=true", f"model.cache_dir={MODEL_CACHE}", tiny=False)
+    lora = build_model(cfg.model).model
+    torch.save({"model": stage_weights(smollm2.model)}, tmp_path / "full.pt")
+    torch.save({"model": stage_weights(lora)}, tmp_path / "lora.pt")
+    full, small = (tmp_path / "full.pt").stat().st_size, (tmp_path / "lora.pt").stat().st_size
+    assert small < 0.05 * full, (small, full)
+    restore_weights(lora, torch.load(tmp_path / "lora.pt", weights_only=True)["model"])
