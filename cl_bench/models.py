@@ -162,21 +162,26 @@ def build_model(node) -> ModelBundle:
     from omegaconf import OmegaConf
 
     from cl_bench.config import build
-    lora = node.get("lora")
     bundle = build(OmegaConf.create({k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k != "lora"}))
+    lora = node.get("lora")
     if lora is None or not lora.get("enabled", False):
         return bundle
+    return ModelBundle(add_lora(bundle.model, lora), bundle.tokenizer, f"{bundle.name}+lora(r={lora.r})")
+
+
+def add_lora(model: PreTrainedModel, lora) -> torch.nn.Module:
+    """``model`` with peft LoRA adapters of the ``model.lora`` settings (checked) on its target modules."""
     from peft import LoraConfig, get_peft_model
     check_number(lora.r, "model.lora.r", integer=True, low=1)
     check_number(lora.alpha, "model.lora.alpha", low=0, low_open=True)
     check_number(lora.dropout, "model.lora.dropout", low=0, high=1, high_open=True)
     targets = list(lora.target_modules)
-    found = {name.rsplit(".", 1)[-1] for name, _ in bundle.model.named_modules()}
+    found = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     if not targets or any(t not in found for t in targets):
         raise ConfigError(f"model.lora.target_modules {targets}: every entry must name modules of "
-                          f"{type(bundle.model).__name__} (e.g. q_proj, v_proj)")
+                          f"{type(model).__name__} (e.g. q_proj, v_proj)")
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets)
-    return ModelBundle(get_peft_model(bundle.model, config), bundle.tokenizer, f"{bundle.name}+lora(r={lora.r})")
+    return get_peft_model(model, config)
 
 
 def decoder(model: torch.nn.Module) -> torch.nn.Module:

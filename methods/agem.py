@@ -29,7 +29,7 @@ from cl_bench.distributed import average_across_ranks, rank, world_size
 from cl_bench.errors import ConfigError, check_number
 from cl_bench.rng import derive_seed
 from cl_bench.training.lm import causal_lm_loss
-from methods.base import CLMethod
+from methods.base import CLMethod, trainable_bytes
 from methods.importance import sample_examples
 
 
@@ -106,6 +106,9 @@ class AGEM(CLMethod):
 
     def on_task_end(self, module, task, task_index: int) -> None:
         self.memory.append(sample_examples(task.train, self.per_task, derive_seed(self.seed, task_index)))
+
+    def planned_state(self, model, world, tasks):
+        return {"reference gradient + a micro-batch's": 2 * trainable_bytes(model)}
 
     def state_dict(self):
         return {"memory": [[dataclasses.asdict(e) for e in kept] for kept in self.memory]}

@@ -36,7 +36,7 @@ from cl_bench.data.tokenization import IGNORE_INDEX
 from cl_bench.errors import check_choice, check_number
 from cl_bench.rng import derive_seed
 from cl_bench.training.lm import labelled_logits
-from methods.base import CLMethod
+from methods.base import CLMethod, trainable_bytes
 from methods.importance import sample_examples
 from methods.masking import GradientMask, select_parameters
 
@@ -211,6 +211,9 @@ class AGFT(CLMethod):
         if self.mask is not None:
             self.mask.remove()
             self.mask = None
+
+    def planned_state(self, model, world, tasks):
+        return {"gate + one task's relevance (fp32)": 2 * trainable_bytes(model, 4)}
 
     def state_dict(self):
         return {"gate": {n: g.cpu() for n, g in self.gate.items()}}

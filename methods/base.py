@@ -32,6 +32,11 @@ if TYPE_CHECKING:
     from cl_bench.training.module import CLModule
 
 
+def trainable_bytes(model: torch.nn.Module, element: int | None = None) -> int:
+    """Bytes of the trainable weights (at ``element`` bytes each, else their own dtype's)."""
+    return sum(p.numel() * (element or p.element_size()) for p in model.parameters() if p.requires_grad)
+
+
 def refuse_weight_decay(method_name: str, weight_decay: float) -> None:
     """A method that freezes entries by masking gradients cannot have decoupled weight decay."""
     if weight_decay > 0:
@@ -96,6 +101,12 @@ class CLMethod(Callback):
 
     def on_task_end(self, module: "CLModule", task: "Task", task_index: int) -> None:
         """Called after training on ``task``, before it is evaluated."""
+
+    def planned_state(self, model: torch.nn.Module, world: int, tasks: int) -> dict[str, int]:
+        """Bytes per process of the method's own state, by what it is, for ``runners.plan``: ``model``
+        is on the meta device (shapes, dtypes and ``requires_grad`` only), ``world`` processes share
+        the run, ``tasks`` tasks are trained."""
+        return {}
 
     def state_dict(self) -> dict[str, Any]:
         """What the method must keep across a resume (Fisher, anchors, masks, ...)."""

@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from cl_bench.distributed import is_distributed, rank, world_size
 from cl_bench.errors import check_choice, check_number
-from methods.base import CLMethod
+from methods.base import CLMethod, trainable_bytes
 from methods.importance import check_fisher_args, diagonal_fisher, overall_mean
 from methods.masking import select_parameters
 
@@ -171,6 +171,13 @@ class EWC(CLMethod):
                                         self.num_samples, average_ranks=not self.sharded)
         module.log_metrics({f"{self.name}/fisher_s": stats["seconds"], f"{self.name}/fisher_mean": overall_mean(fisher)})
         return fisher
+
+    def planned_state(self, model, world, tasks):
+        pairs = 1 if self.mode == "online" else max(tasks - 1, 1)
+        share = world if self.shard_state else 1
+        largest = max(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+        return {f"F and theta* ({pairs} pair(s), {str(self.dtype)[6:]})":
+                2 * pairs * trainable_bytes(model, self.dtype.itemsize) // share, "theta - theta* buffer": largest}
 
     def state_dict(self):
         """The whole state; a sharded one is gathered on rank 0 (which writes checkpoints)."""

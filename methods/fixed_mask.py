@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 
 from cl_bench.errors import check_choice, check_fraction
-from methods.base import CLMethod
+from methods.base import CLMethod, trainable_bytes
 from methods.masking import (
     AGGREGATES, DIRECTIONS, REDUCTIONS, SCOPES, VECTORS, GradientMask, aggregate, expand,
     frozen_entries_need_zero_decay, select_parameters, threshold_masks,
@@ -78,6 +78,10 @@ class FixedMaskMethod(CLMethod):
                      for n, a in agg.items() if n not in keep})
         self.last_unit_fraction = sum(int(k.sum()) for k in keep.values()) / sum(k.numel() for k in keep.values())
         return {n: expand(keep[n], scores[n].shape, self.aggregate) for n in scores}
+
+    def planned_state(self, model, world, tasks):
+        """The scores of every trainable entry, at each task start (before the task's optimizer exists)."""
+        return {"importance scores (task start)": trainable_bytes(model, 4)}
 
     def on_stream_start(self, module, stream) -> None:
         select_parameters(module.model, self.param_patterns, "method.param_patterns")

@@ -46,7 +46,7 @@ from cl_bench.distributed import rank
 from cl_bench.errors import ConfigError, check_choice, check_number
 from cl_bench.models import decoder
 from cl_bench.rng import derive_seed
-from methods.base import CLMethod
+from methods.base import CLMethod, trainable_bytes
 
 BELOW, INSIDE, ABOVE = -1, 0, 1
 
@@ -229,6 +229,9 @@ class GeRe(CLMethod):
             module.log_metrics({"gere/ce_general": ce_general.item(), "gere/margin": margin.item(),
                                 "gere/weight": float(weight)})
         return ce - task_loss + weight * margin
+
+    def planned_state(self, model, world, tasks):
+        return {"hidden-state bands (int8)": self.num_samples * self.max_length * model.config.hidden_size}
 
     def state_dict(self):
         return {"drawn": self.drawn, "lower": self.lower, "upper": self.upper}

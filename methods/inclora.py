@@ -19,7 +19,7 @@ import torch
 from cl_bench.errors import ConfigError
 from cl_bench.models import is_adapter
 from cl_bench.rng import derive_seed
-from methods.base import CLMethod
+from methods.base import CLMethod, trainable_bytes
 
 
 def adapter_name(task_index: int) -> str:
@@ -74,6 +74,9 @@ class IncLoRA(CLMethod):
     def lora_layers(self) -> list[torch.nn.Module]:
         """The model's LoRA layers (each has ``lora_A`` / ``lora_B`` dicts keyed by adapter)."""
         return [m for m in self.model.modules() if isinstance(getattr(m, "lora_A", None), torch.nn.ModuleDict)]
+
+    def planned_state(self, model, world, tasks):
+        return {"earlier tasks' adapters (frozen)": (tasks - 1) * trainable_bytes(model)}
 
     def state_dict(self):
         return {"adapters": list(self.adapters)}

@@ -33,7 +33,7 @@ import torch
 from cl_bench.data.tokenization import IGNORE_INDEX
 from cl_bench.errors import ConfigError, check_choice, check_number
 from cl_bench.training.lm import labelled_logits, labelled_mean
-from methods.base import CLMethod
+from methods.base import CLMethod, trainable_bytes
 
 TEACHERS = ("copy", "topk")
 DIRECTIONS = ("forward", "reverse")
@@ -142,6 +142,12 @@ class LwF(CLMethod):
         if module.should_log:
             module.log_metrics({"lwf/distillation": term.item()})
         return term
+
+    def planned_state(self, model, world, tasks):
+        """The frozen copy (``teacher: topk`` keeps a cache that grows with the task's answers instead)."""
+        if self.teacher_kind != "copy":
+            return {}
+        return {"teacher (frozen copy)": sum(p.numel() * p.element_size() for p in model.parameters())}
 
     def on_task_end(self, module, task, task_index: int) -> None:
         self.teacher, self.cache = None, {}

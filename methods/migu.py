@@ -32,7 +32,7 @@ import torch
 
 from cl_bench.distributed import average_across_ranks
 from cl_bench.errors import ConfigError, check_fraction
-from methods.base import CLMethod
+from methods.base import CLMethod, trainable_bytes
 
 
 class MIGU(CLMethod):
@@ -127,6 +127,9 @@ class MIGU(CLMethod):
         if pl_module.should_log and masks:
             kept = sum(m.sum().item() for m in masks.values())
             pl_module.log_metrics({"migu/updated_row_fraction": kept / sum(m.numel() for m in masks.values())})
+
+    def planned_state(self, model, world, tasks):
+        return {"row sums of |W x|": 4 * sum(m.out_features for m in self._linear_layers(model).values())}
 
     def state_dict(self):
         """The random_update ablation's generator: a resumed task draws the masks it would have."""

@@ -1,0 +1,255 @@
+"""Memory per GPU of a run config, before anything runs (``python -m runners.plan``).
+
+The model is built from its architecture on PyTorch's meta device, so no weight is read and no
+memory is taken: N parameters (tied embeddings once), T of them trainable (the adapters under
+``model.lora``), U the largest decoder layer. w is the bytes of each weight's dtype (``model.dtype``;
+peft keeps adapters in fp32 on a bf16 base), D the processes (``trainer.devices`` x
+``trainer.num_nodes``). Per GPU, for AdamW (2 moments per trainable weight):
+
+    strategy         weights                gradients          optimizer
+    single device    N w                    T w                2 T w
+    DDP              N w                    T w + T w buckets  2 T w
+    FSDP FULL_SHARD  N w / D + 2 U w16      T w / D            2 T w / D
+    DeepSpeed ZeRO-2 N w16 (bf16 module)    T w16 / D          (4 + 8) T / D (fp32 master + moments)
+
+w16 is 2 under bf16 precision (or weights), else 4. DDP keeps its gradient buckets beside the gradients
+(Lightning does not set ``gradient_as_bucket_view``). FSDP gathers one layer at a time and
+prefetches the next (2 U). The method's own state comes from the method
+(:meth:`methods.base.CLMethod.planned_state`). Activations are an estimate for a Llama-type
+decoder without activation checkpointing, per micro-batch of m sequences of s = max_prompt_len +
+max_ans_len tokens: every layer keeps about (7 h + 3 h_kv + 4 i) values per token for the
+backward pass (norm inputs, q/k/v before and after RoPE, attention output, the MLP's gate, up,
+SiLU and product), at e bytes (2 under bf16 autocast, else 4); the LM head keeps (e + 8) bytes per
+vocabulary entry of every answer token (logits, fp32 log-softmax).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from cl_bench.distributed import strategy_family
+from cl_bench.errors import ConfigError
+
+ARCHITECTURES = Path(__file__).resolve().parent / "architectures"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+GIB = 1024 ** 3
+
+
+def architecture(model_node: DictConfig):
+    """The transformers config of the ``model`` node, without weights: a local folder's config.json,
+    one shipped in ``cl_bench/training/architectures`` (named by hub id), or the hub's."""
+    from transformers import AutoConfig
+    target = str(model_node.get("_target_", ""))
+    if target.endswith("tiny_llama"):
+        from cl_bench.config import build
+        node = {k: v for k, v in OmegaConf.to_container(model_node, resolve=True).items() if k != "lora"}
+        return build(OmegaConf.create(node)).model.config  # a few kB: built for real
+    name = SMOLLM2_HUB_ID if target.endswith("load_smollm2") else model_node.get("name_or_path")
+    if name is None:
+        raise ConfigError(f"model._target_ {target}: the planner reads architectures of load_pretrained, "
+                          "load_smollm2 and tiny_llama models only")
+    if Path(name).is_dir():
+        return AutoConfig.from_pretrained(name)
+    shipped = ARCHITECTURES / f"{name.replace('/', '--')}.json"
+    if shipped.is_file():
+        fields = json.loads(shipped.read_text())
+        config_class = AutoConfig.for_model(fields["model_type"]).__class__
+        return config_class(**{k: v for k, v in fields.items() if k != "model_type"})
+    try:
+        return AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.name_or_path={name}: no local folder, no shipped architecture in {ARCHITECTURES}, "
+                          f"and the hub did not give one ({e.__class__.__name__}); add its config.json there") from None
+
+
+def meta_model(model_node: DictConfig) -> torch.nn.Module:
+    """The model of ``model_node`` (LoRA adapters included) with every tensor on the meta device."""
+    from transformers import AutoModelForCausalLM
+
+    from cl_bench.models import add_lora
+    config = architecture(model_node)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, model_node.get("dtype") or "float32"))
+    lora = model_node.get("lora")
+    if lora is not None and lora.get("enabled", False):
+        model = add_lora(model, lora)
+    return model
+
+
+def _bytes(dtype_name: str | None) -> int:
+    return torch.empty((), dtype=getattr(torch, dtype_name or "float32"), device="meta").element_size()
+
+
+@dataclass
+class MemoryPlan:
+    """Bytes per GPU by item, with what they were computed from."""
+    model: str
+    strategy: str
+    processes: int
+    params: int
+    trainable: int
+    micro_batch: int
+    seq_len: int
+    items: dict[str, int] = field(default_factory=dict)
+    #: the method's own state, by what it is
+    method_items: dict[str, int] = field(default_factory=dict)
+    activations: int = 0
+    refusal: str | None = None
+
+    @property
+    def states(self) -> int:
+        """Weights, gradients, optimizer and method state: what the planner counts exactly."""
+        return sum(self.items.values()) + sum(self.method_items.values())
+
+    @property
+    def total(self) -> int:
+        return self.states + self.activations
+
+    def fits(self, gpu_gib: float) -> bool:
+        return self.total <= gpu_gib * GIB
+
+
+def _label(model_node: DictConfig) -> str:
+    target = str(model_node.get("_target_", ""))
+    name = SMOLLM2_HUB_ID if target.endswith("load_smollm2") else model_node.get("name_or_path") or target.rsplit(".", 1)[-1]
+    lora = model_node.get("lora")
+    return f"{name}+lora(r={lora.r})" if lora is not None and lora.get("enabled", False) else name
+
+
+def _largest_layer(model: torch.nn.Module) -> int:
+    """Parameters of the largest decoder layer (FSDP's wrapping unit)."""
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    if not layers:
+        return sum(p.numel() for p in model.parameters())
+    return max(sum(p.numel() for p in layer.parameters()) for layer in max(layers, key=len))
+
+
+def activation_bytes(config, micro_batch: int, seq_len: int, answer_len: int, element: int, lora) -> int:
+    """The estimate of the module docstring (plus LoRA dropout's kept inputs)."""
+    h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", heads) * (h // heads)
+    per_token = layers * (7 * h + 3 * kv + 4 * i) * element + 2 * h * element
+    if lora is not None and lora.get("enabled", False) and lora.dropout > 0:
+        per_token += layers * len(lora.target_modules) * h * (element + 1)
+    return micro_batch * (seq_len * per_token + answer_len * config.vocab_size * (element + 8))
+
+
+def plan(cfg: DictConfig) -> MemoryPlan:
+    """The memory plan of a composed run config (``runners.plan`` composes it like a run)."""
+    from cl_bench.config import build
+    model = meta_model(cfg.model)
+    params = {id(p): p for p in model.parameters()}.values()
+    n = sum(p.numel() for p in params)
+    t = sum(p.numel() for p in params if p.requires_grad)
+    # in their own dtypes: peft keeps adapters in fp32 on a bf16 base
+    n_bytes = sum(p.numel() * p.element_size() for p in params)
+    t_bytes = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
+    trainer = cfg.trainer
+    family = strategy_family(trainer.get("strategy", "auto"), trainer.get("devices", 1))
+    world = int(trainer.get("devices", 1) or 1) * int(trainer.get("num_nodes", 1) or 1)
+    if family == "single_device":
+        world = 1
+    bf16 = "bf16" in str(trainer.get("precision", "32-true")) or cfg.model.get("dtype") == "bfloat16"
+    w16 = 2 if bf16 else _bytes(cfg.model.get("dtype"))
+    moments = 2 if "adam" in str(cfg.optimizer.get("_target_", "")).lower() else 0
+    items: dict[str, int]
+    if family == "fsdp":
+        items = {"weights (shard)": n_bytes // world, "gathered layers (2 U)": 2 * _largest_layer(model) * w16,
+                 "gradients (shard)": t_bytes // world, "optimizer (shard)": moments * t_bytes // world}
+    elif family == "deepspeed":
+        items = {"weights": n * w16, "gradients (shard)": t * w16 // world,
+                 "optimizer: fp32 master + moments (shard)": (4 * (w16 != 4) + 4 * moments) * t // world}
+    else:
+        items = {"weights": n_bytes, "gradients": t_bytes, "optimizer": moments * t_bytes}
+        if family == "ddp":
+            items["DDP gradient buckets"] = t_bytes
+    micro = cfg.train.get("micro_batch_size") or max(1, cfg.train.batch_size // world)
+    seq = cfg.train.max_prompt_len + cfg.train.max_ans_len
+    config = model.get_base_model().config if hasattr(model, "peft_config") else model.config
+    result = MemoryPlan(
+        model=_label(cfg.model), strategy=family,
+        processes=world, params=n, trainable=t, micro_batch=micro, seq_len=seq, items=items,
+        activations=activation_bytes(config, micro, seq, cfg.train.max_ans_len, 2 if bf16 else 4, cfg.model.get("lora")),
+    )
+    method = build(cfg.method)
+    try:
+        method.check_run(cfg)
+    except ConfigError as e:
+        result.refusal = str(e)
+    tasks = len(cfg.tasks.get("order") or []) or 1
+    result.method_items = method.planned_state(model, world if family != "single_device" else 1, tasks)
+    return result
+
+
+def render(p: MemoryPlan, gpu_gib: float | None) -> str:
+    """The plan as a text table (GiB per GPU)."""
+    lines = [f"model {p.model}: {p.params / 1e6:,.1f} M parameters, {p.trainable / 1e6:,.2f} M trainable; "
+             f"{p.strategy} over {p.processes} process(es); micro-batch {p.micro_batch} x {p.seq_len} tokens",
+             f"{'per GPU':<44}{'GiB':>9}{'MiB':>11}"]
+    rows = [*p.items.items(), *((f"method: {k}", v) for k, v in p.method_items.items()),
+            ("activations (estimate)", p.activations), ("total", p.total)]
+    lines += [f"{name:<44}{value / GIB:>9.2f}{value / 2 ** 20:>11.1f}" for name, value in rows]
+    if gpu_gib is not None:
+        spare = (gpu_gib * GIB - p.total) / GIB
+        lines.append(f"fits in {gpu_gib:g} GiB ({spare:.2f} GiB to spare)" if spare >= 0
+                     else f"does NOT fit in {gpu_gib:g} GiB ({-spare:.2f} GiB short)")
+    if p.refusal:
+        lines.append(f"note: this run would be refused at start: {p.refusal}")
+    return "\n".join(lines)
+
+
+def as_dict(p: MemoryPlan) -> dict[str, Any]:
+    return {**{k: v for k, v in p.__dict__.items()}, "states": p.states, "total": p.total}
+
+
+def _resident() -> int:
+    """This process's resident memory in bytes (Linux), after the garbage collector and glibc have
+    given back what is free (else freed temporaries, e.g. of a Fisher pass, would count)."""
+    import ctypes
+    import gc
+    import os
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def measure(cfg: DictConfig) -> dict[str, int]:
+    """The plan's exact items, measured on this machine's CPU with the real model: resident memory
+    added by loading it (weights), by one training step of the first task with the configured
+    optimizer (gradients and optimizer state; the activations are freed again), and by the method's
+    task end (its state after the first task). For small models: everything is loaded for real."""
+    from cl_bench.config import build, build_stream, optimizer_factory
+    from cl_bench.data.loaders import TaskLoaders
+    from cl_bench.models import build_model
+    from cl_bench.training.lm import causal_lm_loss
+    from cl_bench.training.module import CLModule
+
+    stream = build_stream(cfg.tasks)
+    method = build(cfg.method)
+    base = _resident()
+    bundle = build_model(cfg.model)
+    for p in bundle.model.parameters():  # touch every page (safetensors maps the file lazily)
+        p.data.sum()
+    measured = {"weights": _resident() - base}
+    loaders = TaskLoaders.from_config(cfg.train, bundle.tokenizer)
+    module = CLModule(bundle.model, method, optimizer_factory(cfg.optimizer)[0], loaders=loaders)
+    task = stream.tasks[0]
+    method.on_stream_start(module, stream)
+    method.on_task_start(module, task, 0)
+    optimizer = module.configure_optimizers()
+    causal_lm_loss(bundle.model, next(iter(loaders.passes(task.train)))).backward()
+    optimizer.step()
+    measured["gradients + optimizer"] = _resident() - base - measured["weights"]
+    method.on_task_end(module, task, 0)
+    measured["method state"] = _resident() - base - sum(measured.values())
+    return measured

@@ -1,0 +1,74 @@
+"""The memory planner (runners.plan): exact counts from architectures on the meta device, the
+per-strategy accounting, the methods' own state, the verdict, and a check against measured memory."""
+import pytest
+
+from cl_bench.errors import ConfigError
+from cl_bench.training.memory_plan import GIB, plan
+from runners.plan import main
+
+SEQ = ["train.max_prompt_len=1024", "train.max_ans_len=512"]
+
+
+@pytest.mark.parametrize("model, params", [("smollm2_135m", 134_515_008), ("qwen2_1_5b", 1_543_714_304),
+                                           ("llama2_7b_chat", 6_738_415_616)])
+def test_parameter_counts_come_from_the_architecture_without_weights(model, params, make_config):
+    p = plan(make_config(f"model={model}", tiny=False))
+    assert p.params == p.trainable == params  # the published sizes (SmolLM2's as loaded: tests/test_smollm2.py)
+    assert p.items == {"weights": 4 * params, "gradients": 4 * params, "optimizer": 8 * params}
+
+
+def test_each_strategy_divides_what_it_shards(make_config):
+    n = 6_738_415_616
+    base = ["model=llama2_7b_chat", "trainer.devices=8", "train.batch_size=16", *SEQ]
+    ddp = plan(make_config(*base, "trainer=ddp", tiny=False))
+    assert ddp.items == {"weights": 4 * n, "gradients": 4 * n, "optimizer": 8 * n, "DDP gradient buckets": 4 * n}
+    fsdp = plan(make_config(*base, "trainer=fsdp", tiny=False))
+    layer = 202_383_360  # one Llama-2-7B decoder layer: 4 x 4096^2 + 3 x 4096 x 11008 + 2 x 4096
+    assert fsdp.items == {"weights (shard)": 4 * n // 8, "gathered layers (2 U)": 2 * layer * 2,
+                          "gradients (shard)": 4 * n // 8, "optimizer (shard)": 8 * n // 8}
+    ds = plan(make_config(*base, "trainer=deepspeed", tiny=False))
+    assert ds.items == {"weights": 2 * n, "gradients (shard)": 2 * n // 8,
+                        "optimizer: fp32 master + moments (shard)": 12 * n // 8}
+    assert ddp.micro_batch == 2 and ddp.seq_len == 1536
+    assert fsdp.refusal is None or "fsdp" in fsdp.refusal
+
+
+def test_lora_and_the_methods_own_state(make_config):
+    n, lora = 6_738_415_616, 32 * 2 * (8 * 4096 + 4096 * 8)  # r 8 on q_proj and v_proj of 32 layers
+    p = plan(make_config("model=llama2_7b_chat", "method=olora", "tasks.order=[arith,code,sentiment]", tiny=False))
+    assert (p.params, p.trainable) == (n + lora, lora) and p.model.endswith("+lora(r=8)")
+    assert p.items["gradients"] == 4 * lora and p.method_items == {"earlier tasks' adapters (frozen)": 2 * 4 * lora}
+    q = 1_543_714_304
+    ewc = plan(make_config("model=qwen2_1_5b", "method=ewc", "trainer=ddp", "trainer.devices=4", tiny=False))
+    assert ewc.method_items["F and theta* (1 pair(s), float32)"] == 2 * 4 * q // 4  # sharded over 4 processes
+    lwf = plan(make_config("model=qwen2_1_5b", "method=lwf", tiny=False))
+    assert lwf.method_items == {"teacher (frozen copy)": 4 * q}
+    refused = plan(make_config("model=qwen2_1_5b", "method=hft", "model.lora.enabled=true", tiny=False))
+    assert "method hft does not train LoRA adapters" in refused.refusal
+
+
+def test_the_verdict_and_the_exit_code(capsys):
+    assert main(["--gpu-gib", "80", "model=llama2_7b_chat", "trainer=gpu", *SEQ]) == 1
+    assert "does NOT fit in 80 GiB" in capsys.readouterr().out
+    assert main(["--gpu-gib", "80", "model=llama2_7b_chat", "trainer=gpu", "model.lora.enabled=true",
+                 "train.micro_batch_size=1", *SEQ]) == 0
+    assert "fits in 80 GiB" in capsys.readouterr().out
+    assert main(["model=hf", "model.name_or_path=/nowhere/model"]) == 2
+    assert "model.name_or_path=/nowhere/model: no local folder" in capsys.readouterr().err
+
+
+def test_an_unknown_builder_is_named(make_config):
+    with pytest.raises(ConfigError, match="model._target_ my.builder: the planner reads"):
+        plan(make_config("model._target_=my.builder"))
+
+
+@pytest.mark.slow
+def test_the_plan_matches_memory_measured_on_the_cpu_within_20_percent(make_config):
+    """SmolLM2 with LoRA and EWC: weights, gradients, optimizer and EWC's state, loaded for real
+    (the full model with EWC: 3.05 GiB measured against 3.11 planned, README)."""
+    from cl_bench.training.memory_plan import measure
+    from tests.conftest import MODEL_CACHE
+    cfg = make_config("method=ewc", "method.fisher=batch", "method.num_samples=4", "model.lora.enabled=true",
+                      "tasks.order=[arith]", "train.batch_size=2", f"model.cache_dir={MODEL_CACHE}", tiny=False)
+    planned, measured = plan(cfg), measure(cfg)
+    assert abs(sum(measured.values()) / planned.states - 1) < 0.2, (measured, planned.states / GIB)
