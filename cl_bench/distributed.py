@@ -29,6 +29,8 @@ def strategy_family(strategy: Any, devices: Any) -> str:
     else:
         name = type(strategy).__name__
     name = name.lower()
+    if "modelparallel" in name:  # Lightning's FSDP2 strategy (conf/trainer/fsdp.yaml)
+        return "fsdp"
     for family in ("fsdp", "deepspeed", "ddp"):
         if family in name:
             return family
@@ -41,15 +43,24 @@ def start_processes(trainer) -> None:
     """Start the other processes of ``trainer``'s strategy and open its process group (no-op for one)."""
     strategy = trainer.strategy
     launcher = strategy.launcher
-    if launcher is None or trainer.world_size == 1:
+    # FSDP2's strategy has no launcher in the processes it started (or that a cluster started)
+    model_parallel = type(strategy).__name__ == "ModelParallelStrategy"
+    if trainer.world_size == 1 or (launcher is None and not model_parallel):
         return
-    if not isinstance(launcher, _SubprocessScriptLauncher):
+    if launcher is not None and not isinstance(launcher, _SubprocessScriptLauncher):
         raise ConfigError(
             f"trainer.strategy={type(strategy).__name__} starts its processes with {type(launcher).__name__}; "
             "the runner needs whole-script processes: use ddp, fsdp or deepspeed (not *_spawn or *_notebook)"
         )
-    launcher.launch(lambda: None)
-    strategy.setup_environment()
+    if launcher is not None:
+        launcher.launch(lambda: None)
+    if model_parallel:
+        # its setup_environment also hands a device mesh to the LightningModule, which only each
+        # task's fit has: here only the device and the process group
+        strategy.accelerator.setup_device(strategy.root_device)
+        strategy._setup_distributed()
+    else:
+        strategy.setup_environment()
 
 
 def is_distributed() -> bool:

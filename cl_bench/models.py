@@ -199,8 +199,10 @@ def is_adapter(name: str) -> bool:
 
 def stage_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """What a stage checkpoint keeps of the model: every weight, or with LoRA (peft) only the
-    adapters; the base model stays as it was loaded."""
-    state = model.state_dict()
+    adapters; the base model stays as it was loaded. A sharded model (FSDP) is gathered whole on
+    rank 0 (every process must call this)."""
+    from cl_bench.training.sharding import full_state_dict
+    state = full_state_dict(model)
     return {k: v for k, v in state.items() if is_adapter(k)} if hasattr(model, "peft_config") else state
 
 

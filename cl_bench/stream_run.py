@@ -43,6 +43,7 @@ from cl_bench.recording.summary import print_summary
 from cl_bench.rng import rng_state, set_rng_state
 from cl_bench.training.checkpointing import CHECKPOINT_DIR, StreamCheckpoints
 from cl_bench.training.module import CLModule
+from cl_bench.training.sharding import full_weights
 from cl_bench.training.trainer import build_trainer, placement_trainer, warn_low_precision_weights
 
 log = logging.getLogger(__name__)
@@ -218,12 +219,13 @@ class StreamRun:
         """The next row of R (every task of the stream), general ability when due, then record, log
         and checkpoint the stage."""
         t = time.perf_counter()
-        scores, predictions = evaluate_stream(self.bundle.model, self.bundle.tokenizer, self.stream,
-                                              self.generation, self.cfg.eval.split, self.cfg.eval.max_examples)
-        self.recorder.add_row(scores, time.perf_counter() - t)
-        done = self.tasks_done
-        if done == 0 or self.general.every_task or done == len(self.training):
-            self._evaluate_general()
+        with full_weights(self.bundle.model):  # FSDP: every process generates with the whole model
+            scores, predictions = evaluate_stream(self.bundle.model, self.bundle.tokenizer, self.stream,
+                                                  self.generation, self.cfg.eval.split, self.cfg.eval.max_examples)
+            self.recorder.add_row(scores, time.perf_counter() - t)
+            done = self.tasks_done
+            if done == 0 or self.general.every_task or done == len(self.training):
+                self._evaluate_general()
         self._record_stage(predictions)
         self.checkpoints.save_stage(self.stage_state(), done)
 

@@ -46,7 +46,7 @@ from cl_bench.distributed import rank
 from cl_bench.errors import ConfigError, check_choice, check_number
 from cl_bench.models import decoder
 from cl_bench.rng import derive_seed
-from methods.base import CLMethod, trainable_bytes
+from methods.base import CLMethod
 
 BELOW, INSIDE, ABOVE = -1, 0, 1
 

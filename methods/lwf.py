@@ -33,7 +33,7 @@ import torch
 from cl_bench.data.tokenization import IGNORE_INDEX
 from cl_bench.errors import ConfigError, check_choice, check_number
 from cl_bench.training.lm import labelled_logits, labelled_mean
-from methods.base import CLMethod, trainable_bytes
+from methods.base import CLMethod
 
 TEACHERS = ("copy", "topk")
 DIRECTIONS = ("forward", "reverse")

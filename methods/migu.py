@@ -32,11 +32,13 @@ import torch
 
 from cl_bench.distributed import average_across_ranks
 from cl_bench.errors import ConfigError, check_fraction
-from methods.base import CLMethod, trainable_bytes
+from cl_bench.training.sharding import mask_rows_
+from methods.base import CLMethod
 
 
 class MIGU(CLMethod):
     name = "migu"
+    supported_strategies = ("single_device", "ddp", "fsdp")
     trains_lora = True  # every trainable nn.Linear: under LoRA, each lora_A / lora_B, masked by |A x|, |B A x|
     masks_gradients = True
 
@@ -121,7 +123,7 @@ class MIGU(CLMethod):
         for n, keep in masks.items():
             grad = self.layers[n].weight.grad
             if grad is not None:
-                grad.mul_(keep.unsqueeze(1).to(grad.dtype))
+                mask_rows_(grad, keep)  # under FSDP, the rows of this process's shard
         self.last_masks = masks
         self.sums = {}
         if pl_module.should_log and masks:

@@ -32,7 +32,7 @@ MODES = ("concat", "interleave")
 class Replay(CLMethod):
     name = "replay"
     # it edits no gradient, so every strategy that keeps parameters whole works
-    supported_strategies = ("single_device", "ddp", "deepspeed")
+    supported_strategies = ("single_device", "ddp", "fsdp", "deepspeed")
     trains_lora = True  # its mechanism is the data (or nothing): adapters train as full weights would
 
     def __init__(self, per_task: int | None = None, ratio: float | None = 0.1, general_data: str | None = None,

@@ -10,6 +10,5 @@ class SFT(CLMethod):
     """Sequential fine-tuning (no continual-learning mechanism)."""
 
     name = "sft"
-    # Not fsdp: evaluation between tasks generates with the model in place, which FSDP leaves sharded.
-    supported_strategies = ("single_device", "ddp", "deepspeed")
+    supported_strategies = ("single_device", "ddp", "fsdp", "deepspeed")
     trains_lora = True  # its mechanism is the data (or nothing): adapters train as full weights would

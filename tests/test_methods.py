@@ -454,10 +454,10 @@ def test_the_readme_s_adding_a_method_snippet_runs_as_written(tmp_path):
         (["method=fggm", "method.param_patterns=[nothing.*]"], r"method.param_patterns \['nothing.\*'\] match no"),
         (["method=migu", "method.module_patterns=[nothing]"], "method.module_patterns .* match no nn.Linear"),
         (["method=hft", "method.block_pattern=blocks"], "match no transformer block"),
-        (["method=migu", "trainer.strategy=fsdp"], r"method migu supports trainer strategies \['single_device', 'ddp'\]"),
+        (["method=fggm", "trainer.strategy=fsdp"], r"method fggm supports trainer strategies \['single_device', 'ddp'\]"),
         (["method=fggm", "trainer.strategy=deepspeed_stage_2"], "trainer.strategy is deepspeed, which is not one"),
         (["method=ewc", "trainer=deepspeed"], "method ewc supports .*trainer.strategy is deepspeed"),
-        (["method=sft", "trainer=fsdp"], "method sft supports .*trainer.strategy is fsdp"),
+        (["method=ewc", "trainer=fsdp"], "method ewc supports .*trainer.strategy is fsdp"),
     ],
 )
 def test_bad_method_settings_fail_before_training(make_config, overrides, message):
@@ -467,9 +467,10 @@ def test_bad_method_settings_fail_before_training(make_config, overrides, messag
     assert not (Path(cfg.paths.output_dir) / "results.json").exists()
 
 
-def test_sft_is_allowed_under_every_strategy_that_keeps_parameters_whole():
+def test_sft_is_allowed_under_every_strategy():
     from methods.sft import SFT
-    for strategy in ("auto", "ddp", "deepspeed_stage_2", {"_target_": "lightning.pytorch.strategies.DDPStrategy"}):
+    for strategy in ("auto", "ddp", "deepspeed_stage_2", {"_target_": "lightning.pytorch.strategies.DDPStrategy"},
+                     {"_target_": "lightning.pytorch.strategies.ModelParallelStrategy"}):
         SFT().check_strategy(strategy, 2)
 
 

@@ -168,6 +168,39 @@ def test_ddp_on_two_processes_matches_one_process(method, tmp_path):
 
 
 @pytest.mark.processes
+@pytest.mark.parametrize("method", ["sft", "migu", "replay"])
+def test_fsdp_on_two_processes_matches_one_process(method, tmp_path):
+    """trainer=fsdp (FSDP2's fully_shard through Lightning's ModelParallelStrategy) on 2 gloo
+    processes: the parameters, gradients and AdamW state are row shards, evaluation gathers the
+    whole model per stage, the stage checkpoint gathers it on rank 0; the score matrix and the
+    weights equal one process's. MIGU masks the rows of each gradient shard. The tolerance is 2e-5,
+    not DDP's 1e-6: FSDP2 reduce-scatters the gradient sum and clips by a norm summed over shards, a
+    float order of its own (measured: sft 4e-9, migu 2e-6, replay 1.1e-5 on the embedding rows)."""
+    common = [*TINY_RUN, "tasks.order=[arith,code]", f"method={method}", "train.batch_size=4"]
+    _run([*common, f"hydra.run.dir={tmp_path / 'single'}"])
+    _run([*common, f"hydra.run.dir={tmp_path / 'fsdp'}", "trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2",
+          "trainer.precision=32-true"])
+    (r1, w1), (r2, w2) = _final(tmp_path / "single"), _final(tmp_path / "fsdp")
+    assert r2["status"] == "finished" and r2["R"] == r1["R"]
+    assert w2.keys() == w1.keys() and not any(hasattr(v, "device_mesh") for v in w2.values())  # gathered whole
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=2e-5)
+
+
+def test_a_row_mask_acts_on_the_rows_of_each_shard():
+    """FSDP2 splits dim 0 in chunks of ceil(rows / processes); each process masks its own rows
+    (the DTensor path runs in test_fsdp_on_two_processes_matches_one_process[migu])."""
+    from cl_bench.training.sharding import mask_rows_, shard_rows
+    assert [shard_rows(5, 2, i) for i in (0, 1)] == [slice(0, 3), slice(3, 5)]
+    assert [shard_rows(2, 4, i) for i in range(4)] == [slice(0, 1), slice(1, 2), slice(2, 2), slice(2, 2)]
+    whole = torch.arange(15.0).view(5, 3)
+    keep = torch.tensor([True, False, True, False, True])
+    masked = whole.clone()
+    mask_rows_(masked, keep)
+    assert torch.equal(masked, whole * keep[:, None])
+
+
+@pytest.mark.processes
 @pytest.mark.parametrize("method", ["ewc", "fggm", "ewc_trace", "agem", "gere"])
 def test_a_run_killed_mid_task_resumes_to_the_same_weights_and_scores(method, tmp_path):
     """EWC: state from the stage (as LwF's teacher and AGFT's gate, passed 127 and 117 s when run

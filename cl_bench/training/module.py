@@ -10,6 +10,7 @@ from lightning.pytorch import LightningModule
 from cl_bench.data.loaders import TaskLoaders
 from cl_bench.rng import rng_state, set_rng_state
 from cl_bench.training.lm import labelled_logits, token_cross_entropy
+from cl_bench.training.sharding import local, shard_model
 
 if TYPE_CHECKING:
     from cl_bench.data.tasks import Example
@@ -105,6 +106,13 @@ class CLModule(LightningModule):
         """Optimizer steps taken over the whole stream so far."""
         return self.step_offset + self.global_step
 
+    def configure_model(self) -> None:
+        """Under ``trainer=fsdp`` (Lightning's ModelParallelStrategy): shard the model over the
+        data-parallel processes at the first fit (cl_bench/training/sharding.py)."""
+        mesh = getattr(self, "_device_mesh", None)
+        if mesh is not None:
+            shard_model(self.model, mesh["data_parallel"])
+
     def on_fit_start(self) -> None:
         # HF models load in eval mode and Lightning keeps the mode it finds: train with dropout on.
         self.model.train()
@@ -129,7 +137,7 @@ class CLModule(LightningModule):
     def check_weights_finite(self) -> None:
         """Raise if any weight is NaN or infinite (an optimizer step can diverge after a finite loss)."""
         for name, p in self.model.named_parameters():
-            if not torch.isfinite(p).all():
+            if not torch.isfinite(local(p)).all():
                 raise FloatingPointError(
                     f"non-finite weights in {name} on task '{self.task_name}' at step {self.global_step}"
                 )

@@ -76,7 +76,19 @@ def build_trainer(
         budget = {"max_epochs": epochs, "max_steps": max_steps or -1}
         if cfg.trainer.get("enable_progress_bar", True):
             callbacks.append(RichProgressBar(leave=True))
-    return build(cfg.trainer, callbacks=callbacks, accumulate_grad_batches=accumulate, **budget)
+    return build(fsdp_mesh(cfg.trainer), callbacks=callbacks, accumulate_grad_batches=accumulate, **budget)
+
+
+def fsdp_mesh(trainer: DictConfig) -> DictConfig:
+    """``trainer=fsdp``'s ``data_parallel_size: auto`` made every process (Lightning's own "auto"
+    is the node count, meant for tensor parallelism within a node)."""
+    strategy = trainer.get("strategy")
+    if not (hasattr(strategy, "get") and str(strategy.get("_target_", "")).endswith("ModelParallelStrategy")
+            and strategy.get("data_parallel_size", "auto") == "auto"):
+        return trainer
+    trainer = trainer.copy()
+    trainer.strategy.data_parallel_size = int(trainer.get("devices", 1)) * int(trainer.get("num_nodes", 1))
+    return trainer
 
 
 def placement_trainer(cfg: DictConfig) -> Trainer:

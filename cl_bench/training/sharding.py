@@ -1,0 +1,98 @@
+"""FSDP2 (torch's ``fully_shard``) on the run's model: what ``trainer=fsdp`` does.
+
+Lightning's ``ModelParallelStrategy`` starts the processes and builds the device mesh; the
+CLModule's ``configure_model`` calls :func:`shard_model` at the first fit: every decoder layer is
+one shard unit, the rest (embeddings, final norm, LM head) the root's. Parameters, gradients and
+optimizer state are then DTensors sharded on dim 0 (rows) over the data-parallel processes.
+
+Between fits the model stays sharded. What runs outside a fit in lockstep on every process
+(evaluation, the general-ability harness) runs inside :func:`full_weights`: every unit is gathered
+once for the whole stage, so each process generates its own share of answers without collectives.
+Stage checkpoints gather the full state dict on rank 0 (:func:`full_state_dict`).
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks of a causal LM: the longest ``nn.ModuleList`` in it."""
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    return list(max(lists, key=len)) if lists else []
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule)
+
+
+def shard_model(model: torch.nn.Module, mesh) -> None:
+    """``fully_shard`` every decoder layer, then the root (once: later fits find it sharded)."""
+    from torch.distributed.fsdp import fully_shard
+    if is_sharded(model):
+        return
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def _units(model: torch.nn.Module) -> list:
+    from torch.distributed.fsdp import FSDPModule
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+@contextmanager
+def full_weights(model: torch.nn.Module) -> Iterator[None]:
+    """Every parameter whole on every process inside the block (a no-op for an unsharded model);
+    every process must enter it (the gathers are collectives)."""
+    units = _units(model) if is_sharded(model) else []
+    for unit in units:
+        unit.unshard()
+        unit.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+            unit.set_reshard_after_forward(True, recurse=False)
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's state dict on rank 0 (CPU tensors), empty elsewhere; a plain model's own."""
+    if not is_sharded(model):
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a DTensor; a plain tensor as it is."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def shard_rows(rows: int, processes: int, index: int) -> slice:
+    """The rows of a tensor of ``rows`` rows that FSDP2 gives process ``index`` of ``processes``:
+    dim 0 in chunks of ceil(rows / processes), the last ones shorter or empty."""
+    chunk = -(-rows // processes)
+    start = min(index * chunk, rows)
+    return slice(start, min(start + chunk, rows))
+
+
+def local_rows(tensor: torch.Tensor) -> slice:
+    """The rows of the whole tensor that this process's shard of ``tensor`` holds (a plain tensor: all)."""
+    if not hasattr(tensor, "device_mesh"):
+        return slice(0, tensor.shape[0])
+    return shard_rows(tensor.shape[0], tensor.device_mesh.size(), tensor.device_mesh.get_local_rank())
+
+
+def mask_rows_(grad: torch.Tensor, keep: torch.Tensor) -> None:
+    """``grad *= keep`` per row (``keep``: one boolean per row of the whole tensor), in place, on
+    this process's shard of a sharded gradient."""
+    shard = local(grad)
+    rows = keep[local_rows(grad)]
+    if rows.shape[0] != shard.shape[0]:
+        raise RuntimeError(f"a gradient shard of {shard.shape[0]} rows is not dim 0's chunk of {grad.shape[0]} rows")
+    shard.mul_(rows.view(-1, *([1] * (shard.dim() - 1))).to(shard.dtype))
