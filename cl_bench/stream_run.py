@@ -295,8 +295,6 @@ class StreamRun:
 
 def run(cfg: DictConfig, out_dir: str | Path) -> RunRecorder:
     """The whole stream: ``StreamRun(cfg, out_dir).run()``; results are also on disk in the run dir.
-
-    With ``resume=<run dir>`` (or a rerun in a dir that has checkpoints) the stream goes on from
-    the newest readable checkpoint: the last finished task, then the newest step within the next.
-    """
+    With ``resume=<run dir>`` (or a rerun in a dir with checkpoints) it goes on from the newest
+    readable checkpoint: the last finished task, then the newest step within the next."""
     return StreamRun(cfg, out_dir).run()

@@ -168,15 +168,15 @@ def test_ddp_on_two_processes_matches_one_process(method, tmp_path):
 
 
 @pytest.mark.processes
-@pytest.mark.parametrize("method", ["sft", "migu", "replay"])
+@pytest.mark.parametrize("method", ["sft", "migu"])
 def test_fsdp_on_two_processes_matches_one_process(method, tmp_path):
     """trainer=fsdp (FSDP2's fully_shard through Lightning's ModelParallelStrategy) on 2 gloo
     processes: the parameters, gradients and AdamW state are row shards, evaluation gathers the
     whole model per stage, the stage checkpoint gathers it on rank 0; the score matrix and the
     weights equal one process's. MIGU masks the rows of each gradient shard. The tolerance is 2e-5,
     not DDP's 1e-6: FSDP2 reduce-scatters the gradient sum and clips by a norm summed over shards, a
-    float order of its own (measured: sft 4e-9, migu 2e-6, replay 1.1e-5 on the embedding rows)."""
-    common = [*TINY_RUN, "tasks.order=[arith,code]", f"method={method}", "train.batch_size=4"]
+    float order of its own (measured: sft 4e-9, migu 2e-6; replay, 1.1e-5 on embedding rows, passed and was left out for time)."""
+    common = [*TINY_RUN, "tasks.order=[arith,code]", "eval.max_examples=2", f"method={method}", "train.batch_size=4"]
     _run([*common, f"hydra.run.dir={tmp_path / 'single'}"])
     _run([*common, f"hydra.run.dir={tmp_path / 'fsdp'}", "trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2",
           "trainer.precision=32-true"])
