@@ -31,7 +31,9 @@ def strategy_family(strategy: Any, devices: Any) -> str:
     name = name.lower()
     if "modelparallel" in name:  # Lightning's FSDP2 strategy (conf/trainer/fsdp.yaml)
         return "fsdp"
-    for family in ("fsdp", "deepspeed", "ddp"):
+    if "fsdp" in name:  # Lightning's FSDPStrategy: FSDP1's flat parameters, which nothing here supports
+        return "fsdp1"
+    for family in ("deepspeed", "ddp"):
         if family in name:
             return family
     if name in ("auto", "single_device", "singledevicestrategy") and devices in (1, "1", None):

@@ -71,12 +71,18 @@ class CLMethod(Callback):
             raise ConfigError(f"method {self.name} does not train LoRA adapters (model.lora.enabled=true): "
                               f"{self.lora_refusal}")
 
+    @staticmethod
+    def check_strategy_family(cfg: Any) -> str:
+        """The strategy family of a run config (single_device, ddp, fsdp, deepspeed)."""
+        return strategy_family(cfg.trainer.get("strategy", "auto"), cfg.trainer.get("devices", 1))
+
     def check_strategy(self, strategy: Any, devices: Any) -> None:
         family = strategy_family(strategy, devices)
         if family not in self.supported_strategies:
+            hint = "; for FSDP use trainer=fsdp (FSDP2, fully_shard)" if family == "fsdp1" else ""
             raise ConfigError(
                 f"method {self.name} supports trainer strategies {list(self.supported_strategies)}; "
-                f"trainer.strategy is {family}, which is not one of them"
+                f"trainer.strategy is {family}, which is not one of them{hint}"
             )
 
     def on_stream_start(self, module: "CLModule", stream: "TaskStream") -> None:

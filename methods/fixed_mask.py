@@ -12,7 +12,8 @@ from typing import Sequence
 
 import torch
 
-from cl_bench.errors import check_choice, check_fraction
+from cl_bench.errors import ConfigError, check_choice, check_fraction
+from cl_bench.training.sharding import full_weights, is_sharded
 from methods.base import CLMethod, trainable_bytes
 from methods.masking import (
     AGGREGATES, DIRECTIONS, REDUCTIONS, SCOPES, VECTORS, GradientMask, aggregate, expand,
@@ -33,6 +34,7 @@ class FixedMaskMethod(CLMethod):
     name = "fixed_mask"
     trains_lora = True  # scores and masks over the trainable weights: the adapters' rows under LoRA
     masks_gradients = True
+    supported_strategies = ("single_device", "ddp", "fsdp")
 
     def __init__(
         self,
@@ -90,10 +92,11 @@ class FixedMaskMethod(CLMethod):
         self.task_index = task_index
         if task_index == 0 and self.skip_first_task:
             return
-        params = select_parameters(module.model, self.param_patterns, "method.param_patterns")
         start = time.perf_counter()
-        masks = self.build_masks(self.scores(module, task, params))
-        self.mask = GradientMask(params, masks)
+        with full_weights(module.model):  # FSDP: every process scores the whole parameters
+            params = select_parameters(module.model, self.param_patterns, "method.param_patterns")
+            masks = self.build_masks(self.scores(module, task, params))
+            self.mask = GradientMask(params, masks)
         groups = defaultdict(list)
         for n in masks:
             groups[layer_group(n)].append(n)
@@ -103,12 +106,24 @@ class FixedMaskMethod(CLMethod):
         metrics.update({f"{self.name}/updated_fraction/{g}": self.mask.updated_fraction(ns) for g, ns in groups.items()})
         module.log_metrics(metrics)
 
+    def check_run(self, cfg) -> None:
+        super().check_run(cfg)
+        if self.check_strategy_family(cfg) == "fsdp" and not cfg.optimizer.get("reset_per_task", True):
+            raise ConfigError(f"method {self.name} under trainer=fsdp needs optimizer.reset_per_task=true: the "
+                              "moments an optimizer carries over would move the frozen rows of each shard")
+
     def on_train_start(self, trainer, pl_module) -> None:
+        if self.mask is not None and is_sharded(pl_module.model):
+            self.mask.mask_at_step()  # FSDP: the sharded parameters get their gradients after autograd
         if self.mask is not None:
             frozen_entries_need_zero_decay(trainer, self.name)
             # an optimizer kept across tasks (optimizer.reset_per_task=false) carries moments that
             # would move frozen entries without a gradient: clear them there
             self.mask.clear_optimizer_state(trainer.optimizers)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if self.mask is not None and not self.mask.handles:
+            self.mask.apply(pl_module.model)
 
     def on_task_end(self, module, task, task_index: int) -> None:
         if self.mask is not None:

@@ -13,6 +13,7 @@ from typing import Iterable
 import torch
 
 from cl_bench.errors import ConfigError, check_choice
+from cl_bench.training.sharding import mask_shard_
 from methods.base import refuse_weight_decay
 
 AGGREGATES = ("row", "column", "element")
@@ -103,6 +104,17 @@ class GradientMask:
         self.names = {id(params[n]): n for n in masks}
         self.masks = {n: m.to(device=params[n].device, dtype=params[n].dtype) for n, m in masks.items()}
         self.handles = [params[n].register_post_accumulate_grad_hook(self._hook(n)) for n in self.masks]
+
+    def mask_at_step(self) -> None:
+        """For a sharded model (FSDP), whose parameters are not the ones autograd accumulates into:
+        no hooks; :meth:`apply` masks each gradient shard before the optimizer step instead."""
+        self.remove()
+
+    def apply(self, model: torch.nn.Module) -> None:
+        """Mask the (sharded) gradients of ``model``'s parameters by name, in place."""
+        for name, p in model.named_parameters():
+            if name in self.masks and p.grad is not None:
+                mask_shard_(p.grad, self.masks[name])
 
     def _hook(self, name: str):
         def hook(p):

@@ -32,7 +32,7 @@ import torch
 
 from cl_bench.distributed import average_across_ranks
 from cl_bench.errors import ConfigError, check_fraction
-from cl_bench.training.sharding import mask_rows_
+from cl_bench.training.sharding import mask_shard_
 from methods.base import CLMethod
 
 
@@ -123,7 +123,7 @@ class MIGU(CLMethod):
         for n, keep in masks.items():
             grad = self.layers[n].weight.grad
             if grad is not None:
-                mask_rows_(grad, keep)  # under FSDP, the rows of this process's shard
+                mask_shard_(grad, keep.unsqueeze(1))  # under FSDP, the rows of this process's shard
         self.last_masks = masks
         self.sums = {}
         if pl_module.should_log and masks:

@@ -454,7 +454,7 @@ def test_the_readme_s_adding_a_method_snippet_runs_as_written(tmp_path):
         (["method=fggm", "method.param_patterns=[nothing.*]"], r"method.param_patterns \['nothing.\*'\] match no"),
         (["method=migu", "method.module_patterns=[nothing]"], "method.module_patterns .* match no nn.Linear"),
         (["method=hft", "method.block_pattern=blocks"], "match no transformer block"),
-        (["method=fggm", "trainer.strategy=fsdp"], r"method fggm supports trainer strategies \['single_device', 'ddp'\]"),
+        (["method=fggm", "trainer.strategy=fsdp"], r"trainer.strategy is fsdp1, .* use trainer=fsdp \(FSDP2"),
         (["method=fggm", "trainer.strategy=deepspeed_stage_2"], "trainer.strategy is deepspeed, which is not one"),
         (["method=ewc", "trainer=deepspeed"], "method ewc supports .*trainer.strategy is deepspeed"),
         (["method=ewc", "trainer=fsdp"], "method ewc supports .*trainer.strategy is fsdp"),

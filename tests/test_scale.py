@@ -168,15 +168,20 @@ def test_ddp_on_two_processes_matches_one_process(method, tmp_path):
 
 
 @pytest.mark.processes
-@pytest.mark.parametrize("method", ["sft", "migu"])
+@pytest.mark.parametrize("method", ["sft", "migu", "fggm"])
 def test_fsdp_on_two_processes_matches_one_process(method, tmp_path):
     """trainer=fsdp (FSDP2's fully_shard through Lightning's ModelParallelStrategy) on 2 gloo
     processes: the parameters, gradients and AdamW state are row shards, evaluation gathers the
     whole model per stage, the stage checkpoint gathers it on rank 0; the score matrix and the
-    weights equal one process's. MIGU masks the rows of each gradient shard. The tolerance is 2e-5,
+    weights equal one process's. MIGU masks the rows of each gradient shard; FGGM scores the whole
+    (gathered) parameters on every process and masks each gradient shard, and its frozen rows stay
+    bitwise equal over task 2 under FSDP. The tolerance is 2e-5,
     not DDP's 1e-6: FSDP2 reduce-scatters the gradient sum and clips by a norm summed over shards, a
     float order of its own (measured: sft 4e-9, migu 2e-6; replay, 1.1e-5 on embedding rows, passed and was left out for time)."""
     common = [*TINY_RUN, "tasks.order=[arith,code]", "eval.max_examples=2", f"method={method}", "train.batch_size=4"]
+    if method == "fggm":
+        common += ["method._target_=tests.ddp_probe.RecordingFGGM", f"+method.dump_dir={tmp_path / 'masks'}",
+                   "checkpoint.keep_stages=null"]
     _run([*common, f"hydra.run.dir={tmp_path / 'single'}"])
     _run([*common, f"hydra.run.dir={tmp_path / 'fsdp'}", "trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2",
           "trainer.precision=32-true"])
@@ -185,19 +190,26 @@ def test_fsdp_on_two_processes_matches_one_process(method, tmp_path):
     assert w2.keys() == w1.keys() and not any(hasattr(v, "device_mesh") for v in w2.values())  # gathered whole
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=2e-5)
+    if method == "fggm":
+        masks = torch.load(tmp_path / "masks" / "rank1-task1.pt", weights_only=True)["masks"]
+        before = torch.load(tmp_path / "fsdp" / "checkpoints" / "stage-001.pt", weights_only=True)["model"]
+        frozen = {n: ~m.bool().expand(w2[n].shape) for n, m in masks.items()}
+        assert sum(f.sum() for f in frozen.values()) > 0
+        assert all(torch.equal(w2[n][f], before[n][f]) for n, f in frozen.items())
 
 
 def test_a_row_mask_acts_on_the_rows_of_each_shard():
     """FSDP2 splits dim 0 in chunks of ceil(rows / processes); each process masks its own rows
     (the DTensor path runs in test_fsdp_on_two_processes_matches_one_process[migu])."""
-    from cl_bench.training.sharding import mask_rows_, shard_rows
+    from cl_bench.training.sharding import mask_shard_, shard_rows
     assert [shard_rows(5, 2, i) for i in (0, 1)] == [slice(0, 3), slice(3, 5)]
     assert [shard_rows(2, 4, i) for i in range(4)] == [slice(0, 1), slice(1, 2), slice(2, 2), slice(2, 2)]
     whole = torch.arange(15.0).view(5, 3)
     keep = torch.tensor([True, False, True, False, True])
-    masked = whole.clone()
-    mask_rows_(masked, keep)
-    assert torch.equal(masked, whole * keep[:, None])
+    masked, columns = whole.clone(), whole.clone()
+    mask_shard_(masked, keep[:, None])
+    mask_shard_(columns, keep[None, :3])
+    assert torch.equal(masked, whole * keep[:, None]) and torch.equal(columns, whole * keep[None, :3])
 
 
 @pytest.mark.processes
