@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from cl_bench.distributed import is_distributed, rank, world_size
 from cl_bench.errors import check_choice, check_number
+from cl_bench.training.sharding import full_weights, local, local_rows
 from methods.base import CLMethod, trainable_bytes
 from methods.importance import check_fisher_args, diagonal_fisher, overall_mean
 from methods.masking import select_parameters
@@ -40,6 +41,7 @@ STORAGE_DTYPES = ("float32", "bfloat16")
 
 class EWC(CLMethod):
     name = "ewc"
+    supported_strategies = ("single_device", "ddp", "fsdp")
     trains_lora = True  # F and theta* over the trainable weights: the adapters under LoRA
 
     def __init__(
@@ -69,9 +71,17 @@ class EWC(CLMethod):
         self.scratch: dict[torch.dtype, torch.Tensor] = {}
         #: 1 / accumulate_grad_batches of the current fit (Lightning scales the task loss the same way)
         self.grad_scale = 1.0
+        #: under FSDP (trainer=fsdp): F and theta* are kept as the rows of this process's shards
+        self.row_shards = False
+
+    def check_run(self, cfg) -> None:
+        super().check_run(cfg)
+        self.row_shards = self.check_strategy_family(cfg) == "fsdp"
 
     def _params(self, module) -> dict[str, torch.nn.Parameter]:
         """The parameters this process keeps state for (its share when the state is sharded)."""
+        if self.row_shards:  # FSDP replaces the parameters at its first fit: look them up each time
+            self.params = select_parameters(module.model, self.param_patterns, "method.param_patterns")
         if not self.params:
             params = select_parameters(module.model, self.param_patterns, "method.param_patterns")
             if self.sharded:
@@ -82,7 +92,8 @@ class EWC(CLMethod):
 
     @property
     def sharded(self) -> bool:
-        return self.shard_state and is_distributed()
+        """Whole tensors owned by one process each (DDP); FSDP's row shards are :attr:`row_shards`."""
+        return self.shard_state and is_distributed() and not self.row_shards
 
     def on_stream_start(self, module, stream) -> None:
         self._params(module)
@@ -101,9 +112,9 @@ class EWC(CLMethod):
         total = 0.0
         for fisher, anchor in self.consolidated:
             for n, p in self.params.items():
-                diff = self._diff(p, anchor[n])
+                diff = self._diff(local(p), anchor[n])
                 total += torch.dot(fisher[n].flatten().to(diff.dtype), diff.square_().flatten()).item()
-        if self.sharded:
+        if self.sharded or (self.row_shards and is_distributed()):
             box = torch.tensor([total], dtype=torch.float64, device=next(iter(self.params.values())).device)
             dist.all_reduce(box)
             total = box.item()
@@ -121,7 +132,7 @@ class EWC(CLMethod):
             grad.addcmul_(fisher[name], self._diff(p, anchor[name]), value=self.lambda_ * self.grad_scale)
 
     def on_task_start(self, module, task, task_index: int) -> None:
-        if self.consolidated:
+        if self.consolidated and not self.row_shards:
             self.handles = [p.register_post_accumulate_grad_hook(self._penalty_hook(n))
                             for n, p in self._params(module).items()]
 
@@ -132,6 +143,10 @@ class EWC(CLMethod):
         self.grad_scale = (world_size() if self.sharded else 1.0) / trainer.accumulate_grad_batches
         device = pl_module.device
         self.place_state(device)
+        if self.row_shards:
+            self._params(pl_module)
+            self.consolidated = [(self._rows(fisher), self._rows(anchor)) for fisher, anchor in self.consolidated]
+            return
         largest: dict[torch.dtype, int] = {}
         for p in self.params.values():
             largest[p.dtype] = max(largest.get(p.dtype, 0), p.numel())
@@ -141,6 +156,20 @@ class EWC(CLMethod):
         """Move the consolidated Fisher and anchors to ``device``."""
         self.consolidated = [({n: f.to(device) for n, f in fisher.items()}, {n: a.to(device) for n, a in anchor.items()})
                              for fisher, anchor in self.consolidated]
+
+    def _rows(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``state`` cut to the rows of this process's shard of each parameter (kept if it is cut)."""
+        return {n: t[local_rows(self.params[n])].clone() if t.shape[0] == self.params[n].shape[0]
+                and t.shape[0] != local(self.params[n]).shape[0] else t for n, t in state.items()}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        """Under FSDP: the penalty's gradient on each (reduced) gradient shard, once per step."""
+        if not (self.row_shards and self.consolidated):
+            return
+        for n, p in self._params(pl_module).items():
+            if p.grad is not None:
+                for fisher, anchor in self.consolidated:
+                    local(p.grad).addcmul_(fisher[n], local(p).detach() - anchor[n], value=self.lambda_)
 
     def _penalty_hook(self, name: str):
         def hook(p):
@@ -155,10 +184,14 @@ class EWC(CLMethod):
         self.handles, self.scratch = [], {}
 
     def on_task_end(self, module, task, task_index: int) -> None:
-        params = self._params(module)
         self.release_hooks()
-        anchor = {n: p.detach().to(self.dtype).clone() for n, p in params.items()}
-        new = self.importance(module, task, params)
+        with full_weights(module.model):  # FSDP: every process estimates F on the gathered weights
+            params = self._params(module)
+            anchor = {n: p.detach().to(self.dtype).clone() for n, p in params.items()}
+            new = self.importance(module, task, params)
+        if self.row_shards:
+            self._params(module)
+            anchor, new = self._rows(anchor), self._rows(new)
         if self.mode == "separate" or not self.consolidated:
             self.consolidated.append(({n: f.to(self.dtype) for n, f in new.items()}, anchor))
         else:
@@ -182,7 +215,9 @@ class EWC(CLMethod):
     def state_dict(self):
         """The whole state; a sharded one is gathered on rank 0 (which writes checkpoints)."""
         consolidated = self.consolidated
-        if self.sharded:
+        if self.row_shards and is_distributed() and self.params:
+            consolidated = [(gather_rows(fi, self.params), gather_rows(an, self.params)) for fi, an in consolidated]
+        elif self.sharded:
             local = [({n: f.cpu() for n, f in fi.items()}, {n: a.cpu() for n, a in an.items()}) for fi, an in consolidated]
             parts = [None] * world_size() if rank() == 0 else None
             dist.gather_object(local, parts, dst=0)
@@ -197,6 +232,15 @@ class EWC(CLMethod):
         self.consolidated = [({n: f for n, f in fi.items() if keep is None or n in keep},
                               {n: a for n, a in an.items() if keep is None or n in keep})
                              for fi, an in state_dict["consolidated"]]
+
+
+def gather_rows(state: dict[str, torch.Tensor], params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Row shards of each tensor (FSDP) put back together in rank order on every process (CPU)."""
+    if all(t.shape[0] == params[n].shape[0] for n, t in state.items()):
+        return state  # whole already (e.g. just restored)
+    parts = [None] * world_size()
+    dist.all_gather_object(parts, {n: t.cpu() for n, t in state.items()})
+    return {n: torch.cat([part[n] for part in parts]) for n in state}
 
 
 def shard_by_size(sizes: dict[str, int], world: int) -> dict[str, int]:

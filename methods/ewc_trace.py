@@ -25,6 +25,7 @@ from methods.ewc import EWC
 
 class TraceEWC(EWC):
     name = "ewc_trace"
+    supported_strategies = ("single_device", "ddp")  # F from hooks on the parameters' gradients
 
     def __init__(self, lambda_: float = 400.0, param_patterns: Sequence[str] | None = None):
         super().__init__(lambda_=lambda_, param_patterns=param_patterns, shard_state=False)

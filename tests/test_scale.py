@@ -168,20 +168,23 @@ def test_ddp_on_two_processes_matches_one_process(method, tmp_path):
 
 
 @pytest.mark.processes
-@pytest.mark.parametrize("method", ["sft", "migu", "fggm"])
+@pytest.mark.parametrize("method", ["sft", "migu", "fggm", "ewc"])
 def test_fsdp_on_two_processes_matches_one_process(method, tmp_path):
     """trainer=fsdp (FSDP2's fully_shard through Lightning's ModelParallelStrategy) on 2 gloo
     processes: the parameters, gradients and AdamW state are row shards, evaluation gathers the
     whole model per stage, the stage checkpoint gathers it on rank 0; the score matrix and the
     weights equal one process's. MIGU masks the rows of each gradient shard; FGGM scores the whole
     (gathered) parameters on every process and masks each gradient shard, and its frozen rows stay
-    bitwise equal over task 2 under FSDP. The tolerance is 2e-5,
+    bitwise equal over task 2 under FSDP. EWC keeps F and theta* as the rows of each shard and adds
+    the penalty's gradient to each gradient shard. The tolerance is 2e-5,
     not DDP's 1e-6: FSDP2 reduce-scatters the gradient sum and clips by a norm summed over shards, a
     float order of its own (measured: sft 4e-9, migu 2e-6; replay, 1.1e-5 on embedding rows, passed and was left out for time)."""
     common = [*TINY_RUN, "tasks.order=[arith,code]", "eval.max_examples=2", f"method={method}", "train.batch_size=4"]
     if method == "fggm":
         common += ["method._target_=tests.ddp_probe.RecordingFGGM", f"+method.dump_dir={tmp_path / 'masks'}",
                    "checkpoint.keep_stages=null"]
+    if method == "ewc":
+        common += ["method.num_samples=4", "method.lambda_=1e9", "optimizer.lr=1e-3"]  # 5e-4 from SFT's weights
     _run([*common, f"hydra.run.dir={tmp_path / 'single'}"])
     _run([*common, f"hydra.run.dir={tmp_path / 'fsdp'}", "trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2",
           "trainer.precision=32-true"])
@@ -190,6 +193,13 @@ def test_fsdp_on_two_processes_matches_one_process(method, tmp_path):
     assert w2.keys() == w1.keys() and not any(hasattr(v, "device_mesh") for v in w2.values())  # gathered whole
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=2e-5)
+    if method == "ewc":  # the row shards of F and theta*, gathered whole into the stage checkpoint
+        (f1, a1), (f2, a2) = (torch.load(sorted((tmp_path / d / "checkpoints").glob("stage-*.pt"))[-1],
+                                         weights_only=True)["method"]["consolidated"][0] for d in ("single", "fsdp"))
+        assert f2.keys() == f1.keys() and all(f2[n].shape == f1[n].shape for n in f1)
+        for n in f1:
+            torch.testing.assert_close(f2[n], f1[n], rtol=1e-4, atol=1e-9)
+            torch.testing.assert_close(a2[n], a1[n], rtol=0, atol=2e-5)
     if method == "fggm":
         masks = torch.load(tmp_path / "masks" / "rank1-task1.pt", weights_only=True)["masks"]
         before = torch.load(tmp_path / "fsdp" / "checkpoints" / "stage-001.pt", weights_only=True)["model"]
