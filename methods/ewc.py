@@ -20,6 +20,9 @@ share of the parameter tensors (balanced by size), estimates the Fisher only for
 world_size * lambda * F (theta - theta*) to their gradients; DDP's mean over processes then gives
 every process exactly the penalty gradient, with 1 / world_size of the state per process (a 7B
 model's fp32 Fisher and anchor are 56 GB). Checkpoints gather the shards on rank 0.
+Under FSDP (``trainer=fsdp``) every process estimates F on the gathered weights, keeps F and theta*
+as the rows of its own parameter shards, and adds lambda * F (theta - theta*) to its reduced
+gradient shard once per optimizer step (the parameter hooks would not fire on sharded parameters).
 """
 from __future__ import annotations
 
