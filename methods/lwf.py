@@ -33,6 +33,7 @@ import torch
 from cl_bench.data.tokenization import IGNORE_INDEX
 from cl_bench.errors import ConfigError, check_choice, check_number
 from cl_bench.training.lm import labelled_logits, labelled_mean
+from cl_bench.training.sharding import full_weights
 from methods.base import CLMethod
 
 TEACHERS = ("copy", "topk")
@@ -64,6 +65,7 @@ def distillation(student: torch.Tensor, teacher: torch.Tensor, temperature: floa
 
 class LwF(CLMethod):
     name = "lwf"
+    supported_strategies = ("single_device", "ddp", "fsdp")  # fsdp: with teacher=topk (check_run)
     trains_lora = True  # the teacher is a copy of the model, adapters included
 
     def __init__(self, lambda_: float = 1.0, temperature: float = 2.0, teacher: str = "copy", top_k: int = 64,
@@ -80,6 +82,12 @@ class LwF(CLMethod):
         #: example key -> (top-k logits [answer positions, k], their token ids)
         self.cache: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
 
+    def check_run(self, cfg) -> None:
+        super().check_run(cfg)
+        if self.teacher_kind == "copy" and self.check_strategy_family(cfg) == "fsdp":
+            raise ConfigError("method lwf's frozen teacher copy cannot be taken of a sharded model: under "
+                              "trainer=fsdp use method.teacher=topk (the teacher's top-k logits, cached before the task)")
+
     def on_task_start(self, module, task, task_index: int) -> None:
         self.teacher, self.cache = None, {}
         if task_index == 0:
@@ -89,7 +97,8 @@ class LwF(CLMethod):
             self.teacher = copy.deepcopy(module.model).eval().requires_grad_(False)
             state = sum(p.numel() * p.element_size() for p in self.teacher.parameters())
         else:
-            self.cache = self.top_logits(module.model, module.pass_loader(task.train))
+            with full_weights(module.model):  # FSDP: every process caches every example's logits
+                self.cache = self.top_logits(module.model, module.pass_loader(task.train))
             state = sum(v.numel() * v.element_size() + i.numel() * i.element_size() for v, i in self.cache.values())
         module.log_metrics({"lwf/teacher_bytes": state, "lwf/teacher_s": time.perf_counter() - start})
 

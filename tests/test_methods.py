@@ -458,6 +458,7 @@ def test_the_readme_s_adding_a_method_snippet_runs_as_written(tmp_path):
         (["method=fggm", "trainer.strategy=deepspeed_stage_2"], "trainer.strategy is deepspeed, which is not one"),
         (["method=ewc", "trainer=deepspeed"], "method ewc supports .*trainer.strategy is deepspeed"),
         (["method=agem", "trainer=fsdp"], "method agem supports .*trainer.strategy is fsdp"),
+        (["method=lwf", "trainer=fsdp"], "under trainer=fsdp use method.teacher=topk"),
     ],
 )
 def test_bad_method_settings_fail_before_training(make_config, overrides, message):

@@ -120,7 +120,7 @@ def _final(run_dir: Path):
 
 #: method -> the sharded strategies each is compared in with one process (one single-process run each)
 SHARDED = {"fggm": ("ddp", "fsdp"), "ewc": ("ddp", "fsdp"), "agem": ("ddp",), "olora": ("ddp",),
-           "sft": ("fsdp",), "migu": ("fsdp",)}
+           "sft": ("fsdp",), "migu": ("fsdp",), "lwf": ("fsdp",)}
 
 
 @pytest.mark.processes
@@ -139,7 +139,8 @@ def test_two_processes_match_one_process(method, tmp_path):
     replay, 1.1e-5 on embedding rows, passed once and is left out for time). MIGU masks the rows of
     each gradient shard; FGGM scores the gathered parameters on every process, masks each gradient
     shard, and its frozen rows stay bitwise equal over task 2; EWC keeps F and theta* as the rows of
-    each shard and adds the penalty's gradient to each gradient shard.
+    each shard and adds the penalty's gradient to each gradient shard; LwF (teacher=topk) caches the
+    teacher's logits with the gathered weights on every process.
     AdamW's eps is raised to 1 so its update is proportional to the gradient: with the default
     1e-8, coordinates whose gradient is ~0 get a +-lr step whose sign is float noise.
     """
@@ -148,7 +149,8 @@ def test_two_processes_match_one_process(method, tmp_path):
     dump = (lambda name: [f"+method.dump_dir={tmp_path / 'masks' / name}"]) if method == "fggm" else (lambda name: [])
     common += {"fggm": ["method._target_=tests.ddp_probe.RecordingFGGM"],
                "ewc": ["method.num_samples=4", "method.lambda_=1e9", "optimizer.lr=1e-3"],  # 5e-4 from SFT's weights
-               "olora": ["model.lora.dropout=0"]}.get(method, [])  # dropout draws per example
+               "olora": ["model.lora.dropout=0"],  # dropout draws per example
+               "lwf": ["method.teacher=topk", "method.lambda_=100", "optimizer.lr=1e-3"]}.get(method, [])  # 6e-4 from SFT
     _run([*common, *dump("single"), f"hydra.run.dir={tmp_path / 'single'}"])
     r1, w1 = _final(tmp_path / "single")
     for strategy in SHARDED[method]:
