@@ -187,3 +187,19 @@ def test_lora_runs_are_never_averaged_with_full_fine_tuning(tmp_path):
     (lora / "results.json").write_text(json.dumps(data))
     rows = aggregate(group_runs(find_runs([tmp_path])))
     assert sorted(r["model"] for r in rows) == ["tiny_llama", "tiny_llama+lora(r=8, alpha=16, q_proj,v_proj)"]
+
+
+def test_many_panels_wrap_into_rows_of_four():
+    """7 methods: a 2 x 4 grid with 7 panels shown in reading order and the 8th hidden."""
+    import matplotlib.pyplot as plt
+    from cl_bench.recording.report import _grid
+    fig, axes = _grid(7, 3, 3)
+    grid = fig.axes
+    assert len(grid) == 8 and len(axes) == 7 and axes == grid[:7]
+    assert [ax.get_visible() for ax in grid] == [True] * 7 + [False]
+    assert [ax.get_subplotspec().rowspan.start for ax in axes] == [0] * 4 + [1] * 3
+    assert tuple(fig.get_size_inches()) == (13.0, 6.0)
+    plt.close(fig)
+    fig, axes = _grid(2, 3, 3)
+    assert len(fig.axes) == 2 and tuple(fig.get_size_inches()) == (7.0, 3.0)
+    plt.close(fig)

@@ -100,8 +100,8 @@ def figures(groups: dict[tuple, list[RunResult]], rows: list[dict]) -> dict[str,
         labels = list(mine)
         tasks = list(setting[1])
         n = len(labels)
-        fig, axes = plt.subplots(1, n, figsize=(3.2 * n + 1, 3.4), squeeze=False)
-        for ax, label in zip(axes[0], labels):
+        fig, axes = _grid(n, 3.2, 3.4)
+        for ax, label in zip(axes, labels):
             R = mean_matrix(mine[label])
             trained = ["joint"] if len(R) == 2 and len(tasks) > 1 and mine[label][0].joint else tasks
             draw_score_matrix(ax, R, tasks, ["base"] + [f"after {t}" for t in trained][: len(R) - 1], label)
@@ -109,7 +109,7 @@ def figures(groups: dict[tuple, list[RunResult]], rows: list[dict]) -> dict[str,
         pngs[f"setting{k + 1}_score_matrices.png"] = _png(fig)
 
         bars = [m for m in _shown(list(stats.values())) if m in BAR_METRICS or m in CONTINUAL_METRICS]
-        fig, axes = plt.subplots(1, len(bars), figsize=(3 * len(bars), 3.2))
+        fig, axes = _grid(len(bars), 3, 3.2)
         for ax, m in zip(axes, bars):
             means = [stats[lab][m]["mean"] or 0 for lab in labels]
             errs = [stats[lab][m]["std"] or 0 for lab in labels]
@@ -120,15 +120,15 @@ def figures(groups: dict[tuple, list[RunResult]], rows: list[dict]) -> dict[str,
         fig.suptitle("CL metrics, mean ± std over seeds", fontsize=9)
         pngs[f"setting{k + 1}_cl_metrics.png"] = _png(fig)
 
-        fig, axes = plt.subplots(1, n, figsize=(3.2 * n + 1, 3), squeeze=False, sharey=True)
-        for ax, label in zip(axes[0], labels):
+        fig, axes = _grid(n, 3.2, 3, sharey=True)
+        for ax, label in zip(axes, labels):
             R = mean_matrix(mine[label])
             for j, task in enumerate(tasks):
                 ax.plot(range(len(R)), [row[j] for row in R], marker="o", markersize=3, label=task)
             ax.set_title(label, fontsize=8)
             ax.set_xlabel("stage (0 = untrained)", fontsize=7)
-        axes[0][0].set_ylabel("score", fontsize=7)
-        axes[0][-1].legend(fontsize=6, loc="best")
+            ax.set_ylabel("score", fontsize=7)
+        axes[-1].legend(fontsize=6, loc="best")
         fig.suptitle("Each task's score across the stages", fontsize=9)
         pngs[f"setting{k + 1}_task_curves.png"] = _png(fig)
 
@@ -153,8 +153,8 @@ def continual_figure(curves: dict[str, dict], tasks: list[str]) -> bytes:
     """Per method, each task's continual-evaluation score (mean over seeds) against the stream
     step; dotted lines where a task's training ends. The stability gap is the dip right after one."""
     n = len(curves)
-    fig, axes = plt.subplots(1, n, figsize=(max(3.4 * n + 1, 6.5), 3.1), squeeze=False, sharey=True)
-    for ax, (label, c) in zip(axes[0], curves.items()):
+    fig, axes = _grid(n, 3.4, 3.1, sharey=True)
+    for ax, (label, c) in zip(axes, curves.items()):
         for j, task in enumerate(tasks):
             pts = [(s, v) for s, v in zip(c["steps"], c["scores"].get(task, [])) if v is not None]
             if pts:
@@ -168,9 +168,25 @@ def continual_figure(curves: dict[str, dict], tasks: list[str]) -> bytes:
         ax.set_ylabel(" / ".join("answer log-likelihood per token" if m == "loglik" else "task metric"
                                  for m in measures), fontsize=7)
         ax.tick_params(labelsize=6)
-    axes[0][-1].legend(fontsize=6, loc="best")
+    axes[-1].legend(fontsize=6, loc="best")
     fig.suptitle("Continual evaluation: the seen tasks during training (dotted: a task ends)", fontsize=9)
     return _png(fig)
+
+
+#: panels per row of a multi-panel figure (more wrap onto further rows, so a figure stays readable)
+PANELS_PER_ROW = 4
+
+
+def _grid(count: int, width: float, height: float, **kwargs):
+    """A figure of ``count`` panels of ``width`` x ``height`` inches, at most :data:`PANELS_PER_ROW`
+    a row; returns it with the used axes in reading order (the unused ones hidden)."""
+    cols = min(count, PANELS_PER_ROW)
+    rows = -(-count // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols + 1, height * rows), squeeze=False, **kwargs)
+    flat = [ax for row in axes for ax in row]
+    for ax in flat[count:]:
+        ax.set_visible(False)
+    return fig, flat[:count]
 
 
 def _png(fig) -> bytes:
