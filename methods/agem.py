@@ -16,6 +16,10 @@ same way: the memory batch is laid out over processes and micro-batches as a tra
 and averaged over processes, so both vectors and the projection are those of one process. The
 memory batch of a step is drawn from the seed and the stream step alone: a resumed run draws the
 same ones. The memory holds examples (checkpointed), not tensors.
+
+Under FSDP (``trainer=fsdp``) the gradients are row shards: the memory batch's gradient comes from
+an ordinary backward (FSDP reduce-scatters it, averaged over processes, into each process's rows),
+the two dot products are summed over the shards, and each process projects its own rows.
 """
 from __future__ import annotations
 
@@ -25,22 +29,27 @@ import torch
 
 from cl_bench.data.batching import layout
 from cl_bench.data.tasks import Example
-from cl_bench.distributed import average_across_ranks, rank, world_size
+import torch.distributed as dist
+
+from cl_bench.distributed import average_across_ranks, is_distributed, rank, world_size
 from cl_bench.errors import ConfigError, check_number
 from cl_bench.rng import derive_seed
 from cl_bench.training.lm import causal_lm_loss
+from cl_bench.training.sharding import is_sharded, local
 from methods.base import CLMethod, trainable_bytes
 from methods.importance import sample_examples
 
 
-def project(grads: list[torch.Tensor], reference: list[torch.Tensor]) -> tuple[float, bool]:
-    """A-GEM's projection of ``grads`` against ``reference``, in place; returns (g . g_ref, projected)."""
+def project(grads: list[torch.Tensor], reference: list[torch.Tensor], shards: bool = False) -> tuple[float, bool]:
+    """A-GEM's projection of ``grads`` against ``reference``, in place; returns (g . g_ref, projected).
+    ``shards``: each process holds its own rows of every tensor; the dot products sum over processes."""
     # per-tensor dot products in the gradients' dtype (fp32 accumulation), summed in float64
-    dot = torch.stack([torch.dot(g.flatten(), r.flatten()) for g, r in zip(grads, reference)]).double().sum().item()
-    if dot >= 0:
-        return dot, False
-    norm = torch.stack([torch.dot(r.flatten(), r.flatten()) for r in reference]).double().sum().item()
-    if norm == 0:
+    dots = torch.stack([torch.stack([torch.dot(g.flatten(), r.flatten()), torch.dot(r.flatten(), r.flatten())])
+                        for g, r in zip(grads, reference)]).double().sum(0)
+    if shards and is_distributed():
+        dist.all_reduce(dots)
+    dot, norm = dots.tolist()
+    if dot >= 0 or norm == 0:
         return dot, False
     for g, r in zip(grads, reference):
         g.sub_(r.to(g.dtype), alpha=dot / norm)
@@ -49,6 +58,7 @@ def project(grads: list[torch.Tensor], reference: list[torch.Tensor]) -> tuple[f
 
 class AGEM(CLMethod):
     name = "agem"
+    supported_strategies = ("single_device", "ddp", "fsdp")
     trains_lora = True  # projects the gradient of the trainable weights: the adapters under LoRA
 
     def __init__(self, per_task: int = 100, memory_batch_size: int | None = None, seed: int = 0):
@@ -60,6 +70,12 @@ class AGEM(CLMethod):
         self.memory: list[list[Example]] = []
         self.loaders = None
         self.projected_steps = self.steps = 0
+        #: the run is sharded (trainer=fsdp): for runners.plan, the reference gradient is a row shard
+        self.row_shards = False
+
+    def check_run(self, cfg) -> None:
+        super().check_run(cfg)
+        self.row_shards = self.check_strategy_family(cfg) == "fsdp"
 
     def on_stream_start(self, module, stream) -> None:
         loaders = module.loaders
@@ -75,13 +91,16 @@ class AGEM(CLMethod):
     def on_task_start(self, module, task, task_index: int) -> None:
         self.projected_steps = self.steps = 0
 
-    def reference_gradient(self, module, params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
-        """The task-loss gradient on this step's memory batch, as one process would compute it (a
-        memory smaller than a batch is used whole)."""
+    def memory_batches(self, module) -> list[dict[str, torch.Tensor]]:
+        """This step's memory batch, this process's micro-batches of it (a memory smaller than a
+        batch is used whole)."""
         pool = [ex for kept in self.memory for ex in kept]
         examples = sample_examples(pool, self.loaders.batch_size, derive_seed(self.seed, module.stream_step))
-        loader = self.loaders.training(examples, seed=0, rank=rank(), world_size=world_size())
-        micro = list(loader)
+        return list(self.loaders.training(examples, seed=0, rank=rank(), world_size=world_size()))
+
+    def reference_gradient(self, module, params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
+        """The task-loss gradient on this step's memory batch, as one process would compute it."""
+        micro = self.memory_batches(module)
         reference: list[torch.Tensor] | None = None
         device = params[0].device
         for batch in micro:
@@ -92,12 +111,30 @@ class AGEM(CLMethod):
         average_across_ranks(reference)
         return reference
 
+    def sharded_reference_gradient(self, module, params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
+        """The same under FSDP, as this process's rows: a backward of the memory batch (FSDP's
+        reduce-scatter averages over processes) into emptied ``.grad``, the step's gradient put back."""
+        step = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        micro = self.memory_batches(module)
+        device = local(params[0]).device
+        for batch in micro:
+            (causal_lm_loss(module.model, {k: v.to(device) for k, v in batch.items()}) / len(micro)).backward()
+        reference = [torch.zeros_like(local(p)) if p.grad is None else local(p.grad) for p in params]
+        for p, g in zip(params, step):
+            p.grad = g
+        return reference
+
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if not self.memory:
             return
         params = [p for p in pl_module.model.parameters() if p.requires_grad and p.grad is not None]
-        reference = self.reference_gradient(pl_module, params)
-        dot, projected = project([p.grad for p in params], reference)
+        if is_sharded(pl_module.model):
+            reference = self.sharded_reference_gradient(pl_module, params)
+            dot, projected = project([local(p.grad) for p in params], reference, shards=True)
+        else:
+            dot, projected = project([p.grad for p in params], self.reference_gradient(pl_module, params))
         self.steps += 1
         self.projected_steps += projected
         if pl_module.should_log:
@@ -108,6 +145,8 @@ class AGEM(CLMethod):
         self.memory.append(sample_examples(task.train, self.per_task, derive_seed(self.seed, task_index)))
 
     def planned_state(self, model, world, tasks):
+        if self.row_shards:
+            return {"reference gradient (shard)": trainable_bytes(model) // world}
         return {"reference gradient + a micro-batch's": 2 * trainable_bytes(model)}
 
     def state_dict(self):

@@ -23,6 +23,10 @@ a network of linear layers and ReLUs, W (.) g~ is exactly LRP-epsilon's relevanc
 operations pass the ordinary gradient (gradient x input), not AttnLRP's rules. What the paper
 leaves open (the rule, eps, K, the log scale, the normalisation) is set in conf/method/agft.yaml
 and listed in docs/fidelity.md.
+
+Under FSDP (``trainer=fsdp``) every process computes the relevance on the gathered weights (the same
+samples everywhere, so the same gate), keeps the gate as the rows of its own parameter shards, and
+scales its gradient shard once per optimizer step (or its shard's update).
 """
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ from cl_bench.data.tokenization import IGNORE_INDEX
 from cl_bench.errors import check_choice, check_number
 from cl_bench.rng import derive_seed
 from cl_bench.training.lm import labelled_logits
+from cl_bench.training.sharding import full_weights, gather_rows, is_sharded, local, rows_of_shards
 from methods.base import CLMethod, trainable_bytes
 from methods.importance import sample_examples
 from methods.masking import GradientMask, select_parameters
@@ -112,6 +117,7 @@ def normalise(scores: dict[str, torch.Tensor], how: str) -> dict[str, torch.Tens
 
 class AGFT(CLMethod):
     name = "agft"
+    supported_strategies = ("single_device", "ddp", "fsdp")
     trains_lora = True  # gates the trainable weights: the adapters under LoRA
 
     def __init__(self, num_samples: int = 32, top_k: int = 5, epsilon: float = 1e-6, normalize: str = "tensor",
@@ -131,17 +137,23 @@ class AGFT(CLMethod):
         self.mask: GradientMask | None = None
         self.handles: list = []
         self.before_step: dict[str, torch.Tensor] = {}
+        #: the run is sharded (trainer=fsdp): the gate is kept as the rows of each shard
+        self.row_shards = False
+
+    def check_run(self, cfg) -> None:
+        super().check_run(cfg)
+        self.row_shards = self.check_strategy_family(cfg) == "fsdp"
 
     def on_stream_start(self, module, stream) -> None:
         self.params = select_parameters(module.model, self.param_patterns, "method.param_patterns")
 
     # --- after a task: the relevance of its correctly predicted samples ---------------------------
-    def relevance(self, module, examples) -> tuple[dict[str, torch.Tensor], int]:
-        """I_tau (top-K mean of the log-scaled relevance over the correctly predicted samples, or
-        over all with ``samples: all``) and how many samples it used."""
+    def relevance(self, module, examples, params: dict[str, torch.nn.Parameter]) -> tuple[dict[str, torch.Tensor], int]:
+        """I_tau of ``params`` (top-K mean of the log-scaled relevance over the correctly predicted
+        samples, or over all with ``samples: all``) and how many samples it used."""
         model = module.model
         device = next(model.parameters()).device
-        top = TopKMean({n: p.shape for n, p in self.params.items()}, self.top_k, device)
+        top = TopKMean({n: p.shape for n, p in params.items()}, self.top_k, device)
         was_training = model.training
         model.eval()
         try:
@@ -153,7 +165,7 @@ class AGFT(CLMethod):
                         answer = targets != IGNORE_INDEX
                         if self.samples == "correct" and not bool((logits.argmax(-1) == targets)[answer].all()):
                             continue
-                        relevance = weight_relevance(logits.max(-1).values[answer].sum(), self.params)
+                        relevance = weight_relevance(logits.max(-1).values[answer].sum(), params)
                         for r in relevance.values():  # log1p(|R| / mean |R|), in place
                             r.abs_()
                             r.div_(r.mean().clamp(min=1e-30)).log1p_()
@@ -161,14 +173,19 @@ class AGFT(CLMethod):
         finally:
             model.train(was_training)
         return top.mean() if top.count else {n: torch.zeros_like(p, dtype=torch.float32)
-                                              for n, p in self.params.items()}, top.count
+                                              for n, p in params.items()}, top.count
 
     def on_task_end(self, module, task, task_index: int) -> None:
         self.release()
         start = time.perf_counter()
         examples = sample_examples(task.train, self.num_samples, derive_seed(self.seed, task_index))
-        scores, correct = self.relevance(module, examples)
+        with full_weights(module.model):  # FSDP: every process attributes with the gathered weights
+            params = select_parameters(module.model, self.param_patterns, "method.param_patterns")
+            scores, correct = self.relevance(module, examples, params)
         scores = normalise(scores, self.normalize) if correct else scores
+        if is_sharded(module.model):
+            self.params = select_parameters(module.model, self.param_patterns, "method.param_patterns")
+            scores, self.gate = rows_of_shards(scores, self.params), rows_of_shards(self.gate, self.params)
         self.gate = scores if not self.gate else {n: torch.maximum(self.gate[n], s) for n, s in scores.items()}
         module.log_metrics({"agft/correct_samples": correct, "agft/attribution_s": time.perf_counter() - start,
                             "agft/gate_mean": sum(g.sum().item() for g in self.gate.values())
@@ -180,26 +197,38 @@ class AGFT(CLMethod):
         return {n: 1 - g for n, g in self.gate.items()}
 
     def on_task_start(self, module, task, task_index: int) -> None:
-        if self.gate and self.scale == "grad":
+        if self.gate and self.scale == "grad" and not self.row_shards:
             self.mask = GradientMask(self.params, self.keep())
 
     def on_train_start(self, trainer, pl_module) -> None:
+        if self.row_shards:  # the model is sharded now: its parameters and the gate's rows
+            self.params = select_parameters(pl_module.model, self.param_patterns, "method.param_patterns")
+            self.gate = {n: g.to(local(self.params[n]).device)
+                         for n, g in rows_of_shards(self.gate, self.params).items()}
         if not self.gate or self.scale != "update":
             return
-        keep = {n: k.to(self.params[n].device, self.params[n].dtype) for n, k in self.keep().items()}
+        keep = {n: k.to(local(self.params[n]).device, self.params[n].dtype) for n, k in self.keep().items()}
         for opt in trainer.optimizers:
             self.handles.append(opt.register_step_pre_hook(lambda *_: self._remember()))
             self.handles.append(opt.register_step_post_hook(lambda *_: self._scale_updates(keep)))
 
     @torch.no_grad()
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        """Under FSDP, ``scale: grad``: each process scales its reduced gradient shard."""
+        if self.row_shards and self.gate and self.scale == "grad":
+            for n, p in self.params.items():
+                if p.grad is not None:
+                    local(p.grad).mul_(1 - self.gate[n].to(p.dtype))
+
+    @torch.no_grad()
     def _remember(self) -> None:
-        self.before_step = {n: p.detach().clone() for n, p in self.params.items()}
+        self.before_step = {n: local(p).detach().clone() for n, p in self.params.items()}
 
     @torch.no_grad()
     def _scale_updates(self, keep: dict[str, torch.Tensor]) -> None:
         for n, p in self.params.items():
             old = self.before_step[n]
-            p.sub_(old).mul_(keep[n]).add_(old)
+            local(p).sub_(old).mul_(keep[n]).add_(old)
         self.before_step = {}
 
     def on_train_end(self, trainer, pl_module) -> None:
@@ -213,10 +242,18 @@ class AGFT(CLMethod):
             self.mask = None
 
     def planned_state(self, model, world, tasks):
-        return {"gate + one task's relevance (fp32)": 2 * trainable_bytes(model, 4)}
+        """The gate, and at a task's end the relevance pass: the top-K buffers and one sample's
+        relevance (fp32, whole), under FSDP with every layer gathered."""
+        fp32 = trainable_bytes(model, 4)
+        if self.row_shards:
+            return {"gate (shard, fp32)": fp32 // world, f"relevance pass: top-{self.top_k} + 1 (fp32)":
+                    (self.top_k + 1) * fp32, "relevance pass: gathered weights": trainable_bytes(model)}
+        return {"gate (fp32)": fp32, f"relevance pass: top-{self.top_k} + 1 (fp32)": (self.top_k + 1) * fp32}
 
     def state_dict(self):
-        return {"gate": {n: g.cpu() for n, g in self.gate.items()}}
+        """The whole gate; a sharded one is gathered (every process calls this; rank 0 writes it)."""
+        gate = gather_rows(self.gate, self.params) if self.row_shards and self.gate else self.gate
+        return {"gate": {n: g.cpu() for n, g in gate.items()}}
 
     def load_state_dict(self, state_dict) -> None:
         self.gate = {n: g.to(self.params[n].device) if n in self.params else g for n, g in state_dict["gate"].items()}

@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from cl_bench.distributed import is_distributed, rank, world_size
 from cl_bench.errors import check_choice, check_number
-from cl_bench.training.sharding import full_weights, local, local_rows
+from cl_bench.training.sharding import full_weights, gather_rows, local, rows_of_shards
 from methods.base import CLMethod, trainable_bytes
 from methods.importance import check_fisher_args, diagonal_fisher, overall_mean
 from methods.masking import select_parameters
@@ -148,7 +148,8 @@ class EWC(CLMethod):
         self.place_state(device)
         if self.row_shards:
             self._params(pl_module)
-            self.consolidated = [(self._rows(fisher), self._rows(anchor)) for fisher, anchor in self.consolidated]
+            self.consolidated = [(rows_of_shards(fisher, self.params), rows_of_shards(anchor, self.params))
+                                 for fisher, anchor in self.consolidated]
             return
         largest: dict[torch.dtype, int] = {}
         for p in self.params.values():
@@ -159,11 +160,6 @@ class EWC(CLMethod):
         """Move the consolidated Fisher and anchors to ``device``."""
         self.consolidated = [({n: f.to(device) for n, f in fisher.items()}, {n: a.to(device) for n, a in anchor.items()})
                              for fisher, anchor in self.consolidated]
-
-    def _rows(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``state`` cut to the rows of this process's shard of each parameter (kept if it is cut)."""
-        return {n: t[local_rows(self.params[n])].clone() if t.shape[0] == self.params[n].shape[0]
-                and t.shape[0] != local(self.params[n]).shape[0] else t for n, t in state.items()}
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         """Under FSDP: the penalty's gradient on each (reduced) gradient shard, once per step."""
@@ -194,7 +190,7 @@ class EWC(CLMethod):
             new = self.importance(module, task, params)
         if self.row_shards:
             self._params(module)
-            anchor, new = self._rows(anchor), self._rows(new)
+            anchor, new = rows_of_shards(anchor, self.params), rows_of_shards(new, self.params)
         if self.mode == "separate" or not self.consolidated:
             self.consolidated.append(({n: f.to(self.dtype) for n, f in new.items()}, anchor))
         else:
@@ -235,15 +231,6 @@ class EWC(CLMethod):
         self.consolidated = [({n: f for n, f in fi.items() if keep is None or n in keep},
                               {n: a for n, a in an.items() if keep is None or n in keep})
                              for fi, an in state_dict["consolidated"]]
-
-
-def gather_rows(state: dict[str, torch.Tensor], params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Row shards of each tensor (FSDP) put back together in rank order on every process (CPU)."""
-    if all(t.shape[0] == params[n].shape[0] for n, t in state.items()):
-        return state  # whole already (e.g. just restored)
-    parts = [None] * world_size()
-    dist.all_gather_object(parts, {n: t.cpu() for n, t in state.items()})
-    return {n: torch.cat([part[n] for part in parts]) for n in state}
 
 
 def shard_by_size(sizes: dict[str, int], world: int) -> dict[str, int]:

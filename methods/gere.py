@@ -32,6 +32,11 @@ General texts: ``general_data`` (JSON Lines with a ``text`` field, as the author
 sample) or, by default, ``num_samples`` texts the untrained model writes itself
 (cl_bench/data/general_text.py). The authors mix general texts into the task's data (concat, or a
 fixed count per global batch); ``mode: batch`` adds a fixed count per micro-batch (docs/fidelity.md).
+
+Under DDP and FSDP every process draws its own general texts (``seed`` + rank) in batch mode; in
+concat mode they are training rows, laid out over the processes as any. The statistics come from
+the whole untrained model on every process (before FSDP shards it, at the first fit), and the
+general texts of batch mode run through the whole model's forward, so FSDP gathers every layer.
 """
 from __future__ import annotations
 
@@ -76,6 +81,7 @@ def margin_loss(hidden: torch.Tensor, band: torch.Tensor, lower: torch.Tensor, u
 
 class GeRe(CLMethod):
     name = "gere"
+    supported_strategies = ("single_device", "ddp", "fsdp")
     trains_lora = True  # its penalty is on hidden states, whatever trains
 
     def __init__(self, general_data: str | None = None, num_samples: int = 64, max_length: int = 563,
@@ -98,8 +104,8 @@ class GeRe(CLMethod):
         self.bands: list[torch.Tensor] = []
         self.lower = self.upper = None
         self.drawn = 0  # general texts drawn so far by this process
-        #: concat mode: the texts as training examples, each one's token ids -> its index, and the
-        #: final hidden state of the step's forward pass (read by a hook)
+        #: concat mode: the texts as training examples, each one's token ids -> its index; the final
+        #: hidden state of the last training forward pass (read by a hook on the decoder)
         self.examples: list[Example] = []
         self.rows: dict[tuple[int, ...], int] = {}
         self.step_hidden: torch.Tensor | None = None
@@ -122,7 +128,7 @@ class GeRe(CLMethod):
             self.texts = [encode_train(tokenizer, ex, loaders.max_prompt_len, loaders.max_ans_len)["input_ids"]
                           for ex in self.examples]
             self.rows = {tuple(t): i for i, t in enumerate(self.texts)}
-            decoder(model).register_forward_hook(self._keep_hidden)
+        decoder(model).register_forward_hook(self._keep_hidden)
         # pass 1: per-dimension moments over every token; pass 2: each entry's band (kept on the host)
         total = square = None
         count = 0
@@ -152,7 +158,7 @@ class GeRe(CLMethod):
             model.train(was_training)
 
     def _keep_hidden(self, module, args, output) -> None:
-        self.step_hidden = output.last_hidden_state if self.mode == "concat" and module.training else None
+        self.step_hidden = output.last_hidden_state if module.training else None
 
     def training_examples(self, task, task_index: int) -> list[Example]:
         return list(task.train) + self.examples  # empty in batch mode
@@ -212,10 +218,12 @@ class GeRe(CLMethod):
                 return None
             ce_general, ce, margin = parts
             return self.combine(module, task_loss, ce_general, ce, margin)
-        model = module.model
         general = self.general_batch(task_loss.device)
-        hidden = final_hidden(model, general["input_ids"], general["attention_mask"])
-        logits = model.get_output_embeddings()(hidden.to(model.dtype)).float()
+        # the whole model's forward (under FSDP its root gathers the embeddings and the head); the
+        # decoder's output, the lm_head input, is read by the hook
+        logits = module.model(input_ids=general["input_ids"], attention_mask=general["attention_mask"],
+                              use_cache=False).logits.float()
+        hidden = self.step_hidden.float()
         labels = general["input_ids"][:, 1:].masked_fill(general["attention_mask"][:, 1:] == 0, -100)
         ce_general = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(), ignore_index=-100)
         margin = margin_loss(hidden, general["bands"], self.lower.to(hidden.device), self.upper.to(hidden.device),

@@ -12,7 +12,9 @@ Frozen parameters get ``requires_grad = False``: they get no gradient, so the op
 task, or carried: a parameter without a gradient is skipped) leaves them bitwise unchanged;
 everything is unfrozen again at the end of the task. Embeddings, the final norm and the LM head
 keep training. Blocks and matrices are found by name (Llama/Qwen naming by
-default: ``layers.<i>.self_attn.q_proj`` ...).
+default: ``layers.<i>.self_attn.q_proj`` ...). Under FSDP (``trainer=fsdp``) the flags are set on the
+sharded parameters, which FSDP2 passes on to the gathered ones: a frozen matrix gets no gradient
+and is left out of the reduce-scatter.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from methods.base import CLMethod
 
 class HFT(CLMethod):
     name = "hft"
+    supported_strategies = ("single_device", "ddp", "fsdp")
     lora_refusal = ("it trains half of every block's base matrices, which LoRA freezes; its LoRA analogue "
                     "is a new adapter per task: method=inclora or olora")
 

@@ -231,7 +231,7 @@ def test_agft_top_k_mean_and_the_per_sample_pass_match_a_direct_computation():
     method = AGFT(num_samples=8, top_k=3, samples="all", param_patterns=["*layers.0.mlp.*"])
     module = _module(method)
     method.on_stream_start(module, None)
-    got, used = method.relevance(module, TASK.train[:4])
+    got, used = method.relevance(module, TASK.train[:4], method.params)
     assert used == 4
     model, expected = module.model.eval(), []
     for ex in TASK.train[:4]:  # each sample alone, no padding

@@ -457,7 +457,7 @@ def test_the_readme_s_adding_a_method_snippet_runs_as_written(tmp_path):
         (["method=fggm", "trainer.strategy=fsdp"], r"trainer.strategy is fsdp1, .* use trainer=fsdp \(FSDP2"),
         (["method=fggm", "trainer.strategy=deepspeed_stage_2"], "trainer.strategy is deepspeed, which is not one"),
         (["method=ewc", "trainer=deepspeed"], "method ewc supports .*trainer.strategy is deepspeed"),
-        (["method=agem", "trainer=fsdp"], "method agem supports .*trainer.strategy is fsdp"),
+        (["method=ewc_trace", "trainer=fsdp"], "method ewc_trace supports .*trainer.strategy is fsdp"),
         (["method=lwf", "trainer=fsdp"], "under trainer=fsdp use method.teacher=topk"),
     ],
 )

@@ -51,13 +51,17 @@ def full_weights(model: torch.nn.Module) -> Iterator[None]:
     units = _units(model) if is_sharded(model) else []
     for unit in units:
         unit.unshard()
+        # kept whole through forwards and backwards (a backward would otherwise free the gathered
+        # storage that a method may still read, e.g. AGFT's W (.) grad)
         unit.set_reshard_after_forward(False, recurse=False)
+        unit.set_reshard_after_backward(False, recurse=False)
     try:
         yield
     finally:
         for unit in units:
             unit.reshard()
             unit.set_reshard_after_forward(True, recurse=False)
+            unit.set_reshard_after_backward(True, recurse=False)
 
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -98,3 +102,21 @@ def mask_shard_(grad: torch.Tensor, mask: torch.Tensor) -> None:
         if mask.shape[0] != shard.shape[0]:
             raise RuntimeError(f"a gradient shard of {shard.shape[0]} rows is not dim 0's chunk of {grad.shape[0]} rows")
     shard.mul_(mask.to(shard.dtype))
+
+
+def rows_of_shards(state: dict[str, torch.Tensor], params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each tensor of ``state`` (a method's per-entry state, whole) cut to the rows this process's
+    shard of ``params[name]`` holds; one that is cut already, or not row-shaped like it, is kept."""
+    return {n: t[local_rows(params[n])].clone() if t.shape[0] == params[n].shape[0]
+            and t.shape[0] != local(params[n]).shape[0] else t for n, t in state.items()}
+
+
+def gather_rows(state: dict[str, torch.Tensor], params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Row shards of each tensor put back together in rank order on every process (CPU); every
+    process must call it. A state that is whole already (e.g. just restored) is returned as it is."""
+    import torch.distributed as dist
+    if all(t.shape[0] == params[n].shape[0] for n, t in state.items()):
+        return state
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, {n: t.cpu() for n, t in state.items()})
+    return {n: torch.cat([part[n] for part in parts]) for n in state}
