@@ -117,8 +117,8 @@ def test_two_runs_in_one_dir_the_second_is_refused_and_the_first_finishes(tmp_pa
     out = tmp_path / "shared"
     cmd = [sys.executable, "-m", "runners.cl", "experiment=smoke", "general=none", f"hydra.run.dir={out}",
            f"paths.cache_dir={tmp_path / 'cache'}"]
-    # the first trains long enough (30 epochs per task) to still hold the dir when the second starts
-    first = subprocess.Popen(cmd + ["tasks.epochs=30"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # the first trains long enough (20 epochs per task) to still hold the dir when the second starts
+    first = subprocess.Popen(cmd + ["tasks.epochs=20"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not (out / ".lock").exists() and time.time() < deadline:
         time.sleep(0.2)
