@@ -24,6 +24,8 @@ ORTHOGONALITY = ("abs", "square")
 
 class OLoRA(IncLoRA):
     name = "olora"
+    # its term reads the A matrices outside the forward pass, where FSDP holds them as row shards
+    supported_strategies = ("single_device", "ddp")
 
     def __init__(self, lambda_1: float = 0.5, lambda_2: float = 0.0, orthogonality: str = "abs", seed: int = 0) -> None:
         super().__init__(seed)
