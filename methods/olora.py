@@ -11,12 +11,22 @@ as TRACE computes it (``torch.abs(torch.mm(A_old, A_new.T)).sum()`` over the con
 earlier A's, which is the sum over them; the norm of each new matrix, not squared). The paper writes
 the orthogonality term with squares: ``orthogonality: square``. lambda_1 = 0.5, lambda_2 = 0
 (TRACE's and the paper's defaults).
+
+Under FSDP (``trainer=fsdp``) the A and B matrices are row shards outside the forward pass, so the
+term is not added to the loss: at each optimizer step every process gathers the matrices (small:
+r rows each) and adds the term's closed-form gradient to its rows of the new adapter's gradient,
+
+    d/dA_t sum |A_i A_t^T| = sum_i sign(A_i A_t^T)^T A_i      (square: 2 (A_i A_t^T)^T A_i)
+    d/dtheta ||theta||_2  = theta / ||theta||                  (0 at theta = 0)
+
+once per step, which is what the loss's term adds over a step's micro-batches (1 / accumulation each).
 """
 from __future__ import annotations
 
 import torch
 
 from cl_bench.errors import check_choice, check_number
+from cl_bench.training.sharding import local, local_rows
 from methods.inclora import IncLoRA
 
 ORTHOGONALITY = ("abs", "square")
@@ -24,8 +34,6 @@ ORTHOGONALITY = ("abs", "square")
 
 class OLoRA(IncLoRA):
     name = "olora"
-    # its term reads the A matrices outside the forward pass, where FSDP holds them as row shards
-    supported_strategies = ("single_device", "ddp")
 
     def __init__(self, lambda_1: float = 0.5, lambda_2: float = 0.0, orthogonality: str = "abs", seed: int = 0) -> None:
         super().__init__(seed)
@@ -52,6 +60,8 @@ class OLoRA(IncLoRA):
         return torch.stack(norms).sum()
 
     def penalty(self, module, batch, task_loss):
+        if self.upfront:  # FSDP: the term's gradient is added at the optimizer step
+            return None
         orth = self.orthogonality_loss() if len(self.adapters) > 1 and self.lambda_1 > 0 else None
         l2 = self.l2_loss() if self.lambda_2 > 0 else None
         if module.should_log:
@@ -59,3 +69,46 @@ class OLoRA(IncLoRA):
                                 f"{self.name}/l2": 0.0 if l2 is None else l2.item()})
         terms = [w * t for w, t in ((self.lambda_1, orth), (self.lambda_2, l2)) if t is not None]
         return sum(terms) if terms else None
+
+    @torch.no_grad()
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        """Under FSDP: the term's gradient on this process's rows of the new adapter's gradient."""
+        if not self.upfront:
+            return
+        *old, new = self.adapters
+        orth = l2 = 0.0
+        for layer in self.lora_layers():
+            a_param = layer.lora_A[new].weight
+            a_new = full(a_param)
+            if old and self.lambda_1 > 0:
+                grad = torch.zeros_like(a_new)
+                for name in old:
+                    a_old = full(layer.lora_A[name].weight)
+                    overlap = a_old @ a_new.T
+                    if self.orthogonality == "abs":
+                        orth += overlap.abs().sum().item()
+                        grad += overlap.sign().T @ a_old
+                    else:
+                        orth += overlap.square().sum().item()
+                        grad += 2 * overlap.T @ a_old
+                add_rows(a_param, grad, self.lambda_1)
+            if self.lambda_2 > 0:
+                for param in (a_param, layer.lora_B[new].weight):
+                    whole = a_new if param is a_param else full(param)
+                    norm = whole.norm(p=2)
+                    l2 += norm.item()
+                    if norm > 0:
+                        add_rows(param, whole / norm, self.lambda_2)
+        if pl_module.should_log:
+            pl_module.log_metrics({f"{self.name}/orthogonality": orth, f"{self.name}/l2": l2})
+
+
+def full(param: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a (sharded) parameter, on every process (a collective under FSDP)."""
+    return param.full_tensor() if hasattr(param, "full_tensor") else param.detach()
+
+
+def add_rows(param: torch.Tensor, grad: torch.Tensor, weight: float) -> None:
+    """``param.grad += weight * grad`` on this process's rows of it (``grad`` is whole)."""
+    if param.grad is not None:
+        local(param.grad).add_(grad[local_rows(param)].to(param.dtype), alpha=weight)

@@ -119,7 +119,7 @@ def _final(run_dir: Path):
 
 
 #: method -> the sharded strategies each is compared in with one process (one single-process run each)
-SHARDED = {"fggm": ("ddp", "fsdp"), "ewc": ("ddp", "fsdp"), "agem": ("ddp", "fsdp"), "inclora": ("ddp", "fsdp"),
+SHARDED = {"fggm": ("ddp", "fsdp"), "ewc": ("ddp", "fsdp"), "agem": ("ddp", "fsdp"), "inclora": ("ddp",), "olora": ("fsdp",),
            "migu": ("fsdp",), "lwf": ("fsdp",), "hft": ("fsdp",),
            "gere": ("fsdp",), "agft": ("fsdp",)}
 
@@ -133,8 +133,9 @@ def test_two_processes_match_one_process(method, tmp_path):
     of the Fisher and anchor (shard_state), which the stage checkpoint gathers whole; A-GEM projects
     with the global step gradient and the global memory-batch gradient; IncLoRA adds (and DDP wraps)
     a new adapter at every task, the earlier ones frozen (O-LoRA, the same with its term, passed
-    under DDP and is left out for time); under FSDP it creates every adapter before the model is
-    sharded and activates one more per task.
+    under DDP and is left out for time). Under FSDP O-LoRA (IncLoRA's adapters with its term)
+    creates every adapter before the model is sharded, activates one more per task, and adds its
+    term's gradient to each gradient shard from the gathered A matrices.
     FSDP2 (trainer=fsdp: fully_shard through Lightning's ModelParallelStrategy; parameters,
     gradients and AdamW state are row shards, evaluation gathers the whole model per stage, the
     stage checkpoint gathers it on rank 0), to 2e-5: FSDP2 reduce-scatters the gradient sum and
@@ -157,6 +158,7 @@ def test_two_processes_match_one_process(method, tmp_path):
     common += {"fggm": ["method._target_=tests.ddp_probe.RecordingFGGM"],
                "ewc": ["method.num_samples=4", "method.lambda_=1e9", "optimizer.lr=1e-3"],  # 5e-4 from SFT's weights
                "inclora": ["model.lora.dropout=0"],  # dropout draws per example
+               "olora": ["model.lora.dropout=0", "method.lambda_1=5", "optimizer.lr=1e-2"],  # the term: 5e-3 of the weights
                "lwf": ["method.teacher=topk", "method.lambda_=100", "optimizer.lr=1e-3"],  # 6e-4 from SFT
                # concat: the general texts are training rows (batch mode draws per process); A = 2 x 2 rows
                "gere": ["method.mode=concat", "method.num_samples=4", "method.generate_tokens=16",
@@ -188,7 +190,7 @@ def test_two_processes_match_one_process(method, tmp_path):
             assert g2.keys() == g1.keys() and sum(g.sum() for g in g1.values()) > 0
             for n in g1:
                 torch.testing.assert_close(g2[n], g1[n], rtol=1e-4, atol=1e-6)
-        if method == "inclora":
+        if method in ("inclora", "olora"):
             assert any(".task2." in k for k in w1)  # both adapters, compared above
         if method == "fggm":  # the Fisher and masks: identical on both ranks, the Fisher equal to one process's
             ranks = [torch.load(tmp_path / "masks" / strategy / f"rank{r}-task1.pt", weights_only=True) for r in (0, 1)]
