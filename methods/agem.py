@@ -26,11 +26,10 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+import torch.distributed as dist
 
 from cl_bench.data.batching import layout
 from cl_bench.data.tasks import Example
-import torch.distributed as dist
-
 from cl_bench.distributed import average_across_ranks, is_distributed, rank, world_size
 from cl_bench.errors import ConfigError, check_number
 from cl_bench.rng import derive_seed
