@@ -11,10 +11,10 @@ accuracy on 0-1 and edit similarity on 0-100; everything here is on 0-100.
 """
 from __future__ import annotations
 
+from functools import cache
 from typing import Callable, Sequence
 
 from rapidfuzz import fuzz
-from rouge_score import rouge_scorer
 
 from cl_bench.evaluation import trace_metrics
 from cl_bench.evaluation.sari import sari
@@ -40,12 +40,18 @@ def first_letter_accuracy(predictions, answers, prompts=None) -> float:
     return _mean([_both_non_empty(p, a) and p.strip()[0] == a.strip()[0] for p, a in zip(predictions, answers)])
 
 
-_ROUGE = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+@cache
+def _rouge_scorer():
+    """rouge-score's ROUGE-L scorer, built at first use (rouge-score imports nltk, half a second of
+    every run's start otherwise)."""
+    from rouge_score import rouge_scorer
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
 
 
 def rouge_l(predictions, answers, prompts=None) -> float:
     """ROUGE-L F-measure (rouge-score's tokenizer: lower-cased alphanumeric tokens)."""
-    return _mean([_ROUGE.score(a, p)["rougeL"].fmeasure for p, a in zip(predictions, answers)])
+    scorer = _rouge_scorer()
+    return _mean([scorer.score(a, p)["rougeL"].fmeasure for p, a in zip(predictions, answers)])
 
 
 def edit_similarity(predictions, answers, prompts=None) -> float:
