@@ -42,13 +42,18 @@ from methods.importance import sample_examples
 def project(grads: list[torch.Tensor], reference: list[torch.Tensor], shards: bool = False) -> tuple[float, bool]:
     """A-GEM's projection of ``grads`` against ``reference``, in place; returns (g . g_ref, projected).
     ``shards``: each process holds its own rows of every tensor; the dot products sum over processes."""
-    # per-tensor dot products in the gradients' dtype (fp32 accumulation), summed in float64
-    dots = torch.stack([torch.stack([torch.dot(g.flatten(), r.flatten()), torch.dot(r.flatten(), r.flatten())])
-                        for g, r in zip(grads, reference)]).double().sum(0)
-    if shards and is_distributed():
-        dist.all_reduce(dots)
-    dot, norm = dots.tolist()
-    if dot >= 0 or norm == 0:
+    def total(dots: list[torch.Tensor]) -> float:
+        # per-tensor dot products in the gradients' dtype (fp32 accumulation), summed in float64
+        value = torch.stack(dots).double().sum()
+        if shards and is_distributed():
+            dist.all_reduce(value)
+        return value.item()
+
+    dot = total([torch.dot(g.flatten(), r.flatten()) for g, r in zip(grads, reference)])
+    if dot >= 0:  # every process sees the same sum, so all take the same branch
+        return dot, False
+    norm = total([torch.dot(r.flatten(), r.flatten()) for r in reference])
+    if norm == 0:
         return dot, False
     for g, r in zip(grads, reference):
         g.sub_(r.to(g.dtype), alpha=dot / norm)
