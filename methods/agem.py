@@ -74,12 +74,6 @@ class AGEM(CLMethod):
         self.memory: list[list[Example]] = []
         self.loaders = None
         self.projected_steps = self.steps = 0
-        #: the run is sharded (trainer=fsdp): for runners.plan, the reference gradient is a row shard
-        self.row_shards = False
-
-    def check_run(self, cfg) -> None:
-        super().check_run(cfg)
-        self.row_shards = self.check_strategy_family(cfg) == "fsdp"
 
     def on_stream_start(self, module, stream) -> None:
         loaders = module.loaders

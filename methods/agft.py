@@ -139,12 +139,6 @@ class AGFT(CLMethod):
         self.mask: GradientMask | None = None
         self.handles: list = []
         self.before_step: dict[str, torch.Tensor] = {}
-        #: the run is sharded (trainer=fsdp): the gate is kept as the rows of each shard
-        self.row_shards = False
-
-    def check_run(self, cfg) -> None:
-        super().check_run(cfg)
-        self.row_shards = self.check_strategy_family(cfg) == "fsdp"
 
     def on_stream_start(self, module, stream) -> None:
         self.params = select_parameters(module.model, self.param_patterns, "method.param_patterns")

@@ -59,12 +59,16 @@ class CLMethod(Callback):
     trains_lora = False
     #: why a method that does not train adapters refuses them (the error names it)
     lora_refusal = "its state is defined on the full weights"
+    #: set by :meth:`check_run`: the run is sharded (``trainer=fsdp``), so parameters, gradients and
+    #: a method's per-entry state are row shards once the model is sharded at the first fit
+    row_shards = False
 
     def check_run(self, cfg: Any) -> None:
         """Called with the whole run config before the data and the model load: refuse settings of
         the other groups (trainer, optimizer, model) the method cannot work with, naming the key.
         The default checks the strategy and, for :attr:`masks_gradients`, the weight decay."""
         self.check_strategy(cfg.trainer.get("strategy", "auto"), cfg.trainer.get("devices", 1))
+        self.row_shards = self.check_strategy_family(cfg) == "fsdp"
         if self.masks_gradients:
             refuse_weight_decay(self.name, cfg.optimizer.get("weight_decay", 0) or 0)
         if (cfg.model.get("lora") or {}).get("enabled", False) and not self.trains_lora:

@@ -74,12 +74,6 @@ class EWC(CLMethod):
         self.scratch: dict[torch.dtype, torch.Tensor] = {}
         #: 1 / accumulate_grad_batches of the current fit (Lightning scales the task loss the same way)
         self.grad_scale = 1.0
-        #: under FSDP (trainer=fsdp): F and theta* are kept as the rows of this process's shards
-        self.row_shards = False
-
-    def check_run(self, cfg) -> None:
-        super().check_run(cfg)
-        self.row_shards = self.check_strategy_family(cfg) == "fsdp"
 
     def _params(self, module) -> dict[str, torch.nn.Parameter]:
         """The parameters this process keeps state for (its share when the state is sharded)."""

@@ -108,7 +108,7 @@ class FixedMaskMethod(CLMethod):
 
     def check_run(self, cfg) -> None:
         super().check_run(cfg)
-        if self.check_strategy_family(cfg) == "fsdp" and not cfg.optimizer.get("reset_per_task", True):
+        if self.row_shards and not cfg.optimizer.get("reset_per_task", True):
             raise ConfigError(f"method {self.name} under trainer=fsdp needs optimizer.reset_per_task=true: the "
                               "moments an optimizer carries over would move the frozen rows of each shard")
 

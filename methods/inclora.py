@@ -42,8 +42,6 @@ class IncLoRA(CLMethod):
         self.model: torch.nn.Module | None = None
         #: the adapters in task order; the last one is the one that trains
         self.adapters: list[str] = []
-        #: every task's adapter is created at stream start, before FSDP shards the model
-        self.upfront = False
 
     def check_run(self, cfg: Any) -> None:
         super().check_run(cfg)
@@ -52,7 +50,11 @@ class IncLoRA(CLMethod):
         if not cfg.optimizer.get("reset_per_task", True):
             raise ConfigError(f"method {self.name} adds an adapter at every task, which an optimizer kept over the "
                               "stream would not hold: optimizer.reset_per_task must be true")
-        self.upfront = self.check_strategy_family(cfg) == "fsdp"
+
+    @property
+    def upfront(self) -> bool:
+        """Every task's adapter is created at stream start, before FSDP shards the model."""
+        return self.row_shards
 
     def on_stream_start(self, module, stream) -> None:
         if not hasattr(module.model, "peft_config"):

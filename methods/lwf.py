@@ -84,7 +84,7 @@ class LwF(CLMethod):
 
     def check_run(self, cfg) -> None:
         super().check_run(cfg)
-        if self.teacher_kind == "copy" and self.check_strategy_family(cfg) == "fsdp":
+        if self.teacher_kind == "copy" and self.row_shards:
             raise ConfigError("method lwf's frozen teacher copy cannot be taken of a sharded model: under "
                               "trainer=fsdp use method.teacher=topk (the teacher's top-k logits, cached before the task)")
 

@@ -13,8 +13,9 @@ the orthogonality term with squares: ``orthogonality: square``. lambda_1 = 0.5, 
 (TRACE's and the paper's defaults).
 
 Under FSDP (``trainer=fsdp``) the A and B matrices are row shards outside the forward pass, so the
-term is not added to the loss: at each optimizer step every process gathers the matrices (small:
-r rows each) and adds the term's closed-form gradient to its rows of the new adapter's gradient,
+term is not added to the loss: every process gathers the earlier A matrices once per task (frozen
+then; r rows each) and the new adapter's at each optimizer step, and adds the term's closed-form
+gradient to its rows of the new adapter's gradient,
 
     d/dA_t sum |A_i A_t^T| = sum_i sign(A_i A_t^T)^T A_i      (square: 2 (A_i A_t^T)^T A_i)
     d/dtheta ||theta||_2  = theta / ||theta||                  (0 at theta = 0)
@@ -26,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from cl_bench.errors import check_choice, check_number
-from cl_bench.training.sharding import local, local_rows
+from cl_bench.training.sharding import full_tensor, local, local_rows
 from methods.inclora import IncLoRA
 
 ORTHOGONALITY = ("abs", "square")
@@ -41,6 +42,8 @@ class OLoRA(IncLoRA):
         check_number(lambda_2, "method.lambda_2", low=0)
         self.lambda_1, self.lambda_2 = lambda_1, lambda_2
         self.orthogonality = check_choice(orthogonality, ORTHOGONALITY, "method.orthogonality")
+        #: under FSDP, per LoRA layer: the earlier adapters' A matrices, gathered at the task's start
+        self.frozen_a: list[torch.Tensor | None] = []
 
     def orthogonality_loss(self) -> torch.Tensor:
         """sum over LoRA layers and earlier adapters i of |A_i A_t^T| (entry-wise, summed)."""
@@ -70,42 +73,39 @@ class OLoRA(IncLoRA):
         terms = [w * t for w, t in ((self.lambda_1, orth), (self.lambda_2, l2)) if t is not None]
         return sum(terms) if terms else None
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        """Under FSDP: the earlier adapters' A matrices, frozen for the task, gathered once per
+        task, concatenated per layer as TRACE's ``A_old``."""
+        self.frozen_a = [torch.cat([full_tensor(layer.lora_A[name].weight) for name in self.adapters[:-1]])
+                         if self.upfront and len(self.adapters) > 1 else None for layer in self.lora_layers()]
+
     @torch.no_grad()
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         """Under FSDP: the term's gradient on this process's rows of the new adapter's gradient."""
         if not self.upfront:
             return
-        *old, new = self.adapters
-        orth = l2 = 0.0
-        for layer in self.lora_layers():
+        new = self.adapters[-1]
+        orth, l2 = [], []
+        for layer, a_old in zip(self.lora_layers(), self.frozen_a):
             a_param = layer.lora_A[new].weight
-            a_new = full(a_param)
-            if old and self.lambda_1 > 0:
-                grad = torch.zeros_like(a_new)
-                for name in old:
-                    a_old = full(layer.lora_A[name].weight)
-                    overlap = a_old @ a_new.T
-                    if self.orthogonality == "abs":
-                        orth += overlap.abs().sum().item()
-                        grad += overlap.sign().T @ a_old
-                    else:
-                        orth += overlap.square().sum().item()
-                        grad += 2 * overlap.T @ a_old
-                add_rows(a_param, grad, self.lambda_1)
+            a_new = full_tensor(a_param)
+            if a_old is not None and self.lambda_1 > 0:
+                overlap = a_old @ a_new.T  # sum_i |A_i A_t^T| = |A_old A_t^T| over the concatenation
+                if self.orthogonality == "abs":
+                    orth.append(overlap.abs().sum())
+                    add_rows(a_param, overlap.sign().T @ a_old, self.lambda_1)
+                else:
+                    orth.append(overlap.square().sum())
+                    add_rows(a_param, 2 * overlap.T @ a_old, self.lambda_1)
             if self.lambda_2 > 0:
                 for param in (a_param, layer.lora_B[new].weight):
-                    whole = a_new if param is a_param else full(param)
+                    whole = a_new if param is a_param else full_tensor(param)
                     norm = whole.norm(p=2)
-                    l2 += norm.item()
+                    l2.append(norm)
                     if norm > 0:
                         add_rows(param, whole / norm, self.lambda_2)
         if pl_module.should_log:
-            pl_module.log_metrics({f"{self.name}/orthogonality": orth, f"{self.name}/l2": l2})
-
-
-def full(param: torch.Tensor) -> torch.Tensor:
-    """The whole tensor of a (sharded) parameter, on every process (a collective under FSDP)."""
-    return param.full_tensor() if hasattr(param, "full_tensor") else param.detach()
+            pl_module.log_metrics({f"{self.name}/orthogonality": float(sum(orth)), f"{self.name}/l2": float(sum(l2))})
 
 
 def add_rows(param: torch.Tensor, grad: torch.Tensor, weight: float) -> None:

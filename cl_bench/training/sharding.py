@@ -72,6 +72,12 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole of a (sharded) tensor on every process, detached (a collective under FSDP: every
+    process must call it); a plain tensor as it is."""
+    return tensor.full_tensor().detach() if hasattr(tensor, "full_tensor") else tensor.detach()
+
+
 def local(tensor: torch.Tensor) -> torch.Tensor:
     """This process's shard of a DTensor; a plain tensor as it is."""
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
