@@ -21,7 +21,8 @@ random 1 - T fraction of rows instead.
 
 The mask depends on the whole accumulation window, so it edits ``.grad`` once per optimizer step
 (Lightning's ``on_before_optimizer_step``): supported where ``.grad`` is the gradient the optimizer
-uses (single device, DDP), not under sharded strategies.
+uses (single device, DDP, and FSDP2, where each process masks the rows of its gradient shard), not
+under DeepSpeed, whose partitioned gradients are not in ``.grad`` there.
 """
 from __future__ import annotations
 

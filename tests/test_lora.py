@@ -67,7 +67,9 @@ def test_methods_that_do_not_train_adapters_and_bad_targets_are_refused(make_con
 STATE_NAMES = {
     "ewc": lambda m: list(m.params),
     "mas": lambda m: list(m.params),
+    "ewc_trace": lambda m: list(m.fisher),
     "fggm": lambda m: list(m.last_scores),
+    "random_mask": lambda m: list(m.last_scores),
     "migu": lambda m: [f"{n}.weight" for n in m.last_masks],
     "agft": lambda m: list(m.params),
     "agem": lambda m: [],
@@ -107,7 +109,7 @@ def test_every_method_marked_for_lora_runs_a_lora_stream_with_the_base_model_bit
     assert seen["base"] and all(torch.equal(v, now[n]) for n, v in seen["base"].items())
     names = STATE_NAMES[name](method)
     assert all(is_adapter(n) for n in names)
-    if name in ("ewc", "mas", "fggm", "migu", "agft"):
+    if name in ("ewc", "mas", "ewc_trace", "fggm", "random_mask", "migu", "agft"):
         assert names, f"{name} kept no state"
 
 

@@ -3,6 +3,7 @@ import json
 import re
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -22,7 +23,8 @@ from cl_bench.training.lm import causal_lm_loss
 from cl_bench.models import tiny_llama
 from cl_bench.data.tasks import Example
 from cl_bench.data.loaders import make_loader
-from tests.conftest import CONF_DIR, ROOT, TINY
+from cl_bench.stream_run import run
+from tests.conftest import CONF_DIR, ROOT, TINY, compose_config
 
 # --- global batch layout ------------------------------------------------------------------------
 
@@ -118,66 +120,116 @@ def _final(run_dir: Path):
     return results, torch.load(stages[-1], weights_only=True)["model"]
 
 
-#: method -> the sharded strategies each is compared in with one process (one single-process run each)
-SHARDED = {"fggm": ("ddp", "fsdp"), "ewc": ("ddp", "fsdp"), "agem": ("ddp", "fsdp"), "inclora": ("ddp",), "olora": ("fsdp",),
-           "migu": ("fsdp",), "lwf": ("fsdp",), "hft": ("fsdp",),
-           "gere": ("fsdp",), "agft": ("fsdp",)}
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_processes(args, launcher: str, n: int = 2, timeout: int = 300) -> None:
+    """The runner on ``n`` CPU processes (``trainer.devices=n``), started three ways.
+
+    lightning: one process, which starts the others with Lightning's launcher (a plain command);
+    torchrun: ``torchrun --standalone``; env: ``n`` processes at once with the environment torchrun
+    gives its workers (no agent), so they load in parallel: the cheapest in the tests.
+    """
+    args = [*args, "trainer.accelerator=cpu", f"trainer.devices={n}", "trainer.precision=32-true"]
+    if launcher == "lightning":
+        _run(args, timeout=timeout)
+        return
+    env = {**os.environ, "CL_BENCH_CACHE": os.environ.get("CL_BENCH_CACHE", str(Path.home() / ".cache/cl_bench"))}
+    if launcher == "torchrun":
+        commands = [([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
+                      "-m", "runners.cl", *args], env)]
+    else:
+        shared = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(n),
+                  "LOCAL_WORLD_SIZE": str(n), "GROUP_RANK": "0", "TORCHELASTIC_RUN_ID": "tests"}
+        commands = [([sys.executable, "-m", "runners.cl", *args], {**env, **shared, "RANK": str(r), "LOCAL_RANK": str(r)})
+                    for r in range(n)]
+    procs = [subprocess.Popen(c, cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for c, e in commands]
+    try:
+        outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-5000:]
+
+
+#: the README's DDP and FSDP columns, each "yes" compared with one process: param id -> (method,
+#: strategies, settings that make the method's own effect visible at this size)
+SHARDED = {
+    "sft": ("sft", ("ddp", "fsdp"), []),
+    "replay": ("replay", ("ddp", "fsdp"), ["method.ratio=0.5"]),
+    "ewc": ("ewc", ("ddp", "fsdp"), ["method.num_samples=4", "method.lambda_=1e9", "optimizer.lr=1e-3"]),  # 5e-4 from SFT
+    "mas": ("mas", ("ddp", "fsdp"), ["method.num_samples=4", "method.lambda_=1e3", "optimizer.lr=1e-3"]),
+    "fggm": ("fggm", ("ddp", "fsdp"), ["method._target_=tests.ddp_probe.RecordingFGGM"]),
+    "random_mask": ("random_mask", ("ddp", "fsdp"), []),
+    "migu": ("migu", ("ddp", "fsdp"), []),
+    "agem": ("agem", ("ddp", "fsdp"), []),
+    "agft": ("agft", ("ddp", "fsdp"), ["method.num_samples=4", "method.samples=all"]),
+    "lwf": ("lwf", ("ddp",), ["method.lambda_=100", "optimizer.lr=1e-3"]),  # the copy teacher
+    "lwf_topk": ("lwf", ("ddp", "fsdp"), ["method.teacher=topk", "method.lambda_=100", "optimizer.lr=1e-3"]),  # 6e-4 from SFT
+    # concat: the general texts are training rows (batch mode draws per process); A = 2 x 2 rows
+    "gere": ("gere", ("ddp", "fsdp"), ["method.mode=concat", "method.num_samples=4", "method.generate_tokens=16",
+                                        "train.micro_batch_size=2"]),
+    "hft": ("hft", ("ddp", "fsdp"), []),
+    "inclora": ("inclora", ("ddp", "fsdp"), ["model.lora.dropout=0"]),  # dropout draws per example
+    "olora": ("olora", ("ddp", "fsdp"), ["model.lora.dropout=0", "method.lambda_1=5", "optimizer.lr=1e-2"]),  # 5e-3
+}
+#: how each comparison's processes start: fggm through Lightning's launcher (the README's command),
+#: migu under torchrun, the rest as torchrun would start them, without its agent (2 s less each)
+LAUNCHER = {"fggm": "lightning", "migu": "torchrun"}
 
 
 @pytest.mark.processes
-@pytest.mark.parametrize("method", sorted(SHARDED))
-def test_two_processes_match_one_process(method, tmp_path):
+@pytest.mark.parametrize("case", list(SHARDED))
+def test_two_processes_match_one_process(case, tmp_path, cache_dir):
     """Global batch 4: 2 gloo processes x 2 examples give one process's R matrix and weights.
 
-    DDP (to 1e-6): FGGM's Fisher and masks are identical on both ranks; EWC's ranks each keep half
-    of the Fisher and anchor (shard_state), which the stage checkpoint gathers whole; A-GEM projects
-    with the global step gradient and the global memory-batch gradient; IncLoRA adds (and DDP wraps)
-    a new adapter at every task, the earlier ones frozen (O-LoRA, the same with its term, passed
-    under DDP and is left out for time). Under FSDP O-LoRA (IncLoRA's adapters with its term)
-    creates every adapter before the model is sharded, activates one more per task, and adds its
-    term's gradient to each gradient shard from the gathered A matrices.
+    The one-process run is the reference, run in this process. DDP (to 1e-6): FGGM's Fisher and
+    masks are identical on both ranks; EWC's and MAS's ranks each keep half of the state
+    (shard_state), which the stage checkpoint gathers whole; TRACE's EWC grows F from the reduced
+    gradients; A-GEM projects with the global step gradient and the global memory-batch gradient;
+    IncLoRA and O-LoRA add (and DDP wraps) a new adapter at every task, the earlier ones frozen.
     FSDP2 (trainer=fsdp: fully_shard through Lightning's ModelParallelStrategy; parameters,
     gradients and AdamW state are row shards, evaluation gathers the whole model per stage, the
     stage checkpoint gathers it on rank 0), to 2e-5: FSDP2 reduce-scatters the gradient sum and
-    clips by a norm summed over shards, a float order of its own (measured: sft 4e-9, migu 2e-6;
-    sft and replay, 1.1e-5 on embedding rows, passed and are left out for time: every method here
-    runs sft's sharded path). MIGU masks the rows of
-    each gradient shard; FGGM scores the gathered parameters on every process, masks each gradient
-    shard, and its frozen rows stay bitwise equal over task 2; EWC keeps F and theta* as the rows of
-    each shard and adds the penalty's gradient to each gradient shard; LwF (teacher=topk) caches the
-    teacher's logits with the gathered weights on every process; A-GEM's memory gradient is a
-    reduce-scattered backward, its dot products summed over shards; HFT's frozen flags pass from the
-    sharded parameters to the gathered ones; GeRe (concat) reads the decoder's hidden states of its
-    rows; AGFT attributes with the gathered weights and scales each gradient shard by its gate rows.
+    clips by a norm summed over shards, a float order of its own (measured: sft 4e-9, migu 2e-6,
+    replay 1.1e-5 on embedding rows). MIGU masks the rows of each gradient shard; FGGM and random
+    masking mask each gradient shard, and FGGM's frozen rows stay bitwise equal over task 2 (FGGM
+    scores the gathered parameters on every process); EWC and MAS keep F (Omega) and theta* as the
+    rows of each shard and add the penalty's gradient to each gradient shard; LwF (teacher=topk)
+    caches the teacher's logits with the gathered weights on every process; A-GEM's memory gradient
+    is a reduce-scattered backward, its dot products summed over shards; HFT's frozen flags pass
+    from the sharded parameters to the gathered ones; GeRe (concat) reads the decoder's hidden
+    states of its rows; AGFT attributes with the gathered weights and scales each gradient shard by
+    its gate rows; IncLoRA and O-LoRA create every adapter before the model is sharded, activate
+    one more per task, and O-LoRA adds its term's gradient to each gradient shard from the gathered
+    A matrices.
     AdamW's eps is raised to 1 so its update is proportional to the gradient: with the default
     1e-8, coordinates whose gradient is ~0 get a +-lr step whose sign is float noise.
     """
+    method, strategies, settings = SHARDED[case]
     common = [*TINY_RUN, "tasks.order=[arith,code]", "eval.max_examples=2", f"method={method}", "train.batch_size=4",
-              "checkpoint.keep_stages=null"]
+              "checkpoint.keep_stages=null", *settings]
     dump = (lambda name: [f"+method.dump_dir={tmp_path / 'masks' / name}"]) if method == "fggm" else (lambda name: [])
-    common += {"fggm": ["method._target_=tests.ddp_probe.RecordingFGGM"],
-               "ewc": ["method.num_samples=4", "method.lambda_=1e9", "optimizer.lr=1e-3"],  # 5e-4 from SFT's weights
-               "inclora": ["model.lora.dropout=0"],  # dropout draws per example
-               "olora": ["model.lora.dropout=0", "method.lambda_1=5", "optimizer.lr=1e-2"],  # the term: 5e-3 of the weights
-               "lwf": ["method.teacher=topk", "method.lambda_=100", "optimizer.lr=1e-3"],  # 6e-4 from SFT
-               # concat: the general texts are training rows (batch mode draws per process); A = 2 x 2 rows
-               "gere": ["method.mode=concat", "method.num_samples=4", "method.generate_tokens=16",
-                        "train.micro_batch_size=2"],
-               "agft": ["method.num_samples=4", "method.samples=all"]}.get(method, [])
-    _run([*common, *dump("single"), f"hydra.run.dir={tmp_path / 'single'}"])
+    run(compose_config([*common, *dump("single")], tmp_path / "single", cache_dir), tmp_path / "single")
     r1, w1 = _final(tmp_path / "single")
-    for strategy in SHARDED[method]:
-        _run([*common, *dump(strategy), f"hydra.run.dir={tmp_path / strategy}", f"trainer={strategy}",
-              "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true"])
+    for strategy in strategies:
+        _run_processes([*common, *dump(strategy), f"hydra.run.dir={tmp_path / strategy}", f"trainer={strategy}"],
+                       LAUNCHER.get(case, "env"))
         r2, w2 = _final(tmp_path / strategy)
-        atol = 1e-6 if strategy == "ddp" else 2e-5
-        assert r2["status"] == "finished" and r2["R"] == r1["R"]
+        # MIGU: n is summed in another order over processes, so a row at the threshold can flip (2e-6)
+        atol = 1e-6 if strategy == "ddp" and method != "migu" else 2e-5
+        assert r2["status"] == "finished" and r2["R"] == r1["R"], strategy
         assert w2.keys() == w1.keys() and not any(hasattr(v, "device_mesh") for v in w2.values())  # gathered whole
         for k in w1:
-            torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=atol)
+            torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=atol, msg=lambda m: f"{strategy} {k}: {m}")
         assert sorted(p.name for p in (tmp_path / strategy / "predictions").iterdir()) == [
             "after_arith.json", "after_code.json", "base.json"]
-        if method == "ewc":  # F and theta* of both processes, gathered whole into the stage checkpoint
+        if method in ("ewc", "mas"):  # F and theta* of both processes, gathered whole into the stage checkpoint
             (f1, a1), (f2, a2) = (torch.load(tmp_path / d / "checkpoints" / "stage-002.pt", weights_only=True)
                                   ["method"]["consolidated"][0] for d in ("single", strategy))
             assert f2.keys() == f1.keys() and all(f2[n].shape == f1[n].shape for n in f1)
@@ -205,6 +257,35 @@ def test_two_processes_match_one_process(method, tmp_path):
             assert all(torch.equal(w2[n][f], before[n][f]) for n, f in frozen.items())  # frozen rows: bitwise
 
 
+@pytest.mark.processes
+def test_trace_ewc_under_ddp_grows_each_process_s_own_fisher(tmp_path, cache_dir):
+    """TRACE's EWC under DDP: each process's F grows from its own micro-batch gradients, which its
+    hooks see before DDP averages them. Against one process with the same micro-batches (batch 4 in
+    micro-batches of 2): a process's loss is its 2 examples' tokens over half the step's, so its
+    gradient is 2 c_r (c_r: its share of the step's gradient), and DDP's mean is the step's; the
+    one process's micro-batch gradient is c_m. With L micro-batches per epoch (1 per step on each
+    process, 2 on the one), after task 1 F_0 + F_1 = sum (2 c_0)^2 + (2 c_1)^2 over S steps
+    = 8 * sum (c_0^2 + c_1^2) / 2S = 8 F_one. The weights after task 1 (no penalty yet) are the one
+    process's; task 2 trains with each process's own penalty (its weights then differ by design)."""
+    common = [*TINY_RUN, "tasks.order=[arith,code]", "eval.max_examples=2", "method=ewc_trace", "train.batch_size=4",
+              "checkpoint.keep_stages=null", "method._target_=tests.ddp_probe.RecordingTraceEWC"]
+    run(compose_config([*common, "train.micro_batch_size=2", f"+method.dump_dir={tmp_path / 'f' / 'one'}"],
+                       tmp_path / "one", cache_dir), tmp_path / "one")
+    _run_processes([*common, f"+method.dump_dir={tmp_path / 'f' / 'ddp'}", f"hydra.run.dir={tmp_path / 'ddp'}",
+                    "trainer=ddp"], "env")
+    one = torch.load(tmp_path / "f" / "one" / "rank0-task0.pt", weights_only=True)
+    f0, f1 = (torch.load(tmp_path / "f" / "ddp" / f"rank{r}-task0.pt", weights_only=True) for r in (0, 1))
+    assert one.keys() == f0.keys() == f1.keys() and sum(f.sum() for f in one.values()) > 0
+    assert not all(torch.equal(f0[n], f1[n]) for n in one)  # each process its own
+    for n in one:
+        torch.testing.assert_close(f0[n] + f1[n], 8 * one[n], rtol=1e-4, atol=1e-12)
+    w1, w2 = (torch.load(tmp_path / d / "checkpoints" / "stage-001.pt", weights_only=True)["model"] for d in ("one", "ddp"))
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=1e-6)
+    assert json.loads((tmp_path / "ddp" / "results.json").read_text())["status"] == "finished"
+    assert (tmp_path / "f" / "ddp" / "rank1-task1.pt").exists()
+
+
 def test_a_row_mask_acts_on_the_rows_of_each_shard():
     """FSDP2 splits dim 0 in chunks of ceil(rows / processes); each process masks its own rows
     (the DTensor path runs in test_two_processes_match_one_process[migu])."""
@@ -221,7 +302,7 @@ def test_a_row_mask_acts_on_the_rows_of_each_shard():
 
 @pytest.mark.processes
 @pytest.mark.parametrize("method", ["ewc", "fggm", "agem", "gere"])
-def test_a_run_killed_mid_task_resumes_to_the_same_weights_and_scores(method, tmp_path):
+def test_a_run_killed_mid_task_resumes_to_the_same_weights_and_scores(method, tmp_path, cache_dir):
     """EWC: state from the stage (as LwF's teacher and AGFT's gate, passed 127 and 117 s when run
     on 2026-11-24, and ewc_trace's F mid-task, passed 24 s on 2026-11-24: left out for time);
     FGGM: the mask replayed; A-GEM: the memory and the step's memory batch; GeRe: the general set rebuilt, its draws mid-task. FGGM's
@@ -233,7 +314,7 @@ def test_a_run_killed_mid_task_resumes_to_the_same_weights_and_scores(method, tm
         small[method] = [*small.get(method, []), "tasks.order=[arith,code]"]
     common = [*TINY_RUN, f"method={method}", "tasks.num_train=120", "train.batch_size=2", "checkpoint.every_n_steps=5",
               *small.get(method, [])]
-    _run([*common, f"hydra.run.dir={tmp_path / 'whole'}"])
+    run(compose_config(common, tmp_path / "whole", cache_dir), tmp_path / "whole")  # uninterrupted, in this process
     killed = tmp_path / "killed"
     env = {**os.environ}
     proc = subprocess.Popen([sys.executable, "-m", "runners.cl", *common, f"hydra.run.dir={killed}"],
@@ -272,9 +353,9 @@ def test_an_unreadable_checkpoint_is_named_and_the_previous_one_used(tmp_path, c
 
 
 @pytest.mark.processes
-def test_resume_refuses_changed_settings(tmp_path):
+def test_resume_refuses_changed_settings(tmp_path, cache_dir):
     run_dir = tmp_path / "run"
-    _run([*TINY_RUN, "tasks.order=[arith]", f"hydra.run.dir={run_dir}"])
+    run(compose_config([*TINY_RUN, "tasks.order=[arith]"], run_dir, cache_dir), run_dir)
     out = _run([*TINY_RUN, "tasks.order=[arith]", "optimizer.lr=0.5", f"resume={run_dir}",
                 f"hydra.run.dir={tmp_path / 'log'}"], check=False)
     assert out.returncode != 0
