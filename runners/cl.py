@@ -16,12 +16,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from cl_bench.distributed import is_main
 from cl_bench.errors import ConfigError, RunDirInUse
-from cl_bench.recording.console import one_line_per_bar
-from cl_bench.recording.hydra_record import discard_backup, restore_record
-from cl_bench.recording.results import RunRecorder
-from cl_bench.stream_run import StreamRun, in_multirun
 
 log = logging.getLogger(__name__)
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"  # absolute: main also runs as runners.cl.main
@@ -42,6 +37,13 @@ def main(cfg: DictConfig) -> float | None:
               f"  ->  {cfg.paths.output_dir}")
         print(OmegaConf.to_yaml(cfg, resolve=True))
         return None
+    # torch and Lightning (about 4 s) load only for a run: --help, --cfg and dry_run answer at once
+    from cl_bench.distributed import is_main
+    from cl_bench.recording.console import one_line_per_bar
+    from cl_bench.recording.hydra_record import discard_backup, restore_record
+    from cl_bench.recording.results import RunRecorder
+    from cl_bench.stream_run import StreamRun, in_multirun
+
     subdir = HydraConfig.get().output_subdir if HydraConfig.initialized() else None
     try:
         with one_line_per_bar():
