@@ -2,6 +2,7 @@
 import logging
 from functools import partial
 
+import pytest
 import torch
 
 from cl_bench.data.loaders import TaskLoaders
@@ -61,3 +62,47 @@ def test_bf16_weights_are_warned_about_at_start(caplog):
         assert not warn_low_precision_weights(model)
         assert warn_low_precision_weights(model.to(torch.bfloat16))
     assert "bfloat16: AdamW updates them in place" in caplog.text and "model.dtype=float32" in caplog.text
+
+
+def _norm(params) -> float:
+    return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])).item()
+
+
+def test_bf16_mixed_clips_the_gradients_of_the_default_fused_adamw():
+    """The defaults (fused AdamW, gradient_clip_val) under bf16-mixed, as trainer=gpu runs them:
+    Lightning refuses to clip for any fused optimizer under mixed precision (fp16's step unscales
+    itself); bf16 has no loss scale, so CLModule clips as in fp32 and the step used the clipped norm
+    (read after it: Lightning runs the forward and backward inside optimizer.step)."""
+    bundle = tiny_llama(seed=0)
+    norms = {}
+
+    class Keep(SFT):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            norms["computed"] = _norm(pl_module.model.parameters())
+
+    loaders = TaskLoaders(bundle.tokenizer, batch_size=4, max_prompt_len=32, max_ans_len=8)
+    method = Keep()
+    module = CLModule(bundle.model, method, partial(torch.optim.AdamW, lr=1e-5, fused=True), loaders=loaders)
+    configure = module.configure_optimizers
+
+    def with_spy():
+        optimizer = configure()
+        optimizer.register_step_post_hook(lambda opt, args, kwargs: norms.update(stepped=_norm(bundle.model.parameters())))
+        return optimizer
+    module.configure_optimizers = with_spy
+    trainer = Trainer(accelerator="cpu", precision="bf16-mixed", gradient_clip_val=1e-3, max_steps=1,
+                      callbacks=[method], logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                      enable_model_summary=False)
+    trainer.fit(module, loaders.training(EXAMPLES, seed=0))
+    assert norms["computed"] > 1e-1
+    assert abs(norms["stepped"] - 1e-3) < 1e-6
+
+
+def test_fp16_mixed_with_a_fused_optimizer_and_clipping_is_refused_at_start(make_config):
+    from cl_bench.errors import ConfigError
+    from cl_bench.training.trainer import check_precision
+    with pytest.raises(ConfigError, match=r"trainer.precision=16-mixed with optimizer.fused=true cannot clip"):
+        check_precision(make_config("trainer.precision=16-mixed"))
+    check_precision(make_config("trainer.precision=16-mixed", "optimizer.fused=false"))
+    check_precision(make_config("trainer.precision=16-mixed", "trainer.gradient_clip_val=null"))
+    check_precision(make_config("trainer.precision=bf16-mixed"))

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.plugins.precision import MixedPrecision
 
 from cl_bench.data.loaders import TaskLoaders
 from cl_bench.rng import rng_state, set_rng_state
@@ -170,6 +171,21 @@ class CLModule(LightningModule):
         if scheduler is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Lightning's clipping, except under bf16-mixed with a fused optimizer: Lightning refuses any
+        fused optimizer under mixed precision, since under fp16 its step unscales the gradients
+        itself, after clipping would have seen them scaled. bf16 has no loss scale, so the gradients
+        are the true ones and are clipped as in fp32 (fp16 with a fused optimizer is refused at start)."""
+        plugin = self.trainer.precision_plugin
+        if gradient_clip_val and isinstance(plugin, MixedPrecision) and plugin.scaler is None:
+            params = list(plugin.main_params(optimizer))
+            if str(gradient_clip_algorithm or "norm") == "value":
+                torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def optimizer_state(self) -> dict | None:
         """The stream optimizer's and scheduler's state (None when the optimizer is reset per task)."""

@@ -40,6 +40,20 @@ def check_accelerator(trainer: DictConfig) -> None:
         )
 
 
+def check_precision(cfg: DictConfig) -> None:
+    """Refuse fp16 mixed precision with a fused optimizer and gradient clipping: the fused step
+    unscales the gradients itself, so clipping would see them scaled (Lightning stops at the first
+    step; here the run stops before anything loads)."""
+    precision = str(cfg.trainer.get("precision", "32-true"))
+    if (precision.startswith("16") and cfg.get("optimizer", {}).get("fused", False)
+            and cfg.trainer.get("gradient_clip_val")):
+        raise ConfigError(
+            f"trainer.precision={precision} with optimizer.fused=true cannot clip gradients "
+            f"(trainer.gradient_clip_val={cfg.trainer.gradient_clip_val}): the fused step unscales them itself; "
+            "use trainer.precision=bf16-mixed, optimizer.fused=false or trainer.gradient_clip_val=null"
+        )
+
+
 #: weights in these dtypes lose small optimizer updates to rounding (bf16 keeps 8 significant bits)
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
@@ -70,6 +84,7 @@ def build_trainer(
         raise ConfigError("trainer.accumulate_grad_batches is derived from train.batch_size (the global batch) "
                           "and train.micro_batch_size; set those instead")
     check_accelerator(cfg.trainer)
+    check_precision(cfg)
     callbacks = list(callbacks)
     budget = {}
     if epochs is not None:
