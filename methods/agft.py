@@ -43,7 +43,7 @@ from cl_bench.errors import check_choice, check_number
 from cl_bench.rng import derive_seed
 from cl_bench.training.lm import labelled_logits
 from cl_bench.training.sharding import full_weights, gather_rows, is_sharded, local, rows_of_shards
-from methods.base import CLMethod, trainable_bytes
+from methods.base import CLMethod, model_bytes, trainable_bytes
 from methods.importance import sample_examples
 from methods.masking import GradientMask, select_parameters
 
@@ -242,13 +242,17 @@ class AGFT(CLMethod):
             self.mask = None
 
     def planned_state(self, model, world, tasks):
-        """The gate, and at a task's end the relevance pass: the top-K buffers and one sample's
-        relevance (fp32, whole), under FSDP with every layer gathered."""
+        """The gate (fp32), under FSDP as each shard's rows."""
         fp32 = trainable_bytes(model, 4)
+        return {"gate (shard, fp32)": fp32 // world} if self.row_shards else {"gate (fp32)": fp32}
+
+    def planned_pass(self, model, world):
+        """The relevance pass at a task's end: the top-K buffers and one sample's relevance (fp32,
+        whole), under FSDP with every layer gathered."""
+        items = {f"relevance pass: top-{self.top_k} + 1 (fp32)": (self.top_k + 1) * trainable_bytes(model, 4)}
         if self.row_shards:
-            return {"gate (shard, fp32)": fp32 // world, f"relevance pass: top-{self.top_k} + 1 (fp32)":
-                    (self.top_k + 1) * fp32, "relevance pass: gathered weights": trainable_bytes(model)}
-        return {"gate (fp32)": fp32, f"relevance pass: top-{self.top_k} + 1 (fp32)": (self.top_k + 1) * fp32}
+            items["relevance pass: gathered weights"] = model_bytes(model)
+        return items
 
     def state_dict(self):
         """The whole gate; a sharded one is gathered (every process calls this; rank 0 writes it)."""

@@ -37,6 +37,11 @@ def trainable_bytes(model: torch.nn.Module, element: int | None = None) -> int:
     return sum(p.numel() * (element or p.element_size()) for p in model.parameters() if p.requires_grad)
 
 
+def model_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every weight (a tied one once): what FSDP gathers for a pass over the whole model."""
+    return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+
+
 def refuse_weight_decay(method_name: str, weight_decay: float) -> None:
     """A method that freezes entries by masking gradients cannot have decoupled weight decay."""
     if weight_decay > 0:
@@ -116,6 +121,13 @@ class CLMethod(Callback):
         """Bytes per process of the method's own state, by what it is, for ``runners.plan``: ``model``
         is on the meta device (shapes, dtypes and ``requires_grad`` only), ``world`` processes share
         the run, ``tasks`` tasks are trained."""
+        return {}
+
+    def planned_pass(self, model: torch.nn.Module, world: int) -> dict[str, int]:
+        """Bytes per process held only during the method's own pass at a task's start or end (a
+        Fisher, scores, an attribution), for ``runners.plan``, which adds them to the peak with the
+        activations (the pass holds its batch's). Under FSDP (:attr:`row_shards`) a pass holds
+        this process's rows if it runs through the sharded model, the whole model if it gathers it."""
         return {}
 
     def state_dict(self) -> dict[str, Any]:

@@ -20,8 +20,9 @@ share of the parameter tensors (balanced by size), estimates the Fisher only for
 world_size * lambda * F (theta - theta*) to their gradients; DDP's mean over processes then gives
 every process exactly the penalty gradient, with 1 / world_size of the state per process (a 7B
 model's fp32 Fisher and anchor are 56 GB). Checkpoints gather the shards on rank 0.
-Under FSDP (``trainer=fsdp``) every process estimates F on the gathered weights, keeps F and theta*
-as the rows of its own parameter shards, and adds lambda * F (theta - theta*) to its reduced
+Under FSDP (``trainer=fsdp``) every process estimates F for the rows of its own parameter shards
+through the sharded model (methods/importance.py: no process holds the whole model or a whole
+gradient), keeps F and theta* as those rows, and adds lambda * F (theta - theta*) to its reduced
 gradient shard once per optimizer step (the parameter hooks would not fire on sharded parameters).
 """
 from __future__ import annotations
@@ -33,7 +34,7 @@ import torch.distributed as dist
 
 from cl_bench.distributed import is_distributed, rank, world_size
 from cl_bench.errors import check_choice, check_number
-from cl_bench.training.sharding import full_weights, gather_rows, local, rows_of_shards
+from cl_bench.training.sharding import gather_rows, local, rows_of_shards
 from methods.base import CLMethod, trainable_bytes
 from methods.importance import check_fisher_args, diagonal_fisher, overall_mean
 from methods.masking import select_parameters
@@ -178,13 +179,12 @@ class EWC(CLMethod):
 
     def on_task_end(self, module, task, task_index: int) -> None:
         self.release_hooks()
-        with full_weights(module.model):  # FSDP: every process estimates F on the gathered weights
-            params = self._params(module)
-            anchor = {n: p.detach().to(self.dtype).clone() for n, p in params.items()}
-            new = self.importance(module, task, params)
+        # theta*: under FSDP this process's rows only, taken before the weights are gathered
+        anchor = {n: local(p).detach().to(self.dtype).clone() for n, p in self._params(module).items()}
+        new = self.importance(module, task, self._params(module))  # FSDP: its rows, through the sharded model
         if self.row_shards:
             self._params(module)
-            anchor, new = rows_of_shards(anchor, self.params), rows_of_shards(new, self.params)
+            new = rows_of_shards(new, self.params)
         if self.mode == "separate" or not self.consolidated:
             self.consolidated.append(({n: f.to(self.dtype) for n, f in new.items()}, anchor))
         else:
@@ -199,11 +199,22 @@ class EWC(CLMethod):
         return fisher
 
     def planned_state(self, model, world, tasks):
+        """F and theta*, split over the processes by ``shard_state`` (DDP) or kept as each shard's
+        rows (FSDP, where theta - theta* is one shard's temporary rather than a buffer)."""
         pairs = 1 if self.mode == "online" else max(tasks - 1, 1)
-        share = world if self.shard_state else 1
-        largest = max(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-        return {f"F and theta* ({pairs} pair(s), {str(self.dtype)[6:]})":
-                2 * pairs * trainable_bytes(model, self.dtype.itemsize) // share, "theta - theta* buffer": largest}
+        share = world if self.shard_state or self.row_shards else 1
+        state = {f"F and theta* ({pairs} pair(s), {str(self.dtype)[6:]})":
+                 2 * pairs * trainable_bytes(model, self.dtype.itemsize) // share}
+        if self.row_shards:
+            return state
+        return {**state, "theta - theta* buffer": max(p.numel() * p.element_size() for p in model.parameters()
+                                                      if p.requires_grad)}
+
+    def planned_pass(self, model, world):
+        """The estimate (fp32) and one example's gradients, over this process's share of the
+        parameters (DDP's ``shard_state``) or its rows (FSDP: the pass runs through the sharded model)."""
+        share = world if self.shard_state or self.row_shards else 1
+        return {"importance pass: F + gradients": (trainable_bytes(model, 4) + trainable_bytes(model)) // share}
 
     def state_dict(self):
         """The whole state; a sharded one is gathered on rank 0 (which writes checkpoints)."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from cl_bench.rng import derive_seed
+from methods.base import trainable_bytes
 from methods.fixed_mask import FixedMaskMethod
 from methods.importance import check_fisher_args, diagonal_fisher, sample_examples
 
@@ -54,3 +55,10 @@ class FGGM(FixedMaskMethod):
         fisher, stats = diagonal_fisher(module.model, module.pass_loader(examples), params, self.fisher, None)
         module.log_metrics({"fggm/fisher_s": stats["seconds"], "fggm/fisher_samples": stats["samples"]})
         return fisher
+
+    def planned_pass(self, model, world):
+        """The scores (the Fisher, fp32) and the gradients of one example or batch (``fisher``),
+        under FSDP of this process's rows."""
+        what = "batch" if self.fisher == "batch" else "example"
+        share = world if self.row_shards else 1
+        return {**super().planned_pass(model, world), f"scoring pass: a {what}'s gradients": trainable_bytes(model) // share}

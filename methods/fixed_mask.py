@@ -2,7 +2,11 @@
 
 Subclasses say how the entries are scored at the start of a task (:meth:`scores`); this base
 aggregates the scores (row / column / element), thresholds them so that a fraction 1 - alpha is
-updated, and applies the mask to every gradient of the task through parameter hooks.
+updated, and applies the mask to every gradient of the task through parameter hooks (under FSDP,
+to each gradient shard at the optimizer step). Under FSDP a score that needs gradients is taken
+through the sharded model, so each process holds the scores of its own rows; the per-unit scores
+of every process are then put together (:func:`unit_scores_of_shards`) and every process builds
+the same whole mask.
 """
 from __future__ import annotations
 
@@ -13,12 +17,33 @@ from typing import Sequence
 import torch
 
 from cl_bench.errors import ConfigError, check_choice, check_fraction
-from cl_bench.training.sharding import full_weights, is_sharded
+from cl_bench.training.sharding import gather_rows, is_sharded
 from methods.base import CLMethod, trainable_bytes
 from methods.masking import (
     AGGREGATES, DIRECTIONS, REDUCTIONS, SCOPES, VECTORS, GradientMask, aggregate, expand,
     frozen_entries_need_zero_decay, select_parameters, threshold_masks,
 )
+
+
+def unit_scores_of_shards(scores: dict[str, torch.Tensor], params: dict[str, torch.Tensor], how: str,
+                          reduce: str) -> dict[str, torch.Tensor]:
+    """FSDP: from each process's rows of per-entry scores, the per-unit scores of the whole tensors
+    on every process, shaped so that :func:`aggregate` gives them back unchanged: [rows, 1] for row
+    scores (gathered), [1, columns] for column scores (summed over the processes' rows), the whole
+    tensor for entries and 1-D tensors (gathered). Every process must call it."""
+    import torch.distributed as dist
+    out, rows = {}, {}
+    for n, s in scores.items():
+        if s.dim() == 2 and how == "row":
+            rows[n] = aggregate(s, "row", reduce)[:, None]
+        elif s.dim() == 2 and how == "column":
+            column = s.sum(dim=0)
+            dist.all_reduce(column)
+            out[n] = (column / params[n].shape[0] if reduce == "mean" else column)[None, :]
+        else:
+            rows[n] = s
+    out.update(gather_rows(rows, params))
+    return {n: out[n] for n in scores}
 
 
 def layer_group(name: str) -> str:
@@ -35,6 +60,8 @@ class FixedMaskMethod(CLMethod):
     trains_lora = True  # scores and masks over the trainable weights: the adapters' rows under LoRA
     masks_gradients = True
     supported_strategies = ("single_device", "ddp", "fsdp")
+    #: :meth:`scores` gives whole tensors even under FSDP (scores drawn from the shapes alone)
+    scores_whole_tensors = False
 
     def __init__(
         self,
@@ -82,8 +109,16 @@ class FixedMaskMethod(CLMethod):
         return {n: expand(keep[n], scores[n].shape, self.aggregate) for n in scores}
 
     def planned_state(self, model, world, tasks):
-        """The scores of every trainable entry, at each task start (before the task's optimizer exists)."""
-        return {"importance scores (task start)": trainable_bytes(model, 4)}
+        """The masks: one bool per row, column or entry (``aggregate``) of each trainable weight."""
+        unit = {"row": lambda p: p.shape[0], "column": lambda p: p.shape[1]}.get(self.aggregate)
+        return {"masks (bool)": sum(unit(p) if unit and p.dim() == 2 else p.numel()
+                                    for p in model.parameters() if p.requires_grad)}
+
+    def planned_pass(self, model, world):
+        """The scores of every trainable entry (fp32) at each task start: under FSDP of this
+        process's rows, unless they are whole tensors."""
+        share = world if self.row_shards and not self.scores_whole_tensors else 1
+        return {"scoring pass: scores (fp32)": trainable_bytes(model, 4) // share}
 
     def on_stream_start(self, module, stream) -> None:
         select_parameters(module.model, self.param_patterns, "method.param_patterns")
@@ -93,10 +128,12 @@ class FixedMaskMethod(CLMethod):
         if task_index == 0 and self.skip_first_task:
             return
         start = time.perf_counter()
-        with full_weights(module.model):  # FSDP: every process scores the whole parameters
-            params = select_parameters(module.model, self.param_patterns, "method.param_patterns")
-            masks = self.build_masks(self.scores(module, task, params))
-            self.mask = GradientMask(params, masks)
+        params = select_parameters(module.model, self.param_patterns, "method.param_patterns")
+        scores = self.scores(module, task, params)
+        if is_sharded(module.model) and not self.scores_whole_tensors:  # FSDP: this process's rows
+            scores = unit_scores_of_shards(scores, params, self.aggregate, self.aggregate_reduce)
+        masks = self.build_masks(scores)
+        self.mask = GradientMask(params, masks)
         groups = defaultdict(list)
         for n in masks:
             groups[layer_group(n)].append(n)

@@ -10,8 +10,12 @@ per batch, cheaper, biased towards gradient directions shared within a batch).
 
 The pass runs with dropout off (eval mode), takes no optimizer step, leaves ``.grad`` exactly as
 it found it (gradients are taken with ``torch.autograd.grad``), and stops after ``num_samples``
-examples. Under torch.distributed the result is averaged over ranks, so every rank holds the same
-Fisher and builds the same mask.
+examples. Every process runs every example (a pass batches by the config alone). Under DDP the
+result is averaged over ranks, so every rank holds the same Fisher and builds the same mask. Under
+FSDP the pass runs through the sharded model, one layer gathered at a time as in training: each
+backward's gradient is reduce-scattered, and since every process ran the same example FSDP's mean
+over processes is that example's gradient, of which each process reads its own rows. The estimate
+is then this process's rows, and no process ever holds the whole model or a whole gradient.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from cl_bench.distributed import average_across_ranks
 from cl_bench.errors import ConfigError, check_choice, check_number
 from cl_bench.data.tokenization import IGNORE_INDEX
 from cl_bench.training.lm import answer_log_likelihood, labelled_logits
+from cl_bench.training.sharding import local
 
 FISHER_MODES = ("per_sample", "batch")
 T = TypeVar("T")
@@ -44,22 +49,49 @@ def sample_examples(examples: Sequence[T], num_samples: int | None, seed: int) -
     return [examples[i] for i in keep]
 
 
+#: ``gradients(output, retain_graph)``: d output / d each tensor of the pass (None where unused)
+Gradients = Callable[[torch.Tensor, bool], list]
+
+
+def _gradients(tensors: list[torch.Tensor], sharded: bool) -> Gradients:
+    """How the pass differentiates: ``torch.autograd.grad``, which leaves ``.grad`` alone; for
+    FSDP's sharded parameters, which the forward uses through gathered copies, a backward whose
+    reduce-scattered gradient shards are read and cleared (the caller saves and restores ``.grad``)."""
+    if not sharded:
+        return lambda output, retain: list(torch.autograd.grad(output, tensors, retain_graph=retain, allow_unused=True))
+
+    def shards(output: torch.Tensor, retain: bool) -> list:
+        output.backward(retain_graph=retain)
+        grads = [None if p.grad is None else local(p.grad) for p in tensors]
+        for p in tensors:
+            p.grad = None
+        return grads
+    return shards
+
+
 def _importance_pass(
     model: torch.nn.Module,
     batches: Iterable[dict[str, torch.Tensor]],
     params: dict[str, torch.nn.Parameter],
     num_samples: int | None,
     average_ranks: bool,
-    add_batch: Callable[[dict[str, torch.Tensor], list[torch.Tensor], list[torch.Tensor]], tuple[int, int]],
+    add_batch: Callable[[dict[str, torch.Tensor], Gradients, list[torch.Tensor]], tuple[int, int]],
     what: str,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """The pass every importance estimate shares: eval mode, at most ``num_samples`` examples,
-    ``add_batch(batch, tensors, acc) -> (examples, terms)`` accumulates into fp32 buffers, which are
-    divided by the number of terms and averaged over ranks."""
+    ``add_batch(batch, gradients, acc) -> (examples, terms)`` accumulates into fp32 buffers (this
+    process's rows under FSDP), which are divided by the number of terms and averaged over ranks
+    (not under FSDP, where each process holds other rows)."""
     start = time.perf_counter()
     names, tensors = list(params), list(params.values())
-    acc = [torch.zeros_like(p, dtype=torch.float32) for p in tensors]
-    device = tensors[0].device
+    sharded = any(hasattr(p, "device_mesh") for p in tensors)  # FSDP's parameters (not gathered ones)
+    acc = [torch.zeros_like(local(p), dtype=torch.float32) for p in tensors]
+    device = local(tensors[0]).device
+    saved = [p.grad for p in tensors] if sharded else []  # FSDP's backward writes .grad: put back after
+    if sharded:
+        for p in tensors:
+            p.grad = None
+    gradients = _gradients(tensors, sharded)
     was_training = model.training
     model.eval()
     seen, terms = 0, 0
@@ -68,15 +100,17 @@ def _importance_pass(
             if num_samples is not None and seen >= num_samples:
                 break
             batch = {k: v[: None if num_samples is None else num_samples - seen].to(device) for k, v in batch.items()}
-            examples, added = add_batch(batch, tensors, acc)
+            examples, added = add_batch(batch, gradients, acc)
             seen, terms = seen + examples, terms + added
     finally:
         model.train(was_training)
+        for p, g in zip(tensors, saved):
+            p.grad = g
     if terms == 0:
         raise ConfigError(f"the {what} pass got no examples (empty training split?)")
     for a in acc:
         a.div_(terms)
-    if average_ranks:
+    if average_ranks and not sharded:
         average_across_ranks(acc)
     return dict(zip(names, acc)), {"samples": seen, "seconds": time.perf_counter() - start}
 
@@ -96,14 +130,13 @@ def diagonal_fisher(
     """
     check_fisher_args(mode, num_samples, "method")
 
-    def add_batch(batch, tensors, fisher):
+    def add_batch(batch, gradients, fisher):
         ll = answer_log_likelihood(model, batch)
         if mode == "batch":
-            _add_squares(fisher, torch.autograd.grad(ll.mean(), tensors, allow_unused=True))
+            _add_squares(fisher, gradients(ll.mean(), False))
             return ll.shape[0], 1
         for i in range(ll.shape[0]):
-            grads = torch.autograd.grad(ll[i], tensors, retain_graph=i < ll.shape[0] - 1, allow_unused=True)
-            _add_squares(fisher, grads)
+            _add_squares(fisher, gradients(ll[i], i < ll.shape[0] - 1))
         return ll.shape[0], ll.shape[0]
     return _importance_pass(model, batches, params, num_samples, average_ranks, add_batch, "Fisher")
 
@@ -118,12 +151,11 @@ def output_sensitivity(
     """MAS importance (Aljundi et al. 2018): the mean over examples of | d ||f(x)||^2 / d theta |,
     f(x) the logits at the positions that predict the answer (no labels are used)."""
 
-    def add_batch(batch, tensors, acc):
+    def add_batch(batch, gradients, acc):
         logits, targets = labelled_logits(model, batch)
         squared = (logits.square() * (targets != IGNORE_INDEX).unsqueeze(-1)).sum(dim=(1, 2))
         for i in range(squared.shape[0]):
-            grads = torch.autograd.grad(squared[i], tensors, retain_graph=i < squared.shape[0] - 1, allow_unused=True)
-            for a, g in zip(acc, grads):
+            for a, g in zip(acc, gradients(squared[i], i < squared.shape[0] - 1)):
                 if g is not None:
                     a.add_(g.detach().float().abs())
         return squared.shape[0], squared.shape[0]

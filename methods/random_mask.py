@@ -16,6 +16,7 @@ from methods.fixed_mask import FixedMaskMethod
 
 class RandomMask(FixedMaskMethod):
     name = "random_mask"
+    scores_whole_tensors = True  # drawn from the shapes: no gradients, no gathering under FSDP
 
     def __init__(
         self,

@@ -36,3 +36,19 @@ class RecordingTraceEWC(TraceEWC):
         self.dump_dir.mkdir(parents=True, exist_ok=True)
         torch.save({n: f.clone() for n, f in self.fisher.items()}, self.dump_dir / f"rank{rank()}-task{task_index}.pt")
         super().on_task_end(module, task, task_index)
+
+
+def unit_scores_worker(rank: int, port: int, out_dir: str) -> None:
+    """One of 2 gloo processes: its rows of per-entry scores through unit_scores_of_shards, for
+    every aggregation; the results are saved for the test to compare with one process's."""
+    import torch.distributed as dist
+    from methods.fixed_mask import unit_scores_of_shards
+    from cl_bench.training.sharding import shard_rows
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    whole = {"w": torch.arange(35.0).view(5, 7) ** 1.5, "v": torch.arange(5.0) + 0.5}
+    params = {n: torch.empty(t.shape, device="meta") for n, t in whole.items()}
+    mine = {n: t[shard_rows(t.shape[0], 2, rank)] for n, t in whole.items()}
+    results = {f"{how}-{reduce}": unit_scores_of_shards(mine, params, how, reduce)
+               for how in ("row", "column", "element") for reduce in ("sum", "mean")}
+    torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    dist.destroy_process_group()

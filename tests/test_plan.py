@@ -72,3 +72,20 @@ def test_the_plan_matches_memory_measured_on_the_cpu_within_20_percent(make_conf
                       "tasks.order=[arith]", "train.batch_size=2", f"model.cache_dir={MODEL_CACHE}", tiny=False)
     planned, measured = plan(cfg), measure(cfg)
     assert abs(sum(measured.values()) / planned.states - 1) < 0.2, (measured, planned.states / GIB)
+
+
+def test_under_fsdp_a_method_s_pass_holds_its_rows_and_evaluation_gathers_the_model(make_config):
+    """EWC's Fisher and FGGM's scores run through the sharded model (methods/importance.py): their
+    pass holds this process's rows; evaluation gathers the whole model, a peak of its own."""
+    n = 6_738_415_616
+    base = ["model=llama2_7b_chat", "trainer=fsdp", "trainer.devices=8", "train.batch_size=16", *SEQ]
+    ewc = plan(make_config(*base, "method=ewc", tiny=False))
+    assert ewc.method_items == {"F and theta* (1 pair(s), float32)": 2 * 4 * n // 8}
+    assert ewc.pass_items == {"importance pass: F + gradients": (4 * n + 4 * n) // 8}
+    assert ewc.evaluation == 4 * n and ewc.total == ewc.states + max(ewc.activations + n, 4 * n)
+    assert ewc.fits(80)  # before the Fisher ran through the sharded model: whole F, gradients and weights, 111 GiB
+    fggm = plan(make_config(*base, "method=fggm", tiny=False))
+    assert fggm.pass_items == {"scoring pass: scores (fp32)": 4 * n // 8, "scoring pass: a batch's gradients": 4 * n // 8}
+    one = plan(make_config("model=llama2_7b_chat", "method=ewc", *SEQ, tiny=False))
+    assert one.method_items["theta - theta* buffer"] == 4 * 32000 * 4096 and one.evaluation == 0
+    assert one.pass_items == {"importance pass: F + gradients": 8 * n}

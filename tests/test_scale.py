@@ -199,8 +199,9 @@ def test_two_processes_match_one_process(case, tmp_path, cache_dir):
     clips by a norm summed over shards, a float order of its own (measured: sft 4e-9, migu 2e-6,
     replay 1.1e-5 on embedding rows). MIGU masks the rows of each gradient shard; FGGM and random
     masking mask each gradient shard, and FGGM's frozen rows stay bitwise equal over task 2 (FGGM
-    scores the gathered parameters on every process); EWC and MAS keep F (Omega) and theta* as the
-    rows of each shard and add the penalty's gradient to each gradient shard; LwF (teacher=topk)
+    scores each process's rows through the sharded model and puts the row scores together); EWC and
+    MAS estimate F (Omega) for each shard's rows through the sharded model, keep it and theta* as
+    those rows and add the penalty's gradient to each gradient shard; LwF (teacher=topk)
     caches the teacher's logits with the gathered weights on every process; A-GEM's memory gradient
     is a reduce-scattered backward, its dot products summed over shards; HFT's frozen flags pass
     from the sharded parameters to the gathered ones; GeRe (concat) reads the decoder's hidden
@@ -425,3 +426,20 @@ def test_the_local_parallel_launcher_runs_jobs_in_worker_processes(tmp_path):
     _run(["-m", *TINY_RUN, "tasks.order=[arith,code]", "method=sft,ewc", "hydra/launcher=local_parallel",
           f"hydra.sweep.dir={tmp_path}", "hydra.sweep.subdir=${hydra.job.num}"])
     assert [json.loads((tmp_path / str(n) / "results.json").read_text())["status"] for n in (0, 1)] == ["finished"] * 2
+
+
+@pytest.mark.processes
+def test_unit_scores_put_together_from_two_processes_rows_equal_one_process_s(tmp_path):
+    """FGGM under FSDP scores its own rows; every process then gets the per-unit scores of the whole
+    tensors (rows gathered, column sums added over processes, entries gathered), shaped so that
+    aggregate() returns them: the mask built from them is one process's (5 rows over 2 processes: 3 + 2)."""
+    from methods.masking import aggregate
+    from tests.ddp_probe import unit_scores_worker
+    torch.multiprocessing.spawn(unit_scores_worker, args=(_free_port(), str(tmp_path)), nprocs=2)
+    whole = {"w": torch.arange(35.0).view(5, 7) ** 1.5, "v": torch.arange(5.0) + 0.5}
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    for key, got in ranks[0].items():
+        how, reduce = key.split("-")
+        for n, t in whole.items():
+            assert torch.equal(got[n], ranks[1][key][n]), (key, n)  # the same on every process
+            torch.testing.assert_close(aggregate(got[n], how, reduce), aggregate(t, how, reduce), rtol=1e-6, atol=0)

@@ -15,7 +15,12 @@ peft keeps adapters in fp32 on a bf16 base), D the processes (``trainer.devices`
 w16 is 2 under bf16 precision (or weights), else 4. DDP keeps its gradient buckets beside the gradients
 (Lightning does not set ``gradient_as_bucket_view``). FSDP gathers one layer at a time and
 prefetches the next (2 U). The method's own state comes from the method
-(:meth:`methods.base.CLMethod.planned_state`). Activations are an estimate for a Llama-type
+(:meth:`methods.base.CLMethod.planned_state`), and so do the buffers of its own pass at a task's
+start or end (:meth:`~methods.base.CLMethod.planned_pass`: a Fisher, scores, an attribution; under
+FSDP through the sharded model, or on the gathered weights where a method needs them whole),
+which the peak adds to the activations. Under FSDP evaluation gathers the whole model (N w) on
+every process, a peak of its own while no activations are kept; the generation's KV cache is not
+estimated. Activations are an estimate for a Llama-type
 decoder without activation checkpointing, per micro-batch of m sequences of s = max_prompt_len +
 max_ans_len tokens: every layer keeps about (7 h + 3 h_kv + 4 i) values per token for the
 backward pass (norm inputs, q/k/v before and after RoPE, attention output, the MLP's gate, up,
@@ -98,7 +103,11 @@ class MemoryPlan:
     items: dict[str, int] = field(default_factory=dict)
     #: the method's own state, by what it is
     method_items: dict[str, int] = field(default_factory=dict)
+    #: held only during the method's own pass at a task's start or end (Fisher, scores, attribution)
+    pass_items: dict[str, int] = field(default_factory=dict)
     activations: int = 0
+    #: FSDP: the whole model gathered on every process while a stage is evaluated
+    evaluation: int = 0
     refusal: str | None = None
 
     @property
@@ -108,7 +117,10 @@ class MemoryPlan:
 
     @property
     def total(self) -> int:
-        return self.states + self.activations
+        """The peak: the states, plus the larger of training (the activations of a step, or of the
+        batch a method's pass runs on, and the pass's own buffers) and, under FSDP, evaluation (the
+        whole model gathered). The previous task's optimizer is counted as alive throughout."""
+        return self.states + max(self.activations + sum(self.pass_items.values()), self.evaluation)
 
     def fits(self, gpu_gib: float) -> bool:
         return self.total <= gpu_gib * GIB
@@ -176,6 +188,7 @@ def plan(cfg: DictConfig) -> MemoryPlan:
         model=_label(cfg.model), strategy=family,
         processes=world, params=n, trainable=t, micro_batch=micro, seq_len=seq, items=items,
         activations=activation_bytes(config, micro, seq, cfg.train.max_ans_len, 2 if bf16 else 4, cfg.model.get("lora")),
+        evaluation=n_bytes if family == "fsdp" else 0,
     )
     method = build(cfg.method)
     try:
@@ -183,7 +196,8 @@ def plan(cfg: DictConfig) -> MemoryPlan:
     except ConfigError as e:
         result.refusal = str(e)
     tasks = len(cfg.tasks.get("order") or []) or 1
-    result.method_items = method.planned_state(model, world if family != "single_device" else 1, tasks)
+    result.method_items = method.planned_state(model, world, tasks)
+    result.pass_items = method.planned_pass(model, world)
     return result
 
 
@@ -193,7 +207,8 @@ def render(p: MemoryPlan, gpu_gib: float | None) -> str:
              f"{p.strategy} over {p.processes} process(es); micro-batch {p.micro_batch} x {p.seq_len} tokens",
              f"{'per GPU':<44}{'GiB':>9}{'MiB':>11}"]
     rows = [*p.items.items(), *((f"method: {k}", v) for k, v in p.method_items.items()),
-            ("activations (estimate)", p.activations), ("total", p.total)]
+            ("activations (estimate)", p.activations), *((f"method: {k}", v) for k, v in p.pass_items.items()),
+            *([("evaluation: gathered weights", p.evaluation)] if p.evaluation else []), ("total (peak)", p.total)]
     lines += [f"{name:<44}{value / GIB:>9.2f}{value / 2 ** 20:>11.1f}" for name, value in rows]
     if gpu_gib is not None:
         spare = (gpu_gib * GIB - p.total) / GIB
