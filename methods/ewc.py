@@ -195,7 +195,7 @@ class EWC(CLMethod):
         """F_t: the diagonal Fisher of ``params`` on ``task``'s training data, at the current weights."""
         fisher, stats = diagonal_fisher(module.model, module.pass_loader(task.train), params, self.fisher_mode,
                                         self.num_samples, average_ranks=not self.sharded)
-        module.log_metrics({f"{self.name}/fisher_s": stats["seconds"], f"{self.name}/fisher_mean": overall_mean(fisher)})
+        module.log_metrics({f"{self.name}/fisher_s": stats["seconds"], f"{self.name}/fisher_mean": overall_mean(fisher, self.sharded or self.row_shards)})
         return fisher
 
     def planned_state(self, model, world, tasks):

@@ -24,8 +24,9 @@ import time
 from typing import Callable, Iterable, Sequence, TypeVar
 
 import torch
+import torch.distributed as dist
 
-from cl_bench.distributed import average_across_ranks
+from cl_bench.distributed import average_across_ranks, is_distributed
 from cl_bench.errors import ConfigError, check_choice, check_number
 from cl_bench.data.tokenization import IGNORE_INDEX
 from cl_bench.training.lm import answer_log_likelihood, labelled_logits
@@ -162,9 +163,15 @@ def output_sensitivity(
     return _importance_pass(model, batches, params, num_samples, average_ranks, add_batch, "MAS importance")
 
 
-def overall_mean(tensors: dict[str, torch.Tensor]) -> float:
-    """The mean of every entry of every tensor (telemetry)."""
-    return sum(t.sum().item() for t in tensors.values()) / sum(t.numel() for t in tensors.values())
+def overall_mean(tensors: dict[str, torch.Tensor], split: bool = False) -> float:
+    """The mean of every entry of every tensor (telemetry); ``split``: each process holds its own
+    part of them (FSDP's rows, DDP's shard_state), so the sums and counts are added over processes."""
+    total = torch.tensor([sum(t.sum().item() for t in tensors.values()), sum(t.numel() for t in tensors.values())],
+                         dtype=torch.float64)
+    if split and is_distributed():
+        total = total.to(next(iter(tensors.values())).device)
+        dist.all_reduce(total)
+    return (total[0] / total[1]).item()
 
 
 def _add_squares(acc: list[torch.Tensor], grads) -> None:

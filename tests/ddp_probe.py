@@ -40,7 +40,8 @@ class RecordingTraceEWC(TraceEWC):
 
 def unit_scores_worker(rank: int, port: int, out_dir: str) -> None:
     """One of 2 gloo processes: its rows of per-entry scores through unit_scores_of_shards, for
-    every aggregation; the results are saved for the test to compare with one process's."""
+    every aggregation, and their overall mean (telemetry); saved for the test to compare with one
+    process's."""
     import torch.distributed as dist
     from methods.fixed_mask import unit_scores_of_shards
     from cl_bench.training.sharding import shard_rows
@@ -48,7 +49,9 @@ def unit_scores_worker(rank: int, port: int, out_dir: str) -> None:
     whole = {"w": torch.arange(35.0).view(5, 7) ** 1.5, "v": torch.arange(5.0) + 0.5}
     params = {n: torch.empty(t.shape, device="meta") for n, t in whole.items()}
     mine = {n: t[shard_rows(t.shape[0], 2, rank)] for n, t in whole.items()}
+    from methods.importance import overall_mean
     results = {f"{how}-{reduce}": unit_scores_of_shards(mine, params, how, reduce)
                for how in ("row", "column", "element") for reduce in ("sum", "mean")}
+    results["mean"] = {"split": torch.tensor(overall_mean(mine, split=True), dtype=torch.float64)}
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     dist.destroy_process_group()

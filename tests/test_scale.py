@@ -432,12 +432,15 @@ def test_the_local_parallel_launcher_runs_jobs_in_worker_processes(tmp_path):
 def test_unit_scores_put_together_from_two_processes_rows_equal_one_process_s(tmp_path):
     """FGGM under FSDP scores its own rows; every process then gets the per-unit scores of the whole
     tensors (rows gathered, column sums added over processes, entries gathered), shaped so that
-    aggregate() returns them: the mask built from them is one process's (5 rows over 2 processes: 3 + 2)."""
+    aggregate() returns them: the mask built from them is one process's (5 rows over 2 processes: 3 + 2).
+    The telemetry's overall mean of the rows adds sums and counts over the processes."""
     from methods.masking import aggregate
     from tests.ddp_probe import unit_scores_worker
     torch.multiprocessing.spawn(unit_scores_worker, args=(_free_port(), str(tmp_path)), nprocs=2)
     whole = {"w": torch.arange(35.0).view(5, 7) ** 1.5, "v": torch.arange(5.0) + 0.5}
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    mean = sum(t.sum() for t in whole.values()).double() / sum(t.numel() for t in whole.values())
+    assert [r.pop("mean")["split"].item() for r in ranks] == pytest.approx([mean.item()] * 2, rel=1e-12)
     for key, got in ranks[0].items():
         how, reduce = key.split("-")
         for n, t in whole.items():
