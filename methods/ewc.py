@@ -179,12 +179,9 @@ class EWC(CLMethod):
 
     def on_task_end(self, module, task, task_index: int) -> None:
         self.release_hooks()
-        # theta*: under FSDP this process's rows only, taken before the weights are gathered
-        anchor = {n: local(p).detach().to(self.dtype).clone() for n, p in self._params(module).items()}
-        new = self.importance(module, task, self._params(module))  # FSDP: its rows, through the sharded model
-        if self.row_shards:
-            self._params(module)
-            new = rows_of_shards(new, self.params)
+        params = self._params(module)  # under FSDP F and theta* are this process's rows of them
+        anchor = {n: local(p).detach().to(self.dtype).clone() for n, p in params.items()}
+        new = self.importance(module, task, params)
         if self.mode == "separate" or not self.consolidated:
             self.consolidated.append(({n: f.to(self.dtype) for n, f in new.items()}, anchor))
         else:
@@ -195,7 +192,8 @@ class EWC(CLMethod):
         """F_t: the diagonal Fisher of ``params`` on ``task``'s training data, at the current weights."""
         fisher, stats = diagonal_fisher(module.model, module.pass_loader(task.train), params, self.fisher_mode,
                                         self.num_samples, average_ranks=not self.sharded)
-        module.log_metrics({f"{self.name}/fisher_s": stats["seconds"], f"{self.name}/fisher_mean": overall_mean(fisher, self.sharded or self.row_shards)})
+        module.log_metrics({f"{self.name}/fisher_s": stats["seconds"],
+                            f"{self.name}/fisher_mean": overall_mean(fisher, split=self.sharded or self.row_shards)})
         return fisher
 
     def planned_state(self, model, world, tasks):

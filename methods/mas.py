@@ -46,5 +46,6 @@ class MAS(EWC):
     def importance(self, module, task, params) -> dict[str, torch.Tensor]:
         omega, stats = output_sensitivity(module.model, module.pass_loader(task.train), params, self.num_samples,
                                           average_ranks=not self.sharded)
-        module.log_metrics({"mas/importance_s": stats["seconds"], "mas/importance_mean": overall_mean(omega, self.sharded or self.row_shards)})
+        module.log_metrics({"mas/importance_s": stats["seconds"],
+                            "mas/importance_mean": overall_mean(omega, split=self.sharded or self.row_shards)})
         return omega

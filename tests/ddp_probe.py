@@ -43,13 +43,13 @@ def unit_scores_worker(rank: int, port: int, out_dir: str) -> None:
     every aggregation, and their overall mean (telemetry); saved for the test to compare with one
     process's."""
     import torch.distributed as dist
-    from methods.fixed_mask import unit_scores_of_shards
     from cl_bench.training.sharding import shard_rows
+    from methods.fixed_mask import unit_scores_of_shards
+    from methods.importance import overall_mean
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     whole = {"w": torch.arange(35.0).view(5, 7) ** 1.5, "v": torch.arange(5.0) + 0.5}
     params = {n: torch.empty(t.shape, device="meta") for n, t in whole.items()}
     mine = {n: t[shard_rows(t.shape[0], 2, rank)] for n, t in whole.items()}
-    from methods.importance import overall_mean
     results = {f"{how}-{reduce}": unit_scores_of_shards(mine, params, how, reduce)
                for how in ("row", "column", "element") for reduce in ("sum", "mean")}
     results["mean"] = {"split": torch.tensor(overall_mean(mine, split=True), dtype=torch.float64)}
