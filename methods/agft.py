@@ -35,16 +35,14 @@ from contextlib import contextmanager
 from typing import Sequence
 
 import torch
-import torch.distributed as dist
 
 from cl_bench.data.tokenization import IGNORE_INDEX
-from cl_bench.distributed import is_distributed
 from cl_bench.errors import check_choice, check_number
 from cl_bench.rng import derive_seed
 from cl_bench.training.lm import labelled_logits
 from cl_bench.training.sharding import full_weights, gather_rows, is_sharded, local, rows_of_shards
 from methods.base import CLMethod, model_bytes, trainable_bytes
-from methods.importance import sample_examples
+from methods.importance import overall_mean, sample_examples
 from methods.masking import GradientMask, select_parameters
 
 SCALES = ("grad", "update")
@@ -183,13 +181,9 @@ class AGFT(CLMethod):
             self.params = select_parameters(module.model, self.param_patterns, "method.param_patterns")
             scores, self.gate = rows_of_shards(scores, self.params), rows_of_shards(self.gate, self.params)
         self.gate = scores if not self.gate else {n: torch.maximum(self.gate[n], s) for n, s in scores.items()}
-        total = torch.tensor([sum(g.sum().item() for g in self.gate.values()),
-                              sum(g.numel() for g in self.gate.values())], dtype=torch.float64)
-        if self.row_shards and is_distributed():  # the mean over the whole gate, not this shard's rows
-            total = total.to(next(iter(self.gate.values())).device)
-            dist.all_reduce(total)
         module.log_metrics({"agft/correct_samples": correct, "agft/attribution_s": time.perf_counter() - start,
-                            "agft/gate_mean": (total[0] / total[1]).item()})
+                            # the mean over the whole gate, not this shard's rows
+                            "agft/gate_mean": overall_mean(self.gate, split=self.row_shards)})
 
     # --- during a task: the gate scales gradients or updates ------------------------------------
     def keep(self) -> dict[str, torch.Tensor]:

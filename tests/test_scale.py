@@ -105,10 +105,13 @@ def test_the_loader_resumes_mid_epoch_with_the_same_order():
 TINY_RUN = [*TINY, "tasks.order=[arith,code,sentiment]", "tasks.num_train=16", "optimizer.eps=1.0"]
 
 
+def _runner_env() -> dict[str, str]:
+    return {**os.environ, "CL_BENCH_CACHE": os.environ.get("CL_BENCH_CACHE", str(Path.home() / ".cache/cl_bench"))}
+
+
 def _run(args, timeout=300, check=True):
-    env = {**os.environ, "CL_BENCH_CACHE": os.environ.get("CL_BENCH_CACHE", str(Path.home() / ".cache/cl_bench"))}
     proc = subprocess.run([sys.executable, "-m", "runners.cl", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout, env=env)
+                          text=True, timeout=timeout, env=_runner_env())
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
@@ -137,7 +140,7 @@ def _run_processes(args, launcher: str, n: int = 2, timeout: int = 300) -> None:
     if launcher == "lightning":
         _run(args, timeout=timeout)
         return
-    env = {**os.environ, "CL_BENCH_CACHE": os.environ.get("CL_BENCH_CACHE", str(Path.home() / ".cache/cl_bench"))}
+    env = _runner_env()
     if launcher == "torchrun":
         commands = [([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
                       "-m", "runners.cl", *args], env)]
@@ -317,9 +320,8 @@ def test_a_run_killed_mid_task_resumes_to_the_same_weights_and_scores(method, tm
               *small.get(method, [])]
     run(compose_config(common, tmp_path / "whole", cache_dir), tmp_path / "whole")  # uninterrupted, in this process
     killed = tmp_path / "killed"
-    env = {**os.environ}
     proc = subprocess.Popen([sys.executable, "-m", "runners.cl", *common, f"hydra.run.dir={killed}"],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            cwd=ROOT, env=_runner_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpts = killed / "checkpoints"
     deadline = time.time() + 240
     while time.time() < deadline and not list(ckpts.glob("task-001-step-*.ckpt")):
