@@ -5,7 +5,8 @@
     stream_run.run():
         first = start_or_restore()         # R[0] (the untrained model), or the newest checkpoint
         for i in range(first, len(stream)):
-            train_task(i)                  # method.on_task_start, Trainer.fit, method.on_task_end
+            train_task(i)                  # method.on_task_start, Trainer.fit, method.on_task_end (and
+                                           # the method's after-task epoch: TRACE's replay)
             evaluate_stage()               # R[i + 1]: every task; record, log, checkpoint
         finish()                           # results.json status "finished", summary
 
@@ -40,7 +41,7 @@ from cl_bench.recording.console import console
 from cl_bench.recording.loggers import RunLoggers
 from cl_bench.recording.results import RunRecorder, redact
 from cl_bench.recording.summary import print_summary
-from cl_bench.rng import rng_state, set_rng_state
+from cl_bench.rng import derive_seed, rng_state, set_rng_state
 from cl_bench.training.checkpointing import CHECKPOINT_DIR, StreamCheckpoints
 from cl_bench.training.module import CLModule
 from cl_bench.training.sharding import full_weights
@@ -176,6 +177,7 @@ class StreamRun:
             return 0
         saved = self.saved
         self.method.load_state_dict(saved["method"])  # first: a method may add modules (IncLoRA's adapters)
+        self.recorder.method_report = self.method.report()
         if saved["model"] is not None:
             restore_weights(self.bundle.model, saved["model"])
         self.recorder.load_state_dict(saved["recorder"])
@@ -213,7 +215,22 @@ class StreamRun:
         if self.evaluator is not None:
             self.recorder.add_continual(self.evaluator.take_points())
         self.method.on_task_end(self.module, task, i)
+        extra = self.method.after_task_epoch(task, i)
+        if extra:
+            self.train_after_task_epoch(task, i, extra)
+        self.recorder.method_report = self.method.report()
         self.recorder.add_train_time(time.perf_counter() - t)
+
+    def train_after_task_epoch(self, task: Task, i: int, examples: list) -> None:
+        """One epoch over ``examples`` after task ``i``'s fit (a method's :meth:`after_task_epoch`,
+        TRACE's replay epoch), with the run's optimizer; a stop within it repeats it on a resume."""
+        console.print(f"After {task.name}: one epoch over {len(examples)} examples ({self.method.name})")
+        trainer = build_trainer(self.cfg, 1, None, [self.method], self.accumulate)
+        loader = self.loaders.training(examples, seed=derive_seed(self.cfg.seed + i, 1), rank=rank(),
+                                       world_size=world_size())
+        trainer.fit(self.module, loader, weights_only=True)
+        self.module.check_weights_finite()
+        self.module.end_fit()
 
     def evaluate_stage(self) -> None:
         """The next row of R (every task of the stream), general ability when due, then record, log

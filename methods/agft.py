@@ -12,12 +12,23 @@ from layer-wise relevance propagation (LRP-epsilon):
     Ibar    = I_tau normalised into [0, 1] (min-max per tensor, or by the global max)
     Rbar   <- max(Rbar, Ibar)                                          (the gate: max over past tasks)
 
-and while task t trains every gradient is scaled, g <- (1 - Rbar) (.) g (``scale: grad``), or
-every optimizer update, theta <- theta_old + (1 - Rbar) (.) (theta_new - theta_old)
-(``scale: update``; Adam normalises a fixed per-coordinate gradient scale away, except through eps).
+and while task t trains every optimizer update is scaled, theta <- theta_old + (1 - Rbar) (.)
+(theta_new - theta_old) (``scale: update``, the default), so an entry important to earlier tasks
+"receives a smaller update", as the paper intends, under any optimizer. ``scale: grad`` scales
+the gradient instead, g <- (1 - Rbar) (.) g, the paper's equation taken literally: under Adam this
+changes nothing but the entries with Rbar = 1, since Adam divides each coordinate by the running
+RMS of the same scaled gradient (measured: the median update ratio gated / ungated is 1.000 for
+every Rbar below 0.99; docs/fidelity.md).
 
-"Correctly predicted": the teacher-forced argmax equals the answer at every answer position
-(``samples: all`` uses every sample of the seeded sample). For
+"Correctly predicted" (``samples``):
+- ``correct``: the teacher-forced argmax equals the answer at a share of at least
+  ``min_token_accuracy`` of the answer positions (1.0, the default: every one);
+- ``scored``: the sample's greedy answer (the task's own ``max_new_tokens``) scores at least
+  ``min_score`` (0-100) by the task's own metric, for long answers (summaries, code) that are
+  almost never right at every token;
+- ``all``: every sample of the seeded sample.
+How many samples formed each task's relevance is logged, warned about when none did (the task
+then adds nothing to the gate), and kept in results.json's ``method.relevance_samples``. For
 a network of linear layers and ReLUs, W (.) g~ is exactly LRP-epsilon's relevance of each weight
 (tested against the layer-by-layer rule); through softmax attention, RMSNorm and SwiGLU the other
 operations pass the ordinary gradient (gradient x input), not AttnLRP's rules. What the paper
@@ -30,6 +41,7 @@ scales its gradient shard once per optimizer step (or its shard's update).
 """
 from __future__ import annotations
 
+import logging
 import time
 from contextlib import contextmanager
 from typing import Sequence
@@ -38,6 +50,8 @@ import torch
 
 from cl_bench.data.tokenization import IGNORE_INDEX
 from cl_bench.errors import check_choice, check_number
+from cl_bench.evaluation.generation import GenerationConfig, generate
+from cl_bench.evaluation.metrics import METRICS
 from cl_bench.rng import derive_seed
 from cl_bench.training.lm import labelled_logits
 from cl_bench.training.sharding import full_weights, gather_rows, is_sharded, local, rows_of_shards
@@ -47,7 +61,9 @@ from methods.masking import GradientMask, select_parameters
 
 SCALES = ("grad", "update")
 NORMALIZATIONS = ("tensor", "global")
-SAMPLES = ("correct", "all")
+SAMPLES = ("correct", "scored", "all")
+
+log = logging.getLogger(__name__)
 
 
 class _EpsilonRule(torch.autograd.Function):
@@ -121,14 +137,18 @@ class AGFT(CLMethod):
     trains_lora = True  # gates the trainable weights: the adapters under LoRA
 
     def __init__(self, num_samples: int = 32, top_k: int = 5, epsilon: float = 1e-6, normalize: str = "tensor",
-                 scale: str = "grad", samples: str = "correct", param_patterns: Sequence[str] | None = ("*layers.*",),
-                 seed: int = 0):
+                 scale: str = "update", samples: str = "correct", min_token_accuracy: float = 1.0,
+                 min_score: float = 50.0, param_patterns: Sequence[str] | None = ("*layers.*",), seed: int = 0):
         self.num_samples = check_number(num_samples, "method.num_samples", integer=True, low=1)
         self.top_k = check_number(top_k, "method.top_k", integer=True, low=1)
         self.epsilon = float(check_number(epsilon, "method.epsilon", low=0))
         self.normalize = check_choice(normalize, NORMALIZATIONS, "method.normalize")
         self.scale = check_choice(scale, SCALES, "method.scale")
         self.samples = check_choice(samples, SAMPLES, "method.samples")
+        self.min_token_accuracy = float(check_number(min_token_accuracy, "method.min_token_accuracy", low=0, high=1))
+        self.min_score = float(check_number(min_score, "method.min_score", low=0, high=100))
+        #: per finished task, how many samples formed its relevance (results.json's method section)
+        self.relevance_samples: dict[str, int] = {}
         self.param_patterns = None if param_patterns is None else list(param_patterns)
         self.seed = seed
         #: Rbar: the element-wise max of the normalised relevance of every finished task
@@ -157,7 +177,7 @@ class AGFT(CLMethod):
                         one = {k: v[b:b + 1].to(device) for k, v in batch.items()}
                         logits, targets = labelled_logits(model, one)
                         answer = targets != IGNORE_INDEX
-                        if self.samples == "correct" and not bool((logits.argmax(-1) == targets)[answer].all()):
+                        if self.samples == "correct" and not self.predicted(logits, targets):
                             continue
                         relevance = weight_relevance(logits.max(-1).values[answer].sum(), params)
                         for r in relevance.values():  # log1p(|R| / mean |R|), in place
@@ -169,13 +189,37 @@ class AGFT(CLMethod):
         return top.mean() if top.count else {n: torch.zeros_like(p, dtype=torch.float32)
                                               for n, p in params.items()}, top.count
 
+    def predicted(self, logits: torch.Tensor, targets: torch.Tensor) -> bool:
+        """``samples: correct``: the teacher-forced argmax is right at a share of at least
+        ``min_token_accuracy`` of the answer positions."""
+        right = (logits.argmax(-1) == targets)[targets != IGNORE_INDEX]
+        return bool(right.all()) if self.min_token_accuracy == 1 else right.float().mean().item() >= self.min_token_accuracy
+
+    def well_answered(self, module, task, examples: list) -> list:
+        """``samples: scored``: the examples whose greedy answer scores at least ``min_score`` by
+        the task's own metric (each scored alone)."""
+        score = METRICS[task.metric]
+        answers = generate(module.model, module.loaders.tokenizer, examples, task.spec.max_new_tokens,
+                           GenerationConfig(batch_size=module.loaders.micro_batch_size or module.loaders.batch_size,
+                                            max_prompt_len=module.loaders.max_prompt_len))
+        return [ex for ex, a in zip(examples, answers) if score([a], [ex.answer], [ex.prompt]) >= self.min_score]
+
     def on_task_end(self, module, task, task_index: int) -> None:
         self.release()
         start = time.perf_counter()
         examples = sample_examples(task.train, self.num_samples, derive_seed(self.seed, task_index))
         with full_weights(module.model):  # FSDP: every process attributes with the gathered weights
+            if self.samples == "scored":
+                examples = self.well_answered(module, task, examples)
             params = select_parameters(module.model, self.param_patterns, "method.param_patterns")
             scores, correct = self.relevance(module, examples, params)
+        self.relevance_samples[task.name] = correct
+        if not correct:
+            log.warning("AGFT: none of the %d samples examined of task %s was %s, so the task adds nothing to the "
+                        "gate; on long answers set method.samples=scored (the task's metric >= method.min_score) or "
+                        "method.min_token_accuracy below 1", self.num_samples, task.name,
+                        {"correct": f"predicted right at {self.min_token_accuracy:.0%} of its answer tokens",
+                         "scored": f"answered with a score of at least {self.min_score}"}.get(self.samples, "usable"))
         scores = normalise(scores, self.normalize) if correct else scores
         if is_sharded(module.model):
             self.params = select_parameters(module.model, self.param_patterns, "method.param_patterns")
@@ -248,10 +292,14 @@ class AGFT(CLMethod):
             items["relevance pass: gathered weights"] = model_bytes(model)
         return items
 
+    def report(self):
+        return {"relevance_samples": dict(self.relevance_samples)}
+
     def state_dict(self):
         """The whole gate; a sharded one is gathered (every process calls this; rank 0 writes it)."""
         gate = gather_rows(self.gate, self.params) if self.row_shards and self.gate else self.gate
-        return {"gate": {n: g.cpu() for n, g in gate.items()}}
+        return {"gate": {n: g.cpu() for n, g in gate.items()}, "relevance_samples": dict(self.relevance_samples)}
 
     def load_state_dict(self, state_dict) -> None:
+        self.relevance_samples = dict(state_dict.get("relevance_samples", {}))
         self.gate = {n: g.to(self.params[n].device) if n in self.params else g for n, g in state_dict["gate"].items()}

@@ -11,6 +11,7 @@ The runner calls ``method.on_stream_start(module, stream)`` once, before anythin
     method.on_task_start(module, task, task_index)   # before trainer.fit; e.g. a Fisher pass
     trainer.fit(module, ...)                          # loss = task loss + method.penalty(...)
     method.on_task_end(module, task, task_index)     # after fit; e.g. EWC's Fisher and anchor
+    trainer.fit(module, method.after_task_epoch(...)) # when it returns examples (TRACE's replay epoch)
 
 By default a fresh optimizer is created for every task (``configure_optimizers`` runs at each fit),
 so a method never inherits Adam moments from a previous task. With ``optimizer.reset_per_task=false``
@@ -64,6 +65,9 @@ class CLMethod(Callback):
     trains_lora = False
     #: why a method that does not train adapters refuses them (the error names it)
     lora_refusal = "its state is defined on the full weights"
+    #: True for a method whose penalty reads every position's logits (``module.step_sequence_logits``),
+    #: not only the answer's: the training forward pass then computes the head at every position
+    sequence_logits = False
     #: set by :meth:`check_run`: the run is sharded (``trainer=fsdp``), so parameters, gradients and
     #: a method's per-entry state are row shards once the model is sharded at the first fit
     row_shards = False
@@ -110,6 +114,11 @@ class CLMethod(Callback):
         :meth:`training_examples` (the rest are the task's own); None: all are shuffled together."""
         return None
 
+    def after_task_epoch(self, task: "Task", task_index: int) -> list["Example"]:
+        """Examples of one more epoch trained after the task's fit and :meth:`on_task_end`, before
+        the task is evaluated, with the run's optimizer (TRACE's replay epoch); [] for none."""
+        return []
+
     def penalty(self, module: "CLModule", batch: dict[str, torch.Tensor], task_loss: torch.Tensor) -> torch.Tensor | None:
         """A term added to the task loss of every training step, or None."""
         return None
@@ -128,6 +137,11 @@ class CLMethod(Callback):
         Fisher, scores, an attribution), for ``runners.plan``, which adds them to the peak with the
         activations (the pass holds its batch's). Under FSDP (:attr:`row_shards`) a pass holds
         this process's rows if it runs through the sharded model, the whole model if it gathers it."""
+        return {}
+
+    def report(self) -> dict[str, Any]:
+        """What results.json's ``method`` section says of the run so far (e.g. how many samples
+        formed each task's state), after every task; JSON values only."""
         return {}
 
     def state_dict(self) -> dict[str, Any]:

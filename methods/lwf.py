@@ -19,8 +19,18 @@ Where the teacher's logits come from (``teacher``):
 
 ``direction: reverse`` uses KL(student || teacher) instead, as TRACE's ``model/Regular/LwF.py``
 does (its ``kl_div(log_softmax(old / T), softmax(new / T))``); it needs the whole teacher
-distribution (``teacher: copy``). TRACE keeps every example's full-vocabulary logits on the host
-and sums over all positions, prompt and padding included (docs/fidelity.md).
+distribution (``teacher: copy``).
+
+``reduction`` decides which positions the term covers and how it is scaled:
+- ``answer_mean`` (the default): the positions that predict answer tokens, reduced as the task loss.
+- ``trace``: TRACE's ``KD_loss``, ``F.kl_div(..., reduction="batchmean")`` over the logits of every
+  position of the padded micro-batch (prompt, answer and padding): the sum over all positions
+  divided by the micro-batch's sequence count, added to each micro-batch's loss (so under
+  accumulation the mean of the micro-batches' terms, as DeepSpeed averages them). It grows with the
+  sequence length: on a batch of 4 x 246 positions with 36 answer tokens it is about 250x the
+  ``answer_mean`` term. ``experiment=trace`` selects it with ``direction: reverse``
+  (conf/method_recipe/trace_lwf.yaml). TRACE keeps the teacher's logits on the host; here the
+  teacher is a frozen copy (docs/fidelity.md).
 """
 from __future__ import annotations
 
@@ -32,13 +42,14 @@ import torch
 
 from cl_bench.data.tokenization import IGNORE_INDEX
 from cl_bench.errors import ConfigError, check_choice, check_number
-from cl_bench.training.lm import labelled_logits, labelled_mean
+from cl_bench.training.lm import labelled_logits, labelled_mean, sequence_and_labelled_logits
 from cl_bench.training.sharding import full_weights
 from methods.base import CLMethod
 
 TEACHERS = ("copy", "topk")
 DIRECTIONS = ("forward", "reverse")
 CACHE_DTYPES = ("float16", "bfloat16", "float32")
+REDUCTIONS = ("answer_mean", "trace")
 
 
 def example_key(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> bytes:
@@ -69,15 +80,20 @@ class LwF(CLMethod):
     trains_lora = True  # the teacher is a copy of the model, adapters included
 
     def __init__(self, lambda_: float = 1.0, temperature: float = 2.0, teacher: str = "copy", top_k: int = 64,
-                 direction: str = "forward", cache_dtype: str = "float16"):
+                 direction: str = "forward", cache_dtype: str = "float16", reduction: str = "answer_mean"):
         self.lambda_ = float(check_number(lambda_, "method.lambda_", low=0))
         self.temperature = float(check_number(temperature, "method.temperature", low=0, low_open=True))
         self.teacher_kind = check_choice(teacher, TEACHERS, "method.teacher")
         self.top_k = check_number(top_k, "method.top_k", integer=True, low=1)
         self.direction = check_choice(direction, DIRECTIONS, "method.direction")
         self.cache_dtype = getattr(torch, check_choice(cache_dtype, CACHE_DTYPES, "method.cache_dtype"))
+        self.reduction = check_choice(reduction, REDUCTIONS, "method.reduction")
         if self.direction == "reverse" and self.teacher_kind == "topk":
             raise ConfigError("method.direction=reverse needs the whole teacher distribution: set method.teacher=copy")
+        if self.reduction == "trace" and self.teacher_kind == "topk":
+            raise ConfigError("method.reduction=trace needs the teacher's logits at every position: set method.teacher=copy")
+        #: TRACE's term reads the student's logits at every position of the sequence
+        self.sequence_logits = self.reduction == "trace"
         self.teacher: torch.nn.Module | None = None
         #: example key -> (top-k logits [answer positions, k], their token ids)
         self.cache: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -140,14 +156,20 @@ class LwF(CLMethod):
         if self.teacher is None and not self.cache:
             return None
         logits, targets = module.step_logits
-        if self.teacher is not None:
+        if self.reduction == "trace":
+            with torch.no_grad():
+                teacher = sequence_and_labelled_logits(self.teacher, batch)[0].float()
+            kl = distillation(module.step_sequence_logits.float(), teacher, self.temperature, self.direction)
+            term = self.lambda_ * kl.sum() / kl.shape[0]  # batchmean: every position, per sequence
+        elif self.teacher is not None:
             with torch.no_grad():
                 teacher, _ = labelled_logits(self.teacher, batch)
             kl = distillation(logits, teacher, self.temperature, self.direction)
         else:
             values, ids = self._cached(batch, targets)
             kl = distillation(logits, values, self.temperature, self.direction, teacher_ids=ids)
-        term = self.lambda_ * labelled_mean(kl, targets, batch)
+        if self.reduction == "answer_mean":
+            term = self.lambda_ * labelled_mean(kl, targets, batch)
         if module.should_log:
             module.log_metrics({"lwf/distillation": term.item()})
         return term

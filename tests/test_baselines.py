@@ -186,6 +186,90 @@ def test_agem_memory_is_seeded_and_restored_and_settings_are_checked():
         bad.on_stream_start(_module(bad, micro_batch_size=4, batch_size=8), None)
 
 
+
+def test_lwf_trace_reduction_is_traces_kd_loss_over_every_position():
+    """Issue 24.2: ``reduction: trace`` restated from TRACE's model/Regular/LwF.py: the new and the
+    previous model's logits of the whole padded batch, ``F.kl_div(log_softmax(prev / T),
+    softmax(new / T), reduction="batchmean")``, added with weight 1."""
+    import torch.nn.functional as F
+    from methods.lwf import LwF
+    from cl_bench.data.tokenization import position_ids
+    from cl_bench.training.lm import sequence_and_labelled_logits
+    method = LwF(teacher="copy", direction="reverse", reduction="trace")
+    module = _module(method)
+    method.on_task_start(module, TASK, 1)
+    teacher = tiny_llama(seed=0).model.eval()
+    with torch.no_grad():
+        for p in module.model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    batch = next(iter(module.pass_loader([Example("q" + " x" * (3 * i), f"a{i} b") for i in range(4)])))
+    assert (batch["attention_mask"] == 0).any()  # padding positions are part of TRACE's sum
+    module.step_sequence_logits, *pair = sequence_and_labelled_logits(module.model, batch)
+    module.step_logits = tuple(pair)
+    got = method.penalty(module, batch, torch.tensor(0.0))
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+              "position_ids": position_ids(batch["attention_mask"])}
+    new_logits = module.model(**inputs).logits
+    with torch.no_grad():
+        prev_logits = teacher(**inputs).logits
+    T = 2.0
+    expected = F.kl_div(F.log_softmax(prev_logits / T, dim=-1), F.softmax(new_logits / T, dim=-1), reduction="batchmean")
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+    # the project's default on the same batch: the answer positions' mean, a much smaller term
+    answer = LwF(teacher="copy", direction="reverse")
+    answer.teacher = method.teacher
+    assert answer.penalty(module, batch, torch.tensor(0.0)).item() * 5 < got.item()
+    with pytest.raises(ConfigError, match="method.reduction=trace needs the teacher's logits at every position"):
+        LwF(teacher="topk", reduction="trace")
+
+
+def test_experiment_trace_composes_traces_lwf_and_replay(make_config):
+    """Issue 24.2-3: ``experiment=trace`` runs LwF and replay as TRACE does; the project's defaults otherwise."""
+    trace = {"tiny": False}
+    lwf = make_config("experiment=trace", "method=lwf", **trace).method
+    assert (lwf.reduction, lwf.direction, lwf.teacher) == ("trace", "reverse", "copy")
+    replay = make_config("experiment=trace", "method=replay", **trace).method
+    assert (replay.mode, replay.sample, replay.ratio) == ("trace", "first", 0.1)
+    assert make_config("method=lwf").method.reduction == "answer_mean"
+    assert (make_config("method=replay").method.mode, make_config("method=replay").method.sample) == ("concat", "random")
+    assert make_config("experiment=trace", "method=lwf", "method.reduction=answer_mean", **trace).method.reduction == "answer_mean"
+
+
+@pytest.mark.parametrize("mode", ["concat", "trace"])
+def test_replay_exposure_counts_of_each_mode(make_config, monkeypatch, tmp_path, mode):
+    """Issue 24.3: how often task 1's kept examples are trained over a 3-task stream with 2 epochs
+    each. concat: once per epoch of every later task (2 + 2); trace: once per later task, in the
+    epoch after each task (TRACE's replay.py), its own kept examples the first int(0.5 N) of its
+    file; the general set once after every task, the first included."""
+    import json
+    from collections import Counter
+    from cl_bench.data.tokenization import encode_train
+    from cl_bench.stream_run import run
+    from methods.replay import Replay
+    from tests.conftest import instantiate_with
+
+    class Seen(Replay):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            for ids, mask in zip(batch["input_ids"], batch["attention_mask"]):
+                self.seen[tuple(ids[mask.bool()].tolist())] += 1
+    general = tmp_path / "general.json"
+    general.write_text(json.dumps([{"prompt": "general prompt?", "answer": "general answer"}]))
+    method = Seen(ratio=0.5, mode=mode, sample="first", general_data=str(general))
+    method.seen = Counter()
+    monkeypatch.setattr("cl_bench.config.instantiate", instantiate_with(method))
+    cfg = make_config("tasks.order=[arith,code,sentiment]", "tasks.epochs=2", "tasks.num_train=4")
+    run(cfg, cfg.paths.output_dir)
+    from cl_bench.config import build_stream
+    tasks = build_stream(cfg.tasks)
+    tok = tiny_llama().tokenizer
+    key = lambda ex: tuple(encode_train(tok, ex, cfg.train.max_prompt_len, cfg.train.max_ans_len)["input_ids"])
+    first, rest = tasks[0].train[:2], tasks[0].train[2:]  # kept: the first int(0.5 x 4) in file order
+    assert [method.seen[key(ex)] for ex in rest] == [2, 2]  # its own epochs only
+    assert [method.seen[key(ex)] for ex in first] == ([2 + 4] * 2 if mode == "concat" else [2 + 2] * 2)
+    gen = key(method.general[0])
+    assert method.seen[gen] == (4 if mode == "concat" else 3)
+    assert [[e.prompt for e in kept] for kept in method.buffer] == [[e.prompt for e in t.train[:2]] for t in tasks]
+
 # --- AGFT -------------------------------------------------------------------------------------
 def _brute_force_lrp(w1, w2, x, picks, eps):
     """LRP-epsilon relevance of the weights of relu(x W1^T) W2^T for sum_t z2[t, picks[t]], layer
@@ -299,6 +383,83 @@ def test_agft_update_scaling_applies_one_minus_the_gate_to_the_optimizer_step():
     plain, scaled = step(False), step(True)
     torch.testing.assert_close(scaled - before, (1 - method.gate[name]) * (plain - before), rtol=1e-5, atol=1e-8)
 
+
+
+def _adam_updates(method, steps=5):
+    """|theta - theta_0| of every gated entry after ``steps`` AdamW steps on TASK from the same start,
+    with ``method``'s gate applied as a training run applies it (None: SFT)."""
+    from types import SimpleNamespace
+    from cl_bench.training.lm import causal_lm_loss
+    module = _module(method)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    param = dict(module.model.named_parameters())[name]
+    start = param.detach().clone()
+    opt = torch.optim.AdamW(module.model.parameters(), lr=1e-3, weight_decay=0.0)
+    if method.name == "agft":
+        method.on_stream_start(module, None)
+        method.gate = {name: torch.full_like(param, 0.5)}
+        method.on_task_start(module, TASK, 1)
+        method.on_train_start(SimpleNamespace(optimizers=[opt]), module)
+    for batch in list(module.pass_loader(TASK.train))[:1] * steps:
+        module.model.zero_grad(set_to_none=True)
+        causal_lm_loss(module.model, batch).backward()
+        opt.step()
+    if method.name == "agft":
+        method.on_train_end(None, module)
+        method.release()
+    return (param.detach() - start).abs()
+
+
+def test_agft_default_halves_the_adamw_update_of_an_entry_gated_at_one_half():
+    """Issue 24.1: the default realises 'smaller updates' under AdamW; the literal gradient gate does
+    not (Adam divides the scale away: the update is SFT's)."""
+    from methods.agft import AGFT
+    from methods.sft import SFT
+    patterns = ["*layers.0.self_attn.q_proj.weight"]
+    sft = _adam_updates(SFT())
+    moved = sft > 1e-7
+    default = _adam_updates(AGFT(param_patterns=patterns))
+    literal = _adam_updates(AGFT(param_patterns=patterns, scale="grad"))
+    assert (default[moved] / sft[moved]).median().item() == pytest.approx(0.5, abs=0.05)
+    assert (literal[moved] / sft[moved]).median().item() == pytest.approx(1.0, abs=0.02)
+
+
+def test_agft_counts_the_samples_that_formed_each_task_and_warns_when_none_did(caplog):
+    """Issue 24.1: a task whose samples are never right at every token adds no gate, silently no more:
+    the count is logged and reported; a looser token criterion or the task's scorer admits samples."""
+    import logging
+    from methods.agft import AGFT
+    patterns = ["*layers.0.mlp.down_proj.weight"]
+    strict = AGFT(num_samples=4, param_patterns=patterns)
+    module = _module(strict)
+    strict.on_stream_start(module, None)
+    with caplog.at_level(logging.WARNING):
+        strict.on_task_end(module, TASK, 0)  # the untrained tiny model predicts no answer right
+    assert strict.report() == {"relevance_samples": {"t": 0}} and not strict.gate["model.layers.0.mlp.down_proj.weight"].any()
+    assert "none of the 4 samples examined of task t" in caplog.text and "method.samples=scored" in caplog.text
+    model = module.model.eval()
+    shares = []
+    for ex in TASK.train[:8]:
+        logits, targets = labelled_logits(model, next(iter(module.pass_loader([ex]))))
+        shares.append(((logits.argmax(-1) == targets)[targets != IGNORE_INDEX]).float().mean().item())
+    loose = AGFT(num_samples=8, min_token_accuracy=0.0, param_patterns=patterns)
+    loose.on_stream_start(module, None)
+    loose.on_task_end(module, TASK, 0)
+    assert loose.report()["relevance_samples"]["t"] == sum(s >= 0.0 for s in shares) == 8
+    restored = AGFT(param_patterns=patterns)
+    restored.on_stream_start(module, None)
+    restored.load_state_dict(loose.state_dict())
+    assert restored.report() == loose.report()
+    # samples=scored: each sample's greedy answer scored by the task's metric (accuracy: exact match)
+    from cl_bench.evaluation.generation import GenerationConfig, generate
+    answers = generate(model, module.loaders.tokenizer, TASK.train, 4, GenerationConfig(batch_size=1, max_prompt_len=64))
+    task = Task(TaskSpec("t", "accuracy", 4), {"train": [Example(ex.prompt, a) for ex, a in zip(TASK.train, answers)]}, 1)
+    scored = AGFT(num_samples=8, samples="scored", min_score=100, param_patterns=patterns)
+    scored.on_stream_start(module, None)
+    scored.on_task_end(module, task, 0)  # every answer is the model's own: every sample scores 100
+    assert scored.report()["relevance_samples"]["t"] == 8
+    with pytest.raises(ConfigError, match="method.min_token_accuracy"):
+        AGFT(min_token_accuracy=1.5)
 
 # --- GeRe -------------------------------------------------------------------------------------
 def _gere(tmp_path, **kwargs):

@@ -64,6 +64,8 @@ class RunRecorder:
         self.continual = continual or ContinualSettings()
         #: continual-evaluation points: {"step", "training" (task index), "scores": {task: score}, "seconds"}
         self.points: list[dict[str, Any]] = []
+        #: the method's own account of the run (CLMethod.report), results.json's ``method``
+        self.method_report: dict[str, Any] = {}
 
     @property
     def stages(self) -> list[str]:
@@ -171,6 +173,7 @@ class RunRecorder:
                         "mean": {stage: self.general_mean(stage) for stage in self.general}},
             **({"continual": self.continual_curves(), "continual_metrics": self.continual_metrics()}
                if self.continual.enabled else {}),
+            **({"method": self.method_report} if self.method_report else {}),
             "timings": {**self.timings, "total_s": round(time.time() - self.started, 3),
                         "cpu_s": None if self.cpu_started is None else round(self.cpu_seconds(), 3),
                         **({"continual_s": round(sum(p.get("seconds") or 0 for p in self.points), 3)}

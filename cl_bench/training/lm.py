@@ -16,15 +16,24 @@ from cl_bench.data.tokenization import IGNORE_INDEX, position_ids
 def labelled_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, targets): fp32 next-token logits at the positions that predict a labelled token,
     and those tokens (IGNORE_INDEX elsewhere); both [batch, K]."""
+    return sequence_and_labelled_logits(model, batch, every_position=False)[1:]
+
+
+def sequence_and_labelled_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor], every_position: bool = True,
+                                 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """(every position's logits [batch, length, V] as the model computes them (None unless
+    ``every_position``), then :func:`labelled_logits`' pair), from one forward pass. The logits of
+    every position are what a term over the whole padded sequence needs (TRACE's LwF)."""
     labels = batch["labels"]
     labelled = (labels != IGNORE_INDEX).any(0)
     first = int(labelled.float().argmax()) if labelled.any() else labels.shape[1] - 1
     keep = max(labels.shape[1] - first + 1, 2)  # the position before the first labelled token too
     logits = model(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-        position_ids=position_ids(batch["attention_mask"]), use_cache=False, logits_to_keep=keep,
+        position_ids=position_ids(batch["attention_mask"]), use_cache=False,
+        logits_to_keep=0 if every_position else keep,
     ).logits
-    return logits[:, :-1].float(), labels[:, -(keep - 1):]
+    return (logits if every_position else None), logits[:, -keep:-1].float(), labels[:, -(keep - 1):]
 
 
 def labelled_mean(values: torch.Tensor, targets: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:

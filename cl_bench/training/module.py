@@ -10,7 +10,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 
 from cl_bench.data.loaders import TaskLoaders
 from cl_bench.rng import rng_state, set_rng_state
-from cl_bench.training.lm import labelled_logits, token_cross_entropy
+from cl_bench.training.lm import sequence_and_labelled_logits, token_cross_entropy
 from cl_bench.training.sharding import local, shard_model
 
 if TYPE_CHECKING:
@@ -37,7 +37,7 @@ class CLModule(LightningModule):
 
     What the run does with it: :meth:`begin_task` before a task's fit, :meth:`end_fit` after it.
     What methods use: :meth:`pass_loader` (a task's examples, batched as for training),
-    :meth:`log_metrics`, :attr:`should_log`, :attr:`step_logits` (in ``penalty``), ``model`` and
+    :meth:`log_metrics`, :attr:`should_log`, :attr:`step_logits` and :attr:`step_sequence_logits` (in ``penalty``), ``model`` and
     ``task_name``.
     """
 
@@ -74,6 +74,9 @@ class CLModule(LightningModule):
         #: (logits, targets) of the current training micro-batch at its labelled positions
         #: (cl_bench.training.lm.labelled_logits), for a method's penalty (e.g. LwF's distillation)
         self.step_logits: tuple[torch.Tensor, torch.Tensor] | None = None
+        #: every position's logits of the micro-batch [batch, length, V], for a method whose
+        #: ``sequence_logits`` is True (computed in the same forward pass; None otherwise)
+        self.step_sequence_logits: torch.Tensor | None = None
 
     def begin_task(self, name: str) -> None:
         """The next fit trains task ``name`` (named in errors, e.g. a non-finite loss)."""
@@ -119,11 +122,11 @@ class CLModule(LightningModule):
         self.model.train()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        logits, targets = labelled_logits(self.model, batch)
-        self.step_logits = (logits, targets)
+        sequence, logits, targets = sequence_and_labelled_logits(self.model, batch, self.method.sequence_logits)
+        self.step_logits, self.step_sequence_logits = (logits, targets), sequence
         task_loss = token_cross_entropy(logits, targets, batch)
         penalty = self.method.penalty(self, batch, task_loss)
-        self.step_logits = None  # the logits are not kept past the step
+        self.step_logits = self.step_sequence_logits = None  # the logits are not kept past the step
         loss = task_loss if penalty is None else task_loss + penalty
         self.log("loss", loss.detach(), prog_bar=True, logger=False)
         value = loss.item()  # checked at every step: a diverged task must never be recorded as a stage
