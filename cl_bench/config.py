@@ -10,7 +10,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from cl_bench.data.tasks import SPLITS
-from cl_bench.errors import ConfigError, check_choice, check_number
+from cl_bench.errors import ConfigError, check_choice, check_flag, check_number
 
 
 def build(node: DictConfig, **kwargs):
@@ -50,9 +50,7 @@ def build_stream(tasks: DictConfig):
 def optimizer_factory(node: DictConfig) -> tuple[Callable, bool]:
     """The optimizer partial of ``conf: optimizer`` and its ``reset_per_task`` flag (default true:
     a fresh optimizer for every task; false: one optimizer, its moments carried, for the stream)."""
-    reset = node.get("reset_per_task", True)
-    if not isinstance(reset, bool):
-        raise ConfigError(f"optimizer.reset_per_task must be true or false, got {reset!r}")
+    reset = check_flag(node.get("reset_per_task", True), "optimizer.reset_per_task")
     return build(OmegaConf.masked_copy(node, [k for k in node if k != "reset_per_task"])), reset
 
 

@@ -17,6 +17,13 @@ class RunDirInUse(ConfigError):
     """Another run holds the run dir: nothing may be written there."""
 
 
+def check_flag(value: Any, key: str) -> bool:
+    """A setting that must be true or false (not a string such as "maybe")."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    return value
+
+
 def check_choice(value: Any, choices: Sequence[Any], key: str) -> Any:
     """``value`` if it is one of ``choices``."""
     if value not in choices:

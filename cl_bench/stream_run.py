@@ -144,7 +144,7 @@ class StreamRun:
         )
         #: scores the seen tasks during training (eval.continual; None when off)
         self.evaluator = ContinualEvaluator(self.continual, self.stream, self.bundle.tokenizer, self.loaders,
-                                            self.generation, cfg.eval.split) if self.continual.enabled else None
+                                            self.generation, cfg.eval.split, cfg.seed) if self.continual.enabled else None
         self.answers = {t.name: [e.answer for e in t.splits[cfg.eval.split][: cfg.eval.max_examples]]
                         for t in self.stream}
 

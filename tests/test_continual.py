@@ -35,11 +35,45 @@ def test_wc_acc_weighs_the_last_task_by_one_over_k():
 
 
 def test_windowed_forgetting_is_the_largest_fall_within_w_evaluations():
-    # w = 2 (adjacent evaluations): a falls 15 at most, b 20; w = 3: a falls 60 -> 30
-    assert windowed_forgetting(STEPS, TRAINING, SCORES, NAMES, 2) == (17.5, {"a": 15, "b": 20, "c": 0})
-    assert windowed_forgetting(STEPS, TRAINING, SCORES, NAMES, 3) == (25, {"a": 30, "b": 20, "c": 0})
+    # w = 2 (adjacent evaluations): a falls 15 at most, b 20, c (in training) 0; averaged over all
+    # three, as the authors' TaskAveragingPluginMetric does; w = 3: a falls 60 -> 30
+    assert windowed_forgetting(STEPS, TRAINING, SCORES, NAMES, 2) == (pytest.approx(35 / 3), {"a": 15, "b": 20, "c": 0})
+    assert windowed_forgetting(STEPS, TRAINING, SCORES, NAMES, 3) == (pytest.approx(50 / 3), {"a": 30, "b": 20, "c": 0})
     metrics = continual_metrics(STEPS, TRAINING, SCORES, NAMES, windows=(2, 3))
-    assert metrics["wf2"] == 17.5 and metrics["wf3"] == 25 and metrics["avg_min_acc"] == 40
+    assert metrics["wf2"] == pytest.approx(11.6667, abs=1e-4) and metrics["avg_min_acc"] == 40
+
+
+def _authors_average_windowed_forgetting(steps, training, scores, names, window):
+    """Mattdl/ContinualEvaluation's rule, restated: per task a deque of its last ``window``
+    accuracies (never reset), after every evaluation max_forgetting[t] = max(itself, max over i < j
+    in the deque of A_i - A_j), starting at 0 (WindowedForgettingPluginMetric); the reported value
+    is the plain mean over every task evaluated so far (TaskAveragingPluginMetric), taken after the
+    last evaluation."""
+    from collections import deque
+    windows, worst = {}, {}
+    for p in range(len(steps)):
+        for name in names:
+            if scores[name][p] is None:
+                continue
+            d = windows.setdefault(name, deque(maxlen=window))
+            d.append(scores[name][p])
+            drops = [d[i] - d[j] for i in range(len(d)) for j in range(i + 1, len(d))]
+            worst[name] = max([worst.get(name, 0.0)] + drops)
+    return sum(worst.values()) / len(worst) if worst else None
+
+
+def test_windowed_forgetting_equals_the_authors_rule_on_random_curves():
+    rng = random.Random(3)
+    for _ in range(300):
+        tasks = rng.randint(1, 4)
+        names = [f"t{i}" for i in range(tasks)]
+        per_task = [rng.randint(1, 5) for _ in range(tasks)]
+        training = [t for t in range(tasks) for _ in range(per_task[t])][: rng.randint(1, sum(per_task))]
+        steps = list(range(1, len(training) + 1))
+        scores = {n: [rng.uniform(0, 100) if t >= i else None for t in training] for i, n in enumerate(names)}
+        w = rng.randint(2, 6)
+        got = windowed_forgetting(steps, training, scores, names, w)[0]
+        assert got == pytest.approx(_authors_average_windowed_forgetting(steps, training, scores, names, w))
 
 
 def test_max_drop_equals_brute_force():
@@ -68,6 +102,7 @@ def test_bad_curves_are_refused():
     ({"every_n_steps": 2, "windows": [1]}, "eval.continual.windows must be an integer >= 2"),
     ({"every_n_steps": 2, "max_examples": 0}, "eval.continual.max_examples must be an integer >= 1"),
     ({"every_n_step": 2}, "eval.continual has no key 'every_n_step'"),
+    ({"every_n_steps": 2, "resample": "maybe"}, "eval.continual.resample must be true or false, got 'maybe'"),
 ])
 def test_bad_settings_are_refused_by_key(node, message):
     with pytest.raises(ConfigError, match=message):
@@ -116,3 +151,27 @@ def test_a_run_records_curves_that_match_the_stage_scores_and_leave_training_unc
     assert json.loads((with_out / "results.json").read_text())["R"] == res["R"]
     final, reference = _final_weights(out), _final_weights(with_out)
     assert all(torch.equal(final[k], reference[k]) for k in reference)
+
+
+def test_the_authors_options_a_point_before_the_first_update_and_a_subsample_drawn_per_evaluation(make_config):
+    """Issue 24.4: ``before_first_step`` adds the authors' x = -1 point (step 0, the first task only),
+    which enters its forgetting window; ``resample`` scores each evaluation on its own seeded draw."""
+    cfg = make_config("tasks.order=[arith,minutes]", "tasks.max_steps=2", "eval.continual.every_n_steps=2",
+                      "eval.continual.max_examples=3", "eval.continual.before_first_step=true",
+                      "eval.continual.resample=true")
+    run(cfg, cfg.paths.output_dir)
+    res = json.loads((Path(cfg.paths.output_dir) / "results.json").read_text())
+    curves = res["continual"]
+    assert curves["steps"] == [0, 2, 4] and curves["training"] == [0, 0, 1]
+    assert curves["before_first_step"] is True and curves["resample"] is True
+    arith = curves["scores"]["arith"]
+    assert res["continual_metrics"]["wf10_per_task"]["arith"] == pytest.approx(max_drop(arith, 10))
+    from cl_bench.config import build_stream
+    from cl_bench.evaluation.continual import ContinualEvaluator
+    from cl_bench.models import tiny_llama
+    stream = build_stream(cfg.tasks)
+    evaluator = ContinualEvaluator(ContinualSettings(2, 3, {"arith": "loglik", "minutes": "loglik"}, resample=True),
+                                   stream, None, TaskLoaders(tiny_llama().tokenizer, 4, 64, 8), None, "test", seed=cfg.seed)
+    draws = [evaluator.subsample("arith", step).splits["test"] for step in (2, 4, 2)]
+    assert draws[0] == draws[2] and draws[0] != draws[1]  # the same step draws the same examples
+    assert all(len(set(d)) == 3 and set(d) <= set(stream[0].splits["test"]) for d in draws)

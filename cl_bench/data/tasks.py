@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
-from cl_bench.errors import ConfigError, check_choice, check_number, check_numbers
+from cl_bench.errors import ConfigError, check_choice, check_flag, check_number, check_numbers
 from cl_bench.evaluation.metrics import METRICS, SCORER_SETS
 
 SPLITS = ("train", "eval", "test")
@@ -93,8 +93,7 @@ def joint_task(stream: TaskStream) -> Task:
 
 def training_plan(stream: TaskStream, joint: bool, shuffle: bool) -> list[Task]:
     """What a run trains, in order: the stream's tasks, or (``tasks.joint=true``) their union."""
-    if not isinstance(joint, bool):
-        raise ConfigError(f"tasks.joint must be true or false, got {joint!r}")
+    check_flag(joint, "tasks.joint")
     if not joint:
         return list(stream)
     if any(t.max_steps is not None for t in stream):

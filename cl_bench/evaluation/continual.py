@@ -9,6 +9,11 @@ on a small fixed subsample, so that transient forgetting (the stability gap) sho
                              # | metric (generate and score with the task's metric, 0-100)
     measures: null           # per-task exceptions, e.g. eval.continual.measures={sentiment: metric}
     windows: [10, 100]       # WF^w windows, in evaluations
+    before_first_step: false # true: one point before the stream's first update (the authors' x = -1),
+                             # which enters the first task's forgetting window
+    resample: false          # true: each evaluation draws its own max_examples of each task (seeded by
+                             # the run's seed and the stream step), as the authors' set_subset_idxs does
+                             # at every iteration; false: the same first examples every time
 
 The evaluator is a Lightning callback of every task's fit. A point is (stream step, index of the
 task in training, each seen task's score, the seconds it took); the points of the running task are callback state, so
@@ -29,9 +34,9 @@ from omegaconf import DictConfig, OmegaConf
 from cl_bench.data.loaders import TaskLoaders
 from cl_bench.data.tasks import Task, TaskStream
 from cl_bench.data.tokenization import IGNORE_INDEX
-from cl_bench.errors import ConfigError, check_choice, check_number
+from cl_bench.errors import ConfigError, check_choice, check_flag, check_number
 from cl_bench.evaluation.generation import GenerationConfig, evaluate_task
-from cl_bench.rng import preserved_rng
+from cl_bench.rng import derive_seed, preserved_rng
 from cl_bench.training.lm import answer_log_likelihood
 
 MEASURES = ("loglik", "metric")
@@ -45,6 +50,8 @@ class ContinualSettings:
     max_examples: int = 16
     measures: dict[str, str] = field(default_factory=dict)
     windows: tuple[int, ...] = (10, 100)
+    before_first_step: bool = False
+    resample: bool = False
 
     @property
     def enabled(self) -> bool:
@@ -56,7 +63,8 @@ class ContinualSettings:
         if node is None:
             return cls()
         node = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
-        unknown = set(node) - {"every_n_steps", "max_examples", "measure", "measures", "windows"}
+        unknown = set(node) - {"every_n_steps", "max_examples", "measure", "measures", "windows", "before_first_step",
+                               "resample"}
         if unknown:
             raise ConfigError(f"eval.continual has no key {sorted(unknown)[0]!r}")
         every = check_number(node.get("every_n_steps"), "eval.continual.every_n_steps", integer=True, low=1,
@@ -73,7 +81,8 @@ class ContinualSettings:
             raise ConfigError(f"eval.continual.windows must be a list of integers >= 2, got {windows!r}")
         for w in windows:
             check_number(w, "eval.continual.windows", integer=True, low=2)
-        return cls(every, max_examples, {n: overrides.get(n, default) for n in task_names}, tuple(windows))
+        flags = {key: check_flag(node.get(key, False), f"eval.continual.{key}") for key in ("before_first_step", "resample")}
+        return cls(every, max_examples, {n: overrides.get(n, default) for n in task_names}, tuple(windows), **flags)
 
 
 @torch.no_grad()
@@ -91,11 +100,13 @@ class ContinualEvaluator(Callback):
     """Scores the seen tasks every ``every_n_steps`` optimizer steps and at the end of each fit."""
 
     def __init__(self, settings: ContinualSettings, stream: TaskStream, tokenizer, loaders: TaskLoaders,
-                 generation: GenerationConfig, split: str):
+                 generation: GenerationConfig, split: str, seed: int = 0):
         self.settings = settings
         self.tokenizer = tokenizer
         self.generation = generation
         self.split = split
+        self.seed = seed
+        self.passes = loaders.passes
         self.tasks: dict[str, Task] = {t.name: t for t in stream}
         self.loaders = {t.name: loaders.passes(t.splits[split][: settings.max_examples]) for t in stream
                         if settings.measures[t.name] == "loglik"}
@@ -115,27 +126,44 @@ class ContinualEvaluator(Callback):
         points, self.points = self.points, []
         return points
 
-    def score(self, model: torch.nn.Module, name: str) -> float:
+    def subsample(self, name: str, step: int) -> Task:
+        """``resample``: task ``name`` with ``max_examples`` of its split drawn for the evaluation at
+        stream step ``step`` (the same draw on every process and on a resume)."""
+        task = self.tasks[name]
+        examples = task.splits[self.split]
+        k = min(self.settings.max_examples, len(examples))
+        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(
+            derive_seed(derive_seed(self.seed, step), name)))
+        return Task(task.spec, {self.split: [examples[int(i)] for i in order[:k].sort().values]}, task.epochs)
+
+    def score(self, model: torch.nn.Module, name: str, step: int = 0) -> float:
+        task = self.subsample(name, step) if self.settings.resample else self.tasks[name]
         if self.settings.measures[name] == "metric":
-            return evaluate_task(model, self.tokenizer, self.tasks[name], self.generation, self.split,
+            return evaluate_task(model, self.tokenizer, task, self.generation, self.split,
                                  self.settings.max_examples).score
+        loader = self.passes(task.splits[self.split]) if self.settings.resample else self.loaders[name]
         was_training = model.training
         model.eval()
         try:
-            return mean_answer_log_likelihood(model, self.loaders[name], next(model.parameters()).device)
+            return mean_answer_log_likelihood(model, loader, next(model.parameters()).device)
         finally:
             model.train(was_training)
 
     def evaluate(self, trainer, pl_module) -> None:
         start = time.perf_counter()
         with preserved_rng():
-            scores = {name: self.score(pl_module.model, name) for name in self.seen}
+            scores = {name: self.score(pl_module.model, name, pl_module.stream_step) for name in self.seen}
         step = pl_module.stream_step
         self.points.append({"step": step, "training": self.training, "scores": scores,
                             "seconds": round(time.perf_counter() - start, 3)})
         self.last_step = trainer.global_step
         if pl_module.metric_sink is not None:
             pl_module.metric_sink({f"continual/{name}": v for name, v in scores.items()}, step)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        """``before_first_step``: the point before the stream's first update (the authors' x = -1)."""
+        if self.settings.before_first_step and pl_module.stream_step == 0 and not self.points:
+            self.evaluate(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step

@@ -15,7 +15,9 @@ task's last point is its final step (the evaluator always scores there), so
     WF^w(E_i)     = max(0, max_{p<q, q-p<w} A(E_i, p) - A(E_i, q))  over task i's own points
                     (any w consecutive evaluations of it, from its first; as the authors'
                     ``WindowedForgettingPluginMetric`` keeps a deque of w)
-    WF^w          = mean of WF^w(E_i) over the earlier tasks i < k - 1 (those forgetting can hit)
+    WF^w          = mean of WF^w(E_i) over every task evaluated so far, the one in training
+                    included, as the authors' ``TaskAveragingPluginMetric`` averages it (their
+                    reported ``avg_F10_final`` is its value at the end of the stream)
 
 The paper evaluates after every iteration, so its windows of w iterations are windows of w
 evaluations; here evaluations come every ``eval.continual.every_n_steps`` steps and a window is
@@ -90,15 +92,15 @@ def max_drop(values: Sequence[float], window: int) -> float:
 
 def windowed_forgetting(steps, training, scores: Scores, names: Sequence[str], window: int,
                         ) -> tuple[float | None, dict[str, float | None]]:
-    """(WF^w over the earlier tasks, WF^w of every task seen), w = ``window`` evaluations."""
+    """(WF^w averaged over every task evaluated so far, WF^w of each of them), w = ``window``
+    evaluations; tasks never evaluated are None and left out of the average."""
     _check(steps, training, scores, names)
     per_task = {}
     for name in names:
         seen = [s for s in scores[name] if s is not None]
         per_task[name] = max_drop(seen, window) if seen else None
-    k = max(training) + 1 if training else 0
-    earlier = [v for v in list(per_task.values())[: k - 1] if v is not None]
-    return (fmean(earlier) if earlier else None), per_task
+    evaluated = [v for v in per_task.values() if v is not None]
+    return (fmean(evaluated) if evaluated else None), per_task
 
 
 def continual_metrics(steps, training, scores: Scores, names: Sequence[str], windows: Sequence[int] = (10,),

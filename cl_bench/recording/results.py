@@ -90,6 +90,7 @@ class RunRecorder:
             return None
         return {"every_n_steps": self.continual.every_n_steps, "max_examples": self.continual.max_examples,
                 "measures": self.continual.measures, "windows": list(self.continual.windows),
+                "before_first_step": self.continual.before_first_step, "resample": self.continual.resample,
                 "steps": [p["step"] for p in self.points], "training": [p["training"] for p in self.points],
                 "seconds": [p.get("seconds") for p in self.points],
                 "scores": {n: [p["scores"].get(n) for p in self.points] for n in self.task_names}}
