@@ -1,40 +1,39 @@
 """GeRe: general sample replay with a threshold-based margin loss (Zhang et al. 2025, arXiv
 2508.04676; the authors' code is github.com/Qznan/GeRe, gere/gere_trainer.py).
 
-At stream start, with the untrained model: a fixed set of general texts, each cut to
-``max_length`` tokens; their final hidden states h* (the lm_head input) at every token; per hidden
-dimension d, over all tokens of all texts, mu_d and sigma_d (population variance); and for every
-stored entry its band: at or below mu - sigma, strictly between, at or above mu + sigma.
+At stream start, with the untrained model: a fixed set of general texts, each tokenised without
+BOS or EOS and cut to ``max_length`` tokens (as the authors: ``add_special_tokens=False``, 563
+tokens); their final hidden states h* (the lm_head input) at every token; per hidden dimension d,
+over all tokens of all texts, mu_d and sigma_d (population variance); and for every stored entry
+its band: at or below mu - sigma, strictly between, at or above mu + sigma.
 
-``mode: batch``: every training micro-batch also draws ``per_batch`` general texts (seeded,
-cycling through the set in a fresh order each pass). ``mode: concat`` (the authors' default): the
-general texts join every task's training data, shuffled with it, so a batch holds some of them
-and a step costs what an SFT step does (an epoch has more steps); their rows are recognised by
-their tokens, their hidden states read from the step's own forward pass. Either way the loss is
+How many general texts a step sees is the method's own setting, never the memory layout's:
+- ``mode: batch`` (the default): every optimizer step draws ``per_step`` general texts (seeded,
+  cycling through the set in a fresh order each pass, from the stream step), added as extra rows
+  to the step's micro-batches (text j of the step to micro-batch j mod (processes x micro-batches));
+  a step costs more than SFT's, the task's steps are unchanged.
+- ``mode: interleave``: the authors' ``num_interpolate_per_batch``: ``per_step`` general texts take
+  slots of every global batch (cl_bench/data/batching.py), a step holds as many rows as SFT's.
+- ``mode: concat`` (the authors' default): the texts join every task's training data, shuffled with
+  it (an epoch has more steps).
+In interleave and concat modes the general rows are recognised by their tokens and their hidden
+states read from the step's own forward pass. Either way the loss is
 
-    L  = (CE_general + CE_task) / 2 + w * TM
-    TM = (sum of the terms below) / (number of non-zero terms), over every dimension of every
-         non-padding token of the drawn texts, h the current hidden state:
-           relu(h - (mu - sigma))                         where h* <= mu - sigma   (stay below)
-           relu(h - (mu + sigma)) + relu(mu - sigma - h)  where h* is between      (stay inside)
-           relu(mu + sigma - h)                           where h* >= mu + sigma   (stay above)
-    w  = 100 (``weight: 100``), or (CE_general + CE_task) / 2 / TM without gradient (``weight: dy``)
-
-CE_general is the next-token loss over every token of the drawn texts (full-token LM loss; in
-concat mode a text is an example with an empty prompt, so every token after BOS is labelled), and
-CE_task the task's; in concat mode both are the micro-batch's token means over their rows, as the
-authors compute them, and a micro-batch without general rows keeps the plain task loss. TM is 0
+CE_general is the next-token loss over every token of the drawn texts after the first (full-token
+LM loss), and CE_task the task's; in interleave and concat modes both are the micro-batch's token
+means over their rows, as the authors compute them; a micro-batch without general rows keeps the
+plain task loss. TM is 0
 until the weights move. Only the bands are kept (int8), which is all TM reads; the authors keep
 the fp32 hidden states on disk. The set is rebuilt from the untrained model when a run resumes
 (the statistics are checked against the checkpoint's).
 
 General texts: ``general_data`` (JSON Lines with a ``text`` field, as the authors' SlimPajama
 sample) or, by default, ``num_samples`` texts the untrained model writes itself
-(cl_bench/data/general_text.py). The authors mix general texts into the task's data (concat, or a
-fixed count per global batch); ``mode: batch`` adds a fixed count per micro-batch (docs/fidelity.md).
+(cl_bench/data/general_text.py).
 
-Under DDP and FSDP every process draws its own general texts (``seed`` + rank) in batch mode; in
-concat mode they are training rows, laid out over the processes as any. The statistics come from
+Under DDP and FSDP the processes share each step's draw in batch mode (FSDP needs every process's
+micro-batches to hold the same count, so ``per_step`` must then be a multiple of processes x
+micro-batches); in interleave and concat modes they are training rows, laid out over the processes as any. The statistics come from
 the whole untrained model on every process (before FSDP shards it, at the first fit), and the
 general texts of batch mode run through the whole model's forward, so FSDP gathers every layer.
 """
@@ -45,15 +44,17 @@ import time
 import torch
 
 from cl_bench.data.general_text import read_texts, self_generated
-from cl_bench.data.tasks import Example
-from cl_bench.data.tokenization import IGNORE_INDEX, encode_train
-from cl_bench.distributed import rank
+from cl_bench.data.batching import layout
+from cl_bench.data.tasks import Example, TokenizedText
+from cl_bench.data.tokenization import IGNORE_INDEX
+from cl_bench.distributed import rank, world_size
 from cl_bench.errors import ConfigError, check_choice, check_number
 from cl_bench.models import decoder
 from cl_bench.rng import derive_seed
 from methods.base import CLMethod
 
 BELOW, INSIDE, ABOVE = -1, 0, 1
+MODES = ("batch", "interleave", "concat")
 
 
 def final_hidden(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -85,14 +86,14 @@ class GeRe(CLMethod):
     trains_lora = True  # its penalty is on hidden states, whatever trains
 
     def __init__(self, general_data: str | None = None, num_samples: int = 64, max_length: int = 563,
-                 generate_tokens: int = 128, per_batch: int = 1, weight: float | str = 100, seed: int = 0,
+                 generate_tokens: int = 128, per_step: int = 1, weight: float | str = 100, seed: int = 0,
                  mode: str = "batch"):
-        self.mode = check_choice(mode, ("batch", "concat"), "method.mode")
+        self.mode = check_choice(mode, MODES, "method.mode")
         self.general_data = general_data
         self.num_samples = check_number(num_samples, "method.num_samples", integer=True, low=1)
         self.max_length = check_number(max_length, "method.max_length", integer=True, low=2)
         self.generate_tokens = check_number(generate_tokens, "method.generate_tokens", integer=True, low=1)
-        self.per_batch = check_number(per_batch, "method.per_batch", integer=True, low=1)
+        self.per_step = check_number(per_step, "method.per_step", integer=True, low=1)
         if weight != "dy":
             try:
                 weight = float(check_number(weight, "method.weight", low=0))
@@ -103,12 +104,24 @@ class GeRe(CLMethod):
         self.texts: list[list[int]] = []  # token ids of each general text
         self.bands: list[torch.Tensor] = []
         self.lower = self.upper = None
-        self.drawn = 0  # general texts drawn so far by this process
-        #: concat mode: the texts as training examples, each one's token ids -> its index; the final
-        #: hidden state of the last training forward pass (read by a hook on the decoder)
+        #: interleave and concat modes: the texts as training rows, each one's token ids -> its index
         self.examples: list[Example] = []
         self.rows: dict[tuple[int, ...], int] = {}
+        #: the final hidden state of the last training forward pass (read by a hook on the decoder)
         self.step_hidden: torch.Tensor | None = None
+
+    def check_run(self, cfg) -> None:
+        super().check_run(cfg)
+        if self.mode == "batch" and self.row_shards:
+            world = int(cfg.trainer.get("devices", 1)) * int(cfg.trainer.get("num_nodes", 1))
+            slots = layout(cfg.train.batch_size, cfg.train.get("micro_batch_size"), world)[2] * world
+        if self.mode == "batch" and self.row_shards and self.per_step % slots:
+            raise ConfigError(f"method.per_step ({self.per_step}) must be a multiple of the step's micro-batches over "
+                              f"all processes ({slots}) in mode batch under trainer=fsdp (every process gathers the "
+                              "layers for the extra rows together), or use method.mode=interleave")
+        if self.mode == "interleave" and self.per_step >= cfg.train.batch_size:
+            raise ConfigError(f"method.per_step ({self.per_step}) must be smaller than train.batch_size "
+                              f"({cfg.train.batch_size}) in mode interleave: the task needs rows of every batch")
 
     # --- stream start: the general set and its statistics, from the untrained model ------------------
     def on_stream_start(self, module, stream) -> None:
@@ -122,11 +135,8 @@ class GeRe(CLMethod):
         self.texts = [t for t in ids if len(t) >= 2]
         if not self.texts:
             raise ConfigError("method.general_data: no general text is 2 tokens long or more")
-        if self.mode == "concat":  # the texts as the training rows will hold them (BOS ... EOS)
-            loaders = module.loaders
-            self.examples = [Example("", tokenizer.decode(t)) for t in self.texts]
-            self.texts = [encode_train(tokenizer, ex, loaders.max_prompt_len, loaders.max_ans_len)["input_ids"]
-                          for ex in self.examples]
+        if self.mode != "batch":  # training rows of exactly these tokens (no BOS or EOS, as the statistics)
+            self.examples = [TokenizedText("", tokenizer.decode(t), tuple(t)) for t in self.texts]
             self.rows = {tuple(t): i for i, t in enumerate(self.texts)}
         decoder(model).register_forward_hook(self._keep_hidden)
         # pass 1: per-dimension moments over every token; pass 2: each entry's band (kept on the host)
@@ -163,19 +173,22 @@ class GeRe(CLMethod):
     def training_examples(self, task, task_index: int) -> list[Example]:
         return list(task.train) + self.examples  # empty in batch mode
 
-    # --- every micro-batch: replay and margin --------------------------------------------------
-    def draw(self) -> list[int]:
-        """The indices of the next ``per_batch`` general texts of this process (seeded cycles)."""
-        n, out = len(self.texts), []
-        for k in range(self.drawn, self.drawn + self.per_batch):
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(self.seed + rank(), k // n)))
-            out.append(int(order[k % n]))
-        self.drawn += self.per_batch
-        return out
+    def replayed_per_batch(self, task, task_index: int) -> int | None:
+        return self.per_step if self.mode == "interleave" else None
 
-    def general_batch(self, device) -> dict[str, torch.Tensor]:
-        """The drawn texts, right-padded (as the authors pad them), with their bands."""
-        picked = self.draw()
+    # --- every micro-batch: replay and margin --------------------------------------------------
+    def text_at(self, k: int) -> int:
+        """The k-th general text drawn in the stream: seeded cycles through the set."""
+        n = len(self.texts)
+        return int(torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(self.seed, k // n)))[k % n])
+
+    def draw(self, step: int, slot: int, slots: int) -> list[int]:
+        """Mode batch: the general texts of micro-batch ``slot`` of ``slots`` (processes x
+        micro-batches) at stream step ``step``: the step's texts j = slot, slot + slots, ..."""
+        return [self.text_at(step * self.per_step + j) for j in range(slot, self.per_step, slots)]
+
+    def general_batch(self, picked: list[int], device) -> dict[str, torch.Tensor]:
+        """The texts ``picked``, right-padded (as the authors pad them), with their bands."""
         length = max(len(self.texts[i]) for i in picked)
         ids = torch.zeros(len(picked), length, dtype=torch.long)
         mask = torch.zeros(len(picked), length, dtype=torch.long)
@@ -212,13 +225,18 @@ class GeRe(CLMethod):
         return ce_general, ce, margin
 
     def penalty(self, module, batch, task_loss):
-        if self.mode == "concat":
+        if self.mode != "batch":
             parts = self.concat_penalty(module, batch, task_loss)
             if parts is None:
                 return None
             ce_general, ce, margin = parts
             return self.combine(module, task_loss, ce_general, ce, margin)
-        general = self.general_batch(task_loss.device)
+        per_process = module.micro_batches_per_step
+        picked = self.draw(module.stream_step, rank() * per_process + module.micro_batch_in_step,
+                           world_size() * per_process)
+        if not picked:
+            return None
+        general = self.general_batch(picked, task_loss.device)
         # the whole model's forward (under FSDP its root gathers the embeddings and the head); the
         # decoder's output, the lm_head input, is read by the hook
         logits = module.model(input_ids=general["input_ids"], attention_mask=general["attention_mask"],
@@ -242,11 +260,10 @@ class GeRe(CLMethod):
         return {"hidden-state bands (int8)": self.num_samples * self.max_length * model.config.hidden_size}
 
     def state_dict(self):
-        return {"drawn": self.drawn, "lower": self.lower, "upper": self.upper}
+        return {"lower": self.lower, "upper": self.upper}  # the draws follow the stream step
 
     def load_state_dict(self, state_dict) -> None:
         if self.lower is not None and not (torch.equal(state_dict["lower"].cpu(), self.lower.cpu())
                                            and torch.equal(state_dict["upper"].cpu(), self.upper.cpu())):
             raise ConfigError("GeRe's general-sample thresholds, rebuilt from the untrained model, differ from the "
                               "checkpoint's: the general texts or the base model changed since the run started")
-        self.drawn = state_dict["drawn"]

@@ -523,7 +523,7 @@ def test_gere_dynamic_weight_carries_no_gradient(tmp_path):
     assert logged["gere/margin"] > 0 and w == pytest.approx(((logged["gere/ce_general"] + task_loss) / 2).item()
                                                              / logged["gere/margin"], rel=1e-5)
     got = torch.autograd.grad(task_loss + dynamic, params, retain_graph=True, allow_unused=True)
-    method.weight, method.drawn = w, 0  # the same draw, the weight as a constant
+    method.weight = w  # the same draw (the same stream step), the weight as a constant
     task_loss = causal_lm_loss(module.model, batch)
     fixed = torch.autograd.grad(task_loss + method.penalty(module, batch, task_loss), params, allow_unused=True)
     for a, b in zip(got, fixed):
@@ -531,18 +531,63 @@ def test_gere_dynamic_weight_carries_no_gradient(tmp_path):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_gere_draws_cycle_through_every_text_and_resume_where_they_were(tmp_path):
-    method, module, _ = _gere(tmp_path, per_batch=2)
-    draws = [method.draw() for _ in range(5)]  # 10 draws = two passes over the 5 texts
+def test_gere_draws_cycle_through_every_text_and_follow_the_stream_step(tmp_path):
+    method, module, _ = _gere(tmp_path, per_step=2)
+    draws = [method.draw(step, 0, 1) for step in range(5)]  # 10 draws = two passes over the 5 texts
     flat = [i for d in draws for i in d]
     assert sorted(flat[:5]) == sorted(flat[5:]) == list(range(5))
+    # a step's texts shared over 2 micro-batches: j = 0 to the first, j = 1 to the second
+    assert [method.draw(3, 0, 2), method.draw(3, 1, 2)] == [[draws[3][0]], [draws[3][1]]]
+    assert method.draw(3, 2, 3) == []  # more micro-batches than texts: some get none
     state = method.state_dict()
-    again, _, _ = _gere(tmp_path, per_batch=2)
+    again, _, _ = _gere(tmp_path, per_step=2)
     again.load_state_dict(state)
-    assert again.draw() == method.draw()
+    assert again.draw(4, 0, 1) == draws[4]
     again.lower = again.lower + 1
     with pytest.raises(ConfigError, match="thresholds, rebuilt from the untrained model, differ"):
         again.load_state_dict(state)
+
+
+@pytest.mark.parametrize("mode", ["batch", "interleave"])
+def test_gere_general_texts_per_step_do_not_depend_on_the_micro_batch_size(make_config, monkeypatch, tmp_path, mode):
+    """Issue 24.5: ``per_step`` general texts per optimizer step with micro-batches of 4 and of 1
+    (the same global batch of 4); the rows are the authors' tokens, no BOS or EOS, up to 563."""
+    import json
+    from collections import Counter, defaultdict
+    from cl_bench.stream_run import run
+    from methods.gere import GeRe
+    from tests.conftest import instantiate_with
+    path = tmp_path / "general.jsonl"
+    path.write_text("\n".join(json.dumps({"text": f"General text {i}: " + "word " * (300 * (i == 0) + 3)})
+                              for i in range(5)))
+    seen = {}
+    for micro in (4, 1):
+        class Counted(GeRe):
+            def penalty(self, module, batch, task_loss):
+                step = seen.setdefault(micro, defaultdict(Counter))[module.stream_step]
+                if self.mode == "batch":
+                    per = module.micro_batches_per_step
+                    step.update(self.draw(module.stream_step, module.micro_batch_in_step, per))
+                else:
+                    for ids, mask in zip(batch["input_ids"], batch["attention_mask"]):
+                        if tuple(ids[mask.bool()].tolist()) in self.rows:
+                            step[self.rows[tuple(ids[mask.bool()].tolist())]] += 1
+                return super().penalty(module, batch, task_loss)
+        method = Counted(general_data=str(path), mode=mode, per_step=2, num_samples=5)
+        monkeypatch.setattr("cl_bench.config.instantiate", instantiate_with(method))
+        cfg = make_config("method=gere", f"method.mode={mode}", "tasks.order=[arith,code]", "train.batch_size=4",
+                          f"train.micro_batch_size={micro}", "train.max_ans_len=16")
+        run(cfg, tmp_path / f"run{micro}")
+        assert json.loads((tmp_path / f"run{micro}" / "results.json").read_text())["status"] == "finished"
+    assert seen[4] and all(sum(c.values()) == 2 for c in seen[4].values())
+    if mode == "batch":  # the same texts in the same steps
+        assert seen[1] == seen[4]
+    else:  # two general rows in every step, whatever the layout
+        assert seen[1].keys() == seen[4].keys() and all(sum(c.values()) == 2 for c in seen[1].values())
+    tok = tiny_llama().tokenizer
+    first = tok("General text 0: " + "word " * 303, add_special_tokens=False)["input_ids"]
+    assert method.texts[0] == first[:563] and len(method.texts[0]) > 16  # not cut at train.max_ans_len
+    assert tok.bos_token_id not in method.texts[0] and tok.eos_token_id not in method.texts[0]
 
 
 def test_general_texts_are_read_or_refused_with_the_file_named(tmp_path):

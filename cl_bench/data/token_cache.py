@@ -34,7 +34,7 @@ def cache_key(tokenizer, examples: Sequence, max_prompt_len: int, max_ans_len: i
     h = hashlib.sha256(tokenizer_fingerprint(tokenizer).encode())
     h.update(json.dumps([max_prompt_len, max_ans_len]).encode())
     for ex in examples:
-        h.update(json.dumps([ex.prompt, ex.answer]).encode())
+        h.update(json.dumps([ex.prompt, ex.answer, *([list(ex.token_ids)] if hasattr(ex, "token_ids") else [])]).encode())
     return h.hexdigest()[:32]
 
 

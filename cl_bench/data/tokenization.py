@@ -15,7 +15,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from cl_bench.data.batching import StepIndex
-from cl_bench.data.tasks import Example
+from cl_bench.data.tasks import Example, TokenizedText
 from cl_bench.data.token_cache import cache_key, cached_encoding
 
 IGNORE_INDEX = -100
@@ -31,7 +31,10 @@ def _prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str, max_prompt_len:
 def encode_train(
     tokenizer: PreTrainedTokenizerBase, ex: Example, max_prompt_len: int, max_ans_len: int
 ) -> dict[str, list[int]]:
-    """Token ids and labels for one training example."""
+    """Token ids and labels for one training example (a :class:`TokenizedText`: its own ids, every
+    token after the first labelled)."""
+    if isinstance(ex, TokenizedText):
+        return {"input_ids": list(ex.token_ids), "labels": [IGNORE_INDEX] + list(ex.token_ids[1:])}
     prompt = _prompt_ids(tokenizer, ex.prompt, max_prompt_len)
     answer = tokenizer(ex.answer, add_special_tokens=False)["input_ids"][: max(max_ans_len - 1, 0)]
     answer = answer + [tokenizer.eos_token_id]

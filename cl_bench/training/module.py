@@ -77,6 +77,8 @@ class CLModule(LightningModule):
         #: every position's logits of the micro-batch [batch, length, V], for a method whose
         #: ``sequence_logits`` is True (computed in the same forward pass; None otherwise)
         self.step_sequence_logits: torch.Tensor | None = None
+        #: this process's micro-batches per optimizer step and the current one's place among them
+        self.micro_batches_per_step, self.micro_batch_in_step = 1, 0
 
     def begin_task(self, name: str) -> None:
         """The next fit trains task ``name`` (named in errors, e.g. a non-finite loss)."""
@@ -122,6 +124,8 @@ class CLModule(LightningModule):
         self.model.train()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        self.micro_batches_per_step = self.trainer.accumulate_grad_batches
+        self.micro_batch_in_step = batch_idx % self.micro_batches_per_step  # every step but an epoch's last is whole
         sequence, logits, targets = sequence_and_labelled_logits(self.model, batch, self.method.sequence_logits)
         self.step_logits, self.step_sequence_logits = (logits, targets), sequence
         task_loss = token_cross_entropy(logits, targets, batch)
