@@ -134,9 +134,11 @@ class StreamRun:
             self.bundle.model, self.method, optimizer, build(cfg.scheduler),
             metric_sink=self.loggers.log_metrics, log_every_n_steps=cfg.trainer.get("log_every_n_steps", 10),
             loaders=self.loaders, device=placement.strategy.root_device, reset_optimizer=reset_optimizer,
+            precision=cfg.trainer.get("precision", "32-true"),
         )
         self.module.to(self.module.home_device)
-        self.method.on_stream_start(self.module, self.stream)
+        with self.module.precision_context():  # the methods' passes at the run's precision
+            self.method.on_stream_start(self.module, self.stream)
         self.generation = GenerationConfig(
             batch_size=cfg.eval.batch_size, max_prompt_len=cfg.train.max_prompt_len,
             do_sample=cfg.eval.do_sample, temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
@@ -195,7 +197,8 @@ class StreamRun:
                            f"{task.epochs} epoch(s), metric {task.metric})"))
         self.module.begin_task(task.name)
         t = time.perf_counter()
-        self.method.on_task_start(self.module, task, i)
+        with self.module.precision_context():
+            self.method.on_task_start(self.module, task, i)
         step_checkpoint = self.checkpoints.step_callback(i)
         if self.evaluator is not None:  # the tasks trained so far (all of them in a joint run)
             self.evaluator.begin_task(i, self.stream.names if self.recorder.joint else self.stream.names[: i + 1])
@@ -214,7 +217,8 @@ class StreamRun:
         self.module.end_fit()
         if self.evaluator is not None:
             self.recorder.add_continual(self.evaluator.take_points())
-        self.method.on_task_end(self.module, task, i)
+        with self.module.precision_context():
+            self.method.on_task_end(self.module, task, i)
         extra = self.method.after_task_epoch(task, i)
         if extra:
             self.train_after_task_epoch(task, i, extra)

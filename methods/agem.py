@@ -128,11 +128,15 @@ class AGEM(CLMethod):
         if not self.memory:
             return
         params = [p for p in pl_module.model.parameters() if p.requires_grad and p.grad is not None]
+        with pl_module.precision_context():  # g_ref at the precision of g (Lightning autocasts only the step)
+            if is_sharded(pl_module.model):
+                reference = self.sharded_reference_gradient(pl_module, params)
+            else:
+                reference = self.reference_gradient(pl_module, params)
         if is_sharded(pl_module.model):
-            reference = self.sharded_reference_gradient(pl_module, params)
             dot, projected = project([local(p.grad) for p in params], reference, shards=True)
         else:
-            dot, projected = project([p.grad for p in params], self.reference_gradient(pl_module, params))
+            dot, projected = project([p.grad for p in params], reference)
         self.steps += 1
         self.projected_steps += projected
         if pl_module.should_log:

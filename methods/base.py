@@ -144,6 +144,11 @@ class CLMethod(Callback):
         formed each task's state), after every task; JSON values only."""
         return {}
 
+    def planned_host(self, model: torch.nn.Module, world: int, tasks: int) -> dict[str, int]:
+        """Bytes per process the method keeps in host memory, not on the GPU (for ``runners.plan``,
+        which lists them apart from the GPU's peak)."""
+        return {}
+
     def state_dict(self) -> dict[str, Any]:
         """What the method must keep across a resume (Fisher, anchors, masks, ...)."""
         return {}

@@ -112,9 +112,13 @@ class GeRe(CLMethod):
 
     def check_run(self, cfg) -> None:
         super().check_run(cfg)
-        if self.mode == "batch" and self.row_shards:
-            world = int(cfg.trainer.get("devices", 1)) * int(cfg.trainer.get("num_nodes", 1))
-            slots = layout(cfg.train.batch_size, cfg.train.get("micro_batch_size"), world)[2] * world
+        world = 1 if self.check_strategy_family(cfg) == "single_device" else \
+            int(cfg.trainer.get("devices", 1)) * int(cfg.trainer.get("num_nodes", 1))
+        #: micro-batches of a step over all processes, and what the planner needs of the extra rows
+        self.slots = layout(cfg.train.batch_size, cfg.train.get("micro_batch_size"), world)[2] * world
+        self.plan_element = 2 if "bf16" in str(cfg.trainer.get("precision")) or cfg.model.get("dtype") == "bfloat16" else 4
+        self.plan_lora = cfg.model.get("lora")
+        slots = self.slots
         if self.mode == "batch" and self.row_shards and self.per_step % slots:
             raise ConfigError(f"method.per_step ({self.per_step}) must be a multiple of the step's micro-batches over "
                               f"all processes ({slots}) in mode batch under trainer=fsdp (every process gathers the "
@@ -256,8 +260,21 @@ class GeRe(CLMethod):
                                 "gere/weight": float(weight)})
         return ce - task_loss + weight * margin
 
-    def planned_state(self, model, world, tasks):
-        return {"hidden-state bands (int8)": self.num_samples * self.max_length * model.config.hidden_size}
+    def planned_pass(self, model, world):
+        """Mode batch: the extra forward of the general texts of one micro-batch, beside the step's
+        own activations (the other modes train them as rows of the batch)."""
+        if self.mode != "batch":
+            return {}
+        from cl_bench.training.memory_plan import activation_bytes
+        texts = -(-self.per_step // getattr(self, "slots", 1))
+        config = model.get_base_model().config if hasattr(model, "peft_config") else model.config
+        return {f"general texts' forward ({texts} x {self.max_length} tokens)": activation_bytes(
+            config, texts, self.max_length, self.max_length, getattr(self, "plan_element", 4), getattr(self, "plan_lora", None))}
+
+    def planned_host(self, model, world, tasks):
+        """The bands live on the host; only a drawn text's go to the GPU, with its batch."""
+        config = model.get_base_model().config if hasattr(model, "peft_config") else model.config
+        return {"hidden-state bands (int8)": self.num_samples * self.max_length * config.hidden_size}
 
     def state_dict(self):
         return {"lower": self.lower, "upper": self.upper}  # the draws follow the stream step

@@ -89,3 +89,19 @@ def test_under_fsdp_a_method_s_pass_holds_its_rows_and_evaluation_gathers_the_mo
     one = plan(make_config("model=llama2_7b_chat", "method=ewc", *SEQ, tiny=False))
     assert one.method_items["theta - theta* buffer"] == 4 * 32000 * 4096 and one.evaluation == 0
     assert one.pass_items == {"importance pass: F + gradients": 8 * n}
+
+
+def test_gere_plans_its_extra_forward_on_the_gpu_and_its_bands_on_the_host(make_config):
+    """Issue 24.6: batch mode's forward of the step's general texts (per micro-batch: per_step over
+    the step's micro-batches) is a peak item at the run's precision; the int8 bands live on the host."""
+    from cl_bench.training.memory_plan import activation_bytes, meta_model
+    cfg = make_config("model=llama2_7b_chat", "method=gere", "trainer=gpu", "method.per_step=4",
+                      "train.micro_batch_size=2", tiny=False)
+    p = plan(cfg)
+    config = meta_model(cfg.model).config
+    # batch 4 in micro-batches of 2: 2 micro-batches share 4 texts, 2 each, in bf16 (e = 2)
+    assert p.pass_items == {"general texts' forward (2 x 563 tokens)": activation_bytes(config, 2, 563, 563, 2, None)}
+    assert 2.8 * 2 ** 30 < activation_bytes(config, 1, 563, 563, 2, None) < 3.1 * 2 ** 30  # ~2.9 GiB per text
+    assert p.method_items == {} and p.host_items == {"hidden-state bands (int8)": 64 * 563 * 4096}
+    assert p.total == p.states + p.activations + sum(p.pass_items.values())
+    assert plan(make_config("model=llama2_7b_chat", "method=gere", "method.mode=interleave", tiny=False)).pass_items == {}

@@ -106,3 +106,69 @@ def test_fp16_mixed_with_a_fused_optimizer_and_clipping_is_refused_at_start(make
     check_precision(make_config("trainer.precision=16-mixed", "optimizer.fused=false"))
     check_precision(make_config("trainer.precision=16-mixed", "trainer.gradient_clip_val=null"))
     check_precision(make_config("trainer.precision=bf16-mixed"))
+
+
+def _linear_dtypes(model) -> tuple[list, list]:
+    """Hooks that record the output dtype of every forward of the first attention projection."""
+    seen = []
+    layer = model.model.layers[0].self_attn.q_proj
+    return seen, [layer.register_forward_hook(lambda m, args, out: seen.append(out.dtype))]
+
+
+def test_method_passes_run_at_the_runs_precision(make_config, monkeypatch):
+    """Issue 24.6: under bf16-mixed, Lightning autocasts only training_step; the methods' passes at
+    stream start and at each task's start and end run under the same autocast (the runner's one
+    helper, CLModule.precision_context), so a Fisher or a teacher cache sees what training sees."""
+    from cl_bench.stream_run import run
+    from tests.conftest import instantiate_with
+    dtypes = {}
+
+    class Probe(SFT):
+        def forward_pass(self, module, when):
+            seen, hooks = _linear_dtypes(module.model)
+            batch = next(iter(module.pass_loader(EXAMPLES)))
+            module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            dtypes[when] = seen[0]
+            for h in hooks:
+                h.remove()
+
+        def on_stream_start(self, module, stream):
+            self.forward_pass(module, "stream start")
+
+        def on_task_start(self, module, task, task_index):
+            self.forward_pass(module, "task start")
+
+        def on_task_end(self, module, task, task_index):
+            self.forward_pass(module, "task end")
+    monkeypatch.setattr("cl_bench.config.instantiate", instantiate_with(Probe()))
+    cfg = make_config("trainer.precision=bf16-mixed", "tasks.order=[arith]", "tasks.max_steps=1")
+    run(cfg, cfg.paths.output_dir)
+    assert dtypes == {"stream start": torch.bfloat16, "task start": torch.bfloat16, "task end": torch.bfloat16}
+    cfg = make_config("tasks.order=[arith]", "tasks.max_steps=1")  # 32-true: no autocast
+    run(cfg, f"{cfg.paths.output_dir}-fp32")
+    assert set(dtypes.values()) == {torch.float32}
+
+
+def test_agem_reference_gradient_is_taken_at_the_steps_precision():
+    """Issue 24.6: A-GEM's g_ref (in on_before_optimizer_step, outside Lightning's autocast) comes
+    from a bf16 forward, as g does, under bf16-mixed."""
+    from methods.agem import AGEM
+    bundle = tiny_llama(seed=0)
+    loaders = TaskLoaders(bundle.tokenizer, batch_size=4, max_prompt_len=32, max_ans_len=8)
+    method = AGEM(per_task=4)
+    module = CLModule(bundle.model, method, partial(torch.optim.AdamW, lr=1e-5), loaders=loaders,
+                      precision="bf16-mixed")
+    method.on_stream_start(module, None)
+    method.memory = [EXAMPLES]
+    for p in module.model.parameters():
+        p.grad = torch.zeros_like(p)
+    seen, hooks = _linear_dtypes(module.model)
+    method.on_before_optimizer_step(None, module, None)
+    assert seen and set(seen) == {torch.bfloat16}
+    for h in hooks:
+        h.remove()
+    module.precision = "32-true"
+    seen.clear()
+    seen, hooks = _linear_dtypes(module.model)
+    method.on_before_optimizer_step(None, module, None)
+    assert set(seen) == {torch.float32}

@@ -16,9 +16,13 @@ w16 is 2 under bf16 precision (or weights), else 4. DDP keeps its gradient bucke
 (Lightning does not set ``gradient_as_bucket_view``). FSDP gathers one layer at a time and
 prefetches the next (2 U). The method's own state comes from the method
 (:meth:`methods.base.CLMethod.planned_state`), and so do the buffers of its own pass at a task's
-start or end (:meth:`~methods.base.CLMethod.planned_pass`: a Fisher, scores, an attribution; under
-FSDP through the sharded model, or on the gathered weights where a method needs them whole),
-which the peak adds to the activations. Under FSDP evaluation gathers the whole model (N w) on
+start or end (:meth:`~methods.base.CLMethod.planned_pass`: a Fisher, scores, an attribution, under
+FSDP through the sharded model or on the gathered weights where a method needs them whole; GeRe's
+extra forward of general texts in its batch mode), which the peak adds to the activations. The
+passes run under the run's autocast (``CLModule.precision_context``), so their activations are
+those of the training step, at the same e bytes. What a method keeps on the host
+(:meth:`~methods.base.CLMethod.planned_host`, e.g. GeRe's bands) is listed apart, not in the peak.
+Under FSDP evaluation gathers the whole model (N w) on
 every process, a peak of its own while no activations are kept; the generation's KV cache is not
 estimated. Activations are an estimate for a Llama-type
 decoder without activation checkpointing, per micro-batch of m sequences of s = max_prompt_len +
@@ -106,6 +110,8 @@ class MemoryPlan:
     #: held only during the method's own pass at a task's start or end (Fisher, scores, attribution)
     pass_items: dict[str, int] = field(default_factory=dict)
     activations: int = 0
+    #: kept in host memory, not on the GPU (listed, not in the peak)
+    host_items: dict[str, int] = field(default_factory=dict)
     #: FSDP: the whole model gathered on every process while a stage is evaluated
     evaluation: int = 0
     refusal: str | None = None
@@ -198,6 +204,7 @@ def plan(cfg: DictConfig) -> MemoryPlan:
     tasks = len(cfg.tasks.get("order") or []) or 1
     result.method_items = method.planned_state(model, world, tasks)
     result.pass_items = method.planned_pass(model, world)
+    result.host_items = method.planned_host(model, world, tasks)
     return result
 
 
@@ -205,11 +212,12 @@ def render(p: MemoryPlan, gpu_gib: float | None) -> str:
     """The plan as a text table (GiB per GPU)."""
     lines = [f"model {p.model}: {p.params / 1e6:,.1f} M parameters, {p.trainable / 1e6:,.2f} M trainable; "
              f"{p.strategy} over {p.processes} process(es); micro-batch {p.micro_batch} x {p.seq_len} tokens",
-             f"{'per GPU':<44}{'GiB':>9}{'MiB':>11}"]
+             f"{'per GPU':<52}{'GiB':>9}{'MiB':>11}"]
     rows = [*p.items.items(), *((f"method: {k}", v) for k, v in p.method_items.items()),
             ("activations (estimate)", p.activations), *((f"method: {k}", v) for k, v in p.pass_items.items()),
             *([("evaluation: gathered weights", p.evaluation)] if p.evaluation else []), ("total (peak)", p.total)]
-    lines += [f"{name:<44}{value / GIB:>9.2f}{value / 2 ** 20:>11.1f}" for name, value in rows]
+    rows += [(f"host, not GPU: {k}", v) for k, v in p.host_items.items()]
+    lines += [f"{name:<52}{value / GIB:>9.2f}{value / 2 ** 20:>11.1f}" for name, value in rows]
     if gpu_gib is not None:
         spare = (gpu_gib * GIB - p.total) / GIB
         lines.append(f"fits in {gpu_gib:g} GiB ({spare:.2f} GiB to spare)" if spare >= 0

@@ -1,6 +1,7 @@
 """The LightningModule that trains a causal LM on one task at a time."""
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -16,6 +17,16 @@ from cl_bench.training.sharding import local, shard_model
 if TYPE_CHECKING:
     from cl_bench.data.tasks import Example
     from methods.base import CLMethod
+
+
+def autocast_of(precision: str, device: torch.device | str) -> contextlib.AbstractContextManager:
+    """The autocast Lightning's MixedPrecision puts around ``training_step`` for a run's
+    ``trainer.precision`` (bf16-mixed: bfloat16, 16-mixed: float16), else nothing: the methods'
+    own passes run under it too, so their activations and gradients are the training step's."""
+    precision = str(precision)
+    if precision not in ("bf16-mixed", "16-mixed"):
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16 if precision == "bf16-mixed" else torch.half)
 
 
 def constant_with_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int = 0):
@@ -37,7 +48,7 @@ class CLModule(LightningModule):
 
     What the run does with it: :meth:`begin_task` before a task's fit, :meth:`end_fit` after it.
     What methods use: :meth:`pass_loader` (a task's examples, batched as for training),
-    :meth:`log_metrics`, :attr:`should_log`, :attr:`step_logits` and :attr:`step_sequence_logits` (in ``penalty``), ``model`` and
+    :meth:`precision_context`, :meth:`log_metrics`, :attr:`should_log`, :attr:`step_logits` and :attr:`step_sequence_logits` (in ``penalty``), ``model`` and
     ``task_name``.
     """
 
@@ -52,8 +63,11 @@ class CLModule(LightningModule):
         loaders: TaskLoaders | None = None,
         device: torch.device | str = "cpu",
         reset_optimizer: bool = True,
+        precision: str = "32-true",
     ):
         super().__init__()
+        #: the run's ``trainer.precision``; :meth:`precision_context` applies it to the methods' passes
+        self.precision = str(precision)
         self.model = model
         self.method = method
         self.optimizer_factory = optimizer
@@ -94,6 +108,11 @@ class CLModule(LightningModule):
         self.step_offset += self.trainer.global_step
         self.trainer = None
         self.to(self.home_device)
+
+    def precision_context(self) -> contextlib.AbstractContextManager:
+        """The training step's autocast, for a method's pass outside it (a Fisher, a reference
+        gradient, a teacher's cache; see :func:`autocast_of`)."""
+        return autocast_of(self.precision, next(self.model.parameters()).device)
 
     def pass_loader(self, examples: Sequence["Example"]) -> torch.utils.data.DataLoader:
         """All of ``examples`` in order, in micro-batches tokenized as for training (for a method's
