@@ -157,9 +157,13 @@ def test_continual_metrics_and_curves_reach_the_tables_and_a_figure(tmp_path):
     assert mean["scores"] == {"a": [-1.5, -4.0, -2.0], "b": [None, -3.0, -1.0]} and mean["n"] == 2
     (row,) = aggregate(group_runs(runs))
     assert row["avg_min_acc"] == {"mean": -4.0, "std": pytest.approx(2 ** 0.5), "n": 2}
+    # recomputed from the curves, not read from the stored values (a run recorded under an earlier
+    # rule is compared under today's): WC-ACC (1/2)(-1) + (1/2)(-3) and (1/2)(-1) + (1/2)(-5); WF10
+    # averaged over both tasks, (2 + 0) / 2 and (3 + 0) / 2, not the stored 2.0
+    assert row["wc_acc"]["mean"] == pytest.approx(-2.5) and row["wf10"]["mean"] == pytest.approx(1.25)
     write_report(runs, tmp_path / "out")
     md = (tmp_path / "out" / "report.md").read_text()
-    assert "| avg_min_acc | wc_acc | wf10 |" in md and "-2.8 ± 0.4 (n=2)" in md
+    assert "| avg_min_acc | wc_acc | wf10 |" in md and "-2.5 ± 0.7 (n=2)" in md and "1.2 ± 0.4 (n=2)" in md
     assert (tmp_path / "out" / "setting1_continual.png").is_file()
 
 

@@ -113,3 +113,17 @@ def continual_metrics(steps, training, scores: Scores, names: Sequence[str], win
     for w in windows:
         out[f"wf{w}"], out[f"wf{w}_per_task"] = windowed_forgetting(steps, training, scores, names, w)
     return out
+
+
+def curve_metrics(curves: dict | None, names: Sequence[str]) -> dict:
+    """results.json's ``continual_metrics`` from its ``continual`` curves (steps, training, scores,
+    windows, measures): every metric above, or {} without points. Where tasks are scored in
+    different measures (a metric here, log-likelihood there) only the per-task values exist: an
+    average over both would mix units. The report recomputes stored runs with it, so runs recorded
+    under an earlier rule are compared under the current one."""
+    if not curves or not curves.get("steps"):
+        return {}
+    out = continual_metrics(curves["steps"], curves["training"], curves["scores"], names, curves.get("windows", (10, 100)))
+    if len(set(curves["measures"].values())) > 1:
+        out = {k: (v if isinstance(v, dict) else None) for k, v in out.items()}
+    return out

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from cl_bench.errors import ConfigError
+from cl_bench.evaluation.continual_metrics import curve_metrics
 
 #: the numbers a group is summarised by: key -> how to read it from a results.json
 METRICS = ("op", "mean_op", "bwt", "fwt", "forgetting", "delta_RG", "general_before", "general_after",
@@ -80,7 +81,8 @@ def read_run(path: Path) -> RunResult:
     values["delta_RG"] = general.get("delta_RG")
     values["general_before"] = means.get("base")
     values["general_after"] = means.get(stages[-1]) if len(stages) > 1 else None
-    continual = data.get("continual_metrics") or {}
+    # recomputed from the stored curves: a run recorded under an earlier rule is compared under today's
+    continual = {} if data.get("joint") else curve_metrics(data.get("continual"), data.get("tasks") or [])
     values.update({m: continual.get(m) for m in CONTINUAL_METRICS})
     total = (data.get("timings") or {}).get("total_s")
     values["wall_min"] = None if total is None else total / 60

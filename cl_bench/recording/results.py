@@ -15,7 +15,7 @@ from typing import Any
 
 from cl_bench.evaluation.cl_metrics import all_metrics
 from cl_bench.evaluation.continual import ContinualSettings
-from cl_bench.evaluation.continual_metrics import continual_metrics
+from cl_bench.evaluation.continual_metrics import curve_metrics
 from cl_bench.evaluation.general_ability import PROBE_TASK
 from cl_bench.files import atomic_write
 
@@ -97,17 +97,8 @@ class RunRecorder:
 
     def continual_metrics(self) -> dict[str, Any]:
         """min-ACC, avg-min-ACC, WC-ACC and WF^w of the points so far (none for a joint run, which
-        has no sequence); see cl_bench/evaluation/continual_metrics.py. Where tasks are scored in
-        different measures (a metric here, log-likelihood there) only the per-task values exist:
-        an average over both would mix units."""
-        curves = self.continual_curves()
-        if curves is None or self.joint or not self.points:
-            return {}
-        out = continual_metrics(curves["steps"], curves["training"], curves["scores"], self.task_names,
-                                self.continual.windows)
-        if len(set(self.continual.measures.values())) > 1:
-            out = {k: (v if isinstance(v, dict) else None) for k, v in out.items()}
-        return out
+        has no sequence); see cl_bench/evaluation/continual_metrics.py (``curve_metrics``)."""
+        return {} if self.joint else curve_metrics(self.continual_curves(), self.task_names)
 
     def add_row(self, scores: list[float], eval_s: float) -> None:
         self.R.append([float(s) for s in scores])
