@@ -42,7 +42,7 @@ from cl_bench.recording.loggers import RunLoggers
 from cl_bench.recording.results import RunRecorder, redact
 from cl_bench.recording.summary import print_summary
 from cl_bench.rng import derive_seed, rng_state, set_rng_state
-from cl_bench.training.checkpointing import CHECKPOINT_DIR, StreamCheckpoints
+from cl_bench.training.checkpointing import StreamCheckpoints, run_dir
 from cl_bench.training.module import CLModule
 from cl_bench.training.sharding import full_weights
 from cl_bench.training.trainer import build_trainer, placement_trainer, warn_low_precision_weights
@@ -84,7 +84,7 @@ class StreamRun:
         self.general: GeneralAbility = build(cfg.general) if cfg.get("general") else GeneralAbility()
         self.general.check()
         self.continual = ContinualSettings.from_config(cfg.eval.get("continual"), self.stream.names)
-        self.out_dir = self._run_dir(cfg, out_dir)
+        self.out_dir = run_dir(cfg, out_dir)
         self.lock = RunDirLock(self.out_dir)
         if is_main():
             self.lock.acquire()  # released by close(); the other processes of this run share the dir
@@ -93,18 +93,6 @@ class StreamRun:
         except BaseException:
             self.close()
             raise
-
-    @staticmethod
-    def _run_dir(cfg: DictConfig, out_dir: str | Path) -> Path:
-        """``out_dir``, or the run dir named by ``resume`` (which must hold a run to resume); the
-        loggers then write into that run's own dir too."""
-        if not cfg.get("resume"):
-            return Path(out_dir)
-        resume = Path(cfg.resume)
-        if not (resume / CHECKPOINT_DIR).is_dir():
-            raise ConfigError(f"resume={resume}: no run to resume there ({resume / CHECKPOINT_DIR} does not exist)")
-        OmegaConf.update(cfg, "paths.output_dir", str(resume))
-        return resume
 
     def _build(self, cfg: DictConfig, t0: float, placement) -> None:
         self.bundle = build_model(cfg.model)
@@ -229,10 +217,8 @@ class StreamRun:
         """One epoch over ``examples`` after task ``i``'s fit (a method's :meth:`after_task_epoch`,
         TRACE's replay epoch), with the run's optimizer; a stop within it repeats it on a resume."""
         console.print(f"After {task.name}: one epoch over {len(examples)} examples ({self.method.name})")
-        trainer = build_trainer(self.cfg, 1, None, [self.method], self.accumulate)
-        loader = self.loaders.training(examples, seed=derive_seed(self.cfg.seed + i, 1), rank=rank(),
-                                       world_size=world_size())
-        trainer.fit(self.module, loader, weights_only=True)
+        loader = self.loaders.training(examples, seed=derive_seed(self.cfg.seed + i, 1), rank=rank(), world_size=world_size())
+        build_trainer(self.cfg, 1, None, [self.method], self.accumulate).fit(self.module, loader, weights_only=True)
         self.module.check_weights_finite()
         self.module.end_fit()
 
@@ -297,16 +283,7 @@ class StreamRun:
     def _record_stage(self, predictions: dict[str, list[str]]) -> None:
         recorder, step = self.recorder, self.module.stream_step
         recorder.write_predictions(self.answers, predictions)
-        metrics = {f"score/{name}": v for name, v in zip(recorder.task_names, recorder.R[-1])}
-        metrics.update({f"cl/{k}": v for k, v in recorder.cl_metrics().items()})
-        metrics.update({f"cl/{k}": v for k, v in recorder.continual_metrics().items() if not isinstance(v, dict)})
-        if recorder.stages[-1] in recorder.general:
-            metrics.update({f"general/{k}": v for k, v in recorder.general[recorder.stages[-1]].items()})
-            metrics["general/mean"] = recorder.general_mean(recorder.stages[-1])
-            if recorder.general_delta() is not None:
-                metrics["general/delta_RG"] = recorder.general_delta()
-        metrics["stage"] = self.tasks_done
-        self.loggers.log_metrics(metrics, step)
+        self.loggers.log_metrics(recorder.stage_metrics(), step)
         self.loggers.log_table("R", ["stage"] + recorder.task_names,
                                [[s] + r for s, r in zip(recorder.stages, recorder.R)], step)
         self.loggers.log_comparison(recorder, self.out_dir / "score_matrix.png", self.cfg.run_name, step)

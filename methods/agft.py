@@ -13,12 +13,10 @@ from layer-wise relevance propagation (LRP-epsilon):
     Rbar   <- max(Rbar, Ibar)                                          (the gate: max over past tasks)
 
 and while task t trains every optimizer update is scaled, theta <- theta_old + (1 - Rbar) (.)
-(theta_new - theta_old) (``scale: update``, the default), so an entry important to earlier tasks
-"receives a smaller update", as the paper intends, under any optimizer. ``scale: grad`` scales
-the gradient instead, g <- (1 - Rbar) (.) g, the paper's equation taken literally: under Adam this
-changes nothing but the entries with Rbar = 1, since Adam divides each coordinate by the running
-RMS of the same scaled gradient (measured: the median update ratio gated / ungated is 1.000 for
-every Rbar below 0.99; docs/fidelity.md).
+(theta_new - theta_old) (``scale: update``), so an entry important to earlier tasks "receives a
+smaller update", as the paper intends, under any optimizer. ``scale: grad``, g <- (1 - Rbar) (.) g,
+is the equation taken literally: under Adam it changes only entries with Rbar = 1 (Adam divides
+each coordinate by the RMS of the same scaled gradient; docs/fidelity.md).
 
 "Correctly predicted" (``samples``):
 - ``correct``: the teacher-forced argmax equals the answer at a share of at least
@@ -190,14 +188,12 @@ class AGFT(CLMethod):
                                               for n, p in params.items()}, top.count
 
     def predicted(self, logits: torch.Tensor, targets: torch.Tensor) -> bool:
-        """``samples: correct``: the teacher-forced argmax is right at a share of at least
-        ``min_token_accuracy`` of the answer positions."""
+        """``samples: correct``: the argmax is right at >= ``min_token_accuracy`` of the answer positions."""
         right = (logits.argmax(-1) == targets)[targets != IGNORE_INDEX]
         return bool(right.all()) if self.min_token_accuracy == 1 else right.float().mean().item() >= self.min_token_accuracy
 
     def well_answered(self, module, task, examples: list) -> list:
-        """``samples: scored``: the examples whose greedy answer scores at least ``min_score`` by
-        the task's own metric (each scored alone)."""
+        """``samples: scored``: the examples whose greedy answer scores >= ``min_score`` (its own metric)."""
         score = METRICS[task.metric]
         answers = generate(module.model, module.loaders.tokenizer, examples, task.spec.max_new_tokens,
                            GenerationConfig(batch_size=module.loaders.micro_batch_size or module.loaders.batch_size,
@@ -215,11 +211,9 @@ class AGFT(CLMethod):
             scores, correct = self.relevance(module, examples, params)
         self.relevance_samples[task.name] = correct
         if not correct:
-            log.warning("AGFT: none of the %d samples examined of task %s was %s, so the task adds nothing to the "
-                        "gate; on long answers set method.samples=scored (the task's metric >= method.min_score) or "
-                        "method.min_token_accuracy below 1", self.num_samples, task.name,
-                        {"correct": f"predicted right at {self.min_token_accuracy:.0%} of its answer tokens",
-                         "scored": f"answered with a score of at least {self.min_score}"}.get(self.samples, "usable"))
+            log.warning("AGFT: none of the %d samples examined of task %s passed method.samples=%s, so the task adds "
+                        "nothing to the gate; on long answers set method.samples=scored (the task's metric >= "
+                        "method.min_score) or method.min_token_accuracy below 1", self.num_samples, task.name, self.samples)
         scores = normalise(scores, self.normalize) if correct else scores
         if is_sharded(module.model):
             self.params = select_parameters(module.model, self.param_patterns, "method.param_patterns")

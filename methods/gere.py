@@ -45,8 +45,8 @@ import torch
 
 from cl_bench.data.general_text import read_texts, self_generated
 from cl_bench.data.batching import layout
-from cl_bench.data.tasks import Example, TokenizedText
-from cl_bench.data.tokenization import IGNORE_INDEX
+from cl_bench.data.tasks import Example
+from cl_bench.data.tokenization import IGNORE_INDEX, TokenizedText
 from cl_bench.distributed import rank, world_size
 from cl_bench.errors import ConfigError, check_choice, check_number
 from cl_bench.models import decoder

@@ -24,14 +24,6 @@ class Example:
 
 
 @dataclass(frozen=True)
-class TokenizedText(Example):
-    """A training row given as token ids, trained with the full-token LM loss and no BOS or EOS
-    added (GeRe's general texts, as its authors tokenise them); ``answer`` holds the decoded text."""
-
-    token_ids: tuple[int, ...] = ()
-
-
-@dataclass(frozen=True)
 class TaskSpec:
     """What a task is scored with, independent of where its data lies."""
 

@@ -15,10 +15,18 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from cl_bench.data.batching import StepIndex
-from cl_bench.data.tasks import Example, TokenizedText
+from cl_bench.data.tasks import Example
 from cl_bench.data.token_cache import cache_key, cached_encoding
 
 IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class TokenizedText(Example):
+    """A training row given as token ids, trained with the full-token LM loss and no BOS or EOS
+    added (GeRe's general texts, as its authors tokenise them); ``answer`` holds the decoded text."""
+
+    token_ids: tuple[int, ...] = ()
 
 
 def _prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str, max_prompt_len: int) -> list[int]:

@@ -100,6 +100,21 @@ class RunRecorder:
         has no sequence); see cl_bench/evaluation/continual_metrics.py (``curve_metrics``)."""
         return {} if self.joint else curve_metrics(self.continual_curves(), self.task_names)
 
+    def stage_metrics(self) -> dict[str, float]:
+        """What the loggers get after the latest stage: each task's score, the CL metrics, the
+        continual metrics' averages, general ability when it was taken, and the stage's number."""
+        stage = self.stages[-1]
+        metrics = {f"score/{name}": v for name, v in zip(self.task_names, self.R[-1])}
+        metrics.update({f"cl/{k}": v for k, v in self.cl_metrics().items()})
+        metrics.update({f"cl/{k}": v for k, v in self.continual_metrics().items() if not isinstance(v, dict)})
+        if stage in self.general:
+            metrics.update({f"general/{k}": v for k, v in self.general[stage].items()})
+            metrics["general/mean"] = self.general_mean(stage)
+            if self.general_delta() is not None:
+                metrics["general/delta_RG"] = self.general_delta()
+        metrics["stage"] = len(self.R) - 1
+        return metrics
+
     def add_row(self, scores: list[float], eval_s: float) -> None:
         self.R.append([float(s) for s in scores])
         self.timings["eval_s"].append(round(eval_s, 3))

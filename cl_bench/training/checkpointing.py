@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch.callbacks import Callback
+from omegaconf import OmegaConf
 
 from cl_bench.distributed import is_main
 from cl_bench.errors import ConfigError
@@ -175,3 +176,15 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
             out.update(_flatten(v, f"{prefix}{k}."))
         return out
     return {prefix[:-1]: tree}
+
+
+def run_dir(cfg, out_dir: str | Path) -> Path:
+    """``out_dir``, or the run dir named by ``resume`` (which must hold a run to resume); the
+    loggers then write into that run's own dir too (``paths.output_dir`` is set to it)."""
+    if not cfg.get("resume"):
+        return Path(out_dir)
+    resume = Path(cfg.resume)
+    if not (resume / CHECKPOINT_DIR).is_dir():
+        raise ConfigError(f"resume={resume}: no run to resume there ({resume / CHECKPOINT_DIR} does not exist)")
+    OmegaConf.update(cfg, "paths.output_dir", str(resume))
+    return resume
