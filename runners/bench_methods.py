@@ -92,12 +92,13 @@ def set_up(cfg: DictConfig, entry: str, bundle, initial, stream) -> dict:
     module = CLModule(
         model, method, optimizer_factory(cfg.optimizer)[0], build(cfg.scheduler),
         metric_sink=lambda metrics, step: telemetry.update(metrics),
-        loaders=TaskLoaders.from_config(cfg.train, bundle.tokenizer),
+        loaders=TaskLoaders.from_config(cfg.train, bundle.tokenizer), precision=cfg.trainer.get("precision", "32-true"),
     )
-    method.on_stream_start(module, stream)
-    method.on_task_start(module, stream[0], 0)
-    method.on_task_end(module, stream[0], 0)
-    method.on_task_start(module, stream[1], 1)
+    with module.precision_context():  # the passes at the run's precision, as the runner runs them
+        method.on_stream_start(module, stream)
+        method.on_task_start(module, stream[0], 0)
+        method.on_task_end(module, stream[0], 0)
+        method.on_task_start(module, stream[1], 1)
     batches = None
     if cfg.bench.get("data", "synthetic") == "stream":  # the first batches of what it trains task 2 on
         loader = module.loaders.training(method.training_examples(stream[1], 1), seed=cfg.seed + 1)
