@@ -59,6 +59,19 @@ def test_cli_prints_the_job_config():
     assert "_target_: methods.sft.SFT" in proc.stdout and "cl_bench.recording.loggers.wandb_logger" in proc.stdout
 
 
+def test_cli_experiment_trace_composes_traces_lwf_and_replay():
+    """Issue 24: `--cfg job` of experiment=trace shows TRACE's LwF term and replay schedule."""
+    import yaml
+    jobs = {}
+    for method in ("lwf", "replay"):
+        proc = subprocess.run([sys.executable, "-m", "runners.cl", "--cfg", "job", "experiment=trace", f"method={method}"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        jobs[method] = yaml.safe_load(proc.stdout)["method"]
+    assert (jobs["lwf"]["reduction"], jobs["lwf"]["direction"]) == ("trace", "reverse")
+    assert (jobs["replay"]["mode"], jobs["replay"]["sample"], jobs["replay"]["ratio"]) == ("trace", "first", 0.1)
+
+
 def test_cli_unknown_option_names_the_group():
     proc = subprocess.run(
         [sys.executable, "-m", "runners.cl", "--cfg", "job", "method=nope"],
