@@ -16,7 +16,8 @@ from tests.conftest import ROOT
 ORDER = ["a", "b"]
 
 
-def write_result(root, name, method, seed, R, delta=None, status="finished", error=None, data_seed=0, extra=None):
+def write_result(root, name, method, seed, R, delta=None, status="finished", error=None, data_seed=0, extra=None,
+                 config_extra=None):
     """A results.json as a run writes it (the keys the report reads)."""
     from cl_bench.evaluation.cl_metrics import all_metrics
     run = root / name
@@ -24,7 +25,8 @@ def write_result(root, name, method, seed, R, delta=None, status="finished", err
     config = {"method": {"_target_": f"methods.{method}.X", "seed": seed, **(extra or {})},
               "model": {"_target_": "cl_bench.models.tiny_llama"},
               "tasks": {"_target_": "cl_bench.data.mini_stream.mini_stream", "data_seed": data_seed, "order": ORDER},
-              "seed": seed}
+              "seed": seed, "paths": {"output_dir": str(run)}, "run_name": f"{method}-s{seed}",
+              "optimizer": {"lr": 1e-4}, "train": {"batch_size": 4}, **(config_extra or {})}
     general = {"scores": {}, "delta_RG": delta, "mean": {"base": 50.0, "after_b": 50.0 + (delta or 0)}}
     (run / "results.json").write_text(json.dumps({
         "status": status, "error": error, "tasks": ORDER, "stages": ["base", "after_a", "after_b"][: len(R)], "R": R,
@@ -207,3 +209,54 @@ def test_many_panels_wrap_into_rows_of_four():
     fig, axes = _grid(2, 3, 3)
     assert len(fig.axes) == 2 and tuple(fig.get_size_inches()) == (7.0, 3.0)
     plt.close(fig)
+
+
+def test_only_true_repeats_are_averaged_and_every_row_names_its_runs(tmp_path):
+    """Issue 25.1: runs that differ in the learning rate (or any result setting) are separate rows,
+    whatever their seeds; runs that differ only in seed, paths, names or loggers are one row."""
+    from cl_bench.recording.report import write_report
+    write_result(tmp_path, "a", "sft", 1, [[0, 0], [80, 10], [40, 90]])
+    write_result(tmp_path, "b", "sft", 2, [[0, 0], [70, 10], [50, 70]], config_extra={"logger": {"csv": {"name": "x"}}})
+    write_result(tmp_path, "c", "sft", 3, [[0, 0], [60, 10], [20, 50]], config_extra={"optimizer": {"lr": 1e-3}})
+    write_result(tmp_path, "d", "sft", 4, [[0, 0], [60, 10], [20, 50]], config_extra={"train": {"batch_size": 8}})
+    runs = find_runs([tmp_path])
+    rows = {r["method"]: r for r in aggregate(group_runs(runs))}
+    assert set(rows) == {"sft [optimizer.lr=0.0001, train.batch_size=4]", "sft [optimizer.lr=0.001, train.batch_size=4]",
+                         "sft [optimizer.lr=0.0001, train.batch_size=8]"}
+    repeats = rows["sft [optimizer.lr=0.0001, train.batch_size=4]"]
+    assert repeats["seeds"] == [1, 2] and repeats["runs"] == [str(tmp_path / "a"), str(tmp_path / "b")]
+    summary = write_report(runs, tmp_path / "out")
+    assert summary["separating_keys"] == {"sft": ["optimizer.lr", "train.batch_size"]}
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert f"{tmp_path / 'a'} {tmp_path / 'b'}" in page and str(tmp_path / "d") in page
+
+
+def test_the_same_seed_twice_in_one_group_is_refused_by_name(tmp_path):
+    write_result(tmp_path, "a", "sft", 1, [[0, 0], [80, 10], [40, 90]])
+    write_result(tmp_path, "b", "sft", 1, [[0, 0], [70, 10], [50, 70]], config_extra={"run_name": "again"})
+    with pytest.raises(ConfigError, match=f"{tmp_path / 'a'} and {tmp_path / 'b'}: two runs of the same settings and seed 1"):
+        group_runs(find_runs([tmp_path]))
+
+
+def test_seeds_only_one_side_ran_are_named_not_silently_dropped(tmp_path):
+    from cl_bench.recording.report import write_report
+    sweep(tmp_path / "runs")
+    write_result(tmp_path / "runs", "5", "fggm", 3, [[0, 0], [70, 10], [50, 70]])
+    runs = find_runs([tmp_path / "runs"])
+    (pair,) = paired(group_runs(runs), "sft")
+    assert pair["seeds"] == [1, 2] and pair["unpaired_seeds"] == {"fggm": [3], "sft": []}
+    write_report(runs, tmp_path / "out")
+    assert "Not paired, so not in the differences above: fggm ran seeds 3 that the other did not" in (
+        tmp_path / "out" / "report.md").read_text()
+
+
+def test_a_pipe_in_a_setting_does_not_shift_the_columns(tmp_path):
+    from cl_bench.recording.report import write_report
+    write_result(tmp_path, "a", "fggm", 1, [[0, 0], [80, 10], [40, 90]], extra={"note": "a|b"})
+    write_result(tmp_path, "b", "fggm", 1, [[0, 0], [70, 10], [50, 70]], extra={"note": "c"})
+    write_report(find_runs([tmp_path]), tmp_path / "out")
+    page = (tmp_path / "out" / "report.html").read_text()
+    for table in re.findall(r"<table>(.*?)</table>", page):
+        head, *body = re.findall(r"<tr>(.*?)</tr>", table)
+        assert body and all(row.count("<td>") == head.count("<th>") for row in body), table
+    assert "fggm [note=a|b]</td>" in page

@@ -1,8 +1,11 @@
 """Runs compared: read results.json files, group runs that differ only by seed, aggregate, pair.
 
-A *group* is one method (with the settings in which its runs differ) on one stream, task order
-and model; its runs differ by seed. Runs of different streams, task sets or models are never
-averaged together. A *paired* comparison takes, for each seed (and order) that a method and the
+A *group* is the runs whose resolved configs are equal but for the seed and the settings that
+cannot change a result (:data:`NOT_RESULT_KEYS`: paths, loggers, checkpointing, names): true
+repeats. Its label names the method and every setting in which that method's runs differ
+(learning rate, epochs, batch, trainer, ... as well as the method's own), so runs that differ in
+anything else are never averaged; a group that holds one seed twice is refused, naming both run
+dirs. Each row lists its run dirs. A *paired* comparison takes, for each seed (and order) that a method and the
 baseline both ran, the difference of a metric, and gives its mean with a percentile-bootstrap 95%
 interval (seeded, so a report is reproducible).
 """
@@ -26,6 +29,27 @@ METRICS = ("op", "mean_op", "bwt", "fwt", "forgetting", "delta_RG", "general_bef
 TIMINGS = ("wall_min", "cpu_min")
 #: the continual-evaluation metrics (results.json's continual_metrics; only runs with eval.continual)
 CONTINUAL_METRICS = ("avg_min_acc", "wc_acc", "wf10")
+
+
+#: settings that cannot change what a run computes: two runs that differ only in these (and the
+#: seed) are repeats of one experiment. A dotted key covers everything below it.
+NOT_RESULT_KEYS = ("seed", "method.seed", "run_name", "run_group", "objective", "resume", "dry_run", "checkpoint",
+                   "paths", "logger", "train.token_cache", "model.cache_dir", "tasks.cache_dir",
+                   "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.log_every_n_steps")
+
+
+def result_settings(config: dict, prefix: str = "") -> dict[str, Any]:
+    """The resolved config as dotted keys, less :data:`NOT_RESULT_KEYS`: what decides a run's result."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        dotted = f"{prefix}{key}"
+        if any(dotted == k or dotted.startswith(k + ".") for k in NOT_RESULT_KEYS):
+            continue
+        if isinstance(value, dict) and value:
+            out.update(result_settings(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
 
 
 @dataclass
@@ -91,7 +115,7 @@ def read_run(path: Path) -> RunResult:
     return RunResult(
         path=file.parent, status=data.get("status", "?"), error=data.get("error"),
         method=str(method.get("_target_", "?")).rsplit(".", 2)[-2],
-        settings={k: v for k, v in method.items() if k not in ("_target_", "seed")},
+        settings=result_settings(config),
         stream=_stream_name(config.get("tasks") or {}, data.get("tasks") or []),
         order=tuple(data.get("tasks") or ()), model=_model_name(config.get("model") or {}),
         seed=config.get("seed"), joint=bool(data.get("joint")), R=data.get("R") or [], values=values,
@@ -118,22 +142,36 @@ def find_runs(paths: Iterable[str | Path]) -> list[RunResult]:
 
 def _label(run: RunResult, varying: list[str]) -> str:
     name = run.method + (" (joint)" if run.joint else "")
-    extra = ", ".join(f"{k}={run.settings.get(k)}" for k in varying)
+    extra = ", ".join(f"{k.removeprefix('method.')}={run.settings.get(k)}" for k in varying)
     return f"{name} [{extra}]" if extra else name
 
 
-def group_runs(runs: list[RunResult]) -> dict[tuple[str, str, tuple, str], list[RunResult]]:
-    """Finished runs by (label, stream, order, model); a label names the method and the settings
-    in which that method's runs differ."""
-    finished = [r for r in runs if r.status == "finished"]
+def separating_keys(runs: list[RunResult]) -> dict[str, list[str]]:
+    """Per method, the result settings in which its runs differ (what separates its groups)."""
     varying: dict[str, list[str]] = {}
-    for method in {r.method for r in finished}:
-        mine = [r for r in finished if r.method == method]
+    for method in sorted({r.method for r in runs}):
+        mine = [r for r in runs if r.method == method]
         keys = sorted({k for r in mine for k in r.settings})
         varying[method] = [k for k in keys if len({json.dumps(r.settings.get(k), sort_keys=True) for r in mine}) > 1]
+    return varying
+
+
+def group_runs(runs: list[RunResult]) -> dict[tuple[str, str, tuple, str], list[RunResult]]:
+    """Finished runs by (label, stream, order, model), each group the repeats of one experiment
+    (equal result settings, see :func:`result_settings`); a label names the method and the
+    settings in which that method's runs differ. The same seed twice in a group is refused."""
+    finished = [r for r in runs if r.status == "finished"]
+    varying = separating_keys(finished)
     groups: dict[tuple, list[RunResult]] = {}
     for r in finished:
         groups.setdefault((_label(r, varying[r.method]), r.stream, r.order, r.model), []).append(r)
+    for key, members in groups.items():
+        seen: dict[Any, RunResult] = {}
+        for r in members:
+            if r.seed in seen:
+                raise ConfigError(f"{seen[r.seed].path} and {r.path}: two runs of the same settings and seed {r.seed} "
+                                  f"({key[0]}); a report averages repeats over seeds: leave one of them out")
+            seen[r.seed] = r
     return groups
 
 
@@ -150,7 +188,7 @@ def aggregate(groups: dict[tuple, list[RunResult]]) -> list[dict[str, Any]]:
     rows = []
     for (label, stream, order, model), runs in groups.items():
         row = {"method": label, "stream": stream, "order": list(order), "model": model,
-               "seeds": sorted(r.seed for r in runs)}
+               "seeds": sorted(r.seed for r in runs), "runs": [str(r.path) for r in runs]}
         for m in METRICS:
             row[m] = summary_stats([r.values.get(m) for r in runs])
         rows.append(row)
@@ -175,8 +213,11 @@ def paired(groups: dict[tuple, list[RunResult]], baseline: str, seed: int = 0) -
             continue
         by_seed = {r.seed: r for r in base}
         pairs = [(r, by_seed[r.seed]) for r in runs if r.seed in by_seed]
+        mine = {r.seed for r in runs}
         row = {"method": label, "baseline": baseline, "stream": stream, "order": list(order), "model": model,
-               "seeds": sorted(r.seed for r, _ in pairs)}
+               "seeds": sorted(r.seed for r, _ in pairs),
+               # seeds only one side ran: left out of the pairs, and said so in every output
+               "unpaired_seeds": {label: sorted(mine - set(by_seed)), baseline: sorted(set(by_seed) - mine)}}
         for m in (m for m in METRICS if m not in TIMINGS):
             diffs = [a.values[m] - b.values[m] for a, b in pairs
                      if a.values.get(m) is not None and b.values.get(m) is not None]

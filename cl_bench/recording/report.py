@@ -12,6 +12,7 @@ import csv
 import html
 import io
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from cl_bench.files import atomic_write  # noqa: E402
 from cl_bench.recording.comparison import (CONTINUAL_METRICS, METRICS, TIMINGS, RunResult,  # noqa: E402
-                                           aggregate, group_runs, mean_curves, mean_matrix, paired)
+                                           aggregate, group_runs, mean_curves, mean_matrix, paired,
+                                           separating_keys)
 
 BAR_METRICS = ("op", "bwt", "fwt", "forgetting", "delta_RG")
 
@@ -56,16 +58,23 @@ def markdown(rows: list[dict], pairs: list[dict], failed: list[RunResult]) -> st
         metrics = _shown(mine)
         out += [f"## Setting {k + 1}: {model} on {stream}", "", f"Task order: {' -> '.join(order)}", "",
                 "| method | seeds | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
-        out += [f"| {r['method']} | {','.join(map(str, r['seeds']))} | " + " | ".join(_fmt(r[m]) for m in metrics) + " |"
-                for r in mine]
+        out += [f"| {_cell(r['method'])} | {','.join(map(str, r['seeds']))} | " + " | ".join(_fmt(r[m]) for m in metrics)
+                + " |" for r in mine]
         mine_pairs = [p for p in pairs if (p["stream"], tuple(p["order"]), p["model"]) == (stream, order, model)]
         shown = [m for m in metrics if m not in TIMINGS]
         for baseline in dict.fromkeys(p["baseline"] for p in mine_pairs):
             out += ["", f"Paired with {baseline} over the seeds both ran: mean difference (method - {baseline}) "
                     "[bootstrap 95% interval]", "", "| method | seeds | " + " | ".join(shown) + " |",
                     "|---|---|" + "---|" * len(shown)]
-            out += [f"| {p['method']} | {','.join(map(str, p['seeds']))} | " + " | ".join(_fmt_pair(p[m]) for m in shown)
+            out += [f"| {_cell(p['method'])} | {','.join(map(str, p['seeds']))} | " + " | ".join(_fmt_pair(p[m]) for m in shown)
                     + " |" for p in mine_pairs if p["baseline"] == baseline]
+            unpaired = [f"{name} ran seeds {','.join(map(str, seeds))} that the other did not ({p['method']} vs {baseline})"
+                        for p in mine_pairs if p["baseline"] == baseline
+                        for name, seeds in p["unpaired_seeds"].items() if seeds]
+            if unpaired:
+                out += ["", "Not paired, so not in the differences above: " + "; ".join(unpaired) + "."]
+        out += ["", "Runs in each row:", "", "| method | runs |", "|---|---|"]
+        out += [f"| {_cell(r['method'])} | {_cell(' '.join(r['runs']))} |" for r in mine]
         out.append("")
     if failed:
         out += ["## Runs that did not finish", "", "| run | status | error |", "|---|---|---|"]
@@ -197,8 +206,14 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
+def _cell(text: Any) -> str:
+    """A Markdown table cell: a ``|`` in a setting or a path escaped, so it cannot split the row."""
+    return str(text).replace("|", "\\|")
+
+
 def _html_table(lines: list[str]) -> str:
-    cells = [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines if not set(line) <= set("|-")]
+    cells = [[c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line.strip()[1:-1])]
+             for line in lines if not set(line) <= set("|-")]
     head, body = cells[0], cells[1:]
     return ("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in head) + "</tr>"
             + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in body) + "</table>")
@@ -242,6 +257,7 @@ def write_report(runs: list[RunResult], out_dir: str | Path, baseline: str | lis
     md_text = markdown(rows, pairs, failed)
     pngs = figures(groups, rows) if rows else {}
     summary = {"groups": rows, "paired": pairs,
+               "separating_keys": separating_keys([r for r in runs if r.status == "finished"]),
                "failed": [{"path": str(r.path), "status": r.status, "error": r.error} for r in failed]}
     atomic_write(out / "report.md", md_text)
     atomic_write(out / "summary.json", json.dumps(summary, indent=1))
