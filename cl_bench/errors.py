@@ -1,12 +1,16 @@
-"""The one error type raised for bad user input, and the checks that raise it.
+"""The one error type raised for bad user input, the checks that raise it, and the stop that a
+signal (SIGTERM, Ctrl-C) makes of a run.
 
 Every config value and data record is checked by these few functions, so a bad value always gets
 the same kind of message: the key (or file and record) at fault, what it must be, what it was.
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any, Iterable, Sequence
+import signal
+import threading
+from typing import Any, Iterable, Iterator, Sequence
 
 
 class ConfigError(ValueError):
@@ -15,6 +19,50 @@ class ConfigError(ValueError):
 
 class RunDirInUse(ConfigError):
     """Another run holds the run dir: nothing may be written there."""
+
+
+class StoppedBySignal(SystemExit):
+    """A run stopped by SIGTERM or SIGINT (Ctrl-C): recorded as "stopped", the process exits with
+    128 + the signal's number (143, 130), as a shell reports a process a signal ended."""
+
+    def __init__(self, signum: int):
+        super().__init__(128 + signum)
+        self.signum = signum
+
+    def __str__(self) -> str:
+        return f"stopped by signal {signal.Signals(self.signum).name}"
+
+
+def as_stop(error: BaseException) -> StoppedBySignal | None:
+    """The stop a signal made of ``error``: :class:`StoppedBySignal` itself, Ctrl-C's
+    KeyboardInterrupt, or Lightning's SIGTERMException (the SystemExit its own SIGTERM handler
+    leads to); None for any other error."""
+    if isinstance(error, StoppedBySignal):
+        return error
+    if isinstance(error, KeyboardInterrupt):
+        return StoppedBySignal(signal.SIGINT)
+    if isinstance(error, SystemExit) and type(error).__name__ == "SIGTERMException":
+        return StoppedBySignal(signal.SIGTERM)
+    return None
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """Within the block SIGTERM and SIGINT raise :class:`StoppedBySignal` where the process is
+    (Lightning's own SIGTERM handler, during a fit, calls this one after it); outside it the
+    handlers before it are back. Only the main thread can take signals: elsewhere a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise StoppedBySignal(signum)
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def check_flag(value: Any, key: str) -> bool:

@@ -5,13 +5,12 @@
     stream_run.run():
         first = start_or_restore()         # R[0] (the untrained model), or the newest checkpoint
         for i in range(first, len(stream)):
-            train_task(i)                  # method.on_task_start, Trainer.fit, method.on_task_end (and
-                                           # the method's after-task epoch: TRACE's replay)
+            train_task(i)                  # on_task_start, Trainer.fit, on_task_end, after_task_epoch
             evaluate_stage()               # R[i + 1]: every task; record, log, checkpoint
         finish()                           # results.json status "finished", summary
 
-Any error after set-up is written into results.json (``fail``), every finished stage kept. Under
-several processes every process runs the same calls in lockstep (cl_bench/distributed.py).
+Any error after set-up is written into results.json (``fail``; SIGTERM or Ctrl-C: "stopped"),
+every finished stage kept. Under several processes every process runs the same calls in lockstep.
 """
 from __future__ import annotations
 
@@ -27,11 +26,11 @@ from omegaconf import DictConfig, OmegaConf
 from rich.rule import Rule
 
 from cl_bench.config import build, build_stream, optimizer_factory, validate_run_config
-from cl_bench.data.batching import layout
+from cl_bench.data.batching import check_every_task_trains, layout
 from cl_bench.data.loaders import TaskLoaders
 from cl_bench.data.tasks import Task, TaskStream, training_plan
 from cl_bench.distributed import barrier, is_main, rank, start_processes, world_size
-from cl_bench.errors import ConfigError
+from cl_bench.errors import ConfigError, as_stop, stop_on_signals
 from cl_bench.files import RunDirLock
 from cl_bench.evaluation.continual import ContinualEvaluator, ContinualSettings
 from cl_bench.evaluation.general_ability import GeneralAbility
@@ -81,6 +80,7 @@ class StreamRun:
         #: what is trained, in order: the stream's tasks, or their union (tasks.joint=true)
         self.training: list[Task] = training_plan(self.stream, cfg.tasks.get("joint", False),
                                                   cfg.train.get("shuffle", True))
+        check_every_task_trains(self.training, cfg.train, placement.world_size)
         self.general: GeneralAbility = build(cfg.general) if cfg.get("general") else GeneralAbility()
         self.general.check()
         self.continual = ContinualSettings.from_config(cfg.eval.get("continual"), self.stream.names)
@@ -144,17 +144,19 @@ class StreamRun:
 
     # --- the stream ------------------------------------------------------------------------------
     def run(self) -> RunRecorder:
-        """Every task still to train, each followed by its stage; on any error, results.json says
-        failed (and why) and every finished stage stays on disk. The run dir is let go at the end."""
+        """Every task still to train, each followed by its stage; on any error results.json says
+        failed or stopped (and why), every finished stage kept. The run dir is let go at the end."""
         try:
-            first = self.start_or_restore()
-            for i in range(first, len(self.training)):
-                self.train_task(i)
-                self.evaluate_stage()
-            return self.finish()
+            with stop_on_signals():
+                first = self.start_or_restore()
+                for i in range(first, len(self.training)):
+                    self.train_task(i)
+                    self.evaluate_stage()
+                return self.finish()
         except BaseException as e:
-            self.fail(e)
-            raise
+            stop = as_stop(e)  # SIGTERM or Ctrl-C: "stopped", exit 143 or 130, resumable
+            self.fail(stop or e, status="failed" if stop is None else "stopped")
+            raise (e if stop is None else stop)
         finally:
             self.close()
 
@@ -214,8 +216,7 @@ class StreamRun:
         self.recorder.add_train_time(time.perf_counter() - t)
 
     def train_after_task_epoch(self, task: Task, i: int, examples: list) -> None:
-        """One epoch over ``examples`` after task ``i``'s fit (a method's :meth:`after_task_epoch`,
-        TRACE's replay epoch), with the run's optimizer; a stop within it repeats it on a resume."""
+        """One epoch over ``examples`` after task ``i``'s fit (TRACE's replay epoch); a resume repeats it."""
         console.print(f"After {task.name}: one epoch over {len(examples)} examples ({self.method.name})")
         loader = self.loaders.training(examples, seed=derive_seed(self.cfg.seed + i, 1), rank=rank(), world_size=world_size())
         build_trainer(self.cfg, 1, None, [self.method], self.accumulate).fit(self.module, loader, weights_only=True)
@@ -244,11 +245,12 @@ class StreamRun:
             console.print(f"Results: {self.out_dir / 'results.json'}")
         return self.recorder
 
-    def fail(self, error: BaseException) -> None:
-        """Keep what was finished: results.json says the run failed, and why (where the dir still
-        takes a write; a full disk or a read-only dir is reported in one line instead)."""
+    def fail(self, error: BaseException, status: str = "failed") -> None:
+        """Keep what was finished: results.json says the run failed (or was stopped), and why (a full
+        disk or a read-only dir is logged in one line instead). A stopped run continues when rerun."""
+        stopped = f"{error}: rerun the same command (or resume={self.out_dir}) to continue"
         try:
-            self.recorder.write(status="failed", error=f"{type(error).__name__}: {error}")
+            self.recorder.write(status=status, error=stopped if status == "stopped" else f"{type(error).__name__}: {error}")
         except OSError as e:
             log.error("could not record the failure in %s: %s", self.out_dir / "results.json", e.strerror or e)
         self.loggers.finalize("failed")

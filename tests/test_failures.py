@@ -267,3 +267,63 @@ def test_an_unreadable_split_file_is_named_with_the_cause(tmp_path, monkeypatch)
     monkeypatch.setattr(Path, "read_bytes", lambda self: (_ for _ in ()).throw(PermissionError(13, "Permission denied")))
     with pytest.raises(ConfigError, match=f"^{path}: cannot be read \\(Permission denied\\)$"):
         read_split(path)
+
+
+# --- no false "finished" (issue 25.2) ------------------------------------------------------------
+def test_a_task_that_would_take_no_step_is_refused_before_the_model_loads(make_config, monkeypatch):
+    """batch_size 16 over 12 examples with drop_last: no optimizer step, which once ended
+    "finished" with BWT 0 (perfect retention, read off a model that never trained)."""
+    from cl_bench.data.batching import check_every_task_trains, steps_per_epoch
+    monkeypatch.setattr("cl_bench.stream_run.build_model", lambda *a, **k: pytest.fail("the model loaded"))
+    cfg = make_config("tasks.order=[arith]", "train.batch_size=16", "train.drop_last=true")
+    with pytest.raises(ConfigError, match="task arith: its 12 training examples give no optimizer step at "
+                                          "train.batch_size=16 with train.drop_last=True"):
+        run(cfg, cfg.paths.output_dir)
+    assert not (Path(cfg.paths.output_dir) / "results.json").exists()
+    cfg = make_config("tasks.order=[arith]", "train.drop_last=maybe")
+    with pytest.raises(ConfigError, match="train.drop_last must be true or false, got 'maybe'"):
+        run(cfg, cfg.paths.output_dir)
+    with pytest.raises(ConfigError, match="the stream has no task to train"):
+        check_every_task_trains([], make_config().train)
+    # the sampler's own count: 12 examples in batches of 5 give 2 full steps and a rest of 2
+    assert [steps_per_epoch(12, 5, d, w) for d, w in ((False, 1), (True, 1), (False, 3))] == [3, 2, 2]
+
+
+class _SignalAt:
+    """A method that sends this process SIGTERM at one moment of the run."""
+
+    def __new__(cls, when, sig=signal.SIGTERM):
+        from methods.sft import SFT
+
+        class Stopper(SFT):
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                if when == "step" and pl_module.task_name == "code" and trainer.global_step == 2:
+                    os.kill(os.getpid(), sig)
+
+            def on_task_end(self, module, task, task_index):
+                if when == "between steps" and task.name == "code":
+                    os.kill(os.getpid(), sig)
+        return Stopper()
+
+
+@pytest.mark.parametrize("when, sig", [("step", signal.SIGTERM), ("between steps", signal.SIGTERM),
+                                       ("step", signal.SIGINT)])
+def test_sigterm_stops_a_run_as_stopped_non_zero_unlocked_and_resumable(make_config, monkeypatch, when, sig):
+    """SIGTERM within a training step (Lightning's handler runs first) and between steps (the
+    task's end), and Ctrl-C: results.json says "stopped by signal SIGTERM" (SIGINT), the exit
+    status is 143 (130), the lock is released, and the same command continues to a finished run."""
+    from tests.conftest import instantiate_with
+    monkeypatch.setattr("cl_bench.config.instantiate", instantiate_with(_SignalAt(when, sig)))
+    cfg = make_config("tasks.order=[arith,code]", "checkpoint.every_n_steps=1")
+    out = Path(cfg.paths.output_dir)
+    with pytest.raises(SystemExit) as stopped:
+        run(cfg, out)
+    assert stopped.value.code == 128 + sig
+    results = json.loads((out / "results.json").read_text())
+    assert results["status"] == "stopped" and results["error"].startswith(f"stopped by signal {sig.name}: rerun")
+    assert len(results["R"]) == 2 and not (out / ".lock").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers before the run are back
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    monkeypatch.setattr("cl_bench.config.instantiate", instantiate_with(_SignalAt("never")))
+    assert run(cfg, out).status == "finished"
+    assert len(json.loads((out / "results.json").read_text())["R"]) == 3

@@ -19,7 +19,7 @@ from typing import Any, NamedTuple, Sequence
 
 import torch
 
-from cl_bench.errors import ConfigError, check_number
+from cl_bench.errors import ConfigError, check_flag, check_number
 from cl_bench.rng import derive_seed
 
 
@@ -46,6 +46,28 @@ def layout(batch_size: int, micro_batch_size: int | None, world_size: int) -> tu
             f"({per_process} = train.batch_size {batch_size} / {world_size} processes)"
         )
     return per_process, micro, per_process // micro
+
+
+def steps_per_epoch(examples: int, batch_size: int, drop_last: bool, world_size: int = 1) -> int:
+    """Optimizer steps of one epoch over ``examples`` (as :class:`StepBatchSampler` lays them out:
+    the last, smaller batch is dropped with ``drop_last``, or when it has fewer examples than processes)."""
+    full, rest = divmod(examples, batch_size)
+    return full + (0 < rest and not drop_last and rest >= world_size)
+
+
+def check_every_task_trains(tasks: Sequence, train: Any, world_size: int = 1) -> None:
+    """Refuse, before anything loads, a run in which some task would take no optimizer step (it would
+    end "finished" with nothing learnt, its BWT reading as perfect retention), or that has no task.
+    ``train``: the run's ``train`` settings (``batch_size``, ``drop_last``)."""
+    batch_size = check_number(train.batch_size, "train.batch_size", integer=True, low=1)
+    drop_last = check_flag(train.get("drop_last", False), "train.drop_last")
+    if not tasks:
+        raise ConfigError("the stream has no task to train (tasks.order, tasks.subset or the data dir selects none)")
+    for task in tasks:
+        if steps_per_epoch(len(task.train), batch_size, drop_last, world_size) == 0:
+            raise ConfigError(f"task {task.name}: its {len(task.train)} training examples give no optimizer step at "
+                              f"train.batch_size={batch_size} with train.drop_last={drop_last}: lower "
+                              "train.batch_size or set train.drop_last=false")
 
 
 class StepBatchSampler(torch.utils.data.Sampler):
