@@ -10,6 +10,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from cl_bench.data.tasks import SPLITS
+from cl_bench.evaluation.cl_metrics import CL_METRICS
 from cl_bench.errors import ConfigError, check_choice, check_flag, check_number
 
 
@@ -66,7 +67,7 @@ def _get(cfg: DictConfig, key: str):
 def validate_run_config(cfg: DictConfig) -> None:
     """Every numeric setting of the run outside the plugins (which check their own), by key."""
     checks = {
-        "seed": dict(integer=True, low=0),
+        "seed": dict(integer=True, low=0, high=2 ** 32 - 1),  # Lightning's (numpy's) seed range
         "optimizer.lr": dict(low=0, low_open=True),
         "optimizer.weight_decay": dict(low=0),
         "scheduler.warmup_steps": dict(integer=True, low=0),
@@ -86,4 +87,29 @@ def validate_run_config(cfg: DictConfig) -> None:
     for key, bounds in checks.items():
         check_number(_get(cfg, key), key, **bounds)
     check_choice(cfg.eval.split, SPLITS, "eval.split")
-    optimizer_factory(cfg.optimizer)  # its reset_per_task flag
+    for key in ("train.shuffle", "train.drop_last", "eval.do_sample"):
+        check_flag(_get(cfg, key), key)
+    check_number(cfg.trainer.get("gradient_clip_val"), "trainer.gradient_clip_val", low=0, allow_none=True)
+    for key, instead in (("max_epochs", "tasks.epochs"), ("min_epochs", "tasks.epochs"), ("max_steps", "tasks.max_steps")):
+        if key in cfg.trainer:
+            raise ConfigError(f"trainer.{key} is not read: each task's budget is {instead} (one value or one per task)")
+    objectives = ["op"] if cfg.tasks.get("joint", False) else list(CL_METRICS)
+    check_choice(cfg.get("objective", "op"), objectives, "objective")
+    check_optimizer(cfg.optimizer)
+
+
+def check_optimizer(node: DictConfig) -> None:
+    """The optimizer's settings, built over one dummy parameter before the model loads: bad betas,
+    a negative eps or a setting the chosen ``_target_`` does not take fail here, naming the key."""
+    import torch
+    if node.get("eps") is not None:
+        check_number(node.eps, "optimizer.eps", low=0)
+    betas = node.get("betas")
+    if betas is not None and (len(betas) != 2 or any(not isinstance(b, (int, float)) or not 0 <= b < 1 for b in betas)):
+        raise ConfigError(f"optimizer.betas must be two numbers in [0, 1), got {list(betas)}")
+    factory, _ = optimizer_factory(node)  # and its reset_per_task flag
+    try:
+        factory([torch.nn.Parameter(torch.zeros(1))])
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ConfigError(f"optimizer: {node.get('_target_')} refuses the settings under optimizer ({e}); "
+                          "a setting another optimizer takes can be removed with ~optimizer.<key>") from None

@@ -227,6 +227,33 @@ def test_trace_with_missing_data_says_what_is_missing_and_where_to_get_it(make_c
         run(cfg, cfg.paths.output_dir)
 
 
+@pytest.mark.parametrize("override, message", [
+    ("optimizer.betas=[0.9]", r"optimizer.betas must be two numbers in \[0, 1\), got \[0.9\]"),
+    ("optimizer.eps=-1", "optimizer.eps must be >= 0, got -1"),
+    ("optimizer._target_=torch.optim.SGD", "optimizer: torch.optim.SGD refuses the settings under optimizer .*'betas'"),
+    ("seed=5000000000", r"seed must be an integer in \[0, 4294967295\], got 5000000000"),
+    ("train.shuffle=maybe", "train.shuffle must be true or false, got 'maybe'"),
+    ("eval.do_sample=maybe", "eval.do_sample must be true or false, got 'maybe'"),
+    ("trainer.gradient_clip_val=-1", "trainer.gradient_clip_val must be >= 0 or null, got -1"),
+    ("+trainer.max_epochs=3", "trainer.max_epochs is not read: each task's budget is tasks.epochs"),
+    ("objective=grpo", "objective must be one of .*'op'.*got 'grpo'"),
+])
+def test_bad_run_settings_fail_naming_the_key_before_the_model_loads(make_config, monkeypatch, override, message):
+    """Issue 25.3: settings that once failed after the model loaded (30-60 lines of traceback) or
+    were accepted silently."""
+    cfg = make_config(override)
+    monkeypatch.setattr("cl_bench.models.tiny_llama", lambda **k: pytest.fail("the model was loaded"))
+    with pytest.raises(ConfigError, match=message):
+        run(cfg, cfg.paths.output_dir)
+
+
+def test_an_unknown_experiment_is_refused_with_the_options():
+    proc = subprocess.run([sys.executable, "-m", "runners.cl", "experiment=smok", "--cfg", "job"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "Could not find 'experiment/smok'" in proc.stderr
+    assert "\tsmoke" in proc.stderr and "\ttrace" in proc.stderr
+
+
 def test_optimizer_gets_plain_python_values(make_config):
     from cl_bench.config import optimizer_factory
 
