@@ -134,6 +134,9 @@ def test_two_runs_in_one_dir_the_second_is_refused_and_the_first_finishes(tmp_pa
 @pytest.mark.parametrize("tasks, message", [
     ("[{name: ../outside/X, metric: accuracy, max_new_tokens: 4}]", "task name '../outside/X' is not a plain folder name"),
     ("[{name: /etc, metric: accuracy, max_new_tokens: 4}]", "task name '/etc' is not a plain folder name"),
+    ("[{name: $$, metric: accuracy, max_new_tokens: 4}]", "task name '\\$\\$' is not a plain folder name: letters"),
+    ("[{name: '[bold]x', metric: accuracy, max_new_tokens: 4}]", "task name '\\[bold\\]x' is not a plain folder"),
+    ("[{name: 'a|b', metric: accuracy, max_new_tokens: 4}]", "task name 'a\\|b' is not a plain folder name"),
     ("[{name: A, metric: accuracy, max_new_tokens: 4}, {name: A, metric: rouge_l, max_new_tokens: 8}]",
      "task name 'A' is declared twice"),
     ("[{name: A, metric: accuracy, max_new_tokens: 0}]", "task A: max_new_tokens must be an integer >= 1"),
@@ -145,6 +148,13 @@ def test_path_like_and_duplicate_task_names_are_refused_before_the_model_loads(m
     monkeypatch.setattr("cl_bench.models.tiny_llama", lambda **k: pytest.fail("the model was loaded"))
     with pytest.raises(ConfigError, match=message):
         run(cfg, cfg.paths.output_dir)
+
+
+def test_a_lone_surrogate_is_refused_naming_the_file_and_record(tmp_path):
+    path = tmp_path / "train.json"
+    path.write_text('[{"prompt": "fine", "answer": "ok"}, {"prompt": "bad \\ud800 here", "answer": "x"}]')
+    with pytest.raises(ConfigError, match=f"{path}: record 1 'prompt' holds a lone surrogate"):
+        read_split(path)
 
 
 def test_invalid_utf8_is_reported_in_one_short_line_naming_file_and_offset(tmp_path):

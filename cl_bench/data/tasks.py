@@ -7,6 +7,7 @@ one included, goes through :func:`load_stream`, so all validation lives here.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -129,9 +130,7 @@ def json_list(path: Path, text: str, what: str) -> list:
 
 def read_split(path: Path) -> list[Example]:
     """Read one split file, refusing anything that is not a non-empty list of prompt/answer strings.
-
-    Every error names the file and says what is wrong in one line; none quotes the file's contents.
-    """
+    Every error names the file and says what is wrong in one line; none quotes the file's contents."""
     if path.is_dir():
         raise ConfigError(f"{path} is a folder; expected a JSON file")
     if not path.is_file():
@@ -147,21 +146,22 @@ def read_split(path: Path) -> list[Example]:
             if key not in rec:
                 raise ConfigError(f"{path}: record {i} has no '{key}' key")
             if not isinstance(rec[key], str):
-                raise ConfigError(
-                    f"{path}: record {i} '{key}' is a {type(rec[key]).__name__}, expected a string"
-                )
+                raise ConfigError(f"{path}: record {i} '{key}' is a {type(rec[key]).__name__}, expected a string")
+            if not rec[key].isascii() and any("\ud800" <= c <= "\udfff" for c in rec[key]):
+                raise ConfigError(f"{path}: record {i} '{key}' holds a lone surrogate (an escape such as \\ud800 "
+                                  "without its pair), which is not text a tokenizer can encode")
         examples.append(Example(rec["prompt"], rec["answer"]))
     return examples
 
 
 def check_task_specs(specs: Sequence[TaskSpec]) -> None:
-    """Each task's name is a plain folder name (it is read under data_dir and written under the run
-    dir), unique in the stream, and its ``max_new_tokens`` is an integer >= 1."""
+    """Each task's name is unique and of letters, digits, '.', '_' and '-' only (a folder, a logger
+    key, a table column: '$', '|' or Rich's '[...]' break them); ``max_new_tokens`` an integer >= 1."""
     seen = set()
     for spec in specs:
         name = spec.name
-        if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name or "\\" in name:
-            raise ConfigError(f"task name {name!r} is not a plain folder name (no '/', '\\', '..' or absolute paths)")
+        if not isinstance(name, str) or name in (".", "..") or not re.fullmatch(r"[A-Za-z0-9._-]+", name):
+            raise ConfigError(f"task name {name!r} is not a plain folder name: letters, digits, '.', '_' and '-' only")
         if name in seen:
             raise ConfigError(f"task name {name!r} is declared twice in tasks.tasks")
         seen.add(name)
