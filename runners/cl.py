@@ -67,10 +67,15 @@ def main(cfg: DictConfig) -> float | None:
                 print(f"Error: {e}", file=sys.stderr)
                 sys.exit(1)
             raise
+        hydra_cfg = HydraConfig.get()
+        if is_main():  # a row of the sweep's table even where the dir's results.json is another run's
+            from cl_bench.recording.sweep_summary import record_job_end
+            record_job_end(hydra_cfg.sweep.dir, hydra_cfg.job.num, cfg.paths.output_dir,
+                           "refused" if isinstance(e, ConfigError) else "failed", f"{type(e).__name__}: {e}")
         if isinstance(e, ConfigError):  # it names the key or file: one line is enough
-            log.error("job %s refused: %s; the sweep goes on", HydraConfig.get().job.num, e)
+            log.error("job %s refused: %s; the sweep goes on", hydra_cfg.job.num, e)
         else:
-            log.exception("job %s failed; the sweep goes on", HydraConfig.get().job.num)
+            log.exception("job %s failed; the sweep goes on", hydra_cfg.job.num)
         return float("nan")
     return recorder.cl_metrics().get(cfg.objective)
 

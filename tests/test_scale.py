@@ -448,3 +448,17 @@ def test_unit_scores_put_together_from_two_processes_rows_equal_one_process_s(tm
         for n, t in whole.items():
             assert torch.equal(got[n], ranks[1][key][n]), (key, n)  # the same on every process
             torch.testing.assert_close(aggregate(got[n], how, reduce), aggregate(t, how, reduce), rtol=1e-6, atol=0)
+
+
+@pytest.mark.processes
+def test_a_sweep_job_refused_by_its_dir_is_a_failed_row_and_the_record_is_kept(tmp_path):
+    """Issue 25.2: two jobs into one dir: the first finishes, the second (another seed) is refused
+    by the first's checkpoints. The table shows it refused, the sweep exits 1, and the dir keeps
+    the first run's results and .hydra record."""
+    out = _run(["-m", *TINY_RUN, "tasks.order=[arith]", "seed=1,2", f"hydra.sweep.dir={tmp_path}",
+                "hydra.sweep.subdir=same"], timeout=300, check=False)
+    assert out.returncode == 1 and "1 of 2 jobs did not finish" in out.stdout, out.stdout[-2000:]
+    assert re.search(r"│ same +│ refused +│", out.stdout) and re.search(r"│ same +│ finished +│ op ", out.stdout)
+    results = json.loads((tmp_path / "same" / "results.json").read_text())
+    assert results["status"] == "finished" and results["config"]["seed"] == 1
+    assert "seed=1" in (tmp_path / "same" / ".hydra" / "overrides.yaml").read_text()

@@ -23,18 +23,33 @@ def _record(run_dir: str | Path, subdir: str) -> Path:
     return Path(run_dir) / subdir
 
 
+def _back_up(record: Path) -> None:
+    if (record / "config.yaml").is_file():
+        backup = record.with_name(record.name + BACKUP_SUFFIX)
+        shutil.rmtree(backup, ignore_errors=True)
+        shutil.copytree(record, backup)
+
+
 class KeepRunRecord(Callback):
-    """Copies ``<run dir>/.hydra`` to ``.hydra.before-rerun`` before Hydra overwrites it (single runs)."""
+    """Copies ``<run dir>/.hydra`` to ``.hydra.before-rerun`` before Hydra overwrites it: before a
+    single run; in a multirun, every job dir's record at its start and a finished job's record at
+    its end (Hydra writes a job's record before any callback of the job runs, so a later job of
+    the same sweep refused in that dir puts back the record of the run that is there)."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        subdir = config.hydra.output_subdir
-        if subdir is None:
-            return
-        record = _record(config.hydra.run.dir, subdir)
-        if (record / "config.yaml").is_file():
-            backup = record.with_name(record.name + BACKUP_SUFFIX)
-            shutil.rmtree(backup, ignore_errors=True)
-            shutil.copytree(record, backup)
+        if config.hydra.output_subdir is not None:
+            _back_up(_record(config.hydra.run.dir, config.hydra.output_subdir))
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if config.hydra.output_subdir is not None:
+            for record in Path(config.hydra.sweep.dir).glob(f"*/{config.hydra.output_subdir}"):
+                _back_up(record)
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        value = getattr(job_return, "_return_value", None)
+        refused_or_failed = isinstance(value, float) and value != value  # the entry point's NaN
+        if config.hydra.output_subdir is not None and not refused_or_failed and config.hydra.mode.name == "MULTIRUN":
+            _back_up(_record(config.hydra.runtime.output_dir, config.hydra.output_subdir))
 
 
 def restore_record(run_dir: str | Path, subdir: str = ".hydra") -> bool:

@@ -21,16 +21,43 @@ from rich.table import Table
 from cl_bench.recording.console import console
 
 
+JOB_RECORDS = ".jobs"
+
+
+def record_job_end(sweep_dir: str | Path, job: Any, run_dir: str | Path, status: str, error: str | None) -> None:
+    """A job that did not finish says so in ``<sweep dir>/.jobs/<job num>.json``, beside (never in)
+    its run dir: a job refused because its dir holds another run must not be read off that run's
+    results.json as "finished"."""
+    from cl_bench.files import atomic_write
+    atomic_write(Path(sweep_dir) / JOB_RECORDS / f"{job}.json",
+                 json.dumps({"dir": str(run_dir), "status": status, "error": error}))
+
+
 def sweep_jobs(sweep_dir: str | Path, since: float = 0.0) -> list[dict[str, Any]]:
     """One row per job dir under ``sweep_dir`` set up at or after ``since`` (a Unix time): its
     dir, status ("finished", "failed", "running", or "no results" when none were written), the
-    objective's value and the error."""
+    objective's value and the error; a results.json from before ``since`` is another (earlier)
+    run's, not a job's. A job's own record of not finishing (:func:`record_job_end`) is a row too,
+    unless its dir's results.json already says so."""
+    rows = _result_rows(sweep_dir, since)
+    for record in sorted(Path(sweep_dir).glob(f"{JOB_RECORDS}/*.json"), key=lambda p: p.stat().st_mtime):
+        if record.stat().st_mtime < since:
+            continue
+        job = json.loads(record.read_text())
+        if not any(r["dir"] == job["dir"] and r["status"] != "finished" for r in rows):
+            rows.append({"dir": job["dir"], "status": job["status"], "objective": None, "error": job["error"]})
+    return rows
+
+
+def _result_rows(sweep_dir: str | Path, since: float) -> list[dict[str, Any]]:
     rows = []
     for record in sorted(Path(sweep_dir).glob("*/.hydra/overrides.yaml"), key=lambda p: p.stat().st_mtime):
         if record.stat().st_mtime < since:
             continue
         run_dir = record.parent.parent
         try:
+            if (run_dir / "results.json").stat().st_mtime < since:
+                continue  # an earlier run's results: the job of this sweep did not write them (see .jobs)
             results = json.loads((run_dir / "results.json").read_text())
         except (OSError, ValueError):
             rows.append({"dir": str(run_dir), "status": "no results", "objective": None, "error": None})
