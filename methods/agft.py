@@ -213,7 +213,7 @@ class AGFT(CLMethod):
         if not correct:
             log.warning("AGFT: none of the %d samples examined of task %s passed method.samples=%s, so the task adds "
                         "nothing to the gate; on long answers set method.samples=scored (the task's metric >= "
-                        "method.min_score) or method.min_token_accuracy below 1", self.num_samples, task.name, self.samples)
+                        "method.min_score) or method.min_token_accuracy below 1", len(examples), task.name, self.samples)
         scores = normalise(scores, self.normalize) if correct else scores
         if is_sharded(module.model):
             self.params = select_parameters(module.model, self.param_patterns, "method.param_patterns")
@@ -239,10 +239,9 @@ class AGFT(CLMethod):
                          for n, g in rows_of_shards(self.gate, self.params).items()}
         if not self.gate or self.scale != "update":
             return
-        keep = {n: k.to(local(self.params[n]).device, self.params[n].dtype) for n, k in self.keep().items()}
         for opt in trainer.optimizers:
             self.handles.append(opt.register_step_pre_hook(lambda *_: self._remember()))
-            self.handles.append(opt.register_step_post_hook(lambda *_: self._scale_updates(keep)))
+            self.handles.append(opt.register_step_post_hook(lambda *_: self._scale_updates()))
 
     @torch.no_grad()
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
@@ -257,10 +256,11 @@ class AGFT(CLMethod):
         self.before_step = {n: local(p).detach().clone() for n, p in self.params.items()}
 
     @torch.no_grad()
-    def _scale_updates(self, keep: dict[str, torch.Tensor]) -> None:
+    def _scale_updates(self) -> None:
+        """theta <- theta + Rbar (.) (theta_old - theta) = theta_old + (1 - Rbar) (.) delta, in place."""
         for n, p in self.params.items():
-            old = self.before_step[n]
-            local(p).sub_(old).mul_(keep[n]).add_(old)
+            weights = local(p)
+            weights.addcmul_(self.gate[n].to(weights.dtype), self.before_step[n].sub_(weights))
         self.before_step = {}
 
     def on_train_end(self, trainer, pl_module) -> None:
@@ -274,9 +274,10 @@ class AGFT(CLMethod):
             self.mask = None
 
     def planned_state(self, model, world, tasks):
-        """The gate (fp32), under FSDP as each shard's rows."""
-        fp32 = trainable_bytes(model, 4)
-        return {"gate (shard, fp32)": fp32 // world} if self.row_shards else {"gate (fp32)": fp32}
+        """The gate (fp32) and, scaling updates, theta_old during each step; under FSDP each shard's rows."""
+        share = world if self.row_shards else 1
+        items = {"gate (fp32)": trainable_bytes(model, 4) // share}
+        return {**items, "weights before the step (copy)": trainable_bytes(model) // share} if self.scale == "update" else items
 
     def planned_pass(self, model, world):
         """The relevance pass at a task's end: the top-K buffers and one sample's relevance (fp32,

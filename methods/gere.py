@@ -236,10 +236,10 @@ class GeRe(CLMethod):
             ce_general, ce, margin = parts
             return self.combine(module, task_loss, ce_general, ce, margin)
         per_process = module.micro_batches_per_step
-        picked = self.draw(module.stream_step, rank() * per_process + module.micro_batch_in_step,
-                           world_size() * per_process)
-        if not picked:
-            return None
+        slots = world_size() * per_process
+        picked = self.draw(module.stream_step, rank() * per_process + module.micro_batch_in_step, slots)
+        if not picked:  # the step's loss is (CE_general + CE_task) / 2 + w TM: this share of CE_task halved too
+            return -task_loss / 2
         general = self.general_batch(picked, task_loss.device)
         # the whole model's forward (under FSDP its root gathers the embeddings and the head); the
         # decoder's output, the lm_head input, is read by the hook
@@ -250,15 +250,19 @@ class GeRe(CLMethod):
         ce_general = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(), ignore_index=-100)
         margin = margin_loss(hidden, general["bands"], self.lower.to(hidden.device), self.upper.to(hidden.device),
                              general["attention_mask"])
-        return self.combine(module, task_loss, ce_general, (ce_general + task_loss) / 2, margin)
+        # the micro-batches holding texts carry the whole step's general terms (Lightning and DDP
+        # average the slots' losses), so the step weighs them the same at any micro-batch size
+        share = slots / min(self.per_step, slots)
+        return self.combine(module, task_loss, ce_general, (ce_general + task_loss) / 2, margin, share)
 
-    def combine(self, module, task_loss, ce_general, ce, margin):
-        """The penalty that turns the task loss into ce + w TM (w = 100, or dy: ce / TM, no gradient)."""
+    def combine(self, module, task_loss, ce_general, ce, margin, share: float = 1.0):
+        """The penalty that turns the task loss into ce + w TM (w = 100, or dy: ce / TM, no gradient),
+        its general terms (CE_general / 2 + w TM) counted ``share`` times."""
         weight = ce.detach() / (margin.detach() + 1e-8) if self.weight == "dy" else self.weight
         if module.should_log:
             module.log_metrics({"gere/ce_general": ce_general.item(), "gere/margin": margin.item(),
                                 "gere/weight": float(weight)})
-        return ce - task_loss + weight * margin
+        return share * (ce - task_loss / 2 + weight * margin) - task_loss / 2
 
     def planned_pass(self, model, world):
         """Mode batch: the extra forward of the general texts of one micro-batch, beside the step's

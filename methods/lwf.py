@@ -102,7 +102,8 @@ class LwF(CLMethod):
         super().check_run(cfg)
         if self.teacher_kind == "copy" and self.row_shards:
             raise ConfigError("method lwf's frozen teacher copy cannot be taken of a sharded model: under "
-                              "trainer=fsdp use method.teacher=topk (the teacher's top-k logits, cached before the task)")
+                              "trainer=fsdp use method.teacher=topk (the teacher's top-k logits, cached before the task) "
+                              "with method.direction=forward and method.reduction=answer_mean (TRACE's term needs the copy)")
 
     def on_task_start(self, module, task, task_index: int) -> None:
         self.teacher, self.cache = None, {}

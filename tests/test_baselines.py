@@ -564,15 +564,15 @@ def test_gere_general_texts_per_step_do_not_depend_on_the_micro_batch_size(make_
     for micro in (4, 1):
         class Counted(GeRe):
             def penalty(self, module, batch, task_loss):
-                step = seen.setdefault(micro, defaultdict(Counter))[module.stream_step]
-                if self.mode == "batch":
-                    per = module.micro_batches_per_step
-                    step.update(self.draw(module.stream_step, module.micro_batch_in_step, per))
-                else:
-                    for ids, mask in zip(batch["input_ids"], batch["attention_mask"]):
-                        if tuple(ids[mask.bool()].tolist()) in self.rows:
-                            step[self.rows[tuple(ids[mask.bool()].tolist())]] += 1
+                self.step = seen.setdefault(micro, defaultdict(Counter))[module.stream_step]
+                for ids, mask in zip(batch["input_ids"], batch["attention_mask"]):  # interleave: general rows
+                    if tuple(ids[mask.bool()].tolist()) in self.rows:
+                        self.step[self.rows[tuple(ids[mask.bool()].tolist())]] += 1
                 return super().penalty(module, batch, task_loss)
+
+            def general_batch(self, picked, device):  # batch: the texts of the extra forward
+                self.step.update(picked)
+                return super().general_batch(picked, device)
         method = Counted(general_data=str(path), mode=mode, per_step=2, num_samples=5)
         monkeypatch.setattr("cl_bench.config.instantiate", instantiate_with(method))
         cfg = make_config("method=gere", f"method.mode={mode}", "tasks.order=[arith]", "train.batch_size=4",
@@ -588,6 +588,29 @@ def test_gere_general_texts_per_step_do_not_depend_on_the_micro_batch_size(make_
     first = tok("General text 0: " + "word " * 303, add_special_tokens=False)["input_ids"]
     assert method.texts[0] == first[:563] and len(method.texts[0]) > 16  # not cut at train.max_ans_len
     assert tok.bos_token_id not in method.texts[0] and tok.eos_token_id not in method.texts[0]
+
+
+def test_gere_batch_mode_trains_the_same_weights_at_any_micro_batch_size(make_config, tmp_path):
+    """Issue 24.5: not only the texts but their weight in the step: with SGD (the update is the
+    gradient), 2 steps of batch 4 in micro-batches of 4 and of 1 end at the same weights (the
+    micro-batch holding the step's text carries the whole step's general terms)."""
+    import torch
+    from cl_bench.stream_run import run
+    path = tmp_path / "general.jsonl"
+    path.write_text("\n".join('{"text": "General text %d: the quick brown fox."}' % i for i in range(3)))
+    weights = {}
+    for micro in (4, 1):
+        cfg = make_config("method=gere", f"method.general_data={path}", "method.num_samples=3", "method.per_step=1",
+                          "tasks.order=[arith]", "tasks.max_steps=2", "train.batch_size=4", f"train.micro_batch_size={micro}",
+                          "optimizer._target_=torch.optim.SGD", "optimizer.lr=0.5", "~optimizer.betas", "~optimizer.eps",
+                          "~optimizer.fused", "trainer.gradient_clip_val=null", "eval.max_examples=1")
+        run(cfg, tmp_path / f"run{micro}")
+        stage = sorted((tmp_path / f"run{micro}" / "checkpoints").glob("stage-*.pt"))[-1]
+        weights[micro] = torch.load(stage, weights_only=True)["model"]
+    moved = weights[4]["model.layers.0.mlp.up_proj.weight"] - tiny_llama().model.state_dict()["model.layers.0.mlp.up_proj.weight"]
+    assert moved.abs().max() > 1e-3
+    for k in weights[4]:
+        torch.testing.assert_close(weights[1][k], weights[4][k], rtol=1e-4, atol=1e-6)
 
 
 def test_general_texts_are_read_or_refused_with_the_file_named(tmp_path):

@@ -23,6 +23,7 @@ every process, in lockstep (the ``metric`` measure generates sharded, as the sta
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -106,7 +107,8 @@ class ContinualEvaluator(Callback):
         self.generation = generation
         self.split = split
         self.seed = seed
-        self.passes = loaders.passes
+        #: a drawn subsample is tokenized anew each time (a cache entry per draw would fill the disk)
+        self.passes = dataclasses.replace(loaders, cache_dir=None).passes
         self.tasks: dict[str, Task] = {t.name: t for t in stream}
         self.loaders = {t.name: loaders.passes(t.splits[split][: settings.max_examples]) for t in stream
                         if settings.measures[t.name] == "loglik"}

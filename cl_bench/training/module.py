@@ -20,13 +20,13 @@ if TYPE_CHECKING:
 
 
 def autocast_of(precision: str, device: torch.device | str) -> contextlib.AbstractContextManager:
-    """The autocast Lightning's MixedPrecision puts around ``training_step`` for a run's
-    ``trainer.precision`` (bf16-mixed: bfloat16, 16-mixed: float16), else nothing: the methods'
-    own passes run under it too, so their activations and gradients are the training step's."""
-    precision = str(precision)
-    if precision not in ("bf16-mixed", "16-mixed"):
+    """The autocast Lightning's MixedPrecision puts around ``training_step`` under ``trainer.precision``
+    bf16-mixed, else nothing: the methods' own passes run under it too, so their activations are
+    the training step's. Under 16-mixed the passes stay in fp32: their backward passes have no
+    loss scaler, and fp16 gradients of small entries would underflow."""
+    if str(precision) != "bf16-mixed":
         return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16 if precision == "bf16-mixed" else torch.half)
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
 
 
 def constant_with_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int = 0):
