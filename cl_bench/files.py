@@ -67,8 +67,12 @@ def _nearly_full(folder: Path, margin: int = 1 << 20) -> bool:
 class RunDirLock:
     """One run per run dir: ``<dir>/.lock`` names the holding process (pid and host).
 
-    A second run into a held dir is refused, naming the holder. A lock whose process is gone (same
-    host, pid not alive: a killed run) is stale and taken over with a warning. Released on exit.
+    A second run into a held dir is refused, naming the holder. A lock is stale, and taken over
+    with a warning, when its process is gone: on this host, no process has its pid, or the one that
+    has it started at another time or before another boot (a pid reused, say after a container
+    restart; this process's own pid in a lock it never took is such a case). A lock of another
+    host is never taken over: the refusal says to delete it by hand once that run is known gone.
+    Released on exit.
     """
 
     def __init__(self, run_dir: str | Path):
@@ -82,18 +86,33 @@ class RunDirLock:
             return None
 
     @staticmethod
-    def _alive(pid: int, host: str | None) -> bool:
+    def _identity(pid: int) -> dict:
+        """What tells one process from a later one with the same pid (Linux: the boot and the start
+        time in clock ticks after it); empty where /proc is not there."""
+        try:
+            boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+            started = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+        except (OSError, IndexError):
+            return {}
+        return {"boot": boot, "started": started}
+
+    @classmethod
+    def _alive(cls, holder: dict) -> bool:
+        pid = int(holder.get("pid", -1))
         if pid <= 0:
             return False  # no process named: a garbage lock
-        if host != socket.gethostname():
+        if holder.get("host") != socket.gethostname():
             return True  # another machine's process cannot be checked from here
+        if pid == os.getpid():
+            return False  # this process never took it: a lock from before a restart
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
             return False
         except PermissionError:
-            return True
-        return True
+            pass
+        recorded = {k: holder[k] for k in ("boot", "started") if k in holder}
+        return not recorded or cls._identity(pid) == recorded
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -106,16 +125,17 @@ class RunDirLock:
                     if time.time() - self.path.stat().st_mtime < 10:
                         time.sleep(0.2)
                         continue
-                elif self._alive(int(holder.get("pid", -1)), holder.get("host")):
+                elif self._alive(holder):
                     raise RunDirInUse(
                         f"run dir {self.path.parent} is in use by process {holder.get('pid')} on {holder.get('host')} "
-                        f"(lock {self.path}); wait for it to finish, or choose another hydra.run.dir"
+                        f"(lock {self.path}); wait for it to finish, or choose another hydra.run.dir (if that "
+                        f"process is known to be gone, delete {self.path})"
                     ) from None
                 log.warning("taking over the stale lock %s (%s)", self.path, holder or "unreadable")
                 self.path.unlink(missing_ok=True)
                 continue
             with os.fdopen(fd, "w") as f:
-                json.dump({"pid": os.getpid(), "host": socket.gethostname()}, f)
+                json.dump({"pid": os.getpid(), "host": socket.gethostname(), **self._identity(os.getpid())}, f)
             self.held = True
             self._remove_stale_temporaries()
             return
@@ -125,7 +145,7 @@ class RunDirLock:
         """Temporary files of writers that died mid-write (a killed run): theirs, never a live one's."""
         for tmp in self.path.parent.rglob(".*.tmp*"):
             pid = tmp.name.rsplit(".tmp", 1)[-1]
-            if pid.isdigit() and not self._alive(int(pid), socket.gethostname()):
+            if pid.isdigit() and int(pid) != os.getpid() and not self._alive({"pid": int(pid), "host": socket.gethostname()}):
                 _remove(tmp)
 
     def release(self) -> None:

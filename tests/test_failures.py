@@ -112,6 +112,27 @@ def test_a_killed_holder_leaves_a_stale_lock_that_the_next_run_takes_over(make_c
     assert run(cfg, cfg.paths.output_dir).status == "finished"
 
 
+def test_stale_locks_are_told_by_more_than_the_pid(tmp_path, caplog):
+    """Issue 25.4: a lock holding this process's own pid (written before a container restart) or a
+    live pid whose process started at another time (the pid reused) is stale; a live holder with
+    the recorded start, or a lock of another host, is refused, saying how to take it over by hand."""
+    import socket
+    lock = RunDirLock(tmp_path)
+    me = {"pid": os.getpid(), "host": socket.gethostname(), **RunDirLock._identity(os.getpid())}
+    assert me.get("started")  # /proc is there on this machine
+    for stale in ({**me}, {"pid": os.getppid(), "host": me["host"], "boot": me["boot"], "started": "1"},
+                  {"pid": os.getppid(), "host": me["host"], "boot": "another boot", "started": "1"}):
+        lock.path.write_text(json.dumps(stale))
+        lock.acquire()
+        assert json.loads(lock.path.read_text()) == me and "taking over the stale lock" in caplog.text
+        lock.release()
+    parent = {"pid": os.getppid(), "host": me["host"], **RunDirLock._identity(os.getppid())}
+    for live in (parent, {"pid": 1, "host": "another-host"}):
+        lock.path.write_text(json.dumps(live))
+        with pytest.raises(RunDirInUse, match=f"if that process is known to be gone, delete {lock.path}"):
+            lock.acquire()
+
+
 @pytest.mark.processes
 def test_two_runs_in_one_dir_the_second_is_refused_and_the_first_finishes(tmp_path):
     out = tmp_path / "shared"
