@@ -189,7 +189,7 @@ class StreamRun:
         t = time.perf_counter()
         with self.module.precision_context():
             self.method.on_task_start(self.module, task, i)
-        step_checkpoint = self.checkpoints.step_callback(i)
+        step_checkpoint = self.checkpoints.step_callback(i, self.loggers.save)
         if self.evaluator is not None:  # the tasks trained so far (all of them in a joint run)
             self.evaluator.begin_task(i, self.stream.names if self.recorder.joint else self.stream.names[: i + 1])
         # the evaluator before the step checkpoint: a checkpoint at step s holds the point at s

@@ -78,3 +78,21 @@ def test_wandb_mode_auto_is_offline_without_a_key(monkeypatch, tmp_path):
     assert wandb_logger("p", str(tmp_path))._offline is True
     with pytest.raises(ValueError, match="logger.wandb.mode"):
         wandb_logger("p", str(tmp_path), mode="sometimes")
+
+
+def test_a_resume_writes_the_kept_curves_back_before_it_logs_anything(tmp_path):
+    """Issue 25.4: a kill right after "Resuming" once deleted csv/metrics.csv for good (Lightning's
+    CSV writer deletes it when it opens and wrote the kept rows back only at its next flush)."""
+    import csv
+    from lightning.pytorch.loggers import CSVLogger
+    from cl_bench.recording.loggers import RunLoggers
+    first = RunLoggers({"csv": CSVLogger(tmp_path, name="csv", version="")})
+    first.log_metrics({"stage": 0, "score/a": 10.0}, 0)
+    first.log_metrics({"train/loss": 2.0}, 3)
+    first.log_metrics({"train/loss": 1.0}, 7)
+    first.save()
+    resumed = RunLoggers({"csv": CSVLogger(tmp_path, name="csv", version="")})
+    resumed.continue_from(5)  # a kill right here must leave the rows before step 5 on disk
+    rows = list(csv.DictReader((tmp_path / "csv" / "metrics.csv").open()))
+    assert [(r["step"], r["stage"], r["train/loss"]) for r in rows] == [("0", "0.0", ""), ("3", "", "2.0")]
+    assert not list((tmp_path / "csv").glob("*.before-resume"))

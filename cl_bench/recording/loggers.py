@@ -89,12 +89,19 @@ class RunLoggers:
             if not isinstance(lg, CSVLogger):
                 continue
             path = Path(lg.log_dir) / "metrics.csv"
-            rows = list(csv.DictReader(path.open(newline=""))) if path.is_file() else []
-            for row in rows:  # read whole before ``lg.experiment`` first opens (and deletes) the file
+            # a copy first: ``lg.experiment`` deletes metrics.csv when it opens, and a kill before the
+            # rows are written back must not lose them (the next resume reads the copy)
+            kept = path.with_name(path.name + ".before-resume")
+            if path.is_file() and not kept.is_file():
+                atomic_write(kept, path.read_text())
+            rows = list(csv.DictReader(kept.open(newline=""))) if kept.is_file() else []
+            for row in rows:
                 values = {k: float(v) for k, v in row.items() if k != "step" and v not in ("", None)}
                 row_step = int(float(row["step"]))
                 if values and (row_step < step or (row_step == step and stage_key in values)):
                     lg.experiment.log_metrics(values, row_step)
+            lg.save()
+            kept.unlink(missing_ok=True)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         clean = {k: float(v) for k, v in metrics.items() if v is not None}

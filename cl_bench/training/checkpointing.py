@@ -149,15 +149,16 @@ class StreamCheckpoints:
                 + ", ".join(f"{k} ({before.get(k)!r} -> {after.get(k)!r})" for k in changed[:10])
             )
 
-    def step_callback(self, task_index: int) -> "StepCheckpoint | None":
-        return StepCheckpoint(self, task_index) if self.every_n_steps else None
+    def step_callback(self, task_index: int, before_save=None) -> "StepCheckpoint | None":
+        return StepCheckpoint(self, task_index, before_save) if self.every_n_steps else None
 
 
 class StepCheckpoint(Callback):
-    """Saves a Lightning checkpoint every ``every_n_steps`` optimizer steps of one task."""
+    """Saves a Lightning checkpoint every ``every_n_steps`` optimizer steps of one task; first calls
+    ``before_save`` (the loggers' flush: a resume from the checkpoint keeps every row logged before it)."""
 
-    def __init__(self, checkpoints: StreamCheckpoints, task_index: int):
-        self.checkpoints, self.task_index = checkpoints, task_index
+    def __init__(self, checkpoints: StreamCheckpoints, task_index: int, before_save=None):
+        self.checkpoints, self.task_index, self.before_save = checkpoints, task_index, before_save
         self.last_saved = -1
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -166,6 +167,8 @@ class StepCheckpoint(Callback):
             return
         pl_module.check_weights_finite()  # a diverged step must not replace the last good checkpoint
         self.last_saved = step
+        if self.before_save is not None:
+            self.before_save()
         self.checkpoints.save_step(trainer, self.task_index)
 
 
