@@ -97,7 +97,7 @@ class StreamRun:
     def _build(self, cfg: DictConfig, t0: float, placement) -> None:
         self.bundle = build_model(cfg.model)
         warn_low_precision_weights(self.bundle.model)
-        self.config = OmegaConf.to_container(cfg, resolve=True)
+        self.config = redact(OmegaConf.to_container(cfg, resolve=True))  # as checkpoints, results and loggers keep it
         self.checkpoints = StreamCheckpoints(self.out_dir, **cfg.checkpoint)
         self.saved = self.checkpoints.latest_stage()
         #: on a resume, the newest step checkpoint of the task the run continues with
@@ -114,7 +114,7 @@ class StreamRun:
                                    for k, c in (cfg.get("logger") or {}).items()} if is_main() else {})
         if self.saved is not None:  # keep the curves logged up to where this run continues
             self.loggers.continue_from(self.saved["step_offset"] + self.checkpoints.step_of(self.mid_task))
-        self.loggers.log_config({**redact(self.config), "method_name": self.method.name})
+        self.loggers.log_config({**self.config, "method_name": self.method.name})
         self.loaders = TaskLoaders.from_config(cfg.train, self.bundle.tokenizer)
         optimizer, reset_optimizer = optimizer_factory(cfg.optimizer)
         # Evaluation and the methods' passes (Fisher, anchors) run where training runs.

@@ -40,7 +40,7 @@ def main(cfg: DictConfig) -> float | None:
     # torch and Lightning (about 4 s) load only for a run: --help, --cfg and dry_run answer at once
     from cl_bench.distributed import is_main
     from cl_bench.recording.console import one_line_per_bar
-    from cl_bench.recording.hydra_record import discard_backup, restore_record
+    from cl_bench.recording.hydra_record import discard_backup, redact_record, restore_record
     from cl_bench.recording.results import RunRecorder
     from cl_bench.stream_run import StreamRun, in_multirun
 
@@ -55,6 +55,7 @@ def main(cfg: DictConfig) -> float | None:
                 raise
             if subdir is not None and is_main():
                 discard_backup(cfg.paths.output_dir, subdir)
+                redact_record(cfg.paths.output_dir, subdir)  # no secret stays in Hydra's record
             recorder = stream_run.run()
     except Exception as e:
         results = Path(cfg.paths.output_dir) / "results.json"

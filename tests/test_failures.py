@@ -358,3 +358,19 @@ def test_sigterm_stops_a_run_as_stopped_non_zero_unlocked_and_resumable(make_con
     monkeypatch.setattr("cl_bench.config.instantiate", instantiate_with(_SignalAt("never")))
     assert run(cfg, out).status == "finished"
     assert len(json.loads((out / "results.json").read_text())["R"]) == 3
+
+
+@pytest.mark.processes
+def test_a_secret_passed_as_a_setting_is_written_nowhere(tmp_path):
+    """Issue 25.4: +api_token=... was redacted in results.json only; the stage checkpoints, Hydra's
+    .hydra record and the loggers' files held it in plain text."""
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "runners.cl", "model=tiny_llama", "general=none", "logger=csv",
+                           "tasks.order=[arith]", "tasks.num_train=8", "tasks.epochs=1", "eval.max_examples=2",
+                           "+api_token=s3cret-value", f"hydra.run.dir={out}", f"paths.cache_dir={tmp_path / 'cache'}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".pt" for p in files) and (out / ".hydra" / "overrides.yaml").is_file()
+    assert [str(p) for p in files if b"s3cret-value" in p.read_bytes()] == []
+    assert "api_token=<redacted>" in (out / ".hydra" / "overrides.yaml").read_text()

@@ -66,3 +66,30 @@ def restore_record(run_dir: str | Path, subdir: str = ".hydra") -> bool:
 def discard_backup(run_dir: str | Path, subdir: str = ".hydra") -> None:
     record = _record(run_dir, subdir)
     shutil.rmtree(record.with_name(record.name + BACKUP_SUFFIX), ignore_errors=True)
+
+
+def redact_record(run_dir: str | Path, subdir: str = ".hydra") -> None:
+    """Hide secret-looking settings (``+api_token=...``, see cl_bench/recording/results.py) in the
+    record Hydra wrote: config.yaml's values and the overrides in overrides.yaml and hydra.yaml."""
+    import yaml
+
+    from cl_bench.files import atomic_write
+    from cl_bench.recording.results import redact, redact_override
+    record = _record(run_dir, subdir)
+    for name in ("config.yaml", "overrides.yaml", "hydra.yaml"):
+        path = record / name
+        if not path.is_file():
+            continue
+        data = yaml.safe_load(path.read_text())
+        if name == "config.yaml":
+            data = redact(data)
+        elif name == "overrides.yaml":
+            data = [redact_override(o) for o in data or []]
+        else:
+            overrides = data.get("hydra", {}).get("overrides", {})
+            for group in ("task", "hydra"):
+                overrides[group] = [redact_override(o) for o in overrides.get(group) or []]
+            job = data.get("hydra", {}).get("job", {})
+            if job.get("override_dirname"):
+                job["override_dirname"] = ",".join(redact_override(o) for o in job["override_dirname"].split(","))
+        atomic_write(path, yaml.safe_dump(data, sort_keys=False))

@@ -32,6 +32,12 @@ def redact(obj: Any) -> Any:
     return obj
 
 
+def redact_override(override: str) -> str:
+    """A command-line override (``+api_token=...``) with a secret-looking key's value hidden."""
+    key, sep, _ = override.partition("=")
+    return f"{key}={REDACTED}" if sep and _SECRET_KEY.search(key.lstrip("+~").rsplit(".", 1)[-1]) else override
+
+
 class RunRecorder:
     """Collects the score matrix and timings of a run and writes them after every stage."""
 
