@@ -29,6 +29,7 @@ from cl_bench.config import build, build_stream, optimizer_factory, validate_run
 from cl_bench.data.batching import check_every_task_trains, layout
 from cl_bench.data.loaders import TaskLoaders
 from cl_bench.data.tasks import Task, TaskStream, training_plan
+from cl_bench.data.token_cache import stream_fingerprint
 from cl_bench.distributed import barrier, is_main, rank, start_processes, world_size
 from cl_bench.errors import ConfigError, as_stop, stop_on_signals
 from cl_bench.files import RunDirLock
@@ -98,12 +99,13 @@ class StreamRun:
         self.bundle = build_model(cfg.model)
         warn_low_precision_weights(self.bundle.model)
         self.config = redact(OmegaConf.to_container(cfg, resolve=True))  # as checkpoints, results and loggers keep it
+        #: what a resume must find unchanged: the settings and the stream's data
+        self.resume_key = {**self.config, "data_sha256": stream_fingerprint(self.stream)}
         self.checkpoints = StreamCheckpoints(self.out_dir, **cfg.checkpoint)
         self.saved = self.checkpoints.latest_stage()
-        #: on a resume, the newest step checkpoint of the task the run continues with
-        self.mid_task: Path | None = None
+        self.mid_task: Path | None = None  # on a resume, the newest step checkpoint of the task it continues
         if self.saved is not None:
-            self.checkpoints.check_resumable(self.saved, self.config)
+            self.checkpoints.check_resumable(self.saved, self.resume_key)
             self.mid_task = self.checkpoints.latest_step(self.saved["tasks_done"])
         self.recorder = RunRecorder(self.out_dir, self.config, self.stream.names, [t.metric for t in self.stream],
                                     writes=is_main(), trained=[t.name for t in self.training],
@@ -186,7 +188,6 @@ class StreamRun:
         console.print(Rule(f"Task {i + 1}/{len(self.training)}: {task.name} ({len(task.train)} examples, "
                            f"{task.epochs} epoch(s), metric {task.metric})"))
         self.module.begin_task(task.name)
-        t = time.perf_counter()
         with self.module.precision_context():
             self.method.on_task_start(self.module, task, i)
         step_checkpoint = self.checkpoints.step_callback(i, self.loggers.save)
@@ -209,11 +210,10 @@ class StreamRun:
             self.recorder.add_continual(self.evaluator.take_points())
         with self.module.precision_context():
             self.method.on_task_end(self.module, task, i)
-        extra = self.method.after_task_epoch(task, i)
-        if extra:
+        if extra := self.method.after_task_epoch(task, i):
             self.train_after_task_epoch(task, i, extra)
         self.recorder.method_report = self.method.report()
-        self.recorder.add_train_time(time.perf_counter() - t)
+        self.recorder.add_train_time(self.module.task_seconds())  # a resumed task's earlier seconds too
 
     def train_after_task_epoch(self, task: Task, i: int, examples: list) -> None:
         """One epoch over ``examples`` after task ``i``'s fit (TRACE's replay epoch); a resume repeats it."""
@@ -268,7 +268,7 @@ class StreamRun:
             "method": self.method.state_dict(), "recorder": self.recorder.state_dict(),
             "step_offset": self.module.step_offset, "optimizer": self.module.optimizer_state(),
             "rng": rng_state(), "run_ids": self.loggers.run_ids(),
-            "config": self.checkpoints.comparable(self.config),
+            "config": self.checkpoints.comparable(self.resume_key),
         }
 
     def _evaluate_general(self) -> None:

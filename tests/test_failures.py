@@ -374,3 +374,27 @@ def test_a_secret_passed_as_a_setting_is_written_nowhere(tmp_path):
     assert any(p.suffix == ".pt" for p in files) and (out / ".hydra" / "overrides.yaml").is_file()
     assert [str(p) for p in files if b"s3cret-value" in p.read_bytes()] == []
     assert "api_token=<redacted>" in (out / ".hydra" / "overrides.yaml").read_text()
+
+
+def test_a_resume_refuses_changed_data_and_lists_every_changed_setting(make_config, tmp_path):
+    """Issue 25.4-5: the stream's data is part of what a resume compares (its digest); every
+    difference is listed (the list was cut at 10 without saying so)."""
+    data = write_stream(tmp_path / "data", {"A": 4, "B": 4})
+    tasks = "[{name: A, metric: accuracy, max_new_tokens: 4}, {name: B, metric: accuracy, max_new_tokens: 4}]"
+    cfg = make_config("model=tiny_llama", "tasks=custom", f"tasks.data_dir={data}", f"tasks.tasks={tasks}",
+                      "checkpoint.every_n_steps=1", tiny=False)
+    run(cfg, cfg.paths.output_dir)
+    (data / "B" / "train.json").write_text(json.dumps([{"prompt": "changed?", "answer": "1"}] * 4))
+    with pytest.raises(ConfigError, match=r"these 1 settings differ from the run's checkpoint \(the stream's data "
+                                          r"files changed\): data_sha256"):
+        run(cfg, cfg.paths.output_dir)
+    many = [f"optimizer.lr=0.0{k}" for k in (2,)] + ["eval.temperature=0.5", "eval.top_p=0.9", "train.max_ans_len=9",
+            "train.max_prompt_len=99", "eval.batch_size=3", "seed=7", "optimizer.weight_decay=0.1",
+            "scheduler.warmup_steps=2", "eval.max_new_tokens=3", "optimizer.eps=0.001"]
+    changed = make_config("model=tiny_llama", "tasks=custom", f"tasks.data_dir={data}", f"tasks.tasks={tasks}",
+                          "checkpoint.every_n_steps=1", *many, tiny=False)
+    with pytest.raises(ConfigError) as refused:
+        run(changed, cfg.paths.output_dir)
+    message = str(refused.value)  # the 11 settings, the data's digest and the run name (it holds the seed)
+    assert "these 14 settings differ" in message and "run_name (" in message and "paths.output_dir" not in message
+    assert all(f"{o.split('=')[0]} (" in message for o in many) and "data_sha256" in message

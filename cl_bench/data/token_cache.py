@@ -63,3 +63,12 @@ def cached_encoding(cache_dir: str | Path, key: str, encode: Callable[[], Encode
     items = encode()
     atomic_write(path, lambda tmp: torch.save(_pack(items), tmp))
     return items
+
+
+def stream_fingerprint(stream) -> str:
+    """A digest of every task's name and examples in every split: a resume refuses data that changed."""
+    h = hashlib.sha256()
+    for task in stream:
+        h.update(json.dumps([task.name, {split: [[e.prompt, e.answer] for e in examples]
+                                         for split, examples in sorted(task.splits.items())}]).encode())
+    return h.hexdigest()

@@ -143,10 +143,11 @@ class StreamCheckpoints:
         """Refuse to resume from ``saved`` (a stage checkpoint) under settings that differ from its own."""
         before, after = saved["config"], self.comparable(config)
         changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
-        if changed:
+        if changed:  # every difference, none left out
+            data = " (the stream's data files changed)" if "data_sha256" in changed else ""
             raise ConfigError(
-                f"cannot resume {self.dir.parent}: these settings differ from the run's checkpoint: "
-                + ", ".join(f"{k} ({before.get(k)!r} -> {after.get(k)!r})" for k in changed[:10])
+                f"cannot resume {self.dir.parent}: these {len(changed)} settings differ from the run's checkpoint{data}: "
+                + ", ".join(f"{k} ({before.get(k)!r} -> {after.get(k)!r})" for k in changed)
             )
 
     def step_callback(self, task_index: int, before_save=None) -> "StepCheckpoint | None":

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
@@ -78,6 +79,7 @@ class CLModule(LightningModule):
         #: where the model lives between fits (Lightning moves it to the CPU when a fit ends)
         self.home_device = torch.device(device)
         self.task_name = ""
+        self.task_started, self.task_seconds_before = time.perf_counter(), 0.0
         #: optimizer steps of the tasks finished before the current one
         self.step_offset = 0
         self.reset_optimizer = reset_optimizer
@@ -95,8 +97,13 @@ class CLModule(LightningModule):
         self.micro_batches_per_step, self.micro_batch_in_step = 1, 0
 
     def begin_task(self, name: str) -> None:
-        """The next fit trains task ``name`` (named in errors, e.g. a non-finite loss)."""
+        """The next fit trains task ``name`` (named in errors, e.g. a non-finite loss); its clock starts."""
         self.task_name = name
+        self.task_started, self.task_seconds_before = time.perf_counter(), 0.0
+
+    def task_seconds(self) -> float:
+        """Seconds spent on the current task, those before a resume included (step checkpoints carry them)."""
+        return self.task_seconds_before + time.perf_counter() - self.task_started
 
     def resume_stream(self, step_offset: int) -> None:
         """Continue the stream's step axis of a resumed run after its ``step_offset`` finished steps."""
@@ -172,9 +179,12 @@ class CLModule(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Mid-task checkpoints also carry the RNG states, so a resumed task draws what it would have."""
         checkpoint["rng"] = rng_state()
+        checkpoint["task_seconds"] = self.task_seconds()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         set_rng_state(checkpoint["rng"])
+        # the task's seconds up to the checkpoint stand in for this process's own before the fit
+        self.task_seconds_before = checkpoint.get("task_seconds", 0.0) - (time.perf_counter() - self.task_started)
 
     def log_metrics(self, metrics: dict[str, float]) -> None:
         """Send metrics to the run's loggers at the current stream step (methods use this too)."""
