@@ -70,7 +70,7 @@ class RunDirLock:
     A second run into a held dir is refused, naming the holder. A lock is stale, and taken over
     with a warning, when its process is gone: on this host, no process has its pid, or the one that
     has it started at another time or before another boot (a pid reused, say after a container
-    restart; this process's own pid in a lock it never took is such a case). A lock of another
+    restart, this process's own pid included). A lock of another
     host is never taken over: the refusal says to delete it by hand once that run is known gone.
     Released on exit.
     """
@@ -103,16 +103,16 @@ class RunDirLock:
             return False  # no process named: a garbage lock
         if holder.get("host") != socket.gethostname():
             return True  # another machine's process cannot be checked from here
-        if pid == os.getpid():
-            return False  # this process never took it: a lock from before a restart
+        recorded = {k: holder[k] for k in ("boot", "started") if k in holder}
+        if pid == os.getpid() and not recorded:
+            return False  # this process's pid in a lock without its start: from before a restart
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
             return False
         except PermissionError:
             pass
-        recorded = {k: holder[k] for k in ("boot", "started") if k in holder}
-        return not recorded or cls._identity(pid) == recorded
+        return not recorded or cls._identity(pid) == recorded  # a pid reused by a later process: stale
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

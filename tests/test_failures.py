@@ -113,21 +113,23 @@ def test_a_killed_holder_leaves_a_stale_lock_that_the_next_run_takes_over(make_c
 
 
 def test_stale_locks_are_told_by_more_than_the_pid(tmp_path, caplog):
-    """Issue 25.4: a lock holding this process's own pid (written before a container restart) or a
-    live pid whose process started at another time (the pid reused) is stale; a live holder with
-    the recorded start, or a lock of another host, is refused, saying how to take it over by hand."""
+    """Issue 25.4: a lock holding this process's own pid from before a restart (another start time,
+    or none recorded) or a live pid whose process started at another time (the pid reused) is stale;
+    a live holder with the recorded start (this process too), or a lock of another host, is refused,
+    saying how to take it over by hand."""
     import socket
     lock = RunDirLock(tmp_path)
     me = {"pid": os.getpid(), "host": socket.gethostname(), **RunDirLock._identity(os.getpid())}
     assert me.get("started")  # /proc is there on this machine
-    for stale in ({**me}, {"pid": os.getppid(), "host": me["host"], "boot": me["boot"], "started": "1"},
+    for stale in ({**me, "started": "1"}, {"pid": os.getpid(), "host": me["host"]},
+                  {"pid": os.getppid(), "host": me["host"], "boot": me["boot"], "started": "1"},
                   {"pid": os.getppid(), "host": me["host"], "boot": "another boot", "started": "1"}):
         lock.path.write_text(json.dumps(stale))
         lock.acquire()
         assert json.loads(lock.path.read_text()) == me and "taking over the stale lock" in caplog.text
         lock.release()
     parent = {"pid": os.getppid(), "host": me["host"], **RunDirLock._identity(os.getppid())}
-    for live in (parent, {"pid": 1, "host": "another-host"}):
+    for live in (parent, me, {"pid": 1, "host": "another-host"}):  # me: this process holds it
         lock.path.write_text(json.dumps(live))
         with pytest.raises(RunDirInUse, match=f"if that process is known to be gone, delete {lock.path}"):
             lock.acquire()
@@ -194,9 +196,9 @@ def test_a_folder_named_like_a_split_is_not_called_missing(tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("seed=abc", "seed must be an integer >= 0, got 'abc'"),
-    ("seed=-5", "seed must be an integer >= 0, got -5"),
-    ("seed=1.5", "seed must be an integer >= 0, got 1.5"),
+    ("seed=abc", "seed must be an integer in \\[0, 4294967295\\], got 'abc'"),
+    ("seed=-5", "seed must be an integer in \\[0, 4294967295\\], got -5"),
+    ("seed=1.5", "seed must be an integer in \\[0, 4294967295\\], got 1.5"),
 ])
 def test_bad_seeds_are_named_at_start(make_config, override, message):
     cfg = make_config(override)

@@ -362,7 +362,8 @@ def test_resume_refuses_changed_settings(tmp_path, cache_dir):
     out = _run([*TINY_RUN, "tasks.order=[arith]", "optimizer.lr=0.5", f"resume={run_dir}",
                 f"hydra.run.dir={tmp_path / 'log'}"], check=False)
     assert out.returncode != 0
-    assert f"cannot resume {run_dir}: these settings differ" in out.stderr and "optimizer.lr (0.0001 -> 0.5)" in out.stderr
+    assert re.search(f"cannot resume {run_dir}: these \\d+ settings differ", out.stderr)
+    assert "optimizer.lr (0.0001 -> 0.5)" in out.stderr
 
 
 @pytest.mark.processes
