@@ -44,8 +44,12 @@ def sweep_jobs(sweep_dir: str | Path, since: float = 0.0) -> list[dict[str, Any]
         if record.stat().st_mtime < since:
             continue
         job = json.loads(record.read_text())
-        if not any(r["dir"] == job["dir"] and r["status"] != "finished" for r in rows):
-            rows.append({"dir": job["dir"], "status": job["status"], "objective": None, "error": job["error"]})
+        row = {"dir": job["dir"], "status": job["status"], "objective": None, "error": job["error"]}
+        unwritten = [i for i, r in enumerate(rows) if r["dir"] == job["dir"] and r["status"] == "no results"]
+        if unwritten:
+            rows[unwritten[0]] = row
+        elif not any(r["dir"] == job["dir"] and r["status"] != "finished" for r in rows):
+            rows.append(row)  # (a finished row of that dir is another job's)
     return rows
 
 
@@ -57,7 +61,7 @@ def _result_rows(sweep_dir: str | Path, since: float) -> list[dict[str, Any]]:
         run_dir = record.parent.parent
         try:
             if (run_dir / "results.json").stat().st_mtime < since:
-                continue  # an earlier run's results: the job of this sweep did not write them (see .jobs)
+                raise ValueError("an earlier run's results: the job of this sweep did not write them (see .jobs)")
             results = json.loads((run_dir / "results.json").read_text())
         except (OSError, ValueError):
             rows.append({"dir": str(run_dir), "status": "no results", "objective": None, "error": None})
