@@ -19,7 +19,7 @@ from typing import Any, NamedTuple, Sequence
 
 import torch
 
-from cl_bench.errors import ConfigError, check_flag, check_number
+from cl_bench.errors import ConfigError, check_number
 from cl_bench.rng import derive_seed
 
 
@@ -58,9 +58,8 @@ def steps_per_epoch(examples: int, batch_size: int, drop_last: bool, world_size:
 def check_every_task_trains(tasks: Sequence, train: Any, world_size: int = 1) -> None:
     """Refuse, before anything loads, a run in which some task would take no optimizer step (it would
     end "finished" with nothing learnt, its BWT reading as perfect retention), or that has no task.
-    ``train``: the run's ``train`` settings (``batch_size``, ``drop_last``)."""
-    batch_size = check_number(train.batch_size, "train.batch_size", integer=True, low=1)
-    drop_last = check_flag(train.get("drop_last", False), "train.drop_last")
+    ``train``: the run's ``train`` settings (``batch_size``, ``drop_last``), checked already."""
+    batch_size, drop_last = train.batch_size, train.get("drop_last", False)
     if not tasks:
         raise ConfigError("the stream has no task to train (tasks.order, tasks.subset or the data dir selects none)")
     for task in tasks:

@@ -38,18 +38,23 @@ NOT_RESULT_KEYS = ("seed", "method.seed", "run_name", "run_group", "objective", 
                    "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.log_every_n_steps")
 
 
-def result_settings(config: dict, prefix: str = "") -> dict[str, Any]:
-    """The resolved config as dotted keys, less :data:`NOT_RESULT_KEYS`: what decides a run's result."""
+def flat_settings(config: dict, leave_out: Iterable[str] = (), prefix: str = "") -> dict[str, Any]:
+    """A config tree as dotted keys, less ``leave_out`` (a dotted key covers everything below it)."""
     out: dict[str, Any] = {}
     for key, value in config.items():
         dotted = f"{prefix}{key}"
-        if any(dotted == k or dotted.startswith(k + ".") for k in NOT_RESULT_KEYS):
+        if any(dotted == k or dotted.startswith(k + ".") for k in leave_out):
             continue
-        if isinstance(value, dict) and value:
-            out.update(result_settings(value, dotted + "."))
+        if isinstance(value, dict):
+            out.update(flat_settings(value, leave_out, dotted + "."))
         else:
             out[dotted] = value
     return out
+
+
+def result_settings(config: dict) -> dict[str, Any]:
+    """The resolved config as dotted keys, less :data:`NOT_RESULT_KEYS`: what decides a run's result."""
+    return flat_settings(config, NOT_RESULT_KEYS)
 
 
 @dataclass

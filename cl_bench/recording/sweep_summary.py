@@ -59,11 +59,12 @@ def _result_rows(sweep_dir: str | Path, since: float) -> list[dict[str, Any]]:
         if record.stat().st_mtime < since:
             continue
         run_dir = record.parent.parent
-        try:
-            if (run_dir / "results.json").stat().st_mtime < since:
-                raise ValueError("an earlier run's results: the job of this sweep did not write them (see .jobs)")
-            results = json.loads((run_dir / "results.json").read_text())
+        file = run_dir / "results.json"
+        try:  # a results.json older than the sweep is an earlier run's: this job wrote none (see .jobs)
+            results = json.loads(file.read_text()) if file.stat().st_mtime >= since else None
         except (OSError, ValueError):
+            results = None
+        if results is None:
             rows.append({"dir": str(run_dir), "status": "no results", "objective": None, "error": None})
             continue
         objective = (results.get("config") or {}).get("objective", "op")

@@ -30,6 +30,7 @@ from omegaconf import OmegaConf
 from cl_bench.distributed import is_main
 from cl_bench.errors import ConfigError
 from cl_bench.files import atomic_write
+from cl_bench.recording.comparison import flat_settings
 
 log = logging.getLogger(__name__)
 CHECKPOINT_DIR = "checkpoints"
@@ -135,9 +136,7 @@ class StreamCheckpoints:
     @staticmethod
     def comparable(config: dict[str, Any]) -> dict[str, Any]:
         """The settings that decide a run's results (what a resume must not change), flattened."""
-        flat = _flatten(config)
-        return {k: v for k, v in flat.items()
-                if not any(k == p or k.startswith(p + ".") for p in RESUMABLE_CHANGES)}
+        return flat_settings(config, RESUMABLE_CHANGES)
 
     def check_resumable(self, saved: dict[str, Any], config: dict[str, Any]) -> None:
         """Refuse to resume from ``saved`` (a stage checkpoint) under settings that differ from its own."""
@@ -171,15 +170,6 @@ class StepCheckpoint(Callback):
         if self.before_save is not None:
             self.before_save()
         self.checkpoints.save_step(trainer, self.task_index)
-
-
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        out: dict[str, Any] = {}
-        for k, v in tree.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: tree}
 
 
 def run_dir(cfg, out_dir: str | Path) -> Path:
