@@ -17,9 +17,11 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from cl_bench.errors import ConfigError, RunDirInUse
+from cl_bench.override_keys import suggest_closest_keys
 
 log = logging.getLogger(__name__)
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"  # absolute: main also runs as runners.cl.main
+suggest_closest_keys()  # optimzer.lr=... names optimizer.lr, not Hydra's "+optimzer.lr"
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")

@@ -81,6 +81,25 @@ def test_cli_unknown_option_names_the_group():
     assert "Could not find 'method/nope'" in proc.stderr
 
 
+def test_a_key_typo_names_the_closest_existing_key_in_one_line():
+    """Issue 25.3: Hydra suggested `+optimzer.lr=0.1` (a key nothing reads); the error names optimizer.lr."""
+    proc = subprocess.run([sys.executable, "-m", "runners.cl", "--cfg", "job", "method=ewc", "optimzer.lr=0.1",
+                           "method.lamdba=2"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    first = proc.stderr.splitlines()[0]
+    assert first.startswith("no setting 'optimzer.lr' in the config") and "did you mean 'optimizer.lr'" in first
+    assert "e.g. optimizer.lr=0.1" in first and "Key 'optimzer' is not in struct" not in proc.stderr
+
+
+def test_unknown_key_message_prefers_keys_of_the_same_depth():
+    from cl_bench.override_keys import unknown_key_message
+    keys = ["method", "model", "method.lambda_", "method.gamma", "hydra.job", "hydra.job.num", "seed"]
+    assert "did you mean 'method.lambda_'" in unknown_key_message("method.lamdba=2", "method.lamdba", keys)
+    assert "did you mean 'method' or 'model'?" in unknown_key_message("metod=ewc", "metod", keys)
+    assert "hydra" not in unknown_key_message("job=1", "job", keys).split("+")[0]
+    assert "--cfg job" in unknown_key_message("zzzqqq=1", "zzzqqq", keys)
+
+
 def test_help_lists_the_groups_and_the_commands_without_a_config_dump():
     proc = subprocess.run([sys.executable, "-m", "runners.cl", "--help"], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
