@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from cl_bench.data.tasks import SPLITS
 from cl_bench.evaluation.cl_metrics import CL_METRICS
 from cl_bench.errors import ConfigError, check_choice, check_flag, check_number
+from cl_bench.files import check_writable_dir
 
 
 def build(node: DictConfig, **kwargs):
@@ -65,7 +66,8 @@ def _get(cfg: DictConfig, key: str):
 
 
 def validate_run_config(cfg: DictConfig) -> None:
-    """Every numeric setting of the run outside the plugins (which check their own), by key."""
+    """Every setting of the run outside the plugins (which check their own), by key: ranges, flags,
+    the optimizer, and that the token cache can be written."""
     checks = {
         "seed": dict(integer=True, low=0, high=2 ** 32 - 1),  # Lightning's (numpy's) seed range
         "optimizer.lr": dict(low=0, low_open=True),
@@ -96,6 +98,8 @@ def validate_run_config(cfg: DictConfig) -> None:
     objectives = ["op"] if cfg.tasks.get("joint", False) else list(CL_METRICS)
     check_choice(cfg.get("objective", "op"), objectives, "objective")
     check_optimizer(cfg.optimizer)
+    if cfg.train.get("token_cache"):
+        check_writable_dir(cfg.train.token_cache, "train.token_cache")
 
 
 def check_optimizer(node: DictConfig) -> None:

@@ -7,6 +7,7 @@ the same kind of message: the key (or file and record) at fault, what it must be
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import signal
 import threading
@@ -31,6 +32,15 @@ class StoppedBySignal(SystemExit):
 
     def __str__(self) -> str:
         return f"stopped by signal {signal.Signals(self.signum).name}"
+
+
+#: errors of the disk, not of the program: a full disk (or quota), a read-only or foreign folder
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+def is_user_error(error: BaseException) -> bool:
+    """An error the user fixes (bad input, a full or read-only disk): one line says it all."""
+    return isinstance(error, ConfigError) or (isinstance(error, OSError) and error.errno in DISK_ERRNOS)
 
 
 def as_stop(error: BaseException) -> StoppedBySignal | None:

@@ -9,6 +9,7 @@ import os
 import shutil
 import socket
 import time
+import traceback
 from pathlib import Path
 from typing import Callable
 
@@ -48,6 +49,9 @@ def atomic_write(path: str | Path, content: str | bytes | Callable[[Path], None]
     except Exception as e:
         full = not isinstance(e, OSError) and _nearly_full(path.parent)
         _remove(tmp)
+        # the writer's frames hold the removed file open (its space not freed) as long as the error
+        # lives: freed now, so that results.json can still record the failure on a full disk
+        _release_frames(e)
         if full:  # e.g. torch's "unexpected pos" when its zip writer hits a full disk
             raise OSError(errno.ENOSPC, f"no space left on the device of {path.parent} while writing {path.name}") from e
         raise
@@ -55,6 +59,32 @@ def atomic_write(path: str | Path, content: str | bytes | Callable[[Path], None]
         _remove(tmp)
         raise
     return path
+
+
+def _release_frames(error: BaseException | None) -> None:
+    """Clear the local variables of every finished frame in ``error``'s chain (its tracebacks stay)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        traceback.clear_frames(error.__traceback__)
+        error = error.__cause__ or error.__context__
+
+
+def check_writable_dir(path: str | Path, what: str) -> Path:
+    """``path`` created if needed and written to once (a file made and removed), or a ConfigError
+    naming ``what`` (a config key or "run dir") and the system's reason: a read-only or full disk, or
+    a folder of another user, refused before anything is loaded rather than at the first write."""
+    folder = Path(path).expanduser()
+    probe = folder / f".write-check.tmp{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"0")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"{what} {folder} is not writable ({e.strerror or e}); choose another folder "
+                          f"or free or unlock this one") from None
+    return folder
 
 
 def _nearly_full(folder: Path, margin: int = 1 << 20) -> bool:
@@ -115,7 +145,7 @@ class RunDirLock:
         return not recorded or cls._identity(pid) == recorded  # a pid reused by a later process: stale
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        check_writable_dir(self.path.parent, "run dir")  # its own error, not a PermissionError on .lock
         for _ in range(3):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)

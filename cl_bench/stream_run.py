@@ -90,6 +90,12 @@ class StreamRun:
         if is_main():
             self.lock.acquire()  # released by close(); the other processes of this run share the dir
         try:
+            self.config = redact(OmegaConf.to_container(cfg, resolve=True))  # as checkpoints, results and loggers keep it
+            #: what a resume must find unchanged: the settings and the stream's data
+            self.resume_key = {**self.config, "data_sha256": stream_fingerprint(self.stream)}
+            self.checkpoints = StreamCheckpoints(self.out_dir, **cfg.checkpoint)
+            # a resume's stage and, within the next task, step checkpoint: refused if changed, before the model loads
+            self.saved, self.mid_task = self.checkpoints.resume_point(self.resume_key)
             self._build(cfg, t0, placement)
         except BaseException:
             self.close()
@@ -98,15 +104,6 @@ class StreamRun:
     def _build(self, cfg: DictConfig, t0: float, placement) -> None:
         self.bundle = build_model(cfg.model)
         warn_low_precision_weights(self.bundle.model)
-        self.config = redact(OmegaConf.to_container(cfg, resolve=True))  # as checkpoints, results and loggers keep it
-        #: what a resume must find unchanged: the settings and the stream's data
-        self.resume_key = {**self.config, "data_sha256": stream_fingerprint(self.stream)}
-        self.checkpoints = StreamCheckpoints(self.out_dir, **cfg.checkpoint)
-        self.saved = self.checkpoints.latest_stage()
-        self.mid_task: Path | None = None  # on a resume, the newest step checkpoint of the task it continues
-        if self.saved is not None:
-            self.checkpoints.check_resumable(self.saved, self.resume_key)
-            self.mid_task = self.checkpoints.latest_step(self.saved["tasks_done"])
         self.recorder = RunRecorder(self.out_dir, self.config, self.stream.names, [t.metric for t in self.stream],
                                     writes=is_main(), trained=[t.name for t in self.training],
                                     continual=self.continual)
@@ -178,7 +175,7 @@ class StreamRun:
         self.module.resume_stream(saved["step_offset"])
         self.module.load_optimizer_state(saved.get("optimizer"))
         set_rng_state(saved["rng"])
-        console.print(Rule(f"Resuming {self.out_dir} after {saved['tasks_done']} of {len(self.training)} tasks"))
+        log.info("Resuming %s after %d of %d tasks", self.out_dir, saved["tasks_done"], len(self.training))
         return saved["tasks_done"]
 
     def train_task(self, i: int) -> None:

@@ -16,7 +16,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from cl_bench.errors import ConfigError, RunDirInUse
+from cl_bench.errors import ConfigError, RunDirInUse, is_user_error
 from cl_bench.override_keys import suggest_closest_keys
 
 log = logging.getLogger(__name__)
@@ -64,19 +64,22 @@ def main(cfg: DictConfig) -> float | None:
         # it failed before its recorder existed (never into a dir that another run holds)
         if is_main() and not results.exists() and not isinstance(e, RunDirInUse):
             config = OmegaConf.to_container(cfg, resolve=False)
-            RunRecorder(cfg.paths.output_dir, config, [], []).write(status="failed", error=f"{type(e).__name__}: {e}")
+            try:
+                RunRecorder(cfg.paths.output_dir, config, [], []).write(status="failed", error=f"{type(e).__name__}: {e}")
+            except OSError as unwritable:  # the dir's disk is the problem: its error must not hide the first
+                log.error("could not record the failure in %s: %s", results, unwritable.strerror or unwritable)
         if not in_multirun():
-            if isinstance(e, ConfigError) and not os.environ.get("HYDRA_FULL_ERROR"):
+            if is_user_error(e) and not os.environ.get("HYDRA_FULL_ERROR"):
                 print(f"Error: {e}", file=sys.stderr)
                 sys.exit(1)
             raise
         hydra_cfg = HydraConfig.get()
+        outcome = "refused" if isinstance(e, ConfigError) else "failed"
         if is_main():  # a row of the sweep's table even where the dir's results.json is another run's
             from cl_bench.recording.sweep_summary import record_job_end
-            record_job_end(hydra_cfg.sweep.dir, hydra_cfg.job.num, cfg.paths.output_dir,
-                           "refused" if isinstance(e, ConfigError) else "failed", f"{type(e).__name__}: {e}")
-        if isinstance(e, ConfigError):  # it names the key or file: one line is enough
-            log.error("job %s refused: %s; the sweep goes on", hydra_cfg.job.num, e)
+            record_job_end(hydra_cfg.sweep.dir, hydra_cfg.job.num, cfg.paths.output_dir, outcome, f"{type(e).__name__}: {e}")
+        if is_user_error(e):  # it names the key, file or disk: one line is enough
+            log.error("job %s %s: %s; the sweep goes on", hydra_cfg.job.num, outcome, e)
         else:
             log.exception("job %s failed; the sweep goes on", hydra_cfg.job.num)
         return float("nan")
@@ -86,6 +89,8 @@ def main(cfg: DictConfig) -> float | None:
 if __name__ == "__main__":
     # Call the importable module's main, not this __main__ copy: the joblib launcher pickles the
     # task function, which works by reference only for a function of an importable module.
+    from cl_bench.recording.hydra_record import with_run_overrides
     from runners.cl import main as importable_main
 
+    sys.argv = with_run_overrides(sys.argv)  # resume=<run dir> alone continues that run as it was started
     importable_main()

@@ -245,6 +245,24 @@ def test_a_refused_rerun_leaves_the_runs_hydra_record_as_it_was(tmp_path):
     assert refused.returncode == 1 and "cannot resume" in refused.stderr and "optimizer.lr" in refused.stderr
     assert (out / ".hydra" / "config.yaml").read_text() == record
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".hydra")) == [".hydra"]
+    # resume=<dir> alone is the run's own command (issue 25.5): it once ran the defaults and was refused
+    alone = subprocess.run([sys.executable, "-m", "runners.cl", f"resume={out}"], cwd=ROOT, capture_output=True,
+                           text=True, timeout=300)
+    assert alone.returncode == 0, alone.stderr[-2000:]
+    assert "Resuming" in alone.stdout and json.loads((out / "results.json").read_text())["status"] == "finished"
+    assert "Resuming" in (out / "cl.log").read_text()  # the run's own log goes on
+    assert not list(ROOT.glob(f"outputs/*/*{out.name}*"))
+
+
+def test_resume_alone_reads_the_runs_recorded_command_and_lets_settings_given_now_win(tmp_path):
+    from cl_bench.recording.hydra_record import with_run_overrides
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "overrides.yaml").write_text("- method=ewc\n- +api_token=***\n- resume=/old\n- seed=3\n")
+    argv = ["cl.py", f"resume={tmp_path}", "seed=4", "+api_token=secret"]
+    assert with_run_overrides(argv) == ["cl.py", "method=ewc", *argv[1:], f"hydra.run.dir={tmp_path}"]
+    for unchanged in (["cl.py", "-m", f"resume={tmp_path}"], ["cl.py", f"resume={tmp_path}", "hydra.run.dir=x"],
+                      ["cl.py", f"resume={tmp_path / 'none'}"], ["cl.py", "seed=1"]):
+        assert with_run_overrides(unchanged) == unchanged
 
 
 def test_a_full_disk_is_named_instead_of_the_writers_own_message(tmp_path, monkeypatch):
@@ -300,6 +318,52 @@ def test_an_unreadable_split_file_is_named_with_the_cause(tmp_path, monkeypatch)
     monkeypatch.setattr(Path, "read_bytes", lambda self: (_ for _ in ()).throw(PermissionError(13, "Permission denied")))
     with pytest.raises(ConfigError, match=f"^{path}: cannot be read \\(Permission denied\\)$"):
         read_split(path)
+
+
+def test_a_failed_write_lets_go_of_the_writers_file_so_the_failure_can_still_be_recorded(tmp_path):
+    """On a full disk torch's zip writer, held by the error's frames, kept the removed temporary
+    open: its space stayed taken and results.json could not say "failed" (the run read "running")."""
+    import weakref
+    from cl_bench.files import atomic_write
+    writers = []
+
+    class ZipWriter:  # like torch's PyTorchFileWriter: the file is open while the object lives
+        def __init__(self, path):
+            self.file = open(path, "wb")
+
+    def save(tmp):
+        writer = ZipWriter(tmp)
+        writers.append(weakref.ref(writer))
+        try:
+            raise RuntimeError("basic_ios::clear: iostream error")
+        finally:
+            writer.file.write(b"end")  # the end-of-archive write of torch's __exit__, failing in turn
+            raise RuntimeError("unexpected pos 142976 vs 142864")
+    try:
+        atomic_write(tmp_path / "stage-004.pt", save)
+    except RuntimeError as e:  # while the error is handled, as when the run records it
+        assert "unexpected pos" in str(e) and writers[0]() is None
+    assert len(writers) == 1 and list(tmp_path.iterdir()) == []
+
+
+def test_unwritable_folders_are_named_by_their_key_before_the_model_loads(make_config, tmp_path, monkeypatch):
+    """A file where a folder must be stands in for a read-only disk (root writes any folder)."""
+    from cl_bench.errors import is_user_error
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setattr("cl_bench.stream_run.build_model", lambda *a, **k: pytest.fail("the model loaded"))
+    cfg = make_config(f"train.token_cache={blocker / 'tokenized'}")
+    with pytest.raises(ConfigError, match=f"^train.token_cache {blocker / 'tokenized'} is not writable"):
+        run(cfg, cfg.paths.output_dir)
+    with pytest.raises(ConfigError, match=f"^run dir {blocker / 'run'} is not writable"):
+        RunDirLock(blocker / "run").acquire()
+    proc = subprocess.run([sys.executable, "-m", "runners.cl", "experiment=smoke", f"hydra.run.dir={blocker / 'run'}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
+        f"Error: hydra.run.dir {blocker / 'run'} is not writable (Not a directory); choose another folder or free or unlock this one"]
+    import errno
+    assert is_user_error(OSError(errno.ENOSPC, "full")) and is_user_error(OSError(errno.EROFS, "ro"))
+    assert not is_user_error(OSError(errno.EIO, "I/O error")) and not is_user_error(RuntimeError("x"))
 
 
 # --- no false "finished" (issue 25.2) ------------------------------------------------------------
@@ -378,15 +442,16 @@ def test_a_secret_passed_as_a_setting_is_written_nowhere(tmp_path):
     assert "api_token=<redacted>" in (out / ".hydra" / "overrides.yaml").read_text()
 
 
-def test_a_resume_refuses_changed_data_and_lists_every_changed_setting(make_config, tmp_path):
+def test_a_resume_refuses_changed_data_and_lists_every_changed_setting(make_config, tmp_path, monkeypatch):
     """Issue 25.4-5: the stream's data is part of what a resume compares (its digest); every
-    difference is listed (the list was cut at 10 without saying so)."""
+    difference is listed (the list was cut at 10 without saying so), before the model loads."""
     data = write_stream(tmp_path / "data", {"A": 4, "B": 4})
     tasks = "[{name: A, metric: accuracy, max_new_tokens: 4}, {name: B, metric: accuracy, max_new_tokens: 4}]"
     cfg = make_config("model=tiny_llama", "tasks=custom", f"tasks.data_dir={data}", f"tasks.tasks={tasks}",
                       "checkpoint.every_n_steps=1", tiny=False)
     run(cfg, cfg.paths.output_dir)
     (data / "B" / "train.json").write_text(json.dumps([{"prompt": "changed?", "answer": "1"}] * 4))
+    monkeypatch.setattr("cl_bench.stream_run.build_model", lambda *a, **k: pytest.fail("the model loaded"))
     with pytest.raises(ConfigError, match=r"these 1 settings differ from the run's checkpoint \(the stream's data "
                                           r"files changed\): data_sha256"):
         run(cfg, cfg.paths.output_dir)

@@ -10,17 +10,31 @@ copy with :func:`discard_backup` otherwise.
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from cl_bench.errors import ConfigError
+from cl_bench.files import check_writable_dir
+
 BACKUP_SUFFIX = ".before-rerun"
 
 
 def _record(run_dir: str | Path, subdir: str) -> Path:
     return Path(run_dir) / subdir
+
+
+def _check_writable(folder: str, key: str) -> None:
+    """A run or sweep dir that cannot be written ends the command here with one line and status 1
+    (Hydra turns a callback's exception into a warning and then fails on its log file, 30 lines)."""
+    try:
+        check_writable_dir(folder, key)
+    except ConfigError as e:
+        print(f"Error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 def _back_up(record: Path) -> None:
@@ -37,10 +51,12 @@ class KeepRunRecord(Callback):
     the same sweep refused in that dir puts back the record of the run that is there)."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _check_writable(config.hydra.run.dir, "hydra.run.dir")  # before Hydra's log file fails in it
         if config.hydra.output_subdir is not None:
             _back_up(_record(config.hydra.run.dir, config.hydra.output_subdir))
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _check_writable(config.hydra.sweep.dir, "hydra.sweep.dir")
         if config.hydra.output_subdir is not None:
             for record in Path(config.hydra.sweep.dir).glob(f"*/{config.hydra.output_subdir}"):
                 _back_up(record)
@@ -93,3 +109,27 @@ def redact_record(run_dir: str | Path, subdir: str = ".hydra") -> None:
             if job.get("override_dirname"):
                 job["override_dirname"] = ",".join(redact_override(o) for o in job["override_dirname"].split(","))
         atomic_write(path, yaml.safe_dump(data, sort_keys=False))
+
+
+def with_run_overrides(argv: list[str]) -> list[str]:
+    """The command line with ``resume=<run dir>`` standing for that run's own command.
+
+    The run's recorded overrides (``<dir>/.hydra/overrides.yaml``) come first and the ones given
+    now after them, so that a setting given now wins and a changed one is refused by the resume
+    check, naming it; Hydra's run dir becomes the run's own, so its ``cl.log`` and record go on.
+    Left as it is: a multirun, a dir without a record, a command that sets ``hydra.run.dir``
+    itself. A redacted secret (``+api_token=...``) is recorded as "***": give it again.
+    """
+    import yaml
+
+    given = [a for a in argv[1:] if not a.startswith("-")]
+    resume = next((a.split("=", 1)[1] for a in given if a.startswith("resume=")), None)
+    if resume is None or {"-m", "--multirun"} & set(argv) or any(a.startswith("hydra.run.dir=") for a in given):
+        return argv
+    record = Path(resume).expanduser() / ".hydra" / "overrides.yaml"
+    if not record.is_file():
+        return argv
+    key = lambda override: override.split("=", 1)[0].lstrip("+~")  # noqa: E731
+    keys_given = {key(a) for a in given}
+    recorded = [o for o in yaml.safe_load(record.read_text()) or [] if key(o) not in keys_given | {"resume"}]
+    return [argv[0], *recorded, *argv[1:], f"hydra.run.dir={Path(resume).expanduser()}"]

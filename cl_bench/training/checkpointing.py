@@ -118,6 +118,16 @@ class StreamCheckpoints:
             )
         return None
 
+    def resume_point(self, resume_key: dict[str, Any]) -> tuple[dict[str, Any] | None, Path | None]:
+        """Where a run in this dir continues: the newest readable stage (refused when its settings or
+        data differ from ``resume_key``) and the newest step checkpoint of the task after it;
+        (None, None) for a new run."""
+        saved = self.latest_stage()
+        if saved is None:
+            return None, None
+        self.check_resumable(saved, resume_key)
+        return saved, self.latest_step(saved["tasks_done"])
+
     @staticmethod
     def step_of(path: Path | None) -> int:
         """The optimizer step (within its task) a step checkpoint was taken at; 0 for None."""
