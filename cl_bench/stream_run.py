@@ -26,13 +26,14 @@ from omegaconf import DictConfig, OmegaConf
 from rich.rule import Rule
 
 from cl_bench.config import build, build_stream, optimizer_factory, validate_run_config
-from cl_bench.data.batching import check_every_task_trains, layout
+from cl_bench.data.batching import check_every_task_trains, layout, task_steps
 from cl_bench.data.loaders import TaskLoaders
 from cl_bench.data.tasks import Task, TaskStream, training_plan
 from cl_bench.data.token_cache import stream_fingerprint
 from cl_bench.distributed import barrier, is_main, rank, start_processes, world_size
 from cl_bench.errors import ConfigError, as_stop, stop_on_signals
 from cl_bench.files import RunDirLock
+from cl_bench.progress import activity, doing, heartbeat, work_summary
 from cl_bench.evaluation.continual import ContinualEvaluator, ContinualSettings
 from cl_bench.evaluation.general_ability import GeneralAbility
 from cl_bench.evaluation.generation import GenerationConfig, evaluate_stream
@@ -58,21 +59,15 @@ class StreamRun:
     """Everything one run holds: config, method, stream, model, module, recorder, loggers, checkpoints."""
 
     def __init__(self, cfg: DictConfig, out_dir: str | Path):
-        """Check the settings, start the processes (DDP), build the run; nothing is trained yet.
-
-        Bad settings fail here, before the model loads, with an error that names the key.
-        """
+        """Check the settings (bad ones fail here, naming the key, before the model loads), start the
+        processes (DDP), build the run; nothing is trained yet."""
         validate_run_config(cfg)
         seed_everything(cfg.seed, workers=True, verbose=False)
         self.cfg = cfg
         self.method = build(cfg.method)
         self.method.check_run(cfg)  # its needs of the other groups, before anything loads
-        placement = placement_trainer(cfg)
+        placement = placement_trainer(cfg, multirun=in_multirun())
         _, _, self.accumulate = layout(cfg.train.batch_size, cfg.train.get("micro_batch_size"), placement.world_size)
-        if (placement.world_size > 1 and in_multirun()
-                and not placement.strategy.cluster_environment.creates_processes_externally):
-            raise ConfigError("a local multirun cannot start DDP processes (Lightning re-runs the command line, sweep "
-                              "and all, in each); sweep with hydra/launcher=slurm, which starts every run's processes")
         start_processes(placement)  # from here on, every process runs this run in lockstep
         console.quiet = not is_main()
         t0 = time.perf_counter()
@@ -90,30 +85,38 @@ class StreamRun:
         if is_main():
             self.lock.acquire()  # released by close(); the other processes of this run share the dir
         try:
-            self.config = redact(OmegaConf.to_container(cfg, resolve=True))  # as checkpoints, results and loggers keep it
-            #: what a resume must find unchanged: the settings and the stream's data
-            self.resume_key = {**self.config, "data_sha256": stream_fingerprint(self.stream)}
-            self.checkpoints = StreamCheckpoints(self.out_dir, **cfg.checkpoint)
-            # a resume's stage and, within the next task, step checkpoint: refused if changed, before the model loads
-            self.saved, self.mid_task = self.checkpoints.resume_point(self.resume_key)
+            self._open_records(cfg)
             self._build(cfg, t0, placement)
         except BaseException:
+            if hasattr(self, "loggers"):
+                self.loggers.finalize("failed")
             self.close()
             raise
 
-    def _build(self, cfg: DictConfig, t0: float, placement) -> None:
-        self.bundle = build_model(cfg.model)
-        warn_low_precision_weights(self.bundle.model)
+    def _open_records(self, cfg: DictConfig) -> None:
+        """Before the model loads: the settings the run is recorded under (secrets redacted), where a
+        resume continues (refused if its settings or data changed), the recorder and the loggers
+        (W&B's key checked)."""
+        self.config = redact(OmegaConf.to_container(cfg, resolve=True))  # as checkpoints, results and loggers keep it
+        #: what a resume must find unchanged: the settings and the stream's data
+        self.resume_key = {**self.config, "data_sha256": stream_fingerprint(self.stream)}
+        self.checkpoints = StreamCheckpoints(self.out_dir, **cfg.checkpoint)
+        # a resume's stage checkpoint, and the newest step checkpoint of the task it continues
+        self.saved, self.mid_task = self.checkpoints.resume_point(self.resume_key)
         self.recorder = RunRecorder(self.out_dir, self.config, self.stream.names, [t.metric for t in self.stream],
                                     writes=is_main(), trained=[t.name for t in self.training],
                                     continual=self.continual)
-        self.recorder.set_timing("load_s", time.perf_counter() - t0)
         run_ids = self.saved["run_ids"] if self.saved else {}
         self.loggers = RunLoggers({k: build(c, **({"run_id": run_ids[k]} if k in run_ids else {}))
                                    for k, c in (cfg.get("logger") or {}).items()} if is_main() else {})
         if self.saved is not None:  # keep the curves logged up to where this run continues
             self.loggers.continue_from(self.saved["step_offset"] + self.checkpoints.step_of(self.mid_task))
         self.loggers.log_config({**self.config, "method_name": self.method.name})
+
+    def _build(self, cfg: DictConfig, t0: float, placement) -> None:
+        self.bundle = build_model(cfg.model)
+        warn_low_precision_weights(self.bundle.model)
+        self.recorder.set_timing("load_s", time.perf_counter() - t0)
         self.loaders = TaskLoaders.from_config(cfg.train, self.bundle.tokenizer)
         optimizer, reset_optimizer = optimizer_factory(cfg.optimizer)
         # Evaluation and the methods' passes (Fisher, anchors) run where training runs.
@@ -146,7 +149,10 @@ class StreamRun:
         """Every task still to train, each followed by its stage; on any error results.json says
         failed or stopped (and why), every finished stage kept. The run dir is let go at the end."""
         try:
-            with stop_on_signals():
+            with stop_on_signals(), heartbeat(self.cfg.get("heartbeat_s")):  # a new activity, its clock at 0
+                answers = sum(len(t.splits[self.cfg.eval.split][: self.cfg.eval.max_examples]) for t in self.stream)
+                log.info(work_summary(len(self.training), sum(task_steps(len(t.train), t, self.cfg.train, world_size()) for t in self.training),
+                                      len(self.training) + 1, answers, self.general.describe(len(self.training))))
                 first = self.start_or_restore()
                 for i in range(first, len(self.training)):
                     self.train_task(i)
@@ -194,6 +200,8 @@ class StreamRun:
         callbacks = [self.method] + [c for c in (self.evaluator, step_checkpoint) if c is not None]
         trainer = build_trainer(cfg, task.epochs, task.max_steps, callbacks, self.accumulate)
         examples = self.method.training_examples(task, i)
+        doing(f"training {task.name} (task {i + 1}/{len(self.training)}), step", task_steps(len(examples), task, cfg.train, world_size()),
+              count=lambda: trainer.global_step)
         share = self.method.replayed_per_batch(task, i)
         loader = self.loaders.training(examples, seed=cfg.seed + i, rank=rank(), world_size=world_size(),
                                        fixed_share=None if share is None else (len(task.train), share))
@@ -229,14 +237,19 @@ class StreamRun:
                                                   self.generation, self.cfg.eval.split, self.cfg.eval.max_examples)
             self.recorder.add_row(scores, time.perf_counter() - t)
             done = self.tasks_done
+            activity.tasks_finished(done, len(self.training))
+            log.info("%s: %s · %s", self.recorder.stages[-1], " · ".join(
+                f"{n} {v:.1f}" for n, v in zip(self.stream.names, scores)), activity.line().split(" · ", 1)[-1])
             if done == 0 or self.general.every_task or done == len(self.training):
                 self._evaluate_general()
-        self._record_stage(predictions)
+        self.recorder.write_predictions(self.answers, predictions)
+        self.loggers.log_stage(self.recorder, self.module.stream_step, self.out_dir / "score_matrix.png", self.cfg.run_name)
+        self.recorder.write()
         self.checkpoints.save_stage(self.stage_state(), done)
 
     def finish(self) -> RunRecorder:
         self.recorder.write(status="finished")
-        self.loggers.finalize("success")
+        self.loggers.finalize("success", self.recorder)
         if is_main():
             print_summary(self.recorder, console)
             console.print(f"Results: {self.out_dir / 'results.json'}")
@@ -250,7 +263,7 @@ class StreamRun:
             self.recorder.write(status=status, error=stopped if status == "stopped" else f"{type(error).__name__}: {error}")
         except OSError as e:
             log.error("could not record the failure in %s: %s", self.out_dir / "results.json", e.strerror or e)
-        self.loggers.finalize("failed")
+        self.loggers.finalize("failed", self.recorder)
 
     def close(self) -> None:
         """Let the run dir go (the lock)."""
@@ -273,21 +286,11 @@ class StreamRun:
         if not self.general.enabled:
             return
         if is_main():
-            console.print(f"General ability: {', '.join(self.general.tasks)}")
+            doing(f"general ability ({', '.join(self.general.tasks)}, lm-eval)")
             t = time.perf_counter()
             self.recorder.add_general(self.general.evaluate(self.bundle.model, self.bundle.tokenizer))
             self.recorder.timings.setdefault("general_s", []).append(round(time.perf_counter() - t, 3))
         barrier()
-
-    def _record_stage(self, predictions: dict[str, list[str]]) -> None:
-        recorder, step = self.recorder, self.module.stream_step
-        recorder.write_predictions(self.answers, predictions)
-        self.loggers.log_metrics(recorder.stage_metrics(), step)
-        self.loggers.log_table("R", ["stage"] + recorder.task_names,
-                               [[s] + r for s, r in zip(recorder.stages, recorder.R)], step)
-        self.loggers.log_comparison(recorder, self.out_dir / "score_matrix.png", self.cfg.run_name, step)
-        self.loggers.save()
-        recorder.write()
 
 
 def run(cfg: DictConfig, out_dir: str | Path) -> RunRecorder:

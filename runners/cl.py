@@ -41,11 +41,12 @@ def main(cfg: DictConfig) -> float | None:
         return None
     # torch and Lightning (about 4 s) load only for a run: --help, --cfg and dry_run answer at once
     from cl_bench.distributed import is_main
-    from cl_bench.recording.console import one_line_per_bar
+    from cl_bench.recording.console import one_line_per_bar, quiet_library_logs
     from cl_bench.recording.hydra_record import discard_backup, redact_record, restore_record
     from cl_bench.recording.results import RunRecorder
     from cl_bench.stream_run import StreamRun, in_multirun
 
+    quiet_library_logs()
     subdir = HydraConfig.get().output_subdir if HydraConfig.initialized() else None
     try:
         with one_line_per_bar():

@@ -1,10 +1,12 @@
 """The loggers as a run uses them: CSV, TensorBoard, W&B offline (read back), and secret redaction."""
 import csv
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
+from cl_bench.errors import ConfigError
 from cl_bench.recording.loggers import wandb_logger
 from cl_bench.recording.results import REDACTED, redact
 from cl_bench.stream_run import run
@@ -42,7 +44,10 @@ def test_tensorboard_logger_writes_events(make_config):
 def test_wandb_offline_run_can_be_read_back_and_holds_no_secret(make_config, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     cfg = make_config("logger=wandb", "tasks.order=[arith,code]", "+secrets.api_key=SHOULD-NOT-LEAK")
+    # W&B records the command line: a secret given there once reached its run file (issue 25.4)
+    monkeypatch.setattr(sys, "argv", [sys.argv[0], "+api_token=ARGV-SHOULD-NOT-LEAK", "seed=1"])
     recorder = run(cfg, cfg.paths.output_dir)
+    assert sys.argv[1] == "+api_token=ARGV-SHOULD-NOT-LEAK"  # the process's own argv is given back
     logs = list((Path(cfg.paths.output_dir) / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(logs) == 1
     logged = read_run(logs[0])
@@ -61,6 +66,11 @@ def test_wandb_offline_run_can_be_read_back_and_holds_no_secret(make_config, mon
     assert (Path(cfg.paths.output_dir) / "score_matrix.png").is_file()
     assert logged["config"]["secrets"]["api_key"] == REDACTED
     assert b"SHOULD-NOT-LEAK" not in logs[0].read_bytes()
+    assert [str(p) for p in (Path(cfg.paths.output_dir) / "wandb").rglob("*")
+            if p.is_file() and b"SHOULD-NOT-LEAK" in p.read_bytes()] == []
+    # the summary says how the run ended and how long it took (issue 25.5)
+    assert logged["summary"]["status"] == "finished" and logged["summary"]["timings/train_s"] > 0
+    assert logged["summary"]["timings/total_s"] >= logged["summary"]["timings/train_s"]
     assert "SHOULD-NOT-LEAK" not in (Path(cfg.paths.output_dir) / "results.json").read_text()
     # rerun in the same dir: it resumes from the last checkpoint and logs to the same W&B run
     again = run(cfg, cfg.paths.output_dir)
@@ -69,6 +79,40 @@ def test_wandb_offline_run_can_be_read_back_and_holds_no_secret(make_config, mon
     runs = sorted((Path(cfg.paths.output_dir) / "wandb").glob("offline-run-*/run-*.wandb"))
     ids = [read_run(path)["run_id"] for path in runs]
     assert len(runs) == 2 and ids[0] and ids[0] == ids[1]
+
+
+def test_a_wrong_wandb_key_is_refused_in_one_line_before_the_model_loads(make_config, monkeypatch):
+    """wandb's own check (a key shorter than 40 characters fails without the network), asked when
+    the loggers start: before the model loads, not at the first log call."""
+    import wandb
+    wandb.teardown()  # W&B keeps the mode of an earlier test's run in this process
+    monkeypatch.setenv("WANDB_API_KEY", "short")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setattr("cl_bench.stream_run.build_model", lambda *a, **k: pytest.fail("the model loaded"))
+    cfg = make_config("logger=wandb", "logger.wandb.mode=online")
+    with pytest.raises(ConfigError, match=r"^logger.wandb: W&B did not accept the login \(.*40\+ characters.*"
+                                          r"logger.wandb.mode=offline"):
+        run(cfg, cfg.paths.output_dir)
+
+
+def test_an_unreachable_wandb_server_is_refused_naming_the_offline_switch(monkeypatch, tmp_path):
+    import wandb
+    seen = {}
+
+    def login(verify, timeout):
+        seen.update(verify=verify, timeout=timeout)
+        raise wandb.errors.AuthenticationError("the service process is busy and did not respond in time")
+    monkeypatch.setattr(wandb, "login", login)
+    with pytest.raises(ConfigError, match="did not respond in time.*logger.wandb.mode=offline"):
+        wandb_logger("p", str(tmp_path), mode="online", login_timeout=5)
+    assert seen == {"verify": True, "timeout": 5}
+    monkeypatch.setattr(wandb, "login", lambda verify, timeout: False)  # W&B offline in this process
+    with pytest.raises(ConfigError, match="mode online, but W&B is not logged in"):
+        wandb_logger("p", str(tmp_path), mode="online")
+    with pytest.raises(ConfigError, match="logger.wandb.login_timeout"):
+        wandb_logger("p", str(tmp_path), mode="online", login_timeout=0)
+    # Lightning passes anonymous=None, which wandb answers with a deprecation warning on every run
+    assert "anonymous" not in wandb_logger("p", str(tmp_path), mode="offline")._wandb_init
 
 
 def test_wandb_mode_auto_is_offline_without_a_key(monkeypatch, tmp_path):

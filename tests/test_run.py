@@ -44,6 +44,24 @@ def test_run_writes_the_full_matrix_and_metrics(make_config):
     assert len(list((recorder.out_dir / "predictions").glob("*.json"))) == T + 1
 
 
+def test_a_run_says_its_work_at_the_start_and_each_stage_row_when_done(make_config, caplog):
+    """Issue 25.5: what dominates the run's time at its start, each stage's scores as it finishes,
+    and no Lightning line about its own checkpoint defaults (once doubled, at every step checkpoint)."""
+    import logging
+    cfg = make_config("tasks.order=[arith,code]", "checkpoint.every_n_steps=1", "heartbeat_s=null")
+    stream = build_stream(cfg.tasks)
+    steps = sum(math.ceil(len(t.train) / cfg.train.batch_size) * t.epochs for t in stream)
+    with caplog.at_level(logging.INFO):
+        recorder = run(cfg, cfg.paths.output_dir)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0].startswith(f"This run: 2 task(s), {steps} optimizer steps in all; 3 evaluations of the stream, "
+                               f"{sum(len(t.test[: cfg.eval.max_examples]) for t in stream)} generated answers each")
+    stage_lines = [line for line in lines if line.split(":")[0] in recorder.stages]
+    assert [line.split(":")[0] for line in stage_lines] == ["base", "after_arith", "after_code"]
+    assert stage_lines[2].startswith(f"after_code: arith {recorder.R[2][0]:.1f} · code {recorder.R[2][1]:.1f} · ")
+    assert "stream ETA" in stage_lines[1] and "weights_only" not in caplog.text
+
+
 def test_the_same_seed_gives_the_same_matrix(make_config):
     first = run(make_config("seed=7"), make_config("seed=7").paths.output_dir).R
     second = run(make_config("seed=7"), make_config("seed=7").paths.output_dir).R

@@ -99,3 +99,42 @@ def test_progress_bars_keep_their_last_state_on_one_line():
         stream.write(chunk)
     stream.close_pending()
     assert out.getvalue().splitlines() == ["Loading: 100%|##| 9/9", "plain line", "", "next done 2/2", "tail"]
+
+
+def test_the_heartbeat_says_what_the_run_does_with_the_streams_eta(caplog, monkeypatch):
+    import logging
+    import time
+    from cl_bench import progress
+    now = [1000.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: now[0])
+    activity = progress.Activity()
+    activity.tasks_finished(0, 4)  # the base stage: the pace starts
+    now[0] += 60
+    activity.tasks_finished(1, 4)
+    activity.doing("evaluating code (task 2/5), batch", total=8)
+    activity.advance(3)
+    assert activity.eta() == 180 and activity.line() == "evaluating code (task 2/5), batch 3/8 · 0:01:00 elapsed · stream ETA 0:03:00"
+    steps = [7]
+    activity.doing("training arith (task 2/4), step", total=40, count=lambda: steps[0])
+    assert activity.line().startswith("training arith (task 2/4), step 7/40 · ")
+    monkeypatch.undo()
+    with caplog.at_level(logging.INFO, logger="cl_bench.progress"):
+        with progress.heartbeat(0.05):
+            progress.doing("general ability (probe, lm-eval)")
+            time.sleep(0.3)
+        beats = len(caplog.records)
+        time.sleep(0.15)
+    assert beats >= 2 and len(caplog.records) == beats  # it stops with the block
+    assert caplog.records[-1].getMessage().startswith("… general ability (probe, lm-eval) · 0:00:00 elapsed")
+
+
+def test_library_lines_come_once_and_quiet(caplog):
+    import logging
+    from cl_bench.recording.console import quiet_library_logs
+    lightning = logging.getLogger("lightning")
+    lightning.addHandler(logging.StreamHandler())  # as lightning/__init__.py does: each line printed twice
+    with caplog.at_level(logging.INFO):  # a root handler, as Hydra's
+        quiet_library_logs()
+        assert lightning.handlers == [] and lightning.propagate
+        assert not logging.getLogger("absl").isEnabledFor(logging.INFO)
+        assert logging.getLogger("absl").isEnabledFor(logging.WARNING)

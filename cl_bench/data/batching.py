@@ -55,6 +55,13 @@ def steps_per_epoch(examples: int, batch_size: int, drop_last: bool, world_size:
     return full + (0 < rest and not drop_last and rest >= world_size)
 
 
+def task_steps(examples: int, task: Any, train: Any, world_size: int = 1) -> int:
+    """Optimizer steps of ``task`` over ``examples`` under the run's ``train`` settings: its epochs,
+    capped at its ``max_steps`` when set."""
+    steps = task.epochs * steps_per_epoch(examples, train.batch_size, train.get("drop_last", False), world_size)
+    return min(steps, task.max_steps) if task.max_steps else steps
+
+
 def check_every_task_trains(tasks: Sequence, train: Any, world_size: int = 1) -> None:
     """Refuse, before anything loads, a run in which some task would take no optimizer step (it would
     end "finished" with nothing learnt, its BWT reading as perfect retention), or that has no task.

@@ -68,6 +68,14 @@ class GeneralAbility:
             self._manager = local if full else TaskManager(include_path=paths, verbosity="ERROR")
         return self._manager
 
+    def describe(self, tasks_trained: int) -> str | None:
+        """What the evaluations cost, for the run's opening line; None when off."""
+        if not self.enabled:
+            return None
+        questions = "all" if self.limit is None else f"at most {self.limit}"
+        return (f"{', '.join(self.tasks)} ({questions} questions per benchmark) at "
+                f"{tasks_trained + 1 if self.every_task else 2} stages")
+
     def check(self) -> None:
         """Refuse task names the harness does not know, before anything is trained."""
         if not self.enabled:

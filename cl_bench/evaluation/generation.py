@@ -8,6 +8,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from cl_bench.distributed import gather_shards, shard
+from cl_bench.progress import advance, doing
 from cl_bench.evaluation.metrics import METRICS
 from cl_bench.data.tasks import Example, Task, TaskStream
 from cl_bench.data.tokenization import Collator, encode_prompt
@@ -65,6 +66,7 @@ def generate(
                 use_cache=True,
                 **sampling,
             )
+            advance()
             new = out[:, batch["input_ids"].shape[1] :]
             decode = {"clean_up_tokenization_spaces": False} if cfg.raw else {}
             for i, text in zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True, **decode)):
@@ -100,7 +102,9 @@ def evaluate_stream(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     """One row of the score matrix, every task of the stream (future ones too, so FWT exists),
     and each task's generated answers."""
     scores, predictions = [], {}
-    for task in stream:
+    for k, task in enumerate(stream):
+        local = len(shard(task.splits[split][:max_examples]))
+        doing(f"evaluating {task.name} (task {k + 1}/{len(stream)}), batch", -(-local // cfg.batch_size))
         result = evaluate_task(model, tokenizer, task, cfg, split, max_examples)
         scores.append(result.score)
         predictions[task.name] = result.predictions

@@ -33,7 +33,7 @@ CONTINUAL_METRICS = ("avg_min_acc", "wc_acc", "wf10")
 
 #: settings that cannot change what a run computes: two runs that differ only in these (and the
 #: seed) are repeats of one experiment. A dotted key covers everything below it.
-NOT_RESULT_KEYS = ("seed", "method.seed", "run_name", "run_group", "objective", "resume", "dry_run", "checkpoint",
+NOT_RESULT_KEYS = ("seed", "method.seed", "run_name", "run_group", "objective", "resume", "dry_run", "heartbeat_s", "checkpoint",
                    "paths", "logger", "train.token_cache", "model.cache_dir", "tasks.cache_dir",
                    "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.log_every_n_steps")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import sys
 from typing import Iterator, TextIO
 
@@ -68,3 +69,23 @@ def one_line_per_bar() -> Iterator[None]:
     finally:
         sys.stderr.close_pending()
         sys.stderr = original
+
+
+def quiet_library_logs() -> None:
+    """Library log lines that read as breakage on every run, and lines that came twice: rouge-score's
+    "Using default tokenizer" (absl, at every scoring), Optuna's database migrations (alembic), and
+    Lightning's INFO lines, which its own handler printed and Hydra's root handlers printed again
+    (kept once, in Hydra's format, in ``cl.log`` too). Optuna's coloured handler gives way to
+    Hydra's too: no colour codes in a log file."""
+    for name in ("absl", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    if logging.getLogger().hasHandlers():
+        for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+            lib = logging.getLogger(name)
+            for handler in list(lib.handlers):
+                lib.removeHandler(handler)
+            lib.propagate = True
+    if "optuna" in sys.modules:
+        optuna = sys.modules["optuna"]
+        optuna.logging.disable_default_handler()
+        optuna.logging.enable_propagation()

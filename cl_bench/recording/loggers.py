@@ -6,14 +6,16 @@ metrics and the score matrix are logged after every task.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
+import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 
-from cl_bench.errors import check_choice
+from cl_bench.errors import ConfigError, check_choice, check_number
 from cl_bench.files import atomic_write
 
 
@@ -27,6 +29,7 @@ def wandb_logger(
     mode: str = "auto",
     job_type: str | None = None,
     run_id: str | None = None,
+    login_timeout: float = 30,
 ) -> WandbLogger:
     """A W&B logger; ``mode: auto`` goes online only when an API key is configured, else offline.
 
@@ -34,17 +37,51 @@ def wandb_logger(
     The API key is read by wandb itself from the environment or netrc and is never put in a config.
     Runs of one sweep share ``group``; ``job_type`` (the method) splits them inside it, so the W&B
     UI shows each method's mean and spread over seeds. ``run_id`` continues an existing run (resume).
+    Online, the key is checked first (``login_timeout`` seconds for the server's answer).
     """
     check_choice(mode, ("auto", "online", "offline"), "logger.wandb.mode")
+    check_number(login_timeout, "logger.wandb.login_timeout", low=0, low_open=True)
     if mode == "auto":
         has_key = bool(os.environ.get("WANDB_API_KEY")) or _netrc_has_wandb()
         mode = os.environ.get("WANDB_MODE") or ("online" if has_key else "offline")
+    if mode == "online":
+        check_wandb_login(login_timeout)
     Path(save_dir).mkdir(parents=True, exist_ok=True)
-    return WandbLogger(
+    logger = WandbLogger(
         project=project, name=name, group=group, tags=list(tags), entity=entity, job_type=job_type,
         save_dir=save_dir, offline=(mode == "offline"),
         **({"id": run_id, "resume": "allow"} if run_id else {}),
     )
+    logger._wandb_init.pop("anonymous", None)  # Lightning always passes it; wandb warns it is deprecated
+    return logger
+
+
+def check_wandb_login(timeout: float) -> None:
+    """The API key, checked with the W&B server before anything loads: a wrong key or an unreachable
+    server is one ConfigError that says how to log offline instead."""
+    import wandb
+    offline = ("or log offline with logger.wandb.mode=offline and upload later with "
+               "`wandb sync <run dir>/wandb/offline-run-*`")
+    try:
+        logged_in = wandb.login(verify=True, timeout=timeout)
+    except wandb.errors.CommError as e:  # AuthenticationError: the key refused, or no answer in time
+        raise ConfigError(f"logger.wandb: W&B did not accept the login ({e}); fix WANDB_API_KEY (or ~/.netrc), "
+                          f"{offline}") from None
+    if not logged_in:  # no key, or W&B set to offline in this process (WANDB_MODE)
+        raise ConfigError(f"logger.wandb: mode online, but W&B is not logged in (`wandb login` or WANDB_API_KEY), {offline}")
+
+
+@contextlib.contextmanager
+def redacted_argv() -> Iterator[None]:
+    """``sys.argv`` with secret-looking overrides hidden while W&B starts a run: it records the
+    command line (its ``args``), and ``+api_token=...`` must not reach W&B's files or servers."""
+    from cl_bench.recording.results import redact_override
+    given = sys.argv[:]
+    sys.argv[:] = [redact_override(a) for a in given]
+    try:
+        yield
+    finally:
+        sys.argv[:] = given
 
 
 def _netrc_has_wandb() -> bool:
@@ -70,7 +107,8 @@ class RunLoggers:
         self.by_key = dict(loggers or {})
         self.loggers = list(self.by_key.values())
         for lg in self.wandb():
-            lg.experiment.define_metric("stage")
+            with redacted_argv():  # the W&B run starts here, recording the command line
+                lg.experiment.define_metric("stage")
             for prefix in STAGE_METRICS:
                 lg.experiment.define_metric(f"{prefix}/*", step_metric="stage")
 
@@ -129,6 +167,14 @@ class RunLoggers:
         for lg in self.wandb():
             lg.log_image(key=key, images=[str(path)], step=step)
 
+    def log_stage(self, recorder, step: int, png: Path, title: str) -> None:
+        """A finished stage: its scores and CL metrics, the score matrix as a table, W&B's summary
+        and heatmap (:meth:`log_comparison`); then everything is flushed."""
+        self.log_metrics(recorder.stage_metrics(), step)
+        self.log_table("R", ["stage"] + recorder.task_names, [[s] + r for s, r in zip(recorder.stages, recorder.R)], step)
+        self.log_comparison(recorder, png, title, step)
+        self.save()
+
     def log_comparison(self, recorder, png: Path, title: str, step: int) -> None:
         """W&B: a run's CL metrics and general scores as summary values (the runs table sorts by
         them) and its score matrix as a heatmap image (written to ``png`` too). No-op without W&B."""
@@ -137,7 +183,12 @@ class RunLoggers:
         from cl_bench.recording.report import score_matrix_png  # matplotlib only where W&B logs
         atomic_write(png, score_matrix_png(recorder.R, recorder.task_names, recorder.stages, title))
         self.log_image("R_heatmap", png, step)
-        general = {f"general/mean_{stage}": recorder.general_mean(stage) for stage in recorder.general}
+        # by position, not by task name: runs of different task orders share the keys
+        evaluated = [k for k, stage in enumerate(recorder.stages) if stage in recorder.general]
+        general = {f"general/mean_{'base' if k == 0 else f'stage{k}'}": recorder.general_mean(recorder.stages[k])
+                   for k in evaluated}
+        if evaluated and evaluated[-1] > 0:
+            general["general/mean_final"] = recorder.general_mean(recorder.stages[evaluated[-1]])
         continual = {f"cl/{k}": v for k, v in recorder.continual_metrics().items() if not isinstance(v, dict)}
         self.summarize({**{f"cl/{k}": v for k, v in recorder.cl_metrics().items()}, **continual,
                         "general/delta_RG": recorder.general_delta(), **general, "stage": len(recorder.R) - 1})
@@ -146,7 +197,14 @@ class RunLoggers:
         for lg in self.loggers:
             lg.save()
 
-    def finalize(self, status: str) -> None:
+    def finalize(self, status: str, recorder=None) -> None:
+        """End every logger's run (``status``: success or failed); W&B's summary gets the run's
+        status as results.json says it (finished, failed, stopped) and its timings (seconds)."""
+        if recorder is not None:
+            timings = recorder.to_dict()["timings"]
+            self.summarize({"status": recorder.status, **{
+                f"timings/{k}": sum(v) if isinstance(v, list) else v for k, v in timings.items()
+                if isinstance(v, (int, float)) or (isinstance(v, list) and all(isinstance(x, (int, float)) for x in v))}})
         for lg in self.loggers:
             lg.finalize(status)
         for lg in self.loggers:

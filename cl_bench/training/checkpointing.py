@@ -37,7 +37,8 @@ CHECKPOINT_DIR = "checkpoints"
 _STAGE = re.compile(r"^stage-(\d+)\.pt$")
 _STEP = re.compile(r"^task-(\d+)-step-(\d+)\.ckpt$")
 #: config keys a resume may change: where files go, how it is logged and checkpointed
-RESUMABLE_CHANGES = ("paths", "resume", "logger", "checkpoint", "trainer.enable_progress_bar", "hydra", "dry_run")
+RESUMABLE_CHANGES = ("paths", "resume", "logger", "checkpoint", "trainer.enable_progress_bar", "hydra", "dry_run",
+                     "heartbeat_s")
 
 
 def load_file(path: Path, mmap: bool = False) -> dict[str, Any]:
@@ -96,9 +97,9 @@ class StreamCheckpoints:
         """A Lightning checkpoint at the trainer's step (every rank takes part); keep the newest."""
         path = self.dir / f"task-{task_index:03d}-step-{trainer.global_step:07d}.ckpt"
         if not is_main():  # a collective call: Lightning writes on rank 0 alone
-            trainer.save_checkpoint(path)
+            trainer.save_checkpoint(path, weights_only=False)
             return
-        atomic_write(path, trainer.save_checkpoint)
+        atomic_write(path, lambda tmp: trainer.save_checkpoint(tmp, weights_only=False))  # all of it, said so
         self._prune(self.files(_STEP, task_index), self.keep_steps)
 
     def latest_stage(self) -> dict[str, Any] | None:

@@ -106,6 +106,11 @@ def fsdp_mesh(trainer: DictConfig) -> DictConfig:
     return trainer
 
 
-def placement_trainer(cfg: DictConfig) -> Trainer:
-    """A Trainer that trains nothing: its device, its process count and the launcher of its strategy."""
-    return build_trainer(cfg)
+def placement_trainer(cfg: DictConfig, multirun: bool = False) -> Trainer:
+    """A Trainer that trains nothing: its device, its process count and the launcher of its strategy.
+    ``multirun``: the run is a job of a local sweep, which cannot start DDP processes."""
+    placement = build_trainer(cfg)
+    if multirun and placement.world_size > 1 and not placement.strategy.cluster_environment.creates_processes_externally:
+        raise ConfigError("a local multirun cannot start DDP processes (Lightning re-runs the command line, sweep "
+                          "and all, in each); sweep with hydra/launcher=slurm, which starts every run's processes")
+    return placement
