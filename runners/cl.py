@@ -33,11 +33,8 @@ def main(cfg: DictConfig) -> float | None:
     stopped by bad input (a ConfigError, which names the key or file) prints that one line and
     exits with status 1; ``HYDRA_FULL_ERROR=1`` shows the traceback instead.
     """
-    if cfg.get("dry_run"):  # the job's settings, resolved; nothing is loaded or run
-        job = HydraConfig.get().job if HydraConfig.initialized() else None
-        print(f"# job {getattr(job, 'num', 0)}: {' '.join(getattr(job, 'override_dirname', '').split(',')) or '(defaults)'}"
-              f"  ->  {cfg.paths.output_dir}")
-        print(OmegaConf.to_yaml(cfg, resolve=True))
+    if cfg.get("dry_run"):  # reached only when main is called other than as `python -m runners.cl`
+        print(OmegaConf.to_yaml(cfg, resolve=True))  # (that previews before Hydra starts: runners/preview.py)
         return None
     # torch and Lightning (about 4 s) load only for a run: --help, --cfg and dry_run answer at once
     from cl_bench.distributed import is_main
@@ -93,5 +90,9 @@ if __name__ == "__main__":
     from cl_bench.recording.hydra_record import with_run_overrides
     from runners.cl import main as importable_main
 
+    from runners.preview import main as preview, wants_preview
+
+    if wants_preview(sys.argv):  # dry_run=true: before Hydra, so that no launcher runs and no dir is made
+        sys.exit(preview(sys.argv))
     sys.argv = with_run_overrides(sys.argv)  # resume=<run dir> alone continues that run as it was started
     importable_main()

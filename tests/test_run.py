@@ -282,14 +282,26 @@ def test_optimizer_gets_plain_python_values(make_config):
 
 
 def test_a_dry_run_previews_every_job_of_a_sweep_and_runs_none(tmp_path):
+    """Issue 25.5: the preview is made before Hydra starts: no launcher (SLURM's would submit the
+    jobs), no run or sweep dir; one line per job and the settings that tell the jobs apart (it
+    printed every job's whole config, 1,483 lines for 12 jobs); without -m it once crashed."""
+    sweep = tmp_path / "sweep"
     proc = subprocess.run(
-        [sys.executable, "-m", "runners.cl", "-m", "method=sft,fggm", "seed=1,2", "dry_run=true",
-         f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        [sys.executable, "-m", "runners.cl", "-m", "method=sft,fggm", "seed=1,2", "dry_run=true", "hydra/launcher=slurm",
+         f"hydra.sweep.dir={sweep}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    jobs = [line for line in proc.stdout.splitlines() if line.startswith("# job")]
-    assert len(jobs) == 4 and "method=fggm seed=2" in jobs[3] and jobs[3].endswith("3_fggm-mini-s2")
-    assert proc.stdout.count("_target_: methods.fggm.FGGM") == 2
-    assert not list((tmp_path / "sweep").glob("*/results.json"))
+    lines = proc.stdout.splitlines()
+    jobs = [line for line in lines if line.startswith("# job")]
+    assert len(jobs) == 4 and jobs[3] == f"# job 3: method=fggm seed=2  ->  {sweep}/3_fggm-mini-s2"
+    assert lines[0] == f"# 4 jobs (hydra/launcher=slurm hydra.sweep.dir={sweep}); nothing is run and no folder is made"
+    assert "seed: 1 | 2 | 1 | 2" in lines and "method._target_: methods.sft.SFT | methods.sft.SFT | methods.fggm.FGGM | " \
+        "methods.fggm.FGGM" in lines and "method.alpha: - | - | 0.7 | 0.7" in lines
+    assert len(lines) < 30 and not sweep.exists() and "submitit" not in proc.stderr
+    one = subprocess.run([sys.executable, "-m", "runners.cl", "method=ewc", "dry_run=true", f"hydra.run.dir={tmp_path / 'one'}"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert one.stdout.startswith(f"# one run: method=ewc dry_run=true hydra.run.dir={tmp_path / 'one'}  ->  {tmp_path / 'one'}\n")
+    assert "_target_: methods.ewc.EWC" in one.stdout and not (tmp_path / "one").exists()
 
 
 def test_cpu_seconds_carry_through_a_resume_and_stay_unknown_when_a_checkpoint_lacks_them(tmp_path):
