@@ -35,10 +35,42 @@ def test_csv_logger_gets_one_monotonic_step_across_tasks_and_methods(make_config
     assert len(stages) == 3 and stages[-1]["cl/bwt"] != ""
 
 
-def test_tensorboard_logger_writes_events(make_config):
-    cfg = make_config("logger=tensorboard", "tasks.order=[arith]")
-    run(cfg, cfg.paths.output_dir)
-    assert list((Path(cfg.paths.output_dir) / "tensorboard").glob("events.out.tfevents.*"))
+def test_train_loss_is_logged_once_per_step_as_the_global_batch_mean_whatever_the_micro_batches(make_config, tmp_path):
+    """Issue 25.5: with 4 micro-batches per step the loss was logged 4 times at one step, each
+    micro-batch's share times 4, and a partial last batch of 2 micro-batches read twice its loss.
+    12 examples at batch 8: a whole step and a partial one; the curve equals the one without
+    accumulation (the same steps, the same global-batch token mean)."""
+    curves = {}
+    for micro in ("2", "null"):
+        cfg = make_config("logger=csv", "tasks.order=[arith]", "trainer.log_every_n_steps=1", "train.batch_size=8",
+                          f"train.micro_batch_size={micro}", f"paths.output_dir={tmp_path / micro}")
+        run(cfg, tmp_path / micro)
+        rows = list(csv.DictReader(open(tmp_path / micro / "csv" / "metrics.csv")))
+        curves[micro] = [(int(r["step"]), float(r["train/loss"])) for r in rows if r.get("train/loss")]
+    assert [step for step, _ in curves["2"]] == [0, 1]  # one row per optimizer step
+    assert [v for _, v in curves["2"]] == pytest.approx([v for _, v in curves["null"]], rel=1e-5)
+
+
+def test_tensorboard_gets_the_score_matrix_and_hparams_with_the_cl_metrics(make_config):
+    """Issue 25.5: hp_metric was -1 and no CL metric was attached to the hparams (the HParams tab
+    could not compare methods); no score matrix reached TensorBoard. Read back with TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+    cfg = make_config("logger=tensorboard", "tasks.order=[arith,code]")
+    recorder = run(cfg, cfg.paths.output_dir)
+    events = EventAccumulator(str(Path(cfg.paths.output_dir) / "tensorboard"), size_guidance={"tensors": 0, "images": 0})
+    events.Reload()
+    scalars = events.Tags()["scalars"]
+    assert "hp_metric" not in scalars and events.Scalars("hparams/op")[-1].value == pytest.approx(recorder.cl_metrics()["op"])
+    assert [e.step for e in events.Images("R_heatmap")] == [0, 3, 6]
+    text = events.Tensors("R/text_summary")[-1].tensor_proto.string_val[0].decode()
+    assert text.splitlines()[3] == f"| after_arith | {recorder.R[1][0]:.1f} | {recorder.R[1][1]:.1f} |"
+    plugin = events.PluginTagToContent("hparams")
+    starts = [plugin_data_pb2.HParamsPluginData.FromString(v) for v in plugin.values()]
+    session = [d.session_start_info for d in starts if d.HasField("session_start_info")][-1]
+    assert session.hparams["method_name"].string_value == "sft" and session.hparams["seed"].number_value == cfg.seed
+    experiment = [d.experiment for d in starts if d.HasField("experiment")][-1]
+    assert {m.name.tag for m in experiment.metric_infos} >= {"hparams/op", "hparams/bwt", "hparams/fwt"}
 
 
 def test_wandb_offline_run_can_be_read_back_and_holds_no_secret(make_config, monkeypatch):

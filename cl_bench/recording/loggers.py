@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 
 from cl_bench.errors import ConfigError, check_choice, check_number
 from cl_bench.files import atomic_write
@@ -105,6 +105,7 @@ class RunLoggers:
         W&B runs plot the per-stage metrics (``score/*``, ``cl/*``, ``general/*``) against the
         stage, and training curves against the stream step (Lightning's ``trainer/global_step``)."""
         self.by_key = dict(loggers or {})
+        self.config: dict[str, Any] | None = None
         self.loggers = list(self.by_key.values())
         for lg in self.wandb():
             with redacted_argv():  # the W&B run starts here, recording the command line
@@ -147,14 +148,22 @@ class RunLoggers:
             lg.log_metrics(clean, step=step)
 
     def log_config(self, config: dict[str, Any]) -> None:
+        self.config = config  # TensorBoard's HParams get it again with the results (:meth:`finalize`)
         for lg in self.loggers:
             lg.log_hyperparams(config)
 
+    def tensorboard(self) -> list[TensorBoardLogger]:
+        return [lg for lg in self.loggers if isinstance(lg, TensorBoardLogger)]
+
     def log_table(self, key: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
-        """A table (the score matrix) for the loggers that have tables (W&B)."""
+        """A table (the score matrix): W&B's table, TensorBoard's text (a Markdown table)."""
         for lg in self.loggers:
             if hasattr(lg, "log_table"):
                 lg.log_table(key=key, columns=columns, data=rows, step=step)
+        for lg in self.tensorboard():
+            cell = lambda v: f"{v:.1f}" if isinstance(v, float) else str(v)  # noqa: E731
+            lines = [columns, ["---"] * len(columns), *[[cell(v) for v in row] for row in rows]]
+            lg.experiment.add_text(key, "\n".join("| " + " | ".join(line) + " |" for line in lines), step)
 
     def summarize(self, values: dict[str, float | str | None]) -> None:
         """Run summary values (W&B's runs table sorts and groups by them)."""
@@ -176,12 +185,19 @@ class RunLoggers:
         self.save()
 
     def log_comparison(self, recorder, png: Path, title: str, step: int) -> None:
-        """W&B: a run's CL metrics and general scores as summary values (the runs table sorts by
-        them) and its score matrix as a heatmap image (written to ``png`` too). No-op without W&B."""
+        """The score matrix as a heatmap image (written to ``png`` too) for W&B and TensorBoard; W&B
+        also gets the CL metrics and general scores as summary values (its runs table sorts by them).
+        No-op without either."""
+        if not self.wandb() and not self.tensorboard():
+            return
+        from cl_bench.recording.report import score_matrix_png  # matplotlib only where W&B or TensorBoard log
+        atomic_write(png, score_matrix_png(recorder.R, recorder.task_names, recorder.stages, title))
+        for lg in self.tensorboard():
+            import numpy as np
+            from PIL import Image
+            lg.experiment.add_image("R_heatmap", np.asarray(Image.open(png).convert("RGB")), step, dataformats="HWC")
         if not self.wandb():
             return
-        from cl_bench.recording.report import score_matrix_png  # matplotlib only where W&B logs
-        atomic_write(png, score_matrix_png(recorder.R, recorder.task_names, recorder.stages, title))
         self.log_image("R_heatmap", png, step)
         # by position, not by task name: runs of different task orders share the keys
         evaluated = [k for k, stage in enumerate(recorder.stages) if stage in recorder.general]
@@ -201,6 +217,11 @@ class RunLoggers:
         """End every logger's run (``status``: success or failed); W&B's summary gets the run's
         status as results.json says it (finished, failed, stopped) and its timings (seconds)."""
         if recorder is not None:
+            # TensorBoard's HParams tab: the settings with the run's CL metrics, to compare runs by
+            results = {f"hparams/{k}": v for k, v in recorder.cl_metrics().items() if v is not None}
+            for lg in self.tensorboard():
+                if results and self.config is not None:
+                    lg.log_hyperparams(self.config, metrics=results)
             timings = recorder.to_dict()["timings"]
             self.summarize({"status": recorder.status, **{
                 f"timings/{k}": sum(v) if isinstance(v, list) else v for k, v in timings.items()

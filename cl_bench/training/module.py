@@ -90,6 +90,7 @@ class CLModule(LightningModule):
         #: (logits, targets) of the current training micro-batch at its labelled positions
         #: (cl_bench.training.lm.labelled_logits), for a method's penalty (e.g. LwF's distillation)
         self.step_logits: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.step_losses: torch.Tensor | None = None  # (loss, task loss) of the step so far, summed over micro-batches
         #: every position's logits of the micro-batch [batch, length, V], for a method whose
         #: ``sequence_logits`` is True (computed in the same forward pass; None otherwise)
         self.step_sequence_logits: torch.Tensor | None = None
@@ -164,9 +165,18 @@ class CLModule(LightningModule):
             raise FloatingPointError(
                 f"non-finite training loss ({value}) on task '{self.task_name}' at step {self.global_step}"
             )
-        if self.should_log:
-            self.log_metrics({"train/loss": value, "train/task_loss": task_loss.item()})
+        # the step's losses: each micro-batch's share (Lightning divides by the accumulation count)
+        losses = torch.stack([loss.detach(), task_loss.detach()]) / self.micro_batches_per_step
+        self.step_losses = losses if self.micro_batch_in_step == 0 else self.step_losses + losses
         return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Once per optimizer step, after every micro-batch: the step's loss, the token mean over the
+        whole global batch (every process's, a partial last batch too), logged on logging steps."""
+        if self.should_log and self.step_losses is not None:
+            loss, task_loss = self.trainer.strategy.reduce(self.step_losses, reduce_op="mean").tolist()
+            self.log_metrics({"train/loss": loss, "train/task_loss": task_loss})
+        self.step_losses = None
 
     def check_weights_finite(self) -> None:
         """Raise if any weight is NaN or infinite (an optimizer step can diverge after a finite loss)."""
