@@ -109,10 +109,15 @@ def test_the_cli_writes_every_output_fast_and_the_html_holds_every_figure(tmp_pa
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert pngs == ["setting1_cl_metrics.png", "setting1_general_ability.png", "setting1_score_matrices.png",
                     "setting1_task_curves.png"]
+    assert sorted(p.name for p in out.glob("*.pdf")) == [name.replace(".png", ".pdf") for name in pngs]
+    assert all((out / name.replace(".png", ".pdf")).read_bytes().startswith(b"%PDF") for name in pngs)
     parser = _Images()
-    parser.feed((out / "report.html").read_text())
+    page = (out / "report.html").read_text()
+    parser.feed(page)
     assert sorted(i["alt"] for i in parser.images) == pngs
     assert all(i["src"].startswith("data:image/png;base64,") for i in parser.images)
+    # a caption under every figure that says what it shows (issue 25.5), not only its file name
+    assert page.count("<figcaption><b>Figure ") == 4 and "boxed: each task right after its own training" in page
     csv_lines = (out / "summary.csv").read_text().splitlines()
     assert len(csv_lines) == 3 and csv_lines[0].startswith("method,stream,order,model,seeds,op_mean,op_std,op_n")
 
@@ -192,13 +197,31 @@ def test_lora_runs_are_never_averaged_with_full_fine_tuning(tmp_path):
     data["config"]["model"]["lora"] = {"enabled": True, "r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]}
     (lora / "results.json").write_text(json.dumps(data))
     rows = aggregate(group_runs(find_runs([tmp_path])))
-    assert sorted(r["model"] for r in rows) == ["tiny_llama", "tiny_llama+lora(r=8, alpha=16, q_proj,v_proj)"]
+    assert sorted(r["model"] for r in rows) == ["tiny random Llama", "tiny random Llama+lora(r=8, alpha=16, q_proj,v_proj)"]
+
+
+def test_a_score_matrix_has_its_diagonal_boxed_and_its_stages_named_by_task():
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+    from cl_bench.recording.figures import draw_score_matrix, stage_labels
+    R = [[0, 0, 0], [80, 10, 5], [40, 90, 5], [30, 60, 70]]
+    assert stage_labels(["a", "b", "c"], 4) == ["base", "after a", "after b", "after c"]
+    assert stage_labels(["a", "b", "c"], 2, joint=True) == ["base", "after joint"]
+    fig, ax = plt.subplots()
+    draw_score_matrix(ax, R, ["a", "b", "c"], stage_labels(["a", "b", "c"], 4), "sft")
+    boxes = [p.get_xy() for p in ax.patches if isinstance(p, Rectangle)]
+    assert boxes == [(-0.5, 0.5), (0.5, 1.5), (1.5, 2.5)]  # cell (row after t, column t), t = a, b, c
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["base", "after a", "after b", "after c"]
+    ax.clear()
+    draw_score_matrix(ax, R[:2], ["a", "b", "c"], stage_labels(["a", "b", "c"], 2, True), "joint", joint=True)
+    assert not [p for p in ax.patches if isinstance(p, Rectangle)]
+    plt.close(fig)
 
 
 def test_many_panels_wrap_into_rows_of_four():
     """7 methods: a 2 x 4 grid with 7 panels shown in reading order and the 8th hidden."""
     import matplotlib.pyplot as plt
-    from cl_bench.recording.report import _grid
+    from cl_bench.recording.figures import _grid
     fig, axes = _grid(7, 3, 3)
     grid = fig.axes
     assert len(grid) == 8 and len(axes) == 7 and axes == grid[:7]
@@ -217,16 +240,24 @@ def test_only_true_repeats_are_averaged_and_every_row_names_its_runs(tmp_path):
     from cl_bench.recording.report import write_report
     write_result(tmp_path, "a", "sft", 1, [[0, 0], [80, 10], [40, 90]])
     write_result(tmp_path, "b", "sft", 2, [[0, 0], [70, 10], [50, 70]], config_extra={"logger": {"csv": {"name": "x"}}})
+    # a seed that follows the run's (model.seed: ${seed}) is part of the repeat, not a setting (it split
+    # every tiny-model sweep into one row per seed); a fixed one that differs is a setting
+    write_result(tmp_path, "e", "sft", 5, [[0, 0], [70, 10], [50, 70]],
+                 config_extra={"model": {"_target_": "cl_bench.models.tiny_llama", "seed": 5}})
+    write_result(tmp_path, "f", "sft", 6, [[0, 0], [70, 10], [50, 70]],
+                 config_extra={"model": {"_target_": "cl_bench.models.tiny_llama", "seed": 1}})
     write_result(tmp_path, "c", "sft", 3, [[0, 0], [60, 10], [20, 50]], config_extra={"optimizer": {"lr": 1e-3}})
     write_result(tmp_path, "d", "sft", 4, [[0, 0], [60, 10], [20, 50]], config_extra={"train": {"batch_size": 8}})
     runs = find_runs([tmp_path])
     rows = {r["method"]: r for r in aggregate(group_runs(runs))}
-    assert set(rows) == {"sft [optimizer.lr=0.0001, train.batch_size=4]", "sft [optimizer.lr=0.001, train.batch_size=4]",
-                         "sft [optimizer.lr=0.0001, train.batch_size=8]"}
-    repeats = rows["sft [optimizer.lr=0.0001, train.batch_size=4]"]
-    assert repeats["seeds"] == [1, 2] and repeats["runs"] == [str(tmp_path / "a"), str(tmp_path / "b")]
+    assert set(rows) == {"sft [model.seed=None, optimizer.lr=0.0001, train.batch_size=4]",
+                         "sft [model.seed=None, optimizer.lr=0.001, train.batch_size=4]",
+                         "sft [model.seed=None, optimizer.lr=0.0001, train.batch_size=8]",
+                         "sft [model.seed=1, optimizer.lr=0.0001, train.batch_size=4]"}
+    repeats = rows["sft [model.seed=None, optimizer.lr=0.0001, train.batch_size=4]"]
+    assert repeats["seeds"] == [1, 2, 5] and repeats["runs"] == [str(tmp_path / n) for n in "abe"]
     summary = write_report(runs, tmp_path / "out")
-    assert summary["separating_keys"] == {"sft": ["optimizer.lr", "train.batch_size"]}
+    assert summary["separating_keys"] == {"sft": ["model.seed", "optimizer.lr", "train.batch_size"]}
     page = (tmp_path / "out" / "report.html").read_text()
     assert f"{tmp_path / 'a'} {tmp_path / 'b'}" in page and str(tmp_path / "d") in page
 

@@ -33,7 +33,7 @@ CONTINUAL_METRICS = ("avg_min_acc", "wc_acc", "wf10")
 
 #: settings that cannot change what a run computes: two runs that differ only in these (and the
 #: seed) are repeats of one experiment. A dotted key covers everything below it.
-NOT_RESULT_KEYS = ("seed", "method.seed", "run_name", "run_group", "objective", "resume", "dry_run", "heartbeat_s", "checkpoint",
+NOT_RESULT_KEYS = ("seed", "run_name", "run_group", "objective", "resume", "dry_run", "heartbeat_s", "checkpoint",
                    "paths", "logger", "train.token_cache", "model.cache_dir", "tasks.cache_dir",
                    "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.log_every_n_steps")
 
@@ -53,8 +53,11 @@ def flat_settings(config: dict, leave_out: Iterable[str] = (), prefix: str = "")
 
 
 def result_settings(config: dict) -> dict[str, Any]:
-    """The resolved config as dotted keys, less :data:`NOT_RESULT_KEYS`: what decides a run's result."""
-    return flat_settings(config, NOT_RESULT_KEYS)
+    """The resolved config as dotted keys, less :data:`NOT_RESULT_KEYS` and the seeds that follow the
+    run's seed (``model.seed: ${seed}``, ``method.adapters.seed: ${seed}``: a ``*.seed`` equal to it):
+    what decides a run's result, repeats aside."""
+    return {k: v for k, v in flat_settings(config, NOT_RESULT_KEYS).items()
+            if not (k.endswith(".seed") and v == config.get("seed"))}
 
 
 @dataclass
@@ -77,6 +80,10 @@ class RunResult:
     continual: dict[str, Any] | None = None
 
 
+#: the display names of the models this project's builders make (a hub model goes by its hub name)
+BUILT_MODELS = {"load_smollm2": "SmolLM2-135M-Instruct", "tiny_llama": "tiny random Llama"}
+
+
 def _model_name(model: dict) -> str:
     """The model's name, with its LoRA settings when adapters trained (never grouped with full runs)."""
     lora = model.get("lora") or {}
@@ -85,7 +92,8 @@ def _model_name(model: dict) -> str:
     for key in ("name_or_path", "name", "path", "pretrained_model_name_or_path"):
         if model.get(key):
             return str(model[key]) + suffix
-    return str(model.get("_target_", "?")).rsplit(".", 1)[-1] + suffix
+    builder = str(model.get("_target_", "?")).rsplit(".", 1)[-1]
+    return BUILT_MODELS.get(builder, builder) + suffix
 
 
 def _stream_name(tasks: dict, names: list[str]) -> str:

@@ -190,7 +190,7 @@ class RunLoggers:
         No-op without either."""
         if not self.wandb() and not self.tensorboard():
             return
-        from cl_bench.recording.report import score_matrix_png  # matplotlib only where W&B or TensorBoard log
+        from cl_bench.recording.figures import score_matrix_png  # matplotlib only where W&B or TensorBoard log
         atomic_write(png, score_matrix_png(recorder.R, recorder.task_names, recorder.stages, title))
         for lg in self.tensorboard():
             import numpy as np
