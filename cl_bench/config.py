@@ -65,9 +65,9 @@ def _get(cfg: DictConfig, key: str):
     return node
 
 
-def validate_run_config(cfg: DictConfig) -> None:
+def validate_run_config(cfg: DictConfig, paths: bool = True) -> None:
     """Every setting of the run outside the plugins (which check their own), by key: ranges, flags,
-    the optimizer, and that the token cache can be written."""
+    the optimizer, and (``paths``) that the token cache can be written."""
     checks = {
         "seed": dict(integer=True, low=0, high=2 ** 32 - 1),  # Lightning's (numpy's) seed range
         "optimizer.lr": dict(low=0, low_open=True),
@@ -98,7 +98,7 @@ def validate_run_config(cfg: DictConfig) -> None:
     objectives = ["op"] if cfg.tasks.get("joint", False) else list(CL_METRICS)
     check_choice(cfg.get("objective", "op"), objectives, "objective")
     check_optimizer(cfg.optimizer)
-    if cfg.train.get("token_cache"):
+    if paths and cfg.train.get("token_cache"):
         check_writable_dir(cfg.train.token_cache, "train.token_cache")
 
 

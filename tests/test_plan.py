@@ -57,6 +57,40 @@ def test_the_verdict_and_the_exit_code(capsys):
     assert "model.name_or_path=/nowhere/model: no local folder" in capsys.readouterr().err
 
 
+def test_without_a_size_the_verdict_names_the_common_gpus_it_fits(make_config, capsys):
+    """Issue 25.5: without --gpu-gib the plan gave no verdict."""
+    from cl_bench.training.memory_plan import GPU_SIZES
+    p = plan(make_config("model=qwen2_1_5b", tiny=False))
+    assert main(["model=qwen2_1_5b"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    fits = [g for g in GPU_SIZES if p.total <= g * GIB]
+    assert fits and len(fits) < len(GPU_SIZES)  # the case has both kinds
+    assert last.startswith(f"needs {p.total / GIB:.2f} GiB per GPU: fits {fits[0]} GiB (")
+    assert f"too large for {', '.join(str(g) for g in GPU_SIZES if g not in fits)} GiB" in last
+
+
+def test_a_plan_that_does_not_fit_says_what_would(make_config, capsys):
+    run = ["model=llama2_7b_chat", "trainer=gpu", *SEQ]
+    assert main(["--gpu-gib", "80", *run]) == 1
+    out = capsys.readouterr().out
+    suggestions = out.split("would fit 80 GiB with:\n")[1].strip().splitlines()
+    changes = [line.rsplit(None, 2)[0].split() for line in suggestions]
+    assert ["model.lora.enabled=true", "train.micro_batch_size=1"] in changes and ["trainer=fsdp", "trainer.devices=8"] in changes
+    for change, line in zip(changes, suggestions):  # each one re-planned fits, at the peak it says
+        p = plan(make_config(*run, *change, tiny=False))
+        assert p.fits(80) and line.endswith(f"{p.total / GIB:.2f} GiB")
+    assert not plan(make_config(*run, "train.micro_batch_size=1", tiny=False)).fits(80)
+    assert ["train.micro_batch_size=1"] not in changes
+
+
+def test_bad_plan_inputs_are_refused_by_name(capsys):
+    with pytest.raises(SystemExit) as refused:
+        main(["--gpu-gib", "-3"])
+    assert refused.value.code == 2 and "--gpu-gib: must be a GPU memory size in GiB above 0, got -3" in capsys.readouterr().err
+    assert main(["train.batch_size=0"]) == 2
+    assert "train.batch_size must be an integer >= 1, got 0" in capsys.readouterr().err
+
+
 def test_an_unknown_builder_is_named(make_config):
     with pytest.raises(ConfigError, match="model._target_ my.builder: the planner reads"):
         plan(make_config("model._target_=my.builder"))

@@ -159,8 +159,10 @@ def activation_bytes(config, micro_batch: int, seq_len: int, answer_len: int, el
 
 
 def plan(cfg: DictConfig) -> MemoryPlan:
-    """The memory plan of a composed run config (``runners.plan`` composes it like a run)."""
-    from cl_bench.config import build
+    """The memory plan of a composed run config (``runners.plan`` composes it like a run); its
+    settings are checked as a run's are (``train.batch_size=0`` is refused, naming the key)."""
+    from cl_bench.config import build, validate_run_config
+    validate_run_config(cfg, paths=False)
     model = meta_model(cfg.model)
     params = {id(p): p for p in model.parameters()}.values()
     n = sum(p.numel() for p in params)
@@ -208,8 +210,24 @@ def plan(cfg: DictConfig) -> MemoryPlan:
     return result
 
 
+#: common GPU memory sizes (GiB) a plan without --gpu-gib is judged against
+GPU_SIZES = {24: "RTX 4090, A10", 40: "A100 40GB", 48: "A6000, L40S", 80: "A100 80GB, H100", 141: "H200"}
+
+
+def verdict(p: MemoryPlan, gpu_gib: float | None) -> str:
+    """Whether the plan fits ``gpu_gib``, or which common GPU sizes it fits without one."""
+    if gpu_gib is not None:
+        spare = (gpu_gib * GIB - p.total) / GIB
+        return (f"fits in {gpu_gib:g} GiB ({spare:.2f} GiB to spare)" if spare >= 0
+                else f"does NOT fit in {gpu_gib:g} GiB ({-spare:.2f} GiB short)")
+    fits = [f"{g} GiB ({names})" for g, names in GPU_SIZES.items() if p.fits(g)]
+    short = [str(g) for g in GPU_SIZES if not p.fits(g)]
+    return (f"needs {p.total / GIB:.2f} GiB per GPU: " + (f"fits {', '.join(fits)}" if fits else "fits none of the common GPUs")
+            + (f"; too large for {', '.join(short)} GiB" if short else "") + " (--gpu-gib N checks another size)")
+
+
 def render(p: MemoryPlan, gpu_gib: float | None) -> str:
-    """The plan as a text table (GiB per GPU)."""
+    """The plan as a text table (GiB per GPU) and its verdict."""
     lines = [f"model {p.model}: {p.params / 1e6:,.1f} M parameters, {p.trainable / 1e6:,.2f} M trainable; "
              f"{p.strategy} over {p.processes} process(es); micro-batch {p.micro_batch} x {p.seq_len} tokens",
              f"{'per GPU':<52}{'GiB':>9}{'MiB':>11}"]
@@ -218,10 +236,7 @@ def render(p: MemoryPlan, gpu_gib: float | None) -> str:
             *([("evaluation: gathered weights", p.evaluation)] if p.evaluation else []), ("total (peak)", p.total)]
     rows += [(f"host, not GPU: {k}", v) for k, v in p.host_items.items()]
     lines += [f"{name:<52}{value / GIB:>9.2f}{value / 2 ** 20:>11.1f}" for name, value in rows]
-    if gpu_gib is not None:
-        spare = (gpu_gib * GIB - p.total) / GIB
-        lines.append(f"fits in {gpu_gib:g} GiB ({spare:.2f} GiB to spare)" if spare >= 0
-                     else f"does NOT fit in {gpu_gib:g} GiB ({-spare:.2f} GiB short)")
+    lines.append(verdict(p, gpu_gib))
     if p.refusal:
         lines.append(f"note: this run would be refused at start: {p.refusal}")
     return "\n".join(lines)
