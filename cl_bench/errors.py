@@ -22,6 +22,14 @@ class RunDirInUse(ConfigError):
     """Another run holds the run dir: nothing may be written there."""
 
 
+class Diverged(FloatingPointError):
+    """Training diverged (a non-finite loss or weight): the message says where and what to change."""
+
+    def __init__(self, what: str):
+        super().__init__(f"{what}: training diverged; the stages before it are kept. Lower optimizer.lr, "
+                         "clip gradients (trainer.gradient_clip_val=1.0) or train in trainer.precision=32-true")
+
+
 class StoppedBySignal(SystemExit):
     """A run stopped by SIGTERM or SIGINT (Ctrl-C): recorded as "stopped", the process exits with
     128 + the signal's number (143, 130), as a shell reports a process a signal ended."""
@@ -39,8 +47,8 @@ DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, 
 
 
 def is_user_error(error: BaseException) -> bool:
-    """An error the user fixes (bad input, a full or read-only disk): one line says it all."""
-    return isinstance(error, ConfigError) or (isinstance(error, OSError) and error.errno in DISK_ERRNOS)
+    """An error the user fixes (bad input, a full or read-only disk, a diverged run): one line says it all."""
+    return isinstance(error, (ConfigError, Diverged)) or (isinstance(error, OSError) and error.errno in DISK_ERRNOS)
 
 
 def as_stop(error: BaseException) -> StoppedBySignal | None:

@@ -30,9 +30,12 @@ def _stages(out_dir) -> list[str]:
 
 # --- divergence --------------------------------------------------------------------------------
 def test_a_diverged_run_fails_and_keeps_the_last_good_stage(make_config):
+    from cl_bench.errors import is_user_error
     cfg = make_config("optimizer.lr=1e30", "checkpoint.keep_stages=1")
-    with pytest.raises(FloatingPointError, match="non-finite .* task 'sentiment' at step"):
+    with pytest.raises(FloatingPointError, match="non-finite .* task 'sentiment' at step \\d+: training diverged; the "
+                                                 "stages before it are kept. Lower optimizer.lr") as diverged:
         run(cfg, cfg.paths.output_dir)
+    assert is_user_error(diverged.value)  # the entry point prints its one line, not a traceback
     res = _results(cfg.paths.output_dir)
     assert res["status"] == "failed" and "non-finite" in res["error"] and len(res["R"]) == 1
     assert _stages(cfg.paths.output_dir) == ["stage-000.pt"]  # the base stage was not pruned

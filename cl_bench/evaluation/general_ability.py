@@ -73,8 +73,9 @@ class GeneralAbility:
         if not self.enabled:
             return None
         questions = "all" if self.limit is None else f"at most {self.limit}"
+        quick = "; general.limit=N or general=none for a quick run" if self.limit is None else ""
         return (f"{', '.join(self.tasks)} ({questions} questions per benchmark) at "
-                f"{tasks_trained + 1 if self.every_task else 2} stages")
+                f"{tasks_trained + 1 if self.every_task else 2} stages{quick}")
 
     def check(self) -> None:
         """Refuse task names the harness does not know, before anything is trained."""

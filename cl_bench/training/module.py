@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.plugins.precision import MixedPrecision
 
+from cl_bench.errors import Diverged
 from cl_bench.data.loaders import TaskLoaders
 from cl_bench.rng import rng_state, set_rng_state
 from cl_bench.training.lm import sequence_and_labelled_logits, token_cross_entropy
@@ -162,9 +163,7 @@ class CLModule(LightningModule):
         self.log("loss", loss.detach(), prog_bar=True, logger=False)
         value = loss.item()  # checked at every step: a diverged task must never be recorded as a stage
         if not math.isfinite(value):
-            raise FloatingPointError(
-                f"non-finite training loss ({value}) on task '{self.task_name}' at step {self.global_step}"
-            )
+            raise Diverged(f"non-finite training loss ({value}) on task '{self.task_name}' at step {self.global_step}")
         # the step's losses: each micro-batch's share (Lightning divides by the accumulation count)
         losses = torch.stack([loss.detach(), task_loss.detach()]) / self.micro_batches_per_step
         self.step_losses = losses if self.micro_batch_in_step == 0 else self.step_losses + losses
@@ -182,9 +181,7 @@ class CLModule(LightningModule):
         """Raise if any weight is NaN or infinite (an optimizer step can diverge after a finite loss)."""
         for name, p in self.model.named_parameters():
             if not torch.isfinite(local(p)).all():
-                raise FloatingPointError(
-                    f"non-finite weights in {name} on task '{self.task_name}' at step {self.global_step}"
-                )
+                raise Diverged(f"non-finite weights in {name} on task '{self.task_name}' at step {self.global_step}")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Mid-task checkpoints also carry the RNG states, so a resumed task draws what it would have."""
