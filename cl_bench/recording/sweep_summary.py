@@ -18,7 +18,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 from rich.table import Table
 
-from cl_bench.recording.console import console
+from cl_bench.recording.console import console, quiet_library_logs
 
 
 JOB_RECORDS = ".jobs"
@@ -82,6 +82,7 @@ class SweepSummary(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.started = time.time() - 1  # file times may be rounded to the second
+        quiet_library_logs()  # the sweeper's own lines (Optuna's) come before any job's
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if config.get("dry_run"):  # a preview: no job ran
