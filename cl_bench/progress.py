@@ -67,17 +67,27 @@ class Activity:
         per_task = (time.monotonic() - self._pace[0]) / (self.tasks_done - self._pace[1])
         return per_task * (self.tasks_total - self.tasks_done)
 
+    def times(self) -> str:
+        """``0:01:10 elapsed · stream ETA 0:12:00`` (no ETA before a task has finished)."""
+        eta = self.eta()
+        return f"{clock(time.monotonic() - self.started)} elapsed" + ("" if eta is None else f" · stream ETA {clock(eta)}")
+
     def line(self) -> str:
         """``what 3/8 · 0:01:10 elapsed · stream ETA 0:12:00``."""
-        parts = [f"{self.what} {self.done}/{self.total}" if self.total else self.what,
-                 f"{clock(time.monotonic() - self.started)} elapsed"]
-        if (eta := self.eta()) is not None:
-            parts.append(f"stream ETA {clock(eta)}")
-        return " · ".join(p for p in parts if p)
+        what = f"{self.what} {self.done}/{self.total}" if self.total else self.what
+        return " · ".join(p for p in (what, self.times()) if p)
 
 
 activity = Activity()
 doing, advance = activity.doing, activity.advance
+
+
+def say(line: str) -> None:
+    """One line of the run's story (what it will do, each stage's row) into the log, from the main
+    process only (the others run the same calls in lockstep)."""
+    from cl_bench.distributed import is_main
+    if is_main():
+        log.info(line)
 
 
 def work_summary(tasks: int, steps: int, stages: int, answers: int, general: str | None) -> str:

@@ -33,7 +33,7 @@ from cl_bench.data.token_cache import stream_fingerprint
 from cl_bench.distributed import barrier, is_main, rank, start_processes, world_size
 from cl_bench.errors import ConfigError, as_stop, stop_on_signals
 from cl_bench.files import RunDirLock
-from cl_bench.progress import activity, doing, heartbeat, work_summary
+from cl_bench.progress import activity, doing, heartbeat, say, work_summary
 from cl_bench.evaluation.continual import ContinualEvaluator, ContinualSettings
 from cl_bench.evaluation.general_ability import GeneralAbility
 from cl_bench.evaluation.generation import GenerationConfig, evaluate_stream
@@ -90,7 +90,7 @@ class StreamRun:
         except BaseException:
             if hasattr(self, "loggers"):
                 self.loggers.finalize("failed")
-            self.close()
+            self.lock.release()  # the run dir goes free
             raise
 
     def _open_records(self, cfg: DictConfig) -> None:
@@ -149,10 +149,8 @@ class StreamRun:
         """Every task still to train, each followed by its stage; on any error results.json says
         failed or stopped (and why), every finished stage kept. The run dir is let go at the end."""
         try:
-            with stop_on_signals(), heartbeat(self.cfg.get("heartbeat_s")):  # a new activity, its clock at 0
-                answers = sum(len(t.splits[self.cfg.eval.split][: self.cfg.eval.max_examples]) for t in self.stream)
-                log.info(work_summary(len(self.training), sum(task_steps(len(t.train), t, self.cfg.train, world_size()) for t in self.training),
-                                      len(self.training) + 1, answers, self.general.describe(len(self.training))))
+            with stop_on_signals(), heartbeat(self.cfg.get("heartbeat_s") if is_main() else None):  # its clock at 0
+                say(self.work_summary())
                 first = self.start_or_restore()
                 for i in range(first, len(self.training)):
                     self.train_task(i)
@@ -163,7 +161,7 @@ class StreamRun:
             self.fail(stop or e, status="failed" if stop is None else "stopped")
             raise (e if stop is None else stop)
         finally:
-            self.close()
+            self.lock.release()  # the run dir goes free
 
     def start_or_restore(self) -> int:
         """Evaluate the untrained model (stage 0), or restore the newest readable checkpoint; returns
@@ -181,7 +179,7 @@ class StreamRun:
         self.module.resume_stream(saved["step_offset"])
         self.module.load_optimizer_state(saved.get("optimizer"))
         set_rng_state(saved["rng"])
-        log.info("Resuming %s after %d of %d tasks", self.out_dir, saved["tasks_done"], len(self.training))
+        say(f"Resuming {self.out_dir} after {saved['tasks_done']} of {len(self.training)} tasks")
         return saved["tasks_done"]
 
     def train_task(self, i: int) -> None:
@@ -200,8 +198,8 @@ class StreamRun:
         callbacks = [self.method] + [c for c in (self.evaluator, step_checkpoint) if c is not None]
         trainer = build_trainer(cfg, task.epochs, task.max_steps, callbacks, self.accumulate)
         examples = self.method.training_examples(task, i)
-        doing(f"training {task.name} (task {i + 1}/{len(self.training)}), step", task_steps(len(examples), task, cfg.train, world_size()),
-              count=lambda: trainer.global_step)
+        doing(f"training {task.name} (task {i + 1}/{len(self.training)}), step",
+              task_steps(len(examples), task, cfg.train, world_size()), count=lambda: trainer.global_step)
         share = self.method.replayed_per_batch(task, i)
         loader = self.loaders.training(examples, seed=cfg.seed + i, rank=rank(), world_size=world_size(),
                                        fixed_share=None if share is None else (len(task.train), share))
@@ -238,8 +236,8 @@ class StreamRun:
             self.recorder.add_row(scores, time.perf_counter() - t)
             done = self.tasks_done
             activity.tasks_finished(done, len(self.training))
-            log.info("%s: %s · %s", self.recorder.stages[-1], " · ".join(
-                f"{n} {v:.1f}" for n, v in zip(self.stream.names, scores)), activity.line().split(" · ", 1)[-1])
+            say(f"{self.recorder.stages[-1]}: "
+                             + " · ".join(f"{n} {v:.1f}" for n, v in zip(self.stream.names, scores)) + f" · {activity.times()}")
             if done == 0 or self.general.every_task or done == len(self.training):
                 self._evaluate_general()
         self.recorder.write_predictions(self.answers, predictions)
@@ -265,11 +263,13 @@ class StreamRun:
             log.error("could not record the failure in %s: %s", self.out_dir / "results.json", e.strerror or e)
         self.loggers.finalize("failed", self.recorder)
 
-    def close(self) -> None:
-        """Let the run dir go (the lock)."""
-        self.lock.release()
-
     # --- pieces ----------------------------------------------------------------------------------
+    def work_summary(self) -> str:
+        answers = sum(len(t.splits[self.cfg.eval.split][: self.cfg.eval.max_examples]) for t in self.stream)
+        steps = sum(task_steps(len(t.train), t, self.cfg.train, world_size()) for t in self.training)
+        return work_summary(len(self.training), steps, len(self.training) + 1, answers,
+                            self.general.describe(len(self.training)))
+
     def stage_state(self) -> dict[str, Any]:
         """What a stage checkpoint holds (see cl_bench/training/checkpointing.py)."""
         done = self.tasks_done

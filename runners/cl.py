@@ -30,8 +30,9 @@ def main(cfg: DictConfig) -> float | None:
 
     In a multirun a failed job has already written its error to its results.json; it is logged and
     returns NaN (Optuna records a failed trial) so that the rest of the sweep goes on. A single run
-    stopped by bad input (a ConfigError, which names the key or file) prints that one line and
-    exits with status 1; ``HYDRA_FULL_ERROR=1`` shows the traceback instead.
+    stopped by what its user fixes (bad input, which names the key or file; a full or read-only
+    disk; divergence) prints that one line and exits with status 1; ``HYDRA_FULL_ERROR=1`` shows
+    the traceback instead.
     """
     if cfg.get("dry_run"):  # reached only when main is called other than as `python -m runners.cl`
         print(OmegaConf.to_yaml(cfg, resolve=True))  # (that previews before Hydra starts: runners/preview.py)
@@ -89,7 +90,6 @@ if __name__ == "__main__":
     # task function, which works by reference only for a function of an importable module.
     from cl_bench.recording.hydra_record import with_run_overrides
     from runners.cl import main as importable_main
-
     from runners.preview import main as preview, wants_preview
 
     if wants_preview(sys.argv):  # dry_run=true: before Hydra, so that no launcher runs and no dir is made
