@@ -172,3 +172,22 @@ def test_a_resume_writes_the_kept_curves_back_before_it_logs_anything(tmp_path):
     rows = list(csv.DictReader((tmp_path / "csv" / "metrics.csv").open()))
     assert [(r["step"], r["stage"], r["train/loss"]) for r in rows] == [("0", "0.0", ""), ("3", "", "2.0")]
     assert not list((tmp_path / "csv").glob("*.before-resume"))
+
+
+def test_wandb_summary_keys_general_ability_by_position_not_by_task_name(tmp_path, monkeypatch):
+    """Issue 25.5: general/mean_after_<last task> named the key by the task order, so runs of two
+    orders could not be compared in W&B's runs table."""
+    from types import SimpleNamespace
+    from cl_bench.recording.loggers import RunLoggers
+    from cl_bench.recording.results import RunRecorder
+    recorder = RunRecorder(tmp_path, {}, ["b", "a"], ["accuracy", "accuracy"], writes=False)
+    for row, general in (([0, 0], {"x": 50.0}), ([90, 10], None), ([80, 70], {"x": 40.0})):
+        recorder.add_row(row, 1.0)
+        if general:
+            recorder.add_general(general)
+    fake = SimpleNamespace(experiment=SimpleNamespace(summary={}), log_image=lambda **kwargs: None)
+    loggers = RunLoggers()
+    monkeypatch.setattr(loggers, "wandb", lambda: [fake])
+    loggers.log_comparison(recorder, tmp_path / "R.png", "sft", 2)
+    general = {k: v for k, v in fake.experiment.summary.items() if k.startswith("general/mean")}
+    assert general == {"general/mean_base": 50.0, "general/mean_stage2": 40.0, "general/mean_final": 40.0}

@@ -213,19 +213,22 @@ class RunLoggers:
         for lg in self.loggers:
             lg.save()
 
+    def _record_outcome(self, recorder) -> None:
+        """TensorBoard's HParams tab gets the settings with the run's CL metrics (to compare runs by);
+        W&B's summary the status and the seconds of each timing (a list's sum)."""
+        results = {f"hparams/{k}": v for k, v in recorder.cl_metrics().items() if v is not None}
+        for lg in self.tensorboard():
+            if results and self.config is not None:
+                lg.log_hyperparams(self.config, metrics=results)
+        seconds = {k: sum(v) if isinstance(v, list) else v for k, v in recorder.to_dict()["timings"].items()}
+        self.summarize({"status": recorder.status,
+                        **{f"timings/{k}": v for k, v in seconds.items() if isinstance(v, (int, float))}})
+
     def finalize(self, status: str, recorder=None) -> None:
         """End every logger's run (``status``: success or failed); W&B's summary gets the run's
         status as results.json says it (finished, failed, stopped) and its timings (seconds)."""
         if recorder is not None:
-            # TensorBoard's HParams tab: the settings with the run's CL metrics, to compare runs by
-            results = {f"hparams/{k}": v for k, v in recorder.cl_metrics().items() if v is not None}
-            for lg in self.tensorboard():
-                if results and self.config is not None:
-                    lg.log_hyperparams(self.config, metrics=results)
-            timings = recorder.to_dict()["timings"]
-            self.summarize({"status": recorder.status, **{
-                f"timings/{k}": sum(v) if isinstance(v, list) else v for k, v in timings.items()
-                if isinstance(v, (int, float)) or (isinstance(v, list) and all(isinstance(x, (int, float)) for x in v))}})
+            self._record_outcome(recorder)
         for lg in self.loggers:
             lg.finalize(status)
         for lg in self.loggers:
