@@ -80,7 +80,7 @@ def preview(argv: list[str]) -> str:
             given_space = [o.input_line for o in parsed if o.key_or_group == "hydra.sweeper.params"]
             return (f"# {first.hydra.sweeper.get('_target_', '?').rsplit('.', 1)[-1]} chooses its "
                     f"{first.hydra.sweeper.get('n_trials', '?')} jobs as results come in; nothing is run. "
-                    f"Search space: {json.dumps(space)} {' '.join(given_space)}\n")
+                    f"Search space: {' '.join([json.dumps(space), *given_space])}\n")
         jobs = BasicSweeper.split_arguments(parsed, None)[0]
         first, _ = _compose(jobs[0], 0, True)
         hydra_own = [o for o in given if o.lstrip("+~").startswith(("hydra.", "hydra/"))]

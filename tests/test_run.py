@@ -304,6 +304,14 @@ def test_a_dry_run_previews_every_job_of_a_sweep_and_runs_none(tmp_path):
     assert "_target_: methods.ewc.EWC" in one.stdout and not (tmp_path / "one").exists()
 
 
+def test_a_dry_run_of_an_optuna_sweep_shows_its_search_space():
+    """Optuna picks its jobs as results come in: the preview names the sweeper and its space."""
+    from runners.preview import preview
+    text = preview(["cl", "-m", "hydra/sweeper=tune", "method=fggm", "method.alpha=interval(0.5, 0.95)", "dry_run=true"])
+    assert text == ("# OptunaSweeper chooses its 20 jobs as results come in; nothing is run. "
+                    'Search space: {"method.alpha": "interval(0.5, 0.95)"}\n')
+
+
 def test_cpu_seconds_carry_through_a_resume_and_stay_unknown_when_a_checkpoint_lacks_them(tmp_path):
     from cl_bench.recording.results import RunRecorder
     state = RunRecorder(tmp_path, {}, ["a"], ["accuracy"], writes=False).state_dict()
