@@ -42,18 +42,23 @@ def _import_failure(error: BaseException) -> str:
     return f"{where}{type(error).__name__}: {error}"
 
 
+def without(node: DictConfig, *keys: str) -> DictConfig:
+    """``node`` resolved, less ``keys``: the run-level switches of a node whose other keys build an
+    object (``model.lora``, ``tasks.joint``, ``optimizer.reset_per_task``)."""
+    return OmegaConf.create({k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k not in keys})
+
+
 def build_stream(tasks: DictConfig):
     """The TaskStream of a ``tasks`` config node; its ``joint`` switch is the run's (not the data's)
     and is left out."""
-    node = OmegaConf.create({k: v for k, v in OmegaConf.to_container(tasks, resolve=True).items() if k != "joint"})
-    return build(node)
+    return build(without(tasks, "joint"))
 
 
 def optimizer_factory(node: DictConfig) -> tuple[Callable, bool]:
     """The optimizer partial of ``conf: optimizer`` and its ``reset_per_task`` flag (default true:
     a fresh optimizer for every task; false: one optimizer, its moments carried, for the stream)."""
     reset = check_flag(node.get("reset_per_task", True), "optimizer.reset_per_task")
-    return build(OmegaConf.masked_copy(node, [k for k in node if k != "reset_per_task"])), reset
+    return build(without(node, "reset_per_task")), reset
 
 
 def _get(cfg: DictConfig, key: str):

@@ -159,10 +159,8 @@ def tiny_llama(
 def build_model(node) -> ModelBundle:
     """The model of a run config's ``model`` node: its builder (``_target_``) with the other keys,
     then, with ``lora.enabled``, LoRA adapters on it (peft): only the adapters train."""
-    from omegaconf import OmegaConf
-
-    from cl_bench.config import build
-    bundle = build(OmegaConf.create({k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k != "lora"}))
+    from cl_bench.config import build, without
+    bundle = build(without(node, "lora"))
     lora = node.get("lora")
     if lora is None or not lora.get("enabled", False):
         return bundle

@@ -51,7 +51,7 @@ from cl_bench.errors import check_choice, check_number
 from cl_bench.evaluation.generation import GenerationConfig, generate
 from cl_bench.evaluation.metrics import METRICS
 from cl_bench.rng import derive_seed
-from cl_bench.training.lm import labelled_logits
+from cl_bench.training.lm import eval_mode, labelled_logits
 from cl_bench.training.sharding import full_weights, gather_rows, is_sharded, local, rows_of_shards
 from methods.base import CLMethod, model_bytes, trainable_bytes
 from methods.importance import overall_mean, sample_examples
@@ -166,24 +166,19 @@ class AGFT(CLMethod):
         model = module.model
         device = next(model.parameters()).device
         top = TopKMean({n: p.shape for n, p in params.items()}, self.top_k, device)
-        was_training = model.training
-        model.eval()
-        try:
-            with epsilon_rule(model, self.epsilon):
-                for batch in module.pass_loader(examples):
-                    for b in range(batch["input_ids"].shape[0]):
-                        one = {k: v[b:b + 1].to(device) for k, v in batch.items()}
-                        logits, targets = labelled_logits(model, one)
-                        answer = targets != IGNORE_INDEX
-                        if self.samples == "correct" and not self.predicted(logits, targets):
-                            continue
-                        relevance = weight_relevance(logits.max(-1).values[answer].sum(), params)
-                        for r in relevance.values():  # log1p(|R| / mean |R|), in place
-                            r.abs_()
-                            r.div_(r.mean().clamp(min=1e-30)).log1p_()
-                        top.add(relevance)
-        finally:
-            model.train(was_training)
+        with eval_mode(model), epsilon_rule(model, self.epsilon):
+            for batch in module.pass_loader(examples):
+                for b in range(batch["input_ids"].shape[0]):
+                    one = {k: v[b:b + 1].to(device) for k, v in batch.items()}
+                    logits, targets = labelled_logits(model, one)
+                    answer = targets != IGNORE_INDEX
+                    if self.samples == "correct" and not self.predicted(logits, targets):
+                        continue
+                    relevance = weight_relevance(logits.max(-1).values[answer].sum(), params)
+                    for r in relevance.values():  # log1p(|R| / mean |R|), in place
+                        r.abs_()
+                        r.div_(r.mean().clamp(min=1e-30)).log1p_()
+                    top.add(relevance)
         return top.mean() if top.count else {n: torch.zeros_like(p, dtype=torch.float32)
                                               for n, p in params.items()}, top.count
 

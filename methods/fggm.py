@@ -45,8 +45,9 @@ class FGGM(FixedMaskMethod):
         vectors: str = "mask",
         seed: int = 0,
     ):
-        super().__init__(alpha, aggregate, quantile_scope, update, skip_first_task, param_patterns,
-                         aggregate_reduce, vectors)
+        super().__init__(alpha=alpha, aggregate=aggregate, quantile_scope=quantile_scope, update=update,
+                         skip_first_task=skip_first_task, param_patterns=param_patterns,
+                         aggregate_reduce=aggregate_reduce, vectors=vectors)
         check_fisher_args(fisher, num_samples, "method")
         self.fisher, self.num_samples, self.seed = fisher, num_samples, seed
 

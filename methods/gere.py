@@ -51,6 +51,7 @@ from cl_bench.distributed import rank, world_size
 from cl_bench.errors import ConfigError, check_choice, check_number
 from cl_bench.models import decoder
 from cl_bench.rng import derive_seed
+from cl_bench.training.lm import eval_mode
 from methods.base import CLMethod
 
 BELOW, INSIDE, ABOVE = -1, 0, 1
@@ -160,16 +161,12 @@ class GeRe(CLMethod):
 
     def hidden_states(self, model):
         """h* of each general text in turn, one text at a time (no padding), on the model's device."""
-        was_training = model.training
-        model.eval()
         device = next(model.parameters()).device
-        try:
+        with eval_mode(model):
             for t in self.texts:
                 with torch.no_grad():
                     ids = torch.tensor([t], device=device)
                     yield final_hidden(model, ids, torch.ones_like(ids))[0]
-        finally:
-            model.train(was_training)
 
     def _keep_hidden(self, module, args, output) -> None:
         self.step_hidden = output.last_hidden_state if module.training else None

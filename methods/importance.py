@@ -29,7 +29,7 @@ import torch.distributed as dist
 from cl_bench.distributed import average_across_ranks, is_distributed
 from cl_bench.errors import ConfigError, check_choice, check_number
 from cl_bench.data.tokenization import IGNORE_INDEX
-from cl_bench.training.lm import answer_log_likelihood, labelled_logits
+from cl_bench.training.lm import answer_log_likelihood, eval_mode, labelled_logits
 from cl_bench.training.sharding import local
 
 FISHER_MODES = ("per_sample", "batch")
@@ -93,18 +93,16 @@ def _importance_pass(
         for p in tensors:
             p.grad = None
     gradients = _gradients(tensors, sharded)
-    was_training = model.training
-    model.eval()
     seen, terms = 0, 0
     try:
-        for batch in batches:
-            if num_samples is not None and seen >= num_samples:
-                break
-            batch = {k: v[: None if num_samples is None else num_samples - seen].to(device) for k, v in batch.items()}
-            examples, added = add_batch(batch, gradients, acc)
-            seen, terms = seen + examples, terms + added
+        with eval_mode(model):
+            for batch in batches:
+                if num_samples is not None and seen >= num_samples:
+                    break
+                batch = {k: v[: None if num_samples is None else num_samples - seen].to(device) for k, v in batch.items()}
+                examples, added = add_batch(batch, gradients, acc)
+                seen, terms = seen + examples, terms + added
     finally:
-        model.train(was_training)
         for p, g in zip(tensors, saved):
             p.grad = g
     if terms == 0:

@@ -42,7 +42,7 @@ import torch
 
 from cl_bench.data.tokenization import IGNORE_INDEX
 from cl_bench.errors import ConfigError, check_choice, check_number
-from cl_bench.training.lm import labelled_logits, labelled_mean, sequence_and_labelled_logits
+from cl_bench.training.lm import eval_mode, labelled_logits, labelled_mean, sequence_and_labelled_logits
 from cl_bench.training.sharding import full_weights
 from methods.base import CLMethod
 
@@ -123,9 +123,7 @@ class LwF(CLMethod):
     def top_logits(self, model: torch.nn.Module, batches) -> dict[bytes, tuple[torch.Tensor, torch.Tensor]]:
         """The ``top_k`` logits and token ids at every answer position of every example."""
         cache, device = {}, next(model.parameters()).device
-        was_training = model.training
-        model.eval()
-        try:
+        with eval_mode(model):
             for batch in batches:
                 batch = {k: v.to(device) for k, v in batch.items()}
                 logits, targets = labelled_logits(model, batch)
@@ -134,8 +132,6 @@ class LwF(CLMethod):
                     at = targets[b] != IGNORE_INDEX
                     cache[example_key(batch["input_ids"][b], batch["attention_mask"][b])] = (
                         values[b, at].to(self.cache_dtype).cpu(), ids[b, at].to(torch.int32).cpu())
-        finally:
-            model.train(was_training)
         return cache
 
     def _cached(self, batch: dict[str, torch.Tensor], targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

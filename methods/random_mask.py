@@ -28,7 +28,8 @@ class RandomMask(FixedMaskMethod):
         seed: int = 0,
         vectors: str = "mask",
     ):
-        super().__init__(alpha, aggregate, quantile_scope, "top", skip_first_task, param_patterns, vectors=vectors)
+        super().__init__(alpha=alpha, aggregate=aggregate, quantile_scope=quantile_scope, update="top",
+                         skip_first_task=skip_first_task, param_patterns=param_patterns, vectors=vectors)
         self.seed = seed
 
     def scores(self, module, task, params):

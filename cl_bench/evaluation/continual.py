@@ -38,7 +38,7 @@ from cl_bench.data.tokenization import IGNORE_INDEX
 from cl_bench.errors import ConfigError, check_choice, check_flag, check_number
 from cl_bench.evaluation.generation import GenerationConfig, evaluate_task
 from cl_bench.rng import derive_seed, preserved_rng
-from cl_bench.training.lm import answer_log_likelihood
+from cl_bench.training.lm import answer_log_likelihood, eval_mode
 
 MEASURES = ("loglik", "metric")
 
@@ -144,12 +144,8 @@ class ContinualEvaluator(Callback):
             return evaluate_task(model, self.tokenizer, task, self.generation, self.split,
                                  self.settings.max_examples).score
         loader = self.passes(task.splits[self.split]) if self.settings.resample else self.loaders[name]
-        was_training = model.training
-        model.eval()
-        try:
+        with eval_mode(model):
             return mean_answer_log_likelihood(model, loader, next(model.parameters()).device)
-        finally:
-            model.train(was_training)
 
     def evaluate(self, trainer, pl_module) -> None:
         start = time.perf_counter()

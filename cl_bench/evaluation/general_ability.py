@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from cl_bench.errors import ConfigError, check_number
+from cl_bench.training.lm import eval_mode
 from cl_bench.rng import preserved_rng
 
 #: lm-eval task configs shipped with the project (the offline probe)
@@ -95,15 +96,13 @@ class GeneralAbility:
         from lm_eval import simple_evaluate
         from lm_eval.models.huggingface import HFLM
 
-        was_training = model.training
         logging.getLogger("lm_eval").setLevel(logging.ERROR)
-        with preserved_rng():
+        with preserved_rng(), eval_mode(model):  # (the harness sets eval mode itself; this puts training back)
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size)
             out = simple_evaluate(
                 model=lm, tasks=list(self.tasks), num_fewshot=self.num_fewshot, limit=self.limit,
                 task_manager=self.task_manager(), log_samples=False, bootstrap_iters=0, verbosity="ERROR",
             )
-        model.train(was_training)
         scores = {}
         for task, metric in self.tasks.items():
             results = out["results"].get(task, {})

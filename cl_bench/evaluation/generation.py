@@ -12,6 +12,7 @@ from cl_bench.progress import advance, doing
 from cl_bench.evaluation.metrics import METRICS
 from cl_bench.data.tasks import Example, Task, TaskStream
 from cl_bench.data.tokenization import Collator, encode_prompt
+from cl_bench.training.lm import eval_mode
 
 
 @dataclass
@@ -45,8 +46,6 @@ def generate(
     cfg: GenerationConfig,
 ) -> list[str]:
     """Answers for ``examples``, in their order. Prompts are batched by length (less padding)."""
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     collate = Collator(tokenizer.pad_token_id)
     encoded = [encode_prompt(tokenizer, ex, cfg.max_prompt_len) for ex in examples]
@@ -54,7 +53,7 @@ def generate(
     sampling = {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p} if cfg.do_sample else {
         "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     answers: list[str] = [""] * len(examples)
-    try:
+    with eval_mode(model):
         for start in range(0, len(order), cfg.batch_size):
             idx = order[start : start + cfg.batch_size]
             batch = {k: v.to(device) for k, v in collate([encoded[i] for i in idx]).items()}
@@ -71,8 +70,6 @@ def generate(
             decode = {"clean_up_tokenization_spaces": False} if cfg.raw else {}
             for i, text in zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True, **decode)):
                 answers[i] = text if cfg.raw else text.strip()
-    finally:
-        model.train(was_training)
     return answers
 
 

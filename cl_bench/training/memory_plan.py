@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from cl_bench.distributed import strategy_family
 from cl_bench.errors import ConfigError
@@ -55,9 +55,8 @@ def architecture(model_node: DictConfig):
     from transformers import AutoConfig
     target = str(model_node.get("_target_", ""))
     if target.endswith("tiny_llama"):
-        from cl_bench.config import build
-        node = {k: v for k, v in OmegaConf.to_container(model_node, resolve=True).items() if k != "lora"}
-        return build(OmegaConf.create(node)).model.config  # a few kB: built for real
+        from cl_bench.config import build, without
+        return build(without(model_node, "lora")).model.config  # a few kB: built for real
     name = SMOLLM2_HUB_ID if target.endswith("load_smollm2") else model_node.get("name_or_path")
     if name is None:
         raise ConfigError(f"model._target_ {target}: the planner reads architectures of load_pretrained, "
