@@ -238,6 +238,7 @@ def test_a_resume_keeps_the_csv_rows_before_it_and_logs_into_the_runs_own_dir(ma
     assert len(after) == len(before)
 
 
+@pytest.mark.processes
 def test_a_refused_rerun_leaves_the_runs_hydra_record_as_it_was(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "runners.cl", "experiment=smoke", "general=none", "tasks.order=[arith]",
