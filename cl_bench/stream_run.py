@@ -31,7 +31,7 @@ from cl_bench.data.loaders import TaskLoaders
 from cl_bench.data.tasks import Task, TaskStream, training_plan
 from cl_bench.data.token_cache import stream_fingerprint
 from cl_bench.distributed import barrier, is_main, rank, start_processes, world_size
-from cl_bench.errors import ConfigError, as_stop, stop_on_signals
+from cl_bench.errors import as_stop, stop_on_signals
 from cl_bench.files import RunDirLock
 from cl_bench.progress import activity, doing, heartbeat, say, work_summary
 from cl_bench.evaluation.continual import ContinualEvaluator, ContinualSettings
@@ -150,7 +150,7 @@ class StreamRun:
         failed or stopped (and why), every finished stage kept. The run dir is let go at the end."""
         try:
             with stop_on_signals(), heartbeat(self.cfg.get("heartbeat_s") if is_main() else None):  # its clock at 0
-                say(self.work_summary())
+                say(self.opening_line())
                 first = self.start_or_restore()
                 for i in range(first, len(self.training)):
                     self.train_task(i)
@@ -264,7 +264,7 @@ class StreamRun:
         self.loggers.finalize("failed", self.recorder)
 
     # --- pieces ----------------------------------------------------------------------------------
-    def work_summary(self) -> str:
+    def opening_line(self) -> str:
         answers = sum(len(t.splits[self.cfg.eval.split][: self.cfg.eval.max_examples]) for t in self.stream)
         steps = sum(task_steps(len(t.train), t, self.cfg.train, world_size()) for t in self.training)
         return work_summary(len(self.training), steps, len(self.training) + 1, answers,

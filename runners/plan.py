@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                   "model, or shorter train.max_prompt_len / train.max_ans_len")
         if measured:
             total = sum(measured.values())
-            print(f"measured on this CPU (resident memory): " + ", ".join(f"{k} {v / GIB:.2f}" for k, v in measured.items())
+            print("measured on this CPU (resident memory): " + ", ".join(f"{k} {v / GIB:.2f}" for k, v in measured.items())
                   + f" GiB; {total / GIB:.2f} GiB against the plan's {result.states / GIB:.2f} "
                   f"({total / result.states - 1:+.1%})")
     return 0 if args.gpu_gib is None or result.fits(args.gpu_gib) else 1

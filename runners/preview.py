@@ -49,20 +49,13 @@ def _settings(cfg: DictConfig) -> dict[str, Any]:
     return body
 
 
-def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(node, dict):
-        return {prefix.rstrip("."): node}
-    out: dict[str, Any] = {}
-    for key, value in node.items():
-        out.update(_flat(value, f"{prefix}{key}."))
-    return out
-
-
 def preview(argv: list[str]) -> str:
     """The preview of the command ``argv`` (``sys.argv``) as text."""
     from hydra import initialize_config_dir
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from cl_bench.recording.comparison import flat_settings
 
     multirun = bool({"-m", "--multirun"} & set(argv))
     given = [a for a in argv[1:] if not a.startswith("-")]
@@ -89,7 +82,7 @@ def preview(argv: list[str]) -> str:
         sweep_dir = str(first.hydra.sweep.dir)
         for num, overrides in enumerate(jobs):
             cfg, out = _compose(overrides, num, True, sweep_dir)
-            settings.append(_flat(_settings(cfg)))
+            settings.append(flat_settings(_settings(cfg)))
             dirs.append(out)
             shown = [o for o in overrides if not o.startswith("dry_run=") and o not in hydra_own]
             lines.append(f"# job {num}: {' '.join(shown) or '(defaults)'}  ->  {out}")

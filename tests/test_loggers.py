@@ -1,6 +1,5 @@
 """The loggers as a run uses them: CSV, TensorBoard, W&B offline (read back), and secret redaction."""
 import csv
-import json
 import sys
 from pathlib import Path
 
