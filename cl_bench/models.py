@@ -193,24 +193,3 @@ def decoder(model: torch.nn.Module) -> torch.nn.Module:
 def is_adapter(name: str) -> bool:
     """A LoRA adapter's weight (peft names them ``...lora_A...``, ``lora_B``, ``lora_embedding_*``)."""
     return ".lora_" in name
-
-
-def stage_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """What a stage checkpoint keeps of the model: every weight, or with LoRA (peft) only the
-    adapters; the base model stays as it was loaded. A sharded model (FSDP) is gathered whole on
-    rank 0 (every process must call this)."""
-    from cl_bench.training.sharding import full_state_dict
-    state = full_state_dict(model)
-    return {k: v for k, v in state.items() if is_adapter(k)} if hasattr(model, "peft_config") else state
-
-
-def restore_weights(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Load what :func:`stage_weights` kept: with LoRA, the weights left out must be exactly the
-    base model's."""
-    if not hasattr(model, "peft_config"):
-        model.load_state_dict(state)
-        return
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    wrong = [k for k in missing if is_adapter(k)] + list(unexpected)
-    if wrong:
-        raise ConfigError(f"the checkpoint's weights do not fit the model (e.g. {wrong[0]}): was model.lora changed?")

@@ -1,7 +1,6 @@
 """One run of a stream: set up, start or restore, then train and evaluate task by task.
 
-    stream_run = StreamRun(cfg, out_dir)   # check the config, hold the run dir, start the processes,
-                                           # build everything (bad settings are refused here)
+    stream_run = StreamRun(cfg, out_dir)   # check the config, hold the run dir, build everything
     stream_run.run():
         first = start_or_restore()         # R[0] (the untrained model), or the newest checkpoint
         for i in range(first, len(stream)):
@@ -25,7 +24,7 @@ from lightning import seed_everything
 from omegaconf import DictConfig, OmegaConf
 from rich.rule import Rule
 
-from cl_bench.config import build, build_stream, optimizer_factory, validate_run_config
+from cl_bench.config import build, optimizer_factory
 from cl_bench.data.batching import check_every_task_trains, layout, task_steps
 from cl_bench.data.loaders import TaskLoaders
 from cl_bench.data.tasks import Task, TaskStream, training_plan
@@ -37,13 +36,14 @@ from cl_bench.progress import activity, doing, heartbeat, say, work_summary
 from cl_bench.evaluation.continual import ContinualEvaluator, ContinualSettings
 from cl_bench.evaluation.general_ability import GeneralAbility
 from cl_bench.evaluation.generation import GenerationConfig, evaluate_stream
-from cl_bench.models import build_model, restore_weights, stage_weights
+from cl_bench.models import build_model
 from cl_bench.recording.console import console
 from cl_bench.recording.loggers import RunLoggers
 from cl_bench.recording.results import RunRecorder, redact
 from cl_bench.recording.summary import print_summary
+from cl_bench.run_config import build_stream, validate_run_config
 from cl_bench.rng import derive_seed, rng_state, set_rng_state
-from cl_bench.training.checkpointing import StreamCheckpoints, run_dir
+from cl_bench.training.checkpointing import StreamCheckpoints, restore_weights, run_dir, stage_weights
 from cl_bench.training.module import CLModule
 from cl_bench.training.sharding import full_weights
 from cl_bench.training.trainer import build_trainer, placement_trainer, warn_low_precision_weights

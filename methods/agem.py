@@ -9,50 +9,46 @@ step's gradient g conflicts with it, g is projected onto the half-space where it
 
 over all trainable parameters at once (one dot product over the whole model).
 
-The edit runs in ``on_before_optimizer_step``: g is then the whole step's gradient, accumulated
-over micro-batches and (under DDP) averaged over processes, before clipping. g_ref is computed the
+The edit runs at the optimizer step (``edit_gradients``): g is then the whole step's gradient,
+accumulated over micro-batches and reduced over processes, before clipping. g_ref is computed the
 same way: the memory batch is laid out over processes and micro-batches as a training batch is
-(cl_bench/data/batching.py, the same token-mean normaliser), its micro-batch gradients summed
-and averaged over processes, so both vectors and the projection are those of one process. The
-memory batch of a step is drawn from the seed and the stream step alone: a resumed run draws the
-same ones. The memory holds examples (checkpointed), not tensors.
-
-Under FSDP (``trainer=fsdp``) the gradients are row shards: the memory batch's gradient comes from
-an ordinary backward (FSDP reduce-scatters it, averaged over processes, into each process's rows),
-the two dot products are summed over the shards, and each process projects its own rows.
+(cl_bench/data/batching.py, the same token-mean normaliser), its micro-batch gradients accumulated
+by an ordinary backward (the step's gradient set aside meanwhile) and averaged over processes, so
+both vectors and the projection are those of one process. Under FSDP (``trainer=fsdp``) that
+backward reduce-scatters g_ref into each process's rows, the dot products are summed over the
+processes' rows, and each process projects its own rows. The memory batch of a step is drawn from
+the seed and the stream step alone: a resumed run draws the same ones. The memory holds examples
+(checkpointed), not tensors.
 """
 from __future__ import annotations
 
 import dataclasses
 
 import torch
-import torch.distributed as dist
 
 from cl_bench.data.batching import layout
 from cl_bench.data.tasks import Example
-from cl_bench.distributed import average_across_ranks, is_distributed, rank, world_size
+from cl_bench.distributed import rank, world_size
 from cl_bench.errors import ConfigError, check_number
 from cl_bench.rng import derive_seed
 from cl_bench.training.lm import causal_lm_loss
-from cl_bench.training.sharding import is_sharded, local
+from cl_bench.training.parameter_views import ParameterViews
 from methods.base import CLMethod, trainable_bytes
-from methods.importance import sample_examples
+from methods.shared.importance import sample_examples
 
 
-def project(grads: list[torch.Tensor], reference: list[torch.Tensor], shards: bool = False) -> tuple[float, bool]:
+def project(grads: list[torch.Tensor], reference: list[torch.Tensor], total=lambda value: value.item()
+            ) -> tuple[float, bool]:
     """A-GEM's projection of ``grads`` against ``reference``, in place; returns (g . g_ref, projected).
-    ``shards``: each process holds its own rows of every tensor; the dot products sum over processes."""
-    def total(dots: list[torch.Tensor]) -> float:
+    ``total`` adds a sum over entries up over processes (``ParameterViews.total``, for row shards)."""
+    def dot_product(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
         # per-tensor dot products in the gradients' dtype (fp32 accumulation), summed in float64
-        value = torch.stack(dots).double().sum()
-        if shards and is_distributed():
-            dist.all_reduce(value)
-        return value.item()
+        return total(torch.stack([torch.dot(x.flatten(), y.flatten()) for x, y in zip(a, b)]).double().sum())
 
-    dot = total([torch.dot(g.flatten(), r.flatten()) for g, r in zip(grads, reference)])
+    dot = dot_product(grads, reference)
     if dot >= 0:  # every process sees the same sum, so all take the same branch
         return dot, False
-    norm = total([torch.dot(r.flatten(), r.flatten()) for r in reference])
+    norm = dot_product(reference, reference)
     if norm == 0:
         return dot, False
     for g, r in zip(grads, reference):
@@ -96,52 +92,37 @@ class AGEM(CLMethod):
         examples = sample_examples(pool, self.loaders.batch_size, derive_seed(self.seed, module.stream_step))
         return list(self.loaders.training(examples, seed=0, rank=rank(), world_size=world_size()))
 
-    def reference_gradient(self, module, params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
-        """The task-loss gradient on this step's memory batch, as one process would compute it."""
-        micro = self.memory_batches(module)
-        reference: list[torch.Tensor] | None = None
-        device = params[0].device
-        for batch in micro:
-            loss = causal_lm_loss(module.model, {k: v.to(device) for k, v in batch.items()}) / len(micro)
-            grads = [torch.zeros_like(p) if g is None else g
-                     for p, g in zip(params, torch.autograd.grad(loss, params, allow_unused=True))]
-            reference = grads if reference is None else [r.add_(g) for r, g in zip(reference, grads)]
-        average_across_ranks(reference)
-        return reference
-
-    def sharded_reference_gradient(self, module, params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
-        """The same under FSDP, as this process's rows: a backward of the memory batch (FSDP's
-        reduce-scatter averages over processes) into emptied ``.grad``, the step's gradient put back."""
+    def reference_gradient(self, module, views: ParameterViews, params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
+        """The task-loss gradient on this step's memory batch, as one process would compute it, as
+        the views of ``params`` hold it: a backward of each micro-batch into emptied ``.grad`` (the
+        step's gradient put back after), averaged over processes."""
         step = [p.grad for p in params]
         for p in params:
             p.grad = None
-        micro = self.memory_batches(module)
-        device = local(params[0]).device
-        for batch in micro:
-            (causal_lm_loss(module.model, {k: v.to(device) for k, v in batch.items()}) / len(micro)).backward()
-        reference = [torch.zeros_like(local(p)) if p.grad is None else local(p.grad) for p in params]
-        for p, g in zip(params, step):
-            p.grad = g
+        try:
+            micro = self.memory_batches(module)
+            device = views.weight(params[0]).device
+            for batch in micro:
+                (causal_lm_loss(module.model, {k: v.to(device) for k, v in batch.items()}) / len(micro)).backward()
+            reference = [torch.zeros_like(views.weight(p)) if p.grad is None else views.grad(p) for p in params]
+        finally:
+            for p, g in zip(params, step):
+                p.grad = g
+        views.average_replicas(reference)
         return reference
 
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+    def edit_gradients(self, module, views) -> None:
         if not self.memory:
             return
-        params = [p for p in pl_module.model.parameters() if p.requires_grad and p.grad is not None]
-        with pl_module.precision_context():  # g_ref at the precision of g (Lightning autocasts only the step)
-            if is_sharded(pl_module.model):
-                reference = self.sharded_reference_gradient(pl_module, params)
-            else:
-                reference = self.reference_gradient(pl_module, params)
-        if is_sharded(pl_module.model):
-            dot, projected = project([local(p.grad) for p in params], reference, shards=True)
-        else:
-            dot, projected = project([p.grad for p in params], reference)
+        params = [p for p in views.parameters().values() if p.grad is not None]
+        with module.precision_context():  # g_ref at the precision of g (Lightning autocasts only the step)
+            reference = self.reference_gradient(module, views, params)
+        dot, projected = project([views.grad(p) for p in params], reference, views.total)
         self.steps += 1
         self.projected_steps += projected
-        if pl_module.should_log:
-            pl_module.log_metrics({"agem/dot": dot, "agem/projected_fraction": self.projected_steps / self.steps,
-                                   "agem/memory_size": sum(len(kept) for kept in self.memory)})
+        if module.should_log:
+            module.log_metrics({"agem/dot": dot, "agem/projected_fraction": self.projected_steps / self.steps,
+                                "agem/memory_size": sum(len(kept) for kept in self.memory)})
 
     def on_task_end(self, module, task, task_index: int) -> None:
         self.memory.append(sample_examples(task.train, self.per_task, derive_seed(self.seed, task_index)))

@@ -33,9 +33,10 @@ operations pass the ordinary gradient (gradient x input), not AttnLRP's rules. W
 leaves open (the rule, eps, K, the log scale, the normalisation) is set in conf/method/agft.yaml
 and listed in docs/fidelity.md.
 
-Under FSDP (``trainer=fsdp``) every process computes the relevance on the gathered weights (the same
-samples everywhere, so the same gate), keeps the gate as the rows of its own parameter shards, and
-scales its gradient shard once per optimizer step (or its shard's update).
+The gradient is scaled once per optimizer step (``edit_gradients``), the update by the optimizer's
+step hooks. Under FSDP (``trainer=fsdp``) every process computes the relevance on the gathered
+weights (the same samples everywhere, so the same gate) and keeps the gate as the rows of its own
+parameter shards (cl_bench/training/parameter_views.py), which both scalings then read.
 """
 from __future__ import annotations
 
@@ -52,10 +53,11 @@ from cl_bench.evaluation.generation import GenerationConfig, generate
 from cl_bench.evaluation.metrics import METRICS
 from cl_bench.rng import derive_seed
 from cl_bench.training.lm import eval_mode, labelled_logits
-from cl_bench.training.sharding import full_weights, gather_rows, is_sharded, local, rows_of_shards
+from cl_bench.training.parameter_views import ParameterViews, place_state, whole_state
+from cl_bench.training.sharding import full_weights
 from methods.base import CLMethod, model_bytes, trainable_bytes
-from methods.importance import overall_mean, sample_examples
-from methods.masking import GradientMask, select_parameters
+from methods.shared.importance import overall_mean, sample_examples
+from methods.shared.masking import select_parameters
 
 SCALES = ("grad", "update")
 NORMALIZATIONS = ("tensor", "global")
@@ -149,15 +151,16 @@ class AGFT(CLMethod):
         self.relevance_samples: dict[str, int] = {}
         self.param_patterns = None if param_patterns is None else list(param_patterns)
         self.seed = seed
-        #: Rbar: the element-wise max of the normalised relevance of every finished task
+        #: Rbar: the element-wise max of the normalised relevance of every finished task, placed as
+        #: the parameter views are (this process's rows under FSDP)
         self.gate: dict[str, torch.Tensor] = {}
-        self.params: dict[str, torch.nn.Parameter] = {}
-        self.mask: GradientMask | None = None
+        self.model: torch.nn.Module | None = None
         self.handles: list = []
         self.before_step: dict[str, torch.Tensor] = {}
 
     def on_stream_start(self, module, stream) -> None:
-        self.params = select_parameters(module.model, self.param_patterns, "method.param_patterns")
+        self.model = module.model
+        select_parameters(module.model, self.param_patterns, "method.param_patterns")
 
     # --- after a task: the relevance of its correctly predicted samples ---------------------------
     def relevance(self, module, examples, params: dict[str, torch.nn.Parameter]) -> tuple[dict[str, torch.Tensor], int]:
@@ -196,7 +199,6 @@ class AGFT(CLMethod):
         return [ex for ex, a in zip(examples, answers) if score([a], [ex.answer], [ex.prompt]) >= self.min_score]
 
     def on_task_end(self, module, task, task_index: int) -> None:
-        self.release()
         start = time.perf_counter()
         examples = sample_examples(task.train, self.num_samples, derive_seed(self.seed, task_index))
         with full_weights(module.model):  # FSDP: every process attributes with the gathered weights
@@ -209,52 +211,39 @@ class AGFT(CLMethod):
             log.warning("AGFT: none of the %d samples examined of task %s passed method.samples=%s, so the task adds "
                         "nothing to the gate; on long answers set method.samples=scored (the task's metric >= "
                         "method.min_score) or method.min_token_accuracy below 1", len(examples), task.name, self.samples)
-        scores = normalise(scores, self.normalize) if correct else scores
-        if is_sharded(module.model):
-            self.params = select_parameters(module.model, self.param_patterns, "method.param_patterns")
-            scores, self.gate = rows_of_shards(scores, self.params), rows_of_shards(self.gate, self.params)
-        self.gate = scores if not self.gate else {n: torch.maximum(self.gate[n], s) for n, s in scores.items()}
+        scores = place_state(normalise(scores, self.normalize) if correct else scores, module.model)
+        gate = place_state(self.gate, module.model)
+        self.gate = scores if not gate else {n: torch.maximum(gate[n], s) for n, s in scores.items()}
         module.log_metrics({"agft/correct_samples": correct, "agft/attribution_s": time.perf_counter() - start,
                             # the mean over the whole gate, not this shard's rows
                             "agft/gate_mean": overall_mean(self.gate, split=self.row_shards)})
 
     # --- during a task: the gate scales gradients or updates ------------------------------------
-    def keep(self) -> dict[str, torch.Tensor]:
-        """1 - Rbar: the share of each entry's gradient (update) that is applied."""
-        return {n: 1 - g for n, g in self.gate.items()}
-
-    def on_task_start(self, module, task, task_index: int) -> None:
-        if self.gate and self.scale == "grad" and not self.row_shards:
-            self.mask = GradientMask(self.params, self.keep())
-
     def on_train_start(self, trainer, pl_module) -> None:
-        if self.row_shards:  # the model is sharded now: its parameters and the gate's rows
-            self.params = select_parameters(pl_module.model, self.param_patterns, "method.param_patterns")
-            self.gate = {n: g.to(local(self.params[n]).device)
-                         for n, g in rows_of_shards(self.gate, self.params).items()}
+        self.gate = place_state(self.gate, pl_module.model)  # the model is on its device, sharded under FSDP
         if not self.gate or self.scale != "update":
             return
+        views = ParameterViews(pl_module.model)
         for opt in trainer.optimizers:
-            self.handles.append(opt.register_step_pre_hook(lambda *_: self._remember()))
-            self.handles.append(opt.register_step_post_hook(lambda *_: self._scale_updates()))
+            self.handles.append(opt.register_step_pre_hook(lambda *_: self._remember(views)))
+            self.handles.append(opt.register_step_post_hook(lambda *_: self._scale_updates(views)))
 
     @torch.no_grad()
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        """Under FSDP, ``scale: grad``: each process scales its reduced gradient shard."""
-        if self.row_shards and self.gate and self.scale == "grad":
-            for n, p in self.params.items():
-                if p.grad is not None:
-                    local(p.grad).mul_(1 - self.gate[n].to(p.dtype))
+    def edit_gradients(self, module, views) -> None:
+        """``scale: grad``: g <- (1 - Rbar) (.) g."""
+        if self.gate and self.scale == "grad":
+            for n, (_, grad) in views.gradients(self.gate).items():
+                grad.mul_(1 - self.gate[n].to(grad.dtype))
 
     @torch.no_grad()
-    def _remember(self) -> None:
-        self.before_step = {n: local(p).detach().clone() for n, p in self.params.items()}
+    def _remember(self, views: ParameterViews) -> None:
+        self.before_step = {n: views.weight(p).clone() for n, p in views.parameters(self.gate).items()}
 
     @torch.no_grad()
-    def _scale_updates(self) -> None:
+    def _scale_updates(self, views: ParameterViews) -> None:
         """theta <- theta + Rbar (.) (theta_old - theta) = theta_old + (1 - Rbar) (.) delta, in place."""
-        for n, p in self.params.items():
-            weights = local(p)
+        for n, p in views.parameters(self.gate).items():
+            weights = views.weight(p)
             weights.addcmul_(self.gate[n].to(weights.dtype), self.before_step[n].sub_(weights))
         self.before_step = {}
 
@@ -262,11 +251,6 @@ class AGFT(CLMethod):
         for h in self.handles:
             h.remove()
         self.handles = []
-
-    def release(self) -> None:
-        if self.mask is not None:
-            self.mask.remove()
-            self.mask = None
 
     def planned_state(self, model, world, tasks):
         """The gate (fp32) and, scaling updates, theta_old during each step; under FSDP each shard's rows."""
@@ -286,10 +270,11 @@ class AGFT(CLMethod):
         return {"relevance_samples": dict(self.relevance_samples)}
 
     def state_dict(self):
-        """The whole gate; a sharded one is gathered (every process calls this; rank 0 writes it)."""
-        gate = gather_rows(self.gate, self.params) if self.row_shards and self.gate else self.gate
-        return {"gate": {n: g.cpu() for n, g in gate.items()}, "relevance_samples": dict(self.relevance_samples)}
+        """The whole gate (under FSDP gathered from every process's rows: every process calls this)."""
+        return {"gate": {n: g.cpu() for n, g in whole_state(self.gate, self.model).items()},
+                "relevance_samples": dict(self.relevance_samples)}
 
     def load_state_dict(self, state_dict) -> None:
+        """Restore the whole gate; it is placed at the next fit's start."""
         self.relevance_samples = dict(state_dict.get("relevance_samples", {}))
-        self.gate = {n: g.to(self.params[n].device) if n in self.params else g for n, g in state_dict["gate"].items()}
+        self.gate = dict(state_dict["gate"])

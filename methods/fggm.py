@@ -2,7 +2,7 @@
 
 Before training task t (t >= 2 by default), at theta_{t-1} and on task t's own training data:
 
-    F_i = (1/N) sum_n (d log p(y_n | x_n; theta_{t-1}) / d theta_i)^2     (methods/importance.py)
+    F_i = (1/N) sum_n (d log p(y_n | x_n; theta_{t-1}) / d theta_i)^2     (methods/shared/importance.py)
     s_r = sum_c F_{r,c}                 per output row of a 2-D weight ("mask normalization via
                                          output dimension"; aggregate=row, or column / element)
     thr = quantile(s, alpha)            over all tensors (quantile_scope=global) or per tensor
@@ -24,8 +24,8 @@ from typing import Sequence
 
 from cl_bench.rng import derive_seed
 from methods.base import trainable_bytes
-from methods.fixed_mask import FixedMaskMethod
-from methods.importance import check_fisher_args, diagonal_fisher, sample_examples
+from methods.shared.fixed_mask import FixedMaskMethod
+from methods.shared.importance import check_fisher_args, diagonal_fisher, sample_examples
 
 
 class FGGM(FixedMaskMethod):

@@ -29,7 +29,7 @@ the fp32 hidden states on disk. The set is rebuilt from the untrained model when
 
 General texts: ``general_data`` (JSON Lines with a ``text`` field, as the authors' SlimPajama
 sample) or, by default, ``num_samples`` texts the untrained model writes itself
-(cl_bench/data/general_text.py).
+(methods/shared/general_texts.py).
 
 Under DDP and FSDP the processes share each step's draw in batch mode (FSDP needs every process's
 micro-batches to hold the same count, so ``per_step`` must then be a multiple of processes x
@@ -43,7 +43,7 @@ import time
 
 import torch
 
-from cl_bench.data.general_text import read_texts, self_generated
+from methods.shared.general_texts import read_texts, self_generated
 from cl_bench.data.batching import layout
 from cl_bench.data.tasks import Example
 from cl_bench.data.tokenization import IGNORE_INDEX, TokenizedText
@@ -266,7 +266,7 @@ class GeRe(CLMethod):
         own activations (the other modes train them as rows of the batch)."""
         if self.mode != "batch":
             return {}
-        from cl_bench.training.memory_plan import activation_bytes
+        from cl_bench.memory_plan import activation_bytes
         texts = -(-self.per_step // getattr(self, "slots", 1))
         config = model.get_base_model().config if hasattr(model, "peft_config") else model.config
         return {f"general texts' forward ({texts} x {self.max_length} tokens)": activation_bytes(

@@ -6,15 +6,15 @@ model's output to it, averaged over the task's inputs (no labels are needed):
 
     Omega_i^t = (1/N) sum_n | d ||f(x_n)||^2 / d theta_i |
 
-f(x) is the vector of logits at the positions that predict the answer (methods/importance.py,
+f(x) is the vector of logits at the positions that predict the answer (methods/shared/importance.py,
 ``output_sensitivity``). Importances add up over tasks, Omega <- Omega + Omega^t, and theta* is
 theta at the end of the latest task. On later tasks
 
     L = L_task + lambda * sum_i Omega_i (theta_i - theta*_i)^2.
 
 This is EWC's machinery (methods/ewc.py) with Omega for F: the penalty's closed-form gradient
-2 lambda Omega (theta - theta*) through parameter hooks, state sharded over DDP processes,
-checkpointed, bf16 storage as an option. The paper's lambda is 1; conf/method/mas.yaml uses 1e-2.
+2 lambda Omega (theta - theta*) added at every optimizer step, the state as each process's rows
+under FSDP, checkpointed, bf16 storage as an option. The paper's lambda is 1; conf/method/mas.yaml uses 1e-2.
 On SmolLM2 both over-regularise (the penalty was 18-905x, then 0.8-12x the task loss, and little is
 learnt after the first task): calibrate lambda_ on ``mas/penalty_to_task_loss``.
 """
@@ -25,7 +25,7 @@ from typing import Sequence
 import torch
 
 from methods.ewc import EWC
-from methods.importance import output_sensitivity, overall_mean
+from methods.shared.importance import output_sensitivity, overall_mean
 
 
 class MAS(EWC):
@@ -37,15 +37,14 @@ class MAS(EWC):
         num_samples: int | None = 512,
         storage_dtype: str = "float32",
         param_patterns: Sequence[str] | None = None,
-        shard_state: bool = True,
     ):
         # EWC's penalty is (lambda_ewc / 2) sum F d^2: lambda_ewc = 2 lambda gives MAS's lambda sum Omega d^2
         super().__init__(lambda_=2 * lambda_, mode="online", gamma=1.0, num_samples=num_samples,
-                         storage_dtype=storage_dtype, param_patterns=param_patterns, shard_state=shard_state)
+                         storage_dtype=storage_dtype, param_patterns=param_patterns)
 
     def importance(self, module, task, params) -> dict[str, torch.Tensor]:
         omega, stats = output_sensitivity(module.model, module.pass_loader(task.train), params, self.num_samples,
-                                          average_ranks=not self.sharded)
+                                          )
         module.log_metrics({"mas/importance_s": stats["seconds"],
-                            "mas/importance_mean": overall_mean(omega, split=self.sharded or self.row_shards)})
+                            "mas/importance_mean": overall_mean(omega, split=self.row_shards)})
         return omega

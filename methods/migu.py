@@ -19,10 +19,10 @@ Not applied on the first task (``skip_first_task``). The released code sums padd
 ``ignore_padding: true`` leaves them out. ``random_update: true`` is the ablation that updates a
 random 1 - T fraction of rows instead.
 
-The mask depends on the whole accumulation window, so it edits ``.grad`` once per optimizer step
-(Lightning's ``on_before_optimizer_step``): supported where ``.grad`` is the gradient the optimizer
-uses (single device, DDP, and FSDP2, where each process masks the rows of its gradient shard), not
-under DeepSpeed, whose partitioned gradients are not in ``.grad`` there.
+The mask depends on the whole accumulation window, so it edits the gradient once per optimizer step
+(``edit_gradients``): supported where ``.grad`` is the gradient the optimizer uses (single device,
+DDP, and FSDP2, where each process masks the rows it holds), not under DeepSpeed, whose partitioned
+gradients are not in ``.grad`` there.
 """
 from __future__ import annotations
 
@@ -33,7 +33,6 @@ import torch
 
 from cl_bench.distributed import average_across_ranks
 from cl_bench.errors import ConfigError, check_fraction
-from cl_bench.training.sharding import mask_shard_
 from methods.base import CLMethod
 
 
@@ -117,19 +116,20 @@ class MIGU(CLMethod):
         self.last_sums = dict(zip(names, sums))
         return {n: s >= torch.quantile(s, self.threshold) for n, s in self.last_sums.items()}
 
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+    def edit_gradients(self, module, views) -> None:
         if not self.active:
             return
         masks = self.row_masks()
         for n, keep in masks.items():
-            grad = self.layers[n].weight.grad
+            weight = self.layers[n].weight
+            grad = views.grad(weight)
             if grad is not None:
-                mask_shard_(grad, keep.unsqueeze(1))  # under FSDP, the rows of this process's shard
+                grad.mul_(views.rows(weight, keep.unsqueeze(1)).to(grad.dtype))
         self.last_masks = masks
         self.sums = {}
-        if pl_module.should_log and masks:
+        if module.should_log and masks:
             kept = sum(m.sum().item() for m in masks.values())
-            pl_module.log_metrics({"migu/updated_row_fraction": kept / sum(m.numel() for m in masks.values())})
+            module.log_metrics({"migu/updated_row_fraction": kept / sum(m.numel() for m in masks.values())})
 
     def planned_state(self, model, world, tasks):
         return {"row sums of |W x|": 4 * sum(m.out_features for m in self._linear_layers(model).values())}

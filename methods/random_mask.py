@@ -11,7 +11,7 @@ from typing import Sequence
 import torch
 
 from cl_bench.rng import derive_seed
-from methods.fixed_mask import FixedMaskMethod
+from methods.shared.fixed_mask import FixedMaskMethod
 
 
 class RandomMask(FixedMaskMethod):

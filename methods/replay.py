@@ -30,7 +30,7 @@ from cl_bench.data.tasks import Example, read_split
 from cl_bench.errors import ConfigError, check_choice, check_number
 from cl_bench.rng import derive_seed
 from methods.base import CLMethod
-from methods.importance import sample_examples
+from methods.shared.importance import sample_examples
 
 
 MODES = ("concat", "interleave", "trace")

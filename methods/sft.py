@@ -1,7 +1,7 @@
 """SFT: sequential fine-tuning, the baseline every CL table starts from.
 
 Train on each task in turn with the plain task loss, nothing else: every hook of
-:class:`~methods.base.CLMethod` stays a no-op.
+:class:`~cl_bench.training.method.CLMethod` stays a no-op.
 """
 from methods.base import CLMethod
 

@@ -38,7 +38,8 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from cl_bench.config import build, build_stream, optimizer_factory
+from cl_bench.config import build, optimizer_factory
+from cl_bench.run_config import build_stream
 from cl_bench.models import build_model
 from cl_bench.data.loaders import TaskLoaders
 from cl_bench.recording.console import one_line_per_bar

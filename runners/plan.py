@@ -2,7 +2,7 @@
 
 Takes the overrides of a run (``model=llama2_7b_chat trainer=fsdp trainer.devices=8 method=ewc
 model.lora.enabled=true``), composes the same config, and prints weights, gradients, optimizer
-state, the method's state and an activation estimate per GPU (cl_bench/training/memory_plan.py),
+state, the method's state and an activation estimate per GPU (cl_bench/memory_plan.py),
 and whether they fit ``--gpu-gib`` (without it: which common GPU sizes they fit). A plan that does
 not fit lists the changes under which it would (a micro-batch of 1, bf16, LoRA, FSDP). No weight
 is loaded: the parameter counts come from the model's architecture.
@@ -17,7 +17,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from cl_bench.errors import ConfigError
-from cl_bench.training.memory_plan import GIB, GPU_SIZES, as_dict, measure, plan, render
+from cl_bench.memory_plan import GIB, GPU_SIZES, as_dict, measure, plan, render
 from runners.cl import CONF_DIR
 
 

@@ -55,7 +55,7 @@ def preview(argv: list[str]) -> str:
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from cl_bench.recording.comparison import flat_settings
+    from cl_bench.config import flat_settings
 
     multirun = bool({"-m", "--multirun"} & set(argv))
     given = [a for a in argv[1:] if not a.startswith("-")]

@@ -44,8 +44,8 @@ def unit_scores_worker(rank: int, port: int, out_dir: str) -> None:
     process's."""
     import torch.distributed as dist
     from cl_bench.training.sharding import shard_rows
-    from methods.fixed_mask import unit_scores_of_shards
-    from methods.importance import overall_mean
+    from methods.shared.fixed_mask import unit_scores_of_shards
+    from methods.shared.importance import overall_mean
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     whole = {"w": torch.arange(35.0).view(5, 7) ** 1.5, "v": torch.arange(5.0) + 0.5}
     params = {n: torch.empty(t.shape, device="meta") for n, t in whole.items()}

@@ -13,6 +13,8 @@ from cl_bench.errors import ConfigError
 from cl_bench.models import tiny_llama
 from cl_bench.training.lm import labelled_logits
 from cl_bench.training.module import CLModule
+from cl_bench.training.parameter_views import ParameterViews
+from methods.shared.masking import select_parameters
 
 TASK = Task(TaskSpec("t", "accuracy", 4), {"train": [Example(f"q{i} x{i * 3}? Answer:", f"a{i} b{i % 2}") for i in range(8)]}, 1)
 
@@ -126,7 +128,6 @@ def _agem_step(micro_batch_size):
     """The projected gradient of one step of task 2, the step's gradient accumulated over
     micro-batches as Lightning does (each micro-batch loss / accumulate); the step ascends the
     loss of similar data, so it conflicts with the memory's gradient."""
-    from types import SimpleNamespace
     from methods.agem import AGEM
     method = AGEM(per_task=6, memory_batch_size=4, seed=1)
     module = _module(method, seed=2, micro_batch_size=micro_batch_size)
@@ -139,10 +140,12 @@ def _agem_step(micro_batch_size):
         from cl_bench.training.lm import causal_lm_loss
         (-causal_lm_loss(module.model, batch) / len(micro)).backward()  # ascent: it conflicts with the memory
     step_grad = [p.grad.clone() for p in module.model.parameters()]
-    reference = method.reference_gradient(module, list(module.model.parameters()))
+    views = ParameterViews(module.model)
+    reference = method.reference_gradient(module, views, list(module.model.parameters()))
+    assert all(torch.equal(p.grad, g) for p, g in zip(module.model.parameters(), step_grad))  # put back
     logged = {}
     module.metric_sink = lambda metrics, step: logged.update(metrics)
-    method.on_before_optimizer_step(SimpleNamespace(), module, None)
+    method.edit_gradients(module, views)
     return module, method, step_grad, reference, [p.grad.clone() for p in module.model.parameters()], logged
 
 
@@ -150,7 +153,7 @@ def test_agem_step_projects_the_whole_gradient_and_is_the_same_under_accumulatio
     from cl_bench.training.lm import causal_lm_loss
     module, method, g, r, projected, logged = _agem_step(None)
     # the reference gradient is the token-mean loss gradient over the step's memory batch
-    from methods.importance import sample_examples
+    from methods.shared.importance import sample_examples
     from cl_bench.rng import derive_seed
     drawn = sample_examples(method.memory[0], 4, derive_seed(1, 0))
     module.model.zero_grad()
@@ -259,7 +262,7 @@ def test_replay_exposure_counts_of_each_mode(make_config, monkeypatch, tmp_path,
     monkeypatch.setattr("cl_bench.config.instantiate", instantiate_with(method))
     cfg = make_config("tasks.order=[arith,code,sentiment]", "tasks.epochs=2", "tasks.num_train=4")
     run(cfg, cfg.paths.output_dir)
-    from cl_bench.config import build_stream
+    from cl_bench.run_config import build_stream
     tasks = build_stream(cfg.tasks)
     tok = tiny_llama().tokenizer
     key = lambda ex: tuple(encode_train(tok, ex, cfg.train.max_prompt_len, cfg.train.max_ans_len)["input_ids"])
@@ -315,16 +318,17 @@ def test_agft_top_k_mean_and_the_per_sample_pass_match_a_direct_computation():
     method = AGFT(num_samples=8, top_k=3, samples="all", param_patterns=["*layers.0.mlp.*"])
     module = _module(method)
     method.on_stream_start(module, None)
-    got, used = method.relevance(module, TASK.train[:4], method.params)
+    params = select_parameters(module.model, method.param_patterns, "method.param_patterns")
+    got, used = method.relevance(module, TASK.train[:4], params)
     assert used == 4
     model, expected = module.model.eval(), []
     for ex in TASK.train[:4]:  # each sample alone, no padding
         batch = next(iter(TaskLoaders(module.loaders.tokenizer, 1, 64, 8).passes([ex])))
         with epsilon_rule(model, 1e-6):
             logits, targets = labelled_logits(model, batch)
-            rel = weight_relevance(logits.max(-1).values[targets != IGNORE_INDEX].sum(), method.params)
+            rel = weight_relevance(logits.max(-1).values[targets != IGNORE_INDEX].sum(), params)
         expected.append({n: torch.log1p(r.abs() / r.abs().mean()) for n, r in rel.items()})
-    for n in method.params:
+    for n in params:
         stacked = torch.stack([e[n] for e in expected]).sort(0, descending=True).values
         torch.testing.assert_close(got[n], stacked[:3].mean(0), rtol=1e-4, atol=1e-6)
 
@@ -354,10 +358,10 @@ def test_agft_scales_the_gradient_by_one_minus_the_gate():
     module.model.zero_grad(set_to_none=True)
     method.on_task_start(module, TASK, 1)
     causal_lm_loss(module.model, batch).backward()
+    method.edit_gradients(module, ParameterViews(module.model))
     for n, p in module.model.named_parameters():
         expected = plain[n] * (1 - method.gate[n]) if n in method.gate else plain[n]
         torch.testing.assert_close(p.grad, expected)
-    method.release()
 
 
 def test_agft_update_scaling_applies_one_minus_the_gate_to_the_optimizer_step():
@@ -403,10 +407,10 @@ def _adam_updates(method, steps=5):
     for batch in list(module.pass_loader(TASK.train))[:1] * steps:
         module.model.zero_grad(set_to_none=True)
         causal_lm_loss(module.model, batch).backward()
+        method.edit_gradients(module, ParameterViews(module.model))
         opt.step()
     if method.name == "agft":
         method.on_train_end(None, module)
-        method.release()
     return (param.detach() - start).abs()
 
 
@@ -614,7 +618,7 @@ def test_gere_batch_mode_trains_the_same_weights_at_any_micro_batch_size(make_co
 
 
 def test_general_texts_are_read_or_refused_with_the_file_named(tmp_path):
-    from cl_bench.data.general_text import read_texts
+    from methods.shared.general_texts import read_texts
     good = tmp_path / "texts.json"
     good.write_text('["one", {"text": "two"}]')
     assert read_texts(good) == ["one", "two"]
@@ -664,7 +668,7 @@ def test_joint_training_trains_every_example_of_every_task_once_per_epoch(make_c
     assert results["cl_metrics"] == {"op": pytest.approx(sum(recorder.R[1]) / 2)}  # no BWT/FWT: no sequence
     from cl_bench.data.tokenization import encode_train
     tok = tiny_llama().tokenizer
-    from cl_bench.config import build_stream
+    from cl_bench.run_config import build_stream
     tasks = build_stream(cfg.tasks)
     expected = Counter()
     for task, epochs in zip(tasks, (2, 1)):
@@ -735,7 +739,7 @@ def test_agem_memory_batches_leave_no_token_cache_entries(tmp_path):
     method.on_task_end(module, TASK, 0)
     for step in range(3):
         module.step_offset = step
-        method.reference_gradient(module, list(module.model.parameters()))
+        method.reference_gradient(module, ParameterViews(module.model), list(module.model.parameters()))
     assert list(tmp_path.iterdir()) == []
 
 

@@ -139,7 +139,7 @@ def test_a_run_records_curves_that_match_the_stage_scores_and_leave_training_unc
     bundle.model.load_state_dict(_final_weights(out))
     bundle.model.eval()
     loaders = TaskLoaders.from_config(cfg.train, bundle.tokenizer)
-    from cl_bench.config import build_stream
+    from cl_bench.run_config import build_stream
     stream = {t.name: t for t in build_stream(cfg.tasks)}
     for name in ("arith", "minutes"):
         direct = mean_answer_log_likelihood(bundle.model, loaders.passes(stream[name].splits["test"][:6]), "cpu")
@@ -166,7 +166,7 @@ def test_the_authors_options_a_point_before_the_first_update_and_a_subsample_dra
     assert curves["before_first_step"] is True and curves["resample"] is True
     arith = curves["scores"]["arith"]
     assert res["continual_metrics"]["wf10_per_task"]["arith"] == pytest.approx(max_drop(arith, 10))
-    from cl_bench.config import build_stream
+    from cl_bench.run_config import build_stream
     from cl_bench.evaluation.continual import ContinualEvaluator
     from cl_bench.models import tiny_llama
     stream = build_stream(cfg.tasks)

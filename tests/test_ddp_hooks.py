@@ -1,9 +1,9 @@
-"""Gradient edits made by parameter hooks survive DDP's gradient averaging (2 CPU processes, gloo).
+"""Gradient edits at the optimizer step apply to DDP's averaged gradient (2 CPU processes, gloo).
 
-FGGM's mask and EWC's closed-form penalty gradient are applied in place when autograd accumulates
-into ``p.grad``. DDP copies that gradient into its buckets from a hook of its own; these tests show
-the edit happens first, with gradient accumulation (``no_sync``) and DDP's default buckets (those
-Lightning uses).
+FGGM's mask and EWC's closed-form penalty gradient edit the step's gradient once, through
+``ParameterViews``, after gradient accumulation (``no_sync``) and DDP's averaging over its default
+buckets (those Lightning uses); every process then holds the same edited gradient, and EWC's
+penalty value is the one process's.
 """
 import os
 import socket
@@ -14,8 +14,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from cl_bench.training.parameter_views import ParameterViews
 from methods.ewc import EWC
-from methods.masking import GradientMask
+from methods.shared.masking import GradientMask
 
 ROW_MASK = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 0.0]).view(6, 1).bool()
 LAMBDA = 5.0
@@ -42,33 +43,26 @@ def _worker(rank: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     results = {}
-    for name in ("mask", "ewc", "ewc_sharded"):
+    for name in ("mask", "ewc"):
         layer = _layer()
         params = dict(layer.named_parameters())
-        if name == "mask":
-            GradientMask(params, {"weight": ROW_MASK})
-        elif name == "ewc":
-            ewc = EWC(lambda_=LAMBDA, shard_state=False)
-            ewc.params, ewc.consolidated = params, [_state()]
-            ewc.on_task_start(None, None, 1)
-            ewc.grad_scale, ewc.scratch = 0.5, {torch.float32: torch.empty(24)}
-        else:  # each rank keeps F and theta* of its share only (weight: rank 0, bias: rank 1)
-            ewc = EWC(lambda_=LAMBDA, shard_state=True)
-            ewc.on_stream_start(SimpleNamespace(model=layer), None)
-            ewc.load_state_dict({"consolidated": [_state()], "grad_sq": {}, "micro_batches": 0})
-            ewc.on_task_start(None, None, 1)
-            ewc.on_train_start(SimpleNamespace(accumulate_grad_batches=2), SimpleNamespace(device=torch.device("cpu")))
-            results["owned"] = sorted(ewc.consolidated[0][0])
-            results["penalty"] = ewc.penalty_value()
-            gathered = ewc.state_dict()["consolidated"][0]
-            results["gathered"] = {n: gathered[0][n] for n in gathered[0]}
         model = torch.nn.parallel.DistributedDataParallel(layer)
         with model.no_sync():  # two micro-batches: the first accumulates locally
             (model(_inputs(rank, 0)).pow(2).sum() / 2).backward()
         (model(_inputs(rank, 1)).pow(2).sum() / 2).backward()
+        views = ParameterViews(layer)
+        if name == "mask":
+            GradientMask(params, {"weight": ROW_MASK}).apply(views)
+        else:
+            ewc = EWC(lambda_=LAMBDA)
+            ewc.on_stream_start(SimpleNamespace(model=layer), None)
+            ewc.load_state_dict({"consolidated": [_state()]})
+            ewc.on_train_start(None, SimpleNamespace(model=layer, device=torch.device("cpu")))
+            ewc.edit_gradients(None, views)
+            results["penalty"] = ewc.penalty_value(views)
+            results["saved"] = ewc.state_dict()["consolidated"][0][0]
         results[name] = {n: p.grad.clone() for n, p in params.items()}
-    if rank == 0:
-        torch.save(results, out)
+    torch.save(results, f"{out}.{rank}")
     dist.barrier()
     # Tearing down gloo DDP reducers at interpreter exit sometimes hangs (seen in about 1 run in
     # 3 here): everything is saved, so leave without running destructors.
@@ -84,22 +78,22 @@ def _expected_task_grads() -> dict[str, torch.Tensor]:
     return {n: p.grad for n, p in layer.named_parameters()}
 
 
-def test_hook_edits_reach_the_averaged_gradient(tmp_path):
+def test_step_edits_apply_to_the_averaged_gradient_on_every_process(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = str(tmp_path / "grads.pt")
     mp.spawn(_worker, args=(port, out), nprocs=2)
-    got = torch.load(out, weights_only=True)
     plain = _expected_task_grads()
-    torch.testing.assert_close(got["mask"]["weight"], plain["weight"] * ROW_MASK)
-    assert torch.all(got["mask"]["weight"][~ROW_MASK.squeeze(1)] == 0)
     fisher, anchor = _state()
-    for n, p in _layer().named_parameters():
-        expected = plain[n] + LAMBDA * fisher[n] * (p.detach() - anchor[n])
-        torch.testing.assert_close(got["ewc"][n], expected)
-        torch.testing.assert_close(got["ewc_sharded"][n], expected)  # the same, from half the state per rank
-    assert got["owned"] == ["weight"]
-    assert sorted(got["gathered"]) == ["bias", "weight"] and torch.equal(got["gathered"]["bias"], fisher["bias"])
     full = sum((fisher[n] * (p.detach() - anchor[n]) ** 2).sum() for n, p in _layer().named_parameters())
-    assert got["penalty"] == pytest.approx(0.5 * LAMBDA * full.item(), rel=1e-6)
+    for rank in range(2):
+        got = torch.load(f"{out}.{rank}", weights_only=True)
+        torch.testing.assert_close(got["mask"]["weight"], plain["weight"] * ROW_MASK)
+        assert torch.all(got["mask"]["weight"][~ROW_MASK.squeeze(1)] == 0)
+        torch.testing.assert_close(got["mask"]["bias"], plain["bias"])  # no mask: untouched
+        for n, p in _layer().named_parameters():
+            expected = plain[n] + LAMBDA * fisher[n] * (p.detach() - anchor[n])
+            torch.testing.assert_close(got["ewc"][n], expected)
+        assert got["penalty"] == pytest.approx(0.5 * LAMBDA * full.item(), rel=1e-6)  # not added over processes
+        assert sorted(got["saved"]) == ["bias", "weight"] and torch.equal(got["saved"]["bias"], fisher["bias"])

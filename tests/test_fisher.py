@@ -7,7 +7,7 @@ from cl_bench.models import tiny_llama
 from cl_bench.data.tasks import Example
 from cl_bench.data.loaders import make_loader
 from cl_bench.data.tokenization import Collator, encode_train
-from methods.importance import diagonal_fisher
+from methods.shared.importance import diagonal_fisher
 
 EXAMPLES = [Example(f"question {i} about item{i * 7}? Answer:", f"ans {i % 3}") for i in range(7)]
 

@@ -9,6 +9,7 @@ import torch
 from cl_bench.errors import ConfigError
 from cl_bench.models import build_model, is_adapter
 from cl_bench.stream_run import run
+from cl_bench.training.parameter_views import ParameterViews
 
 LORA = ["model.lora.enabled=true", "model.lora.r=4", "tasks.order=[arith,code]"]
 
@@ -65,13 +66,13 @@ def test_methods_that_do_not_train_adapters_and_bad_targets_are_refused(make_con
 
 # What each method's state is built on under LoRA: the adapters, never a base weight.
 STATE_NAMES = {
-    "ewc": lambda m: list(m.params),
-    "mas": lambda m: list(m.params),
+    "ewc": lambda m: list(m.names),
+    "mas": lambda m: list(m.names),
     "ewc_trace": lambda m: list(m.fisher),
     "fggm": lambda m: list(m.last_scores),
     "random_mask": lambda m: list(m.last_scores),
     "migu": lambda m: [f"{n}.weight" for n in m.last_masks],
-    "agft": lambda m: list(m.params),
+    "agft": lambda m: list(m.gate),
     "agem": lambda m: [],
     "lwf": lambda m: [],
     "gere": lambda m: [],
@@ -158,8 +159,14 @@ def test_olora_orthogonality_term_and_its_gradient_equal_a_direct_computation(or
     method, module, model = _two_adapters(lambda_1=0.5, lambda_2=0.25, orthogonality=orthogonality)
     layers = method.lora_layers()
     assert len(layers) == 4  # q_proj and v_proj of 2 blocks
-    penalty = method.penalty(module, None, torch.tensor(1.0))
-    penalty.backward()
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.zeros_like(p)
+    logged = {}
+    module.should_log, module.log_metrics = True, logged.update
+    method.on_train_start(None, module)
+    method.edit_gradients(module, ParameterViews(model))
+    penalty = torch.tensor(0.5 * logged["olora/orthogonality"] + 0.25 * logged["olora/l2"])
     expected, grads = 0.0, {}
     for layer in layers:  # TRACE's form: the earlier A's concatenated (one here), against the new A
         a_old, a_new = layer.lora_A["default"].weight.detach(), layer.lora_A["task2"].weight.detach()
@@ -176,7 +183,7 @@ def test_olora_orthogonality_term_and_its_gradient_equal_a_direct_computation(or
         if ".task2." in n:
             torch.testing.assert_close(p.grad, grads[id(p)], rtol=1e-5, atol=1e-6)
         else:
-            assert p.grad is None  # the earlier adapter and the base get nothing
+            assert p.grad is None  # the earlier adapter and the base have no gradient
 
 
 def test_olora_stream_keeps_earlier_adapters_bitwise_and_resumes_exactly(make_config, tmp_path):

@@ -12,6 +12,7 @@ from cl_bench.errors import ConfigError
 from cl_bench.models import tiny_llama
 from cl_bench.training.lm import causal_lm_loss
 from cl_bench.training.module import CLModule
+from cl_bench.training.parameter_views import ParameterViews
 from cl_bench.data.tasks import Example, Task, TaskSpec
 from cl_bench.data.loaders import TaskLoaders
 from methods.ewc import EWC
@@ -19,7 +20,7 @@ from methods.ewc_trace import TraceEWC
 from methods.fggm import FGGM
 from methods.hft import HFT
 from methods.mas import MAS
-from methods.masking import GradientMask, aggregate, kth_threshold
+from methods.shared.masking import GradientMask, aggregate
 from methods.migu import MIGU
 from methods.random_mask import RandomMask
 from cl_bench.stream_run import run
@@ -49,9 +50,10 @@ def test_gradient_mask_zeroes_exactly_the_masked_entries(mask):
     x = torch.randn(5, 3)
     (x @ weight).square().sum().backward()
     expected = weight.grad * mask.expand(3, 4)
-    weight.grad = None
+    model = torch.nn.Module()
+    model.w = weight
     gm = GradientMask({"w": weight}, {"w": mask})
-    (x @ weight).square().sum().backward()
+    gm.apply(ParameterViews(model))
     assert torch.equal(weight.grad, expected)
     assert gm.updated_fraction() == mask.expand(3, 4).sum().item() / 12
 
@@ -188,9 +190,9 @@ class _MiguProbe(MIGU):
                 self.own_sums[name] = self.own_sums.get(name, 0) + (inp[0] @ mod.weight.T).detach().abs().sum((0, 1))
         return hook
 
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+    def edit_gradients(self, pl_module, views):
         grads = {n: p.grad.clone() for n, p in pl_module.model.named_parameters() if p.grad is not None}
-        super().on_before_optimizer_step(trainer, pl_module, optimizer)
+        super().edit_gradients(pl_module, views)
         if self.active:
             assert self.sums == {}  # accumulators reset every optimizer step
             names = dict(pl_module.model.named_parameters())
@@ -236,7 +238,7 @@ def _consolidate_random(method, module, seed=0):
 
 
 @pytest.mark.parametrize("accumulate", [1, 2])
-def test_ewc_adds_lambda_f_times_distance_to_every_gradient(accumulate):
+def test_ewc_adds_lambda_f_times_distance_to_the_step_gradient(accumulate):
     method = EWC(lambda_=3.0)
     module = _module(method)
     method.on_stream_start(module, None)
@@ -250,6 +252,7 @@ def test_ewc_adds_lambda_f_times_distance_to_every_gradient(accumulate):
     method.on_train_start(SimpleNamespace(accumulate_grad_batches=accumulate), module)
     for batch in batches:
         (causal_lm_loss(module.model, batch) / accumulate).backward()
+    method.edit_gradients(module, ParameterViews(module.model))  # once, after the micro-batches
     for n, p in params.items():
         torch.testing.assert_close(p.grad, task_grad[n] + 3.0 * fisher[n] * (p.detach() - anchor[n]))
 
@@ -477,7 +480,7 @@ def test_sft_is_allowed_under_every_strategy():
 
 # --- FGGM's options ----------------------------------------------------------------------------
 def test_fisher_samples_are_seeded_uniform_and_whole_by_default():
-    from methods.importance import sample_examples
+    from methods.shared.importance import sample_examples
     items = list(range(100))
     first, again, other = sample_examples(items, 10, 1), sample_examples(items, 10, 1), sample_examples(items, 10, 2)
     assert first == again and first != other and first == sorted(first) and len(set(first)) == 10
@@ -545,7 +548,7 @@ def test_hft_freezes_a_matrix_with_its_bias():
 # --- MAS --------------------------------------------------------------------------------------
 def test_mas_importance_equals_brute_force_per_example_output_gradients():
     from cl_bench.data.tokenization import IGNORE_INDEX, encode_train
-    from methods.importance import output_sensitivity
+    from methods.shared.importance import output_sensitivity
     bundle = tiny_llama(seed=1)
     model = bundle.model
     module = _module(MAS())
@@ -579,17 +582,19 @@ def test_mas_penalty_is_lambda_omega_times_squared_distance():
     method.on_task_start(module, TASK, 1)
     method.on_train_start(SimpleNamespace(accumulate_grad_batches=1), module)
     causal_lm_loss(module.model, batch).backward()
+    views = ParameterViews(module.model)
+    method.edit_gradients(module, views)
     for n, p in params.items():
         torch.testing.assert_close(p.grad, task_grad[n] + 2 * 3.0 * omega[n] * (p.detach() - anchor[n]))
     expected = 3.0 * sum((omega[n] * (p.detach() - anchor[n]) ** 2).sum().item() for n, p in params.items())
-    assert method.penalty_value() == pytest.approx(expected, rel=1e-5)
+    assert method.penalty_value(views) == pytest.approx(expected, rel=1e-5)
 
 
 # --- replay -----------------------------------------------------------------------------------
 def test_replay_keeps_the_seeded_sample_and_trains_later_tasks_with_it(tmp_path):
     import json
     from cl_bench.rng import derive_seed
-    from methods.importance import sample_examples
+    from methods.shared.importance import sample_examples
     from methods.replay import Replay
     general = tmp_path / "lima.json"
     general.write_text(json.dumps([{"prompt": "Say hi. Answer:", "answer": "hi"}]))

@@ -3,7 +3,7 @@ per-strategy accounting, the methods' own state, the verdict, and a check agains
 import pytest
 
 from cl_bench.errors import ConfigError
-from cl_bench.training.memory_plan import GIB, plan
+from cl_bench.memory_plan import GIB, plan
 from runners.plan import main
 
 SEQ = ["train.max_prompt_len=1024", "train.max_ans_len=512"]
@@ -40,7 +40,7 @@ def test_lora_and_the_methods_own_state(make_config):
     assert p.items["gradients"] == 4 * lora and p.method_items == {"earlier tasks' adapters (frozen)": 2 * 4 * lora}
     q = 1_543_714_304
     ewc = plan(make_config("model=qwen2_1_5b", "method=ewc", "trainer=ddp", "trainer.devices=4", tiny=False))
-    assert ewc.method_items["F and theta* (1 pair(s), float32)"] == 2 * 4 * q // 4  # sharded over 4 processes
+    assert ewc.method_items["F and theta* (1 pair(s), float32)"] == 2 * 4 * q  # whole on each DDP process
     lwf = plan(make_config("model=qwen2_1_5b", "method=lwf", tiny=False))
     assert lwf.method_items == {"teacher (frozen copy)": 4 * q}
     refused = plan(make_config("model=qwen2_1_5b", "method=hft", "model.lora.enabled=true", tiny=False))
@@ -59,7 +59,7 @@ def test_the_verdict_and_the_exit_code(capsys):
 
 def test_without_a_size_the_verdict_names_the_common_gpus_it_fits(make_config, capsys):
     """Issue 25.5: without --gpu-gib the plan gave no verdict."""
-    from cl_bench.training.memory_plan import GPU_SIZES
+    from cl_bench.memory_plan import GPU_SIZES
     p = plan(make_config("model=qwen2_1_5b", tiny=False))
     assert main(["model=qwen2_1_5b"]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
@@ -100,7 +100,7 @@ def test_an_unknown_builder_is_named(make_config):
 def test_the_plan_matches_memory_measured_on_the_cpu_within_20_percent(make_config):
     """SmolLM2 with LoRA and EWC: weights, gradients, optimizer and EWC's state, loaded for real
     (the full model with EWC: 3.05 GiB measured against 3.11 planned, README)."""
-    from cl_bench.training.memory_plan import measure
+    from cl_bench.memory_plan import measure
     from tests.conftest import MODEL_CACHE
     cfg = make_config("method=ewc", "method.fisher=batch", "method.num_samples=4", "model.lora.enabled=true",
                       "tasks.order=[arith]", "train.batch_size=2", f"model.cache_dir={MODEL_CACHE}", tiny=False)
@@ -109,12 +109,13 @@ def test_the_plan_matches_memory_measured_on_the_cpu_within_20_percent(make_conf
 
 
 def test_under_fsdp_a_method_s_pass_holds_its_rows_and_evaluation_gathers_the_model(make_config):
-    """EWC's Fisher and FGGM's scores run through the sharded model (methods/importance.py): their
+    """EWC's Fisher and FGGM's scores run through the sharded model (methods/shared/importance.py): their
     pass holds this process's rows; evaluation gathers the whole model, a peak of its own."""
     n = 6_738_415_616
     base = ["model=llama2_7b_chat", "trainer=fsdp", "trainer.devices=8", "train.batch_size=16", *SEQ]
     ewc = plan(make_config(*base, "method=ewc", tiny=False))
-    assert ewc.method_items == {"F and theta* (1 pair(s), float32)": 2 * 4 * n // 8}
+    assert ewc.method_items == {"F and theta* (1 pair(s), float32)": 2 * 4 * n // 8,
+                                "theta - theta* buffer": 4 * 32000 * 4096 // 8}  # rows of the largest tensor
     assert ewc.pass_items == {"importance pass: F + gradients": (4 * n + 4 * n) // 8}
     assert ewc.evaluation == 4 * n and ewc.total == ewc.states + max(ewc.activations + n, 4 * n)
     assert ewc.fits(80)  # before the Fisher ran through the sharded model: whole F, gradients and weights, 111 GiB
@@ -128,7 +129,7 @@ def test_under_fsdp_a_method_s_pass_holds_its_rows_and_evaluation_gathers_the_mo
 def test_gere_plans_its_extra_forward_on_the_gpu_and_its_bands_on_the_host(make_config):
     """Issue 24.6: batch mode's forward of the step's general texts (per micro-batch: per_step over
     the step's micro-batches) is a peak item at the run's precision; the int8 bands live on the host."""
-    from cl_bench.training.memory_plan import activation_bytes, meta_model
+    from cl_bench.memory_plan import activation_bytes, meta_model
     cfg = make_config("model=llama2_7b_chat", "method=gere", "trainer=gpu", "method.per_step=4",
                       "train.micro_batch_size=2", tiny=False)
     p = plan(cfg)

@@ -9,6 +9,7 @@ from cl_bench.data.loaders import TaskLoaders
 from cl_bench.data.tasks import Example
 from cl_bench.models import tiny_llama
 from cl_bench.training.module import CLModule
+from cl_bench.training.parameter_views import ParameterViews
 from cl_bench.training.trainer import warn_low_precision_weights
 from lightning import Trainer
 from methods.sft import SFT
@@ -150,7 +151,7 @@ def test_method_passes_run_at_the_runs_precision(make_config, monkeypatch):
 
 
 def test_agem_reference_gradient_is_taken_at_the_steps_precision():
-    """Issue 24.6: A-GEM's g_ref (in on_before_optimizer_step, outside Lightning's autocast) comes
+    """Issue 24.6: A-GEM's g_ref (in edit_gradients, outside Lightning's autocast) comes
     from a bf16 forward, as g does, under bf16-mixed."""
     from methods.agem import AGEM
     bundle = tiny_llama(seed=0)
@@ -163,12 +164,12 @@ def test_agem_reference_gradient_is_taken_at_the_steps_precision():
     for p in module.model.parameters():
         p.grad = torch.zeros_like(p)
     seen, hooks = _linear_dtypes(module.model)
-    method.on_before_optimizer_step(None, module, None)
+    method.edit_gradients(module, ParameterViews(module.model))
     assert seen and set(seen) == {torch.bfloat16}
     for h in hooks:
         h.remove()
     module.precision = "32-true"
     seen.clear()
     seen, hooks = _linear_dtypes(module.model)
-    method.on_before_optimizer_step(None, module, None)
+    method.edit_gradients(module, ParameterViews(module.model))
     assert set(seen) == {torch.float32}

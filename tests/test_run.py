@@ -9,7 +9,7 @@ import pytest
 import torch
 from hydra.errors import ConfigCompositionException
 
-from cl_bench.config import build_stream
+from cl_bench.run_config import build_stream
 from cl_bench.errors import ConfigError
 from methods.base import CLMethod
 from cl_bench.stream_run import run

@@ -192,8 +192,8 @@ def test_two_processes_match_one_process(case, tmp_path, cache_dir):
     """Global batch 4: 2 gloo processes x 2 examples give one process's R matrix and weights.
 
     The one-process run is the reference, run in this process. DDP (to 1e-6): FGGM's Fisher and
-    masks are identical on both ranks; EWC's and MAS's ranks each keep half of the state
-    (shard_state), which the stage checkpoint gathers whole; TRACE's EWC grows F from the reduced
+    masks are identical on both ranks; EWC and MAS add their penalty gradient to the averaged
+    gradient; TRACE's EWC grows F from the reduced
     gradients; A-GEM projects with the global step gradient and the global memory-batch gradient;
     IncLoRA and O-LoRA add (and DDP wraps) a new adapter at every task, the earlier ones frozen.
     FSDP2 (trainer=fsdp: fully_shard through Lightning's ModelParallelStrategy; parameters,
@@ -291,17 +291,37 @@ def test_trace_ewc_under_ddp_grows_each_process_s_own_fisher(tmp_path, cache_dir
 
 
 def test_a_row_mask_acts_on_the_rows_of_each_shard():
-    """FSDP2 splits dim 0 in chunks of ceil(rows / processes); each process masks its own rows
-    (the DTensor path runs in test_two_processes_match_one_process[migu])."""
-    from cl_bench.training.sharding import mask_shard_, shard_rows
+    """FSDP2 splits dim 0 in chunks of ceil(rows / processes); ParameterViews cuts a whole row mask
+    to the rows each process holds and leaves a column mask whole (the DTensor path runs in
+    test_two_processes_match_one_process[migu])."""
+    from types import SimpleNamespace
+    from cl_bench.training.parameter_views import ParameterViews
+    from cl_bench.training.sharding import shard_rows
     assert [shard_rows(5, 2, i) for i in (0, 1)] == [slice(0, 3), slice(3, 5)]
     assert [shard_rows(2, 4, i) for i in range(4)] == [slice(0, 1), slice(1, 2), slice(2, 2), slice(2, 2)]
+
+    class Shard:  # what ParameterViews reads of a DTensor parameter: its shape, mesh and local rows
+        def __init__(self, whole, index, processes):
+            self.shape, self.part = whole.shape, whole[shard_rows(whole.shape[0], processes, index)]
+            self.device_mesh = SimpleNamespace(size=lambda: processes, get_local_rank=lambda: index)
+
+        def dim(self):
+            return len(self.shape)
+
+        def to_local(self):
+            return self.part
+
     whole = torch.arange(15.0).view(5, 3)
     keep = torch.tensor([True, False, True, False, True])
-    masked, columns = whole.clone(), whole.clone()
-    mask_shard_(masked, keep[:, None])
-    mask_shard_(columns, keep[None, :3])
-    assert torch.equal(masked, whole * keep[:, None]) and torch.equal(columns, whole * keep[None, :3])
+    for index, rows in ((0, slice(0, 3)), (1, slice(3, 5))):
+        shard = Shard(whole, index, 2)
+        assert torch.equal(ParameterViews.rows(shard, keep[:, None]), keep[rows, None])
+        assert torch.equal(ParameterViews.rows(shard, keep[None, :3]), keep[None, :3])
+        assert torch.equal(shard.part * ParameterViews.rows(shard, keep[:, None]), (whole * keep[:, None])[rows])
+    odd = Shard(whole, 0, 2)
+    odd.part = whole[:2]  # not the chunk FSDP2 gives process 0 of 2
+    with pytest.raises(RuntimeError, match="a shard of 2 rows is not dim 0's chunk of 5 rows"):
+        ParameterViews.rows(odd, keep[:, None])
 
 
 @pytest.mark.processes
@@ -437,7 +457,7 @@ def test_unit_scores_put_together_from_two_processes_rows_equal_one_process_s(tm
     tensors (rows gathered, column sums added over processes, entries gathered), shaped so that
     aggregate() returns them: the mask built from them is one process's (5 rows over 2 processes: 3 + 2).
     The telemetry's overall mean of the rows adds sums and counts over the processes."""
-    from methods.masking import aggregate
+    from methods.shared.masking import aggregate
     from tests.ddp_probe import unit_scores_worker
     torch.multiprocessing.spawn(unit_scores_worker, args=(_free_port(), str(tmp_path)), nprocs=2)
     whole = {"w": torch.arange(35.0).view(5, 7) ** 1.5, "v": torch.arange(5.0) + 0.5}

@@ -46,7 +46,8 @@ def test_smollm2_scores_well_above_chance_on_the_offline_probe(smollm2):
 
 def test_a_lora_stage_checkpoint_is_under_5_percent_of_the_full_one(smollm2, make_config, tmp_path):
     import torch
-    from cl_bench.models import build_model, restore_weights, stage_weights
+    from cl_bench.models import build_model
+    from cl_bench.training.checkpointing import restore_weights, stage_weights
     cfg = make_config("model.lora.enabled=true", f"model.cache_dir={MODEL_CACHE}", tiny=False)
     lora = build_model(cfg.model).model
     torch.save({"model": stage_weights(smollm2.model)}, tmp_path / "full.pt")

@@ -3,7 +3,8 @@ import json
 import pytest
 
 from cl_bench.errors import ConfigError
-from cl_bench.data.tasks import load_stream, read_split
+from cl_bench.data.tasks import SCORERS, load_stream, read_split
+from cl_bench.evaluation.metrics import SCORER_SETS, resolve_metrics
 from tests.conftest import write_stream
 
 SPECS = [
@@ -50,7 +51,7 @@ def test_bad_order_or_budget(data_dir, kwargs, message):
 
 def test_unknown_metric(data_dir):
     with pytest.raises(ConfigError, match="task A: unknown metric 'bleu'"):
-        load_stream(data_dir, [{"name": "A", "metric": "bleu", "max_new_tokens": 4}])
+        resolve_metrics(load_stream(data_dir, [{"name": "A", "metric": "bleu", "max_new_tokens": 4}]))
 
 
 def test_missing_data_names_every_missing_file_and_how_to_get_the_data(tmp_path, data_dir):
@@ -92,8 +93,9 @@ def test_extra_keys_are_ignored(tmp_path):
 
 
 def test_scorers_choose_traces_own_or_the_projects(data_dir):
-    project = [t.metric for t in load_stream(data_dir, SPECS)]
-    trace = [t.metric for t in load_stream(data_dir, SPECS, scorers="trace")]
+    assert tuple(SCORER_SETS) == SCORERS  # the names the data layer checks are the sets that exist
+    project = [t.metric for t in resolve_metrics(load_stream(data_dir, SPECS))]
+    trace = [t.metric for t in resolve_metrics(load_stream(data_dir, SPECS, scorers="trace"))]
     assert trace == [f"trace_{m}" if m != "first_letter_accuracy" else "trace_first_char_accuracy" for m in project]
     assert load_stream(data_dir, SPECS, scorers="trace").scorers == "trace"
     with pytest.raises(ConfigError, match="tasks.scorers must be one of \\('project', 'trace'\\), got 'nltk'"):

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 from cl_bench.errors import ConfigError, check_choice, check_flag, check_number, check_numbers
-from cl_bench.evaluation.metrics import METRICS, SCORER_SETS
 
 SPLITS = ("train", "eval", "test")
+#: ``tasks.scorers``: the project's metrics, or TRACE's own scorers (cl_bench/evaluation/metrics.py
+#: maps each declared metric to the scorer of the set: ``resolve_metrics``)
+SCORERS = ("project", "trace")
 
 
 @dataclass(frozen=True)
@@ -269,16 +271,12 @@ def load_stream(
     resulting stream (``epochs: None`` = each task's own, so epochs follow their task when the
     order changes). ``max_examples`` caps each task's splits (``{"train": 100}``). Everything is
     validated, and every missing file named (with ``data_help`` on how to get the data), before
-    anything is returned.
+    anything is returned; the metrics' names are the evaluation's to check (``resolve_metrics``).
     """
-    check_choice(scorers, tuple(SCORER_SETS), "tasks.scorers")
+    check_choice(scorers, SCORERS, "tasks.scorers")
     specs = [t if isinstance(t, TaskSpec) else TaskSpec(**t) for t in tasks]
-    specs = [replace(s, metric=SCORER_SETS[scorers].get(s.metric, s.metric)) for s in specs]
     check_task_specs(specs)
     by_name = {s.name: s for s in specs}
-    for s in specs:
-        if s.metric not in METRICS:
-            raise ConfigError(f"task {s.name}: unknown metric '{s.metric}'; known: {sorted(METRICS)}")
     names = select_subset(resolve_order(order, [s.name for s in specs], orders), subset)
     epoch_list = stream_epochs(epochs, [by_name[n] for n in names])
     step_list = per_task_values(max_steps, len(names), "tasks.max_steps", allow_none=True)

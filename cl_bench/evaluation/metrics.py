@@ -11,11 +11,14 @@ accuracy on 0-1 and edit similarity on 0-100; everything here is on 0-100.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import cache
 from typing import Callable, Sequence
 
 from rapidfuzz import fuzz
 
+from cl_bench.data.tasks import SCORERS, TaskStream
+from cl_bench.errors import ConfigError, check_choice
 from cl_bench.evaluation import trace_metrics
 from cl_bench.evaluation.sari import sari
 
@@ -76,3 +79,15 @@ METRICS: dict[str, Metric] = {
 }
 #: ``tasks.scorers``: how a task's declared metric is scored
 SCORER_SETS = {"project": {name: name for name in METRICS}, "trace": trace_metrics.TRACE_SCORERS}
+
+
+def resolve_metrics(stream: TaskStream) -> TaskStream:
+    """``stream`` with each task's declared metric named as its scorer set scores it
+    (``tasks.scorers``), every name checked against the known metrics."""
+    check_choice(stream.scorers, SCORERS, "tasks.scorers")
+    for task in stream:
+        metric = SCORER_SETS[stream.scorers].get(task.metric, task.metric)
+        if metric not in METRICS:
+            raise ConfigError(f"task {task.name}: unknown metric '{task.metric}'; known: {sorted(METRICS)}")
+        task.spec = replace(task.spec, metric=metric)
+    return stream

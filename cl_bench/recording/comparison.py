@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from cl_bench.config import flat_settings
 from cl_bench.errors import ConfigError
 from cl_bench.evaluation.continual_metrics import curve_metrics
 
@@ -36,20 +37,6 @@ CONTINUAL_METRICS = ("avg_min_acc", "wc_acc", "wf10")
 NOT_RESULT_KEYS = ("seed", "run_name", "run_group", "objective", "resume", "dry_run", "heartbeat_s", "checkpoint",
                    "paths", "logger", "train.token_cache", "model.cache_dir", "tasks.cache_dir",
                    "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.log_every_n_steps")
-
-
-def flat_settings(config: dict, leave_out: Iterable[str] = (), prefix: str = "") -> dict[str, Any]:
-    """A config tree as dotted keys, less ``leave_out`` (a dotted key covers everything below it)."""
-    out: dict[str, Any] = {}
-    for key, value in config.items():
-        dotted = f"{prefix}{key}"
-        if any(dotted == k or dotted.startswith(k + ".") for k in leave_out):
-            continue
-        if isinstance(value, dict):
-            out.update(flat_settings(value, leave_out, dotted + "."))
-        else:
-            out[dotted] = value
-    return out
 
 
 def result_settings(config: dict) -> dict[str, Any]:

@@ -30,7 +30,9 @@ from omegaconf import OmegaConf
 from cl_bench.distributed import is_main
 from cl_bench.errors import ConfigError
 from cl_bench.files import atomic_write
-from cl_bench.recording.comparison import flat_settings
+from cl_bench.models import is_adapter
+from cl_bench.training.sharding import full_state_dict
+from cl_bench.config import flat_settings
 
 log = logging.getLogger(__name__)
 CHECKPOINT_DIR = "checkpoints"
@@ -193,3 +195,23 @@ def run_dir(cfg, out_dir: str | Path) -> Path:
         raise ConfigError(f"resume={resume}: no run to resume there ({resume / CHECKPOINT_DIR} does not exist)")
     OmegaConf.update(cfg, "paths.output_dir", str(resume))
     return resume
+
+
+def stage_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What a stage checkpoint keeps of the model: every weight, or with LoRA (peft) only the
+    adapters; the base model stays as it was loaded. A sharded model (FSDP) is gathered whole on
+    rank 0 (every process must call this)."""
+    state = full_state_dict(model)
+    return {k: v for k, v in state.items() if is_adapter(k)} if hasattr(model, "peft_config") else state
+
+
+def restore_weights(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load what :func:`stage_weights` kept: with LoRA, the weights left out must be exactly the
+    base model's."""
+    if not hasattr(model, "peft_config"):
+        model.load_state_dict(state)
+        return
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    wrong = [k for k in missing if is_adapter(k)] + list(unexpected)
+    if wrong:
+        raise ConfigError(f"the checkpoint's weights do not fit the model (e.g. {wrong[0]}): was model.lora changed?")

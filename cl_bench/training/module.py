@@ -14,11 +14,12 @@ from cl_bench.errors import Diverged
 from cl_bench.data.loaders import TaskLoaders
 from cl_bench.rng import rng_state, set_rng_state
 from cl_bench.training.lm import sequence_and_labelled_logits, token_cross_entropy
+from cl_bench.training.parameter_views import ParameterViews
 from cl_bench.training.sharding import local, shard_model
 
 if TYPE_CHECKING:
     from cl_bench.data.tasks import Example
-    from methods.base import CLMethod
+    from cl_bench.training.method import CLMethod
 
 
 def autocast_of(precision: str, device: torch.device | str) -> contextlib.AbstractContextManager:
@@ -29,11 +30,6 @@ def autocast_of(precision: str, device: torch.device | str) -> contextlib.Abstra
     if str(precision) != "bf16-mixed":
         return contextlib.nullcontext()
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
-
-
-def constant_with_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int = 0):
-    """TRACE's schedule: linear warm-up over ``warmup_steps`` optimizer steps, then constant."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup_steps + 1)))
 
 
 class CLModule(LightningModule):
@@ -170,8 +166,10 @@ class CLModule(LightningModule):
         return loss
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        """Once per optimizer step, after every micro-batch: the step's loss, the token mean over the
-        whole global batch (every process's, a partial last batch too), logged on logging steps."""
+        """Once per optimizer step, after every micro-batch and the reduction over processes, before
+        clipping: the method's gradient edit, then the step's loss, the token mean over the whole
+        global batch (every process's, a partial last batch too), logged on logging steps."""
+        self.method.edit_gradients(self, ParameterViews(self.model))
         if self.should_log and self.step_losses is not None:
             loss, task_loss = self.trainer.strategy.reduce(self.step_losses, reduce_op="mean").tolist()
             self.log_metrics({"train/loss": loss, "train/task_loss": task_loss})

@@ -98,18 +98,6 @@ def local_rows(tensor: torch.Tensor) -> slice:
     return shard_rows(tensor.shape[0], tensor.device_mesh.size(), tensor.device_mesh.get_local_rank())
 
 
-def mask_shard_(grad: torch.Tensor, mask: torch.Tensor) -> None:
-    """``grad *= mask`` in place, ``mask`` broadcastable to the whole tensor (e.g. [rows, 1] for a
-    row mask), on this process's shard of a sharded gradient: a mask over dim 0 is cut to the
-    shard's rows; one broadcast over dim 0 (e.g. [1, columns]) applies as it is."""
-    shard = local(grad)
-    if mask.dim() == grad.dim() and mask.shape[0] == grad.shape[0]:
-        mask = mask[local_rows(grad)]
-        if mask.shape[0] != shard.shape[0]:
-            raise RuntimeError(f"a gradient shard of {shard.shape[0]} rows is not dim 0's chunk of {grad.shape[0]} rows")
-    shard.mul_(mask.to(shard.dtype))
-
-
 def rows_of_shards(state: dict[str, torch.Tensor], params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Each tensor of ``state`` (a method's per-entry state, whole) cut to the rows this process's
     shard of ``params[name]`` holds; one that is cut already, or not row-shaped like it, is kept."""

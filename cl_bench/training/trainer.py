@@ -1,6 +1,6 @@
 """Lightning Trainers built from ``conf/trainer``: one per task, and one that only places the run.
 
-Every task gets a fresh Trainer (so a fresh optimizer; see methods/base.py); its epochs and step
+Every task gets a fresh Trainer (so a fresh optimizer; see cl_bench/training/method.py); its epochs and step
 cap come from the task, its gradient accumulation from the global batch layout
 (cl_bench/data/batching.py). Before anything is loaded, :func:`placement_trainer` builds a Trainer
 that trains nothing: it tells the device and the number of processes, and its strategy starts the

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import torch
 
 from cl_bench.errors import ConfigError, check_choice
-from cl_bench.training.sharding import mask_shard_
-from methods.base import refuse_weight_decay
+from cl_bench.training.method import refuse_weight_decay
+
+if TYPE_CHECKING:
+    from cl_bench.training.parameter_views import ParameterViews
 
 AGGREGATES = ("row", "column", "element")
 REDUCTIONS = ("sum", "mean")
@@ -89,54 +91,38 @@ def threshold_masks(
 
 
 class GradientMask:
-    """Multiplies each parameter's gradient by a fixed 0/1 mask, in place, through a parameter hook.
-
-    The hook runs each time autograd accumulates a gradient into ``p.grad`` (every micro-batch),
-    inside the accumulation and before DDP's reducer copies the gradient into its buckets, so the
-    averaged gradient and the optimizer see the masked one (tested with 2-process gloo DDP). Masking
-    in place costs one pass over the gradient and no allocation. With a fresh Adam(W) per task and
-    no weight decay on them, masked entries stay bitwise unchanged.
+    """Multiplies each parameter's gradient by a fixed 0/1 mask, in place, at every optimizer step
+    (:meth:`apply` from a method's ``edit_gradients``: after accumulation and the reduction over
+    processes, on the rows this process holds under FSDP). Masking the step's gradient once equals
+    masking every micro-batch's (0 and 1 are exact), so a masked entry gets a zero gradient; with a
+    fresh Adam(W) per task and no weight decay on it, it stays bitwise unchanged.
     """
 
     def __init__(self, params: dict[str, torch.nn.Parameter], masks: dict[str, torch.Tensor]):
-        """``masks[name]`` is boolean and broadcastable to ``params[name]`` (e.g. [D_out, 1] for rows)."""
+        """``masks[name]`` is boolean (or a share in [0, 1]) and broadcastable to ``params[name]``
+        (e.g. [D_out, 1] for rows), whole."""
         self.shapes = {n: params[n].shape for n in masks}
-        self.names = {id(params[n]): n for n in masks}
         self.masks = {n: m.to(device=params[n].device, dtype=params[n].dtype) for n, m in masks.items()}
-        self.handles = [params[n].register_post_accumulate_grad_hook(self._hook(n)) for n in self.masks]
 
-    def mask_at_step(self) -> None:
-        """For a sharded model (FSDP), whose parameters are not the ones autograd accumulates into:
-        no hooks; :meth:`apply` masks each gradient shard before the optimizer step instead."""
-        self.remove()
+    def apply(self, views: "ParameterViews") -> None:
+        """Mask the step's gradients, in place."""
+        for name, p in views.parameters(self.masks).items():
+            grad = views.grad(p)
+            if grad is not None:
+                grad.mul_(views.rows(p, self.masks[name]).to(grad.dtype))
 
-    def apply(self, model: torch.nn.Module) -> None:
-        """Mask the (sharded) gradients of ``model``'s parameters by name, in place."""
-        for name, p in model.named_parameters():
-            if name in self.masks and p.grad is not None:
-                mask_shard_(p.grad, self.masks[name])
-
-    def _hook(self, name: str):
-        def hook(p):
-            p.grad.mul_(self.masks[name])
-        return hook
-
-    def clear_optimizer_state(self, optimizers) -> None:
+    def clear_optimizer_state(self, optimizers, model: torch.nn.Module) -> None:
         """Zero the masked entries of every per-parameter optimizer buffer (Adam's moments, SGD's
         momentum), so that an optimizer carried over from an earlier task leaves them unchanged."""
+        names = {id(p): n for n, p in model.named_parameters()}
         for opt in optimizers:
             for p, state in opt.state.items():
-                name = self.names.get(id(p))
+                name = names.get(id(p))
                 if name is None:
                     continue
                 for buffer in state.values():
-                    if torch.is_tensor(buffer) and buffer.shape == p.shape:
+                    if name in self.masks and torch.is_tensor(buffer) and buffer.shape == p.shape:
                         buffer.mul_(self.masks[name].to(buffer.dtype))
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles = []
 
     def updated_fraction(self, names: Iterable[str] | None = None) -> float:
         """Fraction of the (selected) parameters' entries whose gradient passes."""

@@ -15,13 +15,13 @@ peft keeps adapters in fp32 on a bf16 base), D the processes (``trainer.devices`
 w16 is 2 under bf16 precision (or weights), else 4. DDP keeps its gradient buckets beside the gradients
 (Lightning does not set ``gradient_as_bucket_view``). FSDP gathers one layer at a time and
 prefetches the next (2 U). The method's own state comes from the method
-(:meth:`methods.base.CLMethod.planned_state`), and so do the buffers of its own pass at a task's
-start or end (:meth:`~methods.base.CLMethod.planned_pass`: a Fisher, scores, an attribution, under
+(:meth:`cl_bench.training.method.CLMethod.planned_state`), and so do the buffers of its own pass at a task's
+start or end (:meth:`~cl_bench.training.method.CLMethod.planned_pass`: a Fisher, scores, an attribution, under
 FSDP through the sharded model or on the gathered weights where a method needs them whole; GeRe's
 extra forward of general texts in its batch mode), which the peak adds to the activations. The
 passes run under the run's autocast (``CLModule.precision_context``), so their activations are
 those of the training step, at the same e bytes. What a method keeps on the host
-(:meth:`~methods.base.CLMethod.planned_host`, e.g. GeRe's bands) is listed apart, not in the peak.
+(:meth:`~cl_bench.training.method.CLMethod.planned_host`, e.g. GeRe's bands) is listed apart, not in the peak.
 Under FSDP evaluation gathers the whole model (N w) on
 every process, a peak of its own while no activations are kept; the generation's KV cache is not
 estimated. Activations are an estimate for a Llama-type
@@ -51,7 +51,7 @@ GIB = 1024 ** 3
 
 def architecture(model_node: DictConfig):
     """The transformers config of the ``model`` node, without weights: a local folder's config.json,
-    one shipped in ``cl_bench/training/architectures`` (named by hub id), or the hub's."""
+    one shipped in ``cl_bench/architectures`` (named by hub id), or the hub's."""
     from transformers import AutoConfig
     target = str(model_node.get("_target_", ""))
     if target.endswith("tiny_llama"):
@@ -160,7 +160,8 @@ def activation_bytes(config, micro_batch: int, seq_len: int, answer_len: int, el
 def plan(cfg: DictConfig) -> MemoryPlan:
     """The memory plan of a composed run config (``runners.plan`` composes it like a run); its
     settings are checked as a run's are (``train.batch_size=0`` is refused, naming the key)."""
-    from cl_bench.config import build, validate_run_config
+    from cl_bench.config import build
+    from cl_bench.run_config import validate_run_config
     validate_run_config(cfg, paths=False)
     model = meta_model(cfg.model)
     params = {id(p): p for p in model.parameters()}.values()
@@ -265,7 +266,8 @@ def measure(cfg: DictConfig) -> dict[str, int]:
     added by loading it (weights), by one training step of the first task with the configured
     optimizer (gradients and optimizer state; the activations are freed again), and by the method's
     task end (its state after the first task). For small models: everything is loaded for real."""
-    from cl_bench.config import build, build_stream, optimizer_factory
+    from cl_bench.config import build, optimizer_factory
+    from cl_bench.run_config import build_stream
     from cl_bench.data.loaders import TaskLoaders
     from cl_bench.models import build_model
     from cl_bench.training.lm import causal_lm_loss

@@ -2,8 +2,8 @@
 
 Subclasses say how the entries are scored at the start of a task (:meth:`scores`); this base
 aggregates the scores (row / column / element), thresholds them so that a fraction 1 - alpha is
-updated, and applies the mask to every gradient of the task through parameter hooks (under FSDP,
-to each gradient shard at the optimizer step). Under FSDP a score that needs gradients is taken
+updated, and masks the gradient of every optimizer step of the task (the rows this process holds
+under FSDP). Under FSDP a score that needs gradients is taken
 through the sharded model, so each process holds the scores of its own rows; the per-unit scores
 of every process are then put together (:func:`unit_scores_of_shards`) and every process builds
 the same whole mask.
@@ -17,9 +17,10 @@ from typing import Sequence
 import torch
 
 from cl_bench.errors import ConfigError, check_choice, check_fraction
-from cl_bench.training.sharding import gather_rows, is_sharded
-from methods.base import CLMethod, trainable_bytes
-from methods.masking import (
+from cl_bench.training.parameter_views import ParameterViews
+from cl_bench.training.sharding import gather_rows
+from cl_bench.training.method import CLMethod, trainable_bytes
+from methods.shared.masking import (
     AGGREGATES, DIRECTIONS, REDUCTIONS, SCOPES, VECTORS, GradientMask, aggregate, expand,
     frozen_entries_need_zero_decay, select_parameters, threshold_masks,
 )
@@ -130,7 +131,7 @@ class FixedMaskMethod(CLMethod):
         start = time.perf_counter()
         params = select_parameters(module.model, self.param_patterns, "method.param_patterns")
         scores = self.scores(module, task, params)
-        if is_sharded(module.model) and not self.scores_whole_tensors:  # FSDP: this process's rows
+        if ParameterViews(module.model).sharded and not self.scores_whole_tensors:  # FSDP: this process's rows
             scores = unit_scores_of_shards(scores, params, self.aggregate, self.aggregate_reduce)
         masks = self.build_masks(scores)
         self.mask = GradientMask(params, masks)
@@ -150,19 +151,15 @@ class FixedMaskMethod(CLMethod):
                               "moments an optimizer carries over would move the frozen rows of each shard")
 
     def on_train_start(self, trainer, pl_module) -> None:
-        if self.mask is not None and is_sharded(pl_module.model):
-            self.mask.mask_at_step()  # FSDP: the sharded parameters get their gradients after autograd
         if self.mask is not None:
             frozen_entries_need_zero_decay(trainer, self.name)
             # an optimizer kept across tasks (optimizer.reset_per_task=false) carries moments that
             # would move frozen entries without a gradient: clear them there
-            self.mask.clear_optimizer_state(trainer.optimizers)
+            self.mask.clear_optimizer_state(trainer.optimizers, pl_module.model)
 
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        if self.mask is not None and not self.mask.handles:
-            self.mask.apply(pl_module.model)
+    def edit_gradients(self, module, views) -> None:
+        if self.mask is not None:
+            self.mask.apply(views)
 
     def on_task_end(self, module, task, task_index: int) -> None:
-        if self.mask is not None:
-            self.mask.remove()
-            self.mask = None
+        self.mask = None

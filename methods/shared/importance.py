@@ -75,7 +75,6 @@ def _importance_pass(
     batches: Iterable[dict[str, torch.Tensor]],
     params: dict[str, torch.nn.Parameter],
     num_samples: int | None,
-    average_ranks: bool,
     add_batch: Callable[[dict[str, torch.Tensor], Gradients, list[torch.Tensor]], tuple[int, int]],
     what: str,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
@@ -109,7 +108,7 @@ def _importance_pass(
         raise ConfigError(f"the {what} pass got no examples (empty training split?)")
     for a in acc:
         a.div_(terms)
-    if average_ranks and not sharded:
+    if not sharded:
         average_across_ranks(acc)
     return dict(zip(names, acc)), {"samples": seen, "seconds": time.perf_counter() - start}
 
@@ -120,12 +119,10 @@ def diagonal_fisher(
     params: dict[str, torch.nn.Parameter],
     mode: str = "per_sample",
     num_samples: int | None = 512,
-    average_ranks: bool = True,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """The diagonal Fisher of ``params`` (fp32, same shapes) and stats: samples, seconds.
 
-    ``num_samples=None`` reads every batch. ``average_ranks=False`` skips the mean over processes,
-    for callers whose processes estimate different parameters on the same data (EWC's sharded state).
+    ``num_samples=None`` reads every batch.
     """
     check_fisher_args(mode, num_samples, "method")
 
@@ -137,7 +134,7 @@ def diagonal_fisher(
         for i in range(ll.shape[0]):
             _add_squares(fisher, gradients(ll[i], i < ll.shape[0] - 1))
         return ll.shape[0], ll.shape[0]
-    return _importance_pass(model, batches, params, num_samples, average_ranks, add_batch, "Fisher")
+    return _importance_pass(model, batches, params, num_samples, add_batch, "Fisher")
 
 
 def output_sensitivity(
@@ -145,7 +142,6 @@ def output_sensitivity(
     batches: Iterable[dict[str, torch.Tensor]],
     params: dict[str, torch.nn.Parameter],
     num_samples: int | None = 512,
-    average_ranks: bool = True,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """MAS importance (Aljundi et al. 2018): the mean over examples of | d ||f(x)||^2 / d theta |,
     f(x) the logits at the positions that predict the answer (no labels are used)."""
@@ -158,12 +154,12 @@ def output_sensitivity(
                 if g is not None:
                     a.add_(g.detach().float().abs())
         return squared.shape[0], squared.shape[0]
-    return _importance_pass(model, batches, params, num_samples, average_ranks, add_batch, "MAS importance")
+    return _importance_pass(model, batches, params, num_samples, add_batch, "MAS importance")
 
 
 def overall_mean(tensors: dict[str, torch.Tensor], split: bool = False) -> float:
     """The mean of every entry of every tensor (telemetry); ``split``: each process holds its own
-    part of them (FSDP's rows, DDP's shard_state), so the sums and counts are added over processes."""
+    part of them (FSDP's rows), so the sums and counts are added over processes."""
     total = torch.tensor([sum(t.sum().item() for t in tensors.values()), sum(t.numel() for t in tensors.values())],
                          dtype=torch.float64)
     if split and is_distributed():
