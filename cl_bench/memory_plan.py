@@ -43,6 +43,7 @@ from omegaconf import DictConfig
 
 from cl_bench.distributed import strategy_family
 from cl_bench.errors import ConfigError
+from cl_bench.training.method import tensor_bytes
 
 ARCHITECTURES = Path(__file__).resolve().parent / "architectures"
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -168,8 +169,8 @@ def plan(cfg: DictConfig) -> MemoryPlan:
     n = sum(p.numel() for p in params)
     t = sum(p.numel() for p in params if p.requires_grad)
     # in their own dtypes: peft keeps adapters in fp32 on a bf16 base
-    n_bytes = sum(p.numel() * p.element_size() for p in params)
-    t_bytes = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
+    n_bytes = tensor_bytes(params)
+    t_bytes = tensor_bytes(p for p in params if p.requires_grad)
     trainer = cfg.trainer
     family = strategy_family(trainer.get("strategy", "auto"), trainer.get("devices", 1))
     world = int(trainer.get("devices", 1) or 1) * int(trainer.get("num_nodes", 1) or 1)

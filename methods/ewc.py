@@ -28,7 +28,7 @@ import torch
 
 from cl_bench.errors import check_choice, check_number
 from cl_bench.training.parameter_views import ParameterViews, place_state, whole_state
-from methods.base import CLMethod, trainable_bytes
+from methods.base import CLMethod, tensor_bytes, trainable_bytes
 from methods.shared.importance import check_fisher_args, diagonal_fisher, overall_mean
 from methods.shared.masking import select_parameters
 
@@ -157,8 +157,7 @@ class EWC(CLMethod):
         share = world if self.row_shards else 1
         return {f"F and theta* ({pairs} pair(s), {str(self.dtype)[6:]})":
                 2 * pairs * trainable_bytes(model, self.dtype.itemsize) // share,
-                "theta - theta* buffer": max(p.numel() * p.element_size() for p in model.parameters()
-                                             if p.requires_grad) // share}
+                "theta - theta* buffer": max(tensor_bytes([p]) for p in model.parameters() if p.requires_grad) // share}
 
     def planned_pass(self, model, world):
         """The estimate (fp32) and one example's gradients, over the whole model (DDP) or this

@@ -17,7 +17,16 @@ How many general texts a step sees is the method's own setting, never the memory
 - ``mode: concat`` (the authors' default): the texts join every task's training data, shuffled with
   it (an epoch has more steps).
 In interleave and concat modes the general rows are recognised by their tokens and their hidden
-states read from the step's own forward pass. Either way the loss is
+states read from the step's own forward pass. Either way the loss is (``training_loss``: it
+replaces the task loss)
+
+    L  = (CE_general + CE_task) / 2 + w * TM
+    TM = (sum of the terms below) / (number of non-zero terms), over every dimension of every
+         non-padding token of the drawn texts, h the current hidden state:
+           relu(h - (mu - sigma))                         where h* <= mu - sigma   (stay below)
+           relu(h - (mu + sigma)) + relu(mu - sigma - h)  where h* is between      (stay inside)
+           relu(mu + sigma - h)                           where h* >= mu + sigma   (stay above)
+    w  = 100 (``weight: 100``), or (CE_general + CE_task) / 2 / TM without gradient (``weight: dy``)
 
 CE_general is the next-token loss over every token of the drawn texts after the first (full-token
 LM loss), and CE_task the task's; in interleave and concat modes both are the micro-batch's token
@@ -108,8 +117,10 @@ class GeRe(CLMethod):
         #: interleave and concat modes: the texts as training rows, each one's token ids -> its index
         self.examples: list[Example] = []
         self.rows: dict[tuple[int, ...], int] = {}
-        #: the final hidden state of the last training forward pass (read by a hook on the decoder)
+        #: the final hidden state of the last training forward pass (read by a hook on the decoder
+        #: while a task trains)
         self.step_hidden: torch.Tensor | None = None
+        self.hook = None
 
     def check_run(self, cfg) -> None:
         super().check_run(cfg)
@@ -143,7 +154,6 @@ class GeRe(CLMethod):
         if self.mode != "batch":  # training rows of exactly these tokens (no BOS or EOS, as the statistics)
             self.examples = [TokenizedText("", tokenizer.decode(t), tuple(t)) for t in self.texts]
             self.rows = {tuple(t): i for i, t in enumerate(self.texts)}
-        decoder(model).register_forward_hook(self._keep_hidden)
         # pass 1: per-dimension moments over every token; pass 2: each entry's band (kept on the host)
         total = square = None
         count = 0
@@ -170,6 +180,13 @@ class GeRe(CLMethod):
 
     def _keep_hidden(self, module, args, output) -> None:
         self.step_hidden = output.last_hidden_state if module.training else None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.hook = decoder(pl_module.model).register_forward_hook(self._keep_hidden)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.hook.remove()
+        self.hook = self.step_hidden = None
 
     def training_examples(self, task, task_index: int) -> list[Example]:
         return list(task.train) + self.examples  # empty in batch mode
@@ -225,18 +242,20 @@ class GeRe(CLMethod):
                              torch.ones(1, hidden.shape[0], device=hidden.device))
         return ce_general, ce, margin
 
-    def penalty(self, module, batch, task_loss):
+    def training_loss(self, module, batch, task_loss):
+        """(CE_general + CE_task) / 2 + w TM in place of the task loss (the task loss alone for a
+        micro-batch without general rows in interleave and concat modes)."""
         if self.mode != "batch":
             parts = self.concat_penalty(module, batch, task_loss)
             if parts is None:
-                return None
+                return task_loss
             ce_general, ce, margin = parts
-            return self.combine(module, task_loss, ce_general, ce, margin)
+            return ce + self.margin_weight(module, ce_general, ce, margin) * margin
         per_process = module.micro_batches_per_step
         slots = world_size() * per_process
         picked = self.draw(module.stream_step, rank() * per_process + module.micro_batch_in_step, slots)
         if not picked:  # the step's loss is (CE_general + CE_task) / 2 + w TM: this share of CE_task halved too
-            return -task_loss / 2
+            return task_loss / 2
         general = self.general_batch(picked, task_loss.device)
         # the whole model's forward (under FSDP its root gathers the embeddings and the head); the
         # decoder's output, the lm_head input, is read by the hook
@@ -247,19 +266,19 @@ class GeRe(CLMethod):
         ce_general = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(), ignore_index=-100)
         margin = margin_loss(hidden, general["bands"], self.lower.to(hidden.device), self.upper.to(hidden.device),
                              general["attention_mask"])
+        weight = self.margin_weight(module, ce_general, (ce_general + task_loss) / 2, margin)
         # the micro-batches holding texts carry the whole step's general terms (Lightning and DDP
         # average the slots' losses), so the step weighs them the same at any micro-batch size
         share = slots / min(self.per_step, slots)
-        return self.combine(module, task_loss, ce_general, (ce_general + task_loss) / 2, margin, share)
+        return share * (ce_general / 2 + weight * margin) + task_loss / 2
 
-    def combine(self, module, task_loss, ce_general, ce, margin, share: float = 1.0):
-        """The penalty that turns the task loss into ce + w TM (w = 100, or dy: ce / TM, no gradient),
-        its general terms (CE_general / 2 + w TM) counted ``share`` times."""
+    def margin_weight(self, module, ce_general, ce, margin):
+        """w: 100, or dy: ce / TM (no gradient); logs the general terms."""
         weight = ce.detach() / (margin.detach() + 1e-8) if self.weight == "dy" else self.weight
         if module.should_log:
             module.log_metrics({"gere/ce_general": ce_general.item(), "gere/margin": margin.item(),
                                 "gere/weight": float(weight)})
-        return share * (ce - task_loss / 2 + weight * margin) - task_loss / 2
+        return weight
 
     def planned_pass(self, model, world):
         """Mode batch: the extra forward of the general texts of one micro-batch, beside the step's

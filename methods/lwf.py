@@ -44,7 +44,7 @@ from cl_bench.data.tokenization import IGNORE_INDEX
 from cl_bench.errors import ConfigError, check_choice, check_number
 from cl_bench.training.lm import eval_mode, labelled_logits, labelled_mean, sequence_and_labelled_logits
 from cl_bench.training.sharding import full_weights
-from methods.base import CLMethod
+from methods.base import CLMethod, tensor_bytes
 
 TEACHERS = ("copy", "topk")
 DIRECTIONS = ("forward", "reverse")
@@ -112,11 +112,11 @@ class LwF(CLMethod):
         start = time.perf_counter()
         if self.teacher_kind == "copy":
             self.teacher = copy.deepcopy(module.model).eval().requires_grad_(False)
-            state = sum(p.numel() * p.element_size() for p in self.teacher.parameters())
+            state = tensor_bytes(self.teacher.parameters())
         else:
             with full_weights(module.model):  # FSDP: every process caches every example's logits
                 self.cache = self.top_logits(module.model, module.pass_loader(task.train))
-            state = sum(v.numel() * v.element_size() + i.numel() * i.element_size() for v, i in self.cache.values())
+            state = tensor_bytes(t for pair in self.cache.values() for t in pair)
         module.log_metrics({"lwf/teacher_bytes": state, "lwf/teacher_s": time.perf_counter() - start})
 
     @torch.no_grad()
@@ -175,7 +175,7 @@ class LwF(CLMethod):
         """The frozen copy (``teacher: topk`` keeps a cache that grows with the task's answers instead)."""
         if self.teacher_kind != "copy":
             return {}
-        return {"teacher (frozen copy)": sum(p.numel() * p.element_size() for p in model.parameters())}
+        return {"teacher (frozen copy)": tensor_bytes(model.parameters())}
 
     def on_task_end(self, module, task, task_index: int) -> None:
         self.teacher, self.cache = None, {}

@@ -478,6 +478,7 @@ def _gere(tmp_path, **kwargs):
     logged = {}
     module.metric_sink = lambda metrics, step: logged.update(metrics)
     method.on_stream_start(module, None)
+    method.on_train_start(None, module)  # the hook that reads the training pass's hidden states
     return method, module, logged
 
 
@@ -501,9 +502,9 @@ def test_gere_margin_is_zero_at_the_start_and_the_hand_value_on_a_crafted_state(
     method, module, logged = _gere(tmp_path)
     batch = next(iter(module.pass_loader(TASK.train)))
     task_loss = torch.tensor(2.0)
-    penalty = method.penalty(module, batch, task_loss)
+    loss = method.training_loss(module, batch, task_loss)
     assert logged["gere/margin"] == 0.0
-    torch.testing.assert_close(penalty, (logged["gere/ce_general"] - task_loss) / 2)
+    torch.testing.assert_close(loss, (logged["gere/ce_general"] + task_loss) / 2)
     lower, upper = torch.tensor([-1.0, -1.0]), torch.tensor([1.0, 1.0])
     hidden = torch.tensor([[[-0.5, 2.0], [0.5, -3.0]], [[9.0, 9.0], [0.0, 0.0]]])
     band = torch.tensor([[[-1, 0], [1, 0]], [[0, 0], [0, 0]]], dtype=torch.int8)
@@ -522,14 +523,14 @@ def test_gere_dynamic_weight_carries_no_gradient(tmp_path):
     params = list(module.model.parameters())
     from cl_bench.training.lm import causal_lm_loss
     task_loss = causal_lm_loss(module.model, batch)
-    dynamic = method.penalty(module, batch, task_loss)
+    dynamic = method.training_loss(module, batch, task_loss)
     w = logged["gere/weight"]
     assert logged["gere/margin"] > 0 and w == pytest.approx(((logged["gere/ce_general"] + task_loss) / 2).item()
                                                              / logged["gere/margin"], rel=1e-5)
-    got = torch.autograd.grad(task_loss + dynamic, params, retain_graph=True, allow_unused=True)
+    got = torch.autograd.grad(dynamic, params, retain_graph=True, allow_unused=True)
     method.weight = w  # the same draw (the same stream step), the weight as a constant
     task_loss = causal_lm_loss(module.model, batch)
-    fixed = torch.autograd.grad(task_loss + method.penalty(module, batch, task_loss), params, allow_unused=True)
+    fixed = torch.autograd.grad(method.training_loss(module, batch, task_loss), params, allow_unused=True)
     for a, b in zip(got, fixed):
         if a is not None:
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
@@ -567,12 +568,12 @@ def test_gere_general_texts_per_step_do_not_depend_on_the_micro_batch_size(make_
     seen = {}
     for micro in (4, 1):
         class Counted(GeRe):
-            def penalty(self, module, batch, task_loss):
+            def training_loss(self, module, batch, task_loss):
                 self.step = seen.setdefault(micro, defaultdict(Counter))[module.stream_step]
                 for ids, mask in zip(batch["input_ids"], batch["attention_mask"]):  # interleave: general rows
                     if tuple(ids[mask.bool()].tolist()) in self.rows:
                         self.step[self.rows[tuple(ids[mask.bool()].tolist())]] += 1
-                return super().penalty(module, batch, task_loss)
+                return super().training_loss(module, batch, task_loss)
 
             def general_batch(self, picked, device):  # batch: the texts of the extra forward
                 self.step.update(picked)
@@ -744,9 +745,9 @@ def test_agem_memory_batches_leave_no_token_cache_entries(tmp_path):
 
 
 def test_gere_concat_mode_mixes_the_texts_into_the_data_and_scores_them_from_the_step_s_own_pass(tmp_path):
-    """A batch of two task examples and two general texts: the penalty equals (CE_general +
-    CE_task) / 2 - task loss + w TM computed directly, TM from each general row's hidden state,
-    and a batch without general rows adds nothing."""
+    """A batch of two task examples and two general texts: the loss equals (CE_general +
+    CE_task) / 2 + w TM computed directly, TM from each general row's hidden state, and a batch
+    without general rows keeps the task loss."""
     from cl_bench.training.lm import labelled_logits, token_cross_entropy
     from methods.gere import final_hidden, margin_loss
     method, module, logged = _gere(tmp_path, mode="concat", weight=3.0)
@@ -760,7 +761,7 @@ def test_gere_concat_mode_mixes_the_texts_into_the_data_and_scores_them_from_the
     logits, targets = labelled_logits(module.model, batch)
     module.step_logits = (logits, targets)
     task_loss = token_cross_entropy(logits, targets, batch)
-    penalty = method.penalty(module, batch, task_loss)
+    loss = method.training_loss(module, batch, task_loss)
 
     def mean_ce(rows):
         return token_cross_entropy(logits[rows], targets[rows], {})
@@ -771,7 +772,7 @@ def test_gere_concat_mode_mixes_the_texts_into_the_data_and_scores_them_from_the
     band = torch.cat([method.bands[1], method.bands[2]])
     tm = margin_loss(hidden[None], band[None], method.lower, method.upper, torch.ones(1, hidden.shape[0]))
     assert tm > 0 and logged["gere/margin"] == pytest.approx(tm.item(), rel=1e-4)
-    torch.testing.assert_close(penalty, (ce_general + ce_task) / 2 - task_loss + 3.0 * tm, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(loss, (ce_general + ce_task) / 2 + 3.0 * tm, rtol=1e-4, atol=1e-5)
     plain = next(iter(module.loaders.passes(list(TASK.train[:2]))))
     module.step_logits = labelled_logits(module.model, plain)
-    assert method.penalty(module, plain, task_loss) is None
+    assert method.training_loss(module, plain, task_loss) is task_loss

@@ -33,7 +33,9 @@ LAYERS = {
     "methods": 8,
     "runners": 9,
 }
-MAX_LINES = 300
+#: a module longer than this has usually grown a second job: split it by job (measured on code as
+#: ruff formats it at 120 columns, where the largest module, stream_run.py, has about 370 lines)
+MAX_LINES = 400
 
 
 def layer(module: str) -> int:

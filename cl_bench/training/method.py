@@ -9,7 +9,8 @@ The runner calls ``method.on_stream_start(module, stream)`` once, before anythin
 (validate settings against the model here), then, for each task t (0-based ``task_index``)::
 
     method.on_task_start(module, task, task_index)   # before trainer.fit; e.g. a Fisher pass
-    trainer.fit(module, ...)                          # loss = task loss + method.penalty(...);
+    trainer.fit(module, ...)                          # loss = method.training_loss(...): the task loss
+                                                      # + method.penalty(...) unless it says otherwise;
                                                       # each optimizer step: method.edit_gradients(...)
     method.on_task_end(module, task, task_index)     # after fit; e.g. EWC's Fisher and anchor
     trainer.fit(module, method.after_task_epoch(...)) # when it returns examples (TRACE's replay epoch)
@@ -22,7 +23,7 @@ then clear their carried moments (methods/shared/fixed_mask.py does, through Gra
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Any, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Protocol, Sequence
 
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -68,14 +69,20 @@ class TrainingModule(Protocol):
     def log_metrics(self, metrics: dict[str, float]) -> None: ...
 
 
+def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of ``tensors`` in their own dtypes."""
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def trainable_bytes(model: torch.nn.Module, element: int | None = None) -> int:
     """Bytes of the trainable weights (at ``element`` bytes each, else their own dtype's)."""
-    return sum(p.numel() * (element or p.element_size()) for p in model.parameters() if p.requires_grad)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return sum(p.numel() for p in trainable) * element if element else tensor_bytes(trainable)
 
 
 def model_bytes(model: torch.nn.Module) -> int:
     """Bytes of every weight (a tied one once): what FSDP gathers for a pass over the whole model."""
-    return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+    return tensor_bytes({id(p): p for p in model.parameters()}.values())
 
 
 def refuse_weight_decay(method_name: str, weight_decay: float) -> None:
@@ -158,6 +165,14 @@ class CLMethod(Callback):
     def penalty(self, module: "TrainingModule", batch: dict[str, torch.Tensor], task_loss: torch.Tensor) -> torch.Tensor | None:
         """A term added to the task loss of every training step, or None."""
         return None
+
+    def training_loss(self, module: "TrainingModule", batch: dict[str, torch.Tensor], task_loss: torch.Tensor
+                      ) -> torch.Tensor:
+        """The loss of a training micro-batch, from its task loss (the token mean of the answer's
+        cross-entropy): the task loss plus :meth:`penalty`; a method whose objective replaces the
+        task loss (GeRe's (CE_general + CE_task) / 2 + w TM) returns its own."""
+        penalty = self.penalty(module, batch, task_loss)
+        return task_loss if penalty is None else task_loss + penalty
 
     def edit_gradients(self, module: "TrainingModule", views: "ParameterViews") -> None:
         """Once per optimizer step, after the micro-batches' gradients are accumulated and reduced

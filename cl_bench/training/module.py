@@ -33,7 +33,7 @@ def autocast_of(precision: str, device: torch.device | str) -> contextlib.Abstra
 
 
 class CLModule(LightningModule):
-    """Wraps the model; the loss is the task loss plus the method's penalty.
+    """Wraps the model; the loss is the method's ``training_loss`` (the task loss plus its penalty).
 
     ``optimizer`` and ``scheduler`` are factories (Hydra partials); both are called at every
     ``trainer.fit``, i.e. once per task, unless ``reset_optimizer=False``: then they are called once,
@@ -153,9 +153,8 @@ class CLModule(LightningModule):
         sequence, logits, targets = sequence_and_labelled_logits(self.model, batch, self.method.sequence_logits)
         self.step_logits, self.step_sequence_logits = (logits, targets), sequence
         task_loss = token_cross_entropy(logits, targets, batch)
-        penalty = self.method.penalty(self, batch, task_loss)
+        loss = self.method.training_loss(self, batch, task_loss)
         self.step_logits = self.step_sequence_logits = None  # the logits are not kept past the step
-        loss = task_loss if penalty is None else task_loss + penalty
         self.log("loss", loss.detach(), prog_bar=True, logger=False)
         value = loss.item()  # checked at every step: a diverged task must never be recorded as a stage
         if not math.isfinite(value):
