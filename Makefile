@@ -32,7 +32,7 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m runners.bench $(ARGS)
 
-# The README's replication (conf/experiment/replication.yaml): 7 methods x 3 seeds on SmolLM2, then
+# The replication of docs/methods.md (conf/experiment/replication.yaml): 7 methods x 3 seeds on SmolLM2, then
 # the report. JOBS=2 runs two jobs at once, each with half the cores. Rerun to continue after a stop.
 JOBS ?= 1
 REPLICATION := docs/results/replication

@@ -7,7 +7,7 @@ from omegaconf import DictConfig
 from cl_bench.config import build, optimizer_factory, without
 from cl_bench.data.tasks import SPLITS, TaskStream
 from cl_bench.errors import ConfigError, check_choice, check_flag, check_number
-from cl_bench.evaluation.cl_metrics import CL_METRICS
+from cl_bench.evaluation.matrix_metrics import CL_METRICS
 from cl_bench.evaluation.metrics import resolve_metrics
 from cl_bench.files import check_writable_dir
 

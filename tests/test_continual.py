@@ -11,7 +11,7 @@ from cl_bench.models import build_model
 from cl_bench.data.loaders import TaskLoaders
 from cl_bench.errors import ConfigError
 from cl_bench.evaluation.continual import ContinualSettings, mean_answer_log_likelihood
-from cl_bench.evaluation.continual_metrics import (avg_min_acc, continual_metrics, max_drop, min_acc, wc_acc,
+from cl_bench.evaluation.stability_gap import (avg_min_acc, continual_metrics, max_drop, min_acc, wc_acc,
                                                    windowed_forgetting)
 from cl_bench.stream_run import run
 

@@ -5,7 +5,7 @@ import torch
 from cl_bench.errors import ConfigError
 from cl_bench.models import tiny_llama
 from cl_bench.data.tasks import Example
-from cl_bench.data.loaders import make_loader
+from cl_bench.data.loaders import TaskLoaders
 from cl_bench.data.tokenization import Collator, encode_train
 from methods.shared.importance import diagonal_fisher
 
@@ -18,7 +18,7 @@ def tiny():
 
 
 def _loader(tok, batch_size=3):
-    return make_loader(tok, EXAMPLES, batch_size=batch_size, max_prompt_len=64, max_ans_len=8)
+    return TaskLoaders(tok, batch_size=batch_size, max_prompt_len=64, max_ans_len=8).passes(EXAMPLES)
 
 
 def _sum_loglik(model, tok, examples):

@@ -99,7 +99,7 @@ def test_an_unknown_builder_is_named(make_config):
 @pytest.mark.slow
 def test_the_plan_matches_memory_measured_on_the_cpu_within_20_percent(make_config):
     """SmolLM2 with LoRA and EWC: weights, gradients, optimizer and EWC's state, loaded for real
-    (the full model with EWC: 3.05 GiB measured against 3.11 planned, README)."""
+    (the full model with EWC: 3.05 GiB measured against 3.11 planned, docs/scaling.md)."""
     from cl_bench.memory_plan import measure
     from tests.conftest import MODEL_CACHE
     cfg = make_config("method=ewc", "method.fisher=batch", "method.num_samples=4", "model.lora.enabled=true",

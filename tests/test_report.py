@@ -19,7 +19,7 @@ ORDER = ["a", "b"]
 def write_result(root, name, method, seed, R, delta=None, status="finished", error=None, data_seed=0, extra=None,
                  config_extra=None):
     """A results.json as a run writes it (the keys the report reads)."""
-    from cl_bench.evaluation.cl_metrics import all_metrics
+    from cl_bench.evaluation.matrix_metrics import all_metrics
     run = root / name
     run.mkdir(parents=True)
     config = {"method": {"_target_": f"methods.{method}.X", "seed": seed, **(extra or {})},

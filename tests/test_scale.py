@@ -22,9 +22,9 @@ from cl_bench.errors import ConfigError
 from cl_bench.training.lm import causal_lm_loss
 from cl_bench.models import tiny_llama
 from cl_bench.data.tasks import Example
-from cl_bench.data.loaders import make_loader
+from cl_bench.data.loaders import TaskLoaders
 from cl_bench.stream_run import run
-from tests.conftest import CONF_DIR, ROOT, TINY, compose_config
+from tests.conftest import CONF_DIR, METHOD_NAMES, ROOT, TINY, compose_config, method_class
 
 # --- global batch layout ------------------------------------------------------------------------
 
@@ -70,8 +70,8 @@ def test_micro_batch_losses_add_up_to_the_global_token_mean():
     """Lightning divides each micro-batch loss by A: the summed gradient is the global batch's token mean."""
     bundle = tiny_llama(seed=0)
     examples = [Example(f"q{i}", "a" * (1 + 3 * i)) for i in range(4)]  # answers of different lengths
-    whole = next(iter(make_loader(bundle.tokenizer, examples, 4, 32, 16)))
-    micro = list(make_loader(bundle.tokenizer, examples, 4, 32, 16, micro_batch_size=1))
+    whole = next(iter(TaskLoaders(bundle.tokenizer, 4, 32, 16).training(examples, seed=0)))
+    micro = list(TaskLoaders(bundle.tokenizer, 4, 32, 16, micro_batch_size=1).training(examples, seed=0))
     model = bundle.model
 
     def grads(loss):
@@ -160,7 +160,7 @@ def _run_processes(args, launcher: str, n: int = 2, timeout: int = 300) -> None:
         assert p.returncode == 0, out[-5000:]
 
 
-#: the README's DDP and FSDP columns, each "yes" compared with one process: param id -> (method,
+#: docs/methods.md's DDP and FSDP columns, each "yes" compared with one process: param id -> (method,
 #: strategies, settings that make the method's own effect visible at this size)
 SHARDED = {
     "sft": ("sft", ("ddp", "fsdp"), []),
@@ -181,9 +181,24 @@ SHARDED = {
     "inclora": ("inclora", ("ddp", "fsdp"), ["model.lora.dropout=0"]),  # dropout draws per example
     "olora": ("olora", ("ddp", "fsdp"), ["model.lora.dropout=0", "method.lambda_1=5", "optimizer.lr=1e-2"]),  # 5e-3
 }
-#: how each comparison's processes start: fggm through Lightning's launcher (the README's command),
+#: how each comparison's processes start: fggm through Lightning's launcher (docs/scaling.md's command),
 #: migu under torchrun, the rest as torchrun would start them, without its agent (2 s less each)
 LAUNCHER = {"fggm": "lightning", "migu": "torchrun"}
+
+
+#: methods compared with one process by a test of their own: method -> strategies
+OWN_COMPARISON = {"ewc_trace": {"ddp"}}  # test_trace_ewc_under_ddp_grows_each_process_s_own_fisher
+
+
+def test_the_two_process_comparisons_cover_every_method_and_every_strategy_it_declares():
+    """A method in conf/method/ without its comparison here, or one that declares a strategy no
+    comparison runs (or drops one that a comparison still runs), fails."""
+    covered = {name: set(strategies) for name, strategies in OWN_COMPARISON.items()}
+    for method, strategies, _ in SHARDED.values():
+        covered.setdefault(method, set()).update(strategies)
+    assert sorted(covered) == METHOD_NAMES
+    for name, strategies in covered.items():
+        assert strategies == set(method_class(name).supported_strategies) & {"ddp", "fsdp"}, name
 
 
 @pytest.mark.processes

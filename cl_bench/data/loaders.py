@@ -6,7 +6,7 @@ in order, in micro-batches, for a method's pass over a task (a Fisher estimate).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -15,34 +15,6 @@ import torch
 from cl_bench.data.batching import ResumableLoader, StepBatchSampler
 from cl_bench.data.tasks import Example
 from cl_bench.data.tokenization import Collator, EncodedDataset
-
-
-def make_loader(
-    tokenizer,
-    examples: Sequence[Example],
-    batch_size: int,
-    max_prompt_len: int,
-    max_ans_len: int,
-    shuffle: bool = False,
-    seed: int = 0,
-    cache_dir: str | Path | None = None,
-    micro_batch_size: int | None = None,
-    rank: int = 0,
-    world_size: int = 1,
-    drop_last: bool = False,
-    fixed_share: tuple[int, int] | None = None,
-) -> ResumableLoader:
-    """A resumable loader of left-padded training micro-batches over ``examples``.
-
-    ``batch_size`` is the global batch of one optimizer step; this process (``rank`` of
-    ``world_size``) gets its share in micro-batches of ``micro_batch_size`` (see cl_bench.data.batching).
-    """
-    dataset = EncodedDataset(tokenizer, examples, max_prompt_len, max_ans_len, cache_dir)
-    sampler = StepBatchSampler(dataset.label_tokens(), batch_size, micro_batch_size, rank, world_size,
-                               shuffle, seed, drop_last, fixed_share)
-    # Its own generator: starting an epoch's iterator must not draw from the global RNG.
-    return ResumableLoader(dataset, batch_sampler=sampler, collate_fn=Collator(tokenizer.pad_token_id),
-                           generator=torch.Generator().manual_seed(seed))
 
 
 @dataclass(frozen=True)
@@ -70,16 +42,19 @@ class TaskLoaders:
 
     def training(self, examples: Sequence[Example], seed: int, rank: int = 0, world_size: int = 1,
                  fixed_share: tuple[int, int] | None = None) -> ResumableLoader:
-        """This process's micro-batches of every global batch, epoch by epoch (resumable);
-        ``fixed_share=(own, r)``: r of every global batch from ``examples[own:]`` (a replay pool)."""
-        return make_loader(
-            self.tokenizer, examples, self.batch_size, self.max_prompt_len, self.max_ans_len, shuffle=self.shuffle,
-            seed=seed, cache_dir=self.cache_dir, micro_batch_size=self.micro_batch_size, rank=rank,
-            world_size=world_size, drop_last=self.drop_last, fixed_share=fixed_share,
-        )
+        """This process (``rank`` of ``world_size``)'s left-padded micro-batches of every global batch,
+        epoch by epoch (resumable; see cl_bench.data.batching); ``fixed_share=(own, r)``: r of every
+        global batch from ``examples[own:]`` (a replay pool)."""
+        dataset = EncodedDataset(self.tokenizer, examples, self.max_prompt_len, self.max_ans_len, self.cache_dir)
+        sampler = StepBatchSampler(dataset.label_tokens(), self.batch_size, self.micro_batch_size, rank, world_size,
+                                   self.shuffle, seed, self.drop_last, fixed_share)
+        # Its own generator: starting an epoch's iterator must not draw from the global RNG.
+        return ResumableLoader(dataset, batch_sampler=sampler, collate_fn=Collator(self.tokenizer.pad_token_id),
+                               generator=torch.Generator().manual_seed(seed))
 
     def passes(self, examples: Sequence[Example]) -> ResumableLoader:
         """All of ``examples`` in order, tokenized as for training, in micro-batches: a method's pass
         batches by the config alone, whatever the number of processes."""
-        return make_loader(self.tokenizer, examples, self.micro_batch_size or self.batch_size, self.max_prompt_len,
-                           self.max_ans_len, cache_dir=self.cache_dir)
+        whole = replace(self, batch_size=self.micro_batch_size or self.batch_size, micro_batch_size=None,
+                        shuffle=False, drop_last=False)
+        return whole.training(examples, seed=0)

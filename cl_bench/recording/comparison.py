@@ -21,7 +21,7 @@ from typing import Any, Iterable
 
 from cl_bench.config import flat_settings
 from cl_bench.errors import ConfigError
-from cl_bench.evaluation.continual_metrics import curve_metrics
+from cl_bench.evaluation.stability_gap import curve_metrics
 
 #: the numbers a group is summarised by: key -> how to read it from a results.json
 METRICS = ("op", "mean_op", "bwt", "fwt", "forgetting", "delta_RG", "general_before", "general_after",

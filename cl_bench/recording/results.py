@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cl_bench.evaluation.cl_metrics import all_metrics
+from cl_bench.evaluation.matrix_metrics import all_metrics
 from cl_bench.evaluation.continual import ContinualSettings
-from cl_bench.evaluation.continual_metrics import curve_metrics
+from cl_bench.evaluation.stability_gap import curve_metrics
 from cl_bench.evaluation.general_ability import PROBE_TASK
 from cl_bench.files import atomic_write
 
@@ -103,7 +103,7 @@ class RunRecorder:
 
     def continual_metrics(self) -> dict[str, Any]:
         """min-ACC, avg-min-ACC, WC-ACC and WF^w of the points so far (none for a joint run, which
-        has no sequence); see cl_bench/evaluation/continual_metrics.py (``curve_metrics``)."""
+        has no sequence); see cl_bench/evaluation/stability_gap.py (``curve_metrics``)."""
         return {} if self.joint else curve_metrics(self.continual_curves(), self.task_names)
 
     def stage_metrics(self) -> dict[str, float]:

@@ -1,6 +1,6 @@
 import pytest
 
-from cl_bench.evaluation.cl_metrics import all_metrics, bwt, bwt_over_t, forgetting, fwt, mean_op, op
+from cl_bench.evaluation.matrix_metrics import all_metrics, bwt, bwt_over_t, forgetting, fwt, mean_op, op
 
 # Rows: base, after task 1, 2, 3. Columns: tasks 1..3.
 R = [
