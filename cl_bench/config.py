@@ -1,10 +1,12 @@
 """Building objects from config nodes (every layer uses this; the run's own checks are in
 cl_bench/run_config.py)."""
+
 from __future__ import annotations
 
 import os
 import traceback
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
@@ -34,8 +36,11 @@ def _import_failure(error: BaseException) -> str:
     "methods/l2_init.py:3: NameError: name 'CLMethod' is not defined"."""
     while error.__cause__ is not None:
         error = error.__cause__
-    frames = [f for f in traceback.extract_tb(error.__traceback__)
-              if "importlib" not in f.filename and f"{os.sep}hydra{os.sep}" not in f.filename]
+    frames = [
+        f
+        for f in traceback.extract_tb(error.__traceback__)
+        if "importlib" not in f.filename and f"{os.sep}hydra{os.sep}" not in f.filename
+    ]
     where = f"{frames[-1].filename}:{frames[-1].lineno}: " if frames else ""
     return f"{where}{type(error).__name__}: {error}"
 

@@ -8,9 +8,11 @@ its share of every global batch, generates answers for its share of the evaluati
 (gathered in example order), and computes the same scores; rank 0 alone writes results,
 checkpoints and logs.
 """
+
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -88,7 +90,7 @@ def barrier() -> None:
 
 def shard(items: Sequence[Any]) -> list[Any]:
     """This process's share of ``items``: every world_size-th one, starting at its rank."""
-    return list(items[rank():: world_size()])
+    return list(items[rank() :: world_size()])
 
 
 def gather_shards(local: list[Any], total: int) -> list[Any]:
@@ -99,7 +101,7 @@ def gather_shards(local: list[Any], total: int) -> list[Any]:
     dist.all_gather_object(parts, local)
     out: list[Any] = [None] * total
     for r, part in enumerate(parts):
-        out[r:: world_size()] = part
+        out[r :: world_size()] = part
     return out
 
 

@@ -4,6 +4,7 @@ signal (SIGTERM, Ctrl-C) makes of a run.
 Every config value and data record is checked by these few functions, so a bad value always gets
 the same kind of message: the key (or file and record) at fault, what it must be, what it was.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -11,7 +12,8 @@ import errno
 import math
 import signal
 import threading
-from typing import Any, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 
 class ConfigError(ValueError):
@@ -26,8 +28,10 @@ class Diverged(FloatingPointError):
     """Training diverged (a non-finite loss or weight): the message says where and what to change."""
 
     def __init__(self, what: str):
-        super().__init__(f"{what}: training diverged; the stages before it are kept. Lower optimizer.lr, "
-                         "clip gradients (trainer.gradient_clip_val=1.0) or train in trainer.precision=32-true")
+        super().__init__(
+            f"{what}: training diverged; the stages before it are kept. Lower optimizer.lr, "
+            "clip gradients (trainer.gradient_clip_val=1.0) or train in trainer.precision=32-true"
+        )
 
 
 class StoppedBySignal(SystemExit):
@@ -75,6 +79,7 @@ def stop_on_signals() -> Iterator[None]:
 
     def stop(signum, frame):
         raise StoppedBySignal(signum)
+
     previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
@@ -115,8 +120,15 @@ def _describe(integer: bool, low, high, low_open: bool, high_open: bool, plural:
 
 
 def check_number(
-    value: Any, key: str, *, integer: bool = False, low: float | None = None, high: float | None = None,
-    low_open: bool = False, high_open: bool = False, allow_none: bool = False,
+    value: Any,
+    key: str,
+    *,
+    integer: bool = False,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    allow_none: bool = False,
 ) -> Any:
     """``value`` if it is a finite number (an int when ``integer``; never a bool) within the bounds.
 
@@ -127,16 +139,25 @@ def check_number(
         return value
     wrong_type = isinstance(value, bool) or not isinstance(value, int if integer else (int, float))
     non_finite = not wrong_type and not math.isfinite(value)
-    if (wrong_type or non_finite or (low is not None and (value <= low if low_open else value < low))
-            or (high is not None and (value >= high if high_open else value > high))):
+    if (
+        wrong_type
+        or non_finite
+        or (low is not None and (value <= low if low_open else value < low))
+        or (high is not None and (value >= high if high_open else value > high))
+    ):
         expected = _describe(integer, low, high, low_open, high_open) + (" or null" if allow_none else "")
         raise ConfigError(f"{key} must be {f'finite ({expected})' if non_finite else expected}, got {value!r}")
     return value
 
 
 def check_numbers(
-    values: Iterable[Any], key: str, *, integer: bool = False, low: float | None = None,
-    high: float | None = None, allow_none: bool = False,
+    values: Iterable[Any],
+    key: str,
+    *,
+    integer: bool = False,
+    low: float | None = None,
+    high: float | None = None,
+    allow_none: bool = False,
 ) -> list[Any]:
     """:func:`check_number` for each value of a per-task list; the error names the list's key."""
     values = list(values)

@@ -1,5 +1,6 @@
 """Files a run writes: atomically (a reader, or a resumed run, sees the old file or the new one,
 never half of one), into a run dir that one run at a time holds."""
+
 from __future__ import annotations
 
 import errno
@@ -10,8 +11,8 @@ import shutil
 import socket
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from cl_bench.errors import ConfigError, RunDirInUse
 
@@ -53,7 +54,9 @@ def atomic_write(path: str | Path, content: str | bytes | Callable[[Path], None]
         # lives: freed now, so that results.json can still record the failure on a full disk
         _release_frames(e)
         if full:  # e.g. torch's "unexpected pos" when its zip writer hits a full disk
-            raise OSError(errno.ENOSPC, f"no space left on the device of {path.parent} while writing {path.name}") from e
+            raise OSError(
+                errno.ENOSPC, f"no space left on the device of {path.parent} while writing {path.name}"
+            ) from e
         raise
     except BaseException:
         _remove(tmp)
@@ -82,8 +85,9 @@ def check_writable_dir(path: str | Path, what: str) -> Path:
             f.write(b"0")
         probe.unlink()
     except OSError as e:
-        raise ConfigError(f"{what} {folder} is not writable ({e.strerror or e}); choose another folder "
-                          f"or free or unlock this one") from None
+        raise ConfigError(
+            f"{what} {folder} is not writable ({e.strerror or e}); choose another folder or free or unlock this one"
+        ) from None
     return folder
 
 
@@ -175,7 +179,11 @@ class RunDirLock:
         """Temporary files of writers that died mid-write (a killed run): theirs, never a live one's."""
         for tmp in self.path.parent.rglob(".*.tmp*"):
             pid = tmp.name.rsplit(".tmp", 1)[-1]
-            if pid.isdigit() and int(pid) != os.getpid() and not self._alive({"pid": int(pid), "host": socket.gethostname()}):
+            if (
+                pid.isdigit()
+                and int(pid) != os.getpid()
+                and not self._alive({"pid": int(pid), "host": socket.gethostname()})
+            ):
                 _remove(tmp)
 
     def release(self) -> None:

@@ -31,6 +31,7 @@ backward pass (norm inputs, q/k/v before and after RoPE, attention output, the M
 SiLU and product), at e bytes (2 under bf16 autocast, else 4); the LM head keeps (e + 8) bytes per
 vocabulary entry of every answer token (logits, fp32 log-softmax).
 """
+
 from __future__ import annotations
 
 import json
@@ -47,21 +48,25 @@ from cl_bench.training.method import tensor_bytes
 
 ARCHITECTURES = Path(__file__).resolve().parent / "architectures"
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
-GIB = 1024 ** 3
+GIB = 1024**3
 
 
 def architecture(model_node: DictConfig):
     """The transformers config of the ``model`` node, without weights: a local folder's config.json,
     one shipped in ``cl_bench/architectures`` (named by hub id), or the hub's."""
     from transformers import AutoConfig
+
     target = str(model_node.get("_target_", ""))
     if target.endswith("tiny_llama"):
         from cl_bench.config import build, without
+
         return build(without(model_node, "lora")).model.config  # a few kB: built for real
     name = SMOLLM2_HUB_ID if target.endswith("load_smollm2") else model_node.get("name_or_path")
     if name is None:
-        raise ConfigError(f"model._target_ {target}: the planner reads architectures of load_pretrained, "
-                          "load_smollm2 and tiny_llama models only")
+        raise ConfigError(
+            f"model._target_ {target}: the planner reads architectures of load_pretrained, "
+            "load_smollm2 and tiny_llama models only"
+        )
     if Path(name).is_dir():
         return AutoConfig.from_pretrained(name)
     shipped = ARCHITECTURES / f"{name.replace('/', '--')}.json"
@@ -72,8 +77,10 @@ def architecture(model_node: DictConfig):
     try:
         return AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as e:
-        raise ConfigError(f"model.name_or_path={name}: no local folder, no shipped architecture in {ARCHITECTURES}, "
-                          f"and the hub did not give one ({e.__class__.__name__}); add its config.json there") from None
+        raise ConfigError(
+            f"model.name_or_path={name}: no local folder, no shipped architecture in {ARCHITECTURES}, "
+            f"and the hub did not give one ({e.__class__.__name__}); add its config.json there"
+        ) from None
 
 
 def meta_model(model_node: DictConfig) -> torch.nn.Module:
@@ -81,6 +88,7 @@ def meta_model(model_node: DictConfig) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     from cl_bench.models import add_lora
+
     config = architecture(model_node)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, model_node.get("dtype") or "float32"))
@@ -97,6 +105,7 @@ def _bytes(dtype_name: str | None) -> int:
 @dataclass
 class MemoryPlan:
     """Bytes per GPU by item, with what they were computed from."""
+
     model: str
     strategy: str
     processes: int
@@ -134,7 +143,11 @@ class MemoryPlan:
 
 def _label(model_node: DictConfig) -> str:
     target = str(model_node.get("_target_", ""))
-    name = SMOLLM2_HUB_ID if target.endswith("load_smollm2") else model_node.get("name_or_path") or target.rsplit(".", 1)[-1]
+    name = (
+        SMOLLM2_HUB_ID
+        if target.endswith("load_smollm2")
+        else model_node.get("name_or_path") or target.rsplit(".", 1)[-1]
+    )
     lora = model_node.get("lora")
     return f"{name}+lora(r={lora.r})" if lora is not None and lora.get("enabled", False) else name
 
@@ -163,6 +176,7 @@ def plan(cfg: DictConfig) -> MemoryPlan:
     settings are checked as a run's are (``train.batch_size=0`` is refused, naming the key)."""
     from cl_bench.config import build
     from cl_bench.run_config import validate_run_config
+
     validate_run_config(cfg, paths=False)
     model = meta_model(cfg.model)
     params = {id(p): p for p in model.parameters()}.values()
@@ -181,11 +195,18 @@ def plan(cfg: DictConfig) -> MemoryPlan:
     moments = 2 if "adam" in str(cfg.optimizer.get("_target_", "")).lower() else 0
     items: dict[str, int]
     if family == "fsdp":
-        items = {"weights (shard)": n_bytes // world, "gathered layers (2 U)": 2 * _largest_layer(model) * w16,
-                 "gradients (shard)": t_bytes // world, "optimizer (shard)": moments * t_bytes // world}
+        items = {
+            "weights (shard)": n_bytes // world,
+            "gathered layers (2 U)": 2 * _largest_layer(model) * w16,
+            "gradients (shard)": t_bytes // world,
+            "optimizer (shard)": moments * t_bytes // world,
+        }
     elif family == "deepspeed":
-        items = {"weights": n * w16, "gradients (shard)": t * w16 // world,
-                 "optimizer: fp32 master + moments (shard)": (4 * (w16 != 4) + 4 * moments) * t // world}
+        items = {
+            "weights": n * w16,
+            "gradients (shard)": t * w16 // world,
+            "optimizer: fp32 master + moments (shard)": (4 * (w16 != 4) + 4 * moments) * t // world,
+        }
     else:
         items = {"weights": n_bytes, "gradients": t_bytes, "optimizer": moments * t_bytes}
         if family == "ddp":
@@ -194,9 +215,17 @@ def plan(cfg: DictConfig) -> MemoryPlan:
     seq = cfg.train.max_prompt_len + cfg.train.max_ans_len
     config = model.get_base_model().config if hasattr(model, "peft_config") else model.config
     result = MemoryPlan(
-        model=_label(cfg.model), strategy=family,
-        processes=world, params=n, trainable=t, micro_batch=micro, seq_len=seq, items=items,
-        activations=activation_bytes(config, micro, seq, cfg.train.max_ans_len, 2 if bf16 else 4, cfg.model.get("lora")),
+        model=_label(cfg.model),
+        strategy=family,
+        processes=world,
+        params=n,
+        trainable=t,
+        micro_batch=micro,
+        seq_len=seq,
+        items=items,
+        activations=activation_bytes(
+            config, micro, seq, cfg.train.max_ans_len, 2 if bf16 else 4, cfg.model.get("lora")
+        ),
         evaluation=n_bytes if family == "fsdp" else 0,
     )
     method = build(cfg.method)
@@ -219,24 +248,38 @@ def verdict(p: MemoryPlan, gpu_gib: float | None) -> str:
     """Whether the plan fits ``gpu_gib``, or which common GPU sizes it fits without one."""
     if gpu_gib is not None:
         spare = (gpu_gib * GIB - p.total) / GIB
-        return (f"fits in {gpu_gib:g} GiB ({spare:.2f} GiB to spare)" if spare >= 0
-                else f"does NOT fit in {gpu_gib:g} GiB ({-spare:.2f} GiB short)")
+        return (
+            f"fits in {gpu_gib:g} GiB ({spare:.2f} GiB to spare)"
+            if spare >= 0
+            else f"does NOT fit in {gpu_gib:g} GiB ({-spare:.2f} GiB short)"
+        )
     fits = [f"{g} GiB ({names})" for g, names in GPU_SIZES.items() if p.fits(g)]
     short = [str(g) for g in GPU_SIZES if not p.fits(g)]
-    return (f"needs {p.total / GIB:.2f} GiB per GPU: " + (f"fits {', '.join(fits)}" if fits else "fits none of the common GPUs")
-            + (f"; too large for {', '.join(short)} GiB" if short else "") + " (--gpu-gib N checks another size)")
+    return (
+        f"needs {p.total / GIB:.2f} GiB per GPU: "
+        + (f"fits {', '.join(fits)}" if fits else "fits none of the common GPUs")
+        + (f"; too large for {', '.join(short)} GiB" if short else "")
+        + " (--gpu-gib N checks another size)"
+    )
 
 
 def render(p: MemoryPlan, gpu_gib: float | None) -> str:
     """The plan as a text table (GiB per GPU) and its verdict."""
-    lines = [f"model {p.model}: {p.params / 1e6:,.1f} M parameters, {p.trainable / 1e6:,.2f} M trainable; "
-             f"{p.strategy} over {p.processes} process(es); micro-batch {p.micro_batch} x {p.seq_len} tokens",
-             f"{'per GPU':<52}{'GiB':>9}{'MiB':>11}"]
-    rows = [*p.items.items(), *((f"method: {k}", v) for k, v in p.method_items.items()),
-            ("activations (estimate)", p.activations), *((f"method: {k}", v) for k, v in p.pass_items.items()),
-            *([("evaluation: gathered weights", p.evaluation)] if p.evaluation else []), ("total (peak)", p.total)]
+    lines = [
+        f"model {p.model}: {p.params / 1e6:,.1f} M parameters, {p.trainable / 1e6:,.2f} M trainable; "
+        f"{p.strategy} over {p.processes} process(es); micro-batch {p.micro_batch} x {p.seq_len} tokens",
+        f"{'per GPU':<52}{'GiB':>9}{'MiB':>11}",
+    ]
+    rows = [
+        *p.items.items(),
+        *((f"method: {k}", v) for k, v in p.method_items.items()),
+        ("activations (estimate)", p.activations),
+        *((f"method: {k}", v) for k, v in p.pass_items.items()),
+        *([("evaluation: gathered weights", p.evaluation)] if p.evaluation else []),
+        ("total (peak)", p.total),
+    ]
     rows += [(f"host, not GPU: {k}", v) for k, v in p.host_items.items()]
-    lines += [f"{name:<52}{value / GIB:>9.2f}{value / 2 ** 20:>11.1f}" for name, value in rows]
+    lines += [f"{name:<52}{value / GIB:>9.2f}{value / 2**20:>11.1f}" for name, value in rows]
     lines.append(verdict(p, gpu_gib))
     if p.refusal:
         lines.append(f"note: this run would be refused at start: {p.refusal}")
@@ -253,6 +296,7 @@ def _resident() -> int:
     import ctypes
     import gc
     import os
+
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -268,9 +312,9 @@ def measure(cfg: DictConfig) -> dict[str, int]:
     optimizer (gradients and optimizer state; the activations are freed again), and by the method's
     task end (its state after the first task). For small models: everything is loaded for real."""
     from cl_bench.config import build, optimizer_factory
-    from cl_bench.run_config import build_stream
     from cl_bench.data.loaders import TaskLoaders
     from cl_bench.models import build_model
+    from cl_bench.run_config import build_stream
     from cl_bench.training.lm import causal_lm_loss
     from cl_bench.training.module import CLModule
 

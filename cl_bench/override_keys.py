@@ -6,6 +6,7 @@ wraps the one Hydra step that applies command-line overrides to the composed con
 missing there, the error names the override and the closest keys that exist (``difflib``), and
 says how to add a new key for the rare case that was meant.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -35,12 +36,19 @@ def unknown_key_message(override: str, key: str, keys: list[str]) -> str:
     if not key.startswith("hydra."):
         keys = [k for k in keys if not k.startswith("hydra")]
     same_depth = [k for k in keys if k.count(".") == key.count(".")]  # a leaf for a leaf, a group for a group
-    close = difflib.get_close_matches(key, same_depth, n=3, cutoff=0.6) or difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+    close = difflib.get_close_matches(key, same_depth, n=3, cutoff=0.6) or difflib.get_close_matches(
+        key, keys, n=3, cutoff=0.6
+    )
     value = override.split("=", 1)[1] if "=" in override else "..."
-    hint = (f"did you mean {' or '.join(repr(k) for k in close)}? (e.g. {close[0]}={value})" if close
-            else "the settings are listed by `python -m runners.cl --cfg job`")
-    return (f"no setting '{key}' in the config ({override}): {hint}. "
-            f"A new key that a plugin reads is added with a leading +: +{override}")
+    hint = (
+        f"did you mean {' or '.join(repr(k) for k in close)}? (e.g. {close[0]}={value})"
+        if close
+        else "the settings are listed by `python -m runners.cl --cfg job`"
+    )
+    return (
+        f"no setting '{key}' in the config ({override}): {hint}. "
+        f"A new key that a plugin reads is added with a leading +: +{override}"
+    )
 
 
 def suggest_closest_keys() -> None:
@@ -62,7 +70,8 @@ def suggest_closest_keys() -> None:
             if failed is None:
                 raise
             raise ConfigCompositionException(
-                unknown_key_message(failed.input_line, failed.key_or_group, config_keys(cfg))) from None
+                unknown_key_message(failed.input_line, failed.key_or_group, config_keys(cfg))
+            ) from None
 
     apply_or_suggest.suggests_keys = True
     ConfigLoaderImpl._apply_overrides_to_config = staticmethod(apply_or_suggest)

@@ -10,13 +10,14 @@ with the time elapsed and the stream's ETA, so a log shows that the run is alive
         doing("evaluating code (task 4/5)", total=8)   # 8 batches
         for batch in ...: advance()
 """
+
 from __future__ import annotations
 
 import contextlib
 import logging
 import threading
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,9 @@ class Activity:
     def times(self) -> str:
         """``0:01:10 elapsed · stream ETA 0:12:00`` (no ETA before a task has finished)."""
         eta = self.eta()
-        return f"{clock(time.monotonic() - self.started)} elapsed" + ("" if eta is None else f" · stream ETA {clock(eta)}")
+        return f"{clock(time.monotonic() - self.started)} elapsed" + (
+            "" if eta is None else f" · stream ETA {clock(eta)}"
+        )
 
     def line(self) -> str:
         """``what 3/8 · 0:01:10 elapsed · stream ETA 0:12:00``."""
@@ -86,6 +89,7 @@ def say(line: str) -> None:
     """One line of the run's story (what it will do, each stage's row) into the log, from the main
     process only (the others run the same calls in lockstep)."""
     from cl_bench.distributed import is_main
+
     if is_main():
         log.info(line)
 
@@ -93,8 +97,10 @@ def say(line: str) -> None:
 def work_summary(tasks: int, steps: int, stages: int, answers: int, general: str | None) -> str:
     """What a run will do, said at its start so that what dominates its time is no surprise."""
     probe = f"; general ability: {general}" if general else ""
-    return (f"This run: {tasks} task(s), {steps} optimizer steps in all; {stages} evaluations of the stream, "
-            f"{answers} generated answers each{probe}")
+    return (
+        f"This run: {tasks} task(s), {steps} optimizer steps in all; {stages} evaluations of the stream, "
+        f"{answers} generated answers each{probe}"
+    )
 
 
 @contextlib.contextmanager
@@ -110,6 +116,7 @@ def heartbeat(every_s: float | None) -> Iterator[None]:
     def beat():
         while not stop.wait(every_s):
             log.info("… %s", activity.line())
+
     thread = threading.Thread(target=beat, name="heartbeat", daemon=True)
     thread.start()
     try:

@@ -5,12 +5,14 @@ Checkpoints store :func:`rng_state` so that a resumed run draws what it would ha
 that must not disturb training's random stream (a benchmark harness that reseeds) runs inside
 :func:`preserved_rng`; per-task and per-epoch generators are seeded with :func:`derive_seed`.
 """
+
 from __future__ import annotations
 
 import contextlib
 import random
 import zlib
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch

@@ -1,5 +1,6 @@
 """The run config as a whole: its stream built with its scorers, and every setting outside the
 plugins checked by key before anything is loaded."""
+
 from __future__ import annotations
 
 from omegaconf import DictConfig
@@ -31,7 +32,7 @@ def validate_run_config(cfg: DictConfig, paths: bool = True) -> None:
     """Every setting of the run outside the plugins (which check their own), by key: ranges, flags,
     the optimizer, and (``paths``) that the token cache can be written."""
     checks = {
-        "seed": dict(integer=True, low=0, high=2 ** 32 - 1),  # Lightning's (numpy's) seed range
+        "seed": dict(integer=True, low=0, high=2**32 - 1),  # Lightning's (numpy's) seed range
         "optimizer.lr": dict(low=0, low_open=True),
         "optimizer.weight_decay": dict(low=0),
         "scheduler.warmup_steps": dict(integer=True, low=0),
@@ -54,7 +55,11 @@ def validate_run_config(cfg: DictConfig, paths: bool = True) -> None:
     for key in ("train.shuffle", "train.drop_last", "eval.do_sample"):
         check_flag(_get(cfg, key), key)
     check_number(cfg.trainer.get("gradient_clip_val"), "trainer.gradient_clip_val", low=0, allow_none=True)
-    for key, instead in (("max_epochs", "tasks.epochs"), ("min_epochs", "tasks.epochs"), ("max_steps", "tasks.max_steps")):
+    for key, instead in (
+        ("max_epochs", "tasks.epochs"),
+        ("min_epochs", "tasks.epochs"),
+        ("max_steps", "tasks.max_steps"),
+    ):
         if key in cfg.trainer:
             raise ConfigError(f"trainer.{key} is not read: each task's budget is {instead} (one value or one per task)")
     objectives = ["op"] if cfg.tasks.get("joint", False) else list(CL_METRICS)
@@ -68,6 +73,7 @@ def check_optimizer(node: DictConfig) -> None:
     """The optimizer's settings, built over one dummy parameter before the model loads: bad betas,
     a negative eps or a setting the chosen ``_target_`` does not take fail here, naming the key."""
     import torch
+
     if node.get("eps") is not None:
         check_number(node.eps, "optimizer.eps", low=0)
     betas = node.get("betas")
@@ -77,5 +83,7 @@ def check_optimizer(node: DictConfig) -> None:
     try:
         factory([torch.nn.Parameter(torch.zeros(1))])
     except (TypeError, ValueError, RuntimeError) as e:
-        raise ConfigError(f"optimizer: {node.get('_target_')} refuses the settings under optimizer ({e}); "
-                          "a setting another optimizer takes can be removed with ~optimizer.<key>") from None
+        raise ConfigError(
+            f"optimizer: {node.get('_target_')} refuses the settings under optimizer ({e}); "
+            "a setting another optimizer takes can be removed with ~optimizer.<key>"
+        ) from None

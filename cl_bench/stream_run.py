@@ -11,6 +11,7 @@
 Any error after set-up is written into results.json (``fail``; SIGTERM or Ctrl-C: "stopped"),
 every finished stage kept. Under several processes every process runs the same calls in lockstep.
 """
+
 from __future__ import annotations
 
 import logging
@@ -31,18 +32,18 @@ from cl_bench.data.tasks import Task, TaskStream, training_plan
 from cl_bench.data.token_cache import stream_fingerprint
 from cl_bench.distributed import barrier, is_main, rank, start_processes, world_size
 from cl_bench.errors import as_stop, stop_on_signals
-from cl_bench.files import RunDirLock
-from cl_bench.progress import activity, doing, heartbeat, say, work_summary
 from cl_bench.evaluation.continual import ContinualEvaluator, ContinualSettings
 from cl_bench.evaluation.general_ability import GeneralAbility
 from cl_bench.evaluation.generation import GenerationConfig, evaluate_stream
+from cl_bench.files import RunDirLock
 from cl_bench.models import build_model
+from cl_bench.progress import activity, doing, heartbeat, say, work_summary
 from cl_bench.recording.console import console
 from cl_bench.recording.loggers import RunLoggers
 from cl_bench.recording.results import RunRecorder, redact
 from cl_bench.recording.summary import print_summary
-from cl_bench.run_config import build_stream, validate_run_config
 from cl_bench.rng import derive_seed, rng_state, set_rng_state
+from cl_bench.run_config import build_stream, validate_run_config
 from cl_bench.training.checkpointing import StreamCheckpoints, restore_weights, run_dir, stage_weights
 from cl_bench.training.module import CLModule
 from cl_bench.training.sharding import full_weights
@@ -74,8 +75,9 @@ class StreamRun:
         # validates the data before the model is loaded
         self.stream: TaskStream = build_stream(cfg.tasks)
         #: what is trained, in order: the stream's tasks, or their union (tasks.joint=true)
-        self.training: list[Task] = training_plan(self.stream, cfg.tasks.get("joint", False),
-                                                  cfg.train.get("shuffle", True))
+        self.training: list[Task] = training_plan(
+            self.stream, cfg.tasks.get("joint", False), cfg.train.get("shuffle", True)
+        )
         check_every_task_trains(self.training, cfg.train, placement.world_size)
         self.general: GeneralAbility = build(cfg.general) if cfg.get("general") else GeneralAbility()
         self.general.check()
@@ -103,12 +105,24 @@ class StreamRun:
         self.checkpoints = StreamCheckpoints(self.out_dir, **cfg.checkpoint)
         # a resume's stage checkpoint, and the newest step checkpoint of the task it continues
         self.saved, self.mid_task = self.checkpoints.resume_point(self.resume_key)
-        self.recorder = RunRecorder(self.out_dir, self.config, self.stream.names, [t.metric for t in self.stream],
-                                    writes=is_main(), trained=[t.name for t in self.training],
-                                    continual=self.continual)
+        self.recorder = RunRecorder(
+            self.out_dir,
+            self.config,
+            self.stream.names,
+            [t.metric for t in self.stream],
+            writes=is_main(),
+            trained=[t.name for t in self.training],
+            continual=self.continual,
+        )
         run_ids = self.saved["run_ids"] if self.saved else {}
-        self.loggers = RunLoggers({k: build(c, **({"run_id": run_ids[k]} if k in run_ids else {}))
-                                   for k, c in (cfg.get("logger") or {}).items()} if is_main() else {})
+        self.loggers = RunLoggers(
+            {
+                k: build(c, **({"run_id": run_ids[k]} if k in run_ids else {}))
+                for k, c in (cfg.get("logger") or {}).items()
+            }
+            if is_main()
+            else {}
+        )
         if self.saved is not None:  # keep the curves logged up to where this run continues
             self.loggers.continue_from(self.saved["step_offset"] + self.checkpoints.step_of(self.mid_task))
         self.loggers.log_config({**self.config, "method_name": self.method.name})
@@ -121,24 +135,46 @@ class StreamRun:
         optimizer, reset_optimizer = optimizer_factory(cfg.optimizer)
         # Evaluation and the methods' passes (Fisher, anchors) run where training runs.
         self.module = CLModule(
-            self.bundle.model, self.method, optimizer, build(cfg.scheduler),
-            metric_sink=self.loggers.log_metrics, log_every_n_steps=cfg.trainer.get("log_every_n_steps", 10),
-            loaders=self.loaders, device=placement.strategy.root_device, reset_optimizer=reset_optimizer,
+            self.bundle.model,
+            self.method,
+            optimizer,
+            build(cfg.scheduler),
+            metric_sink=self.loggers.log_metrics,
+            log_every_n_steps=cfg.trainer.get("log_every_n_steps", 10),
+            loaders=self.loaders,
+            device=placement.strategy.root_device,
+            reset_optimizer=reset_optimizer,
             precision=cfg.trainer.get("precision", "32-true"),
         )
         self.module.to(self.module.home_device)
         with self.module.precision_context():  # the methods' passes at the run's precision
             self.method.on_stream_start(self.module, self.stream)
         self.generation = GenerationConfig(
-            batch_size=cfg.eval.batch_size, max_prompt_len=cfg.train.max_prompt_len,
-            do_sample=cfg.eval.do_sample, temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
-            max_new_tokens=cfg.eval.get("max_new_tokens"), raw=self.stream.scorers == "trace",
+            batch_size=cfg.eval.batch_size,
+            max_prompt_len=cfg.train.max_prompt_len,
+            do_sample=cfg.eval.do_sample,
+            temperature=cfg.eval.temperature,
+            top_p=cfg.eval.top_p,
+            max_new_tokens=cfg.eval.get("max_new_tokens"),
+            raw=self.stream.scorers == "trace",
         )
         #: scores the seen tasks during training (eval.continual; None when off)
-        self.evaluator = ContinualEvaluator(self.continual, self.stream, self.bundle.tokenizer, self.loaders,
-                                            self.generation, cfg.eval.split, cfg.seed) if self.continual.enabled else None
-        self.answers = {t.name: [e.answer for e in t.splits[cfg.eval.split][: cfg.eval.max_examples]]
-                        for t in self.stream}
+        self.evaluator = (
+            ContinualEvaluator(
+                self.continual,
+                self.stream,
+                self.bundle.tokenizer,
+                self.loaders,
+                self.generation,
+                cfg.eval.split,
+                cfg.seed,
+            )
+            if self.continual.enabled
+            else None
+        )
+        self.answers = {
+            t.name: [e.answer for e in t.splits[cfg.eval.split][: cfg.eval.max_examples]] for t in self.stream
+        }
 
     @property
     def tasks_done(self) -> int:
@@ -159,7 +195,9 @@ class StreamRun:
         except BaseException as e:
             stop = as_stop(e)  # SIGTERM or Ctrl-C: "stopped", exit 143 or 130, resumable
             self.fail(stop or e, status="failed" if stop is None else "stopped")
-            raise (e if stop is None else stop)
+            if stop is None:
+                raise
+            raise stop from e
         finally:
             self.lock.release()  # the run dir goes free
 
@@ -186,8 +224,12 @@ class StreamRun:
         """Task ``i``: the method's task start, a fresh Trainer's fit (continuing from this task's
         newest step checkpoint on a resume), the method's task end."""
         task, cfg = self.training[i], self.cfg
-        console.print(Rule(f"Task {i + 1}/{len(self.training)}: {task.name} ({len(task.train)} examples, "
-                           f"{task.epochs} epoch(s), metric {task.metric})"))
+        console.print(
+            Rule(
+                f"Task {i + 1}/{len(self.training)}: {task.name} ({len(task.train)} examples, "
+                f"{task.epochs} epoch(s), metric {task.metric})"
+            )
+        )
         self.module.begin_task(task.name)
         with self.module.precision_context():
             self.method.on_task_start(self.module, task, i)
@@ -198,11 +240,19 @@ class StreamRun:
         callbacks = [self.method] + [c for c in (self.evaluator, step_checkpoint) if c is not None]
         trainer = build_trainer(cfg, task.epochs, task.max_steps, callbacks, self.accumulate)
         examples = self.method.training_examples(task, i)
-        doing(f"training {task.name} (task {i + 1}/{len(self.training)}), step",
-              task_steps(len(examples), task, cfg.train, world_size()), count=lambda: trainer.global_step)
+        doing(
+            f"training {task.name} (task {i + 1}/{len(self.training)}), step",
+            task_steps(len(examples), task, cfg.train, world_size()),
+            count=lambda: trainer.global_step,
+        )
         share = self.method.replayed_per_batch(task, i)
-        loader = self.loaders.training(examples, seed=cfg.seed + i, rank=rank(), world_size=world_size(),
-                                       fixed_share=None if share is None else (len(task.train), share))
+        loader = self.loaders.training(
+            examples,
+            seed=cfg.seed + i,
+            rank=rank(),
+            world_size=world_size(),
+            fixed_share=None if share is None else (len(task.train), share),
+        )
         mid_task = self.mid_task if self.saved is not None and i == self.saved["tasks_done"] else None
         if mid_task is not None:
             console.print(f"Resuming task {task.name} from {mid_task.name}")
@@ -221,7 +271,9 @@ class StreamRun:
     def train_after_task_epoch(self, task: Task, i: int, examples: list) -> None:
         """One epoch over ``examples`` after task ``i``'s fit (TRACE's replay epoch); a resume repeats it."""
         console.print(f"After {task.name}: one epoch over {len(examples)} examples ({self.method.name})")
-        loader = self.loaders.training(examples, seed=derive_seed(self.cfg.seed + i, 1), rank=rank(), world_size=world_size())
+        loader = self.loaders.training(
+            examples, seed=derive_seed(self.cfg.seed + i, 1), rank=rank(), world_size=world_size()
+        )
         build_trainer(self.cfg, 1, None, [self.method], self.accumulate).fit(self.module, loader, weights_only=True)
         self.module.check_weights_finite()
         self.module.end_fit()
@@ -231,17 +283,28 @@ class StreamRun:
         and checkpoint the stage."""
         t = time.perf_counter()
         with full_weights(self.bundle.model):  # FSDP: every process generates with the whole model
-            scores, predictions = evaluate_stream(self.bundle.model, self.bundle.tokenizer, self.stream,
-                                                  self.generation, self.cfg.eval.split, self.cfg.eval.max_examples)
+            scores, predictions = evaluate_stream(
+                self.bundle.model,
+                self.bundle.tokenizer,
+                self.stream,
+                self.generation,
+                self.cfg.eval.split,
+                self.cfg.eval.max_examples,
+            )
             self.recorder.add_row(scores, time.perf_counter() - t)
             done = self.tasks_done
             activity.tasks_finished(done, len(self.training))
-            say(f"{self.recorder.stages[-1]}: "
-                             + " · ".join(f"{n} {v:.1f}" for n, v in zip(self.stream.names, scores)) + f" · {activity.times()}")
+            say(
+                f"{self.recorder.stages[-1]}: "
+                + " · ".join(f"{n} {v:.1f}" for n, v in zip(self.stream.names, scores))
+                + f" · {activity.times()}"
+            )
             if done == 0 or self.general.every_task or done == len(self.training):
                 self._evaluate_general()
         self.recorder.write_predictions(self.answers, predictions)
-        self.loggers.log_stage(self.recorder, self.module.stream_step, self.out_dir / "score_matrix.png", self.cfg.run_name)
+        self.loggers.log_stage(
+            self.recorder, self.module.stream_step, self.out_dir / "score_matrix.png", self.cfg.run_name
+        )
         self.recorder.write()
         self.checkpoints.save_stage(self.stage_state(), done)
 
@@ -258,7 +321,9 @@ class StreamRun:
         disk or a read-only dir is logged in one line instead). A stopped run continues when rerun."""
         stopped = f"{error}: rerun the same command (or resume={self.out_dir}) to continue"
         try:
-            self.recorder.write(status=status, error=stopped if status == "stopped" else f"{type(error).__name__}: {error}")
+            self.recorder.write(
+                status=status, error=stopped if status == "stopped" else f"{type(error).__name__}: {error}"
+            )
         except OSError as e:
             log.error("could not record the failure in %s: %s", self.out_dir / "results.json", e.strerror or e)
         self.loggers.finalize("failed", self.recorder)
@@ -267,17 +332,22 @@ class StreamRun:
     def opening_line(self) -> str:
         answers = sum(len(t.splits[self.cfg.eval.split][: self.cfg.eval.max_examples]) for t in self.stream)
         steps = sum(task_steps(len(t.train), t, self.cfg.train, world_size()) for t in self.training)
-        return work_summary(len(self.training), steps, len(self.training) + 1, answers,
-                            self.general.describe(len(self.training)))
+        return work_summary(
+            len(self.training), steps, len(self.training) + 1, answers, self.general.describe(len(self.training))
+        )
 
     def stage_state(self) -> dict[str, Any]:
         """What a stage checkpoint holds (see cl_bench/training/checkpointing.py)."""
         done = self.tasks_done
         return {
-            "tasks_done": done, "model": stage_weights(self.bundle.model) if done else None,
-            "method": self.method.state_dict(), "recorder": self.recorder.state_dict(),
-            "step_offset": self.module.step_offset, "optimizer": self.module.optimizer_state(),
-            "rng": rng_state(), "run_ids": self.loggers.run_ids(),
+            "tasks_done": done,
+            "model": stage_weights(self.bundle.model) if done else None,
+            "method": self.method.state_dict(),
+            "recorder": self.recorder.state_dict(),
+            "step_offset": self.module.step_offset,
+            "optimizer": self.module.optimizer_state(),
+            "rng": rng_state(),
+            "run_ids": self.loggers.run_ids(),
             "config": self.checkpoints.comparable(self.resume_key),
         }
 

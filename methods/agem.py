@@ -20,6 +20,7 @@ processes' rows, and each process projects its own rows. The memory batch of a s
 the seed and the stream step alone: a resumed run draws the same ones. The memory holds examples
 (checkpointed), not tensors.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,10 +38,12 @@ from methods.base import CLMethod, trainable_bytes
 from methods.shared.importance import sample_examples
 
 
-def project(grads: list[torch.Tensor], reference: list[torch.Tensor], total=lambda value: value.item()
-            ) -> tuple[float, bool]:
+def project(
+    grads: list[torch.Tensor], reference: list[torch.Tensor], total=lambda value: value.item()
+) -> tuple[float, bool]:
     """A-GEM's projection of ``grads`` against ``reference``, in place; returns (g . g_ref, projected).
     ``total`` adds a sum over entries up over processes (``ParameterViews.total``, for row shards)."""
+
     def dot_product(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
         # per-tensor dot products in the gradients' dtype (fp32 accumulation), summed in float64
         return total(torch.stack([torch.dot(x.flatten(), y.flatten()) for x, y in zip(a, b)]).double().sum())
@@ -63,8 +66,9 @@ class AGEM(CLMethod):
 
     def __init__(self, per_task: int = 100, memory_batch_size: int | None = None, seed: int = 0):
         self.per_task = check_number(per_task, "method.per_task", integer=True, low=1)
-        self.memory_batch_size = check_number(memory_batch_size, "method.memory_batch_size", integer=True, low=1,
-                                              allow_none=True)
+        self.memory_batch_size = check_number(
+            memory_batch_size, "method.memory_batch_size", integer=True, low=1, allow_none=True
+        )
         self.seed = seed
         #: the kept examples of each finished task
         self.memory: list[list[Example]] = []
@@ -77,7 +81,9 @@ class AGEM(CLMethod):
         try:
             layout(size, loaders.micro_batch_size, world_size())
         except ConfigError as e:
-            raise ConfigError(f"method.memory_batch_size ({size}) must be laid out like a training batch: {e}") from None
+            raise ConfigError(
+                f"method.memory_batch_size ({size}) must be laid out like a training batch: {e}"
+            ) from None
         # the memory batch in micro-batches and shares as a training batch; drawn already shuffled,
         # and tokenized anew (a few examples; a cache entry per drawn batch would fill the disk)
         self.loaders = dataclasses.replace(loaders, batch_size=size, shuffle=False, drop_last=False, cache_dir=None)
@@ -121,8 +127,13 @@ class AGEM(CLMethod):
         self.steps += 1
         self.projected_steps += projected
         if module.should_log:
-            module.log_metrics({"agem/dot": dot, "agem/projected_fraction": self.projected_steps / self.steps,
-                                "agem/memory_size": sum(len(kept) for kept in self.memory)})
+            module.log_metrics(
+                {
+                    "agem/dot": dot,
+                    "agem/projected_fraction": self.projected_steps / self.steps,
+                    "agem/memory_size": sum(len(kept) for kept in self.memory),
+                }
+            )
 
     def on_task_end(self, module, task, task_index: int) -> None:
         self.memory.append(sample_examples(task.train, self.per_task, derive_seed(self.seed, task_index)))

@@ -38,12 +38,13 @@ step hooks. Under FSDP (``trainer=fsdp``) every process computes the relevance o
 weights (the same samples everywhere, so the same gate) and keeps the gate as the rows of its own
 parameter shards (cl_bench/training/parameter_views.py), which both scalings then read.
 """
+
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from contextlib import contextmanager
-from typing import Sequence
 
 import torch
 
@@ -85,9 +86,15 @@ class _EpsilonRule(torch.autograd.Function):
 @contextmanager
 def epsilon_rule(model: torch.nn.Module, eps: float):
     """Within the block, gradients through ``model`` follow LRP-epsilon at every nn.Linear output."""
-    handles = [] if eps == 0 else [
-        m.register_forward_hook(lambda module, args, out: _EpsilonRule.apply(out, eps))
-        for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    handles = (
+        []
+        if eps == 0
+        else [
+            m.register_forward_hook(lambda module, args, out: _EpsilonRule.apply(out, eps))
+            for m in model.modules()
+            if isinstance(m, torch.nn.Linear)
+        ]
+    )
     try:
         yield
     finally:
@@ -98,7 +105,9 @@ def epsilon_rule(model: torch.nn.Module, eps: float):
 def weight_relevance(output: torch.Tensor, params: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
     """W (.) d output / d W for each parameter (under :func:`epsilon_rule`: LRP-epsilon relevance)."""
     grads = torch.autograd.grad(output, list(params.values()), allow_unused=True)
-    return {n: torch.zeros_like(p) if g is None else (p.detach() * g).float() for (n, p), g in zip(params.items(), grads)}
+    return {
+        n: torch.zeros_like(p) if g is None else (p.detach() * g).float() for (n, p), g in zip(params.items(), grads)
+    }
 
 
 class TopKMean:
@@ -136,9 +145,19 @@ class AGFT(CLMethod):
     supported_strategies = ("single_device", "ddp", "fsdp")
     trains_lora = True  # gates the trainable weights: the adapters under LoRA
 
-    def __init__(self, num_samples: int = 32, top_k: int = 5, epsilon: float = 1e-6, normalize: str = "tensor",
-                 scale: str = "update", samples: str = "correct", min_token_accuracy: float = 1.0,
-                 min_score: float = 50.0, param_patterns: Sequence[str] | None = ("*layers.*",), seed: int = 0):
+    def __init__(
+        self,
+        num_samples: int = 32,
+        top_k: int = 5,
+        epsilon: float = 1e-6,
+        normalize: str = "tensor",
+        scale: str = "update",
+        samples: str = "correct",
+        min_token_accuracy: float = 1.0,
+        min_score: float = 50.0,
+        param_patterns: Sequence[str] | None = ("*layers.*",),
+        seed: int = 0,
+    ):
         self.num_samples = check_number(num_samples, "method.num_samples", integer=True, low=1)
         self.top_k = check_number(top_k, "method.top_k", integer=True, low=1)
         self.epsilon = float(check_number(epsilon, "method.epsilon", low=0))
@@ -172,7 +191,7 @@ class AGFT(CLMethod):
         with eval_mode(model), epsilon_rule(model, self.epsilon):
             for batch in module.pass_loader(examples):
                 for b in range(batch["input_ids"].shape[0]):
-                    one = {k: v[b:b + 1].to(device) for k, v in batch.items()}
+                    one = {k: v[b : b + 1].to(device) for k, v in batch.items()}
                     logits, targets = labelled_logits(model, one)
                     answer = targets != IGNORE_INDEX
                     if self.samples == "correct" and not self.predicted(logits, targets):
@@ -182,20 +201,32 @@ class AGFT(CLMethod):
                         r.abs_()
                         r.div_(r.mean().clamp(min=1e-30)).log1p_()
                     top.add(relevance)
-        return top.mean() if top.count else {n: torch.zeros_like(p, dtype=torch.float32)
-                                              for n, p in params.items()}, top.count
+        return top.mean() if top.count else {
+            n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()
+        }, top.count
 
     def predicted(self, logits: torch.Tensor, targets: torch.Tensor) -> bool:
         """``samples: correct``: the argmax is right at >= ``min_token_accuracy`` of the answer positions."""
         right = (logits.argmax(-1) == targets)[targets != IGNORE_INDEX]
-        return bool(right.all()) if self.min_token_accuracy == 1 else right.float().mean().item() >= self.min_token_accuracy
+        return (
+            bool(right.all())
+            if self.min_token_accuracy == 1
+            else right.float().mean().item() >= self.min_token_accuracy
+        )
 
     def well_answered(self, module, task, examples: list) -> list:
         """``samples: scored``: the examples whose greedy answer scores >= ``min_score`` (its own metric)."""
         score = METRICS[task.metric]
-        answers = generate(module.model, module.loaders.tokenizer, examples, task.spec.max_new_tokens,
-                           GenerationConfig(batch_size=module.loaders.micro_batch_size or module.loaders.batch_size,
-                                            max_prompt_len=module.loaders.max_prompt_len))
+        answers = generate(
+            module.model,
+            module.loaders.tokenizer,
+            examples,
+            task.spec.max_new_tokens,
+            GenerationConfig(
+                batch_size=module.loaders.micro_batch_size or module.loaders.batch_size,
+                max_prompt_len=module.loaders.max_prompt_len,
+            ),
+        )
         return [ex for ex, a in zip(examples, answers) if score([a], [ex.answer], [ex.prompt]) >= self.min_score]
 
     def on_task_end(self, module, task, task_index: int) -> None:
@@ -208,15 +239,25 @@ class AGFT(CLMethod):
             scores, correct = self.relevance(module, examples, params)
         self.relevance_samples[task.name] = correct
         if not correct:
-            log.warning("AGFT: none of the %d samples examined of task %s passed method.samples=%s, so the task adds "
-                        "nothing to the gate; on long answers set method.samples=scored (the task's metric >= "
-                        "method.min_score) or method.min_token_accuracy below 1", len(examples), task.name, self.samples)
+            log.warning(
+                "AGFT: none of the %d samples examined of task %s passed method.samples=%s, so the task adds "
+                "nothing to the gate; on long answers set method.samples=scored (the task's metric >= "
+                "method.min_score) or method.min_token_accuracy below 1",
+                len(examples),
+                task.name,
+                self.samples,
+            )
         scores = place_state(normalise(scores, self.normalize) if correct else scores, module.model)
         gate = place_state(self.gate, module.model)
         self.gate = scores if not gate else {n: torch.maximum(gate[n], s) for n, s in scores.items()}
-        module.log_metrics({"agft/correct_samples": correct, "agft/attribution_s": time.perf_counter() - start,
-                            # the mean over the whole gate, not this shard's rows
-                            "agft/gate_mean": overall_mean(self.gate, split=self.row_shards)})
+        module.log_metrics(
+            {
+                "agft/correct_samples": correct,
+                "agft/attribution_s": time.perf_counter() - start,
+                # the mean over the whole gate, not this shard's rows
+                "agft/gate_mean": overall_mean(self.gate, split=self.row_shards),
+            }
+        )
 
     # --- during a task: the gate scales gradients or updates ------------------------------------
     def on_train_start(self, trainer, pl_module) -> None:
@@ -256,7 +297,11 @@ class AGFT(CLMethod):
         """The gate (fp32) and, scaling updates, theta_old during each step; under FSDP each shard's rows."""
         share = world if self.row_shards else 1
         items = {"gate (fp32)": trainable_bytes(model, 4) // share}
-        return {**items, "weights before the step (copy)": trainable_bytes(model) // share} if self.scale == "update" else items
+        return (
+            {**items, "weights before the step (copy)": trainable_bytes(model) // share}
+            if self.scale == "update"
+            else items
+        )
 
     def planned_pass(self, model, world):
         """The relevance pass at a task's end: the top-K buffers and one sample's relevance (fp32,
@@ -271,8 +316,10 @@ class AGFT(CLMethod):
 
     def state_dict(self):
         """The whole gate (under FSDP gathered from every process's rows: every process calls this)."""
-        return {"gate": {n: g.cpu() for n, g in whole_state(self.gate, self.model).items()},
-                "relevance_samples": dict(self.relevance_samples)}
+        return {
+            "gate": {n: g.cpu() for n, g in whole_state(self.gate, self.model).items()},
+            "relevance_samples": dict(self.relevance_samples),
+        }
 
     def load_state_dict(self, state_dict) -> None:
         """Restore the whole gate; it is placed at the next fit's start."""

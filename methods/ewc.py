@@ -20,9 +20,10 @@ and keeps F and theta* as those rows (cl_bench/training/parameter_views.py). DDP
 ``shard_state`` (each process keeping the state of a share of the tensors) is retired: FSDP covers
 that memory case and shards the weights and optimizer state as well (docs/scaling.md).
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -36,8 +37,9 @@ MODES = ("online", "separate")
 STORAGE_DTYPES = ("float32", "bfloat16")
 
 
-def anchored_penalty(views: ParameterViews, pairs: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]],
-                     diff=None) -> torch.Tensor:
+def anchored_penalty(
+    views: ParameterViews, pairs: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]], diff=None
+) -> torch.Tensor:
     """sum over the (F, theta*) pairs and their entries of F (theta - theta*)^2, over the entries
     this process holds (float64; ``views.total`` adds it up over processes). ``diff(weights,
     anchor)`` computes theta - theta* (a plain subtraction by default)."""
@@ -92,8 +94,12 @@ class EWC(CLMethod):
     def penalty(self, module, batch, task_loss):
         if self.consolidated and module.should_log:
             value = self.penalty_value(ParameterViews(module.model))
-            module.log_metrics({f"{self.name}/penalty": value,
-                                f"{self.name}/penalty_to_task_loss": value / max(task_loss.item(), 1e-12)})
+            module.log_metrics(
+                {
+                    f"{self.name}/penalty": value,
+                    f"{self.name}/penalty_to_task_loss": value / max(task_loss.item(), 1e-12),
+                }
+            )
         return None
 
     @torch.no_grad()
@@ -118,8 +124,9 @@ class EWC(CLMethod):
         """The model is on its training device (and sharded under FSDP) now: place the state there,
         and a scratch buffer per dtype as large as the largest parameter view."""
         model = pl_module.model
-        self.consolidated = [(place_state(fisher, model), place_state(anchor, model))
-                             for fisher, anchor in self.consolidated]
+        self.consolidated = [
+            (place_state(fisher, model), place_state(anchor, model)) for fisher, anchor in self.consolidated
+        ]
         largest: dict[torch.dtype, int] = {}
         views = ParameterViews(model)
         for p in views.parameters(self.names).values():
@@ -144,10 +151,15 @@ class EWC(CLMethod):
 
     def importance(self, module, task, params: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
         """F_t: the diagonal Fisher of ``params`` on ``task``'s training data, at the current weights."""
-        fisher, stats = diagonal_fisher(module.model, module.pass_loader(task.train), params, self.fisher_mode,
-                                        self.num_samples)
-        module.log_metrics({f"{self.name}/fisher_s": stats["seconds"],
-                            f"{self.name}/fisher_mean": overall_mean(fisher, split=self.row_shards)})
+        fisher, stats = diagonal_fisher(
+            module.model, module.pass_loader(task.train), params, self.fisher_mode, self.num_samples
+        )
+        module.log_metrics(
+            {
+                f"{self.name}/fisher_s": stats["seconds"],
+                f"{self.name}/fisher_mean": overall_mean(fisher, split=self.row_shards),
+            }
+        )
         return fisher
 
     def planned_state(self, model, world, tasks):
@@ -155,9 +167,13 @@ class EWC(CLMethod):
         buffer for theta - theta* (the largest parameter, or its rows)."""
         pairs = 1 if self.mode == "online" else max(tasks - 1, 1)
         share = world if self.row_shards else 1
-        return {f"F and theta* ({pairs} pair(s), {str(self.dtype)[6:]})":
-                2 * pairs * trainable_bytes(model, self.dtype.itemsize) // share,
-                "theta - theta* buffer": max(tensor_bytes([p]) for p in model.parameters() if p.requires_grad) // share}
+        return {
+            f"F and theta* ({pairs} pair(s), {str(self.dtype)[6:]})": 2
+            * pairs
+            * trainable_bytes(model, self.dtype.itemsize)
+            // share,
+            "theta - theta* buffer": max(tensor_bytes([p]) for p in model.parameters() if p.requires_grad) // share,
+        }
 
     def planned_pass(self, model, world):
         """The estimate (fp32) and one example's gradients, over the whole model (DDP) or this

@@ -18,9 +18,10 @@ Since TRACE adds the penalty to every micro-batch's loss and squares every micro
 both happen in a hook on each parameter's gradient (so single device and DDP only), not in the
 once-per-step gradient edit of methods/ewc.py; the penalty's value is EWC's (``anchored_penalty``).
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -73,14 +74,19 @@ class TraceEWC(CLMethod):
                 grad.addcmul_(self.fisher[name], p.detach() - self.anchor[name], value=self.lambda_ * self.grad_scale)
             self.fisher[name].add_(torch.nan_to_num(grad.detach(), nan=0.0).square() / self.batches_per_epoch)
             return grad
+
         return hook
 
     def penalty(self, module, batch, task_loss):
         if self.active and module.should_log:
             views = ParameterViews(module.model)
             value = 0.5 * self.lambda_ * views.total(anchored_penalty(views, [(self.fisher, self.anchor)]))
-            module.log_metrics({f"{self.name}/penalty": value,
-                                f"{self.name}/penalty_to_task_loss": value / max(task_loss.item(), 1e-12)})
+            module.log_metrics(
+                {
+                    f"{self.name}/penalty": value,
+                    f"{self.name}/penalty_to_task_loss": value / max(task_loss.item(), 1e-12),
+                }
+            )
         return None
 
     def on_task_end(self, module, task, task_index: int) -> None:

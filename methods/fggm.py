@@ -18,9 +18,10 @@ alpha = 0.7 (masking rate). ``update=bottom`` trains the lowest-Fisher rows inst
 of "preserving critical parameters" in which high-Fisher rows are frozen). Frozen entries stay
 bitwise unchanged: a fresh AdamW per task with zero moments, no weight decay (checked).
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from cl_bench.rng import derive_seed
 from methods.base import trainable_bytes
@@ -45,9 +46,16 @@ class FGGM(FixedMaskMethod):
         vectors: str = "mask",
         seed: int = 0,
     ):
-        super().__init__(alpha=alpha, aggregate=aggregate, quantile_scope=quantile_scope, update=update,
-                         skip_first_task=skip_first_task, param_patterns=param_patterns,
-                         aggregate_reduce=aggregate_reduce, vectors=vectors)
+        super().__init__(
+            alpha=alpha,
+            aggregate=aggregate,
+            quantile_scope=quantile_scope,
+            update=update,
+            skip_first_task=skip_first_task,
+            param_patterns=param_patterns,
+            aggregate_reduce=aggregate_reduce,
+            vectors=vectors,
+        )
         check_fisher_args(fisher, num_samples, "method")
         self.fisher, self.num_samples, self.seed = fisher, num_samples, seed
 
@@ -62,4 +70,7 @@ class FGGM(FixedMaskMethod):
         under FSDP of this process's rows."""
         what = "batch" if self.fisher == "batch" else "example"
         share = world if self.row_shards else 1
-        return {**super().planned_pass(model, world), f"scoring pass: a {what}'s gradients": trainable_bytes(model) // share}
+        return {
+            **super().planned_pass(model, world),
+            f"scoring pass: a {what}'s gradients": trainable_bytes(model) // share,
+        }

@@ -42,17 +42,18 @@ sample) or, by default, ``num_samples`` texts the untrained model writes itself
 
 Under DDP and FSDP the processes share each step's draw in batch mode (FSDP needs every process's
 micro-batches to hold the same count, so ``per_step`` must then be a multiple of processes x
-micro-batches); in interleave and concat modes they are training rows, laid out over the processes as any. The statistics come from
-the whole untrained model on every process (before FSDP shards it, at the first fit), and the
-general texts of batch mode run through the whole model's forward, so FSDP gathers every layer.
+micro-batches); in interleave and concat modes they are training rows, laid out over the processes
+as any. The statistics come from the whole untrained model on every process (before FSDP shards
+it, at the first fit), and the general texts of batch mode run through the whole model's forward,
+so FSDP gathers every layer.
 """
+
 from __future__ import annotations
 
 import time
 
 import torch
 
-from methods.shared.general_texts import read_texts, self_generated
 from cl_bench.data.batching import layout
 from cl_bench.data.tasks import Example
 from cl_bench.data.tokenization import IGNORE_INDEX, TokenizedText
@@ -62,6 +63,7 @@ from cl_bench.models import decoder
 from cl_bench.rng import derive_seed
 from cl_bench.training.lm import eval_mode
 from methods.base import CLMethod
+from methods.shared.general_texts import read_texts, self_generated
 
 BELOW, INSIDE, ABOVE = -1, 0, 1
 MODES = ("batch", "interleave", "concat")
@@ -80,8 +82,9 @@ def bands(hidden: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor) -> tor
     return out
 
 
-def margin_loss(hidden: torch.Tensor, band: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor,
-                mask: torch.Tensor) -> torch.Tensor:
+def margin_loss(
+    hidden: torch.Tensor, band: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
     """TM: the band-crossing terms summed over unmasked entries, divided by how many are non-zero."""
     below = torch.relu(hidden - lower) * (band == BELOW)
     inside = (torch.relu(hidden - upper) + torch.relu(lower - hidden)) * (band == INSIDE)
@@ -95,9 +98,17 @@ class GeRe(CLMethod):
     supported_strategies = ("single_device", "ddp", "fsdp")
     trains_lora = True  # its penalty is on hidden states, whatever trains
 
-    def __init__(self, general_data: str | None = None, num_samples: int = 64, max_length: int = 563,
-                 generate_tokens: int = 128, per_step: int = 1, weight: float | str = 100, seed: int = 0,
-                 mode: str = "batch"):
+    def __init__(
+        self,
+        general_data: str | None = None,
+        num_samples: int = 64,
+        max_length: int = 563,
+        generate_tokens: int = 128,
+        per_step: int = 1,
+        weight: float | str = 100,
+        seed: int = 0,
+        mode: str = "batch",
+    ):
         self.mode = check_choice(mode, MODES, "method.mode")
         self.general_data = general_data
         self.num_samples = check_number(num_samples, "method.num_samples", integer=True, low=1)
@@ -124,20 +135,29 @@ class GeRe(CLMethod):
 
     def check_run(self, cfg) -> None:
         super().check_run(cfg)
-        world = 1 if self.check_strategy_family(cfg) == "single_device" else \
-            int(cfg.trainer.get("devices", 1)) * int(cfg.trainer.get("num_nodes", 1))
+        world = (
+            1
+            if self.check_strategy_family(cfg) == "single_device"
+            else int(cfg.trainer.get("devices", 1)) * int(cfg.trainer.get("num_nodes", 1))
+        )
         #: micro-batches of a step over all processes, and what the planner needs of the extra rows
         self.slots = layout(cfg.train.batch_size, cfg.train.get("micro_batch_size"), world)[2] * world
-        self.plan_element = 2 if "bf16" in str(cfg.trainer.get("precision")) or cfg.model.get("dtype") == "bfloat16" else 4
+        self.plan_element = (
+            2 if "bf16" in str(cfg.trainer.get("precision")) or cfg.model.get("dtype") == "bfloat16" else 4
+        )
         self.plan_lora = cfg.model.get("lora")
         slots = self.slots
         if self.mode == "batch" and self.row_shards and self.per_step % slots:
-            raise ConfigError(f"method.per_step ({self.per_step}) must be a multiple of the step's micro-batches over "
-                              f"all processes ({slots}) in mode batch under trainer=fsdp (every process gathers the "
-                              "layers for the extra rows together), or use method.mode=interleave")
+            raise ConfigError(
+                f"method.per_step ({self.per_step}) must be a multiple of the step's micro-batches over "
+                f"all processes ({slots}) in mode batch under trainer=fsdp (every process gathers the "
+                "layers for the extra rows together), or use method.mode=interleave"
+            )
         if self.mode == "interleave" and self.per_step >= cfg.train.batch_size:
-            raise ConfigError(f"method.per_step ({self.per_step}) must be smaller than train.batch_size "
-                              f"({cfg.train.batch_size}) in mode interleave: the task needs rows of every batch")
+            raise ConfigError(
+                f"method.per_step ({self.per_step}) must be smaller than train.batch_size "
+                f"({cfg.train.batch_size}) in mode interleave: the task needs rows of every batch"
+            )
 
     # --- stream start: the general set and its statistics, from the untrained model ------------------
     def on_stream_start(self, module, stream) -> None:
@@ -166,8 +186,14 @@ class GeRe(CLMethod):
         std = (square / count - mean.square()).clamp(min=0).sqrt()
         self.lower, self.upper = (mean - std).float(), (mean + std).float()
         self.bands = [bands(h, self.lower, self.upper).cpu() for h in self.hidden_states(model)]
-        module.log_metrics({"gere/general_texts": len(self.texts), "gere/general_tokens": count,
-                            "gere/state_bytes": sum(b.numel() for b in self.bands), "gere/setup_s": time.perf_counter() - start})
+        module.log_metrics(
+            {
+                "gere/general_texts": len(self.texts),
+                "gere/general_tokens": count,
+                "gere/state_bytes": sum(b.numel() for b in self.bands),
+                "gere/setup_s": time.perf_counter() - start,
+            }
+        )
 
     def hidden_states(self, model):
         """h* of each general text in turn, one text at a time (no padding), on the model's device."""
@@ -219,14 +245,17 @@ class GeRe(CLMethod):
     def concat_penalty(self, module, batch, task_loss):
         """Concat mode: the general rows of this micro-batch (recognised by their tokens) give
         CE_general and TM from the step's own forward pass; None when it has none."""
-        found = [(r, self.rows.get(tuple(ids[m.bool()].tolist())))
-                 for r, (ids, m) in enumerate(zip(batch["input_ids"].cpu(), batch["attention_mask"].cpu()))]
+        found = [
+            (r, self.rows.get(tuple(ids[m.bool()].tolist())))
+            for r, (ids, m) in enumerate(zip(batch["input_ids"].cpu(), batch["attention_mask"].cpu()))
+        ]
         general = {r: k for r, k in found if k is not None}
         if not general:
             return None
         logits, targets = module.step_logits
-        token_ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none",
-                                                     ignore_index=IGNORE_INDEX).view(targets.shape)
+        token_ce = torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), targets.flatten(), reduction="none", ignore_index=IGNORE_INDEX
+        ).view(targets.shape)
         labelled = targets != IGNORE_INDEX
         is_general = torch.zeros(len(found), dtype=torch.bool, device=targets.device)
         is_general[list(general)] = True
@@ -236,10 +265,15 @@ class GeRe(CLMethod):
 
         ce_general = mean(is_general)
         ce = (ce_general + mean(~is_general)) / 2 if len(general) < len(found) else ce_general
-        hidden = torch.cat([self.step_hidden[r, -len(self.texts[k]):] for r, k in general.items()]).float()
+        hidden = torch.cat([self.step_hidden[r, -len(self.texts[k]) :] for r, k in general.items()]).float()
         band = torch.cat([self.bands[k] for k in general.values()]).to(hidden.device)
-        margin = margin_loss(hidden[None], band[None], self.lower.to(hidden.device), self.upper.to(hidden.device),
-                             torch.ones(1, hidden.shape[0], device=hidden.device))
+        margin = margin_loss(
+            hidden[None],
+            band[None],
+            self.lower.to(hidden.device),
+            self.upper.to(hidden.device),
+            torch.ones(1, hidden.shape[0], device=hidden.device),
+        )
         return ce_general, ce, margin
 
     def training_loss(self, module, batch, task_loss):
@@ -259,13 +293,21 @@ class GeRe(CLMethod):
         general = self.general_batch(picked, task_loss.device)
         # the whole model's forward (under FSDP its root gathers the embeddings and the head); the
         # decoder's output, the lm_head input, is read by the hook
-        logits = module.model(input_ids=general["input_ids"], attention_mask=general["attention_mask"],
-                              use_cache=False).logits.float()
+        logits = module.model(
+            input_ids=general["input_ids"], attention_mask=general["attention_mask"], use_cache=False
+        ).logits.float()
         hidden = self.step_hidden.float()
         labels = general["input_ids"][:, 1:].masked_fill(general["attention_mask"][:, 1:] == 0, -100)
-        ce_general = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(), ignore_index=-100)
-        margin = margin_loss(hidden, general["bands"], self.lower.to(hidden.device), self.upper.to(hidden.device),
-                             general["attention_mask"])
+        ce_general = torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1), labels.flatten(), ignore_index=-100
+        )
+        margin = margin_loss(
+            hidden,
+            general["bands"],
+            self.lower.to(hidden.device),
+            self.upper.to(hidden.device),
+            general["attention_mask"],
+        )
         weight = self.margin_weight(module, ce_general, (ce_general + task_loss) / 2, margin)
         # the micro-batches holding texts carry the whole step's general terms (Lightning and DDP
         # average the slots' losses), so the step weighs them the same at any micro-batch size
@@ -276,8 +318,9 @@ class GeRe(CLMethod):
         """w: 100, or dy: ce / TM (no gradient); logs the general terms."""
         weight = ce.detach() / (margin.detach() + 1e-8) if self.weight == "dy" else self.weight
         if module.should_log:
-            module.log_metrics({"gere/ce_general": ce_general.item(), "gere/margin": margin.item(),
-                                "gere/weight": float(weight)})
+            module.log_metrics(
+                {"gere/ce_general": ce_general.item(), "gere/margin": margin.item(), "gere/weight": float(weight)}
+            )
         return weight
 
     def planned_pass(self, model, world):
@@ -286,10 +329,19 @@ class GeRe(CLMethod):
         if self.mode != "batch":
             return {}
         from cl_bench.memory_plan import activation_bytes
+
         texts = -(-self.per_step // getattr(self, "slots", 1))
         config = model.get_base_model().config if hasattr(model, "peft_config") else model.config
-        return {f"general texts' forward ({texts} x {self.max_length} tokens)": activation_bytes(
-            config, texts, self.max_length, self.max_length, getattr(self, "plan_element", 4), getattr(self, "plan_lora", None))}
+        return {
+            f"general texts' forward ({texts} x {self.max_length} tokens)": activation_bytes(
+                config,
+                texts,
+                self.max_length,
+                self.max_length,
+                getattr(self, "plan_element", 4),
+                getattr(self, "plan_lora", None),
+            )
+        }
 
     def planned_host(self, model, world, tasks):
         """The bands live on the host; only a drawn text's go to the GPU, with its batch."""
@@ -300,7 +352,11 @@ class GeRe(CLMethod):
         return {"lower": self.lower, "upper": self.upper}  # the draws follow the stream step
 
     def load_state_dict(self, state_dict) -> None:
-        if self.lower is not None and not (torch.equal(state_dict["lower"].cpu(), self.lower.cpu())
-                                           and torch.equal(state_dict["upper"].cpu(), self.upper.cpu())):
-            raise ConfigError("GeRe's general-sample thresholds, rebuilt from the untrained model, differ from the "
-                              "checkpoint's: the general texts or the base model changed since the run started")
+        if self.lower is not None and not (
+            torch.equal(state_dict["lower"].cpu(), self.lower.cpu())
+            and torch.equal(state_dict["upper"].cpu(), self.upper.cpu())
+        ):
+            raise ConfigError(
+                "GeRe's general-sample thresholds, rebuilt from the untrained model, differ from the "
+                "checkpoint's: the general texts or the base model changed since the run started"
+            )

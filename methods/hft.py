@@ -16,12 +16,13 @@ default: ``layers.<i>.self_attn.q_proj`` ...). Under FSDP (``trainer=fsdp``) the
 sharded parameters, which FSDP2 passes on to the gathered ones: a frozen matrix gets no gradient
 and is left out of the reduce-scatter.
 """
+
 from __future__ import annotations
 
 import random
 import re
 from collections import defaultdict
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -33,8 +34,10 @@ from methods.base import CLMethod
 class HFT(CLMethod):
     name = "hft"
     supported_strategies = ("single_device", "ddp", "fsdp")
-    lora_refusal = ("it trains half of every block's base matrices, which LoRA freezes; its LoRA analogue "
-                    "is a new adapter per task: method=inclora or olora")
+    lora_refusal = (
+        "it trains half of every block's base matrices, which LoRA freezes; its LoRA analogue "
+        "is a new adapter per task: method=inclora or olora"
+    )
 
     def __init__(
         self,
@@ -45,8 +48,10 @@ class HFT(CLMethod):
         seed: int = 0,
     ):
         if len(attention) != 4 or len(mlp) != 3 or len(norms) not in (0, 2):
-            raise ConfigError("method.attention needs the 4 attention matrices, method.mlp the 3 MLP matrices "
-                              "and method.norms the 2 norms of a block (or [] to train every norm)")
+            raise ConfigError(
+                "method.attention needs the 4 attention matrices, method.mlp the 3 MLP matrices "
+                "and method.norms the 2 norms of a block (or [] to train every norm)"
+            )
         self.attention, self.mlp, self.norms = list(attention), list(mlp), list(norms)
         self.block_re = re.compile(block_pattern)
         self.seed = seed
@@ -64,15 +69,21 @@ class HFT(CLMethod):
                 found[int(m.group(1))][parts[-2]].append(p)
         blocks = {i: dict(mods) for i, mods in found.items() if len(mods) == len(wanted)}
         if not blocks:
-            raise ConfigError(f"method.block_pattern / module names match no transformer block of {type(model).__name__}")
+            raise ConfigError(
+                f"method.block_pattern / module names match no transformer block of {type(model).__name__}"
+            )
         return dict(sorted(blocks.items()))
 
     def choose(self, n_blocks: int, task_index: int) -> dict[int, list[str]]:
         """The modules to freeze in each block for this task."""
         rng = random.Random(derive_seed(self.seed, task_index))
         two_mlp = set(rng.sample(range(n_blocks), n_blocks // 2))
-        return {b: rng.sample(self.attention, 2) + rng.sample(self.mlp, 2 if b in two_mlp else 1)
-                + (rng.sample(self.norms, 1) if self.norms else []) for b in range(n_blocks)}
+        return {
+            b: rng.sample(self.attention, 2)
+            + rng.sample(self.mlp, 2 if b in two_mlp else 1)
+            + (rng.sample(self.norms, 1) if self.norms else [])
+            for b in range(n_blocks)
+        }
 
     def on_stream_start(self, module, stream) -> None:
         self.blocks(module.model)

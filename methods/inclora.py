@@ -15,6 +15,7 @@ after it: every task's adapter is created at stream start (each from its own see
 weights), and task t activates the first t of them. An adapter not yet active takes no part in the
 forward pass, so the run is the one above; its stage checkpoints also hold the adapters to come.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -48,8 +49,10 @@ class IncLoRA(CLMethod):
         if not (cfg.model.get("lora") or {}).get("enabled", False):
             raise ConfigError(f"method {self.name} trains one LoRA adapter per task: it needs model.lora.enabled=true")
         if not cfg.optimizer.get("reset_per_task", True):
-            raise ConfigError(f"method {self.name} adds an adapter at every task, which an optimizer kept over the "
-                              "stream would not hold: optimizer.reset_per_task must be true")
+            raise ConfigError(
+                f"method {self.name} adds an adapter at every task, which an optimizer kept over the "
+                "stream would not hold: optimizer.reset_per_task must be true"
+            )
 
     @property
     def upfront(self) -> bool:
@@ -108,6 +111,8 @@ class IncLoRA(CLMethod):
         while len(self.adapters) < len(state_dict["adapters"]):
             self._add()
         if self.adapters != state_dict["adapters"]:
-            raise ConfigError(f"method {self.name}: the checkpoint's adapters {state_dict['adapters']} are not "
-                              f"this run's {self.adapters}")
+            raise ConfigError(
+                f"method {self.name}: the checkpoint's adapters {state_dict['adapters']} are not "
+                f"this run's {self.adapters}"
+            )
         self._activate()

@@ -32,6 +32,7 @@ distribution (``teacher: copy``).
   (conf/method_recipe/trace_lwf.yaml). TRACE keeps the teacher's logits on the host; here the
   teacher is a frozen copy (docs/fidelity.md).
 """
+
 from __future__ import annotations
 
 import copy
@@ -58,8 +59,13 @@ def example_key(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> bytes:
     return hashlib.blake2b(tokens.numpy().tobytes(), digest_size=16).digest()
 
 
-def distillation(student: torch.Tensor, teacher: torch.Tensor, temperature: float, direction: str = "forward",
-                 teacher_ids: torch.Tensor | None = None) -> torch.Tensor:
+def distillation(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    temperature: float,
+    direction: str = "forward",
+    teacher_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
     """KL per position [..] between the tempered teacher and student distributions.
 
     ``teacher`` holds full logits [.., V], or with ``teacher_ids`` the logits of those token ids
@@ -79,8 +85,16 @@ class LwF(CLMethod):
     supported_strategies = ("single_device", "ddp", "fsdp")  # fsdp: with teacher=topk (check_run)
     trains_lora = True  # the teacher is a copy of the model, adapters included
 
-    def __init__(self, lambda_: float = 1.0, temperature: float = 2.0, teacher: str = "copy", top_k: int = 64,
-                 direction: str = "forward", cache_dtype: str = "float16", reduction: str = "answer_mean"):
+    def __init__(
+        self,
+        lambda_: float = 1.0,
+        temperature: float = 2.0,
+        teacher: str = "copy",
+        top_k: int = 64,
+        direction: str = "forward",
+        cache_dtype: str = "float16",
+        reduction: str = "answer_mean",
+    ):
         self.lambda_ = float(check_number(lambda_, "method.lambda_", low=0))
         self.temperature = float(check_number(temperature, "method.temperature", low=0, low_open=True))
         self.teacher_kind = check_choice(teacher, TEACHERS, "method.teacher")
@@ -91,7 +105,9 @@ class LwF(CLMethod):
         if self.direction == "reverse" and self.teacher_kind == "topk":
             raise ConfigError("method.direction=reverse needs the whole teacher distribution: set method.teacher=copy")
         if self.reduction == "trace" and self.teacher_kind == "topk":
-            raise ConfigError("method.reduction=trace needs the teacher's logits at every position: set method.teacher=copy")
+            raise ConfigError(
+                "method.reduction=trace needs the teacher's logits at every position: set method.teacher=copy"
+            )
         #: TRACE's term reads the student's logits at every position of the sequence
         self.sequence_logits = self.reduction == "trace"
         self.teacher: torch.nn.Module | None = None
@@ -101,9 +117,11 @@ class LwF(CLMethod):
     def check_run(self, cfg) -> None:
         super().check_run(cfg)
         if self.teacher_kind == "copy" and self.row_shards:
-            raise ConfigError("method lwf's frozen teacher copy cannot be taken of a sharded model: under "
-                              "trainer=fsdp use method.teacher=topk (the teacher's top-k logits, cached before the task) "
-                              "with method.direction=forward and method.reduction=answer_mean (TRACE's term needs the copy)")
+            raise ConfigError(
+                "method lwf's frozen teacher copy cannot be taken of a sharded model: under "
+                "trainer=fsdp use method.teacher=topk (the teacher's top-k logits, cached before the task) "
+                "with method.direction=forward and method.reduction=answer_mean (TRACE's term needs the copy)"
+            )
 
     def on_task_start(self, module, task, task_index: int) -> None:
         self.teacher, self.cache = None, {}
@@ -131,7 +149,9 @@ class LwF(CLMethod):
                 for b in range(logits.shape[0]):
                     at = targets[b] != IGNORE_INDEX
                     cache[example_key(batch["input_ids"][b], batch["attention_mask"][b])] = (
-                        values[b, at].to(self.cache_dtype).cpu(), ids[b, at].to(torch.int32).cpu())
+                        values[b, at].to(self.cache_dtype).cpu(),
+                        ids[b, at].to(torch.int32).cpu(),
+                    )
         return cache
 
     def _cached(self, batch: dict[str, torch.Tensor], targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,8 +162,10 @@ class LwF(CLMethod):
         for b in range(targets.shape[0]):
             key = example_key(batch["input_ids"][b], batch["attention_mask"][b])
             if key not in self.cache:
-                raise RuntimeError("LwF's top-k cache has no teacher logits for a training example: the task's "
-                                   "training data changed after the cache was built (method.teacher=topk)")
+                raise RuntimeError(
+                    "LwF's top-k cache has no teacher logits for a training example: the task's "
+                    "training data changed after the cache was built (method.teacher=topk)"
+                )
             v, i = self.cache[key]
             at = targets[b] != IGNORE_INDEX
             values[b, at], ids[b, at] = v.to(values.device, torch.float32), i.to(ids.device, torch.int64)

@@ -18,9 +18,10 @@ under FSDP, checkpointed, bf16 storage as an option. The paper's lambda is 1; co
 On SmolLM2 both over-regularise (the penalty was 18-905x, then 0.8-12x the task loss, and little is
 learnt after the first task): calibrate lambda_ on ``mas/penalty_to_task_loss``.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -39,12 +40,23 @@ class MAS(EWC):
         param_patterns: Sequence[str] | None = None,
     ):
         # EWC's penalty is (lambda_ewc / 2) sum F d^2: lambda_ewc = 2 lambda gives MAS's lambda sum Omega d^2
-        super().__init__(lambda_=2 * lambda_, mode="online", gamma=1.0, num_samples=num_samples,
-                         storage_dtype=storage_dtype, param_patterns=param_patterns)
+        super().__init__(
+            lambda_=2 * lambda_,
+            mode="online",
+            gamma=1.0,
+            num_samples=num_samples,
+            storage_dtype=storage_dtype,
+            param_patterns=param_patterns,
+        )
 
     def importance(self, module, task, params) -> dict[str, torch.Tensor]:
-        omega, stats = output_sensitivity(module.model, module.pass_loader(task.train), params, self.num_samples,
-                                          )
-        module.log_metrics({"mas/importance_s": stats["seconds"],
-                            "mas/importance_mean": overall_mean(omega, split=self.row_shards)})
+        omega, stats = output_sensitivity(
+            module.model,
+            module.pass_loader(task.train),
+            params,
+            self.num_samples,
+        )
+        module.log_metrics(
+            {"mas/importance_s": stats["seconds"], "mas/importance_mean": overall_mean(omega, split=self.row_shards)}
+        )
         return omega

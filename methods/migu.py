@@ -24,10 +24,11 @@ The mask depends on the whole accumulation window, so it edits the gradient once
 DDP, and FSDP2, where each process masks the rows it holds), not under DeepSpeed, whose partitioned
 gradients are not in ``.grad`` there.
 """
+
 from __future__ import annotations
 
 import fnmatch
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -69,10 +70,16 @@ class MIGU(CLMethod):
 
     def _linear_layers(self, model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
         # A Linear whose weight is an embedding matrix (a tied lm_head) is masked only if asked.
-        embeddings = set() if self.mask_tied_head else {
-            id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-        layers = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
-                  and m.weight.requires_grad and id(m.weight) not in embeddings}
+        embeddings = (
+            set()
+            if self.mask_tied_head
+            else {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+        )
+        layers = {
+            n: m
+            for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and m.weight.requires_grad and id(m.weight) not in embeddings
+        }
         if self.module_patterns is not None:
             layers = {n: m for n, m in layers.items() if any(fnmatch.fnmatch(n, p) for p in self.module_patterns)}
             if not layers:
@@ -88,6 +95,7 @@ class MIGU(CLMethod):
                 h = h * self.token_mask.unsqueeze(-1).to(h.dtype)
             s = h.reshape(-1, h.shape[-1]).sum(0).float()
             self.sums[name] = s if name not in self.sums else self.sums[name] + s
+
         return hook
 
     def on_stream_start(self, module, stream) -> None:
@@ -108,8 +116,10 @@ class MIGU(CLMethod):
     def row_masks(self) -> dict[str, torch.Tensor]:
         """This step's masks: per layer, rows whose summed |W x| is at or above the T-quantile."""
         if self.random_update:
-            return {n: torch.rand(m.out_features, generator=self.generator).to(m.weight.device) >= self.threshold
-                    for n, m in self.layers.items()}
+            return {
+                n: torch.rand(m.out_features, generator=self.generator).to(m.weight.device) >= self.threshold
+                for n, m in self.layers.items()
+            }
         names = list(self.sums)
         sums = [self.sums[n] for n in names]
         average_across_ranks(sums)

@@ -24,6 +24,7 @@ whole at each step (gathered under FSDP, where each process adds its rows of the
 terms' values are logged (``olora/orthogonality``, ``olora/l2``); the logged ``train/loss`` is the
 task loss alone.
 """
+
 from __future__ import annotations
 
 import torch
@@ -51,8 +52,12 @@ class OLoRA(IncLoRA):
         """The earlier adapters' A matrices, frozen for the task, taken whole once per task and
         concatenated per layer as TRACE's ``A_old``."""
         views = ParameterViews(pl_module.model)
-        self.frozen_a = [torch.cat([views.whole(layer.lora_A[name].weight) for name in self.adapters[:-1]])
-                         if len(self.adapters) > 1 else None for layer in self.lora_layers()]
+        self.frozen_a = [
+            torch.cat([views.whole(layer.lora_A[name].weight) for name in self.adapters[:-1]])
+            if len(self.adapters) > 1
+            else None
+            for layer in self.lora_layers()
+        ]
 
     @torch.no_grad()
     def edit_gradients(self, module, views) -> None:

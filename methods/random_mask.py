@@ -4,9 +4,10 @@ The same fraction 1 - alpha of rows (or columns / entries) is trained as in FGGM
 at random at the start of each task (seeded by ``seed`` and the task index), everything else
 frozen for the task. If FGGM beats this, its Fisher ranking, not the amount of freezing, matters.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -28,8 +29,15 @@ class RandomMask(FixedMaskMethod):
         seed: int = 0,
         vectors: str = "mask",
     ):
-        super().__init__(alpha=alpha, aggregate=aggregate, quantile_scope=quantile_scope, update="top",
-                         skip_first_task=skip_first_task, param_patterns=param_patterns, vectors=vectors)
+        super().__init__(
+            alpha=alpha,
+            aggregate=aggregate,
+            quantile_scope=quantile_scope,
+            update="top",
+            skip_first_task=skip_first_task,
+            param_patterns=param_patterns,
+            vectors=vectors,
+        )
         self.seed = seed
 
     def scores(self, module, task, params):

@@ -21,6 +21,7 @@ When the remembered examples are trained (``mode``):
 
 The buffer holds examples, not tensors, and is part of the method's checkpointed state.
 """
+
 from __future__ import annotations
 
 import math
@@ -32,7 +33,6 @@ from cl_bench.rng import derive_seed
 from methods.base import CLMethod
 from methods.shared.importance import sample_examples
 
-
 MODES = ("concat", "interleave", "trace")
 SAMPLES = ("random", "first")
 
@@ -43,8 +43,16 @@ class Replay(CLMethod):
     supported_strategies = ("single_device", "ddp", "fsdp", "deepspeed")
     trains_lora = True  # its mechanism is the data (or nothing): adapters train as full weights would
 
-    def __init__(self, per_task: int | None = None, ratio: float | None = 0.1, general_data: str | None = None,
-                 mode: str = "concat", batch_share: float = 0.25, sample: str = "random", seed: int = 0):
+    def __init__(
+        self,
+        per_task: int | None = None,
+        ratio: float | None = 0.1,
+        general_data: str | None = None,
+        mode: str = "concat",
+        batch_share: float = 0.25,
+        sample: str = "random",
+        seed: int = 0,
+    ):
         if per_task is None and ratio is None:
             raise ConfigError("method.per_task or method.ratio must be set (per_task wins when both are)")
         self.per_task = check_number(per_task, "method.per_task", integer=True, low=1, allow_none=True)
@@ -63,8 +71,10 @@ class Replay(CLMethod):
         """Remembered examples in every global batch of ``batch_size`` (mode interleave)."""
         slots = max(1, round(self.batch_share * batch_size))
         if slots >= batch_size:
-            raise ConfigError(f"method.batch_share {self.batch_share} of train.batch_size {batch_size} leaves no room "
-                              "for the task's own examples")
+            raise ConfigError(
+                f"method.batch_share {self.batch_share} of train.batch_size {batch_size} leaves no room "
+                "for the task's own examples"
+            )
         return slots
 
     def check_run(self, cfg) -> None:
@@ -100,12 +110,20 @@ class Replay(CLMethod):
         replayed = len(self.replayed())
         share = self.replayed_per_batch(task, task_index)
         fraction = replayed / (replayed + len(task.train)) if share is None else share / module.loaders.batch_size
-        module.log_metrics({"replay/buffer_size": sum(len(kept) for kept in self.buffer),
-                            "replay/replayed_fraction": fraction if replayed else 0.0})
+        module.log_metrics(
+            {
+                "replay/buffer_size": sum(len(kept) for kept in self.buffer),
+                "replay/replayed_fraction": fraction if replayed else 0.0,
+            }
+        )
 
     def on_task_end(self, module, task, task_index: int) -> None:
         n = self.per_task if self.per_task is not None else math.floor(self.ratio * len(task.train))
-        kept = list(task.train[:n]) if self.sample == "first" else sample_examples(task.train, n, derive_seed(self.seed, task_index))
+        kept = (
+            list(task.train[:n])
+            if self.sample == "first"
+            else sample_examples(task.train, n, derive_seed(self.seed, task_index))
+        )
         self.buffer.append(kept)
 
     def state_dict(self):

@@ -3,6 +3,7 @@
 Train on each task in turn with the plain task loss, nothing else: every hook of
 :class:`~cl_bench.training.method.CLMethod` stays a no-op.
 """
+
 from methods.base import CLMethod
 
 

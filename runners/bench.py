@@ -9,6 +9,7 @@ the configured Trainer, progress bar included). Each repeat runs both paths, the
 alternating between repeats (whichever runs first pays the allocator's warm-up); medians are
 reported.
 """
+
 from __future__ import annotations
 
 import copy
@@ -24,8 +25,8 @@ from rich.console import Console
 from rich.table import Table
 
 from cl_bench.config import build, optimizer_factory
-from cl_bench.models import build_model
 from cl_bench.data.tokenization import IGNORE_INDEX
+from cl_bench.models import build_model
 from cl_bench.recording.console import one_line_per_bar
 from cl_bench.training.lm import causal_lm_loss
 from cl_bench.training.module import CLModule
@@ -102,9 +103,14 @@ def run_bench(cfg: DictConfig) -> dict:
             times[name].append(loop(bundle.model, batches, cfg, b.warmup))
     bare, light = statistics.median(times["bare"]), statistics.median(times["lightning"])
     return {
-        "model": bundle.name, "batch": f"{b.batch_size}x{b.seq_len}", "steps": b.steps,
-        "bare_s_per_step": bare, "lightning_s_per_step": light, "ratio": light / bare,
-        "all": times, "torch_threads": torch.get_num_threads(),
+        "model": bundle.name,
+        "batch": f"{b.batch_size}x{b.seq_len}",
+        "steps": b.steps,
+        "bare_s_per_step": bare,
+        "lightning_s_per_step": light,
+        "ratio": light / bare,
+        "all": times,
+        "torch_threads": torch.get_num_threads(),
     }
 
 
@@ -115,8 +121,13 @@ def main(cfg: DictConfig) -> None:
     table = Table(title="Framework overhead (median over repeats)")
     for col in ("model", "batch", "bare ms/step", "lightning ms/step", "lightning / bare"):
         table.add_column(col, justify="right")
-    table.add_row(result["model"], result["batch"], f"{1000 * result['bare_s_per_step']:.1f}",
-                  f"{1000 * result['lightning_s_per_step']:.1f}", f"{result['ratio']:.3f}")
+    table.add_row(
+        result["model"],
+        result["batch"],
+        f"{1000 * result['bare_s_per_step']:.1f}",
+        f"{1000 * result['lightning_s_per_step']:.1f}",
+        f"{result['ratio']:.3f}",
+    )
     Console().print(table)
     with open(f"{cfg.paths.output_dir}/bench.json", "w") as f:
         json.dump(result, f, indent=2)

@@ -22,6 +22,7 @@ measured on task 2 of the stream. A pass covers min(num_samples, N)
 examples and an epoch N, so the ratio depends on the task size N; it is also given for TRACE's
 task sizes (500 and 5000 training examples), from the measured per-example costs.
 """
+
 from __future__ import annotations
 
 import copy
@@ -39,10 +40,10 @@ from rich.console import Console
 from rich.table import Table
 
 from cl_bench.config import build, optimizer_factory
-from cl_bench.run_config import build_stream
-from cl_bench.models import build_model
 from cl_bench.data.loaders import TaskLoaders
+from cl_bench.models import build_model
 from cl_bench.recording.console import one_line_per_bar
+from cl_bench.run_config import build_stream
 from cl_bench.training.module import CLModule
 from cl_bench.training.trainer import build_trainer
 from methods.sft import SFT
@@ -91,9 +92,13 @@ def set_up(cfg: DictConfig, entry: str, bundle, initial, stream) -> dict:
     model.load_state_dict(initial)
     telemetry: dict[str, float] = {}
     module = CLModule(
-        model, method, optimizer_factory(cfg.optimizer)[0], build(cfg.scheduler),
+        model,
+        method,
+        optimizer_factory(cfg.optimizer)[0],
+        build(cfg.scheduler),
         metric_sink=lambda metrics, step: telemetry.update(metrics),
-        loaders=TaskLoaders.from_config(cfg.train, bundle.tokenizer), precision=cfg.trainer.get("precision", "32-true"),
+        loaders=TaskLoaders.from_config(cfg.train, bundle.tokenizer),
+        precision=cfg.trainer.get("precision", "32-true"),
     )
     with module.precision_context():  # the passes at the run's precision, as the runner runs them
         method.on_stream_start(module, stream)
@@ -106,17 +111,24 @@ def set_up(cfg: DictConfig, entry: str, bundle, initial, stream) -> dict:
         wanted = cfg.bench.warmup + cfg.bench.steps
         batches = list(itertools.islice((b for _ in range(wanted) for b in loader), wanted))
     labelled = None if batches is None else sum(int((b["labels"] != -100).sum()) for b in batches) / len(batches)
-    return {"method": entry, "module": module, "state_bytes": tensor_bytes(method), "times": [], "batches": batches,
-            "labelled_tokens_per_step": labelled,
-            "fisher_s": next((v for k, v in telemetry.items()
-                              if k.endswith(("/fisher_s", "/importance_s", "/attribution_s"))), None),
-            "num_samples": getattr(method, "num_samples", None)}
+    return {
+        "method": entry,
+        "module": module,
+        "state_bytes": tensor_bytes(method),
+        "times": [],
+        "batches": batches,
+        "labelled_tokens_per_step": labelled,
+        "fisher_s": next(
+            (v for k, v in telemetry.items() if k.endswith(("/fisher_s", "/importance_s", "/attribution_s"))), None
+        ),
+        "num_samples": getattr(method, "num_samples", None),
+    }
 
 
 def time_interleaved(cfg: DictConfig, setups: list[dict], initial, batches) -> None:
     """Appends to each set-up's ``times`` one timed fit per repeat, the starting method rotating."""
     for r in range(cfg.bench.repeats):
-        for s in setups[r % len(setups):] + setups[: r % len(setups)]:
+        for s in setups[r % len(setups) :] + setups[: r % len(setups)]:
             mine = s["batches"] or batches
             loader = torch.utils.data.DataLoader(mine, batch_size=None)
             s["module"].model.load_state_dict(initial)
@@ -166,8 +178,11 @@ def main(cfg: DictConfig) -> None:
         r["s_per_step"], r["median_s_per_step"] = min(r["times"]), statistics.median(r["times"])
     base = next(r["s_per_step"] for r in rows if r["method"] == "sft")
     n = len(stream[1].train)
-    shape = (f"each method's own task-2 batches of {cfg.train.batch_size}" if b.get("data") == "stream"
-             else f"batch {b.batch_size}x{b.seq_len}")
+    shape = (
+        f"each method's own task-2 batches of {cfg.train.batch_size}"
+        if b.get("data") == "stream"
+        else f"batch {b.batch_size}x{b.seq_len}"
+    )
     table = Table(title=f"Method cost on {bundle.name}, {shape} (task 2 of the stream)")
     columns = ["method", "ms/step (best)", "median", "/ SFT", "state bytes", "Fisher pass s", f"Fisher / epoch (N={n})"]
     for col in columns + [f"(N={size})" for size in TRACE_TASK_SIZES]:
@@ -175,9 +190,15 @@ def main(cfg: DictConfig) -> None:
     for r in rows:
         r["ratio"] = r["s_per_step"] / base
         r["fisher_over_epoch"] = {size: fisher_over_epoch(r, epoch, n, size) for size in (n, *TRACE_TASK_SIZES)}
-        table.add_row(r["method"], f"{1000 * r['s_per_step']:.1f}", f"{1000 * r['median_s_per_step']:.1f}", f"{r['ratio']:.3f}", f"{r['state_bytes']:,}",
-                      "-" if r["fisher_s"] is None else f"{r['fisher_s']:.2f}",
-                      *("-" if v is None else f"{v:.2f}" for v in r["fisher_over_epoch"].values()))
+        table.add_row(
+            r["method"],
+            f"{1000 * r['s_per_step']:.1f}",
+            f"{1000 * r['median_s_per_step']:.1f}",
+            f"{r['ratio']:.3f}",
+            f"{r['state_bytes']:,}",
+            "-" if r["fisher_s"] is None else f"{r['fisher_s']:.2f}",
+            *("-" if v is None else f"{v:.2f}" for v in r["fisher_over_epoch"].values()),
+        )
     Console(width=160).print(table)
     Console().print(f"one SFT epoch of task 2 ({len(stream[1].train)} examples): {epoch:.2f} s")
     with open(f"{cfg.paths.output_dir}/bench_methods.json", "w") as f:

@@ -5,6 +5,7 @@
 Hydra composes the config; :class:`cl_bench.stream_run.StreamRun` does the rest (see its module
 doc). Results land in the Hydra run dir.
 """
+
 from __future__ import annotations
 
 import logging
@@ -64,7 +65,9 @@ def main(cfg: DictConfig) -> float | None:
         if is_main() and not results.exists() and not isinstance(e, RunDirInUse):
             config = OmegaConf.to_container(cfg, resolve=False)
             try:
-                RunRecorder(cfg.paths.output_dir, config, [], []).write(status="failed", error=f"{type(e).__name__}: {e}")
+                RunRecorder(cfg.paths.output_dir, config, [], []).write(
+                    status="failed", error=f"{type(e).__name__}: {e}"
+                )
             except OSError as unwritable:  # the dir's disk is the problem: its error must not hide the first
                 log.error("could not record the failure in %s: %s", results, unwritable.strerror or unwritable)
         if not in_multirun():
@@ -76,7 +79,10 @@ def main(cfg: DictConfig) -> float | None:
         outcome = "refused" if isinstance(e, ConfigError) else "failed"
         if is_main():  # a row of the sweep's table even where the dir's results.json is another run's
             from cl_bench.recording.sweep_summary import record_job_end
-            record_job_end(hydra_cfg.sweep.dir, hydra_cfg.job.num, cfg.paths.output_dir, outcome, f"{type(e).__name__}: {e}")
+
+            record_job_end(
+                hydra_cfg.sweep.dir, hydra_cfg.job.num, cfg.paths.output_dir, outcome, f"{type(e).__name__}: {e}"
+            )
         if is_user_error(e):  # it names the key, file or disk: one line is enough
             log.error("job %s %s: %s; the sweep goes on", hydra_cfg.job.num, outcome, e)
         else:
@@ -90,7 +96,8 @@ if __name__ == "__main__":
     # task function, which works by reference only for a function of an importable module.
     from cl_bench.recording.hydra_record import with_run_overrides
     from runners.cl import main as importable_main
-    from runners.preview import main as preview, wants_preview
+    from runners.preview import main as preview
+    from runners.preview import wants_preview
 
     if wants_preview(sys.argv):  # dry_run=true: before Hydra, so that no launcher runs and no dir is made
         sys.exit(preview(sys.argv))

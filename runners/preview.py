@@ -9,6 +9,7 @@ launcher would submit the jobs) and Hydra makes no run or sweep dir. The jobs ar
 Hydra's basic sweeper expands them and composed as Hydra composes them; a sweeper that picks its
 jobs as results come in (Optuna, ``hydra/sweeper=tune``) is shown by its search space.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,6 +31,7 @@ def _compose(overrides: list[str], num: int, multirun: bool, sweep_dir: str | No
     sweep's dir as its first job resolved it: ``${now:...}`` moves on between jobs)."""
     from hydra import compose
     from hydra.core.hydra_config import HydraConfig
+
     cfg = compose("config", overrides=overrides, return_hydra_config=True)
     with read_write(cfg), open_dict(cfg):
         cfg.hydra.job.num = num
@@ -65,15 +67,21 @@ def preview(argv: list[str]) -> str:
             return f"# one run: {' '.join(given) or '(defaults)'}  ->  {out}\n" + OmegaConf.to_yaml(_settings(cfg))
         parsed = OverridesParser.create().parse_overrides(given)
         if any(o.key_or_group == "hydra/sweeper" and o.value() != "basic" for o in parsed):
-            fixed = [o.input_line for o in parsed if not o.is_sweep_override() and not o.key_or_group.startswith("hydra.sweeper")]
+            fixed = [
+                o.input_line
+                for o in parsed
+                if not o.is_sweep_override() and not o.key_or_group.startswith("hydra.sweeper")
+            ]
             first, _ = _compose(fixed, 0, True)
             params = first.hydra.sweeper.get("params")
             space = OmegaConf.to_container(params, resolve=False) if OmegaConf.is_config(params) else {}
             space.update({o.key_or_group: o.input_line.split("=", 1)[1] for o in parsed if o.is_sweep_override()})
             given_space = [o.input_line for o in parsed if o.key_or_group == "hydra.sweeper.params"]
-            return (f"# {first.hydra.sweeper.get('_target_', '?').rsplit('.', 1)[-1]} chooses its "
-                    f"{first.hydra.sweeper.get('n_trials', '?')} jobs as results come in; nothing is run. "
-                    f"Search space: {' '.join([json.dumps(space), *given_space])}\n")
+            return (
+                f"# {first.hydra.sweeper.get('_target_', '?').rsplit('.', 1)[-1]} chooses its "
+                f"{first.hydra.sweeper.get('n_trials', '?')} jobs as results come in; nothing is run. "
+                f"Search space: {' '.join([json.dumps(space), *given_space])}\n"
+            )
         jobs = BasicSweeper.split_arguments(parsed, None)[0]
         first, _ = _compose(jobs[0], 0, True)
         hydra_own = [o for o in given if o.lstrip("+~").startswith(("hydra.", "hydra/"))]
@@ -86,20 +94,26 @@ def preview(argv: list[str]) -> str:
             dirs.append(out)
             shown = [o for o in overrides if not o.startswith("dry_run=") and o not in hydra_own]
             lines.append(f"# job {num}: {' '.join(shown) or '(defaults)'}  ->  {out}")
-    keys = sorted(k for k in set().union(*settings)  # the run dir and what sits in it are on the lines above
-                  if len({json.dumps(s.get(k, "-"), default=str) for s in settings}) > 1
-                  and [s.get(k) for s in settings] != dirs)
-    lines.append(f"# the {len(keys)} settings that tell the jobs apart (job 0 | 1 | ...; '-': not a setting of "
-                 "that job); one job's whole config: python -m runners.cl <its overrides> dry_run=true")
+    keys = sorted(
+        k
+        for k in set().union(*settings)  # the run dir and what sits in it are on the lines above
+        if len({json.dumps(s.get(k, "-"), default=str) for s in settings}) > 1 and [s.get(k) for s in settings] != dirs
+    )
+    lines.append(
+        f"# the {len(keys)} settings that tell the jobs apart (job 0 | 1 | ...; '-': not a setting of "
+        "that job); one job's whole config: python -m runners.cl <its overrides> dry_run=true"
+    )
     lines += [f"{k}: {' | '.join(str(s.get(k, '-')) for s in settings)}" for k in keys]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str]) -> int:
     """Print the preview; a bad override gets Hydra's one-line error (status 1)."""
-    from cl_bench.override_keys import suggest_closest_keys
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
+
+    from cl_bench.override_keys import suggest_closest_keys
+
     suggest_closest_keys()
     try:
         print(preview(argv), end="")

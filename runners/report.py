@@ -4,6 +4,7 @@ Reads every results.json under the given run or multirun dirs (no model is loade
 runs that differ only by seed, and writes report.md, report.html (figures embedded), summary.csv,
 summary.json and the PNG figures into ``--out`` (cl_bench/recording/report.py).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,9 +20,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m runners.report", description=__doc__.splitlines()[0])
     parser.add_argument("paths", nargs="+", help="run dirs, multirun dirs or results.json files")
     parser.add_argument("--out", default="report", help="where the report is written (default: ./report)")
-    parser.add_argument("--baseline", default="sft",
-                        help="the method the others are paired with; several comma-separated, one table each "
-                             "(default: sft)")
+    parser.add_argument(
+        "--baseline",
+        default="sft",
+        help="the method the others are paired with; several comma-separated, one table each (default: sft)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap intervals (default: 0)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
@@ -31,8 +34,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     summary = write_report(runs, args.out, args.baseline.split(","), args.seed)
-    print(f"{len(runs)} runs, {len(summary['groups'])} groups, {len(summary['failed'])} not finished; "
-          f"report in {args.out}/report.md and report.html ({time.perf_counter() - start:.1f} s)")
+    print(
+        f"{len(runs)} runs, {len(summary['groups'])} groups, {len(summary['failed'])} not finished; "
+        f"report in {args.out}/report.md and report.html ({time.perf_counter() - start:.1f} s)"
+    )
     return 0
 
 

@@ -1,4 +1,5 @@
 """Shared fixtures: compose the real Hydra config with small overrides, tiny-model defaults."""
+
 from __future__ import annotations
 
 import importlib
@@ -22,9 +23,12 @@ def method_class(name: str) -> type:
     """The class conf/method/<name>.yaml builds (its ``_target_``, under ``method:`` in a global
     package), for the capabilities it declares (``supported_strategies``, ``trains_lora``)."""
     import yaml
+
     node = yaml.safe_load((CONF_DIR / "method" / f"{name}.yaml").read_text())
     module, cls = (node.get("method") or node)["_target_"].rsplit(".", 1)
     return getattr(importlib.import_module(module), cls)
+
+
 # The converted SmolLM2 is shared with `make run` (the default paths.cache_dir) so it converts once.
 MODEL_CACHE = Path(os.environ.get("CL_BENCH_CACHE", Path.home() / ".cache" / "cl_bench")) / "models"
 
@@ -72,6 +76,7 @@ def make_config(tmp_path, cache_dir):
         overridden = {o.split("=")[0] for o in overrides}
         base = [b for b in base if b.split("=")[0] not in overridden]  # the test's own value wins
         return compose_config([*base, *overrides], tmp_path / "run", cache_dir)
+
     return make
 
 
@@ -96,6 +101,7 @@ def instantiate_with(method):
         if str(config.get("_target_", "")).startswith("methods."):
             return method
         return instantiate(config, *args, **kwargs)
+
     return patched
 
 
@@ -103,9 +109,13 @@ def tiny_task(two_word_answers: bool = False):
     """The 8-example task the method tests train on: "q{i} x{3i}? Answer:" -> "a{i}" (or, with
     ``two_word_answers``, "a{i} b{i mod 2}")."""
     from cl_bench.data.tasks import Example, Task, TaskSpec
+
     answers = [f"a{i} b{i % 2}" if two_word_answers else f"a{i}" for i in range(8)]
-    return Task(TaskSpec("t", "accuracy", 4), {"train": [Example(f"q{i} x{i * 3}? Answer:", a)
-                                                         for i, a in enumerate(answers)]}, 1)
+    return Task(
+        TaskSpec("t", "accuracy", 4),
+        {"train": [Example(f"q{i} x{i * 3}? Answer:", a) for i, a in enumerate(answers)]},
+        1,
+    )
 
 
 def tiny_module(method, seed: int = 0, batch_size: int = 4, micro_batch_size: int | None = None):
@@ -118,7 +128,9 @@ def tiny_module(method, seed: int = 0, batch_size: int = 4, micro_batch_size: in
     from cl_bench.data.loaders import TaskLoaders
     from cl_bench.models import tiny_llama
     from cl_bench.training.module import CLModule
+
     bundle = tiny_llama(seed=seed)
-    loaders = TaskLoaders(bundle.tokenizer, batch_size=batch_size, max_prompt_len=64, max_ans_len=8,
-                          micro_batch_size=micro_batch_size)
+    loaders = TaskLoaders(
+        bundle.tokenizer, batch_size=batch_size, max_prompt_len=64, max_ans_len=8, micro_batch_size=micro_batch_size
+    )
     return CLModule(bundle.model, method, partial(torch.optim.AdamW, lr=1e-3), loaders=loaders)

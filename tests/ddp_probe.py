@@ -3,6 +3,7 @@
 Used as ``method._target_=tests.ddp_probe.RecordingFGGM +method.dump_dir=<dir>`` (or
 RecordingTraceEWC): every process of the run writes ``<dir>/rank<r>-task<i>.pt``.
 """
+
 from pathlib import Path
 
 import torch
@@ -21,8 +22,10 @@ class RecordingFGGM(FGGM):
         super().on_task_start(module, task, task_index)
         if self.mask is not None:
             self.dump_dir.mkdir(parents=True, exist_ok=True)
-            torch.save({"scores": self.last_scores, "masks": self.mask.masks},
-                       self.dump_dir / f"rank{rank()}-task{task_index}.pt")
+            torch.save(
+                {"scores": self.last_scores, "masks": self.mask.masks},
+                self.dump_dir / f"rank{rank()}-task{task_index}.pt",
+            )
 
 
 class RecordingTraceEWC(TraceEWC):
@@ -43,15 +46,20 @@ def unit_scores_worker(rank: int, port: int, out_dir: str) -> None:
     every aggregation, and their overall mean (telemetry); saved for the test to compare with one
     process's."""
     import torch.distributed as dist
+
     from cl_bench.training.sharding import shard_rows
     from methods.shared.fixed_mask import unit_scores_of_shards
     from methods.shared.importance import overall_mean
+
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     whole = {"w": torch.arange(35.0).view(5, 7) ** 1.5, "v": torch.arange(5.0) + 0.5}
     params = {n: torch.empty(t.shape, device="meta") for n, t in whole.items()}
     mine = {n: t[shard_rows(t.shape[0], 2, rank)] for n, t in whole.items()}
-    results = {f"{how}-{reduce}": unit_scores_of_shards(mine, params, how, reduce)
-               for how in ("row", "column", "element") for reduce in ("sum", "mean")}
+    results = {
+        f"{how}-{reduce}": unit_scores_of_shards(mine, params, how, reduce)
+        for how in ("row", "column", "element")
+        for reduce in ("sum", "mean")
+    }
     results["mean"] = {"split": torch.tensor(overall_mean(mine, split=True), dtype=torch.float64)}
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     dist.destroy_process_group()

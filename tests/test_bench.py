@@ -1,4 +1,5 @@
 """The overhead benchmark runs (its numbers are recorded in docs/benchmarks.md, not asserted)."""
+
 import json
 import subprocess
 import sys
@@ -10,9 +11,21 @@ from tests.conftest import ROOT
 
 def test_bench_runs_both_paths_on_identical_steps(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "runners.bench", "model=tiny_llama", "bench.steps=4", "bench.warmup=1",
-         "bench.repeats=2", "trainer.enable_progress_bar=false", f"hydra.run.dir={tmp_path}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "runners.bench",
+            "model=tiny_llama",
+            "bench.steps=4",
+            "bench.warmup=1",
+            "bench.repeats=2",
+            "trainer.enable_progress_bar=false",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "bench.json").read_text())
@@ -23,10 +36,24 @@ def test_bench_runs_both_paths_on_identical_steps(tmp_path):
 
 def test_bench_methods_reports_every_method_relative_to_sft(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "runners.bench_methods", "model=tiny_llama", "bench.steps=3", "bench.warmup=1",
-         "bench.repeats=1", "bench.methods=[sft,fggm,ewc,'agft/scale=update']", "tasks.num_train=8",
-         "trainer.enable_progress_bar=false", f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "runners.bench_methods",
+            "model=tiny_llama",
+            "bench.steps=3",
+            "bench.warmup=1",
+            "bench.repeats=1",
+            "bench.methods=[sft,fggm,ewc,'agft/scale=update']",
+            "tasks.num_train=8",
+            "trainer.enable_progress_bar=false",
+            f"paths.cache_dir={tmp_path / 'cache'}",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {r["method"]: r for r in json.loads((tmp_path / "bench_methods.json").read_text())["rows"]}
@@ -46,11 +73,25 @@ def test_bench_methods_on_stream_data_times_each_method_on_its_own_batches(tmp_p
     """GeRe in concat mode trains task 2 on its examples plus the general texts: with bench.data=stream
     its timed batches are those, SFT's the task's own."""
     proc = subprocess.run(
-        [sys.executable, "-m", "runners.bench_methods", "model=tiny_llama", "bench.steps=2", "bench.warmup=1",
-         "bench.repeats=1", "bench.data=stream", "bench.methods=[sft,'gere/mode=concat,num_samples=4,generate_tokens=8']",
-         "tasks.num_train=8", "trainer.enable_progress_bar=false", f"paths.cache_dir={tmp_path / 'cache'}",
-         f"hydra.run.dir={tmp_path}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "runners.bench_methods",
+            "model=tiny_llama",
+            "bench.steps=2",
+            "bench.warmup=1",
+            "bench.repeats=1",
+            "bench.data=stream",
+            "bench.methods=[sft,'gere/mode=concat,num_samples=4,generate_tokens=8']",
+            "tasks.num_train=8",
+            "trainer.enable_progress_bar=false",
+            f"paths.cache_dir={tmp_path / 'cache'}",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {r["method"]: r for r in json.loads((tmp_path / "bench_methods.json").read_text())["rows"]}

@@ -1,4 +1,5 @@
 """Every option of every config group composes, and the CLI prints the composed job config."""
+
 import subprocess
 import sys
 
@@ -8,9 +9,7 @@ from omegaconf import OmegaConf
 from tests.conftest import CONF_DIR, ROOT, compose_config
 
 GROUP_OPTIONS = sorted(
-    (group.name, yaml.stem)
-    for group in CONF_DIR.iterdir() if group.is_dir()
-    for yaml in group.glob("*.yaml")
+    (group.name, yaml.stem) for group in CONF_DIR.iterdir() if group.is_dir() for yaml in group.glob("*.yaml")
 )
 
 
@@ -53,7 +52,10 @@ def test_paper_model_configs_name_their_checkpoints(tmp_path):
 def test_cli_prints_the_job_config():
     proc = subprocess.run(
         [sys.executable, "-m", "runners.cl", "--cfg", "job", "method=sft", "model=tiny_llama", "logger=wandb"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     assert "_target_: methods.sft.SFT" in proc.stdout and "cl_bench.recording.loggers.wandb_logger" in proc.stdout
@@ -62,10 +64,16 @@ def test_cli_prints_the_job_config():
 def test_cli_experiment_trace_composes_traces_lwf_and_replay():
     """Issue 24: `--cfg job` of experiment=trace shows TRACE's LwF term and replay schedule."""
     import yaml
+
     jobs = {}
     for method in ("lwf", "replay"):
-        proc = subprocess.run([sys.executable, "-m", "runners.cl", "--cfg", "job", "experiment=trace", f"method={method}"],
-                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [sys.executable, "-m", "runners.cl", "--cfg", "job", "experiment=trace", f"method={method}"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert proc.returncode == 0, proc.stderr
         jobs[method] = yaml.safe_load(proc.stdout)["method"]
     assert (jobs["lwf"]["reduction"], jobs["lwf"]["direction"]) == ("trace", "reverse")
@@ -75,7 +83,10 @@ def test_cli_experiment_trace_composes_traces_lwf_and_replay():
 def test_cli_unknown_option_names_the_group():
     proc = subprocess.run(
         [sys.executable, "-m", "runners.cl", "--cfg", "job", "method=nope"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode != 0
     assert "Could not find 'method/nope'" in proc.stderr
@@ -83,8 +94,13 @@ def test_cli_unknown_option_names_the_group():
 
 def test_a_key_typo_names_the_closest_existing_key_in_one_line():
     """Issue 25.3: Hydra suggested `+optimzer.lr=0.1` (a key nothing reads); the error names optimizer.lr."""
-    proc = subprocess.run([sys.executable, "-m", "runners.cl", "--cfg", "job", "method=ewc", "optimzer.lr=0.1",
-                           "method.lamdba=2"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "runners.cl", "--cfg", "job", "method=ewc", "optimzer.lr=0.1", "method.lamdba=2"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1
     first = proc.stderr.splitlines()[0]
     assert first.startswith("no setting 'optimzer.lr' in the config") and "did you mean 'optimizer.lr'" in first
@@ -93,6 +109,7 @@ def test_a_key_typo_names_the_closest_existing_key_in_one_line():
 
 def test_unknown_key_message_prefers_keys_of_the_same_depth():
     from cl_bench.override_keys import unknown_key_message
+
     keys = ["method", "model", "method.lambda_", "method.gamma", "hydra.job", "hydra.job.num", "seed"]
     assert "did you mean 'method.lambda_'" in unknown_key_message("method.lamdba=2", "method.lamdba", keys)
     assert "did you mean 'method' or 'model'?" in unknown_key_message("metod=ewc", "metod", keys)
@@ -101,8 +118,9 @@ def test_unknown_key_message_prefers_keys_of_the_same_depth():
 
 
 def test_help_lists_the_groups_and_the_commands_without_a_config_dump():
-    proc = subprocess.run([sys.executable, "-m", "runners.cl", "--help"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "runners.cl", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "method: agem, agft, ewc" in out and "tasks: custom, mini, trace" in out

@@ -1,5 +1,6 @@
 """Continual evaluation: the worst-case metrics on hand-made curves, the settings' checks, and the
 evaluator inside a real (tiny) run."""
+
 import json
 import random
 from pathlib import Path
@@ -7,12 +8,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from cl_bench.models import build_model
 from cl_bench.data.loaders import TaskLoaders
 from cl_bench.errors import ConfigError
 from cl_bench.evaluation.continual import ContinualSettings, mean_answer_log_likelihood
-from cl_bench.evaluation.stability_gap import (avg_min_acc, continual_metrics, max_drop, min_acc, wc_acc,
-                                                   windowed_forgetting)
+from cl_bench.evaluation.stability_gap import (
+    avg_min_acc,
+    continual_metrics,
+    max_drop,
+    min_acc,
+    wc_acc,
+    windowed_forgetting,
+)
+from cl_bench.models import build_model
 from cl_bench.stream_run import run
 
 NAMES = ["a", "b", "c"]
@@ -50,6 +57,7 @@ def _authors_average_windowed_forgetting(steps, training, scores, names, window)
     is the plain mean over every task evaluated so far (TaskAveragingPluginMetric), taken after the
     last evaluation."""
     from collections import deque
+
     windows, worst = {}, {}
     for p in range(len(steps)):
         for name in names:
@@ -94,16 +102,19 @@ def test_bad_curves_are_refused():
         max_drop([1, 2], 1)
 
 
-@pytest.mark.parametrize("node, message", [
-    ({"every_n_steps": 0}, "eval.continual.every_n_steps must be an integer >= 1"),
-    ({"every_n_steps": 2, "measure": "bleu"}, "eval.continual.measure must be one of"),
-    ({"every_n_steps": 2, "measures": {"nope": "metric"}}, "eval.continual.measures.nope: no task 'nope'"),
-    ({"every_n_steps": 2, "measures": {"a": "exact"}}, "eval.continual.measures.a must be one of"),
-    ({"every_n_steps": 2, "windows": [1]}, "eval.continual.windows must be an integer >= 2"),
-    ({"every_n_steps": 2, "max_examples": 0}, "eval.continual.max_examples must be an integer >= 1"),
-    ({"every_n_step": 2}, "eval.continual has no key 'every_n_step'"),
-    ({"every_n_steps": 2, "resample": "maybe"}, "eval.continual.resample must be true or false, got 'maybe'"),
-])
+@pytest.mark.parametrize(
+    "node, message",
+    [
+        ({"every_n_steps": 0}, "eval.continual.every_n_steps must be an integer >= 1"),
+        ({"every_n_steps": 2, "measure": "bleu"}, "eval.continual.measure must be one of"),
+        ({"every_n_steps": 2, "measures": {"nope": "metric"}}, "eval.continual.measures.nope: no task 'nope'"),
+        ({"every_n_steps": 2, "measures": {"a": "exact"}}, "eval.continual.measures.a must be one of"),
+        ({"every_n_steps": 2, "windows": [1]}, "eval.continual.windows must be an integer >= 2"),
+        ({"every_n_steps": 2, "max_examples": 0}, "eval.continual.max_examples must be an integer >= 1"),
+        ({"every_n_step": 2}, "eval.continual has no key 'every_n_step'"),
+        ({"every_n_steps": 2, "resample": "maybe"}, "eval.continual.resample must be true or false, got 'maybe'"),
+    ],
+)
 def test_bad_settings_are_refused_by_key(node, message):
     with pytest.raises(ConfigError, match=message):
         ContinualSettings.from_config(node, ["a", "b"])
@@ -120,14 +131,20 @@ def test_a_run_records_curves_that_match_the_stage_scores_and_leave_training_unc
     equals that stage's R entry; the others' log-likelihood at the end equals a direct computation
     on the final weights; and the run trains bitwise as one without continual evaluation."""
     order = "tasks.order=[sentiment,arith,minutes]"
-    cfg = make_config(order, "eval.continual.every_n_steps=2", "eval.continual.max_examples=6",
-                      "eval.continual.measures={sentiment: metric}")
+    cfg = make_config(
+        order,
+        "eval.continual.every_n_steps=2",
+        "eval.continual.max_examples=6",
+        "eval.continual.measures={sentiment: metric}",
+    )
     run(cfg, cfg.paths.output_dir)
     out = Path(cfg.paths.output_dir)
     res = json.loads((out / "results.json").read_text())
     curves = res["continual"]
     assert curves["steps"] == [2, 3, 5, 6, 8, 9] and curves["training"] == [0, 0, 1, 1, 2, 2]
-    assert all(s > 0 for s in curves["seconds"]) and res["timings"]["continual_s"] == pytest.approx(sum(curves["seconds"]), abs=0.01)
+    assert all(s > 0 for s in curves["seconds"]) and res["timings"]["continual_s"] == pytest.approx(
+        sum(curves["seconds"]), abs=0.01
+    )
     assert curves["measures"] == {"sentiment": "metric", "arith": "loglik", "minutes": "loglik"}
     assert [v is None for v in curves["scores"]["minutes"]] == [True] * 4 + [False] * 2
     ends = [1, 3, 5]
@@ -140,6 +157,7 @@ def test_a_run_records_curves_that_match_the_stage_scores_and_leave_training_unc
     bundle.model.eval()
     loaders = TaskLoaders.from_config(cfg.train, bundle.tokenizer)
     from cl_bench.run_config import build_stream
+
     stream = {t.name: t for t in build_stream(cfg.tasks)}
     for name in ("arith", "minutes"):
         direct = mean_answer_log_likelihood(bundle.model, loaders.passes(stream[name].splits["test"][:6]), "cpu")
@@ -156,9 +174,14 @@ def test_a_run_records_curves_that_match_the_stage_scores_and_leave_training_unc
 def test_the_authors_options_a_point_before_the_first_update_and_a_subsample_drawn_per_evaluation(make_config):
     """Issue 24.4: ``before_first_step`` adds the authors' x = -1 point (step 0, the first task only),
     which enters its forgetting window; ``resample`` scores each evaluation on its own seeded draw."""
-    cfg = make_config("tasks.order=[arith,minutes]", "tasks.max_steps=2", "eval.continual.every_n_steps=2",
-                      "eval.continual.max_examples=3", "eval.continual.before_first_step=true",
-                      "eval.continual.resample=true")
+    cfg = make_config(
+        "tasks.order=[arith,minutes]",
+        "tasks.max_steps=2",
+        "eval.continual.every_n_steps=2",
+        "eval.continual.max_examples=3",
+        "eval.continual.before_first_step=true",
+        "eval.continual.resample=true",
+    )
     run(cfg, cfg.paths.output_dir)
     res = json.loads((Path(cfg.paths.output_dir) / "results.json").read_text())
     curves = res["continual"]
@@ -166,12 +189,20 @@ def test_the_authors_options_a_point_before_the_first_update_and_a_subsample_dra
     assert curves["before_first_step"] is True and curves["resample"] is True
     arith = curves["scores"]["arith"]
     assert res["continual_metrics"]["wf10_per_task"]["arith"] == pytest.approx(max_drop(arith, 10))
-    from cl_bench.run_config import build_stream
     from cl_bench.evaluation.continual import ContinualEvaluator
     from cl_bench.models import tiny_llama
+    from cl_bench.run_config import build_stream
+
     stream = build_stream(cfg.tasks)
-    evaluator = ContinualEvaluator(ContinualSettings(2, 3, {"arith": "loglik", "minutes": "loglik"}, resample=True),
-                                   stream, None, TaskLoaders(tiny_llama().tokenizer, 4, 64, 8), None, "test", seed=cfg.seed)
+    evaluator = ContinualEvaluator(
+        ContinualSettings(2, 3, {"arith": "loglik", "minutes": "loglik"}, resample=True),
+        stream,
+        None,
+        TaskLoaders(tiny_llama().tokenizer, 4, 64, 8),
+        None,
+        "test",
+        seed=cfg.seed,
+    )
     draws = [evaluator.subsample("arith", step).splits["test"] for step in (2, 4, 2)]
     assert draws[0] == draws[2] and draws[0] != draws[1]  # the same step draws the same examples
     assert all(len(set(d)) == 3 and set(d) <= set(stream[0].splits["test"]) for d in draws)

@@ -5,6 +5,7 @@ FGGM's mask and EWC's closed-form penalty gradient edit the step's gradient once
 buckets (those Lightning uses); every process then holds the same edited gradient, and EWC's
 penalty value is the one process's.
 """
+
 import os
 import socket
 from types import SimpleNamespace

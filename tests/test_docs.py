@@ -5,6 +5,7 @@ method lists are checked against conf/method/ and each method class's declared c
 (``supported_strategies``, ``trains_lora``): adding a method without its rows, or changing what
 it supports without the table, fails here.
 """
+
 from __future__ import annotations
 
 import re
@@ -13,8 +14,15 @@ import pytest
 
 from tests.conftest import METHOD_NAMES, ROOT, method_class
 
-FAMILIES = {"single": "single_device", "single device": "single_device", "DDP": "ddp", "FSDP": "fsdp",
-            "FSDP (FSDP2)": "fsdp", "DeepSpeed": "deepspeed", "DeepSpeed ZeRO-2": "deepspeed"}
+FAMILIES = {
+    "single": "single_device",
+    "single device": "single_device",
+    "DDP": "ddp",
+    "FSDP": "fsdp",
+    "FSDP (FSDP2)": "fsdp",
+    "DeepSpeed": "deepspeed",
+    "DeepSpeed ZeRO-2": "deepspeed",
+}
 
 
 def table_rows(path, header_start: str) -> list[list[str]]:
@@ -40,8 +48,11 @@ def test_the_methods_table_has_one_row_per_method_config_with_its_strategies():
     for row in rows:
         name, cell = row[0].strip("`"), re.sub(r"\s*\(.*?\)", "", row[-1])
         declared = set(method_class(name).supported_strategies)
-        listed = {"single_device", "ddp", "fsdp", "deepspeed"} if cell == "all" else \
-            {FAMILIES[part.strip()] for part in cell.split(",")}
+        listed = (
+            {"single_device", "ddp", "fsdp", "deepspeed"}
+            if cell == "all"
+            else {FAMILIES[part.strip()] for part in cell.split(",")}
+        )
         assert listed == declared, name
 
 
@@ -68,9 +79,14 @@ def test_the_readme_lists_every_method():
     assert sorted(re.findall(r"^- `(\w+)`:", section, re.M)) == METHOD_NAMES
 
 
-@pytest.mark.parametrize("page", ["README.md", *sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").glob("*.md"))])
+@pytest.mark.parametrize(
+    "page", ["README.md", *sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").glob("*.md"))]
+)
 def test_every_relative_link_resolves(page):
     path = ROOT / page
-    broken = [target for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", path.read_text())
-              if "://" not in target and not (path.parent / target).exists()]
+    broken = [
+        target
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", path.read_text())
+        if "://" not in target and not (path.parent / target).exists()
+    ]
     assert broken == []

@@ -1,5 +1,6 @@
 """When things go wrong nothing is lost and nothing is reported wrong: divergence, corrupt
 checkpoints, two runs in one dir, path-like task names, unreadable data files, bad settings."""
+
 import json
 import os
 import signal
@@ -31,9 +32,13 @@ def _stages(out_dir) -> list[str]:
 # --- divergence --------------------------------------------------------------------------------
 def test_a_diverged_run_fails_and_keeps_the_last_good_stage(make_config):
     from cl_bench.errors import is_user_error
+
     cfg = make_config("optimizer.lr=1e30", "checkpoint.keep_stages=1")
-    with pytest.raises(FloatingPointError, match="non-finite .* task 'sentiment' at step \\d+: training diverged; the "
-                                                 "stages before it are kept. Lower optimizer.lr") as diverged:
+    with pytest.raises(
+        FloatingPointError,
+        match="non-finite .* task 'sentiment' at step \\d+: training diverged; the "
+        "stages before it are kept. Lower optimizer.lr",
+    ) as diverged:
         run(cfg, cfg.paths.output_dir)
     assert is_user_error(diverged.value)  # the entry point prints its one line, not a traceback
     res = _results(cfg.paths.output_dir)
@@ -74,6 +79,7 @@ def test_no_readable_stage_is_refused_and_the_results_stay(make_config):
 
 def test_saving_a_stage_drops_the_unrestorable_ones_after_it(make_config, tmp_path):
     from cl_bench.training.checkpointing import StreamCheckpoints
+
     ckpt = StreamCheckpoints(tmp_path, keep_stages=1)
     ckpt.save_stage({"tasks_done": 1}, 1)
     (tmp_path / "checkpoints" / "stage-003.pt").write_bytes(b"corrupt")
@@ -105,9 +111,17 @@ def test_a_second_run_into_a_held_dir_is_refused_naming_the_holder(make_config):
 def test_a_killed_holder_leaves_a_stale_lock_that_the_next_run_takes_over(make_config):
     cfg = make_config("tasks.order=[arith]")
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from cl_bench.files import RunDirLock; "
-         "RunDirLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(60)", cfg.paths.output_dir],
-        cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from cl_bench.files import RunDirLock; "
+            "RunDirLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(60)",
+            cfg.paths.output_dir,
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout.readline().strip() == "held"
     holder.send_signal(signal.SIGKILL)
     holder.wait()
@@ -121,12 +135,16 @@ def test_stale_locks_are_told_by_more_than_the_pid(tmp_path, caplog):
     a live holder with the recorded start (this process too), or a lock of another host, is refused,
     saying how to take it over by hand."""
     import socket
+
     lock = RunDirLock(tmp_path)
     me = {"pid": os.getpid(), "host": socket.gethostname(), **RunDirLock._identity(os.getpid())}
     assert me.get("started")  # /proc is there on this machine
-    for stale in ({**me, "started": "1"}, {"pid": os.getpid(), "host": me["host"]},
-                  {"pid": os.getppid(), "host": me["host"], "boot": me["boot"], "started": "1"},
-                  {"pid": os.getppid(), "host": me["host"], "boot": "another boot", "started": "1"}):
+    for stale in (
+        {**me, "started": "1"},
+        {"pid": os.getpid(), "host": me["host"]},
+        {"pid": os.getppid(), "host": me["host"], "boot": me["boot"], "started": "1"},
+        {"pid": os.getppid(), "host": me["host"], "boot": "another boot", "started": "1"},
+    ):
         lock.path.write_text(json.dumps(stale))
         lock.acquire()
         assert json.loads(lock.path.read_text()) == me and "taking over the stale lock" in caplog.text
@@ -141,8 +159,15 @@ def test_stale_locks_are_told_by_more_than_the_pid(tmp_path, caplog):
 @pytest.mark.processes
 def test_two_runs_in_one_dir_the_second_is_refused_and_the_first_finishes(tmp_path):
     out = tmp_path / "shared"
-    cmd = [sys.executable, "-m", "runners.cl", "experiment=smoke", "general=none", f"hydra.run.dir={out}",
-           f"paths.cache_dir={tmp_path / 'cache'}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "runners.cl",
+        "experiment=smoke",
+        "general=none",
+        f"hydra.run.dir={out}",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+    ]
     # the first trains long enough (20 epochs per task) to still hold the dir when the second starts
     first = subprocess.Popen(cmd + ["tasks.epochs=20"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -157,18 +182,27 @@ def test_two_runs_in_one_dir_the_second_is_refused_and_the_first_finishes(tmp_pa
 
 
 # --- task names and data files -------------------------------------------------------------------
-@pytest.mark.parametrize("tasks, message", [
-    ("[{name: ../outside/X, metric: accuracy, max_new_tokens: 4}]", "task name '../outside/X' is not a plain folder name"),
-    ("[{name: /etc, metric: accuracy, max_new_tokens: 4}]", "task name '/etc' is not a plain folder name"),
-    ("[{name: $$, metric: accuracy, max_new_tokens: 4}]", "task name '\\$\\$' is not a plain folder name: letters"),
-    ("[{name: '[bold]x', metric: accuracy, max_new_tokens: 4}]", "task name '\\[bold\\]x' is not a plain folder"),
-    ("[{name: 'a|b', metric: accuracy, max_new_tokens: 4}]", "task name 'a\\|b' is not a plain folder name"),
-    ("[{name: A, metric: accuracy, max_new_tokens: 4}, {name: A, metric: rouge_l, max_new_tokens: 8}]",
-     "task name 'A' is declared twice"),
-    ("[{name: A, metric: accuracy, max_new_tokens: 0}]", "task A: max_new_tokens must be an integer >= 1"),
-])
-def test_path_like_and_duplicate_task_names_are_refused_before_the_model_loads(make_config, tmp_path, monkeypatch,
-                                                                                tasks, message):
+@pytest.mark.parametrize(
+    "tasks, message",
+    [
+        (
+            "[{name: ../outside/X, metric: accuracy, max_new_tokens: 4}]",
+            "task name '../outside/X' is not a plain folder name",
+        ),
+        ("[{name: /etc, metric: accuracy, max_new_tokens: 4}]", "task name '/etc' is not a plain folder name"),
+        ("[{name: $$, metric: accuracy, max_new_tokens: 4}]", "task name '\\$\\$' is not a plain folder name: letters"),
+        ("[{name: '[bold]x', metric: accuracy, max_new_tokens: 4}]", "task name '\\[bold\\]x' is not a plain folder"),
+        ("[{name: 'a|b', metric: accuracy, max_new_tokens: 4}]", "task name 'a\\|b' is not a plain folder name"),
+        (
+            "[{name: A, metric: accuracy, max_new_tokens: 4}, {name: A, metric: rouge_l, max_new_tokens: 8}]",
+            "task name 'A' is declared twice",
+        ),
+        ("[{name: A, metric: accuracy, max_new_tokens: 0}]", "task A: max_new_tokens must be an integer >= 1"),
+    ],
+)
+def test_path_like_and_duplicate_task_names_are_refused_before_the_model_loads(
+    make_config, tmp_path, monkeypatch, tasks, message
+):
     data = write_stream(tmp_path / "data", {"A": 2})
     cfg = make_config("model=tiny_llama", "tasks=custom", f"tasks.data_dir={data}", f"tasks.tasks={tasks}", tiny=False)
     monkeypatch.setattr("cl_bench.models.tiny_llama", lambda **k: pytest.fail("the model was loaded"))
@@ -198,11 +232,14 @@ def test_a_folder_named_like_a_split_is_not_called_missing(tmp_path):
         read_split(tmp_path / "train.json")
 
 
-@pytest.mark.parametrize("override, message", [
-    ("seed=abc", "seed must be an integer in \\[0, 4294967295\\], got 'abc'"),
-    ("seed=-5", "seed must be an integer in \\[0, 4294967295\\], got -5"),
-    ("seed=1.5", "seed must be an integer in \\[0, 4294967295\\], got 1.5"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("seed=abc", "seed must be an integer in \\[0, 4294967295\\], got 'abc'"),
+        ("seed=-5", "seed must be an integer in \\[0, 4294967295\\], got -5"),
+        ("seed=1.5", "seed must be an integer in \\[0, 4294967295\\], got 1.5"),
+    ],
+)
 def test_bad_seeds_are_named_at_start(make_config, override, message):
     cfg = make_config(override)
     with pytest.raises(ConfigError, match=message):
@@ -211,9 +248,20 @@ def test_bad_seeds_are_named_at_start(make_config, override, message):
 
 def test_a_config_error_prints_one_line_without_a_traceback(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "runners.cl", "model=tiny_llama", "general=none", "optimizer.lr=-1",
-         f"hydra.run.dir={tmp_path / 'run'}", f"paths.cache_dir={tmp_path / 'cache'}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "runners.cl",
+            "model=tiny_llama",
+            "general=none",
+            "optimizer.lr=-1",
+            f"hydra.run.dir={tmp_path / 'run'}",
+            f"paths.cache_dir={tmp_path / 'cache'}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1] == "Error: optimizer.lr must be > 0, got -1"
@@ -241,8 +289,16 @@ def test_a_resume_keeps_the_csv_rows_before_it_and_logs_into_the_runs_own_dir(ma
 @pytest.mark.processes
 def test_a_refused_rerun_leaves_the_runs_hydra_record_as_it_was(tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "runners.cl", "experiment=smoke", "general=none", "tasks.order=[arith]",
-           f"hydra.run.dir={out}", f"paths.cache_dir={tmp_path / 'cache'}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "runners.cl",
+        "experiment=smoke",
+        "general=none",
+        "tasks.order=[arith]",
+        f"hydra.run.dir={out}",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+    ]
     assert subprocess.run(cmd, cwd=ROOT, capture_output=True, timeout=300).returncode == 0
     record = (out / ".hydra" / "config.yaml").read_text()
     refused = subprocess.run(cmd + ["optimizer.lr=0.5"], cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -250,8 +306,9 @@ def test_a_refused_rerun_leaves_the_runs_hydra_record_as_it_was(tmp_path):
     assert (out / ".hydra" / "config.yaml").read_text() == record
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".hydra")) == [".hydra"]
     # resume=<dir> alone is the run's own command (issue 25.5): it once ran the defaults and was refused
-    alone = subprocess.run([sys.executable, "-m", "runners.cl", f"resume={out}"], cwd=ROOT, capture_output=True,
-                           text=True, timeout=300)
+    alone = subprocess.run(
+        [sys.executable, "-m", "runners.cl", f"resume={out}"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert alone.returncode == 0, alone.stderr[-2000:]
     assert "Resuming" in alone.stdout and json.loads((out / "results.json").read_text())["status"] == "finished"
     assert "Resuming" in (out / "cl.log").read_text()  # the run's own log goes on
@@ -260,12 +317,17 @@ def test_a_refused_rerun_leaves_the_runs_hydra_record_as_it_was(tmp_path):
 
 def test_resume_alone_reads_the_runs_recorded_command_and_lets_settings_given_now_win(tmp_path):
     from cl_bench.recording.hydra_record import with_run_overrides
+
     (tmp_path / ".hydra").mkdir()
     (tmp_path / ".hydra" / "overrides.yaml").write_text("- method=ewc\n- +api_token=***\n- resume=/old\n- seed=3\n")
     argv = ["cl.py", f"resume={tmp_path}", "seed=4", "+api_token=secret"]
     assert with_run_overrides(argv) == ["cl.py", "method=ewc", *argv[1:], f"hydra.run.dir={tmp_path}"]
-    for unchanged in (["cl.py", "-m", f"resume={tmp_path}"], ["cl.py", f"resume={tmp_path}", "hydra.run.dir=x"],
-                      ["cl.py", f"resume={tmp_path / 'none'}"], ["cl.py", "seed=1"]):
+    for unchanged in (
+        ["cl.py", "-m", f"resume={tmp_path}"],
+        ["cl.py", f"resume={tmp_path}", "hydra.run.dir=x"],
+        ["cl.py", f"resume={tmp_path / 'none'}"],
+        ["cl.py", "seed=1"],
+    ):
         assert with_run_overrides(unchanged) == unchanged
 
 
@@ -276,10 +338,12 @@ def test_a_full_disk_is_named_instead_of_the_writers_own_message(tmp_path, monke
     def torch_like(tmp):
         tmp.write_bytes(b"part")
         raise RuntimeError("[enforce fail at inline_container.cc] . unexpected pos 64 vs 12")
+
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(100, 100, 0))
     with pytest.raises(OSError, match="no space left on the device of .* while writing stage-001.pt"):
         from cl_bench.files import atomic_write
+
         atomic_write(tmp_path / "stage-001.pt", torch_like)
     assert list(tmp_path.iterdir()) == []
 
@@ -299,12 +363,14 @@ def test_taking_over_a_dir_removes_the_dead_writers_temporaries_only(tmp_path):
 
 def test_a_failed_checkpoint_write_is_recorded_as_failed_with_its_cause(make_config, monkeypatch):
     import errno
+
     real_save = torch.save
 
     def save(obj, f, *args, **kwargs):
         if Path(f).name.startswith(".stage-002.pt"):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_save(obj, f, *args, **kwargs)
+
     monkeypatch.setattr(torch, "save", save)
     cfg = make_config(*SHORT)
     with pytest.raises(OSError, match="No space left"):
@@ -319,7 +385,9 @@ def test_an_unreadable_split_file_is_named_with_the_cause(tmp_path, monkeypatch)
     path = tmp_path / "train.json"
     path.write_text("[]")
     # root reads any file whatever its mode, so the denial is simulated where the read happens
-    monkeypatch.setattr(Path, "read_bytes", lambda self: (_ for _ in ()).throw(PermissionError(13, "Permission denied")))
+    monkeypatch.setattr(
+        Path, "read_bytes", lambda self: (_ for _ in ()).throw(PermissionError(13, "Permission denied"))
+    )
     with pytest.raises(ConfigError, match=f"^{path}: cannot be read \\(Permission denied\\)$"):
         read_split(path)
 
@@ -328,7 +396,9 @@ def test_a_failed_write_lets_go_of_the_writers_file_so_the_failure_can_still_be_
     """On a full disk torch's zip writer, held by the error's frames, kept the removed temporary
     open: its space stayed taken and results.json could not say "failed" (the run read "running")."""
     import weakref
+
     from cl_bench.files import atomic_write
+
     writers = []
 
     class ZipWriter:  # like torch's PyTorchFileWriter: the file is open while the object lives
@@ -343,6 +413,7 @@ def test_a_failed_write_lets_go_of_the_writers_file_so_the_failure_can_still_be_
         finally:
             writer.file.write(b"end")  # the end-of-archive write of torch's __exit__, failing in turn
             raise RuntimeError("unexpected pos 142976 vs 142864")
+
     try:
         atomic_write(tmp_path / "stage-004.pt", save)
     except RuntimeError as e:  # while the error is handled, as when the run records it
@@ -353,6 +424,7 @@ def test_a_failed_write_lets_go_of_the_writers_file_so_the_failure_can_still_be_
 def test_unwritable_folders_are_named_by_their_key_before_the_model_loads(make_config, tmp_path, monkeypatch):
     """A file where a folder must be stands in for a read-only disk (root writes any folder)."""
     from cl_bench.errors import is_user_error
+
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     monkeypatch.setattr("cl_bench.stream_run.build_model", lambda *a, **k: pytest.fail("the model loaded"))
@@ -361,11 +433,19 @@ def test_unwritable_folders_are_named_by_their_key_before_the_model_loads(make_c
         run(cfg, cfg.paths.output_dir)
     with pytest.raises(ConfigError, match=f"^run dir {blocker / 'run'} is not writable"):
         RunDirLock(blocker / "run").acquire()
-    proc = subprocess.run([sys.executable, "-m", "runners.cl", "experiment=smoke", f"hydra.run.dir={blocker / 'run'}"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "runners.cl", "experiment=smoke", f"hydra.run.dir={blocker / 'run'}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
-        f"Error: hydra.run.dir {blocker / 'run'} is not writable (Not a directory); choose another folder or free or unlock this one"]
+        f"Error: hydra.run.dir {blocker / 'run'} is not writable (Not a directory); "
+        "choose another folder or free or unlock this one"
+    ]
     import errno
+
     assert is_user_error(OSError(errno.ENOSPC, "full")) and is_user_error(OSError(errno.EROFS, "ro"))
     assert not is_user_error(OSError(errno.EIO, "I/O error")) and not is_user_error(RuntimeError("x"))
 
@@ -375,10 +455,14 @@ def test_a_task_that_would_take_no_step_is_refused_before_the_model_loads(make_c
     """batch_size 16 over 12 examples with drop_last: no optimizer step, which once ended
     "finished" with BWT 0 (perfect retention, read off a model that never trained)."""
     from cl_bench.data.batching import check_every_task_trains, steps_per_epoch
+
     monkeypatch.setattr("cl_bench.stream_run.build_model", lambda *a, **k: pytest.fail("the model loaded"))
     cfg = make_config("tasks.order=[arith]", "train.batch_size=16", "train.drop_last=true")
-    with pytest.raises(ConfigError, match="task arith: its 12 training examples give no optimizer step at "
-                                          "train.batch_size=16 with train.drop_last=True"):
+    with pytest.raises(
+        ConfigError,
+        match="task arith: its 12 training examples give no optimizer step at "
+        "train.batch_size=16 with train.drop_last=True",
+    ):
         run(cfg, cfg.paths.output_dir)
     assert not (Path(cfg.paths.output_dir) / "results.json").exists()
     cfg = make_config("tasks.order=[arith]", "train.drop_last=maybe")
@@ -404,16 +488,19 @@ class _SignalAt:
             def on_task_end(self, module, task, task_index):
                 if when == "between steps" and task.name == "code":
                     os.kill(os.getpid(), sig)
+
         return Stopper()
 
 
-@pytest.mark.parametrize("when, sig", [("step", signal.SIGTERM), ("between steps", signal.SIGTERM),
-                                       ("step", signal.SIGINT)])
+@pytest.mark.parametrize(
+    "when, sig", [("step", signal.SIGTERM), ("between steps", signal.SIGTERM), ("step", signal.SIGINT)]
+)
 def test_sigterm_stops_a_run_as_stopped_non_zero_unlocked_and_resumable(make_config, monkeypatch, when, sig):
     """SIGTERM within a training step (Lightning's handler runs first) and between steps (the
     task's end), and Ctrl-C: results.json says "stopped by signal SIGTERM" (SIGINT), the exit
     status is 143 (130), the lock is released, and the same command continues to a finished run."""
     from tests.conftest import instantiate_with
+
     monkeypatch.setattr("cl_bench.config.instantiate", instantiate_with(_SignalAt(when, sig)))
     cfg = make_config("tasks.order=[arith,code]", "checkpoint.every_n_steps=1")
     out = Path(cfg.paths.output_dir)
@@ -435,10 +522,27 @@ def test_a_secret_passed_as_a_setting_is_written_nowhere(tmp_path):
     """Issue 25.4: +api_token=... was redacted in results.json only; the stage checkpoints, Hydra's
     .hydra record and the loggers' files held it in plain text."""
     out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "runners.cl", "model=tiny_llama", "general=none", "logger=csv",
-                           "tasks.order=[arith]", "tasks.num_train=8", "tasks.epochs=1", "eval.max_examples=2",
-                           "+api_token=s3cret-value", f"hydra.run.dir={out}", f"paths.cache_dir={tmp_path / 'cache'}"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "runners.cl",
+            "model=tiny_llama",
+            "general=none",
+            "logger=csv",
+            "tasks.order=[arith]",
+            "tasks.num_train=8",
+            "tasks.epochs=1",
+            "eval.max_examples=2",
+            "+api_token=s3cret-value",
+            f"hydra.run.dir={out}",
+            f"paths.cache_dir={tmp_path / 'cache'}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     files = [p for p in out.rglob("*") if p.is_file()]
     assert any(p.suffix == ".pt" for p in files) and (out / ".hydra" / "overrides.yaml").is_file()
@@ -451,19 +555,44 @@ def test_a_resume_refuses_changed_data_and_lists_every_changed_setting(make_conf
     difference is listed (the list was cut at 10 without saying so), before the model loads."""
     data = write_stream(tmp_path / "data", {"A": 4, "B": 4})
     tasks = "[{name: A, metric: accuracy, max_new_tokens: 4}, {name: B, metric: accuracy, max_new_tokens: 4}]"
-    cfg = make_config("model=tiny_llama", "tasks=custom", f"tasks.data_dir={data}", f"tasks.tasks={tasks}",
-                      "checkpoint.every_n_steps=1", tiny=False)
+    cfg = make_config(
+        "model=tiny_llama",
+        "tasks=custom",
+        f"tasks.data_dir={data}",
+        f"tasks.tasks={tasks}",
+        "checkpoint.every_n_steps=1",
+        tiny=False,
+    )
     run(cfg, cfg.paths.output_dir)
     (data / "B" / "train.json").write_text(json.dumps([{"prompt": "changed?", "answer": "1"}] * 4))
     monkeypatch.setattr("cl_bench.stream_run.build_model", lambda *a, **k: pytest.fail("the model loaded"))
-    with pytest.raises(ConfigError, match=r"these 1 settings differ from the run's checkpoint \(the stream's data "
-                                          r"files changed\): data_sha256"):
+    with pytest.raises(
+        ConfigError,
+        match=r"these 1 settings differ from the run's checkpoint \(the stream's data "
+        r"files changed\): data_sha256",
+    ):
         run(cfg, cfg.paths.output_dir)
-    many = [f"optimizer.lr=0.0{k}" for k in (2,)] + ["eval.temperature=0.5", "eval.top_p=0.9", "train.max_ans_len=9",
-            "train.max_prompt_len=99", "eval.batch_size=3", "seed=7", "optimizer.weight_decay=0.1",
-            "scheduler.warmup_steps=2", "eval.max_new_tokens=3", "optimizer.eps=0.001"]
-    changed = make_config("model=tiny_llama", "tasks=custom", f"tasks.data_dir={data}", f"tasks.tasks={tasks}",
-                          "checkpoint.every_n_steps=1", *many, tiny=False)
+    many = [f"optimizer.lr=0.0{k}" for k in (2,)] + [
+        "eval.temperature=0.5",
+        "eval.top_p=0.9",
+        "train.max_ans_len=9",
+        "train.max_prompt_len=99",
+        "eval.batch_size=3",
+        "seed=7",
+        "optimizer.weight_decay=0.1",
+        "scheduler.warmup_steps=2",
+        "eval.max_new_tokens=3",
+        "optimizer.eps=0.001",
+    ]
+    changed = make_config(
+        "model=tiny_llama",
+        "tasks=custom",
+        f"tasks.data_dir={data}",
+        f"tasks.tasks={tasks}",
+        "checkpoint.every_n_steps=1",
+        *many,
+        tiny=False,
+    )
     with pytest.raises(ConfigError) as refused:
         run(changed, cfg.paths.output_dir)
     message = str(refused.value)  # the 11 settings, the data's digest and the run name (it holds the seed)

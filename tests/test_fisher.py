@@ -1,12 +1,13 @@
 """The diagonal Fisher against brute force, and its lack of side effects."""
+
 import pytest
 import torch
 
+from cl_bench.data.loaders import TaskLoaders
+from cl_bench.data.tasks import Example
+from cl_bench.data.tokenization import Collator, encode_train
 from cl_bench.errors import ConfigError
 from cl_bench.models import tiny_llama
-from cl_bench.data.tasks import Example
-from cl_bench.data.loaders import TaskLoaders
-from cl_bench.data.tokenization import Collator, encode_train
 from methods.shared.importance import diagonal_fisher
 
 EXAMPLES = [Example(f"question {i} about item{i * 7}? Answer:", f"ans {i % 3}") for i in range(7)]

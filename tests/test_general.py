@@ -1,4 +1,5 @@
 """General ability through lm-evaluation-harness: the offline probe, the harness path, delta R^G."""
+
 import json
 from collections import Counter
 
@@ -35,7 +36,7 @@ def _own_accuracy(model, tokenizer, items) -> float:
             whole = torch.tensor([tokenizer(context + " " + choice, add_special_tokens=False)["input_ids"]])
             n = whole.shape[1] - len(ctx)
             with torch.no_grad():
-                logp = model(input_ids=whole).logits.float().log_softmax(-1)[0, -n - 1:-1]
+                logp = model(input_ids=whole).logits.float().log_softmax(-1)[0, -n - 1 : -1]
             scores.append(logp.gather(-1, whole[0, -n:, None]).sum().item())
         correct += max(range(4), key=scores.__getitem__) == item["answer"]
     return 100.0 * correct / len(items)
@@ -55,10 +56,13 @@ def test_the_harness_scores_the_probe_as_recomputed_and_leaves_the_rngs_alone():
     assert scores == {"cl_bench_probe": pytest.approx(_own_accuracy(bundle.model, bundle.tokenizer, PROBE[:40]))}
 
 
-@pytest.mark.parametrize("tasks, message", [
-    ({"no_such_benchmark": "acc,none"}, r"lm-eval does not know task\(s\) \['no_such_benchmark'\]"),
-    ({"cl_bench_probe": ""}, "general.tasks.cl_bench_probe must name a metric"),
-])
+@pytest.mark.parametrize(
+    "tasks, message",
+    [
+        ({"no_such_benchmark": "acc,none"}, r"lm-eval does not know task\(s\) \['no_such_benchmark'\]"),
+        ({"cl_bench_probe": ""}, "general.tasks.cl_bench_probe must name a metric"),
+    ],
+)
 def test_bad_general_settings_are_refused(tasks, message):
     with pytest.raises(ConfigError, match=message):
         GeneralAbility(tasks=tasks).check()
@@ -92,12 +96,21 @@ def test_traces_six_benchmarks_are_names_the_harness_knows(make_config):
     from hydra.utils import instantiate
 
     general = instantiate(make_config("general=trace").general)
-    assert set(general.tasks) == {"mmlu", "gsm8k", "bbh_cot_fewshot", "tydiqa_goldp_en", "boolq", "piqa", "cl_bench_probe"}
+    assert set(general.tasks) == {
+        "mmlu",
+        "gsm8k",
+        "bbh_cot_fewshot",
+        "tydiqa_goldp_en",
+        "boolq",
+        "piqa",
+        "cl_bench_probe",
+    }
     general.check()  # indexes the harness's own tasks too; running them needs their datasets
 
 
 def test_the_general_mean_and_delta_leave_the_probe_out_when_traces_benchmarks_ran(tmp_path):
     from cl_bench.recording.results import RunRecorder
+
     rec = RunRecorder(tmp_path, {}, ["A"], ["accuracy"])
     rec.add_row([0.0], 0.0)
     rec.add_general({"mmlu": 40.0, "gsm8k": 20.0, "cl_bench_probe": 90.0})

@@ -8,6 +8,7 @@ The score matrix is compared exactly everywhere: it is made of generated text sc
 
 Re-record only for an intended change of behaviour: ``python -m tests.test_golden``.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -28,8 +29,18 @@ METHODS = ("sft", "ewc", "fggm", "migu")
 
 def machine() -> str:
     """What decides float rounding here: the CPU model, torch's version and its CPU kernel set."""
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    model = (
+        next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            platform.processor(),
+        )
+        if Path("/proc/cpuinfo").exists()
+        else platform.processor()
+    )
     return f"{model} | torch {torch.__version__} | {torch.backends.cpu.get_cpu_capability()}"
 
 
@@ -45,8 +56,11 @@ def run_method(method: str, out_dir: Path, cache_dir: Path) -> dict:
     for name in sorted(weights):
         digest.update(name.encode())
         digest.update(weights[name].contiguous().view(torch.uint8).numpy().tobytes())
-    return {"R": recorder.R, "sha256": digest.hexdigest(),
-            "sums": {n: weights[n].double().sum().item() for n in sorted(weights)}}
+    return {
+        "R": recorder.R,
+        "sha256": digest.hexdigest(),
+        "sums": {n: weights[n].double().sum().item() for n in sorted(weights)},
+    }
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -65,7 +79,10 @@ if __name__ == "__main__":
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
-        record = {"machine": machine(), "methods": {m: run_method(m, Path(tmp) / m, Path(tmp) / "cache") for m in METHODS}}
+        record = {
+            "machine": machine(),
+            "methods": {m: run_method(m, Path(tmp) / m, Path(tmp) / "cache") for m in METHODS},
+        }
     GOLDEN.parent.mkdir(exist_ok=True)
     GOLDEN.write_text(json.dumps(record, indent=1) + "\n")
     print(f"recorded {GOLDEN} on {record['machine']}", file=sys.stderr)

@@ -10,6 +10,7 @@ and inside ``cl_bench``, by the stage of the flow each part serves:
 An import may name its own layer or any below it, never one above, type hints under
 ``if TYPE_CHECKING:`` included (a hint upward is a circle a reader has to follow too).
 """
+
 from __future__ import annotations
 
 import ast
@@ -28,7 +29,9 @@ LAYERS = {
     "cl_bench.training": 3,
     "cl_bench.evaluation": 4,
     "cl_bench.recording": 5,
-    "cl_bench.run_config": 6, "cl_bench.memory_plan": 6, "cl_bench.stream_run": 6,
+    "cl_bench.run_config": 6,
+    "cl_bench.memory_plan": 6,
+    "cl_bench.stream_run": 6,
     "methods.shared": 7,
     "methods": 8,
     "runners": 9,
@@ -56,7 +59,8 @@ def project_modules() -> dict[str, Path]:
 def _is_type_checking(node: ast.If) -> bool:
     test = node.test
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def runtime_imports(tree: ast.AST) -> list[str]:
@@ -100,15 +104,25 @@ def import_graph(find=runtime_imports) -> dict[str, set[str]]:
 
 
 def test_every_import_points_down_the_flow():
-    upward = [f"{a} imports {b}" for a, targets in import_graph(every_import).items() for b in targets
-              if layer(b) > layer(a)]
+    upward = [
+        f"{a} imports {b}" for a, targets in import_graph(every_import).items() for b in targets if layer(b) > layer(a)
+    ]
     assert upward == []
 
 
 def test_the_layer_check_places_modules_by_their_longest_prefix():
-    assert [layer(m) for m in ("cl_bench.errors", "cl_bench.data.tasks", "cl_bench.evaluation.metrics",
-                               "cl_bench.stream_run", "methods.shared.masking", "methods.ewc", "runners.cl")] \
-        == [0, 1, 4, 6, 7, 8, 9]
+    assert [
+        layer(m)
+        for m in (
+            "cl_bench.errors",
+            "cl_bench.data.tasks",
+            "cl_bench.evaluation.metrics",
+            "cl_bench.stream_run",
+            "methods.shared.masking",
+            "methods.ewc",
+            "runners.cl",
+        )
+    ] == [0, 1, 4, 6, 7, 8, 9]
 
 
 def test_no_import_cycle():
@@ -120,7 +134,7 @@ def test_no_import_cycle():
         state[node] = 1
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                cycles.append(" -> ".join(path[path.index(nxt):] + [nxt]))
+                cycles.append(" -> ".join(path[path.index(nxt) :] + [nxt]))
             elif nxt not in state:
                 walk(nxt, path + [nxt])
         state[node] = 2
@@ -132,9 +146,17 @@ def test_no_import_cycle():
 
 
 def test_the_checks_see_imports_and_skip_type_hints():
-    tree = ast.parse("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from methods.base import CLMethod\n"
-                     "import cl_bench.errors\ndef f():\n    from runners.cl import main\n")
-    assert runtime_imports(tree) == ["typing", "typing.TYPE_CHECKING", "cl_bench.errors", "runners.cl", "runners.cl.main"]
+    tree = ast.parse(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from methods.base import CLMethod\n"
+        "import cl_bench.errors\ndef f():\n    from runners.cl import main\n"
+    )
+    assert runtime_imports(tree) == [
+        "typing",
+        "typing.TYPE_CHECKING",
+        "cl_bench.errors",
+        "runners.cl",
+        "runners.cl.main",
+    ]
 
 
 @pytest.mark.parametrize("name", sorted(project_modules()))

@@ -1,4 +1,5 @@
 """The loggers as a run uses them: CSV, TensorBoard, W&B offline (read back), and secret redaction."""
+
 import csv
 import sys
 from pathlib import Path
@@ -13,8 +14,13 @@ from tests.wandb_log import read_run
 
 
 def test_redact_hides_secret_keys_only():
-    cfg = {"wandb": {"api_key": "abc", "project": "p"}, "hf_token": "t", "eval": {"max_new_tokens": 5},
-           "list": [{"password": "x"}], "secret": None}
+    cfg = {
+        "wandb": {"api_key": "abc", "project": "p"},
+        "hf_token": "t",
+        "eval": {"max_new_tokens": 5},
+        "list": [{"password": "x"}],
+        "secret": None,
+    }
     out = redact(cfg)
     assert out["wandb"] == {"api_key": REDACTED, "project": "p"}
     assert out["hf_token"] == REDACTED and out["list"][0]["password"] == REDACTED
@@ -41,8 +47,14 @@ def test_train_loss_is_logged_once_per_step_as_the_global_batch_mean_whatever_th
     accumulation (the same steps, the same global-batch token mean)."""
     curves = {}
     for micro in ("2", "null"):
-        cfg = make_config("logger=csv", "tasks.order=[arith]", "trainer.log_every_n_steps=1", "train.batch_size=8",
-                          f"train.micro_batch_size={micro}", f"paths.output_dir={tmp_path / micro}")
+        cfg = make_config(
+            "logger=csv",
+            "tasks.order=[arith]",
+            "trainer.log_every_n_steps=1",
+            "train.batch_size=8",
+            f"train.micro_batch_size={micro}",
+            f"paths.output_dir={tmp_path / micro}",
+        )
         run(cfg, tmp_path / micro)
         rows = list(csv.DictReader(open(tmp_path / micro / "csv" / "metrics.csv")))
         curves[micro] = [(int(r["step"]), float(r["train/loss"])) for r in rows if r.get("train/loss")]
@@ -55,12 +67,17 @@ def test_tensorboard_gets_the_score_matrix_and_hparams_with_the_cl_metrics(make_
     could not compare methods); no score matrix reached TensorBoard. Read back with TensorBoard's own reader."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.hparams import plugin_data_pb2
+
     cfg = make_config("logger=tensorboard", "tasks.order=[arith,code]")
     recorder = run(cfg, cfg.paths.output_dir)
-    events = EventAccumulator(str(Path(cfg.paths.output_dir) / "tensorboard"), size_guidance={"tensors": 0, "images": 0})
+    events = EventAccumulator(
+        str(Path(cfg.paths.output_dir) / "tensorboard"), size_guidance={"tensors": 0, "images": 0}
+    )
     events.Reload()
     scalars = events.Tags()["scalars"]
-    assert "hp_metric" not in scalars and events.Scalars("hparams/op")[-1].value == pytest.approx(recorder.cl_metrics()["op"])
+    assert "hp_metric" not in scalars and events.Scalars("hparams/op")[-1].value == pytest.approx(
+        recorder.cl_metrics()["op"]
+    )
     assert [e.step for e in events.Images("R_heatmap")] == [0, 3, 6]
     text = events.Tensors("R/text_summary")[-1].tensor_proto.string_val[0].decode()
     assert text.splitlines()[3] == f"| after_arith | {recorder.R[1][0]:.1f} | {recorder.R[1][1]:.1f} |"
@@ -90,15 +107,20 @@ def test_wandb_offline_run_can_be_read_back_and_holds_no_secret(make_config, mon
     assert logged["config"]["model"]["_target_"] == "cl_bench.models.tiny_llama"
     # comparable in the W&B UI: summary values to sort by, stage metrics against the stage, a heatmap
     assert logged["summary"]["cl/op"] == pytest.approx(recorder.cl_metrics()["op"])
-    assert logged["summary"]["cl/bwt"] == pytest.approx(recorder.cl_metrics()["bwt"]) and logged["summary"]["stage"] == 2
+    assert (
+        logged["summary"]["cl/bwt"] == pytest.approx(recorder.cl_metrics()["bwt"]) and logged["summary"]["stage"] == 2
+    )
     assert logged["metrics"]["score/*"] == logged["metrics"]["cl/*"] == logged["metrics"]["general/*"] == "stage"
     assert logged["config"]["method_name"] == "sft" and logged["config"]["seed"] == cfg.seed
     assert any(k.startswith("R_heatmap") for row in logged["history"] for k in row)
     assert (Path(cfg.paths.output_dir) / "score_matrix.png").is_file()
     assert logged["config"]["secrets"]["api_key"] == REDACTED
     assert b"SHOULD-NOT-LEAK" not in logs[0].read_bytes()
-    assert [str(p) for p in (Path(cfg.paths.output_dir) / "wandb").rglob("*")
-            if p.is_file() and b"SHOULD-NOT-LEAK" in p.read_bytes()] == []
+    assert [
+        str(p)
+        for p in (Path(cfg.paths.output_dir) / "wandb").rglob("*")
+        if p.is_file() and b"SHOULD-NOT-LEAK" in p.read_bytes()
+    ] == []
     # the summary says how the run ended and how long it took (issue 25.5)
     assert logged["summary"]["status"] == "finished" and logged["summary"]["timings/train_s"] > 0
     assert logged["summary"]["timings/total_s"] >= logged["summary"]["timings/train_s"]
@@ -116,23 +138,29 @@ def test_a_wrong_wandb_key_is_refused_in_one_line_before_the_model_loads(make_co
     """wandb's own check (a key shorter than 40 characters fails without the network), asked when
     the loggers start: before the model loads, not at the first log call."""
     import wandb
+
     wandb.teardown()  # W&B keeps the mode of an earlier test's run in this process
     monkeypatch.setenv("WANDB_API_KEY", "short")
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setattr("cl_bench.stream_run.build_model", lambda *a, **k: pytest.fail("the model loaded"))
     cfg = make_config("logger=wandb", "logger.wandb.mode=online")
-    with pytest.raises(ConfigError, match=r"^logger.wandb: W&B did not accept the login \(.*40\+ characters.*"
-                                          r"logger.wandb.mode=offline"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^logger.wandb: W&B did not accept the login \(.*40\+ characters.*"
+        r"logger.wandb.mode=offline",
+    ):
         run(cfg, cfg.paths.output_dir)
 
 
 def test_an_unreachable_wandb_server_is_refused_naming_the_offline_switch(monkeypatch, tmp_path):
     import wandb
+
     seen = {}
 
     def login(verify, timeout):
         seen.update(verify=verify, timeout=timeout)
         raise wandb.errors.AuthenticationError("the service process is busy and did not respond in time")
+
     monkeypatch.setattr(wandb, "login", login)
     with pytest.raises(ConfigError, match="did not respond in time.*logger.wandb.mode=offline"):
         wandb_logger("p", str(tmp_path), mode="online", login_timeout=5)
@@ -159,8 +187,11 @@ def test_a_resume_writes_the_kept_curves_back_before_it_logs_anything(tmp_path):
     """Issue 25.4: a kill right after "Resuming" once deleted csv/metrics.csv for good (Lightning's
     CSV writer deletes it when it opens and wrote the kept rows back only at its next flush)."""
     import csv
+
     from lightning.pytorch.loggers import CSVLogger
+
     from cl_bench.recording.loggers import RunLoggers
+
     first = RunLoggers({"csv": CSVLogger(tmp_path, name="csv", version="")})
     first.log_metrics({"stage": 0, "score/a": 10.0}, 0)
     first.log_metrics({"train/loss": 2.0}, 3)
@@ -177,8 +208,10 @@ def test_wandb_summary_keys_general_ability_by_position_not_by_task_name(tmp_pat
     """Issue 25.5: general/mean_after_<last task> named the key by the task order, so runs of two
     orders could not be compared in W&B's runs table."""
     from types import SimpleNamespace
+
     from cl_bench.recording.loggers import RunLoggers
     from cl_bench.recording.results import RunRecorder
+
     recorder = RunRecorder(tmp_path, {}, ["b", "a"], ["accuracy", "accuracy"], writes=False)
     for row, general in (([0, 0], {"x": 50.0}), ([90, 10], None), ([80, 70], {"x": 40.0})):
         recorder.add_row(row, 1.0)

@@ -1,4 +1,5 @@
 """LoRA adapters (model.lora, peft): what trains, what stage checkpoints keep, exact resume, refusals."""
+
 import json
 import shutil
 from pathlib import Path
@@ -18,11 +19,13 @@ LORA = ["model.lora.enabled=true", "model.lora.r=4", "tasks.order=[arith,code]"]
 def test_only_the_adapters_train_and_the_base_weights_stay_bitwise(make_config):
     """Three steps of the run's own optimizer (CLModule.configure_optimizers) on a LoRA model."""
     from functools import partial
+
     from cl_bench.data.loaders import TaskLoaders
     from cl_bench.training.lm import causal_lm_loss
     from cl_bench.training.module import CLModule
     from methods.sft import SFT
     from tests.conftest import tiny_task
+
     TASK = tiny_task()
     cfg = make_config(*LORA)
     bundle = build_model(cfg.model)
@@ -52,12 +55,15 @@ def test_stage_checkpoints_keep_only_the_adapters_and_a_resume_from_one_is_exact
     (resumed / "checkpoints" / "stage-002.pt").unlink()  # continue after task 1 from its adapters alone
     run(cfg, resumed)
     again = torch.load(resumed / "checkpoints" / "stage-002.pt", weights_only=True)["model"]
-    assert json.loads((resumed / "results.json").read_text())["R"] == json.loads((whole / "results.json").read_text())["R"]
+    assert (
+        json.loads((resumed / "results.json").read_text())["R"] == json.loads((whole / "results.json").read_text())["R"]
+    )
     assert all(torch.equal(again[k], final[k]) for k in final)
 
 
 def test_methods_that_do_not_train_adapters_and_bad_targets_are_refused(make_config):
     from methods.hft import HFT
+
     with pytest.raises(ConfigError, match="method hft does not train LoRA adapters .*method=inclora or olora"):
         HFT().check_run(make_config("method=hft", *LORA))
     with pytest.raises(ConfigError, match=r"model.lora.target_modules \['nope'\]"):
@@ -80,17 +86,21 @@ STATE_NAMES = {
 
 
 @pytest.mark.parametrize("name", [n for n in METHOD_NAMES if method_class(n).trains_lora])
-def test_every_method_marked_for_lora_runs_a_lora_stream_with_the_base_model_bitwise_frozen(name, make_config, monkeypatch,
-                                                                                          tmp_path):
-    """docs/methods.md's LoRA column (every method that declares ``trains_lora``): each runs a 2-task stream on adapters; the base weights
+def test_every_method_marked_for_lora_runs_a_lora_stream_with_the_base_model_bitwise_frozen(
+    name, make_config, monkeypatch, tmp_path
+):
+    """docs/methods.md's LoRA column (every method that declares ``trains_lora``): each runs a
+    2-task stream on adapters; the base weights
     end bitwise as loaded; the method's own state (F, masks, |Wx| rows) is over adapter weights."""
     from cl_bench.config import build
     from tests.conftest import instantiate_with
+
     texts = tmp_path / "general.jsonl"
     texts.write_text("\n".join(json.dumps({"text": f"General text {i}: the quick fox."}) for i in range(4)))
     cheap = {"gere": [f"method.general_data={texts}"], "fggm": ["method.num_samples=4"]}
-    cfg = make_config(f"method={name}", *LORA, "tasks.num_train=8", "tasks.num_test=2", "eval.max_examples=2",
-                      *cheap.get(name, []))
+    cfg = make_config(
+        f"method={name}", *LORA, "tasks.num_train=8", "tasks.num_test=2", "eval.max_examples=2", *cheap.get(name, [])
+    )
     method = build(cfg.method)
     assert method.trains_lora
     seen = {}
@@ -100,6 +110,7 @@ def test_every_method_marked_for_lora_runs_a_lora_stream_with_the_base_model_bit
         seen["model"] = module.model
         seen["base"] = {n: p.detach().clone() for n, p in module.model.named_parameters() if not is_adapter(n)}
         start(module, stream)
+
     method.on_stream_start = spy
     monkeypatch.setattr("cl_bench.config.instantiate", instantiate_with(method))
     recorder = run(cfg, cfg.paths.output_dir)
@@ -117,10 +128,16 @@ def _two_adapters(method_name="olora", **kwargs):
     """A tiny LoRA model after IncLoRA/O-LoRA's start of task 2: adapters default and task2, with
     every B made non-zero so that each adapter changes the output."""
     from omegaconf import OmegaConf
+
     from methods.inclora import IncLoRA
     from methods.olora import OLoRA
-    node = OmegaConf.create({"_target_": "cl_bench.models.tiny_llama", "lora": {
-        "enabled": True, "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}})
+
+    node = OmegaConf.create(
+        {
+            "_target_": "cl_bench.models.tiny_llama",
+            "lora": {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+        }
+    )
     model = build_model(node).model
     method = OLoRA(**kwargs) if method_name == "olora" else IncLoRA()
     module = type("M", (), {"model": model, "should_log": False})()
@@ -137,6 +154,7 @@ def _two_adapters(method_name="olora", **kwargs):
 
 def test_inclora_output_is_the_base_model_plus_every_adapter_and_only_the_newest_trains():
     from cl_bench.models import tiny_llama
+
     method, _, model = _two_adapters("inclora")
     assert method.adapters == ["default", "task2"]
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -200,16 +218,22 @@ def test_olora_stream_keeps_earlier_adapters_bitwise_and_resumes_exactly(make_co
     (resumed / "checkpoints" / "stage-002.pt").unlink()
     run(cfg, resumed)
     again = torch.load(resumed / "checkpoints" / "stage-002.pt", weights_only=True)["model"]
-    assert json.loads((resumed / "results.json").read_text())["R"] == json.loads((whole / "results.json").read_text())["R"]
+    assert (
+        json.loads((resumed / "results.json").read_text())["R"] == json.loads((whole / "results.json").read_text())["R"]
+    )
     assert again.keys() == final["model"].keys() and all(torch.equal(again[k], final["model"][k]) for k in again)
 
 
 def test_inclora_refusals(make_config):
     from methods.inclora import IncLoRA
-    with pytest.raises(ConfigError, match="method inclora trains one LoRA adapter per task: it needs model.lora.enabled"):
+
+    with pytest.raises(
+        ConfigError, match="method inclora trains one LoRA adapter per task: it needs model.lora.enabled"
+    ):
         IncLoRA().check_run(make_config("method=inclora", "model.lora.enabled=false"))
     with pytest.raises(ConfigError, match="optimizer.reset_per_task must be true"):
         IncLoRA().check_run(make_config("method=inclora", "optimizer.reset_per_task=false"))
     from methods.olora import OLoRA
+
     with pytest.raises(ConfigError, match="method.orthogonality must be one of"):
         OLoRA(orthogonality="frobenius")

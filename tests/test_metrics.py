@@ -33,7 +33,9 @@ def test_edit_similarity_is_fuzz_ratio():
 
 def test_sari_metric_uses_the_prompt_as_source():
     prompt = "About 95 species are currently accepted ."
-    assert sari_metric(["About 95 species are now accepted ."], ["About 95 species are now accepted ."], [prompt]) == pytest.approx(100.0)
+    assert sari_metric(
+        ["About 95 species are now accepted ."], ["About 95 species are now accepted ."], [prompt]
+    ) == pytest.approx(100.0)
 
 
 def test_registry_names():

@@ -1,7 +1,7 @@
 import json
 
-from cl_bench.evaluation.metrics import METRICS
 from cl_bench.data.mini_stream import GENERATORS, mini_stream
+from cl_bench.evaluation.metrics import METRICS
 
 
 def _files(root):
@@ -32,7 +32,10 @@ def test_answers_follow_their_prompts(tmp_path):
     stream = mini_stream(str(tmp_path), num_train=50, num_eval=1, num_test=1)
     for ex in stream[1].train:  # arith: the answer is the story's result
         words = ex.prompt.split()
-        a, b = int(words[words.index("has") + 1]), int(ex.prompt.split("gets ")[-1].split()[0]) if "gets" in ex.prompt else None
+        a, b = (
+            int(words[words.index("has") + 1]),
+            int(ex.prompt.split("gets ")[-1].split()[0]) if "gets" in ex.prompt else None,
+        )
         if b is not None:
             assert int(ex.answer) == a + b
     simple = {ex.answer for ex in stream[4].train}

@@ -1,5 +1,6 @@
 """optimizer.reset_per_task=false: one optimizer (and scheduler) for the whole stream, as TRACE
 runs it; masks that promise frozen entries keep them frozen; resume carries the optimizer."""
+
 from pathlib import Path
 
 import torch
@@ -77,7 +78,9 @@ def test_a_resume_restores_the_carried_optimizer_bitwise(make_config):
 
 def test_reset_per_task_must_be_a_boolean(make_config):
     import pytest
+
     from cl_bench.errors import ConfigError
+
     cfg = make_config("optimizer.reset_per_task=sometimes")
     with pytest.raises(ConfigError, match="optimizer.reset_per_task must be true or false, got 'sometimes'"):
         run(cfg, cfg.paths.output_dir)

@@ -1,5 +1,6 @@
 """The memory planner (runners.plan): exact counts from architectures on the meta device, the
 per-strategy accounting, the methods' own state, the verdict, and a check against measured memory."""
+
 import pytest
 
 from cl_bench.errors import ConfigError
@@ -9,8 +10,9 @@ from runners.plan import main
 SEQ = ["train.max_prompt_len=1024", "train.max_ans_len=512"]
 
 
-@pytest.mark.parametrize("model, params", [("smollm2_135m", 134_515_008), ("qwen2_1_5b", 1_543_714_304),
-                                           ("llama2_7b_chat", 6_738_415_616)])
+@pytest.mark.parametrize(
+    "model, params", [("smollm2_135m", 134_515_008), ("qwen2_1_5b", 1_543_714_304), ("llama2_7b_chat", 6_738_415_616)]
+)
 def test_parameter_counts_come_from_the_architecture_without_weights(model, params, make_config):
     p = plan(make_config(f"model={model}", tiny=False))
     assert p.params == p.trainable == params  # the published sizes (SmolLM2's as loaded: tests/test_smollm2.py)
@@ -24,11 +26,18 @@ def test_each_strategy_divides_what_it_shards(make_config):
     assert ddp.items == {"weights": 4 * n, "gradients": 4 * n, "optimizer": 8 * n, "DDP gradient buckets": 4 * n}
     fsdp = plan(make_config(*base, "trainer=fsdp", tiny=False))
     layer = 202_383_360  # one Llama-2-7B decoder layer: 4 x 4096^2 + 3 x 4096 x 11008 + 2 x 4096
-    assert fsdp.items == {"weights (shard)": 4 * n // 8, "gathered layers (2 U)": 2 * layer * 2,
-                          "gradients (shard)": 4 * n // 8, "optimizer (shard)": 8 * n // 8}
+    assert fsdp.items == {
+        "weights (shard)": 4 * n // 8,
+        "gathered layers (2 U)": 2 * layer * 2,
+        "gradients (shard)": 4 * n // 8,
+        "optimizer (shard)": 8 * n // 8,
+    }
     ds = plan(make_config(*base, "trainer=deepspeed", tiny=False))
-    assert ds.items == {"weights": 2 * n, "gradients (shard)": 2 * n // 8,
-                        "optimizer: fp32 master + moments (shard)": 12 * n // 8}
+    assert ds.items == {
+        "weights": 2 * n,
+        "gradients (shard)": 2 * n // 8,
+        "optimizer: fp32 master + moments (shard)": 12 * n // 8,
+    }
     assert ddp.micro_batch == 2 and ddp.seq_len == 1536
     assert fsdp.refusal is None or "fsdp" in fsdp.refusal
 
@@ -50,8 +59,20 @@ def test_lora_and_the_methods_own_state(make_config):
 def test_the_verdict_and_the_exit_code(capsys):
     assert main(["--gpu-gib", "80", "model=llama2_7b_chat", "trainer=gpu", *SEQ]) == 1
     assert "does NOT fit in 80 GiB" in capsys.readouterr().out
-    assert main(["--gpu-gib", "80", "model=llama2_7b_chat", "trainer=gpu", "model.lora.enabled=true",
-                 "train.micro_batch_size=1", *SEQ]) == 0
+    assert (
+        main(
+            [
+                "--gpu-gib",
+                "80",
+                "model=llama2_7b_chat",
+                "trainer=gpu",
+                "model.lora.enabled=true",
+                "train.micro_batch_size=1",
+                *SEQ,
+            ]
+        )
+        == 0
+    )
     assert "fits in 80 GiB" in capsys.readouterr().out
     assert main(["model=hf", "model.name_or_path=/nowhere/model"]) == 2
     assert "model.name_or_path=/nowhere/model: no local folder" in capsys.readouterr().err
@@ -60,6 +81,7 @@ def test_the_verdict_and_the_exit_code(capsys):
 def test_without_a_size_the_verdict_names_the_common_gpus_it_fits(make_config, capsys):
     """Issue 25.5: without --gpu-gib the plan gave no verdict."""
     from cl_bench.memory_plan import GPU_SIZES
+
     p = plan(make_config("model=qwen2_1_5b", tiny=False))
     assert main(["model=qwen2_1_5b"]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
@@ -75,7 +97,10 @@ def test_a_plan_that_does_not_fit_says_what_would(make_config, capsys):
     out = capsys.readouterr().out
     suggestions = out.split("would fit 80 GiB with:\n")[1].strip().splitlines()
     changes = [line.rsplit(None, 2)[0].split() for line in suggestions]
-    assert ["model.lora.enabled=true", "train.micro_batch_size=1"] in changes and ["trainer=fsdp", "trainer.devices=8"] in changes
+    assert ["model.lora.enabled=true", "train.micro_batch_size=1"] in changes and [
+        "trainer=fsdp",
+        "trainer.devices=8",
+    ] in changes
     for change, line in zip(changes, suggestions):  # each one re-planned fits, at the peak it says
         p = plan(make_config(*run, *change, tiny=False))
         assert p.fits(80) and line.endswith(f"{p.total / GIB:.2f} GiB")
@@ -86,7 +111,10 @@ def test_a_plan_that_does_not_fit_says_what_would(make_config, capsys):
 def test_bad_plan_inputs_are_refused_by_name(capsys):
     with pytest.raises(SystemExit) as refused:
         main(["--gpu-gib", "-3"])
-    assert refused.value.code == 2 and "--gpu-gib: must be a GPU memory size in GiB above 0, got -3" in capsys.readouterr().err
+    assert (
+        refused.value.code == 2
+        and "--gpu-gib: must be a GPU memory size in GiB above 0, got -3" in capsys.readouterr().err
+    )
     assert main(["train.batch_size=0"]) == 2
     assert "train.batch_size must be an integer >= 1, got 0" in capsys.readouterr().err
 
@@ -102,8 +130,17 @@ def test_the_plan_matches_memory_measured_on_the_cpu_within_20_percent(make_conf
     (the full model with EWC: 3.05 GiB measured against 3.11 planned, docs/scaling.md)."""
     from cl_bench.memory_plan import measure
     from tests.conftest import MODEL_CACHE
-    cfg = make_config("method=ewc", "method.fisher=batch", "method.num_samples=4", "model.lora.enabled=true",
-                      "tasks.order=[arith]", "train.batch_size=2", f"model.cache_dir={MODEL_CACHE}", tiny=False)
+
+    cfg = make_config(
+        "method=ewc",
+        "method.fisher=batch",
+        "method.num_samples=4",
+        "model.lora.enabled=true",
+        "tasks.order=[arith]",
+        "train.batch_size=2",
+        f"model.cache_dir={MODEL_CACHE}",
+        tiny=False,
+    )
     planned, measured = plan(cfg), measure(cfg)
     assert abs(sum(measured.values()) / planned.states - 1) < 0.2, (measured, planned.states / GIB)
 
@@ -114,13 +151,18 @@ def test_under_fsdp_a_method_s_pass_holds_its_rows_and_evaluation_gathers_the_mo
     n = 6_738_415_616
     base = ["model=llama2_7b_chat", "trainer=fsdp", "trainer.devices=8", "train.batch_size=16", *SEQ]
     ewc = plan(make_config(*base, "method=ewc", tiny=False))
-    assert ewc.method_items == {"F and theta* (1 pair(s), float32)": 2 * 4 * n // 8,
-                                "theta - theta* buffer": 4 * 32000 * 4096 // 8}  # rows of the largest tensor
+    assert ewc.method_items == {
+        "F and theta* (1 pair(s), float32)": 2 * 4 * n // 8,
+        "theta - theta* buffer": 4 * 32000 * 4096 // 8,
+    }  # rows of the largest tensor
     assert ewc.pass_items == {"importance pass: F + gradients": (4 * n + 4 * n) // 8}
     assert ewc.evaluation == 4 * n and ewc.total == ewc.states + max(ewc.activations + n, 4 * n)
     assert ewc.fits(80)  # before the Fisher ran through the sharded model: whole F, gradients and weights, 111 GiB
     fggm = plan(make_config(*base, "method=fggm", tiny=False))
-    assert fggm.pass_items == {"scoring pass: scores (fp32)": 4 * n // 8, "scoring pass: a batch's gradients": 4 * n // 8}
+    assert fggm.pass_items == {
+        "scoring pass: scores (fp32)": 4 * n // 8,
+        "scoring pass: a batch's gradients": 4 * n // 8,
+    }
     one = plan(make_config("model=llama2_7b_chat", "method=ewc", *SEQ, tiny=False))
     assert one.method_items["theta - theta* buffer"] == 4 * 32000 * 4096 and one.evaluation == 0
     assert one.pass_items == {"importance pass: F + gradients": 8 * n}
@@ -130,13 +172,22 @@ def test_gere_plans_its_extra_forward_on_the_gpu_and_its_bands_on_the_host(make_
     """Issue 24.6: batch mode's forward of the step's general texts (per micro-batch: per_step over
     the step's micro-batches) is a peak item at the run's precision; the int8 bands live on the host."""
     from cl_bench.memory_plan import activation_bytes, meta_model
-    cfg = make_config("model=llama2_7b_chat", "method=gere", "trainer=gpu", "method.per_step=4",
-                      "train.micro_batch_size=2", tiny=False)
+
+    cfg = make_config(
+        "model=llama2_7b_chat",
+        "method=gere",
+        "trainer=gpu",
+        "method.per_step=4",
+        "train.micro_batch_size=2",
+        tiny=False,
+    )
     p = plan(cfg)
     config = meta_model(cfg.model).config
     # batch 4 in micro-batches of 2: 2 micro-batches share 4 texts, 2 each, in bf16 (e = 2)
     assert p.pass_items == {"general texts' forward (2 x 563 tokens)": activation_bytes(config, 2, 563, 563, 2, None)}
-    assert 2.8 * 2 ** 30 < activation_bytes(config, 1, 563, 563, 2, None) < 3.1 * 2 ** 30  # ~2.9 GiB per text
+    assert 2.8 * 2**30 < activation_bytes(config, 1, 563, 563, 2, None) < 3.1 * 2**30  # ~2.9 GiB per text
     assert p.method_items == {} and p.host_items == {"hidden-state bands (int8)": 64 * 563 * 4096}
     assert p.total == p.states + p.activations + sum(p.pass_items.values())
-    assert plan(make_config("model=llama2_7b_chat", "method=gere", "method.mode=interleave", tiny=False)).pass_items == {}
+    assert (
+        plan(make_config("model=llama2_7b_chat", "method=gere", "method.mode=interleave", tiny=False)).pass_items == {}
+    )

@@ -1,9 +1,11 @@
 """Mixed precision keeps fp32 master weights: small updates land; in pure bf16 they are rounded away."""
+
 import logging
 from functools import partial
 
 import pytest
 import torch
+from lightning import Trainer
 
 from cl_bench.data.loaders import TaskLoaders
 from cl_bench.data.tasks import Example
@@ -11,7 +13,6 @@ from cl_bench.models import tiny_llama
 from cl_bench.training.module import CLModule
 from cl_bench.training.parameter_views import ParameterViews
 from cl_bench.training.trainer import warn_low_precision_weights
-from lightning import Trainer
 from methods.sft import SFT
 
 EXAMPLES = [Example(f"q{i} x{i * 3}? Answer:", f"a{i}") for i in range(4)]
@@ -31,9 +32,16 @@ def _one_step(dtype: torch.dtype) -> tuple[dict, dict, dict]:
     loaders = TaskLoaders(bundle.tokenizer, batch_size=4, max_prompt_len=32, max_ans_len=8)
     method = Keep()
     module = CLModule(model, method, partial(torch.optim.AdamW, lr=1e-5, weight_decay=0.0), loaders=loaders)
-    trainer = Trainer(accelerator="cpu", precision="bf16-mixed", max_steps=1, callbacks=[method], logger=False,
-                      enable_progress_bar=False,
-                      enable_checkpointing=False, enable_model_summary=False)
+    trainer = Trainer(
+        accelerator="cpu",
+        precision="bf16-mixed",
+        max_steps=1,
+        callbacks=[method],
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, loaders.training(EXAMPLES, seed=0))
     return before, {n: p.detach() for n, p in model.named_parameters()}, grads
 
@@ -88,12 +96,23 @@ def test_bf16_mixed_clips_the_gradients_of_the_default_fused_adamw():
 
     def with_spy():
         optimizer = configure()
-        optimizer.register_step_post_hook(lambda opt, args, kwargs: norms.update(stepped=_norm(bundle.model.parameters())))
+        optimizer.register_step_post_hook(
+            lambda opt, args, kwargs: norms.update(stepped=_norm(bundle.model.parameters()))
+        )
         return optimizer
+
     module.configure_optimizers = with_spy
-    trainer = Trainer(accelerator="cpu", precision="bf16-mixed", gradient_clip_val=1e-3, max_steps=1,
-                      callbacks=[method], logger=False, enable_progress_bar=False, enable_checkpointing=False,
-                      enable_model_summary=False)
+    trainer = Trainer(
+        accelerator="cpu",
+        precision="bf16-mixed",
+        gradient_clip_val=1e-3,
+        max_steps=1,
+        callbacks=[method],
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, loaders.training(EXAMPLES, seed=0))
     assert norms["computed"] > 1e-1
     assert abs(norms["stepped"] - 1e-3) < 1e-6
@@ -102,6 +121,7 @@ def test_bf16_mixed_clips_the_gradients_of_the_default_fused_adamw():
 def test_fp16_mixed_with_a_fused_optimizer_and_clipping_is_refused_at_start(make_config):
     from cl_bench.errors import ConfigError
     from cl_bench.training.trainer import check_precision
+
     with pytest.raises(ConfigError, match=r"trainer.precision=16-mixed with optimizer.fused=true cannot clip"):
         check_precision(make_config("trainer.precision=16-mixed"))
     check_precision(make_config("trainer.precision=16-mixed", "optimizer.fused=false"))
@@ -122,6 +142,7 @@ def test_method_passes_run_at_the_runs_precision(make_config, monkeypatch):
     helper, CLModule.precision_context), so a Fisher or a teacher cache sees what training sees."""
     from cl_bench.stream_run import run
     from tests.conftest import instantiate_with
+
     dtypes = {}
 
     class Probe(SFT):
@@ -141,6 +162,7 @@ def test_method_passes_run_at_the_runs_precision(make_config, monkeypatch):
 
         def on_task_end(self, module, task, task_index):
             self.forward_pass(module, "task end")
+
     monkeypatch.setattr("cl_bench.config.instantiate", instantiate_with(Probe()))
     cfg = make_config("trainer.precision=bf16-mixed", "tasks.order=[arith]", "tasks.max_steps=1")
     run(cfg, cfg.paths.output_dir)
@@ -154,11 +176,13 @@ def test_agem_reference_gradient_is_taken_at_the_steps_precision():
     """Issue 24.6: A-GEM's g_ref (in edit_gradients, outside Lightning's autocast) comes
     from a bf16 forward, as g does, under bf16-mixed."""
     from methods.agem import AGEM
+
     bundle = tiny_llama(seed=0)
     loaders = TaskLoaders(bundle.tokenizer, batch_size=4, max_prompt_len=32, max_ans_len=8)
     method = AGEM(per_task=4)
-    module = CLModule(bundle.model, method, partial(torch.optim.AdamW, lr=1e-5), loaders=loaders,
-                      precision="bf16-mixed")
+    module = CLModule(
+        bundle.model, method, partial(torch.optim.AdamW, lr=1e-5), loaders=loaders, precision="bf16-mixed"
+    )
     method.on_stream_start(module, None)
     method.memory = [EXAMPLES]
     for p in module.model.parameters():

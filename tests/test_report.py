@@ -1,4 +1,5 @@
 """The comparison report (runners/report.py) on hand-made results files."""
+
 import json
 import re
 import statistics
@@ -10,29 +11,47 @@ from html.parser import HTMLParser
 import pytest
 
 from cl_bench.errors import ConfigError
-from cl_bench.recording.comparison import bootstrap_interval, find_runs, group_runs, aggregate, paired
+from cl_bench.recording.comparison import aggregate, bootstrap_interval, find_runs, group_runs, paired
 from tests.conftest import ROOT
 
 ORDER = ["a", "b"]
 
 
-def write_result(root, name, method, seed, R, delta=None, status="finished", error=None, data_seed=0, extra=None,
-                 config_extra=None):
+def write_result(
+    root, name, method, seed, R, delta=None, status="finished", error=None, data_seed=0, extra=None, config_extra=None
+):
     """A results.json as a run writes it (the keys the report reads)."""
     from cl_bench.evaluation.matrix_metrics import all_metrics
+
     run = root / name
     run.mkdir(parents=True)
-    config = {"method": {"_target_": f"methods.{method}.X", "seed": seed, **(extra or {})},
-              "model": {"_target_": "cl_bench.models.tiny_llama"},
-              "tasks": {"_target_": "cl_bench.data.mini_stream.mini_stream", "data_seed": data_seed, "order": ORDER},
-              "seed": seed, "paths": {"output_dir": str(run)}, "run_name": f"{method}-s{seed}",
-              "optimizer": {"lr": 1e-4}, "train": {"batch_size": 4}, **(config_extra or {})}
+    config = {
+        "method": {"_target_": f"methods.{method}.X", "seed": seed, **(extra or {})},
+        "model": {"_target_": "cl_bench.models.tiny_llama"},
+        "tasks": {"_target_": "cl_bench.data.mini_stream.mini_stream", "data_seed": data_seed, "order": ORDER},
+        "seed": seed,
+        "paths": {"output_dir": str(run)},
+        "run_name": f"{method}-s{seed}",
+        "optimizer": {"lr": 1e-4},
+        "train": {"batch_size": 4},
+        **(config_extra or {}),
+    }
     general = {"scores": {}, "delta_RG": delta, "mean": {"base": 50.0, "after_b": 50.0 + (delta or 0)}}
-    (run / "results.json").write_text(json.dumps({
-        "status": status, "error": error, "tasks": ORDER, "stages": ["base", "after_a", "after_b"][: len(R)], "R": R,
-        "cl_metrics": all_metrics(R) if len(R) > 1 else {}, "general": general,
-        "timings": {"total_s": 60.0, "cpu_s": 90.0 * seed},
-        "config": config}))
+    (run / "results.json").write_text(
+        json.dumps(
+            {
+                "status": status,
+                "error": error,
+                "tasks": ORDER,
+                "stages": ["base", "after_a", "after_b"][: len(R)],
+                "R": R,
+                "cl_metrics": all_metrics(R) if len(R) > 1 else {},
+                "general": general,
+                "timings": {"total_s": 60.0, "cpu_s": 90.0 * seed},
+                "config": config,
+            }
+        )
+    )
     return run
 
 
@@ -41,7 +60,9 @@ def sweep(root):
     write_result(root, "1", "sft", 2, [[0, 0], [70, 10], [50, 70]], delta=-3)
     write_result(root, "2", "fggm", 1, [[0, 0], [80, 10], [60, 80]], delta=-1)
     write_result(root, "3", "fggm", 2, [[0, 0], [60, 10], [60, 60]], delta=0)
-    write_result(root, "4", "fggm", 3, [[0, 0]], status="failed", error="FloatingPointError: non-finite | loss\nat step 3")
+    write_result(
+        root, "4", "fggm", 3, [[0, 0]], status="failed", error="FloatingPointError: non-finite | loss\nat step 3"
+    )
     return root
 
 
@@ -56,6 +77,7 @@ def test_groups_are_aggregated_exactly_and_failed_runs_listed(tmp_path):
     assert rows["sft"]["cpu_min"] == {"mean": 2.25, "std": pytest.approx(statistics.stdev([1.5, 3.0])), "n": 2}
     assert "cpu_min" not in paired(group_runs(runs), "sft")[0]  # a cost, not a result: never paired
     from cl_bench.recording.report import write_report
+
     summary = write_report(runs, tmp_path / "out")
     assert [f["status"] for f in summary["failed"]] == ["failed"]
     md = (tmp_path / "out" / "report.md").read_text()
@@ -73,7 +95,9 @@ def test_a_method_s_differing_settings_make_separate_groups(tmp_path):
     write_result(tmp_path, "x", "fggm", 1, [[0, 0], [80, 10], [40, 90]], extra={"alpha": 0.7, "fisher": "batch"})
     write_result(tmp_path, "y", "fggm", 1, [[0, 0], [70, 10], [50, 70]], extra={"alpha": 0.5, "fisher": "batch"})
     assert sorted(r["method"] for r in aggregate(group_runs(find_runs([tmp_path])))) == [
-        "fggm [alpha=0.5]", "fggm [alpha=0.7]"]
+        "fggm [alpha=0.5]",
+        "fggm [alpha=0.7]",
+    ]
 
 
 def test_paired_differences_and_a_deterministic_bootstrap(tmp_path):
@@ -101,14 +125,23 @@ class _Images(HTMLParser):
 def test_the_cli_writes_every_output_fast_and_the_html_holds_every_figure(tmp_path):
     out = tmp_path / "report"
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "runners.report", str(sweep(tmp_path / "runs")), "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "runners.report", str(sweep(tmp_path / "runs")), "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     assert time.perf_counter() - start < 5 + 3  # the report itself in < 5 s; the interpreter starts in the rest
     assert re.search(r"5 runs, 2 groups, 1 not finished", proc.stdout)
     pngs = sorted(p.name for p in out.glob("*.png"))
-    assert pngs == ["setting1_cl_metrics.png", "setting1_general_ability.png", "setting1_score_matrices.png",
-                    "setting1_task_curves.png"]
+    assert pngs == [
+        "setting1_cl_metrics.png",
+        "setting1_general_ability.png",
+        "setting1_score_matrices.png",
+        "setting1_task_curves.png",
+    ]
     assert sorted(p.name for p in out.glob("*.pdf")) == [name.replace(".png", ".pdf") for name in pngs]
     assert all((out / name.replace(".png", ".pdf")).read_bytes().startswith(b"%PDF") for name in pngs)
     parser = _Images()
@@ -132,16 +165,29 @@ def test_bad_paths_are_refused_by_name(tmp_path):
 
 def test_the_html_renders_in_a_headless_browser(tmp_path):
     import shutil
+
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
         pytest.skip("no chromium here (Debian: apt-get install chromium) to render report.html")
     from cl_bench.recording.report import write_report
+
     write_report(find_runs([sweep(tmp_path / "runs")]), tmp_path / "out")
     shot = tmp_path / "shot.png"
-    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
-                    "--window-size=1200,1600", (tmp_path / "out" / "report.html").as_uri()],
-                   capture_output=True, timeout=120)
+    subprocess.run(
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            f"--screenshot={shot}",
+            "--window-size=1200,1600",
+            (tmp_path / "out" / "report.html").as_uri(),
+        ],
+        capture_output=True,
+        timeout=120,
+    )
     import matplotlib.image
+
     pixels = matplotlib.image.imread(shot)
     assert pixels.shape[:2] == (1600, 1200) and pixels.std() > 0.05  # drawn, not a blank page
 
@@ -149,10 +195,21 @@ def test_the_html_renders_in_a_headless_browser(tmp_path):
 def test_continual_metrics_and_curves_reach_the_tables_and_a_figure(tmp_path):
     from cl_bench.recording.comparison import mean_curves
     from cl_bench.recording.report import write_report
-    curves = [{"steps": [2, 4, 6], "training": [0, 1, 1], "measures": {"a": "loglik", "b": "loglik"},
-               "scores": {"a": [-1.0, -3.0, -2.0], "b": [None, -4.0, -1.0]}},
-              {"steps": [2, 4, 6], "training": [0, 1, 1], "measures": {"a": "loglik", "b": "loglik"},
-               "scores": {"a": [-2.0, -5.0, -2.0], "b": [None, -2.0, -1.0]}}]
+
+    curves = [
+        {
+            "steps": [2, 4, 6],
+            "training": [0, 1, 1],
+            "measures": {"a": "loglik", "b": "loglik"},
+            "scores": {"a": [-1.0, -3.0, -2.0], "b": [None, -4.0, -1.0]},
+        },
+        {
+            "steps": [2, 4, 6],
+            "training": [0, 1, 1],
+            "measures": {"a": "loglik", "b": "loglik"},
+            "scores": {"a": [-2.0, -5.0, -2.0], "b": [None, -2.0, -1.0]},
+        },
+    ]
     for seed, (c, wc) in enumerate(zip(curves, (-2.5, -3.0)), start=1):
         run = write_result(tmp_path / "runs", str(seed), "sft", seed, [[0, 0], [80, 10], [40, 90]])
         data = json.loads((run / "results.json").read_text())
@@ -163,7 +220,7 @@ def test_continual_metrics_and_curves_reach_the_tables_and_a_figure(tmp_path):
     mean = mean_curves(runs)
     assert mean["scores"] == {"a": [-1.5, -4.0, -2.0], "b": [None, -3.0, -1.0]} and mean["n"] == 2
     (row,) = aggregate(group_runs(runs))
-    assert row["avg_min_acc"] == {"mean": -4.0, "std": pytest.approx(2 ** 0.5), "n": 2}
+    assert row["avg_min_acc"] == {"mean": -4.0, "std": pytest.approx(2**0.5), "n": 2}
     # recomputed from the curves, not read from the stored values (a run recorded under an earlier
     # rule is compared under today's): WC-ACC (1/2)(-1) + (1/2)(-3) and (1/2)(-1) + (1/2)(-5); WF10
     # averaged over both tasks, (2 + 0) / 2 and (3 + 0) / 2, not the stored 2.0
@@ -176,12 +233,14 @@ def test_continual_metrics_and_curves_reach_the_tables_and_a_figure(tmp_path):
 
 def test_runs_without_continual_evaluation_show_no_continual_columns(tmp_path):
     from cl_bench.recording.report import write_report
+
     write_report(find_runs([sweep(tmp_path / "runs")]), tmp_path / "out")
     assert "avg_min_acc" not in (tmp_path / "out" / "report.md").read_text()
 
 
 def test_several_baselines_give_one_paired_table_each(tmp_path):
     from cl_bench.recording.report import write_report
+
     runs = find_runs([sweep(tmp_path / "runs")])
     summary = write_report(runs, tmp_path / "out", baseline=["sft", "fggm"], seed=3)
     assert [(p["method"], p["baseline"]) for p in summary["paired"]] == [("fggm", "sft"), ("sft", "fggm")]
@@ -197,13 +256,18 @@ def test_lora_runs_are_never_averaged_with_full_fine_tuning(tmp_path):
     data["config"]["model"]["lora"] = {"enabled": True, "r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]}
     (lora / "results.json").write_text(json.dumps(data))
     rows = aggregate(group_runs(find_runs([tmp_path])))
-    assert sorted(r["model"] for r in rows) == ["tiny random Llama", "tiny random Llama+lora(r=8, alpha=16, q_proj,v_proj)"]
+    assert sorted(r["model"] for r in rows) == [
+        "tiny random Llama",
+        "tiny random Llama+lora(r=8, alpha=16, q_proj,v_proj)",
+    ]
 
 
 def test_a_score_matrix_has_its_diagonal_boxed_and_its_stages_named_by_task():
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
+
     from cl_bench.recording.figures import draw_score_matrix, stage_labels
+
     R = [[0, 0, 0], [80, 10, 5], [40, 90, 5], [30, 60, 70]]
     assert stage_labels(["a", "b", "c"], 4) == ["base", "after a", "after b", "after c"]
     assert stage_labels(["a", "b", "c"], 2, joint=True) == ["base", "after joint"]
@@ -221,7 +285,9 @@ def test_a_score_matrix_has_its_diagonal_boxed_and_its_stages_named_by_task():
 def test_many_panels_wrap_into_rows_of_four():
     """7 methods: a 2 x 4 grid with 7 panels shown in reading order and the 8th hidden."""
     import matplotlib.pyplot as plt
+
     from cl_bench.recording.figures import _grid
+
     fig, axes = _grid(7, 3, 3)
     grid = fig.axes
     assert len(grid) == 8 and len(axes) == 7 and axes == grid[:7]
@@ -238,22 +304,37 @@ def test_only_true_repeats_are_averaged_and_every_row_names_its_runs(tmp_path):
     """Issue 25.1: runs that differ in the learning rate (or any result setting) are separate rows,
     whatever their seeds; runs that differ only in seed, paths, names or loggers are one row."""
     from cl_bench.recording.report import write_report
+
     write_result(tmp_path, "a", "sft", 1, [[0, 0], [80, 10], [40, 90]])
     write_result(tmp_path, "b", "sft", 2, [[0, 0], [70, 10], [50, 70]], config_extra={"logger": {"csv": {"name": "x"}}})
     # a seed that follows the run's (model.seed: ${seed}) is part of the repeat, not a setting (it split
     # every tiny-model sweep into one row per seed); a fixed one that differs is a setting
-    write_result(tmp_path, "e", "sft", 5, [[0, 0], [70, 10], [50, 70]],
-                 config_extra={"model": {"_target_": "cl_bench.models.tiny_llama", "seed": 5}})
-    write_result(tmp_path, "f", "sft", 6, [[0, 0], [70, 10], [50, 70]],
-                 config_extra={"model": {"_target_": "cl_bench.models.tiny_llama", "seed": 1}})
+    write_result(
+        tmp_path,
+        "e",
+        "sft",
+        5,
+        [[0, 0], [70, 10], [50, 70]],
+        config_extra={"model": {"_target_": "cl_bench.models.tiny_llama", "seed": 5}},
+    )
+    write_result(
+        tmp_path,
+        "f",
+        "sft",
+        6,
+        [[0, 0], [70, 10], [50, 70]],
+        config_extra={"model": {"_target_": "cl_bench.models.tiny_llama", "seed": 1}},
+    )
     write_result(tmp_path, "c", "sft", 3, [[0, 0], [60, 10], [20, 50]], config_extra={"optimizer": {"lr": 1e-3}})
     write_result(tmp_path, "d", "sft", 4, [[0, 0], [60, 10], [20, 50]], config_extra={"train": {"batch_size": 8}})
     runs = find_runs([tmp_path])
     rows = {r["method"]: r for r in aggregate(group_runs(runs))}
-    assert set(rows) == {"sft [model.seed=None, optimizer.lr=0.0001, train.batch_size=4]",
-                         "sft [model.seed=None, optimizer.lr=0.001, train.batch_size=4]",
-                         "sft [model.seed=None, optimizer.lr=0.0001, train.batch_size=8]",
-                         "sft [model.seed=1, optimizer.lr=0.0001, train.batch_size=4]"}
+    assert set(rows) == {
+        "sft [model.seed=None, optimizer.lr=0.0001, train.batch_size=4]",
+        "sft [model.seed=None, optimizer.lr=0.001, train.batch_size=4]",
+        "sft [model.seed=None, optimizer.lr=0.0001, train.batch_size=8]",
+        "sft [model.seed=1, optimizer.lr=0.0001, train.batch_size=4]",
+    }
     repeats = rows["sft [model.seed=None, optimizer.lr=0.0001, train.batch_size=4]"]
     assert repeats["seeds"] == [1, 2, 5] and repeats["runs"] == [str(tmp_path / n) for n in "abe"]
     summary = write_report(runs, tmp_path / "out")
@@ -265,24 +346,30 @@ def test_only_true_repeats_are_averaged_and_every_row_names_its_runs(tmp_path):
 def test_the_same_seed_twice_in_one_group_is_refused_by_name(tmp_path):
     write_result(tmp_path, "a", "sft", 1, [[0, 0], [80, 10], [40, 90]])
     write_result(tmp_path, "b", "sft", 1, [[0, 0], [70, 10], [50, 70]], config_extra={"run_name": "again"})
-    with pytest.raises(ConfigError, match=f"{tmp_path / 'a'} and {tmp_path / 'b'}: two runs of the same settings and seed 1"):
+    with pytest.raises(
+        ConfigError, match=f"{tmp_path / 'a'} and {tmp_path / 'b'}: two runs of the same settings and seed 1"
+    ):
         group_runs(find_runs([tmp_path]))
 
 
 def test_seeds_only_one_side_ran_are_named_not_silently_dropped(tmp_path):
     from cl_bench.recording.report import write_report
+
     sweep(tmp_path / "runs")
     write_result(tmp_path / "runs", "5", "fggm", 3, [[0, 0], [70, 10], [50, 70]])
     runs = find_runs([tmp_path / "runs"])
     (pair,) = paired(group_runs(runs), "sft")
     assert pair["seeds"] == [1, 2] and pair["unpaired_seeds"] == {"fggm": [3], "sft": []}
     write_report(runs, tmp_path / "out")
-    assert "Not paired, so not in the differences above: fggm ran seeds 3 that the other did not" in (
-        tmp_path / "out" / "report.md").read_text()
+    assert (
+        "Not paired, so not in the differences above: fggm ran seeds 3 that the other did not"
+        in (tmp_path / "out" / "report.md").read_text()
+    )
 
 
 def test_a_pipe_in_a_setting_does_not_shift_the_columns(tmp_path):
     from cl_bench.recording.report import write_report
+
     write_result(tmp_path, "a", "fggm", 1, [[0, 0], [80, 10], [40, 90]], extra={"note": "a|b"})
     write_result(tmp_path, "b", "fggm", 1, [[0, 0], [70, 10], [50, 70]], extra={"note": "c"})
     write_report(find_runs([tmp_path]), tmp_path / "out")

@@ -1,18 +1,19 @@
 """End-to-end runs of the whole stream on the tiny model."""
+
 import json
-from pathlib import Path
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from hydra.errors import ConfigCompositionException
 
-from cl_bench.run_config import build_stream
 from cl_bench.errors import ConfigError
-from methods.base import CLMethod
+from cl_bench.run_config import build_stream
 from cl_bench.stream_run import run
+from methods.base import CLMethod
 from tests.conftest import ROOT, instantiate_with, write_stream
 
 T = 5
@@ -48,14 +49,17 @@ def test_a_run_says_its_work_at_the_start_and_each_stage_row_when_done(make_conf
     """Issue 25.5: what dominates the run's time at its start, each stage's scores as it finishes,
     and no Lightning line about its own checkpoint defaults (once doubled, at every step checkpoint)."""
     import logging
+
     cfg = make_config("tasks.order=[arith,code]", "checkpoint.every_n_steps=1", "heartbeat_s=null")
     stream = build_stream(cfg.tasks)
     steps = sum(math.ceil(len(t.train) / cfg.train.batch_size) * t.epochs for t in stream)
     with caplog.at_level(logging.INFO):
         recorder = run(cfg, cfg.paths.output_dir)
     lines = [r.getMessage() for r in caplog.records]
-    assert lines[0].startswith(f"This run: 2 task(s), {steps} optimizer steps in all; 3 evaluations of the stream, "
-                               f"{sum(len(t.test[: cfg.eval.max_examples]) for t in stream)} generated answers each")
+    assert lines[0].startswith(
+        f"This run: 2 task(s), {steps} optimizer steps in all; 3 evaluations of the stream, "
+        f"{sum(len(t.test[: cfg.eval.max_examples]) for t in stream)} generated answers each"
+    )
     stage_lines = [line for line in lines if line.split(":")[0] in recorder.stages]
     assert [line.split(":")[0] for line in stage_lines] == ["base", "after_arith", "after_code"]
     assert stage_lines[2].startswith(f"after_code: arith {recorder.R[2][0]:.1f} · code {recorder.R[2][1]:.1f} · ")
@@ -155,9 +159,18 @@ def test_unknown_group_option_is_refused_by_hydra(make_config):
 def test_cli_runs_end_to_end(tmp_path):
     out = tmp_path / "cli"
     proc = subprocess.run(
-        [sys.executable, "-m", "runners.cl", "experiment=smoke", f"hydra.run.dir={out}",
-         f"paths.cache_dir={tmp_path / 'cache'}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "runners.cl",
+            "experiment=smoke",
+            f"hydra.run.dir={out}",
+            f"paths.cache_dir={tmp_path / 'cache'}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = _results(out)
@@ -175,8 +188,14 @@ def test_cli_runs_end_to_end(tmp_path):
 def test_custom_stream_in_trace_layout_runs_end_to_end(make_config, tmp_path):
     data = write_stream(tmp_path / "data", {"TaskA": 6, "TaskB": 5})
     cfg = make_config(
-        "model=tiny_llama", "tasks=custom", f"tasks.data_dir={data}", "tasks.order=[TaskB,TaskA]",
-        "tasks.epochs=[1,2]", "logger=none", "trainer.enable_progress_bar=false", tiny=False,
+        "model=tiny_llama",
+        "tasks=custom",
+        f"tasks.data_dir={data}",
+        "tasks.order=[TaskB,TaskA]",
+        "tasks.epochs=[1,2]",
+        "logger=none",
+        "trainer.enable_progress_bar=false",
+        tiny=False,
     )
     recorder = run(cfg, cfg.paths.output_dir)
     assert recorder.task_names == ["TaskB", "TaskA"] and recorder.metric_names == ["rouge_l", "accuracy"]
@@ -191,8 +210,13 @@ EPOCHS = dict(zip(TRACE_TASKS, [5, 3, 7, 5, 3, 5, 5, 7]))
 def test_trace_fixture_runs_end_to_end_with_caps(make_config, tmp_path):
     data = write_stream(tmp_path / "LLM-CL-Benchmark_500", {name: 6 for name in TRACE_TASKS})
     cfg = make_config(
-        "model=tiny_llama", "tasks=trace", f"tasks.data_dir={data}", "tasks.max_steps=1",
-        "tasks.max_examples.train=4", "tasks.max_examples.test=2", tiny=False,
+        "model=tiny_llama",
+        "tasks=trace",
+        f"tasks.data_dir={data}",
+        "tasks.max_steps=1",
+        "tasks.max_examples.train=4",
+        "tasks.max_examples.test=2",
+        tiny=False,
     )
     recorder = run(cfg, cfg.paths.output_dir)
     assert recorder.task_names == TRACE_TASKS and len(recorder.R) == 9 and recorder.status == "finished"
@@ -202,29 +226,37 @@ def test_trace_fixture_runs_end_to_end_with_caps(make_config, tmp_path):
     assert all(len(v) == 2 for v in predictions.values())
 
 
-@pytest.mark.parametrize("order, expected", [("order1", TRACE_TASKS), ("order2", ORDER2),
-                                             ("[Py150,FOMC]", ["Py150", "FOMC"])])
+@pytest.mark.parametrize(
+    "order, expected", [("order1", TRACE_TASKS), ("order2", ORDER2), ("[Py150,FOMC]", ["Py150", "FOMC"])]
+)
 def test_trace_orders_keep_each_tasks_epochs(make_config, tmp_path, order, expected):
     data = write_stream(tmp_path / "data", {name: 2 for name in TRACE_TASKS})
-    stream = build_stream(make_config("tasks=trace", f"tasks.data_dir={data}", f"tasks.order={order}", tiny=False).tasks)
+    stream = build_stream(
+        make_config("tasks=trace", f"tasks.data_dir={data}", f"tasks.order={order}", tiny=False).tasks
+    )
     assert stream.names == expected
     assert [t.epochs for t in stream] == [EPOCHS[n] for n in expected]
 
 
 def test_trace_subset_keeps_the_orders_order(make_config, tmp_path):
     data = write_stream(tmp_path / "data", {name: 2 for name in TRACE_TASKS})
-    cfg = make_config("tasks=trace", f"tasks.data_dir={data}", "tasks.order=order2", "tasks.subset=[ScienceQA,FOMC]", tiny=False)
+    cfg = make_config(
+        "tasks=trace", f"tasks.data_dir={data}", "tasks.order=order2", "tasks.subset=[ScienceQA,FOMC]", tiny=False
+    )
     assert build_stream(cfg.tasks).names == ["FOMC", "ScienceQA"]
 
 
-@pytest.mark.parametrize("override, message", [
-    ("tasks.order=order3", "tasks.order='order3' is not a named order; known: \\['order1', 'order2'\\]"),
-    ("tasks.order=[FOMC,FOMC]", "more than once"),
-    ("tasks.order=[FOMC,SST2]", "unknown task"),
-    ("tasks.subset=[SST2]", "tasks.subset names task\\(s\\) \\['SST2'\\] that are not in the stream"),
-    ("tasks.epochs=[1,2]", "tasks.epochs has 2 values but the stream has 8 tasks"),
-    ("tasks.max_examples.train=0", "tasks.max_examples.train must be an integer >= 1"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("tasks.order=order3", "tasks.order='order3' is not a named order; known: \\['order1', 'order2'\\]"),
+        ("tasks.order=[FOMC,FOMC]", "more than once"),
+        ("tasks.order=[FOMC,SST2]", "unknown task"),
+        ("tasks.subset=[SST2]", "tasks.subset names task\\(s\\) \\['SST2'\\] that are not in the stream"),
+        ("tasks.epochs=[1,2]", "tasks.epochs has 2 values but the stream has 8 tasks"),
+        ("tasks.max_examples.train=0", "tasks.max_examples.train must be an integer >= 1"),
+    ],
+)
 def test_bad_trace_settings_fail_before_the_model_loads(make_config, tmp_path, monkeypatch, override, message):
     data = write_stream(tmp_path / "data", {name: 2 for name in TRACE_TASKS})
     cfg = make_config("model=tiny_llama", "tasks=trace", f"tasks.data_dir={data}", override, tiny=False)
@@ -236,7 +268,9 @@ def test_bad_trace_settings_fail_before_the_model_loads(make_config, tmp_path, m
 def test_trace_with_missing_data_says_what_is_missing_and_where_to_get_it(make_config, tmp_path, monkeypatch):
     monkeypatch.delenv("TRACE_DATA_DIR", raising=False)
     cfg = make_config("model=tiny_llama", "tasks=trace", tiny=False)
-    with pytest.raises(ConfigError, match="tasks.data_dir is not set\\nTRACE's data is not downloaded.*BeyonderXX/TRACE"):
+    with pytest.raises(
+        ConfigError, match="tasks.data_dir is not set\\nTRACE's data is not downloaded.*BeyonderXX/TRACE"
+    ):
         run(cfg, cfg.paths.output_dir)
     data = write_stream(tmp_path / "data", {name: 2 for name in TRACE_TASKS[:7]})
     (data / "FOMC" / "eval.json").unlink()
@@ -245,17 +279,23 @@ def test_trace_with_missing_data_says_what_is_missing_and_where_to_get_it(make_c
         run(cfg, cfg.paths.output_dir)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("optimizer.betas=[0.9]", r"optimizer.betas must be two numbers in \[0, 1\), got \[0.9\]"),
-    ("optimizer.eps=-1", "optimizer.eps must be >= 0, got -1"),
-    ("optimizer._target_=torch.optim.SGD", "optimizer: torch.optim.SGD refuses the settings under optimizer .*'betas'"),
-    ("seed=5000000000", r"seed must be an integer in \[0, 4294967295\], got 5000000000"),
-    ("train.shuffle=maybe", "train.shuffle must be true or false, got 'maybe'"),
-    ("eval.do_sample=maybe", "eval.do_sample must be true or false, got 'maybe'"),
-    ("trainer.gradient_clip_val=-1", "trainer.gradient_clip_val must be >= 0 or null, got -1"),
-    ("+trainer.max_epochs=3", "trainer.max_epochs is not read: each task's budget is tasks.epochs"),
-    ("objective=grpo", "objective must be one of .*'op'.*got 'grpo'"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optimizer.betas=[0.9]", r"optimizer.betas must be two numbers in \[0, 1\), got \[0.9\]"),
+        ("optimizer.eps=-1", "optimizer.eps must be >= 0, got -1"),
+        (
+            "optimizer._target_=torch.optim.SGD",
+            "optimizer: torch.optim.SGD refuses the settings under optimizer .*'betas'",
+        ),
+        ("seed=5000000000", r"seed must be an integer in \[0, 4294967295\], got 5000000000"),
+        ("train.shuffle=maybe", "train.shuffle must be true or false, got 'maybe'"),
+        ("eval.do_sample=maybe", "eval.do_sample must be true or false, got 'maybe'"),
+        ("trainer.gradient_clip_val=-1", "trainer.gradient_clip_val must be >= 0 or null, got -1"),
+        ("+trainer.max_epochs=3", "trainer.max_epochs is not read: each task's budget is tasks.epochs"),
+        ("objective=grpo", "objective must be one of .*'op'.*got 'grpo'"),
+    ],
+)
 def test_bad_run_settings_fail_naming_the_key_before_the_model_loads(make_config, monkeypatch, override, message):
     """Issue 25.3: settings that once failed after the model loaded (30-60 lines of traceback) or
     were accepted silently."""
@@ -266,8 +306,13 @@ def test_bad_run_settings_fail_naming_the_key_before_the_model_loads(make_config
 
 
 def test_an_unknown_experiment_is_refused_with_the_options():
-    proc = subprocess.run([sys.executable, "-m", "runners.cl", "experiment=smok", "--cfg", "job"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "runners.cl", "experiment=smok", "--cfg", "job"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0 and "Could not find 'experiment/smok'" in proc.stderr
     assert "\tsmoke" in proc.stderr and "\ttrace" in proc.stderr
 
@@ -287,33 +332,63 @@ def test_a_dry_run_previews_every_job_of_a_sweep_and_runs_none(tmp_path):
     printed every job's whole config, 1,483 lines for 12 jobs); without -m it once crashed."""
     sweep = tmp_path / "sweep"
     proc = subprocess.run(
-        [sys.executable, "-m", "runners.cl", "-m", "method=sft,fggm", "seed=1,2", "dry_run=true", "hydra/launcher=slurm",
-         f"hydra.sweep.dir={sweep}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "runners.cl",
+            "-m",
+            "method=sft,fggm",
+            "seed=1,2",
+            "dry_run=true",
+            "hydra/launcher=slurm",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     jobs = [line for line in lines if line.startswith("# job")]
     assert len(jobs) == 4 and jobs[3] == f"# job 3: method=fggm seed=2  ->  {sweep}/3_fggm-mini-s2"
     assert lines[0] == f"# 4 jobs (hydra/launcher=slurm hydra.sweep.dir={sweep}); nothing is run and no folder is made"
-    assert "seed: 1 | 2 | 1 | 2" in lines and "method._target_: methods.sft.SFT | methods.sft.SFT | methods.fggm.FGGM | " \
-        "methods.fggm.FGGM" in lines and "method.alpha: - | - | 0.7 | 0.7" in lines
+    assert (
+        "seed: 1 | 2 | 1 | 2" in lines
+        and "method._target_: methods.sft.SFT | methods.sft.SFT | methods.fggm.FGGM | methods.fggm.FGGM" in lines
+        and "method.alpha: - | - | 0.7 | 0.7" in lines
+    )
     assert len(lines) < 30 and not sweep.exists() and "submitit" not in proc.stderr
-    one = subprocess.run([sys.executable, "-m", "runners.cl", "method=ewc", "dry_run=true", f"hydra.run.dir={tmp_path / 'one'}"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    one = subprocess.run(
+        [sys.executable, "-m", "runners.cl", "method=ewc", "dry_run=true", f"hydra.run.dir={tmp_path / 'one'}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert one.returncode == 0, one.stderr[-3000:]
-    assert one.stdout.startswith(f"# one run: method=ewc dry_run=true hydra.run.dir={tmp_path / 'one'}  ->  {tmp_path / 'one'}\n")
+    assert one.stdout.startswith(
+        f"# one run: method=ewc dry_run=true hydra.run.dir={tmp_path / 'one'}  ->  {tmp_path / 'one'}\n"
+    )
     assert "_target_: methods.ewc.EWC" in one.stdout and not (tmp_path / "one").exists()
 
 
 def test_a_dry_run_of_an_optuna_sweep_shows_its_search_space():
     """Optuna picks its jobs as results come in: the preview names the sweeper and its space."""
     from runners.preview import preview
-    text = preview(["cl", "-m", "hydra/sweeper=tune", "method=fggm", "method.alpha=interval(0.5, 0.95)", "dry_run=true"])
-    assert text == ("# OptunaSweeper chooses its 20 jobs as results come in; nothing is run. "
-                    'Search space: {"method.alpha": "interval(0.5, 0.95)"}\n')
+
+    text = preview(
+        ["cl", "-m", "hydra/sweeper=tune", "method=fggm", "method.alpha=interval(0.5, 0.95)", "dry_run=true"]
+    )
+    assert text == (
+        "# OptunaSweeper chooses its 20 jobs as results come in; nothing is run. "
+        'Search space: {"method.alpha": "interval(0.5, 0.95)"}\n'
+    )
 
 
 def test_cpu_seconds_carry_through_a_resume_and_stay_unknown_when_a_checkpoint_lacks_them(tmp_path):
     from cl_bench.recording.results import RunRecorder
+
     state = RunRecorder(tmp_path, {}, ["a"], ["accuracy"], writes=False).state_dict()
     resumed = RunRecorder(tmp_path, {}, ["a"], ["accuracy"], writes=False)
     resumed.load_state_dict({**state, "cpu_s": 100.0})

@@ -3,7 +3,11 @@ import pytest
 from cl_bench.evaluation.sari import normalize, sari, sari_sentence
 
 SOURCE = "About 95 species are currently accepted ."
-REFS = ["About 95 species are currently known .", "About 95 species are now accepted .", "95 species are now accepted ."]
+REFS = [
+    "About 95 species are currently known .",
+    "About 95 species are now accepted .",
+    "95 species are now accepted .",
+]
 OUTPUTS = ["About 95 you now get in .", "About 95 species are now agreed .", "About 95 species are currently agreed ."]
 
 
@@ -39,8 +43,18 @@ def test_corpus_sari_is_the_mean_of_sentences_on_0_100():
 
 
 def test_normalisation_splits_punctuation_and_lowercases():
-    assert normalize("About 95 species, currently accepted.") == ["about", "95", "species", ",", "currently", "accepted", "."]
-    assert sari_sentence("About 95 species are currently accepted.", "About 95 you now get in.", [r.replace(" .", ".") for r in REFS]) == pytest.approx(0.2695360, abs=1e-7)
+    assert normalize("About 95 species, currently accepted.") == [
+        "about",
+        "95",
+        "species",
+        ",",
+        "currently",
+        "accepted",
+        ".",
+    ]
+    assert sari_sentence(
+        "About 95 species are currently accepted.", "About 95 you now get in.", [r.replace(" .", ".") for r in REFS]
+    ) == pytest.approx(0.2695360, abs=1e-7)
 
 
 def test_bad_input_is_refused():

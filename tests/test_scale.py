@@ -1,7 +1,8 @@
 """Scaling out: global batches over processes, DDP = one process, checkpoints and exact resume, sweeps."""
+
 import json
-import re
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -17,13 +18,13 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
 from cl_bench.data.batching import StepBatchSampler, layout
-from cl_bench.training.checkpointing import StreamCheckpoints
-from cl_bench.errors import ConfigError
-from cl_bench.training.lm import causal_lm_loss
-from cl_bench.models import tiny_llama
-from cl_bench.data.tasks import Example
 from cl_bench.data.loaders import TaskLoaders
+from cl_bench.data.tasks import Example
+from cl_bench.errors import ConfigError
+from cl_bench.models import tiny_llama
 from cl_bench.stream_run import run
+from cl_bench.training.checkpointing import StreamCheckpoints
+from cl_bench.training.lm import causal_lm_loss
 from tests.conftest import CONF_DIR, METHOD_NAMES, ROOT, TINY, compose_config, method_class
 
 # --- global batch layout ------------------------------------------------------------------------
@@ -42,16 +43,20 @@ def test_layout_derives_per_process_batch_and_accumulation():
 def test_every_global_batch_is_split_exactly_over_processes_and_micro_batches():
     tokens = list(range(1, 25))  # 24 examples, labelled-token counts 1..24
     single = list(StepBatchSampler(tokens, batch_size=8, shuffle=True, seed=3))
-    parts = [list(StepBatchSampler(tokens, batch_size=8, micro_batch_size=2, rank=r, world_size=2,
-                                   shuffle=True, seed=3)) for r in range(2)]
+    parts = [
+        list(StepBatchSampler(tokens, batch_size=8, micro_batch_size=2, rank=r, world_size=2, shuffle=True, seed=3))
+        for r in range(2)
+    ]
     assert len(single) == 3 and all(len(p) == 6 for p in parts)
     for step in range(3):
         whole = [i.index for i in single[step]]
-        split = [i.index for r in range(2) for mb in parts[r][2 * step: 2 * step + 2] for i in mb]
+        split = [i.index for r in range(2) for mb in parts[r][2 * step : 2 * step + 2] for i in mb]
         assert split == whole  # rank 0 then rank 1, micro-batches in order: the same examples
         n_step = sum(tokens[i] for i in whole)
         assert {i.loss_normalizer for i in single[step]} == {n_step}
-        assert {i.loss_normalizer for r in range(2) for mb in parts[r][2 * step: 2 * step + 2] for i in mb} == {n_step / 4}
+        assert {i.loss_normalizer for r in range(2) for mb in parts[r][2 * step : 2 * step + 2] for i in mb} == {
+            n_step / 4
+        }
 
 
 def test_the_smaller_last_batch_is_shared_with_equal_micro_batch_counts():
@@ -110,8 +115,14 @@ def _runner_env() -> dict[str, str]:
 
 
 def _run(args, timeout=300, check=True):
-    proc = subprocess.run([sys.executable, "-m", "runners.cl", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout, env=_runner_env())
+    proc = subprocess.run(
+        [sys.executable, "-m", "runners.cl", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=_runner_env(),
+    )
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
@@ -142,15 +153,38 @@ def _run_processes(args, launcher: str, n: int = 2, timeout: int = 300) -> None:
         return
     env = _runner_env()
     if launcher == "torchrun":
-        commands = [([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
-                      "-m", "runners.cl", *args], env)]
+        commands = [
+            (
+                [
+                    sys.executable,
+                    "-m",
+                    "torch.distributed.run",
+                    "--standalone",
+                    f"--nproc-per-node={n}",
+                    "-m",
+                    "runners.cl",
+                    *args,
+                ],
+                env,
+            )
+        ]
     else:
-        shared = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(n),
-                  "LOCAL_WORLD_SIZE": str(n), "GROUP_RANK": "0", "TORCHELASTIC_RUN_ID": "tests"}
-        commands = [([sys.executable, "-m", "runners.cl", *args], {**env, **shared, "RANK": str(r), "LOCAL_RANK": str(r)})
-                    for r in range(n)]
-    procs = [subprocess.Popen(c, cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for c, e in commands]
+        shared = {
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(_free_port()),
+            "WORLD_SIZE": str(n),
+            "LOCAL_WORLD_SIZE": str(n),
+            "GROUP_RANK": "0",
+            "TORCHELASTIC_RUN_ID": "tests",
+        }
+        commands = [
+            ([sys.executable, "-m", "runners.cl", *args], {**env, **shared, "RANK": str(r), "LOCAL_RANK": str(r)})
+            for r in range(n)
+        ]
+    procs = [
+        subprocess.Popen(c, cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for c, e in commands
+    ]
     try:
         outs = [p.communicate(timeout=timeout)[0] for p in procs]
     finally:
@@ -165,7 +199,11 @@ def _run_processes(args, launcher: str, n: int = 2, timeout: int = 300) -> None:
 SHARDED = {
     "sft": ("sft", ("ddp", "fsdp"), []),
     "replay": ("replay", ("ddp", "fsdp"), ["method.ratio=0.5"]),
-    "ewc": ("ewc", ("ddp", "fsdp"), ["method.num_samples=4", "method.lambda_=1e9", "optimizer.lr=1e-3"]),  # 5e-4 from SFT
+    "ewc": (
+        "ewc",
+        ("ddp", "fsdp"),
+        ["method.num_samples=4", "method.lambda_=1e9", "optimizer.lr=1e-3"],
+    ),  # 5e-4 from SFT
     "mas": ("mas", ("ddp", "fsdp"), ["method.num_samples=4", "method.lambda_=1e3", "optimizer.lr=1e-3"]),
     "fggm": ("fggm", ("ddp", "fsdp"), ["method._target_=tests.ddp_probe.RecordingFGGM"]),
     "random_mask": ("random_mask", ("ddp", "fsdp"), []),
@@ -173,10 +211,17 @@ SHARDED = {
     "agem": ("agem", ("ddp", "fsdp"), []),
     "agft": ("agft", ("ddp", "fsdp"), ["method.num_samples=4", "method.samples=all"]),
     "lwf": ("lwf", ("ddp",), ["method.lambda_=100", "optimizer.lr=1e-3"]),  # the copy teacher
-    "lwf_topk": ("lwf", ("ddp", "fsdp"), ["method.teacher=topk", "method.lambda_=100", "optimizer.lr=1e-3"]),  # 6e-4 from SFT
+    "lwf_topk": (
+        "lwf",
+        ("ddp", "fsdp"),
+        ["method.teacher=topk", "method.lambda_=100", "optimizer.lr=1e-3"],
+    ),  # 6e-4 from SFT
     # concat: the general texts are training rows (batch mode draws per process); A = 2 x 2 rows
-    "gere": ("gere", ("ddp", "fsdp"), ["method.mode=concat", "method.num_samples=4", "method.generate_tokens=16",
-                                        "train.micro_batch_size=2"]),
+    "gere": (
+        "gere",
+        ("ddp", "fsdp"),
+        ["method.mode=concat", "method.num_samples=4", "method.generate_tokens=16", "train.micro_batch_size=2"],
+    ),
     "hft": ("hft", ("ddp", "fsdp"), []),
     "inclora": ("inclora", ("ddp", "fsdp"), ["model.lora.dropout=0"]),  # dropout draws per example
     "olora": ("olora", ("ddp", "fsdp"), ["model.lora.dropout=0", "method.lambda_1=5", "optimizer.lr=1e-2"]),  # 5e-3
@@ -215,8 +260,9 @@ def test_two_processes_match_one_process(case, tmp_path, cache_dir):
     gradients and AdamW state are row shards, evaluation gathers the whole model per stage, the
     stage checkpoint gathers it on rank 0), also to 1e-6: FSDP2 reduce-scatters the gradient sum
     and clips by a norm summed over shards, a float order of its own (measured 2026-11-25: at most
-    7.5e-9, O-LoRA; MIGU 2e-6 under both strategies, a row at its threshold flipping). MIGU masks the rows of each gradient shard; FGGM and random
-    masking mask each gradient shard, and FGGM's frozen rows stay bitwise equal over task 2 (FGGM
+    7.5e-9, O-LoRA; MIGU 2e-6 under both strategies, a row at its threshold flipping). MIGU masks
+    the rows of each gradient shard; FGGM and random masking mask each gradient shard, and FGGM's
+    frozen rows stay bitwise equal over task 2 (FGGM
     scores each process's rows through the sharded model and puts the row scores together); EWC and
     MAS estimate F (Omega) for each shard's rows through the sharded model, keep it and theta* as
     those rows and add the penalty's gradient to each gradient shard; LwF (teacher=topk)
@@ -231,33 +277,53 @@ def test_two_processes_match_one_process(case, tmp_path, cache_dir):
     1e-8, coordinates whose gradient is ~0 get a +-lr step whose sign is float noise.
     """
     method, strategies, settings = SHARDED[case]
-    common = [*TINY_RUN, "tasks.order=[arith,code]", "eval.max_examples=2", f"method={method}", "train.batch_size=4",
-              "checkpoint.keep_stages=null", *settings]
+    common = [
+        *TINY_RUN,
+        "tasks.order=[arith,code]",
+        "eval.max_examples=2",
+        f"method={method}",
+        "train.batch_size=4",
+        "checkpoint.keep_stages=null",
+        *settings,
+    ]
     dump = (lambda name: [f"+method.dump_dir={tmp_path / 'masks' / name}"]) if method == "fggm" else (lambda name: [])
     run(compose_config([*common, *dump("single")], tmp_path / "single", cache_dir), tmp_path / "single")
     r1, w1 = _final(tmp_path / "single")
     for strategy in strategies:
-        _run_processes([*common, *dump(strategy), f"hydra.run.dir={tmp_path / strategy}", f"trainer={strategy}"],
-                       LAUNCHER.get(case, "env"))
+        _run_processes(
+            [*common, *dump(strategy), f"hydra.run.dir={tmp_path / strategy}", f"trainer={strategy}"],
+            LAUNCHER.get(case, "env"),
+        )
         r2, w2 = _final(tmp_path / strategy)
         # MIGU: n is summed in another order over processes, so a row at the threshold can flip (2e-6)
         atol = 2e-5 if method == "migu" else 1e-6
         assert r2["status"] == "finished" and r2["R"] == r1["R"], strategy
         assert w2.keys() == w1.keys() and not any(hasattr(v, "device_mesh") for v in w2.values())  # gathered whole
         for k in w1:
-            torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=atol, msg=lambda m: f"{strategy} {k}: {m}")
+            torch.testing.assert_close(
+                w2[k], w1[k], rtol=0, atol=atol, msg=lambda m, where=f"{strategy} {k}": f"{where}: {m}"
+            )
         assert sorted(p.name for p in (tmp_path / strategy / "predictions").iterdir()) == [
-            "after_arith.json", "after_code.json", "base.json"]
+            "after_arith.json",
+            "after_code.json",
+            "base.json",
+        ]
         if method in ("ewc", "mas"):  # F and theta* of both processes, gathered whole into the stage checkpoint
-            (f1, a1), (f2, a2) = (torch.load(tmp_path / d / "checkpoints" / "stage-002.pt", weights_only=True)
-                                  ["method"]["consolidated"][0] for d in ("single", strategy))
+            (f1, a1), (f2, a2) = (
+                torch.load(tmp_path / d / "checkpoints" / "stage-002.pt", weights_only=True)["method"]["consolidated"][
+                    0
+                ]
+                for d in ("single", strategy)
+            )
             assert f2.keys() == f1.keys() and all(f2[n].shape == f1[n].shape for n in f1)
             for n in f1:
                 torch.testing.assert_close(f2[n], f1[n], rtol=1e-4, atol=1e-9)
                 torch.testing.assert_close(a2[n], a1[n], rtol=0, atol=atol)
         if method == "agft":  # the gate, kept as each shard's rows, gathered whole into the checkpoint
-            g1, g2 = (torch.load(tmp_path / d / "checkpoints" / "stage-002.pt", weights_only=True)["method"]["gate"]
-                      for d in ("single", strategy))
+            g1, g2 = (
+                torch.load(tmp_path / d / "checkpoints" / "stage-002.pt", weights_only=True)["method"]["gate"]
+                for d in ("single", strategy)
+            )
             assert g2.keys() == g1.keys() and sum(g.sum() for g in g1.values()) > 0
             for n in g1:
                 torch.testing.assert_close(g2[n], g1[n], rtol=1e-4, atol=1e-6)
@@ -286,19 +352,36 @@ def test_trace_ewc_under_ddp_grows_each_process_s_own_fisher(tmp_path, cache_dir
     process, 2 on the one), after task 1 F_0 + F_1 = sum (2 c_0)^2 + (2 c_1)^2 over S steps
     = 8 * sum (c_0^2 + c_1^2) / 2S = 8 F_one. The weights after task 1 (no penalty yet) are the one
     process's; task 2 trains with each process's own penalty (its weights then differ by design)."""
-    common = [*TINY_RUN, "tasks.order=[arith,code]", "eval.max_examples=2", "method=ewc_trace", "train.batch_size=4",
-              "checkpoint.keep_stages=null", "method._target_=tests.ddp_probe.RecordingTraceEWC"]
-    run(compose_config([*common, "train.micro_batch_size=2", f"+method.dump_dir={tmp_path / 'f' / 'one'}"],
-                       tmp_path / "one", cache_dir), tmp_path / "one")
-    _run_processes([*common, f"+method.dump_dir={tmp_path / 'f' / 'ddp'}", f"hydra.run.dir={tmp_path / 'ddp'}",
-                    "trainer=ddp"], "env")
+    common = [
+        *TINY_RUN,
+        "tasks.order=[arith,code]",
+        "eval.max_examples=2",
+        "method=ewc_trace",
+        "train.batch_size=4",
+        "checkpoint.keep_stages=null",
+        "method._target_=tests.ddp_probe.RecordingTraceEWC",
+    ]
+    run(
+        compose_config(
+            [*common, "train.micro_batch_size=2", f"+method.dump_dir={tmp_path / 'f' / 'one'}"],
+            tmp_path / "one",
+            cache_dir,
+        ),
+        tmp_path / "one",
+    )
+    _run_processes(
+        [*common, f"+method.dump_dir={tmp_path / 'f' / 'ddp'}", f"hydra.run.dir={tmp_path / 'ddp'}", "trainer=ddp"],
+        "env",
+    )
     one = torch.load(tmp_path / "f" / "one" / "rank0-task0.pt", weights_only=True)
     f0, f1 = (torch.load(tmp_path / "f" / "ddp" / f"rank{r}-task0.pt", weights_only=True) for r in (0, 1))
     assert one.keys() == f0.keys() == f1.keys() and sum(f.sum() for f in one.values()) > 0
     assert not all(torch.equal(f0[n], f1[n]) for n in one)  # each process its own
     for n in one:
         torch.testing.assert_close(f0[n] + f1[n], 8 * one[n], rtol=1e-4, atol=1e-12)
-    w1, w2 = (torch.load(tmp_path / d / "checkpoints" / "stage-001.pt", weights_only=True)["model"] for d in ("one", "ddp"))
+    w1, w2 = (
+        torch.load(tmp_path / d / "checkpoints" / "stage-001.pt", weights_only=True)["model"] for d in ("one", "ddp")
+    )
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=1e-6)
     assert json.loads((tmp_path / "ddp" / "results.json").read_text())["status"] == "finished"
@@ -310,8 +393,10 @@ def test_a_row_mask_acts_on_the_rows_of_each_shard():
     to the rows each process holds and leaves a column mask whole (the DTensor path runs in
     test_two_processes_match_one_process[migu])."""
     from types import SimpleNamespace
+
     from cl_bench.training.parameter_views import ParameterViews
     from cl_bench.training.sharding import shard_rows
+
     assert [shard_rows(5, 2, i) for i in (0, 1)] == [slice(0, 3), slice(3, 5)]
     assert [shard_rows(2, 4, i) for i in range(4)] == [slice(0, 1), slice(1, 2), slice(2, 2), slice(2, 2)]
 
@@ -344,19 +429,32 @@ def test_a_row_mask_acts_on_the_rows_of_each_shard():
 def test_a_run_killed_mid_task_resumes_to_the_same_weights_and_scores(method, tmp_path, cache_dir):
     """EWC: state from the stage (as LwF's teacher and AGFT's gate, passed 127 and 117 s when run
     on 2026-11-24, and ewc_trace's F mid-task, passed 24 s on 2026-11-24: left out for time);
-    FGGM: the mask replayed; A-GEM: the memory and the step's memory batch; GeRe: the general set rebuilt, its draws mid-task. FGGM's
-    run also evaluates continually: its curve (points before the kill come from the step
-    checkpoint) equals the uninterrupted run's."""
-    small = {"gere": ["method.num_samples=4", "method.generate_tokens=16"],
-             "fggm": ["eval.continual.every_n_steps=5", "eval.continual.max_examples=4"]}
+    FGGM: the mask replayed; A-GEM: the memory and the step's memory batch; GeRe: the general set
+    rebuilt, its draws mid-task. FGGM's run also evaluates continually: its curve (points before
+    the kill come from the step checkpoint) equals the uninterrupted run's."""
+    small = {
+        "gere": ["method.num_samples=4", "method.generate_tokens=16"],
+        "fggm": ["eval.continual.every_n_steps=5", "eval.continual.max_examples=4"],
+    }
     if method != "fggm":  # the kill lands in task 2, its last: a third task would only add time
         small[method] = [*small.get(method, []), "tasks.order=[arith,code]"]
-    common = [*TINY_RUN, f"method={method}", "tasks.num_train=120", "train.batch_size=2", "checkpoint.every_n_steps=5",
-              *small.get(method, [])]
+    common = [
+        *TINY_RUN,
+        f"method={method}",
+        "tasks.num_train=120",
+        "train.batch_size=2",
+        "checkpoint.every_n_steps=5",
+        *small.get(method, []),
+    ]
     run(compose_config(common, tmp_path / "whole", cache_dir), tmp_path / "whole")  # uninterrupted, in this process
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "runners.cl", *common, f"hydra.run.dir={killed}"],
-                            cwd=ROOT, env=_runner_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runners.cl", *common, f"hydra.run.dir={killed}"],
+        cwd=ROOT,
+        env=_runner_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     ckpts = killed / "checkpoints"
     deadline = time.time() + 240
     while time.time() < deadline and not list(ckpts.glob("task-001-step-*.ckpt")):
@@ -394,8 +492,16 @@ def test_an_unreadable_checkpoint_is_named_and_the_previous_one_used(tmp_path, c
 def test_resume_refuses_changed_settings(tmp_path, cache_dir):
     run_dir = tmp_path / "run"
     run(compose_config([*TINY_RUN, "tasks.order=[arith]"], run_dir, cache_dir), run_dir)
-    out = _run([*TINY_RUN, "tasks.order=[arith]", "optimizer.lr=0.5", f"resume={run_dir}",
-                f"hydra.run.dir={tmp_path / 'log'}"], check=False)
+    out = _run(
+        [
+            *TINY_RUN,
+            "tasks.order=[arith]",
+            "optimizer.lr=0.5",
+            f"resume={run_dir}",
+            f"hydra.run.dir={tmp_path / 'log'}",
+        ],
+        check=False,
+    )
     assert out.returncode != 0
     assert re.search(f"cannot resume {run_dir}: these \\d+ settings differ", out.stderr)
     assert "optimizer.lr (0.0001 -> 0.5)" in out.stderr
@@ -404,25 +510,53 @@ def test_resume_refuses_changed_settings(tmp_path, cache_dir):
 @pytest.mark.processes
 def test_a_sweep_runs_every_job_in_its_own_dir_survives_a_failed_one_and_reports_it(tmp_path):
     """Every job runs; the sweep ends with a table of the 8 jobs and exits 1 (4 were refused)."""
-    out = _run(["-m", *TINY_RUN, "tasks.order=[arith,code],[arith,nope]", "method=sft,ewc", "seed=1,2",
-                f"hydra.sweep.dir={tmp_path}", "hydra.sweep.subdir=${hydra.job.num}"], timeout=500, check=False)
+    out = _run(
+        [
+            "-m",
+            *TINY_RUN,
+            "tasks.order=[arith,code],[arith,nope]",
+            "method=sft,ewc",
+            "seed=1,2",
+            f"hydra.sweep.dir={tmp_path}",
+            "hydra.sweep.subdir=${hydra.job.num}",
+        ],
+        timeout=500,
+        check=False,
+    )
     assert out.returncode == 1 and "4 of 8 jobs did not finish" in out.stdout and "Traceback" not in out.stderr
     rows = [line.split("│")[1:4] for line in out.stdout.splitlines() if re.match(r"│ \d ", line)]
-    assert [(r[0].strip(), r[1].strip()) for r in rows] == [(str(n), "finished" if n < 4 else "failed") for n in range(8)]
+    assert [(r[0].strip(), r[1].strip()) for r in rows] == [
+        (str(n), "finished" if n < 4 else "failed") for n in range(8)
+    ]
     assert all(r[2].strip().startswith("op ") for r in rows[:4])
     jobs = [json.loads((tmp_path / str(n) / "results.json").read_text()) for n in range(8)]
     done = [j for j in jobs if j["status"] == "finished"]
     failed = [j for j in jobs if j["status"] == "failed"]
     assert {(j["config"]["method"]["_target_"].rsplit(".", 1)[-1], j["config"]["seed"]) for j in done} == {
-        ("SFT", 1), ("SFT", 2), ("EWC", 1), ("EWC", 2)}
+        ("SFT", 1),
+        ("SFT", 2),
+        ("EWC", 1),
+        ("EWC", 2),
+    }
     assert len(failed) == 4 and all("tasks.order names unknown task(s) ['nope']" in j["error"] for j in failed)
     assert (out.stdout + out.stderr).count("refused: tasks.order names unknown task(s) ['nope']") == 4
 
 
 @pytest.mark.processes
 def test_a_local_sweep_refuses_to_start_ddp_processes(tmp_path):
-    out = _run(["-m", *TINY_RUN, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "seed=1",
-                f"hydra.sweep.dir={tmp_path}", "hydra.sweep.subdir=job"], check=False)
+    out = _run(
+        [
+            "-m",
+            *TINY_RUN,
+            "trainer=ddp",
+            "trainer.accelerator=cpu",
+            "trainer.devices=2",
+            "seed=1",
+            f"hydra.sweep.dir={tmp_path}",
+            "hydra.sweep.subdir=job",
+        ],
+        check=False,
+    )
     assert out.returncode == 1 and "1 of 1 jobs did not finish" in out.stdout
     result = json.loads((tmp_path / "job" / "results.json").read_text())
     assert result["status"] == "failed" and "a local multirun cannot start DDP processes" in result["error"]
@@ -430,9 +564,19 @@ def test_a_local_sweep_refuses_to_start_ddp_processes(tmp_path):
 
 @pytest.mark.processes
 def test_optuna_tunes_on_the_metric_the_run_returns(tmp_path):
-    _run(["-m", *TINY_RUN, "tasks.order=[arith,code]", "method=fggm", "hydra/sweeper=tune",
-          "hydra.sweeper.n_trials=2", "method.alpha=interval(0.5, 0.95)", "objective=op",
-          f"hydra.sweep.dir={tmp_path}"])
+    _run(
+        [
+            "-m",
+            *TINY_RUN,
+            "tasks.order=[arith,code]",
+            "method=fggm",
+            "hydra/sweeper=tune",
+            "hydra.sweeper.n_trials=2",
+            "method.alpha=interval(0.5, 0.95)",
+            "objective=op",
+            f"hydra.sweep.dir={tmp_path}",
+        ]
+    )
     ops = [json.loads(p.read_text())["cl_metrics"]["op"] for p in tmp_path.glob("*/results.json")]
     best = OmegaConf.load(tmp_path / "optimization_results.yaml")
     assert len(ops) == 2 and best.best_value == max(ops) and 0.5 <= best.best_params["method.alpha"] <= 0.95
@@ -461,8 +605,17 @@ def test_launchers_sweepers_and_trainers_compose_for_eight_gpus():
 
 @pytest.mark.processes
 def test_the_local_parallel_launcher_runs_jobs_in_worker_processes(tmp_path):
-    _run(["-m", *TINY_RUN, "tasks.order=[arith,code]", "method=sft,ewc", "hydra/launcher=local_parallel",
-          f"hydra.sweep.dir={tmp_path}", "hydra.sweep.subdir=${hydra.job.num}"])
+    _run(
+        [
+            "-m",
+            *TINY_RUN,
+            "tasks.order=[arith,code]",
+            "method=sft,ewc",
+            "hydra/launcher=local_parallel",
+            f"hydra.sweep.dir={tmp_path}",
+            "hydra.sweep.subdir=${hydra.job.num}",
+        ]
+    )
     assert [json.loads((tmp_path / str(n) / "results.json").read_text())["status"] for n in (0, 1)] == ["finished"] * 2
 
 
@@ -474,6 +627,7 @@ def test_unit_scores_put_together_from_two_processes_rows_equal_one_process_s(tm
     The telemetry's overall mean of the rows adds sums and counts over the processes."""
     from methods.shared.masking import aggregate
     from tests.ddp_probe import unit_scores_worker
+
     torch.multiprocessing.spawn(unit_scores_worker, args=(_free_port(), str(tmp_path)), nprocs=2)
     whole = {"w": torch.arange(35.0).view(5, 7) ** 1.5, "v": torch.arange(5.0) + 0.5}
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
@@ -491,8 +645,11 @@ def test_a_sweep_job_refused_by_its_dir_is_a_failed_row_and_the_record_is_kept(t
     """Issue 25.2: two jobs into one dir: the first finishes, the second (another seed) is refused
     by the first's checkpoints. The table shows it refused, the sweep exits 1, and the dir keeps
     the first run's results and .hydra record."""
-    out = _run(["-m", *TINY_RUN, "tasks.order=[arith]", "seed=1,2", f"hydra.sweep.dir={tmp_path}",
-                "hydra.sweep.subdir=same"], timeout=300, check=False)
+    out = _run(
+        ["-m", *TINY_RUN, "tasks.order=[arith]", "seed=1,2", f"hydra.sweep.dir={tmp_path}", "hydra.sweep.subdir=same"],
+        timeout=300,
+        check=False,
+    )
     assert out.returncode == 1 and "1 of 2 jobs did not finish" in out.stdout, out.stdout[-2000:]
     assert re.search(r"│ same +│ refused +│", out.stdout) and re.search(r"│ same +│ finished +│ op ", out.stdout)
     results = json.loads((tmp_path / "same" / "results.json").read_text())

@@ -1,9 +1,10 @@
 """The real offline model (SmolLM2-135M-Instruct): kept few, marked slow."""
+
 import pytest
 
+from cl_bench.data.tasks import Example
 from cl_bench.evaluation.generation import GenerationConfig, generate
 from cl_bench.models import load_smollm2
-from cl_bench.data.tasks import Example
 from cl_bench.stream_run import run
 from tests.conftest import MODEL_CACHE
 
@@ -18,8 +19,7 @@ def smollm2():
 def test_converted_model_answers_and_batched_generation_matches_single(smollm2):
     assert sum(p.numel() for p in smollm2.model.parameters()) == 134_515_008
     assert smollm2.tokenizer.padding_side == "left"
-    examples = [Example("What is the capital of France? Answer:", ""),
-                Example("Question: What is 2 + 2?\nAnswer:", "")]
+    examples = [Example("What is the capital of France? Answer:", ""), Example("Question: What is 2 + 2?\nAnswer:", "")]
     cfg = GenerationConfig(batch_size=2)
     batched = generate(smollm2.model, smollm2.tokenizer, examples, 12, cfg)
     single = [generate(smollm2.model, smollm2.tokenizer, [ex], 12, cfg)[0] for ex in examples]
@@ -28,8 +28,14 @@ def test_converted_model_answers_and_batched_generation_matches_single(smollm2):
 
 def test_short_stream_on_smollm2_learns_the_first_task(make_config):
     cfg = make_config(
-        "tasks.order=[sentiment]", "tasks.max_steps=24", "tasks.num_train=48", "eval.max_examples=16",
-        "trainer.enable_progress_bar=false", "logger=none", f"model.cache_dir={MODEL_CACHE}", tiny=False,
+        "tasks.order=[sentiment]",
+        "tasks.max_steps=24",
+        "tasks.num_train=48",
+        "eval.max_examples=16",
+        "trainer.enable_progress_bar=false",
+        "logger=none",
+        f"model.cache_dir={MODEL_CACHE}",
+        tiny=False,
     )
     R = run(cfg, cfg.paths.output_dir).R
     assert R[1][0] >= R[0][0] + 50  # sentiment accuracy after 24 steps of it (make run: 0 -> 100 in 32)
@@ -46,8 +52,10 @@ def test_smollm2_scores_well_above_chance_on_the_offline_probe(smollm2):
 
 def test_a_lora_stage_checkpoint_is_under_5_percent_of_the_full_one(smollm2, make_config, tmp_path):
     import torch
+
     from cl_bench.models import build_model
     from cl_bench.training.checkpointing import restore_weights, stage_weights
+
     cfg = make_config("model.lora.enabled=true", f"model.cache_dir={MODEL_CACHE}", tiny=False)
     lora = build_model(cfg.model).model
     torch.save({"model": stage_weights(smollm2.model)}, tmp_path / "full.pt")

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from cl_bench.errors import ConfigError
 from cl_bench.data.tasks import SCORERS, load_stream, read_split
+from cl_bench.errors import ConfigError
 from cl_bench.evaluation.metrics import SCORER_SETS, resolve_metrics
 from tests.conftest import write_stream
 

@@ -1,8 +1,8 @@
 import torch
 
-from cl_bench.models import tiny_llama
 from cl_bench.data.tasks import Example
 from cl_bench.data.tokenization import IGNORE_INDEX, Collator, encode_prompt, encode_train, position_ids
+from cl_bench.models import tiny_llama
 
 TOK = tiny_llama().tokenizer  # byte-level: one token per byte
 
@@ -25,7 +25,10 @@ def test_left_truncation_keeps_the_end_of_the_prompt_and_the_answer():
 
 
 def test_generation_prompt_is_bos_plus_prompt():
-    assert encode_prompt(TOK, Example("hi", "x"), 16)["input_ids"] == [TOK.bos_token_id] + TOK("hi", add_special_tokens=False)["input_ids"]
+    assert (
+        encode_prompt(TOK, Example("hi", "x"), 16)["input_ids"]
+        == [TOK.bos_token_id] + TOK("hi", add_special_tokens=False)["input_ids"]
+    )
 
 
 def test_collator_pads_on_the_left_and_masks_padding():
@@ -54,4 +57,3 @@ def test_loss_does_not_depend_on_left_padding():
     batch = Collator(TOK.pad_token_id)([short, long])
     padded = causal_lm_loss(model, {k: v[:1] for k, v in batch.items()})
     torch.testing.assert_close(alone, padded, rtol=1e-5, atol=1e-5)
-

@@ -1,6 +1,7 @@
 """TRACE's scorers equal TRACE's metrics.py / eval_<Task>.py, restated here on the reference
 libraries (rouge 1.0.1, fuzzywuzzy, sacrebleu's 13a tokenizer), on predictions that exercise every
 rule: raw whitespace, empty strings, Py150 literals, multi-sentence summaries, German text."""
+
 import re
 from collections import Counter
 
@@ -11,13 +12,32 @@ from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
 
 from cl_bench.evaluation.metrics import METRICS
 from cl_bench.evaluation.trace_metrics import (
-    py150_postprocess, trace_accuracy, trace_edit_similarity, trace_first_char_accuracy, trace_rouge_l, trace_sari,
+    py150_postprocess,
+    trace_accuracy,
+    trace_edit_similarity,
+    trace_first_char_accuracy,
+    trace_rouge_l,
+    trace_sari,
 )
 
-ANSWERS = ["A", "B", "The council voted to approve the plan. It meets in May.", "", "Die Katze sitzt auf der Matte.",
-           "result = <NUM_LIT>", "x"]
-PREDICTIONS = [" A", "B", "The council approved the plan. Next meeting: May.", "anything", "Die Katze sass auf der Matte.",
-               "result = 0", ""]
+ANSWERS = [
+    "A",
+    "B",
+    "The council voted to approve the plan. It meets in May.",
+    "",
+    "Die Katze sitzt auf der Matte.",
+    "result = <NUM_LIT>",
+    "x",
+]
+PREDICTIONS = [
+    " A",
+    "B",
+    "The council approved the plan. Next meeting: May.",
+    "anything",
+    "Die Katze sass auf der Matte.",
+    "result = 0",
+    "",
+]
 
 
 # --- TRACE's code, restated ------------------------------------------------------------------------
@@ -63,7 +83,7 @@ def ref_sari_ngram(s, c, rs, numref):
 
 def ref_sari(sources, predictions, references):
     norm = lambda t: Tokenizer13a()(t.lower())  # noqa: E731
-    grams = lambda toks, n: [" ".join(toks[i:i + n]) for i in range(len(toks) - n + 1)]  # noqa: E731
+    grams = lambda toks, n: [" ".join(toks[i : i + n]) for i in range(len(toks) - n + 1)]  # noqa: E731
     scores = []
     for src, pred, refs in zip(sources, predictions, references):
         s, c, rs = norm(src).split(" "), norm(pred).split(" "), [norm(r).split(" ") for r in refs]
@@ -104,18 +124,27 @@ def test_edit_similarity_replaces_py150_literals_then_uses_fuzzywuzzy():
 def test_sari_is_hugging_faces_on_13a_tokens_counting_every_pair():
     sources = ["About 95 species are currently accepted .", "Der Arzt beobachtete zahlreiche Kinder.", "Ein Satz."]
     preds = ["About 95 you now get in .", "Der Arzt sah viele Kinder.", ""]
-    refs = [["About 95 species are currently known .", "About 95 species are now accepted .",
-             "95 species are now accepted ."], ["Der Doktor sah viele Kinder."], ["Ein Satz."]]
+    refs = [
+        [
+            "About 95 species are currently known .",
+            "About 95 species are now accepted .",
+            "95 species are now accepted .",
+        ],
+        ["Der Doktor sah viele Kinder."],
+        ["Ein Satz."],
+    ]
     got = trace_sari(preds, [r[0] for r in refs], sources)
     assert got == pytest.approx(ref_sari(sources, preds, [[r[0]] for r in refs]), abs=1e-9)
     # the Hugging Face metric's own documented example (three references)
     assert ref_sari(sources[:1], preds[:1], refs[:1]) == pytest.approx(26.953601953601954, abs=1e-9)
     from cl_bench.evaluation.sari import sari
+
     assert sari(sources[:1], preds[:1], refs[:1], tokenizer="13a") == pytest.approx(26.953601953601954, abs=1e-9)
 
 
 def test_fuzzywuzzy_runs_on_difflib_as_in_traces_requirements():
     import difflib
+
     assert fuzz.SequenceMatcher is difflib.SequenceMatcher  # python-Levenshtein would change the ratios
 
 
@@ -123,12 +152,14 @@ def test_trace_scoring_sees_the_answer_exactly_as_decoded(monkeypatch):
     from cl_bench.data.tasks import Example
     from cl_bench.evaluation.generation import GenerationConfig, generate
     from cl_bench.models import tiny_llama
+
     bundle = tiny_llama()
     calls = []
 
     def decode(ids, **kwargs):
         calls.append(kwargs)
         return [" B \n"] * len(ids)
+
     monkeypatch.setattr(bundle.tokenizer, "batch_decode", decode)
     examples = [Example("q? Answer:", "B")]
     assert generate(bundle.model, bundle.tokenizer, examples, 2, GenerationConfig(raw=True)) == [" B \n"]

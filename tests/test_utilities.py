@@ -1,5 +1,6 @@
 """The utilities written once and used everywhere: input checks, atomic writes, RNG and seeds,
 the GPU check, and progress bars in logs."""
+
 import io
 import os
 import random
@@ -16,19 +17,33 @@ from cl_bench.rng import derive_seed, preserved_rng, rng_state, set_rng_state
 from cl_bench.training.trainer import check_accelerator
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda: check_number(0, "train.batch_size", integer=True, low=1), "train.batch_size must be an integer >= 1, got 0"),
-    (lambda: check_number(2.0, "k", integer=True, low=1), "k must be an integer >= 1, got 2.0"),
-    (lambda: check_number(True, "k", low=0), "k must be >= 0, got True"),
-    (lambda: check_number(0, "lr", low=0, low_open=True), "lr must be > 0, got 0"),
-    (lambda: check_number(1.5, "p", low=0, high=1, low_open=True), r"p must be in \(0, 1\], got 1.5"),
-    (lambda: check_number("x", "k"), "k must be a number, got 'x'"),
-    (lambda: check_number(0, "n", integer=True, low=1, allow_none=True), "n must be an integer >= 1 or null, got 0"),
-    (lambda: check_numbers([1, None, 0], "tasks.epochs", integer=True, low=1, allow_none=True),
-     "tasks.epochs values must be integers >= 1, got 0"),
-    (lambda: check_fraction(1, "method.alpha"), r"method.alpha must be in \(0, 1\), got 1"),
-    (lambda: check_choice("dev", ("train", "test"), "eval.split"), r"eval.split must be one of \('train', 'test'\), got 'dev'"),
-])
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (
+            lambda: check_number(0, "train.batch_size", integer=True, low=1),
+            "train.batch_size must be an integer >= 1, got 0",
+        ),
+        (lambda: check_number(2.0, "k", integer=True, low=1), "k must be an integer >= 1, got 2.0"),
+        (lambda: check_number(True, "k", low=0), "k must be >= 0, got True"),
+        (lambda: check_number(0, "lr", low=0, low_open=True), "lr must be > 0, got 0"),
+        (lambda: check_number(1.5, "p", low=0, high=1, low_open=True), r"p must be in \(0, 1\], got 1.5"),
+        (lambda: check_number("x", "k"), "k must be a number, got 'x'"),
+        (
+            lambda: check_number(0, "n", integer=True, low=1, allow_none=True),
+            "n must be an integer >= 1 or null, got 0",
+        ),
+        (
+            lambda: check_numbers([1, None, 0], "tasks.epochs", integer=True, low=1, allow_none=True),
+            "tasks.epochs values must be integers >= 1, got 0",
+        ),
+        (lambda: check_fraction(1, "method.alpha"), r"method.alpha must be in \(0, 1\), got 1"),
+        (
+            lambda: check_choice("dev", ("train", "test"), "eval.split"),
+            r"eval.split must be one of \('train', 'test'\), got 'dev'",
+        ),
+    ],
+)
 def test_checks_name_the_key_the_rule_and_the_value(call, message):
     with pytest.raises(ConfigError, match=f"^{message}$"):
         call()
@@ -50,6 +65,7 @@ def test_atomic_write_replaces_whole_files_and_leaves_nothing_behind_on_failure(
     def broken(tmp):
         tmp.write_text("half")
         raise OSError("disk full")
+
     with pytest.raises(OSError, match="disk full"):
         atomic_write(path, broken)
     assert path.read_text() == "new" and sorted(p.name for p in path.parent.iterdir()) == ["results.json"]
@@ -81,12 +97,16 @@ def test_preserved_rng_restores_every_generator_and_states_round_trip():
 
 
 def test_a_gpu_trainer_on_a_machine_without_one_says_what_to_set(monkeypatch):
-    from omegaconf import OmegaConf
     from lightning.pytorch.accelerators import CUDAAccelerator, MPSAccelerator
+    from omegaconf import OmegaConf
+
     monkeypatch.setattr(CUDAAccelerator, "is_available", staticmethod(lambda: False))
     monkeypatch.setattr(MPSAccelerator, "is_available", staticmethod(lambda: False))
-    with pytest.raises(ConfigError, match="trainer.accelerator=gpu but this machine has no GPU.*add trainer.accelerator=cpu "
-                                          "trainer.precision=32-true"):
+    with pytest.raises(
+        ConfigError,
+        match="trainer.accelerator=gpu but this machine has no GPU.*add trainer.accelerator=cpu "
+        "trainer.precision=32-true",
+    ):
         check_accelerator(OmegaConf.create({"accelerator": "gpu"}))
     check_accelerator(OmegaConf.create({"accelerator": "cpu"}))
 
@@ -94,8 +114,18 @@ def test_a_gpu_trainer_on_a_machine_without_one_says_what_to_set(monkeypatch):
 def test_progress_bars_keep_their_last_state_on_one_line():
     out = io.StringIO()
     stream = LastRedraw(out)
-    for chunk in ["Loading:   0%|  | 0/9", "\rLoading:  50%|# | 4/9", "\rLoading: 100%|##| 9/9\n",
-                  "plain line\n", "\n", "tmp bar 1/2\r", "          \r", "next\rnext done", " 2/2\n", "tail"]:
+    for chunk in [
+        "Loading:   0%|  | 0/9",
+        "\rLoading:  50%|# | 4/9",
+        "\rLoading: 100%|##| 9/9\n",
+        "plain line\n",
+        "\n",
+        "tmp bar 1/2\r",
+        "          \r",
+        "next\rnext done",
+        " 2/2\n",
+        "tail",
+    ]:
         stream.write(chunk)
     stream.close_pending()
     assert out.getvalue().splitlines() == ["Loading: 100%|##| 9/9", "plain line", "", "next done 2/2", "tail"]
@@ -104,7 +134,9 @@ def test_progress_bars_keep_their_last_state_on_one_line():
 def test_the_heartbeat_says_what_the_run_does_with_the_streams_eta(caplog, monkeypatch):
     import logging
     import time
+
     from cl_bench import progress
+
     now = [1000.0]
     monkeypatch.setattr(progress.time, "monotonic", lambda: now[0])
     activity = progress.Activity()
@@ -113,7 +145,10 @@ def test_the_heartbeat_says_what_the_run_does_with_the_streams_eta(caplog, monke
     activity.tasks_finished(1, 4)
     activity.doing("evaluating code (task 2/5), batch", total=8)
     activity.advance(3)
-    assert activity.eta() == 180 and activity.line() == "evaluating code (task 2/5), batch 3/8 · 0:01:00 elapsed · stream ETA 0:03:00"
+    assert (
+        activity.eta() == 180
+        and activity.line() == "evaluating code (task 2/5), batch 3/8 · 0:01:00 elapsed · stream ETA 0:03:00"
+    )
     steps = [7]
     activity.doing("training arith (task 2/4), step", total=40, count=lambda: steps[0])
     assert activity.line().startswith("training arith (task 2/4), step 7/40 · ")
@@ -130,7 +165,9 @@ def test_the_heartbeat_says_what_the_run_does_with_the_streams_eta(caplog, monke
 
 def test_library_lines_come_once_and_quiet(caplog):
     import logging
+
     from cl_bench.recording.console import quiet_library_logs
+
     lightning = logging.getLogger("lightning")
     lightning.addHandler(logging.StreamHandler())  # as lightning/__init__.py does: each line printed twice
     with caplog.at_level(logging.INFO):  # a root handler, as Hydra's

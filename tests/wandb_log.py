@@ -4,6 +4,7 @@ The file is a LevelDB-style log: a 7-byte header (":W&B", magic 0xBEE1, version)
 blocks of chunks, each ``crc32 (4) | length (2, LE) | type (1) | payload``, where type 1 is a full
 record and 2/3/4 are the first/middle/last pieces of one. Each record is a protobuf ``Record``.
 """
+
 from __future__ import annotations
 
 import json

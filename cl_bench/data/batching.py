@@ -13,9 +13,11 @@ The loader is stateful in Lightning's sense (``state_dict``/``load_state_dict``)
 taken mid-epoch records the epoch and the micro-batches handed out, and a restored loader skips
 those (without touching their data) and goes on with the same permutation.
 """
+
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import torch
 
@@ -71,9 +73,11 @@ def check_every_task_trains(tasks: Sequence, train: Any, world_size: int = 1) ->
         raise ConfigError("the stream has no task to train (tasks.order, tasks.subset or the data dir selects none)")
     for task in tasks:
         if steps_per_epoch(len(task.train), batch_size, drop_last, world_size) == 0:
-            raise ConfigError(f"task {task.name}: its {len(task.train)} training examples give no optimizer step at "
-                              f"train.batch_size={batch_size} with train.drop_last={drop_last}: lower "
-                              "train.batch_size or set train.drop_last=false")
+            raise ConfigError(
+                f"task {task.name}: its {len(task.train)} training examples give no optimizer step at "
+                f"train.batch_size={batch_size} with train.drop_last={drop_last}: lower "
+                "train.batch_size or set train.drop_last=false"
+            )
 
 
 class StepBatchSampler(torch.utils.data.Sampler):
@@ -95,8 +99,10 @@ class StepBatchSampler(torch.utils.data.Sampler):
         which every global batch takes exactly ``r`` (see :meth:`_steps`)."""
         self.per_process, self.micro, self.accumulate = layout(batch_size, micro_batch_size, world_size)
         if fixed_share is not None and not (0 < fixed_share[1] < batch_size and 0 < fixed_share[0] < len(label_tokens)):
-            raise ConfigError(f"a fixed share of {fixed_share[1]} pooled examples per batch of {batch_size} needs "
-                              f"0 < share < batch and a non-empty pool ({len(label_tokens) - fixed_share[0]} pooled)")
+            raise ConfigError(
+                f"a fixed share of {fixed_share[1]} pooled examples per batch of {batch_size} needs "
+                f"0 < share < batch and a non-empty pool ({len(label_tokens) - fixed_share[0]} pooled)"
+            )
         self.fixed_share = fixed_share
         self.label_tokens = torch.as_tensor(list(label_tokens), dtype=torch.long)
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
@@ -140,8 +146,11 @@ class StepBatchSampler(torch.utils.data.Sampler):
         cursor = self.epoch * len(chunks) * share
 
         def pooled(k: int) -> int:
-            cycle = torch.randperm(pool, generator=torch.Generator().manual_seed(derive_seed(self.seed, 1_000_000 + k // pool)))
+            cycle = torch.randperm(
+                pool, generator=torch.Generator().manual_seed(derive_seed(self.seed, 1_000_000 + k // pool))
+            )
             return own + int(cycle[k % pool])
+
         steps = []
         for chunk in chunks:
             steps.append(torch.cat([chunk, torch.tensor([pooled(cursor + j) for j in range(share)])]))

@@ -13,12 +13,13 @@ TRACE's do, so the tasks compete for the same cue and sequential training forget
 | code      | Py150                 | edit_similarity |
 | simplify  | 20Minuten             | sari            |
 """
+
 from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from cl_bench.data.tasks import Example, TaskSpec, TaskStream, load_stream
 from cl_bench.files import atomic_write
@@ -26,22 +27,59 @@ from cl_bench.rng import derive_seed
 
 
 def _sentiment(rng: random.Random) -> Example:
-    things = ["The phone", "This hotel", "The movie", "Our new laptop", "The restaurant", "That book",
-              "The bus service", "This camera", "The concert", "The coffee machine", "The museum",
-              "This jacket", "The app", "The hospital staff", "Our rental car", "The new album"]
+    things = [
+        "The phone",
+        "This hotel",
+        "The movie",
+        "Our new laptop",
+        "The restaurant",
+        "That book",
+        "The bus service",
+        "This camera",
+        "The concert",
+        "The coffee machine",
+        "The museum",
+        "This jacket",
+        "The app",
+        "The hospital staff",
+        "Our rental car",
+        "The new album",
+    ]
     says = {
-        "A": ["works perfectly", "exceeded every expectation", "is a joy to use", "made our week",
-              "was worth every cent", "is simply wonderful", "impressed the whole family"],
-        "B": ["broke after a week", "was a waste of money", "is painfully slow", "ruined our trip",
-              "was rude and careless", "is the worst I have tried", "disappointed everyone"],
-        "C": ["arrived on a Tuesday", "comes in a grey box", "is sold in most shops",
-              "was bought last spring", "has a manual in three languages", "opens at nine",
-              "weighs about two kilograms"],
+        "A": [
+            "works perfectly",
+            "exceeded every expectation",
+            "is a joy to use",
+            "made our week",
+            "was worth every cent",
+            "is simply wonderful",
+            "impressed the whole family",
+        ],
+        "B": [
+            "broke after a week",
+            "was a waste of money",
+            "is painfully slow",
+            "ruined our trip",
+            "was rude and careless",
+            "is the worst I have tried",
+            "disappointed everyone",
+        ],
+        "C": [
+            "arrived on a Tuesday",
+            "comes in a grey box",
+            "is sold in most shops",
+            "was bought last spring",
+            "has a manual in three languages",
+            "opens at nine",
+            "weighs about two kilograms",
+        ],
     }
     label = rng.choice("ABC")
     review = f"{rng.choice(things)} {rng.choice(says[label])}."
-    prompt = ("What is the sentiment of the review? Choose one option.\n"
-              f"Review: {review}\nA. positive\nB. negative\nC. neutral\nAnswer:")
+    prompt = (
+        "What is the sentiment of the review? Choose one option.\n"
+        f"Review: {review}\nA. positive\nB. negative\nC. neutral\nAnswer:"
+    )
     return Example(prompt, label)
 
 
@@ -55,22 +93,42 @@ def _arith(rng: random.Random) -> Example:
     else:
         a = a + b
         story, result = f"{name} has {a} {item} and gives away {b}.", a - b
-    prompt = ("Solve the math problem and give only the number.\n"
-              f"Problem: {story} How many {item} does {name} have now?\nAnswer:")
+    prompt = (
+        "Solve the math problem and give only the number.\n"
+        f"Problem: {story} How many {item} does {name} have now?\nAnswer:"
+    )
     return Example(prompt, str(result))
 
 
 def _minutes(rng: random.Random) -> Example:
-    bodies = ["city council", "school board", "library committee", "transport board", "parks commission",
-              "housing committee", "health board", "water authority"]
-    topics = ["the bike lane plan", "the new playground", "the budget for next year", "the bus timetable",
-              "the tree planting project", "the parking fees", "the summer festival", "the road repairs"]
+    bodies = [
+        "city council",
+        "school board",
+        "library committee",
+        "transport board",
+        "parks commission",
+        "housing committee",
+        "health board",
+        "water authority",
+    ]
+    topics = [
+        "the bike lane plan",
+        "the new playground",
+        "the budget for next year",
+        "the bus timetable",
+        "the tree planting project",
+        "the parking fees",
+        "the summer festival",
+        "the road repairs",
+    ]
     actions = ["approve", "reject", "delay", "review"]
     days = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday"]
     body, topic, action = rng.choice(bodies), rng.choice(topics), rng.choice(actions)
-    record = (f"The {body} met on {rng.choice(days)} evening. Several residents spoke about {topic}. "
-              f"After a long discussion, the members voted to {action} {topic}. "
-              f"The next meeting is planned for {rng.choice(['March', 'June', 'September', 'December'])}.")
+    record = (
+        f"The {body} met on {rng.choice(days)} evening. Several residents spoke about {topic}. "
+        f"After a long discussion, the members voted to {action} {topic}. "
+        f"The next meeting is planned for {rng.choice(['March', 'June', 'September', 'December'])}."
+    )
     prompt = f"Summarize the meeting record in one sentence.\nRecord: {record}\nAnswer:"
     return Example(prompt, f"The {body} voted to {action} {topic}.")
 
@@ -81,18 +139,28 @@ def _code(rng: random.Random) -> Example:
     verb, noun = rng.choice(sorted(verbs)), rng.choice(nouns)
     item = noun[:-1]
     arg = rng.choice(["factor", "amount", "step", "k"])
-    context = (f"def {verb}_{noun}({noun}, {arg}):\n"
-               f"    result = []\n"
-               f"    for {item} in {noun}:")
+    context = f"def {verb}_{noun}({noun}, {arg}):\n    result = []\n    for {item} in {noun}:"
     prompt = f"Complete the next line of the Python code.\n{context}\nAnswer:"
     return Example(prompt, f"        result.append({item} {verbs[verb]} {arg})")
 
 
 _SIMPLE_WORDS = {
-    "physician": "doctor", "purchased": "bought", "automobile": "car", "residence": "home",
-    "commenced": "began", "assistance": "help", "sufficient": "enough", "numerous": "many",
-    "inquired": "asked", "observed": "saw", "attempted": "tried", "terminated": "ended",
-    "immediately": "at once", "approximately": "about", "construct": "build", "children": "kids",
+    "physician": "doctor",
+    "purchased": "bought",
+    "automobile": "car",
+    "residence": "home",
+    "commenced": "began",
+    "assistance": "help",
+    "sufficient": "enough",
+    "numerous": "many",
+    "inquired": "asked",
+    "observed": "saw",
+    "attempted": "tried",
+    "terminated": "ended",
+    "immediately": "at once",
+    "approximately": "about",
+    "construct": "build",
+    "children": "kids",
 }
 
 

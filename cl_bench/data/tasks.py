@@ -4,13 +4,15 @@ A stream lives in ``<data_dir>/<Task>/{train,eval,test}.json``; each file is a J
 ``{"prompt": str, "answer": str}`` records (other keys are ignored). Every stream, the embedded
 one included, goes through :func:`load_stream`, so all validation lives here.
 """
+
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from cl_bench.errors import ConfigError, check_choice, check_flag, check_number, check_numbers
 
@@ -100,8 +102,10 @@ def training_plan(stream: TaskStream, joint: bool, shuffle: bool) -> list[Task]:
     if not joint:
         return list(stream)
     if any(t.max_steps is not None for t in stream):
-        raise ConfigError("tasks.max_steps caps each task of a sequence; a joint run (tasks.joint=true) trains "
-                          "one union of them: unset tasks.max_steps")
+        raise ConfigError(
+            "tasks.max_steps caps each task of a sequence; a joint run (tasks.joint=true) trains "
+            "one union of them: unset tasks.max_steps"
+        )
     if not shuffle:
         raise ConfigError("a joint run (tasks.joint=true) needs train.shuffle=true, or it trains the tasks in turn")
     return [joint_task(stream)]
@@ -116,7 +120,9 @@ def read_text(path: Path) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}: {e.reason})") from None
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}: {e.reason})"
+        ) from None
 
 
 def json_list(path: Path, text: str, what: str) -> list:
@@ -150,8 +156,10 @@ def read_split(path: Path) -> list[Example]:
             if not isinstance(rec[key], str):
                 raise ConfigError(f"{path}: record {i} '{key}' is a {type(rec[key]).__name__}, expected a string")
             if not rec[key].isascii() and any("\ud800" <= c <= "\udfff" for c in rec[key]):
-                raise ConfigError(f"{path}: record {i} '{key}' holds a lone surrogate (an escape such as \\ud800 "
-                                  "without its pair), which is not text a tokenizer can encode")
+                raise ConfigError(
+                    f"{path}: record {i} '{key}' holds a lone surrogate (an escape such as \\ud800 "
+                    "without its pair), which is not text a tokenizer can encode"
+                )
         examples.append(Example(rec["prompt"], rec["answer"]))
     return examples
 
@@ -195,7 +203,9 @@ def resolve_order(
     if isinstance(order, str):
         orders = orders or {}
         if order not in orders:
-            raise ConfigError(f"{key}={order!r} is not a named order; known: {sorted(orders)} (or give a list of tasks)")
+            raise ConfigError(
+                f"{key}={order!r} is not a named order; known: {sorted(orders)} (or give a list of tasks)"
+            )
         return resolve_order(list(orders[order]), known, None, f"tasks.orders.{order}")
     order = list(order)
     unknown = [n for n in order if n not in known]

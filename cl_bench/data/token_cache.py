@@ -5,13 +5,14 @@ A split's encoding is stored under a key that covers everything it depends on: t
 every example. Any change gives a new key, never a stale encoding. Files are written atomically
 and read with ``torch.load(weights_only=True)``; an unreadable file is encoded again and replaced.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 
@@ -34,7 +35,9 @@ def cache_key(tokenizer, examples: Sequence, max_prompt_len: int, max_ans_len: i
     h = hashlib.sha256(tokenizer_fingerprint(tokenizer).encode())
     h.update(json.dumps([max_prompt_len, max_ans_len]).encode())
     for ex in examples:
-        h.update(json.dumps([ex.prompt, ex.answer, *([list(ex.token_ids)] if hasattr(ex, "token_ids") else [])]).encode())
+        h.update(
+            json.dumps([ex.prompt, ex.answer, *([list(ex.token_ids)] if hasattr(ex, "token_ids") else [])]).encode()
+        )
     return h.hexdigest()[:32]
 
 
@@ -49,7 +52,7 @@ def _pack(items: Encoded) -> dict[str, torch.Tensor]:
 def _unpack(packed: dict[str, torch.Tensor]) -> Encoded:
     lengths = packed["lengths"].tolist()
     ids, labels = packed["input_ids"].split(lengths), packed["labels"].split(lengths)
-    return [{"input_ids": i.tolist(), "labels": l.tolist()} for i, l in zip(ids, labels)]
+    return [{"input_ids": i.tolist(), "labels": lab.tolist()} for i, lab in zip(ids, labels)]
 
 
 def cached_encoding(cache_dir: str | Path, key: str, encode: Callable[[], Encoded]) -> Encoded:
@@ -69,6 +72,15 @@ def stream_fingerprint(stream) -> str:
     """A digest of every task's name and examples in every split: a resume refuses data that changed."""
     h = hashlib.sha256()
     for task in stream:
-        h.update(json.dumps([task.name, {split: [[e.prompt, e.answer] for e in examples]
-                                         for split, examples in sorted(task.splits.items())}]).encode())
+        h.update(
+            json.dumps(
+                [
+                    task.name,
+                    {
+                        split: [[e.prompt, e.answer] for e in examples]
+                        for split, examples in sorted(task.splits.items())
+                    },
+                ]
+            ).encode()
+        )
     return h.hexdigest()

@@ -5,11 +5,12 @@ loss covers exactly the answer tokens and EOS. The prompt is truncated on the le
 ``max_prompt_len`` (its end, next to the answer, is kept); the answer on the right to
 ``max_ans_len``. Generation input = BOS + prompt. Batches are padded on the left.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -87,10 +88,17 @@ class Collator:
 class EncodedDataset(torch.utils.data.Dataset):
     """A task split encoded once for training (and cached in ``cache_dir`` when one is given)."""
 
-    def __init__(self, tokenizer, examples: Sequence[Example], max_prompt_len: int, max_ans_len: int,
-                 cache_dir: str | Path | None = None):
+    def __init__(
+        self,
+        tokenizer,
+        examples: Sequence[Example],
+        max_prompt_len: int,
+        max_ans_len: int,
+        cache_dir: str | Path | None = None,
+    ):
         def encode():
             return [encode_train(tokenizer, ex, max_prompt_len, max_ans_len) for ex in examples]
+
         if cache_dir is None:
             self.items = encode()
         else:

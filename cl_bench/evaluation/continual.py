@@ -21,12 +21,14 @@ step checkpoints carry them and a resumed run keeps its curve. Scoring never tou
 random generators (a run with continual evaluation trains bitwise as one without) and runs in
 every process, in lockstep (the ``metric`` measure generates sharded, as the stage evaluation).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -59,17 +61,25 @@ class ContinualSettings:
         return self.every_n_steps is not None
 
     @classmethod
-    def from_config(cls, node: DictConfig | None, task_names: Sequence[str]) -> "ContinualSettings":
+    def from_config(cls, node: DictConfig | None, task_names: Sequence[str]) -> ContinualSettings:
         """Every key checked by name; ``measures`` must name tasks of the stream."""
         if node is None:
             return cls()
         node = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
-        unknown = set(node) - {"every_n_steps", "max_examples", "measure", "measures", "windows", "before_first_step",
-                               "resample"}
+        unknown = set(node) - {
+            "every_n_steps",
+            "max_examples",
+            "measure",
+            "measures",
+            "windows",
+            "before_first_step",
+            "resample",
+        }
         if unknown:
             raise ConfigError(f"eval.continual has no key {sorted(unknown)[0]!r}")
-        every = check_number(node.get("every_n_steps"), "eval.continual.every_n_steps", integer=True, low=1,
-                             allow_none=True)
+        every = check_number(
+            node.get("every_n_steps"), "eval.continual.every_n_steps", integer=True, low=1, allow_none=True
+        )
         max_examples = check_number(node.get("max_examples", 16), "eval.continual.max_examples", integer=True, low=1)
         default = check_choice(node.get("measure", "loglik"), MEASURES, "eval.continual.measure")
         overrides = node.get("measures") or {}
@@ -82,7 +92,9 @@ class ContinualSettings:
             raise ConfigError(f"eval.continual.windows must be a list of integers >= 2, got {windows!r}")
         for w in windows:
             check_number(w, "eval.continual.windows", integer=True, low=2)
-        flags = {key: check_flag(node.get(key, False), f"eval.continual.{key}") for key in ("before_first_step", "resample")}
+        flags = {
+            key: check_flag(node.get(key, False), f"eval.continual.{key}") for key in ("before_first_step", "resample")
+        }
         return cls(every, max_examples, {n: overrides.get(n, default) for n in task_names}, tuple(windows), **flags)
 
 
@@ -100,8 +112,16 @@ def mean_answer_log_likelihood(model: torch.nn.Module, loader, device: torch.dev
 class ContinualEvaluator(Callback):
     """Scores the seen tasks every ``every_n_steps`` optimizer steps and at the end of each fit."""
 
-    def __init__(self, settings: ContinualSettings, stream: TaskStream, tokenizer, loaders: TaskLoaders,
-                 generation: GenerationConfig, split: str, seed: int = 0):
+    def __init__(
+        self,
+        settings: ContinualSettings,
+        stream: TaskStream,
+        tokenizer,
+        loaders: TaskLoaders,
+        generation: GenerationConfig,
+        split: str,
+        seed: int = 0,
+    ):
         self.settings = settings
         self.tokenizer = tokenizer
         self.generation = generation
@@ -110,8 +130,11 @@ class ContinualEvaluator(Callback):
         #: a drawn subsample is tokenized anew each time (a cache entry per draw would fill the disk)
         self.passes = dataclasses.replace(loaders, cache_dir=None).passes
         self.tasks: dict[str, Task] = {t.name: t for t in stream}
-        self.loaders = {t.name: loaders.passes(t.splits[split][: settings.max_examples]) for t in stream
-                        if settings.measures[t.name] == "loglik"}
+        self.loaders = {
+            t.name: loaders.passes(t.splits[split][: settings.max_examples])
+            for t in stream
+            if settings.measures[t.name] == "loglik"
+        }
         #: the task in training (its index) and the tasks scored meanwhile
         self.training = 0
         self.seen: list[str] = []
@@ -134,15 +157,17 @@ class ContinualEvaluator(Callback):
         task = self.tasks[name]
         examples = task.splits[self.split]
         k = min(self.settings.max_examples, len(examples))
-        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(
-            derive_seed(derive_seed(self.seed, step), name)))
+        order = torch.randperm(
+            len(examples), generator=torch.Generator().manual_seed(derive_seed(derive_seed(self.seed, step), name))
+        )
         return Task(task.spec, {self.split: [examples[int(i)] for i in order[:k].sort().values]}, task.epochs)
 
     def score(self, model: torch.nn.Module, name: str, step: int = 0) -> float:
         task = self.subsample(name, step) if self.settings.resample else self.tasks[name]
         if self.settings.measures[name] == "metric":
-            return evaluate_task(model, self.tokenizer, task, self.generation, self.split,
-                                 self.settings.max_examples).score
+            return evaluate_task(
+                model, self.tokenizer, task, self.generation, self.split, self.settings.max_examples
+            ).score
         loader = self.passes(task.splits[self.split]) if self.settings.resample else self.loaders[name]
         with eval_mode(model):
             return mean_answer_log_likelihood(model, loader, next(model.parameters()).device)
@@ -152,8 +177,14 @@ class ContinualEvaluator(Callback):
         with preserved_rng():
             scores = {name: self.score(pl_module.model, name, pl_module.stream_step) for name in self.seen}
         step = pl_module.stream_step
-        self.points.append({"step": step, "training": self.training, "scores": scores,
-                            "seconds": round(time.perf_counter() - start, 3)})
+        self.points.append(
+            {
+                "step": step,
+                "training": self.training,
+                "scores": scores,
+                "seconds": round(time.perf_counter() - start, 3),
+            }
+        )
         self.last_step = trainer.global_step
         if pl_module.metric_sink is not None:
             pl_module.metric_sink({f"continual/{name}": v for name, v in scores.items()}, step)

@@ -10,6 +10,7 @@ project (facts, arithmetic, reading, commonsense), scored by log-likelihood.
 The harness reseeds Python's, NumPy's and torch's global generators; they are restored afterwards,
 so turning the evaluation on or off does not change training.
 """
+
 from __future__ import annotations
 
 import logging
@@ -19,8 +20,8 @@ from pathlib import Path
 import torch
 
 from cl_bench.errors import ConfigError, check_number
-from cl_bench.training.lm import eval_mode
 from cl_bench.rng import preserved_rng
+from cl_bench.training.lm import eval_mode
 
 #: lm-eval task configs shipped with the project (the offline probe)
 PROJECT_TASKS = Path(__file__).parent / "general"
@@ -47,7 +48,9 @@ class GeneralAbility:
         self.tasks = dict(self.tasks or {})
         for name, metric in self.tasks.items():
             if not isinstance(metric, str) or not metric:
-                raise ConfigError(f"general.tasks.{name} must name a metric of its results (e.g. 'acc,none'), got {metric!r}")
+                raise ConfigError(
+                    f"general.tasks.{name} must name a metric of its results (e.g. 'acc,none'), got {metric!r}"
+                )
         check_number(self.batch_size, "general.batch_size", integer=True, low=1)
         check_number(self.limit, "general.limit", integer=True, low=1, allow_none=True)
         self._manager = None
@@ -75,8 +78,10 @@ class GeneralAbility:
             return None
         questions = "all" if self.limit is None else f"at most {self.limit}"
         quick = "; general.limit=N or general=none for a quick run" if self.limit is None else ""
-        return (f"{', '.join(self.tasks)} ({questions} questions per benchmark) at "
-                f"{tasks_trained + 1 if self.every_task else 2} stages{quick}")
+        return (
+            f"{', '.join(self.tasks)} ({questions} questions per benchmark) at "
+            f"{tasks_trained + 1 if self.every_task else 2} stages{quick}"
+        )
 
     def check(self) -> None:
         """Refuse task names the harness does not know, before anything is trained."""
@@ -100,13 +105,21 @@ class GeneralAbility:
         with preserved_rng(), eval_mode(model):  # (the harness sets eval mode itself; this puts training back)
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size)
             out = simple_evaluate(
-                model=lm, tasks=list(self.tasks), num_fewshot=self.num_fewshot, limit=self.limit,
-                task_manager=self.task_manager(), log_samples=False, bootstrap_iters=0, verbosity="ERROR",
+                model=lm,
+                tasks=list(self.tasks),
+                num_fewshot=self.num_fewshot,
+                limit=self.limit,
+                task_manager=self.task_manager(),
+                log_samples=False,
+                bootstrap_iters=0,
+                verbosity="ERROR",
             )
         scores = {}
         for task, metric in self.tasks.items():
             results = out["results"].get(task, {})
             if metric not in results:
-                raise ConfigError(f"general.tasks.{task}: its results have no metric '{metric}'; they have {sorted(results)}")
+                raise ConfigError(
+                    f"general.tasks.{task}: its results have no metric '{metric}'; they have {sorted(results)}"
+                )
             scores[task] = 100.0 * float(results[metric])
         return scores

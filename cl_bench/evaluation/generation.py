@@ -1,17 +1,18 @@
 """Evaluation by batched generation: every task of the stream, scored with its metric (0-100)."""
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from cl_bench.distributed import gather_shards, shard
-from cl_bench.progress import advance, doing
-from cl_bench.evaluation.metrics import METRICS
 from cl_bench.data.tasks import Example, Task, TaskStream
 from cl_bench.data.tokenization import Collator, encode_prompt
+from cl_bench.distributed import gather_shards, shard
+from cl_bench.evaluation.metrics import METRICS
+from cl_bench.progress import advance, doing
 from cl_bench.training.lm import eval_mode
 
 
@@ -50,8 +51,11 @@ def generate(
     collate = Collator(tokenizer.pad_token_id)
     encoded = [encode_prompt(tokenizer, ex, cfg.max_prompt_len) for ex in examples]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]))
-    sampling = {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p} if cfg.do_sample else {
-        "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    sampling = (
+        {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p}
+        if cfg.do_sample
+        else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    )
     answers: list[str] = [""] * len(examples)
     with eval_mode(model):
         for start in range(0, len(order), cfg.batch_size):
@@ -93,9 +97,14 @@ def evaluate_task(
     return TaskResult(float(score), predictions)
 
 
-def evaluate_stream(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, stream: TaskStream,
-                    cfg: GenerationConfig, split: str = "test", max_examples: int | None = None,
-                    ) -> tuple[list[float], dict[str, list[str]]]:
+def evaluate_stream(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    stream: TaskStream,
+    cfg: GenerationConfig,
+    split: str = "test",
+    max_examples: int | None = None,
+) -> tuple[list[float], dict[str, list[str]]]:
     """One row of the score matrix, every task of the stream (future ones too, so FWT exists),
     and each task's generated answers."""
     scores, predictions = [], {}

@@ -13,9 +13,10 @@ metric below is the metric *at stage t* (t = T gives the final values):
 
 Metrics that need two stages are ``None`` at stage 1.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 Matrix = Sequence[Sequence[float]]
 
@@ -70,7 +71,7 @@ def forgetting(R: Matrix) -> float | None:
     t = _stage(R)
     if t < 2:
         return None
-    drops = [max(_r(R, l, i) for l in range(1, t)) - _r(R, t, i) for i in range(1, t)]
+    drops = [max(_r(R, s, i) for s in range(1, t)) - _r(R, t, i) for i in range(1, t)]
     return sum(drops) / len(drops)
 
 

@@ -9,11 +9,12 @@ empty prediction or an empty reference scores 0 (TRACE skips the pair but still 
 number of examples), even where the library would call two empty strings equal. TRACE reports
 accuracy on 0-1 and edit similarity on 0-100; everything here is on 0-100.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from functools import cache
-from typing import Callable, Sequence
 
 from rapidfuzz import fuzz
 
@@ -48,6 +49,7 @@ def _rouge_scorer():
     """rouge-score's ROUGE-L scorer, built at first use (rouge-score imports nltk, half a second of
     every run's start otherwise)."""
     from rouge_score import rouge_scorer
+
     return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
 
 

@@ -19,11 +19,12 @@ metric does (``tokenizer="13a"``, TRACE's scorer), tokenized by sacrebleu's 13a 
 on single spaces (so an empty text is one empty token). Sentences are scored one by one and
 averaged over the corpus, on a 0-100 scale.
 """
+
 from __future__ import annotations
 
 import re
 from collections import Counter
-from typing import Sequence
+from collections.abc import Sequence
 
 _TOKEN = re.compile(r"\w+|[^\w\s]", re.UNICODE)
 KEEP_RECALL = ("corrected", "paper")
@@ -34,6 +35,7 @@ def normalize(text: str, tokenizer: str = "words") -> list[str]:
     """Lower-case and tokenize: words and punctuation marks, or sacrebleu's 13a (see module doc)."""
     if tokenizer == "13a":  # imported here: sacrebleu adds 0.3 s to every run's start otherwise
         from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
+
         return Tokenizer13a()(text.lower()).split(" ")
     return _TOKEN.findall(text.lower())
 

@@ -23,10 +23,11 @@ The paper evaluates after every iteration, so its windows of w iterations are wi
 evaluations; here evaluations come every ``eval.continual.every_n_steps`` steps and a window is
 w evaluations (w x every_n_steps steps). Metrics over tasks none of whose terms exist are None.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from statistics import fmean
-from typing import Sequence
 
 Scores = dict[str, Sequence[float | None]]
 
@@ -84,14 +85,19 @@ def max_drop(values: Sequence[float], window: int) -> float:
         raise ValueError(f"a forgetting window needs at least 2 evaluations, got {window}")
     best = 0.0
     for q, later in enumerate(values):
-        earlier = values[max(0, q - window + 1): q]
+        earlier = values[max(0, q - window + 1) : q]
         if earlier:
             best = max(best, max(earlier) - later)
     return best
 
 
-def windowed_forgetting(steps, training, scores: Scores, names: Sequence[str], window: int,
-                        ) -> tuple[float | None, dict[str, float | None]]:
+def windowed_forgetting(
+    steps,
+    training,
+    scores: Scores,
+    names: Sequence[str],
+    window: int,
+) -> tuple[float | None, dict[str, float | None]]:
     """(WF^w averaged over every task evaluated so far, WF^w of each of them), w = ``window``
     evaluations; tasks never evaluated are None and left out of the average."""
     _check(steps, training, scores, names)
@@ -103,13 +109,20 @@ def windowed_forgetting(steps, training, scores: Scores, names: Sequence[str], w
     return (fmean(evaluated) if evaluated else None), per_task
 
 
-def continual_metrics(steps, training, scores: Scores, names: Sequence[str], windows: Sequence[int] = (10,),
-                      ) -> dict:
+def continual_metrics(
+    steps,
+    training,
+    scores: Scores,
+    names: Sequence[str],
+    windows: Sequence[int] = (10,),
+) -> dict:
     """Every metric above: ``min_acc`` per task, ``avg_min_acc``, ``wc_acc``, ``wf{w}`` and
     ``wf{w}_per_task`` for each window."""
-    out = {"min_acc": min_acc(steps, training, scores, names),
-           "avg_min_acc": avg_min_acc(steps, training, scores, names),
-           "wc_acc": wc_acc(steps, training, scores, names)}
+    out = {
+        "min_acc": min_acc(steps, training, scores, names),
+        "avg_min_acc": avg_min_acc(steps, training, scores, names),
+        "wc_acc": wc_acc(steps, training, scores, names),
+    }
     for w in windows:
         out[f"wf{w}"], out[f"wf{w}_per_task"] = windowed_forgetting(steps, training, scores, names, w)
     return out
@@ -123,7 +136,9 @@ def curve_metrics(curves: dict | None, names: Sequence[str]) -> dict:
     under an earlier rule are compared under the current one."""
     if not curves or not curves.get("steps"):
         return {}
-    out = continual_metrics(curves["steps"], curves["training"], curves["scores"], names, curves.get("windows", (10, 100)))
+    out = continual_metrics(
+        curves["steps"], curves["training"], curves["scores"], names, curves.get("windows", (10, 100))
+    )
     if len(set(curves["measures"].values())) > 1:
         out = {k: (v if isinstance(v, dict) else None) for k, v in out.items()}
     return out

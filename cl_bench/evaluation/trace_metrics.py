@@ -17,11 +17,12 @@ divided by the number of all examples, so it counts 0. Where TRACE's code would 
 error (ScienceQA's first character of an empty string; ``rouge`` refusing a prediction with no
 words, such as "..."), the pair counts 0 here (docs/fidelity.md).
 """
+
 from __future__ import annotations
 
 import re
 import warnings
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from cl_bench.evaluation.sari import sari
 
@@ -71,8 +72,9 @@ def py150_postprocess(code: str) -> str:
 
 def trace_edit_similarity(predictions, answers, prompts=None) -> float:
     """fuzzywuzzy's ``fuzz.ratio`` after the Py150 post-processing (``caculate_fuzz``), already 0-100."""
-    return _skipping_mean(fuzz.ratio, [py150_postprocess(p) for p in predictions],
-                          [py150_postprocess(a) for a in answers])
+    return _skipping_mean(
+        fuzz.ratio, [py150_postprocess(p) for p in predictions], [py150_postprocess(a) for a in answers]
+    )
 
 
 def trace_sari(predictions, answers, prompts) -> float:

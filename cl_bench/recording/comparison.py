@@ -9,23 +9,38 @@ dirs. Each row lists its run dirs. A *paired* comparison takes, for each seed (a
 baseline both ran, the difference of a metric, and gives its mean with a percentile-bootstrap 95%
 interval (seeded, so a report is reproducible).
 """
+
 from __future__ import annotations
 
 import json
 import math
 import random
 import statistics
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from cl_bench.config import flat_settings
 from cl_bench.errors import ConfigError
 from cl_bench.evaluation.stability_gap import curve_metrics
 
 #: the numbers a group is summarised by: key -> how to read it from a results.json
-METRICS = ("op", "mean_op", "bwt", "fwt", "forgetting", "delta_RG", "general_before", "general_after",
-           "avg_min_acc", "wc_acc", "wf10", "wall_min", "cpu_min")
+METRICS = (
+    "op",
+    "mean_op",
+    "bwt",
+    "fwt",
+    "forgetting",
+    "delta_RG",
+    "general_before",
+    "general_after",
+    "avg_min_acc",
+    "wc_acc",
+    "wf10",
+    "wall_min",
+    "cpu_min",
+)
 #: what a run cost, not what it achieved: summarised, never paired
 TIMINGS = ("wall_min", "cpu_min")
 #: the continual-evaluation metrics (results.json's continual_metrics; only runs with eval.continual)
@@ -34,17 +49,35 @@ CONTINUAL_METRICS = ("avg_min_acc", "wc_acc", "wf10")
 
 #: settings that cannot change what a run computes: two runs that differ only in these (and the
 #: seed) are repeats of one experiment. A dotted key covers everything below it.
-NOT_RESULT_KEYS = ("seed", "run_name", "run_group", "objective", "resume", "dry_run", "heartbeat_s", "checkpoint",
-                   "paths", "logger", "train.token_cache", "model.cache_dir", "tasks.cache_dir",
-                   "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.log_every_n_steps")
+NOT_RESULT_KEYS = (
+    "seed",
+    "run_name",
+    "run_group",
+    "objective",
+    "resume",
+    "dry_run",
+    "heartbeat_s",
+    "checkpoint",
+    "paths",
+    "logger",
+    "train.token_cache",
+    "model.cache_dir",
+    "tasks.cache_dir",
+    "trainer.enable_progress_bar",
+    "trainer.enable_model_summary",
+    "trainer.log_every_n_steps",
+)
 
 
 def result_settings(config: dict) -> dict[str, Any]:
     """The resolved config as dotted keys, less :data:`NOT_RESULT_KEYS` and the seeds that follow the
     run's seed (``model.seed: ${seed}``, ``method.adapters.seed: ${seed}``: a ``*.seed`` equal to it):
     what decides a run's result, repeats aside."""
-    return {k: v for k, v in flat_settings(config, NOT_RESULT_KEYS).items()
-            if not (k.endswith(".seed") and v == config.get("seed"))}
+    return {
+        k: v
+        for k, v in flat_settings(config, NOT_RESULT_KEYS).items()
+        if not (k.endswith(".seed") and v == config.get("seed"))
+    }
 
 
 @dataclass
@@ -74,8 +107,11 @@ BUILT_MODELS = {"load_smollm2": "SmolLM2-135M-Instruct", "tiny_llama": "tiny ran
 def _model_name(model: dict) -> str:
     """The model's name, with its LoRA settings when adapters trained (never grouped with full runs)."""
     lora = model.get("lora") or {}
-    suffix = (f"+lora(r={lora.get('r')}, alpha={lora.get('alpha')}, {','.join(lora.get('target_modules') or [])})"
-              if lora.get("enabled") else "")
+    suffix = (
+        f"+lora(r={lora.get('r')}, alpha={lora.get('alpha')}, {','.join(lora.get('target_modules') or [])})"
+        if lora.get("enabled")
+        else ""
+    )
     for key in ("name_or_path", "name", "path", "pretrained_model_name_or_path"):
         if model.get(key):
             return str(model[key]) + suffix
@@ -113,12 +149,18 @@ def read_run(path: Path) -> RunResult:
     cpu = (data.get("timings") or {}).get("cpu_s")
     values["cpu_min"] = None if cpu is None else cpu / 60
     return RunResult(
-        path=file.parent, status=data.get("status", "?"), error=data.get("error"),
+        path=file.parent,
+        status=data.get("status", "?"),
+        error=data.get("error"),
         method=str(method.get("_target_", "?")).rsplit(".", 2)[-2],
         settings=result_settings(config),
         stream=_stream_name(config.get("tasks") or {}, data.get("tasks") or []),
-        order=tuple(data.get("tasks") or ()), model=_model_name(config.get("model") or {}),
-        seed=config.get("seed"), joint=bool(data.get("joint")), R=data.get("R") or [], values=values,
+        order=tuple(data.get("tasks") or ()),
+        model=_model_name(config.get("model") or {}),
+        seed=config.get("seed"),
+        joint=bool(data.get("joint")),
+        R=data.get("R") or [],
+        values=values,
         continual=data.get("continual"),
     )
 
@@ -169,8 +211,10 @@ def group_runs(runs: list[RunResult]) -> dict[tuple[str, str, tuple, str], list[
         seen: dict[Any, RunResult] = {}
         for r in members:
             if r.seed in seen:
-                raise ConfigError(f"{seen[r.seed].path} and {r.path}: two runs of the same settings and seed {r.seed} "
-                                  f"({key[0]}); a report averages repeats over seeds: leave one of them out")
+                raise ConfigError(
+                    f"{seen[r.seed].path} and {r.path}: two runs of the same settings and seed {r.seed} "
+                    f"({key[0]}); a report averages repeats over seeds: leave one of them out"
+                )
             seen[r.seed] = r
     return groups
 
@@ -187,8 +231,14 @@ def aggregate(groups: dict[tuple, list[RunResult]]) -> list[dict[str, Any]]:
     """One row per group: its key, seeds, and mean/std/n of every metric."""
     rows = []
     for (label, stream, order, model), runs in groups.items():
-        row = {"method": label, "stream": stream, "order": list(order), "model": model,
-               "seeds": sorted(r.seed for r in runs), "runs": [str(r.path) for r in runs]}
+        row = {
+            "method": label,
+            "stream": stream,
+            "order": list(order),
+            "model": model,
+            "seeds": sorted(r.seed for r in runs),
+            "runs": [str(r.path) for r in runs],
+        }
         for m in METRICS:
             row[m] = summary_stats([r.values.get(m) for r in runs])
         rows.append(row)
@@ -214,16 +264,31 @@ def paired(groups: dict[tuple, list[RunResult]], baseline: str, seed: int = 0) -
         by_seed = {r.seed: r for r in base}
         pairs = [(r, by_seed[r.seed]) for r in runs if r.seed in by_seed]
         mine = {r.seed for r in runs}
-        row = {"method": label, "baseline": baseline, "stream": stream, "order": list(order), "model": model,
-               "seeds": sorted(r.seed for r, _ in pairs),
-               # seeds only one side ran: left out of the pairs, and said so in every output
-               "unpaired_seeds": {label: sorted(mine - set(by_seed)), baseline: sorted(set(by_seed) - mine)}}
+        row = {
+            "method": label,
+            "baseline": baseline,
+            "stream": stream,
+            "order": list(order),
+            "model": model,
+            "seeds": sorted(r.seed for r, _ in pairs),
+            # seeds only one side ran: left out of the pairs, and said so in every output
+            "unpaired_seeds": {label: sorted(mine - set(by_seed)), baseline: sorted(set(by_seed) - mine)},
+        }
         for m in (m for m in METRICS if m not in TIMINGS):
-            diffs = [a.values[m] - b.values[m] for a, b in pairs
-                     if a.values.get(m) is not None and b.values.get(m) is not None]
-            row[m] = None if not diffs else {
-                "diff": statistics.fmean(diffs), "n": len(diffs),
-                "ci95": list(bootstrap_interval(diffs, seed)) if len(diffs) > 1 else None}
+            diffs = [
+                a.values[m] - b.values[m]
+                for a, b in pairs
+                if a.values.get(m) is not None and b.values.get(m) is not None
+            ]
+            row[m] = (
+                None
+                if not diffs
+                else {
+                    "diff": statistics.fmean(diffs),
+                    "n": len(diffs),
+                    "ci95": list(bootstrap_interval(diffs, seed)) if len(diffs) > 1 else None,
+                }
+            )
         out.append(row)
     return out
 
@@ -244,8 +309,13 @@ def mean_curves(runs: list[RunResult]) -> dict[str, Any] | None:
     first = curves[0]
     same = [c for c in curves if c["steps"] == first["steps"]]
     scores = {}
-    for task, values in first["scores"].items():
+    for task in first["scores"]:
         columns = zip(*(c["scores"][task] for c in same))
         scores[task] = [None if any(v is None for v in col) else statistics.fmean(col) for col in columns]
-    return {"steps": first["steps"], "training": first["training"], "scores": scores,
-            "measures": first.get("measures", {}), "n": len(same)}
+    return {
+        "steps": first["steps"],
+        "training": first["training"],
+        "scores": scores,
+        "measures": first.get("measures", {}),
+        "n": len(same),
+    }

@@ -6,13 +6,15 @@ in a terminal they redraw one line; in a log file (CI, ``make run > log``, SLURM
 piles onto a single line that grows to hundreds of kilobytes. :func:`one_line_per_bar` keeps, in a
 non-terminal, only the last state of each such line.
 """
+
 from __future__ import annotations
 
 import contextlib
 import io
 import logging
 import sys
-from typing import Iterator, TextIO
+from collections.abc import Iterator
+from typing import TextIO
 
 from rich.console import Console
 

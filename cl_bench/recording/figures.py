@@ -8,6 +8,7 @@ One set per setting (stream, task order, model): the mean score matrix of each m
 metrics as bars with +-1 std error bars, each task's score across the stages (forgetting curves),
 general ability before and after the stream, and the continual-evaluation curves when runs have them.
 """
+
 from __future__ import annotations
 
 import io
@@ -90,7 +91,7 @@ def figures(groups: dict[tuple, list[RunResult]], rows: list[dict], settings: li
         stats = {r["method"]: r for r in rows if (r["stream"], tuple(r["order"]), r["model"]) == setting}
         labels, tasks, where = list(mine), list(setting[1]), f"Setting {k + 1}: {setting[2]} on {setting[0]}"
 
-        def add(kind: str, fig, caption: str) -> None:
+        def add(kind: str, fig, caption: str, k: int = k, where: str = where) -> None:
             out.append(Figure(f"setting{k + 1}_{kind}", *render(fig), f"{caption} {where}."))
 
         fig, axes = _grid(len(labels), 3.4, 3.6)
@@ -98,14 +99,23 @@ def figures(groups: dict[tuple, list[RunResult]], rows: list[dict], settings: li
             R, joint = mean_matrix(mine[label]), mine[label][0].joint
             image = draw_score_matrix(ax, R, tasks, stage_labels(tasks, len(R), joint), label, joint)
         fig.colorbar(image, ax=axes, label="score (0-100)", shrink=0.8)
-        add("score_matrices", fig, "Mean score matrix R over seeds, one panel per method: row 'after t' holds every "
-            "task's score after training task t; boxed: each task right after its own training.")
+        add(
+            "score_matrices",
+            fig,
+            "Mean score matrix R over seeds, one panel per method: row 'after t' holds every "
+            "task's score after training task t; boxed: each task right after its own training.",
+        )
 
         shown = [m for m in (*BAR_METRICS, *CONTINUAL_METRICS) if any(s[m]["n"] for s in stats.values())]
         fig, axes = _grid(len(shown), 3.2, 3.3)
         for ax, m in zip(axes, shown):
-            ax.bar(range(len(labels)), [stats[lab][m]["mean"] or 0 for lab in labels],
-                   yerr=[stats[lab][m]["std"] or 0 for lab in labels], capsize=3, color=plt.cm.tab10.colors[: len(labels)])
+            ax.bar(
+                range(len(labels)),
+                [stats[lab][m]["mean"] or 0 for lab in labels],
+                yerr=[stats[lab][m]["std"] or 0 for lab in labels],
+                capsize=3,
+                color=plt.cm.tab10.colors[: len(labels)],
+            )
             ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=7)
             ax.set_title(METRIC_AXES[m][0], fontsize=8)
             ax.set_ylabel(METRIC_AXES[m][1], fontsize=7)
@@ -117,32 +127,51 @@ def figures(groups: dict[tuple, list[RunResult]], rows: list[dict], settings: li
             R = mean_matrix(mine[label])
             for j, task in enumerate(tasks):
                 ax.plot(range(len(R)), [row[j] for row in R], marker="o", markersize=3, label=task)
-            ax.set_xticks(range(len(R)), stage_labels(tasks, len(R), mine[label][0].joint), rotation=45, ha="right",
-                          fontsize=6)
+            ax.set_xticks(
+                range(len(R)), stage_labels(tasks, len(R), mine[label][0].joint), rotation=45, ha="right", fontsize=6
+            )
             ax.set_title(label, fontsize=8)
             ax.set_xlabel("model after", fontsize=7)
         axes[0].set_ylabel(SCORE, fontsize=7)
         _legend_beside(axes[-1], "task")
-        add("task_curves", fig, "Each task's mean score after every stage (forgetting curves): a line that falls "
-            "after its own task's stage is forgetting.")
+        add(
+            "task_curves",
+            fig,
+            "Each task's mean score after every stage (forgetting curves): a line that falls "
+            "after its own task's stage is forgetting.",
+        )
 
         if any(stats[lab]["general_before"]["n"] for lab in labels):
             fig, ax = plt.subplots(figsize=(1.2 * len(labels) + 4, 3.4), layout="constrained")
             for off, key, name in ((-0.2, "general_before", "before the stream"), (0.2, "general_after", "after it")):
-                ax.bar([i + off for i in range(len(labels))], [stats[lab][key]["mean"] or 0 for lab in labels], width=0.4,
-                       yerr=[stats[lab][key]["std"] or 0 for lab in labels], capsize=3, label=name)
+                ax.bar(
+                    [i + off for i in range(len(labels))],
+                    [stats[lab][key]["mean"] or 0 for lab in labels],
+                    width=0.4,
+                    yerr=[stats[lab][key]["std"] or 0 for lab in labels],
+                    capsize=3,
+                    label=name,
+                )
             ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=7)
             ax.set_ylabel("mean benchmark score (0-100),\nhigher is better", fontsize=7)
             ax.set_title("General ability before and after the stream", fontsize=9)
             _legend_beside(ax, "general ability")
-            add("general_ability", fig, "General ability (the mean over the general.tasks benchmarks) before and "
-                "after the stream, mean ± std over seeds.")
+            add(
+                "general_ability",
+                fig,
+                "General ability (the mean over the general.tasks benchmarks) before and "
+                "after the stream, mean ± std over seeds.",
+            )
 
         curves = {label: c for label in labels if (c := mean_curves(mine[label])) is not None}
         if curves:
-            add("continual", continual_figure(curves, tasks), "Continual evaluation: each seen task's score during "
+            add(
+                "continual",
+                continual_figure(curves, tasks),
+                "Continual evaluation: each seen task's score during "
                 "training against the stream step, mean over seeds (dotted: a task ends; a dip right after one is "
-                "the stability gap).")
+                "the stability gap).",
+            )
     return out
 
 
@@ -162,8 +191,11 @@ def continual_figure(curves: dict[str, dict], tasks: list[str]):
         ax.set_xlabel("stream step (optimizer steps)", fontsize=7)
         ax.tick_params(labelsize=6)
     measures = sorted({m for c in curves.values() for m in c["measures"].values()})
-    axes[0].set_ylabel(" / ".join("answer log-likelihood per token" if m == "loglik" else "task score (0-100)"
-                                  for m in measures) + ",\nhigher is better", fontsize=7)
+    axes[0].set_ylabel(
+        " / ".join("answer log-likelihood per token" if m == "loglik" else "task score (0-100)" for m in measures)
+        + ",\nhigher is better",
+        fontsize=7,
+    )
     _legend_beside(axes[-1], "task")
     return fig
 
@@ -178,8 +210,9 @@ def _grid(count: int, width: float, height: float, **kwargs):
     a row; returns it with the used axes in reading order (the unused ones hidden)."""
     cols = min(count, PANELS_PER_ROW)
     rows = -(-count // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(width * cols + 1, height * rows), squeeze=False,
-                             layout="constrained", **kwargs)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(width * cols + 1, height * rows), squeeze=False, layout="constrained", **kwargs
+    )
     flat = [ax for row in axes for ax in row]
     for ax in flat[count:]:
         ax.set_visible(False)
@@ -191,7 +224,9 @@ def render(fig) -> tuple[bytes, bytes]:
     out = []
     for fmt in ("png", "pdf"):
         buf = io.BytesIO()
-        fig.savefig(buf, format=fmt, dpi=110, bbox_inches="tight", metadata={"CreationDate": None} if fmt == "pdf" else None)
+        fig.savefig(
+            buf, format=fmt, dpi=110, bbox_inches="tight", metadata={"CreationDate": None} if fmt == "pdf" else None
+        )
         out.append(buf.getvalue())
     plt.close(fig)
     return out[0], out[1]

@@ -7,6 +7,7 @@ Hydra callback (``conf/config.yaml``), copies an existing record aside before Hy
 the entry point puts it back with :func:`restore_record` when the run is refused and drops the
 copy with :func:`discard_backup` otherwise.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -91,6 +92,7 @@ def redact_record(run_dir: str | Path, subdir: str = ".hydra") -> None:
 
     from cl_bench.files import atomic_write
     from cl_bench.recording.results import redact, redact_override
+
     record = _record(run_dir, subdir)
     for name in ("config.yaml", "overrides.yaml", "hydra.yaml"):
         path = record / name

@@ -4,14 +4,16 @@ The runner owns the loggers (the per-task Trainers get ``logger=False``), so one
 whole stream: training curves use a step that runs on across tasks, and the per-stage scores, CL
 metrics and the score matrix are logged after every task.
 """
+
 from __future__ import annotations
 
 import contextlib
 import csv
 import os
 import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 
@@ -48,8 +50,14 @@ def wandb_logger(
         check_wandb_login(login_timeout)
     Path(save_dir).mkdir(parents=True, exist_ok=True)
     logger = WandbLogger(
-        project=project, name=name, group=group, tags=list(tags), entity=entity, job_type=job_type,
-        save_dir=save_dir, offline=(mode == "offline"),
+        project=project,
+        name=name,
+        group=group,
+        tags=list(tags),
+        entity=entity,
+        job_type=job_type,
+        save_dir=save_dir,
+        offline=(mode == "offline"),
         **({"id": run_id, "resume": "allow"} if run_id else {}),
     )
     logger._wandb_init.pop("anonymous", None)  # Lightning always passes it; wandb warns it is deprecated
@@ -60,15 +68,20 @@ def check_wandb_login(timeout: float) -> None:
     """The API key, checked with the W&B server before anything loads: a wrong key or an unreachable
     server is one ConfigError that says how to log offline instead."""
     import wandb
-    offline = ("or log offline with logger.wandb.mode=offline and upload later with "
-               "`wandb sync <run dir>/wandb/offline-run-*`")
+
+    offline = (
+        "or log offline with logger.wandb.mode=offline and upload later with `wandb sync <run dir>/wandb/offline-run-*`"
+    )
     try:
         logged_in = wandb.login(verify=True, timeout=timeout)
     except wandb.errors.CommError as e:  # AuthenticationError: the key refused, or no answer in time
-        raise ConfigError(f"logger.wandb: W&B did not accept the login ({e}); fix WANDB_API_KEY (or ~/.netrc), "
-                          f"{offline}") from None
+        raise ConfigError(
+            f"logger.wandb: W&B did not accept the login ({e}); fix WANDB_API_KEY (or ~/.netrc), {offline}"
+        ) from None
     if not logged_in:  # no key, or W&B set to offline in this process (WANDB_MODE)
-        raise ConfigError(f"logger.wandb: mode online, but W&B is not logged in (`wandb login` or WANDB_API_KEY), {offline}")
+        raise ConfigError(
+            f"logger.wandb: mode online, but W&B is not logged in (`wandb login` or WANDB_API_KEY), {offline}"
+        )
 
 
 @contextlib.contextmanager
@@ -76,6 +89,7 @@ def redacted_argv() -> Iterator[None]:
     """``sys.argv`` with secret-looking overrides hidden while W&B starts a run: it records the
     command line (its ``args``), and ``+api_token=...`` must not reach W&B's files or servers."""
     from cl_bench.recording.results import redact_override
+
     given = sys.argv[:]
     sys.argv[:] = [redact_override(a) for a in given]
     try:
@@ -180,7 +194,9 @@ class RunLoggers:
         """A finished stage: its scores and CL metrics, the score matrix as a table, W&B's summary
         and heatmap (:meth:`log_comparison`); then everything is flushed."""
         self.log_metrics(recorder.stage_metrics(), step)
-        self.log_table("R", ["stage"] + recorder.task_names, [[s] + r for s, r in zip(recorder.stages, recorder.R)], step)
+        self.log_table(
+            "R", ["stage"] + recorder.task_names, [[s] + r for s, r in zip(recorder.stages, recorder.R)], step
+        )
         self.log_comparison(recorder, png, title, step)
         self.save()
 
@@ -191,23 +207,34 @@ class RunLoggers:
         if not self.wandb() and not self.tensorboard():
             return
         from cl_bench.recording.figures import score_matrix_png  # matplotlib only where W&B or TensorBoard log
+
         atomic_write(png, score_matrix_png(recorder.R, recorder.task_names, recorder.stages, title))
         for lg in self.tensorboard():
             import numpy as np
             from PIL import Image
+
             lg.experiment.add_image("R_heatmap", np.asarray(Image.open(png).convert("RGB")), step, dataformats="HWC")
         if not self.wandb():
             return
         self.log_image("R_heatmap", png, step)
         # by position, not by task name: runs of different task orders share the keys
         evaluated = [k for k, stage in enumerate(recorder.stages) if stage in recorder.general]
-        general = {f"general/mean_{'base' if k == 0 else f'stage{k}'}": recorder.general_mean(recorder.stages[k])
-                   for k in evaluated}
+        general = {
+            f"general/mean_{'base' if k == 0 else f'stage{k}'}": recorder.general_mean(recorder.stages[k])
+            for k in evaluated
+        }
         if evaluated and evaluated[-1] > 0:
             general["general/mean_final"] = recorder.general_mean(recorder.stages[evaluated[-1]])
         continual = {f"cl/{k}": v for k, v in recorder.continual_metrics().items() if not isinstance(v, dict)}
-        self.summarize({**{f"cl/{k}": v for k, v in recorder.cl_metrics().items()}, **continual,
-                        "general/delta_RG": recorder.general_delta(), **general, "stage": len(recorder.R) - 1})
+        self.summarize(
+            {
+                **{f"cl/{k}": v for k, v in recorder.cl_metrics().items()},
+                **continual,
+                "general/delta_RG": recorder.general_delta(),
+                **general,
+                "stage": len(recorder.R) - 1,
+            }
+        )
 
     def save(self) -> None:
         for lg in self.loggers:
@@ -221,8 +248,12 @@ class RunLoggers:
             if results and self.config is not None:
                 lg.log_hyperparams(self.config, metrics=results)
         seconds = {k: sum(v) if isinstance(v, list) else v for k, v in recorder.to_dict()["timings"].items()}
-        self.summarize({"status": recorder.status,
-                        **{f"timings/{k}": v for k, v in seconds.items() if isinstance(v, (int, float))}})
+        self.summarize(
+            {
+                "status": recorder.status,
+                **{f"timings/{k}": v for k, v in seconds.items() if isinstance(v, (int, float))},
+            }
+        )
 
     def finalize(self, status: str, recorder=None) -> None:
         """End every logger's run (``status``: success or failed); W&B's summary gets the run's

@@ -2,6 +2,7 @@
 caption), summary.csv, summary.json and the figures as PNG and PDF (cl_bench/recording/figures.py),
 from results.json files alone (cl_bench/recording/comparison.py).
 """
+
 from __future__ import annotations
 
 import base64
@@ -14,8 +15,16 @@ from pathlib import Path
 from typing import Any
 
 from cl_bench.files import atomic_write
-from cl_bench.recording.comparison import (CONTINUAL_METRICS, METRICS, TIMINGS, RunResult, aggregate, group_runs,
-                                           paired, separating_keys)
+from cl_bench.recording.comparison import (
+    CONTINUAL_METRICS,
+    METRICS,
+    TIMINGS,
+    RunResult,
+    aggregate,
+    group_runs,
+    paired,
+    separating_keys,
+)
 from cl_bench.recording.figures import Figure, figures
 
 
@@ -46,21 +55,45 @@ def markdown(rows: list[dict], pairs: list[dict], failed: list[RunResult]) -> st
     for k, (stream, order, model) in enumerate(_settings(rows)):
         mine = [r for r in rows if (r["stream"], tuple(r["order"]), r["model"]) == (stream, order, model)]
         metrics = _shown(mine)
-        out += [f"## Setting {k + 1}: {model} on {stream}", "", f"Task order: {' -> '.join(order)}", "",
-                "| method | seeds | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
-        out += [f"| {_cell(r['method'])} | {','.join(map(str, r['seeds']))} | " + " | ".join(_fmt(r[m]) for m in metrics)
-                + " |" for r in mine]
+        out += [
+            f"## Setting {k + 1}: {model} on {stream}",
+            "",
+            f"Task order: {' -> '.join(order)}",
+            "",
+            "| method | seeds | " + " | ".join(metrics) + " |",
+            "|---|---|" + "---|" * len(metrics),
+        ]
+        out += [
+            f"| {_cell(r['method'])} | {','.join(map(str, r['seeds']))} | "
+            + " | ".join(_fmt(r[m]) for m in metrics)
+            + " |"
+            for r in mine
+        ]
         mine_pairs = [p for p in pairs if (p["stream"], tuple(p["order"]), p["model"]) == (stream, order, model)]
         shown = [m for m in metrics if m not in TIMINGS]
         for baseline in dict.fromkeys(p["baseline"] for p in mine_pairs):
-            out += ["", f"Paired with {baseline} over the seeds both ran: mean difference (method - {baseline}) "
-                    "[bootstrap 95% interval]", "", "| method | seeds | " + " | ".join(shown) + " |",
-                    "|---|---|" + "---|" * len(shown)]
-            out += [f"| {_cell(p['method'])} | {','.join(map(str, p['seeds']))} | " + " | ".join(_fmt_pair(p[m]) for m in shown)
-                    + " |" for p in mine_pairs if p["baseline"] == baseline]
-            unpaired = [f"{name} ran seeds {','.join(map(str, seeds))} that the other did not ({p['method']} vs {baseline})"
-                        for p in mine_pairs if p["baseline"] == baseline
-                        for name, seeds in p["unpaired_seeds"].items() if seeds]
+            out += [
+                "",
+                f"Paired with {baseline} over the seeds both ran: mean difference (method - {baseline}) "
+                "[bootstrap 95% interval]",
+                "",
+                "| method | seeds | " + " | ".join(shown) + " |",
+                "|---|---|" + "---|" * len(shown),
+            ]
+            out += [
+                f"| {_cell(p['method'])} | {','.join(map(str, p['seeds']))} | "
+                + " | ".join(_fmt_pair(p[m]) for m in shown)
+                + " |"
+                for p in mine_pairs
+                if p["baseline"] == baseline
+            ]
+            unpaired = [
+                f"{name} ran seeds {','.join(map(str, seeds))} that the other did not ({p['method']} vs {baseline})"
+                for p in mine_pairs
+                if p["baseline"] == baseline
+                for name, seeds in p["unpaired_seeds"].items()
+                if seeds
+            ]
             if unpaired:
                 out += ["", "Not paired, so not in the differences above: " + "; ".join(unpaired) + "."]
         out += ["", "Runs in each row:", "", "| method | runs |", "|---|---|"]
@@ -78,11 +111,19 @@ def _cell(text: Any) -> str:
 
 
 def _html_table(lines: list[str]) -> str:
-    cells = [[c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line.strip()[1:-1])]
-             for line in lines if not set(line) <= set("|-")]
+    cells = [
+        [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line.strip()[1:-1])]
+        for line in lines
+        if not set(line) <= set("|-")
+    ]
     head, body = cells[0], cells[1:]
-    return ("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in head) + "</tr>"
-            + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in body) + "</table>")
+    return (
+        "<table><tr>"
+        + "".join(f"<th>{html.escape(c)}</th>" for c in head)
+        + "</tr>"
+        + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in body)
+        + "</table>"
+    )
 
 
 def html_page(md_text: str, figs: list[Figure]) -> str:
@@ -102,19 +143,29 @@ def html_page(md_text: str, figs: list[Figure]) -> str:
         elif lines:
             body.append(f"<p>{html.escape(' '.join(lines))}</p>")
     for n, fig in enumerate(figs, 1):
-        body.append(f'<figure><img alt="{html.escape(fig.name)}.png" src="data:image/png;base64,'
-                    f'{base64.b64encode(fig.png).decode()}"><figcaption><b>Figure {n}.</b> {html.escape(fig.caption)} '
-                    f'({html.escape(fig.name)}.png, .pdf)</figcaption></figure>')
-    style = ("body{font-family:sans-serif;max-width:1500px;margin:1.5em auto;padding:0 1em} "
-             "table{border-collapse:collapse;font-size:13px;margin:0.5em 0} th,td{border:1px solid #bbb;padding:3px 7px;"
-             "text-align:right} th{background:#eee} td:first-child,th:first-child{text-align:left} img{max-width:100%} "
-             "figure{margin:1.5em 0} figcaption{font-size:14px;color:#333;max-width:1000px}")
-    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>Comparison report</title><style>{style}</style>"
-            f"</head><body>{''.join(body)}</body></html>\n")
+        body.append(
+            f'<figure><img alt="{html.escape(fig.name)}.png" src="data:image/png;base64,'
+            f'{base64.b64encode(fig.png).decode()}"><figcaption><b>Figure {n}.</b> {html.escape(fig.caption)} '
+            f"({html.escape(fig.name)}.png, .pdf)</figcaption></figure>"
+        )
+    style = (
+        "body{font-family:sans-serif;max-width:1500px;margin:1.5em auto;padding:0 1em} "
+        "table{border-collapse:collapse;font-size:13px;margin:0.5em 0} th,td{border:1px solid #bbb;padding:3px 7px;"
+        "text-align:right} th{background:#eee} td:first-child,th:first-child{text-align:left} img{max-width:100%} "
+        "figure{margin:1.5em 0} figcaption{font-size:14px;color:#333;max-width:1000px}"
+    )
+    return (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>Comparison report</title><style>{style}</style>"
+        f"</head><body>{''.join(body)}</body></html>\n"
+    )
 
 
-def write_report(runs: list[RunResult], out_dir: str | Path, baseline: str | list[str] = "sft", seed: int = 0,
-                 ) -> dict[str, Any]:
+def write_report(
+    runs: list[RunResult],
+    out_dir: str | Path,
+    baseline: str | list[str] = "sft",
+    seed: int = 0,
+) -> dict[str, Any]:
     """Write every output into ``out_dir``; returns the summary (also summary.json). ``baseline``:
     the method (or methods) the others are paired with, one table each."""
     out = Path(out_dir)
@@ -125,17 +176,24 @@ def write_report(runs: list[RunResult], out_dir: str | Path, baseline: str | lis
     failed = [r for r in runs if r.status != "finished"]
     md_text = markdown(rows, pairs, failed)
     figs = figures(groups, rows, _settings(rows)) if rows else []
-    summary = {"groups": rows, "paired": pairs,
-               "separating_keys": separating_keys([r for r in runs if r.status == "finished"]),
-               "failed": [{"path": str(r.path), "status": r.status, "error": r.error} for r in failed]}
+    summary = {
+        "groups": rows,
+        "paired": pairs,
+        "separating_keys": separating_keys([r for r in runs if r.status == "finished"]),
+        "failed": [{"path": str(r.path), "status": r.status, "error": r.error} for r in failed],
+    }
     atomic_write(out / "report.md", md_text)
     atomic_write(out / "summary.json", json.dumps(summary, indent=1))
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["method", "stream", "order", "model", "seeds"] + [f"{m}_{s}" for m in METRICS for s in ("mean", "std", "n")])
+    writer.writerow(
+        ["method", "stream", "order", "model", "seeds"] + [f"{m}_{s}" for m in METRICS for s in ("mean", "std", "n")]
+    )
     for r in rows:
-        writer.writerow([r["method"], r["stream"], " ".join(r["order"]), r["model"], " ".join(map(str, r["seeds"]))]
-                        + [r[m][s] for m in METRICS for s in ("mean", "std", "n")])
+        writer.writerow(
+            [r["method"], r["stream"], " ".join(r["order"]), r["model"], " ".join(map(str, r["seeds"]))]
+            + [r[m][s] for m in METRICS for s in ("mean", "std", "n")]
+        )
     atomic_write(out / "summary.csv", buf.getvalue())
     for fig in figs:
         atomic_write(out / f"{fig.name}.png", fig.png)

@@ -3,6 +3,7 @@
 A crash at any point leaves the last complete version of both files; ``status`` says whether the
 run finished, is still running, or failed (with the error).
 """
+
 from __future__ import annotations
 
 import csv
@@ -13,10 +14,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cl_bench.evaluation.matrix_metrics import all_metrics
 from cl_bench.evaluation.continual import ContinualSettings
-from cl_bench.evaluation.stability_gap import curve_metrics
 from cl_bench.evaluation.general_ability import PROBE_TASK
+from cl_bench.evaluation.matrix_metrics import all_metrics
+from cl_bench.evaluation.stability_gap import curve_metrics
 from cl_bench.files import atomic_write
 
 _SECRET_KEY = re.compile(r"(^|_)(api_?key|secret|password|passwd|token|auth|credentials?)$", re.IGNORECASE)
@@ -41,8 +42,16 @@ def redact_override(override: str) -> str:
 class RunRecorder:
     """Collects the score matrix and timings of a run and writes them after every stage."""
 
-    def __init__(self, out_dir: str | Path, config: dict, task_names: list[str], metric_names: list[str],
-                 writes: bool = True, trained: list[str] | None = None, continual: ContinualSettings | None = None):
+    def __init__(
+        self,
+        out_dir: str | Path,
+        config: dict,
+        task_names: list[str],
+        metric_names: list[str],
+        writes: bool = True,
+        trained: list[str] | None = None,
+        continual: ContinualSettings | None = None,
+    ):
         """``writes=False`` keeps everything in memory (the processes other than rank 0).
         ``trained``: what each stage trains, when it is not one task of the stream after another
         (a joint run: ``["joint"]``, one row after the base row). ``continual``: the run's continual
@@ -94,12 +103,18 @@ class RunRecorder:
         task in training, and every task's score (None before the task was seen)."""
         if not self.continual.enabled:
             return None
-        return {"every_n_steps": self.continual.every_n_steps, "max_examples": self.continual.max_examples,
-                "measures": self.continual.measures, "windows": list(self.continual.windows),
-                "before_first_step": self.continual.before_first_step, "resample": self.continual.resample,
-                "steps": [p["step"] for p in self.points], "training": [p["training"] for p in self.points],
-                "seconds": [p.get("seconds") for p in self.points],
-                "scores": {n: [p["scores"].get(n) for p in self.points] for n in self.task_names}}
+        return {
+            "every_n_steps": self.continual.every_n_steps,
+            "max_examples": self.continual.max_examples,
+            "measures": self.continual.measures,
+            "windows": list(self.continual.windows),
+            "before_first_step": self.continual.before_first_step,
+            "resample": self.continual.resample,
+            "steps": [p["step"] for p in self.points],
+            "training": [p["training"] for p in self.points],
+            "seconds": [p.get("seconds") for p in self.points],
+            "scores": {n: [p["scores"].get(n) for p in self.points] for n in self.task_names},
+        }
 
     def continual_metrics(self) -> dict[str, Any]:
         """min-ACC, avg-min-ACC, WC-ACC and WF^w of the points so far (none for a joint run, which
@@ -159,8 +174,14 @@ class RunRecorder:
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to go on recording (checkpoints carry it)."""
-        return {"R": self.R, "timings": self.timings, "general": self.general, "points": self.points,
-                "elapsed_s": time.time() - self.started, "cpu_s": self.cpu_seconds()}
+        return {
+            "R": self.R,
+            "timings": self.timings,
+            "general": self.general,
+            "points": self.points,
+            "elapsed_s": time.time() - self.started,
+            "cpu_s": self.cpu_seconds(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.R, self.timings, self.general = state["R"], state["timings"], state["general"]
@@ -182,15 +203,27 @@ class RunRecorder:
             "stages": self.stages,
             "R": self.R,
             "cl_metrics": self.cl_metrics(),
-            "general": {"scores": self.general, "delta_RG": self.general_delta(),
-                        "mean": {stage: self.general_mean(stage) for stage in self.general}},
-            **({"continual": self.continual_curves(), "continual_metrics": self.continual_metrics()}
-               if self.continual.enabled else {}),
+            "general": {
+                "scores": self.general,
+                "delta_RG": self.general_delta(),
+                "mean": {stage: self.general_mean(stage) for stage in self.general},
+            },
+            **(
+                {"continual": self.continual_curves(), "continual_metrics": self.continual_metrics()}
+                if self.continual.enabled
+                else {}
+            ),
             **({"method": self.method_report} if self.method_report else {}),
-            "timings": {**self.timings, "total_s": round(time.time() - self.started, 3),
-                        "cpu_s": None if self.cpu_started is None else round(self.cpu_seconds(), 3),
-                        **({"continual_s": round(sum(p.get("seconds") or 0 for p in self.points), 3)}
-                           if self.continual.enabled else {})},
+            "timings": {
+                **self.timings,
+                "total_s": round(time.time() - self.started, 3),
+                "cpu_s": None if self.cpu_started is None else round(self.cpu_seconds(), 3),
+                **(
+                    {"continual_s": round(sum(p.get("seconds") or 0 for p in self.points), 3)}
+                    if self.continual.enabled
+                    else {}
+                ),
+            },
             "config": self.config,
         }
 
@@ -210,7 +243,9 @@ class RunRecorder:
             task: [{"answer": a, "prediction": p} for a, p in zip(answers[task], preds)]
             for task, preds in predictions.items()
         }
-        atomic_write(self.out_dir / "predictions" / f"{self.stages[-1]}.json", json.dumps(records, ensure_ascii=False, indent=1))
+        atomic_write(
+            self.out_dir / "predictions" / f"{self.stages[-1]}.json", json.dumps(records, ensure_ascii=False, indent=1)
+        )
 
     def write(self, status: str | None = None, error: str | None = None) -> None:
         if status is not None:

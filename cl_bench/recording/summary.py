@@ -1,4 +1,5 @@
 """The Rich tables printed by the runner: the score matrix and the CL metrics."""
+
 from __future__ import annotations
 
 from rich.console import Console

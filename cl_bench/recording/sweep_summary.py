@@ -6,6 +6,7 @@ dirs under ``hydra.sweep.dir`` that Hydra set up during this multirun (their ``.
 newer than its start), so jobs of an earlier multirun in the same dir are not counted; each job's
 ``results.json`` says how it ended.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,7 +21,6 @@ from rich.table import Table
 
 from cl_bench.recording.console import console, quiet_library_logs
 
-
 JOB_RECORDS = ".jobs"
 
 
@@ -29,8 +29,11 @@ def record_job_end(sweep_dir: str | Path, job: Any, run_dir: str | Path, status:
     its run dir: a job refused because its dir holds another run must not be read off that run's
     results.json as "finished"."""
     from cl_bench.files import atomic_write
-    atomic_write(Path(sweep_dir) / JOB_RECORDS / f"{job}.json",
-                 json.dumps({"dir": str(run_dir), "status": status, "error": error}))
+
+    atomic_write(
+        Path(sweep_dir) / JOB_RECORDS / f"{job}.json",
+        json.dumps({"dir": str(run_dir), "status": status, "error": error}),
+    )
 
 
 def sweep_jobs(sweep_dir: str | Path, since: float = 0.0) -> list[dict[str, Any]]:
@@ -68,9 +71,15 @@ def _result_rows(sweep_dir: str | Path, since: float) -> list[dict[str, Any]]:
             rows.append({"dir": str(run_dir), "status": "no results", "objective": None, "error": None})
             continue
         objective = (results.get("config") or {}).get("objective", "op")
-        rows.append({"dir": str(run_dir), "status": results.get("status", "?"),
-                     "objective": (results.get("cl_metrics") or {}).get(objective), "objective_name": objective,
-                     "error": results.get("error")})
+        rows.append(
+            {
+                "dir": str(run_dir),
+                "status": results.get("status", "?"),
+                "objective": (results.get("cl_metrics") or {}).get(objective),
+                "objective_name": objective,
+                "error": results.get("error"),
+            }
+        )
     return rows
 
 

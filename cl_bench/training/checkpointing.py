@@ -16,6 +16,7 @@ Files appear by atomic rename, so a killed process leaves either the old or the 
 uses ``torch.load(weights_only=True)``; an unreadable file is reported by name and the previous
 good one is used instead.
 """
+
 from __future__ import annotations
 
 import logging
@@ -27,20 +28,28 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from omegaconf import OmegaConf
 
+from cl_bench.config import flat_settings
 from cl_bench.distributed import is_main
 from cl_bench.errors import ConfigError
 from cl_bench.files import atomic_write
 from cl_bench.models import is_adapter
 from cl_bench.training.sharding import full_state_dict
-from cl_bench.config import flat_settings
 
 log = logging.getLogger(__name__)
 CHECKPOINT_DIR = "checkpoints"
 _STAGE = re.compile(r"^stage-(\d+)\.pt$")
 _STEP = re.compile(r"^task-(\d+)-step-(\d+)\.ckpt$")
 #: config keys a resume may change: where files go, how it is logged and checkpointed
-RESUMABLE_CHANGES = ("paths", "resume", "logger", "checkpoint", "trainer.enable_progress_bar", "hydra", "dry_run",
-                     "heartbeat_s")
+RESUMABLE_CHANGES = (
+    "paths",
+    "resume",
+    "logger",
+    "checkpoint",
+    "trainer.enable_progress_bar",
+    "hydra",
+    "dry_run",
+    "heartbeat_s",
+)
 
 
 def load_file(path: Path, mmap: bool = False) -> dict[str, Any]:
@@ -58,8 +67,9 @@ def load_file(path: Path, mmap: bool = False) -> dict[str, Any]:
 class StreamCheckpoints:
     """Writes, prunes and finds the checkpoints of one run dir (writes on rank 0 only)."""
 
-    def __init__(self, run_dir: str | Path, every_n_steps: int | None = None, keep_steps: int = 1,
-                 keep_stages: int | None = 1):
+    def __init__(
+        self, run_dir: str | Path, every_n_steps: int | None = None, keep_steps: int = 1, keep_stages: int | None = 1
+    ):
         self.dir = Path(run_dir) / CHECKPOINT_DIR
         self.every_n_steps, self.keep_steps, self.keep_stages = every_n_steps, keep_steps, keep_stages
 
@@ -158,11 +168,11 @@ class StreamCheckpoints:
         if changed:  # every difference, none left out
             data = " (the stream's data files changed)" if "data_sha256" in changed else ""
             raise ConfigError(
-                f"cannot resume {self.dir.parent}: these {len(changed)} settings differ from the run's checkpoint{data}: "
-                + ", ".join(f"{k} ({before.get(k)!r} -> {after.get(k)!r})" for k in changed)
+                f"cannot resume {self.dir.parent}: these {len(changed)} settings differ from the run's "
+                f"checkpoint{data}: " + ", ".join(f"{k} ({before.get(k)!r} -> {after.get(k)!r})" for k in changed)
             )
 
-    def step_callback(self, task_index: int, before_save=None) -> "StepCheckpoint | None":
+    def step_callback(self, task_index: int, before_save=None) -> StepCheckpoint | None:
         return StepCheckpoint(self, task_index, before_save) if self.every_n_steps else None
 
 

@@ -6,10 +6,11 @@ positions only (transformers' ``logits_to_keep``): the values are those of the f
 without the [batch, sequence, vocabulary] logits of the prompt. With TRACE's long prompts and
 short answers, and vocabularies of 50k-150k, that is most of the head's cost.
 """
+
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
@@ -33,8 +34,11 @@ def labelled_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> t
     return sequence_and_labelled_logits(model, batch, every_position=False)[1:]
 
 
-def sequence_and_labelled_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor], every_position: bool = True,
-                                 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+def sequence_and_labelled_logits(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    every_position: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """(every position's logits [batch, length, V] as the model computes them (None unless
     ``every_position``), then :func:`labelled_logits`' pair), from one forward pass. The logits of
     every position are what a term over the whole padded sequence needs (TRACE's LwF)."""
@@ -43,11 +47,13 @@ def sequence_and_labelled_logits(model: torch.nn.Module, batch: dict[str, torch.
     first = int(labelled.float().argmax()) if labelled.any() else labels.shape[1] - 1
     keep = max(labels.shape[1] - first + 1, 2)  # the position before the first labelled token too
     logits = model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-        position_ids=position_ids(batch["attention_mask"]), use_cache=False,
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=position_ids(batch["attention_mask"]),
+        use_cache=False,
         logits_to_keep=0 if every_position else keep,
     ).logits
-    return (logits if every_position else None), logits[:, -keep:-1].float(), labels[:, -(keep - 1):]
+    return (logits if every_position else None), logits[:, -keep:-1].float(), labels[:, -(keep - 1) :]
 
 
 def labelled_mean(values: torch.Tensor, targets: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -67,7 +73,8 @@ def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, batch: dict
     if "loss_normalizer" not in batch:
         return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
     total = torch.nn.functional.cross_entropy(
-        logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+        logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
     return total / batch["loss_normalizer"][0]
 
 

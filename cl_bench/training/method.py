@@ -20,10 +20,12 @@ so a method never inherits Adam moments from a previous task. With ``optimizer.r
 one optimizer runs the whole stream (TRACE's recipe): a method that promises frozen entries must
 then clear their carried moments (methods/shared/fixed_mask.py does, through GradientMask).
 """
+
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Any, Iterable, Protocol, Sequence
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -32,8 +34,8 @@ from cl_bench.distributed import strategy_family
 from cl_bench.errors import ConfigError
 
 if TYPE_CHECKING:
-    from cl_bench.data.tasks import Example, Task, TaskStream
     from cl_bench.data.loaders import TaskLoaders
+    from cl_bench.data.tasks import Example, Task, TaskStream
     from cl_bench.training.parameter_views import ParameterViews
 
 
@@ -42,7 +44,7 @@ class TrainingModule(Protocol):
     cl_bench/training/module.py), which hands itself to every hook as ``module``."""
 
     model: torch.nn.Module
-    loaders: "TaskLoaders | None"
+    loaders: TaskLoaders | None
     #: the task being trained (named in errors)
     task_name: str
     #: (logits, targets) of the current micro-batch at its labelled positions, inside ``penalty``
@@ -62,7 +64,7 @@ class TrainingModule(Protocol):
     @property
     def device(self) -> torch.device: ...
 
-    def pass_loader(self, examples: Sequence["Example"]) -> torch.utils.data.DataLoader: ...
+    def pass_loader(self, examples: Sequence[Example]) -> torch.utils.data.DataLoader: ...
 
     def precision_context(self) -> contextlib.AbstractContextManager: ...
 
@@ -88,8 +90,10 @@ def model_bytes(model: torch.nn.Module) -> int:
 def refuse_weight_decay(method_name: str, weight_decay: float) -> None:
     """A method that freezes entries by masking gradients cannot have decoupled weight decay."""
     if weight_decay > 0:
-        raise ConfigError(f"method {method_name} freezes entries by masking gradients; optimizer.weight_decay "
-                          f"must be 0 (it is {weight_decay}), or decoupled decay would move them")
+        raise ConfigError(
+            f"method {method_name} freezes entries by masking gradients; optimizer.weight_decay "
+            f"must be 0 (it is {weight_decay}), or decoupled decay would move them"
+        )
 
 
 class CLMethod(Callback):
@@ -124,8 +128,9 @@ class CLMethod(Callback):
         if self.masks_gradients:
             refuse_weight_decay(self.name, cfg.optimizer.get("weight_decay", 0) or 0)
         if (cfg.model.get("lora") or {}).get("enabled", False) and not self.trains_lora:
-            raise ConfigError(f"method {self.name} does not train LoRA adapters (model.lora.enabled=true): "
-                              f"{self.lora_refusal}")
+            raise ConfigError(
+                f"method {self.name} does not train LoRA adapters (model.lora.enabled=true): {self.lora_refusal}"
+            )
 
     @staticmethod
     def check_strategy_family(cfg: Any) -> str:
@@ -141,40 +146,43 @@ class CLMethod(Callback):
                 f"trainer.strategy is {family}, which is not one of them{hint}"
             )
 
-    def on_stream_start(self, module: "TrainingModule", stream: "TaskStream") -> None:
+    def on_stream_start(self, module: TrainingModule, stream: TaskStream) -> None:
         """Called once before the first evaluation: check settings against the model here."""
 
-    def on_task_start(self, module: "TrainingModule", task: "Task", task_index: int) -> None:
+    def on_task_start(self, module: TrainingModule, task: Task, task_index: int) -> None:
         """Called before training on ``task``."""
 
-    def training_examples(self, task: "Task", task_index: int) -> list["Example"]:
+    def training_examples(self, task: Task, task_index: int) -> list[Example]:
         """The examples the task is trained on: its training split; a replay method adds
         remembered ones (called after :meth:`on_task_start`)."""
         return list(task.train)
 
-    def replayed_per_batch(self, task: "Task", task_index: int) -> int | None:
+    def replayed_per_batch(self, task: Task, task_index: int) -> int | None:
         """How many examples of every global batch come from past ``task.train`` in
         :meth:`training_examples` (the rest are the task's own); None: all are shuffled together."""
         return None
 
-    def after_task_epoch(self, task: "Task", task_index: int) -> list["Example"]:
+    def after_task_epoch(self, task: Task, task_index: int) -> list[Example]:
         """Examples of one more epoch trained after the task's fit and :meth:`on_task_end`, before
         the task is evaluated, with the run's optimizer (TRACE's replay epoch); [] for none."""
         return []
 
-    def penalty(self, module: "TrainingModule", batch: dict[str, torch.Tensor], task_loss: torch.Tensor) -> torch.Tensor | None:
+    def penalty(
+        self, module: TrainingModule, batch: dict[str, torch.Tensor], task_loss: torch.Tensor
+    ) -> torch.Tensor | None:
         """A term added to the task loss of every training step, or None."""
         return None
 
-    def training_loss(self, module: "TrainingModule", batch: dict[str, torch.Tensor], task_loss: torch.Tensor
-                      ) -> torch.Tensor:
+    def training_loss(
+        self, module: TrainingModule, batch: dict[str, torch.Tensor], task_loss: torch.Tensor
+    ) -> torch.Tensor:
         """The loss of a training micro-batch, from its task loss (the token mean of the answer's
         cross-entropy): the task loss plus :meth:`penalty`; a method whose objective replaces the
         task loss (GeRe's (CE_general + CE_task) / 2 + w TM) returns its own."""
         penalty = self.penalty(module, batch, task_loss)
         return task_loss if penalty is None else task_loss + penalty
 
-    def edit_gradients(self, module: "TrainingModule", views: "ParameterViews") -> None:
+    def edit_gradients(self, module: TrainingModule, views: ParameterViews) -> None:
         """Once per optimizer step, after the micro-batches' gradients are accumulated and reduced
         over processes (DDP's mean, FSDP's reduce-scatter), before clipping and the optimizer: edit
         gradients in place. ``views`` hands out each parameter's weights and gradient as this
@@ -182,7 +190,7 @@ class CLMethod(Callback):
         with :func:`~cl_bench.training.parameter_views.place_state` matches them; so the edit is
         written once for every strategy (cl_bench/training/parameter_views.py)."""
 
-    def on_task_end(self, module: "TrainingModule", task: "Task", task_index: int) -> None:
+    def on_task_end(self, module: TrainingModule, task: Task, task_index: int) -> None:
         """Called after training on ``task``, before it is evaluated."""
 
     def planned_state(self, model: torch.nn.Module, world: int, tasks: int) -> dict[str, int]:

@@ -1,17 +1,19 @@
 """The LightningModule that trains a causal LM on one task at a time."""
+
 from __future__ import annotations
 
 import contextlib
 import math
 import time
-from typing import TYPE_CHECKING, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.plugins.precision import MixedPrecision
 
-from cl_bench.errors import Diverged
 from cl_bench.data.loaders import TaskLoaders
+from cl_bench.errors import Diverged
 from cl_bench.rng import rng_state, set_rng_state
 from cl_bench.training.lm import sequence_and_labelled_logits, token_cross_entropy
 from cl_bench.training.parameter_views import ParameterViews
@@ -45,15 +47,16 @@ class CLModule(LightningModule):
     loggers see one monotonic curve for the whole stream.
 
     What the run does with it: :meth:`begin_task` before a task's fit, :meth:`end_fit` after it.
-    What methods use: :meth:`pass_loader` (a task's examples, batched as for training),
-    :meth:`precision_context`, :meth:`log_metrics`, :attr:`should_log`, :attr:`step_logits` and :attr:`step_sequence_logits` (in ``penalty``), ``model`` and
-    ``task_name``.
+    What methods use (cl_bench/training/method.py's ``TrainingModule``): :meth:`pass_loader` (a
+    task's examples, batched as for training), :meth:`precision_context`, :meth:`log_metrics`,
+    :attr:`should_log`, :attr:`step_logits` and :attr:`step_sequence_logits` (in ``penalty``),
+    ``model`` and ``task_name``.
     """
 
     def __init__(
         self,
         model: torch.nn.Module,
-        method: "CLMethod",
+        method: CLMethod,
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
         metric_sink: Callable[[dict[str, float], int], None] | None = None,
@@ -119,7 +122,7 @@ class CLModule(LightningModule):
         gradient, a teacher's cache; see :func:`autocast_of`)."""
         return autocast_of(self.precision, next(self.model.parameters()).device)
 
-    def pass_loader(self, examples: Sequence["Example"]) -> torch.utils.data.DataLoader:
+    def pass_loader(self, examples: Sequence[Example]) -> torch.utils.data.DataLoader:
         """All of ``examples`` in order, in micro-batches tokenized as for training (for a method's
         pass over a task's data, e.g. a Fisher estimate)."""
         if self.loaders is None:
@@ -203,8 +206,9 @@ class CLModule(LightningModule):
             if self.stream_optimizer is None:
                 # every parameter: a matrix frozen during the first task (HFT) must train in later ones
                 self.stream_optimizer = self.optimizer_factory(list(self.model.parameters()))
-                self.stream_scheduler = None if self.scheduler_factory is None else self.scheduler_factory(
-                    self.stream_optimizer)
+                self.stream_scheduler = (
+                    None if self.scheduler_factory is None else self.scheduler_factory(self.stream_optimizer)
+                )
                 if self._pending_optimizer_state is not None:
                     self.load_optimizer_state(self._pending_optimizer_state)
             optimizer, scheduler = self.stream_optimizer, self.stream_scheduler
@@ -231,8 +235,10 @@ class CLModule(LightningModule):
         """The stream optimizer's and scheduler's state (None when the optimizer is reset per task)."""
         if self.stream_optimizer is None:
             return self._pending_optimizer_state
-        return {"optimizer": self.stream_optimizer.state_dict(),
-                "scheduler": None if self.stream_scheduler is None else self.stream_scheduler.state_dict()}
+        return {
+            "optimizer": self.stream_optimizer.state_dict(),
+            "scheduler": None if self.stream_scheduler is None else self.stream_scheduler.state_dict(),
+        }
 
     def load_optimizer_state(self, state: dict | None) -> None:
         """Restore :meth:`optimizer_state` (now, or when the stream optimizer is created)."""

@@ -16,9 +16,10 @@ device); :func:`whole_state` puts it back together for a checkpoint, and a resto
 placed again at the next fit. A method that truly needs a whole tensor asks :meth:`ParameterViews.whole`
 (a collective under FSDP), and :meth:`ParameterViews.rows` cuts a whole result to this process's rows.
 """
+
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 

@@ -1,5 +1,6 @@
 """Learning-rate schedules a run's ``scheduler`` config builds (called with the optimizer at every
 fit, or once when the optimizer runs the whole stream)."""
+
 from __future__ import annotations
 
 import torch

@@ -10,10 +10,11 @@ Between fits the model stays sharded. What runs outside a fit in lockstep on eve
 once for the whole stage, so each process generates its own share of answers without collectives.
 Stage checkpoints gather the full state dict on rank 0 (:func:`full_state_dict`).
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 
@@ -26,12 +27,14 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 def is_sharded(model: torch.nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
+
     return isinstance(model, FSDPModule)
 
 
 def shard_model(model: torch.nn.Module, mesh) -> None:
     """``fully_shard`` every decoder layer, then the root (once: later fits find it sharded)."""
     from torch.distributed.fsdp import fully_shard
+
     if is_sharded(model):
         return
     for layer in decoder_layers(model):
@@ -41,6 +44,7 @@ def shard_model(model: torch.nn.Module, mesh) -> None:
 
 def _units(model: torch.nn.Module) -> list:
     from torch.distributed.fsdp import FSDPModule
+
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
@@ -69,6 +73,7 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     if not is_sharded(model):
         return model.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
@@ -101,14 +106,19 @@ def local_rows(tensor: torch.Tensor) -> slice:
 def rows_of_shards(state: dict[str, torch.Tensor], params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Each tensor of ``state`` (a method's per-entry state, whole) cut to the rows this process's
     shard of ``params[name]`` holds; one that is cut already, or not row-shaped like it, is kept."""
-    return {n: t[local_rows(params[n])].clone() if t.shape[0] == params[n].shape[0]
-            and t.shape[0] != local(params[n]).shape[0] else t for n, t in state.items()}
+    return {
+        n: t[local_rows(params[n])].clone()
+        if t.shape[0] == params[n].shape[0] and t.shape[0] != local(params[n]).shape[0]
+        else t
+        for n, t in state.items()
+    }
 
 
 def gather_rows(state: dict[str, torch.Tensor], params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Row shards of each tensor put back together in rank order on every process (CPU); every
     process must call it. A state that is whole already (e.g. just restored) is returned as it is."""
     import torch.distributed as dist
+
     if all(t.shape[0] == params[n].shape[0] for n, t in state.items()):
         return state
     parts = [None] * dist.get_world_size()

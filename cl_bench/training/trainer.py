@@ -6,11 +6,12 @@ cap come from the task, its gradient accumulation from the global batch layout
 that trains nothing: it tells the device and the number of processes, and its strategy starts the
 processes (cl_bench/distributed.py).
 """
+
 from __future__ import annotations
 
 import logging
 import warnings
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from lightning import Trainer
@@ -45,8 +46,11 @@ def check_precision(cfg: DictConfig) -> None:
     unscales the gradients itself, so clipping would see them scaled (Lightning stops at the first
     step; here the run stops before anything loads)."""
     precision = str(cfg.trainer.get("precision", "32-true"))
-    if (precision.startswith("16") and cfg.get("optimizer", {}).get("fused", False)
-            and cfg.trainer.get("gradient_clip_val")):
+    if (
+        precision.startswith("16")
+        and cfg.get("optimizer", {}).get("fused", False)
+        and cfg.trainer.get("gradient_clip_val")
+    ):
         raise ConfigError(
             f"trainer.precision={precision} with optimizer.fused=true cannot clip gradients "
             f"(trainer.gradient_clip_val={cfg.trainer.gradient_clip_val}): the fused step unscales them itself; "
@@ -73,16 +77,21 @@ def warn_low_precision_weights(model: torch.nn.Module) -> bool:
 
 
 def build_trainer(
-    cfg: DictConfig, epochs: int | None = None, max_steps: int | None = None,
-    callbacks: Iterable[Callback] = (), accumulate: int = 1,
+    cfg: DictConfig,
+    epochs: int | None = None,
+    max_steps: int | None = None,
+    callbacks: Iterable[Callback] = (),
+    accumulate: int = 1,
 ) -> Trainer:
     """A Trainer for one task of ``epochs`` epochs (and at most ``max_steps`` optimizer steps).
 
     ``epochs=None``: a Trainer that trains nothing (no budget, no progress bar).
     """
     if "accumulate_grad_batches" in cfg.trainer:
-        raise ConfigError("trainer.accumulate_grad_batches is derived from train.batch_size (the global batch) "
-                          "and train.micro_batch_size; set those instead")
+        raise ConfigError(
+            "trainer.accumulate_grad_batches is derived from train.batch_size (the global batch) "
+            "and train.micro_batch_size; set those instead"
+        )
     check_accelerator(cfg.trainer)
     check_precision(cfg)
     callbacks = list(callbacks)
@@ -98,8 +107,11 @@ def fsdp_mesh(trainer: DictConfig) -> DictConfig:
     """``trainer=fsdp``'s ``data_parallel_size: auto`` made every process (Lightning's own "auto"
     is the node count, meant for tensor parallelism within a node)."""
     strategy = trainer.get("strategy")
-    if not (hasattr(strategy, "get") and str(strategy.get("_target_", "")).endswith("ModelParallelStrategy")
-            and strategy.get("data_parallel_size", "auto") == "auto"):
+    if not (
+        hasattr(strategy, "get")
+        and str(strategy.get("_target_", "")).endswith("ModelParallelStrategy")
+        and strategy.get("data_parallel_size", "auto") == "auto"
+    ):
         return trainer
     trainer = trainer.copy()
     trainer.strategy.data_parallel_size = int(trainer.get("devices", 1)) * int(trainer.get("num_nodes", 1))
@@ -110,7 +122,13 @@ def placement_trainer(cfg: DictConfig, multirun: bool = False) -> Trainer:
     """A Trainer that trains nothing: its device, its process count and the launcher of its strategy.
     ``multirun``: the run is a job of a local sweep, which cannot start DDP processes."""
     placement = build_trainer(cfg)
-    if multirun and placement.world_size > 1 and not placement.strategy.cluster_environment.creates_processes_externally:
-        raise ConfigError("a local multirun cannot start DDP processes (Lightning re-runs the command line, sweep "
-                          "and all, in each); sweep with hydra/launcher=slurm, which starts every run's processes")
+    if (
+        multirun
+        and placement.world_size > 1
+        and not placement.strategy.cluster_environment.creates_processes_externally
+    ):
+        raise ConfigError(
+            "a local multirun cannot start DDP processes (Lightning re-runs the command line, sweep "
+            "and all, in each); sweep with hydra/launcher=slurm, which starts every run's processes"
+        )
     return placement

@@ -8,31 +8,43 @@ through the sharded model, so each process holds the scores of its own rows; the
 of every process are then put together (:func:`unit_scores_of_shards`) and every process builds
 the same whole mask.
 """
+
 from __future__ import annotations
 
 import time
 from collections import defaultdict
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
 from cl_bench.errors import ConfigError, check_choice, check_fraction
+from cl_bench.training.method import CLMethod, trainable_bytes
 from cl_bench.training.parameter_views import ParameterViews
 from cl_bench.training.sharding import gather_rows
-from cl_bench.training.method import CLMethod, trainable_bytes
 from methods.shared.masking import (
-    AGGREGATES, DIRECTIONS, REDUCTIONS, SCOPES, VECTORS, GradientMask, aggregate, expand,
-    frozen_entries_need_zero_decay, select_parameters, threshold_masks,
+    AGGREGATES,
+    DIRECTIONS,
+    REDUCTIONS,
+    SCOPES,
+    VECTORS,
+    GradientMask,
+    aggregate,
+    expand,
+    frozen_entries_need_zero_decay,
+    select_parameters,
+    threshold_masks,
 )
 
 
-def unit_scores_of_shards(scores: dict[str, torch.Tensor], params: dict[str, torch.Tensor], how: str,
-                          reduce: str) -> dict[str, torch.Tensor]:
+def unit_scores_of_shards(
+    scores: dict[str, torch.Tensor], params: dict[str, torch.Tensor], how: str, reduce: str
+) -> dict[str, torch.Tensor]:
     """FSDP: from each process's rows of per-entry scores, the per-unit scores of the whole tensors
     on every process, shaped so that :func:`aggregate` gives them back unchanged: [rows, 1] for row
     scores (gathered), [1, columns] for column scores (summed over the processes' rows), the whole
     tensor for entries and 1-D tensors (gathered). Every process must call it."""
     import torch.distributed as dist
+
     out, rows = {}, {}
     for n, s in scores.items():
         if s.dim() == 2 and how == "row":
@@ -49,8 +61,13 @@ def unit_scores_of_shards(scores: dict[str, torch.Tensor], params: dict[str, tor
 
 def layer_group(name: str) -> str:
     """A coarse group for telemetry: attention, mlp, embeddings, norms, lm_head."""
-    for key, group in (("attn", "attention"), ("mlp", "mlp"), ("embed", "embeddings"),
-                       ("norm", "norms"), ("lm_head", "lm_head")):
+    for key, group in (
+        ("attn", "attention"),
+        ("mlp", "mlp"),
+        ("embed", "embeddings"),
+        ("norm", "norms"),
+        ("lm_head", "lm_head"),
+    ):
         if key in name:
             return group
     return "other"
@@ -104,16 +121,24 @@ class FixedMaskMethod(CLMethod):
         self.last_scores = agg
         ranked = agg if self.vectors == "mask" else {n: a for n, a in agg.items() if scores[n].dim() == 2}
         keep = threshold_masks(ranked, self.alpha, self.quantile_scope, self.update)
-        keep.update({n: torch.full(a.shape, self.vectors == "train", dtype=torch.bool, device=a.device)
-                     for n, a in agg.items() if n not in keep})
+        keep.update(
+            {
+                n: torch.full(a.shape, self.vectors == "train", dtype=torch.bool, device=a.device)
+                for n, a in agg.items()
+                if n not in keep
+            }
+        )
         self.last_unit_fraction = sum(int(k.sum()) for k in keep.values()) / sum(k.numel() for k in keep.values())
         return {n: expand(keep[n], scores[n].shape, self.aggregate) for n in scores}
 
     def planned_state(self, model, world, tasks):
         """The masks: one bool per row, column or entry (``aggregate``) of each trainable weight."""
         unit = {"row": lambda p: p.shape[0], "column": lambda p: p.shape[1]}.get(self.aggregate)
-        return {"masks (bool)": sum(unit(p) if unit and p.dim() == 2 else p.numel()
-                                    for p in model.parameters() if p.requires_grad)}
+        return {
+            "masks (bool)": sum(
+                unit(p) if unit and p.dim() == 2 else p.numel() for p in model.parameters() if p.requires_grad
+            )
+        }
 
     def planned_pass(self, model, world):
         """The scores of every trainable entry (fp32) at each task start: under FSDP of this
@@ -138,17 +163,23 @@ class FixedMaskMethod(CLMethod):
         groups = defaultdict(list)
         for n in masks:
             groups[layer_group(n)].append(n)
-        metrics = {f"{self.name}/updated_fraction": self.mask.updated_fraction(),
-                   f"{self.name}/updated_unit_fraction": self.last_unit_fraction,
-                   f"{self.name}/mask_s": time.perf_counter() - start}
-        metrics.update({f"{self.name}/updated_fraction/{g}": self.mask.updated_fraction(ns) for g, ns in groups.items()})
+        metrics = {
+            f"{self.name}/updated_fraction": self.mask.updated_fraction(),
+            f"{self.name}/updated_unit_fraction": self.last_unit_fraction,
+            f"{self.name}/mask_s": time.perf_counter() - start,
+        }
+        metrics.update(
+            {f"{self.name}/updated_fraction/{g}": self.mask.updated_fraction(ns) for g, ns in groups.items()}
+        )
         module.log_metrics(metrics)
 
     def check_run(self, cfg) -> None:
         super().check_run(cfg)
         if self.row_shards and not cfg.optimizer.get("reset_per_task", True):
-            raise ConfigError(f"method {self.name} under trainer=fsdp needs optimizer.reset_per_task=true: the "
-                              "moments an optimizer carries over would move the frozen rows of each shard")
+            raise ConfigError(
+                f"method {self.name} under trainer=fsdp needs optimizer.reset_per_task=true: the "
+                "moments an optimizer carries over would move the frozen rows of each shard"
+            )
 
     def on_train_start(self, trainer, pl_module) -> None:
         if self.mask is not None:

@@ -5,6 +5,7 @@ a JSON list of strings or of ``{"text": ...}`` records. With no file, :func:`sel
 samples continuations of short, topic-neutral openings from the model before it is trained: a
 set that needs no download and reflects the general ability the stream should not lose.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,15 +19,38 @@ from cl_bench.evaluation.generation import GenerationConfig, generate
 from cl_bench.rng import preserved_rng
 
 OPENINGS = (
-    "The history of the printing press", "How volcanoes form", "A simple recipe for bread",
-    "The rules of chess", "Why the sky is blue", "The life cycle of a butterfly", "How a bill becomes a law",
-    "The causes of the First World War", "Photosynthesis in plants", "How to write a good email",
-    "The water cycle", "Prime numbers", "The planets of the solar system", "How vaccines work",
-    "The French Revolution", "Saving money on a budget", "The structure of a cell", "How computers store numbers",
-    "The origins of jazz", "Plate tectonics", "A short story about a lighthouse keeper", "The Roman Empire",
-    "How to learn a new language", "Climate and weather", "The human heart", "Basic rules of grammar",
-    "How airplanes fly", "The invention of the telephone", "Healthy sleep habits", "Ancient Egypt",
-    "How a search engine works", "The theory of evolution",
+    "The history of the printing press",
+    "How volcanoes form",
+    "A simple recipe for bread",
+    "The rules of chess",
+    "Why the sky is blue",
+    "The life cycle of a butterfly",
+    "How a bill becomes a law",
+    "The causes of the First World War",
+    "Photosynthesis in plants",
+    "How to write a good email",
+    "The water cycle",
+    "Prime numbers",
+    "The planets of the solar system",
+    "How vaccines work",
+    "The French Revolution",
+    "Saving money on a budget",
+    "The structure of a cell",
+    "How computers store numbers",
+    "The origins of jazz",
+    "Plate tectonics",
+    "A short story about a lighthouse keeper",
+    "The Roman Empire",
+    "How to learn a new language",
+    "Climate and weather",
+    "The human heart",
+    "Basic rules of grammar",
+    "How airplanes fly",
+    "The invention of the telephone",
+    "Healthy sleep habits",
+    "Ancient Egypt",
+    "How a search engine works",
+    "The theory of evolution",
 )
 
 
@@ -62,8 +86,9 @@ def self_generated(model, tokenizer, count: int, new_tokens: int, seed: int, bat
     of ``new_tokens`` tokens (temperature 1, top-p 0.95), drawn from ``seed`` without touching the
     run's random state."""
     openings = [Example(f"{OPENINGS[i % len(OPENINGS)]}:", "") for i in range(count)]
-    cfg = GenerationConfig(batch_size=batch_size, max_prompt_len=64, do_sample=True, temperature=1.0, top_p=0.95,
-                           raw=True)
+    cfg = GenerationConfig(
+        batch_size=batch_size, max_prompt_len=64, do_sample=True, temperature=1.0, top_p=0.95, raw=True
+    )
     with preserved_rng():
         torch.manual_seed(seed)
         continuations = generate(model, tokenizer, openings, new_tokens, cfg)

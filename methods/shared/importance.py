@@ -17,18 +17,20 @@ backward's gradient is reduce-scattered, and since every process ran the same ex
 over processes is that example's gradient, of which each process reads its own rows. The estimate
 is then this process's rows, and no process ever holds the whole model or a whole gradient.
 """
+
 from __future__ import annotations
 
 import random
 import time
-from typing import Callable, Iterable, Sequence, TypeVar
+from collections.abc import Callable, Iterable, Sequence
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
+from cl_bench.data.tokenization import IGNORE_INDEX
 from cl_bench.distributed import average_across_ranks, is_distributed
 from cl_bench.errors import ConfigError, check_choice, check_number
-from cl_bench.data.tokenization import IGNORE_INDEX
 from cl_bench.training.lm import answer_log_likelihood, eval_mode, labelled_logits
 from cl_bench.training.sharding import local
 
@@ -67,6 +69,7 @@ def _gradients(tensors: list[torch.Tensor], sharded: bool) -> Gradients:
         for p in tensors:
             p.grad = None
         return grads
+
     return shards
 
 
@@ -98,7 +101,9 @@ def _importance_pass(
             for batch in batches:
                 if num_samples is not None and seen >= num_samples:
                     break
-                batch = {k: v[: None if num_samples is None else num_samples - seen].to(device) for k, v in batch.items()}
+                batch = {
+                    k: v[: None if num_samples is None else num_samples - seen].to(device) for k, v in batch.items()
+                }
                 examples, added = add_batch(batch, gradients, acc)
                 seen, terms = seen + examples, terms + added
     finally:
@@ -134,6 +139,7 @@ def diagonal_fisher(
         for i in range(ll.shape[0]):
             _add_squares(fisher, gradients(ll[i], i < ll.shape[0] - 1))
         return ll.shape[0], ll.shape[0]
+
     return _importance_pass(model, batches, params, num_samples, add_batch, "Fisher")
 
 
@@ -154,14 +160,16 @@ def output_sensitivity(
                 if g is not None:
                     a.add_(g.detach().float().abs())
         return squared.shape[0], squared.shape[0]
+
     return _importance_pass(model, batches, params, num_samples, add_batch, "MAS importance")
 
 
 def overall_mean(tensors: dict[str, torch.Tensor], split: bool = False) -> float:
     """The mean of every entry of every tensor (telemetry); ``split``: each process holds its own
     part of them (FSDP's rows), so the sums and counts are added over processes."""
-    total = torch.tensor([sum(t.sum().item() for t in tensors.values()), sum(t.numel() for t in tensors.values())],
-                         dtype=torch.float64)
+    total = torch.tensor(
+        [sum(t.sum().item() for t in tensors.values()), sum(t.numel() for t in tensors.values())], dtype=torch.float64
+    )
     if split and is_distributed():
         total = total.to(next(iter(tensors.values())).device)
         dist.all_reduce(total)

@@ -4,11 +4,13 @@ A Linear weight W has shape [D_out, D_in]; its rows are output units. Scores are
 row (sum over input columns), per column, or kept per element; a mask is one boolean per score,
 broadcast back over the weight. 1-D tensors (biases, norms) always use element scores.
 """
+
 from __future__ import annotations
 
 import fnmatch
 import math
-from typing import TYPE_CHECKING, Iterable
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -104,7 +106,7 @@ class GradientMask:
         self.shapes = {n: params[n].shape for n in masks}
         self.masks = {n: m.to(device=params[n].device, dtype=params[n].dtype) for n, m in masks.items()}
 
-    def apply(self, views: "ParameterViews") -> None:
+    def apply(self, views: ParameterViews) -> None:
         """Mask the step's gradients, in place."""
         for name, p in views.parameters(self.masks).items():
             grad = views.grad(p)

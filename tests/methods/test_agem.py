@@ -1,4 +1,5 @@
 """A-GEM: the projection, the reference gradient under accumulation, the memory."""
+
 from functools import partial
 
 import pytest
@@ -20,6 +21,7 @@ def _agem_step(micro_batch_size):
     micro-batches as Lightning does (each micro-batch loss / accumulate); the step ascends the
     loss of similar data, so it conflicts with the memory's gradient."""
     from methods.agem import AGEM
+
     method = AGEM(per_task=6, memory_batch_size=4, seed=1)
     module = tiny_module(method, seed=2, micro_batch_size=micro_batch_size)
     module.log_every_n_steps = 1
@@ -29,6 +31,7 @@ def _agem_step(micro_batch_size):
     micro = list(module.loaders.training(second.train, seed=0))
     for batch in micro:
         from cl_bench.training.lm import causal_lm_loss
+
         (-causal_lm_loss(module.model, batch) / len(micro)).backward()  # ascent: it conflicts with the memory
     step_grad = [p.grad.clone() for p in module.model.parameters()]
     views = ParameterViews(module.model)
@@ -42,6 +45,7 @@ def _agem_step(micro_batch_size):
 
 def test_agem_projection_is_the_formula_and_removes_the_conflict():
     from methods.agem import project
+
     torch.manual_seed(0)
     g = [torch.randn(3, 4), torch.randn(5)]
     r = [-g[0] + 0.1 * torch.randn(3, 4), -g[1]]  # conflicting
@@ -57,10 +61,12 @@ def test_agem_projection_is_the_formula_and_removes_the_conflict():
 
 def test_agem_step_projects_the_whole_gradient_and_is_the_same_under_accumulation():
     from cl_bench.training.lm import causal_lm_loss
+
     module, method, g, r, projected, logged = _agem_step(None)
     # the reference gradient is the token-mean loss gradient over the step's memory batch
     from cl_bench.rng import derive_seed
     from methods.shared.importance import sample_examples
+
     drawn = sample_examples(method.memory[0], 4, derive_seed(1, 0))
     module.model.zero_grad()
     batch = next(iter(TaskLoaders(module.loaders.tokenizer, 4, 64, 8).passes(drawn)))
@@ -80,6 +86,7 @@ def test_agem_step_projects_the_whole_gradient_and_is_the_same_under_accumulatio
 
 def test_agem_memory_is_seeded_and_restored_and_settings_are_checked():
     from methods.agem import AGEM
+
     method = AGEM(per_task=3, seed=4)
     module = tiny_module(method)
     method.on_stream_start(module, None)
@@ -97,6 +104,7 @@ def test_agem_memory_is_seeded_and_restored_and_settings_are_checked():
 
 def test_agem_memory_batches_leave_no_token_cache_entries(tmp_path):
     from methods.agem import AGEM
+
     method = AGEM(per_task=6, seed=1)
     bundle = tiny_llama(seed=0)
     loaders = TaskLoaders(bundle.tokenizer, batch_size=4, max_prompt_len=64, max_ans_len=8, cache_dir=tmp_path)
@@ -107,4 +115,3 @@ def test_agem_memory_batches_leave_no_token_cache_entries(tmp_path):
         module.step_offset = step
         method.reference_gradient(module, ParameterViews(module.model), list(module.model.parameters()))
     assert list(tmp_path.iterdir()) == []
-

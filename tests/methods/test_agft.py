@@ -1,4 +1,5 @@
 """AGFT: LRP-epsilon relevance, the top-K mean, and the gate on gradients and updates."""
+
 import pytest
 import torch
 
@@ -17,16 +18,19 @@ TASK = tiny_task(two_word_answers=True)
 def _brute_force_lrp(w1, w2, x, picks, eps):
     """LRP-epsilon relevance of the weights of relu(x W1^T) W2^T for sum_t z2[t, picks[t]], layer
     by layer with the textbook rule R_i = sum_j x_i w_ji / (z_j + eps sign z_j) R_j."""
-    stab = lambda z: z + eps * torch.where(z >= 0, 1.0, -1.0)
+
+    def stab(z):
+        return z + eps * torch.where(z >= 0, 1.0, -1.0)
+
     z1 = x @ w1.T
     a1 = z1.clamp(min=0)
     z2 = a1 @ w2.T
     r2 = torch.zeros_like(z2)
     r2[torch.arange(len(picks)), picks] = z2[torch.arange(len(picks)), picks]
-    c2 = r2 / stab(z2)                                   # [T, d2]
-    rw2 = torch.einsum("tj,ji,ti->ji", c2, w2, a1)       # relevance of each W2 entry, summed over tokens
-    ra1 = a1 * (c2 @ w2)                                 # relevance of the hidden units
-    c1 = ra1 / stab(z1)                                  # relu passes relevance unchanged: R(z1) = R(a1)
+    c2 = r2 / stab(z2)  # [T, d2]
+    rw2 = torch.einsum("tj,ji,ti->ji", c2, w2, a1)  # relevance of each W2 entry, summed over tokens
+    ra1 = a1 * (c2 @ w2)  # relevance of the hidden units
+    c1 = ra1 / stab(z1)  # relu passes relevance unchanged: R(z1) = R(a1)
     rw1 = torch.einsum("tj,ji,ti->ji", c1, w1, x)
     return rw1, rw2
 
@@ -34,6 +38,7 @@ def _brute_force_lrp(w1, w2, x, picks, eps):
 def _gated_module(scale):
     """An AGFT module after one task, its gate a known random field, ready to train task 2."""
     from methods.agft import AGFT
+
     method = AGFT(scale=scale, samples="all", num_samples=2, param_patterns=["*layers.0.self_attn.q_proj.weight"])
     module = tiny_module(method)
     method.on_stream_start(module, None)
@@ -53,6 +58,7 @@ def _adam_updates(method, steps=5):
     from types import SimpleNamespace
 
     from cl_bench.training.lm import causal_lm_loss
+
     module = tiny_module(method)
     name = "model.layers.0.self_attn.q_proj.weight"
     param = dict(module.model.named_parameters())[name]
@@ -76,6 +82,7 @@ def _adam_updates(method, steps=5):
 @pytest.mark.parametrize("eps", [0.0, 0.5])
 def test_agft_relevance_is_lrp_epsilon_on_a_tiny_relu_network(eps):
     from methods.agft import epsilon_rule, weight_relevance
+
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(5, 7, bias=False), torch.nn.ReLU(), torch.nn.Linear(7, 4, bias=False))
     x, picks = torch.randn(3, 5), torch.tensor([0, 2, 3])
@@ -91,6 +98,7 @@ def test_agft_relevance_is_lrp_epsilon_on_a_tiny_relu_network(eps):
 
 def test_agft_top_k_mean_and_the_per_sample_pass_match_a_direct_computation():
     from methods.agft import AGFT, TopKMean, epsilon_rule, weight_relevance
+
     torch.manual_seed(1)
     rows = torch.randn(7, 3, 2)
     top = TopKMean({"w": torch.Size([3, 2])}, 3, "cpu")
@@ -119,6 +127,7 @@ def test_agft_scales_the_gradient_by_one_minus_the_gate():
     method, module = _gated_module("grad")
     batch = next(iter(module.pass_loader(TASK.train)))
     from cl_bench.training.lm import causal_lm_loss
+
     causal_lm_loss(module.model, batch).backward()
     plain = {n: p.grad.clone() for n, p in module.model.named_parameters()}
     module.model.zero_grad(set_to_none=True)
@@ -132,6 +141,7 @@ def test_agft_scales_the_gradient_by_one_minus_the_gate():
 
 def test_agft_update_scaling_applies_one_minus_the_gate_to_the_optimizer_step():
     from types import SimpleNamespace
+
     method, module = _gated_module("update")
     name = next(iter(method.gate))
     param = dict(module.model.named_parameters())[name]
@@ -148,6 +158,7 @@ def test_agft_update_scaling_applies_one_minus_the_gate_to_the_optimizer_step():
         opt.step()
         method.on_train_end(None, module)
         return param.detach().clone()
+
     start = {k: v.clone() for k, v in module.model.state_dict().items()}
     before = start[name]
     plain, scaled = step(False), step(True)
@@ -159,6 +170,7 @@ def test_agft_default_halves_the_adamw_update_of_an_entry_gated_at_one_half():
     not (Adam divides the scale away: the update is SFT's)."""
     from methods.agft import AGFT
     from methods.sft import SFT
+
     patterns = ["*layers.0.self_attn.q_proj.weight"]
     sft = _adam_updates(SFT())
     moved = sft > 1e-7
@@ -174,13 +186,17 @@ def test_agft_counts_the_samples_that_formed_each_task_and_warns_when_none_did(c
     import logging
 
     from methods.agft import AGFT
+
     patterns = ["*layers.0.mlp.down_proj.weight"]
     strict = AGFT(num_samples=4, param_patterns=patterns)
     module = tiny_module(strict)
     strict.on_stream_start(module, None)
     with caplog.at_level(logging.WARNING):
         strict.on_task_end(module, TASK, 0)  # the untrained tiny model predicts no answer right
-    assert strict.report() == {"relevance_samples": {"t": 0}} and not strict.gate["model.layers.0.mlp.down_proj.weight"].any()
+    assert (
+        strict.report() == {"relevance_samples": {"t": 0}}
+        and not strict.gate["model.layers.0.mlp.down_proj.weight"].any()
+    )
     assert "none of the 4 samples examined of task t" in caplog.text and "method.samples=scored" in caplog.text
     model = module.model.eval()
     shares = []
@@ -197,8 +213,13 @@ def test_agft_counts_the_samples_that_formed_each_task_and_warns_when_none_did(c
     assert restored.report() == loose.report()
     # samples=scored: each sample's greedy answer scored by the task's metric (accuracy: exact match)
     from cl_bench.evaluation.generation import GenerationConfig, generate
-    answers = generate(model, module.loaders.tokenizer, TASK.train, 4, GenerationConfig(batch_size=1, max_prompt_len=64))
-    task = Task(TaskSpec("t", "accuracy", 4), {"train": [Example(ex.prompt, a) for ex, a in zip(TASK.train, answers)]}, 1)
+
+    answers = generate(
+        model, module.loaders.tokenizer, TASK.train, 4, GenerationConfig(batch_size=1, max_prompt_len=64)
+    )
+    task = Task(
+        TaskSpec("t", "accuracy", 4), {"train": [Example(ex.prompt, a) for ex, a in zip(TASK.train, answers)]}, 1
+    )
     scored = AGFT(num_samples=8, samples="scored", min_score=100, param_patterns=patterns)
     scored.on_stream_start(module, None)
     scored.on_task_end(module, task, 0)  # every answer is the model's own: every sample scores 100
@@ -209,10 +230,10 @@ def test_agft_counts_the_samples_that_formed_each_task_and_warns_when_none_did(c
 
 def test_agft_gate_survives_a_checkpoint():
     from methods.agft import AGFT
+
     method, module = _gated_module("grad")
     restored = AGFT(param_patterns=["*layers.0.self_attn.q_proj.weight"])
     restored.on_stream_start(tiny_module(restored), None)
     restored.load_state_dict(method.state_dict())
     assert restored.gate.keys() == method.gate.keys()
     assert all(torch.equal(restored.gate[n], method.gate[n]) for n in method.gate)
-

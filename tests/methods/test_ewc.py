@@ -1,5 +1,6 @@
 """EWC, MAS and TRACE's EWC: importances, penalties and their gradients against direct
 computations on the tiny model."""
+
 from types import SimpleNamespace
 
 import pytest
@@ -88,8 +89,12 @@ def test_ewc_logs_the_penalty_value_and_adds_no_graph():
 def test_ewc_consolidation_online_decays_and_sums_separate_keeps_each_task(mode, monkeypatch):
     method = EWC(mode=mode, gamma=0.5)
     module = tiny_module(method)
-    fishers = iter([{n: torch.full_like(p, 2.0) for n, p in module.model.named_parameters()},
-                    {n: torch.full_like(p, 3.0) for n, p in module.model.named_parameters()}])
+    fishers = iter(
+        [
+            {n: torch.full_like(p, 2.0) for n, p in module.model.named_parameters()},
+            {n: torch.full_like(p, 3.0) for n, p in module.model.named_parameters()},
+        ]
+    )
     monkeypatch.setattr("methods.ewc.diagonal_fisher", lambda *a, **k: (next(fishers), {"seconds": 0.0}))
     method.on_task_end(module, TASK, 0)
     with torch.no_grad():
@@ -119,8 +124,9 @@ def test_ewc_trace_matches_a_restatement_of_traces_loop():
     method.on_stream_start(module, None)
     for task_index, task_batches in enumerate(tasks):
         method.on_task_start(module, TASK, task_index)
-        method.on_train_start(SimpleNamespace(accumulate_grad_batches=accumulate, num_training_batches=len(task_batches)),
-                              module)
+        method.on_train_start(
+            SimpleNamespace(accumulate_grad_batches=accumulate, num_training_batches=len(task_batches)), module
+        )
         for i, batch in enumerate(task_batches):
             (causal_lm_loss(model, batch) / accumulate).backward()
             if (i + 1) % accumulate == 0:
@@ -136,6 +142,7 @@ def test_ewc_trace_matches_a_restatement_of_traces_loop():
 def test_mas_importance_equals_brute_force_per_example_output_gradients():
     from cl_bench.data.tokenization import IGNORE_INDEX, encode_train
     from methods.shared.importance import output_sensitivity
+
     bundle = tiny_llama(seed=1)
     model = bundle.model
     module = tiny_module(MAS())
@@ -175,4 +182,3 @@ def test_mas_penalty_is_lambda_omega_times_squared_distance():
         torch.testing.assert_close(p.grad, task_grad[n] + 2 * 3.0 * omega[n] * (p.detach() - anchor[n]))
     expected = 3.0 * sum((omega[n] * (p.detach() - anchor[n]) ** 2).sum().item() for n, p in params.items())
     assert method.penalty_value(views) == pytest.approx(expected, rel=1e-5)
-

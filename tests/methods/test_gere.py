@@ -1,4 +1,5 @@
 """GeRe: the general texts, their bands, the margin loss and the draws per step."""
+
 import pytest
 import torch
 
@@ -13,9 +14,11 @@ def _gere(tmp_path, **kwargs):
     import json
 
     from methods.gere import GeRe
+
     path = tmp_path / "general.jsonl"
-    path.write_text("\n".join(json.dumps({"text": f"General text number {i}: the {'quick ' * (i + 1)}fox."})
-                              for i in range(5)))
+    path.write_text(
+        "\n".join(json.dumps({"text": f"General text number {i}: the {'quick ' * (i + 1)}fox."}) for i in range(5))
+    )
     method = GeRe(general_data=str(path), **kwargs)
     module = tiny_module(method)
     module.log_every_n_steps = 1
@@ -35,14 +38,19 @@ def test_gere_thresholds_are_mean_plus_minus_std_of_the_untrained_hidden_states(
     mean, std = hidden.mean(0), hidden.std(0, unbiased=False)
     torch.testing.assert_close(method.lower, mean - std, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(method.upper, mean + std, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(model.lm_head(hidden[: len(method.texts[0])]), head_input.logits[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        model.lm_head(hidden[: len(method.texts[0])]), head_input.logits[0], rtol=1e-4, atol=1e-5
+    )
     first = hidden[: len(method.texts[0])]
-    assert torch.equal(method.bands[0] == -1, first <= method.lower) and torch.equal(method.bands[0] == 1, first >= method.upper)
+    assert torch.equal(method.bands[0] == -1, first <= method.lower) and torch.equal(
+        method.bands[0] == 1, first >= method.upper
+    )
     assert logged["gere/general_texts"] == 5 and logged["gere/general_tokens"] == hidden.shape[0]
 
 
 def test_gere_margin_is_zero_at_the_start_and_the_hand_value_on_a_crafted_state(tmp_path):
     from methods.gere import margin_loss
+
     method, module, logged = _gere(tmp_path)
     batch = next(iter(module.pass_loader(TASK.train)))
     task_loss = torch.tensor(2.0)
@@ -66,11 +74,13 @@ def test_gere_dynamic_weight_carries_no_gradient(tmp_path):
     batch = next(iter(module.pass_loader(TASK.train)))
     params = list(module.model.parameters())
     from cl_bench.training.lm import causal_lm_loss
+
     task_loss = causal_lm_loss(module.model, batch)
     dynamic = method.training_loss(module, batch, task_loss)
     w = logged["gere/weight"]
-    assert logged["gere/margin"] > 0 and w == pytest.approx(((logged["gere/ce_general"] + task_loss) / 2).item()
-                                                             / logged["gere/margin"], rel=1e-5)
+    assert logged["gere/margin"] > 0 and w == pytest.approx(
+        ((logged["gere/ce_general"] + task_loss) / 2).item() / logged["gere/margin"], rel=1e-5
+    )
     got = torch.autograd.grad(dynamic, params, retain_graph=True, allow_unused=True)
     method.weight = w  # the same draw (the same stream step), the weight as a constant
     task_loss = causal_lm_loss(module.model, batch)
@@ -107,14 +117,19 @@ def test_gere_general_texts_per_step_do_not_depend_on_the_micro_batch_size(make_
     from cl_bench.stream_run import run
     from methods.gere import GeRe
     from tests.conftest import instantiate_with
+
     path = tmp_path / "general.jsonl"
-    path.write_text("\n".join(json.dumps({"text": f"General text {i}: " + "word " * (300 * (i == 0) + 3)})
-                              for i in range(5)))
+    path.write_text(
+        "\n".join(json.dumps({"text": f"General text {i}: " + "word " * (300 * (i == 0) + 3)}) for i in range(5))
+    )
     seen = {}
     for micro in (4, 1):
+
         class Counted(GeRe):
+            micro_batch = micro
+
             def training_loss(self, module, batch, task_loss):
-                self.step = seen.setdefault(micro, defaultdict(Counter))[module.stream_step]
+                self.step = seen.setdefault(self.micro_batch, defaultdict(Counter))[module.stream_step]
                 for ids, mask in zip(batch["input_ids"], batch["attention_mask"]):  # interleave: general rows
                     if tuple(ids[mask.bool()].tolist()) in self.rows:
                         self.step[self.rows[tuple(ids[mask.bool()].tolist())]] += 1
@@ -123,10 +138,17 @@ def test_gere_general_texts_per_step_do_not_depend_on_the_micro_batch_size(make_
             def general_batch(self, picked, device):  # batch: the texts of the extra forward
                 self.step.update(picked)
                 return super().general_batch(picked, device)
+
         method = Counted(general_data=str(path), mode=mode, per_step=2, num_samples=5)
         monkeypatch.setattr("cl_bench.config.instantiate", instantiate_with(method))
-        cfg = make_config("method=gere", f"method.mode={mode}", "tasks.order=[arith]", "train.batch_size=4",
-                          f"train.micro_batch_size={micro}", "train.max_ans_len=16")
+        cfg = make_config(
+            "method=gere",
+            f"method.mode={mode}",
+            "tasks.order=[arith]",
+            "train.batch_size=4",
+            f"train.micro_batch_size={micro}",
+            "train.max_ans_len=16",
+        )
         run(cfg, tmp_path / f"run{micro}")
         assert json.loads((tmp_path / f"run{micro}" / "results.json").read_text())["status"] == "finished"
     assert seen[4] and all(sum(c.values()) == 2 for c in seen[4].values())
@@ -147,18 +169,35 @@ def test_gere_batch_mode_trains_the_same_weights_at_any_micro_batch_size(make_co
     import torch
 
     from cl_bench.stream_run import run
+
     path = tmp_path / "general.jsonl"
-    path.write_text("\n".join('{"text": "General text %d: the quick brown fox."}' % i for i in range(3)))
+    path.write_text("\n".join(f'{{"text": "General text {i}: the quick brown fox."}}' for i in range(3)))
     weights = {}
     for micro in (4, 1):
-        cfg = make_config("method=gere", f"method.general_data={path}", "method.num_samples=3", "method.per_step=1",
-                          "tasks.order=[arith]", "tasks.max_steps=2", "train.batch_size=4", f"train.micro_batch_size={micro}",
-                          "optimizer._target_=torch.optim.SGD", "optimizer.lr=0.5", "~optimizer.betas", "~optimizer.eps",
-                          "~optimizer.fused", "trainer.gradient_clip_val=null", "eval.max_examples=1")
+        cfg = make_config(
+            "method=gere",
+            f"method.general_data={path}",
+            "method.num_samples=3",
+            "method.per_step=1",
+            "tasks.order=[arith]",
+            "tasks.max_steps=2",
+            "train.batch_size=4",
+            f"train.micro_batch_size={micro}",
+            "optimizer._target_=torch.optim.SGD",
+            "optimizer.lr=0.5",
+            "~optimizer.betas",
+            "~optimizer.eps",
+            "~optimizer.fused",
+            "trainer.gradient_clip_val=null",
+            "eval.max_examples=1",
+        )
         run(cfg, tmp_path / f"run{micro}")
         stage = sorted((tmp_path / f"run{micro}" / "checkpoints").glob("stage-*.pt"))[-1]
         weights[micro] = torch.load(stage, weights_only=True)["model"]
-    moved = weights[4]["model.layers.0.mlp.up_proj.weight"] - tiny_llama().model.state_dict()["model.layers.0.mlp.up_proj.weight"]
+    moved = (
+        weights[4]["model.layers.0.mlp.up_proj.weight"]
+        - tiny_llama().model.state_dict()["model.layers.0.mlp.up_proj.weight"]
+    )
     assert moved.abs().max() > 1e-3
     for k in weights[4]:
         torch.testing.assert_close(weights[1][k], weights[4][k], rtol=1e-4, atol=1e-6)
@@ -166,6 +205,7 @@ def test_gere_batch_mode_trains_the_same_weights_at_any_micro_batch_size(make_co
 
 def test_general_texts_are_read_or_refused_with_the_file_named(tmp_path):
     from methods.shared.general_texts import read_texts
+
     good = tmp_path / "texts.json"
     good.write_text('["one", {"text": "two"}]')
     assert read_texts(good) == ["one", "two"]
@@ -176,6 +216,7 @@ def test_general_texts_are_read_or_refused_with_the_file_named(tmp_path):
     with pytest.raises(ConfigError, match="general text file not found"):
         read_texts(tmp_path / "none.jsonl")
     from methods.gere import GeRe
+
     with pytest.raises(ConfigError, match="method.weight must be a number >= 0 or 'dy'"):
         GeRe(weight="auto")
 
@@ -186,6 +227,7 @@ def test_gere_concat_mode_mixes_the_texts_into_the_data_and_scores_them_from_the
     without general rows keeps the task loss."""
     from cl_bench.training.lm import labelled_logits, token_cross_entropy
     from methods.gere import final_hidden, margin_loss
+
     method, module, logged = _gere(tmp_path, mode="concat", weight=3.0)
     assert method.training_examples(TASK, 1) == list(TASK.train) + method.examples and len(method.examples) == 5
     with torch.no_grad():
@@ -201,10 +243,16 @@ def test_gere_concat_mode_mixes_the_texts_into_the_data_and_scores_them_from_the
 
     def mean_ce(rows):
         return token_cross_entropy(logits[rows], targets[rows], {})
+
     ce_general, ce_task = mean_ce(slice(2, 4)), mean_ce(slice(0, 2))
-    hidden = torch.cat([final_hidden(module.model, torch.tensor([method.texts[k]]), torch.ones(1, len(method.texts[k]),
-                                                                                                dtype=torch.long))[0]
-                        for k in (1, 2)])
+    hidden = torch.cat(
+        [
+            final_hidden(
+                module.model, torch.tensor([method.texts[k]]), torch.ones(1, len(method.texts[k]), dtype=torch.long)
+            )[0]
+            for k in (1, 2)
+        ]
+    )
     band = torch.cat([method.bands[1], method.bands[2]])
     tm = margin_loss(hidden[None], band[None], method.lower, method.upper, torch.ones(1, hidden.shape[0]))
     assert tm > 0 and logged["gere/margin"] == pytest.approx(tm.item(), rel=1e-4)
@@ -212,4 +260,3 @@ def test_gere_concat_mode_mixes_the_texts_into_the_data_and_scores_them_from_the
     plain = next(iter(module.loaders.passes(list(TASK.train[:2]))))
     module.step_logits = labelled_logits(module.model, plain)
     assert method.training_loss(module, plain, task_loss) is task_loss
-

@@ -1,5 +1,6 @@
 """The method interface: every method configured in conf/method/ runs a stream, a new method
 is one file and one yaml (the README's snippet runs as written), and bad settings are refused."""
+
 import json
 from pathlib import Path
 
@@ -12,15 +13,20 @@ from tests.conftest import METHOD_NAMES, ROOT, TINY
 
 @pytest.mark.parametrize("name", METHOD_NAMES)
 def test_every_method_runs_the_stream(make_config, name):
-    small = {"ewc": ["method.num_samples=4"], "fggm": ["method.num_samples=4"],
-             "gere": ["method.num_samples=4", "method.generate_tokens=16"]}.get(name, [])
+    small = {
+        "ewc": ["method.num_samples=4"],
+        "fggm": ["method.num_samples=4"],
+        "gere": ["method.num_samples=4", "method.generate_tokens=16"],
+    }.get(name, [])
     cfg = make_config(f"method={name}", "tasks.order=[arith,code,simplify]", *small)
     recorder = run(cfg, cfg.paths.output_dir)
     assert recorder.status == "finished" and len(recorder.R) == 4
 
 
 def test_a_new_method_is_one_file_and_one_yaml(make_config):
-    cfg = make_config(f"hydra.searchpath=[file://{ROOT / 'tests' / 'plugin_example'}]", "method=l2_init", "tasks.order=[arith,code]")
+    cfg = make_config(
+        f"hydra.searchpath=[file://{ROOT / 'tests' / 'plugin_example'}]", "method=l2_init", "tasks.order=[arith,code]"
+    )
     assert cfg.method._target_ == "tests.plugin_example.l2_init.L2Init"
     recorder = run(cfg, cfg.paths.output_dir)
     assert recorder.status == "finished"
@@ -35,6 +41,7 @@ def test_the_readme_s_adding_a_method_snippet_runs_as_written(tmp_path):
     import shutil
     import subprocess
     import sys
+
     section = (ROOT / "README.md").read_text().split("### Adding a method", 1)[1]
     blocks = re.findall(r"```(?:python|yaml)\n# (\S+)\n(.*?)```", section, re.S)[:2]
     assert [path for path, _ in blocks] == ["methods/l2_init.py", "conf/method/l2_init.yaml"]
@@ -44,18 +51,23 @@ def test_the_readme_s_adding_a_method_snippet_runs_as_written(tmp_path):
     for path, text in blocks:
         (repo / path).write_text(text)
     args = [sys.executable, "-m", "runners.cl", "method=l2_init", *TINY, "tasks.order=[arith]"]
-    done = subprocess.run([*args, f"hydra.run.dir={tmp_path / 'run'}"], cwd=repo, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        [*args, f"hydra.run.dir={tmp_path / 'run'}"], cwd=repo, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads((tmp_path / "run" / "results.json").read_text())["status"] == "finished"
     plugin = repo / "methods" / "l2_init.py"
     plugin.write_text(plugin.read_text().replace("from methods.base import CLMethod\n", ""))
-    failed = subprocess.run([*args, f"hydra.run.dir={tmp_path / 'broken'}"], cwd=repo, capture_output=True,
-                            text=True, timeout=300)
+    failed = subprocess.run(
+        [*args, f"hydra.run.dir={tmp_path / 'broken'}"], cwd=repo, capture_output=True, text=True, timeout=300
+    )
     line = next(ln for ln in failed.stderr.splitlines() if ln.startswith("Error: "))
     assert failed.returncode == 1 and "Traceback" not in failed.stderr
-    assert re.fullmatch(r"Error: cannot import methods\.l2_init\.L2Init: \S+/methods/l2_init\.py:\d+: "
-                        r"NameError: name 'CLMethod' is not defined", line), line
+    assert re.fullmatch(
+        r"Error: cannot import methods\.l2_init\.L2Init: \S+/methods/l2_init\.py:\d+: "
+        r"NameError: name 'CLMethod' is not defined",
+        line,
+    ), line
 
 
 @pytest.mark.parametrize(
@@ -88,7 +100,12 @@ def test_bad_method_settings_fail_before_training(make_config, overrides, messag
 
 def test_sft_is_allowed_under_every_strategy():
     from methods.sft import SFT
-    for strategy in ("auto", "ddp", "deepspeed_stage_2", {"_target_": "lightning.pytorch.strategies.DDPStrategy"},
-                     {"_target_": "lightning.pytorch.strategies.ModelParallelStrategy"}):
-        SFT().check_strategy(strategy, 2)
 
+    for strategy in (
+        "auto",
+        "ddp",
+        "deepspeed_stage_2",
+        {"_target_": "lightning.pytorch.strategies.DDPStrategy"},
+        {"_target_": "lightning.pytorch.strategies.ModelParallelStrategy"},
+    ):
+        SFT().check_strategy(strategy, 2)

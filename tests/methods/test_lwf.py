@@ -1,4 +1,5 @@
 """LwF: the distillation term against a direct KL, both teachers, TRACE's reduction."""
+
 import pytest
 import torch
 
@@ -34,6 +35,7 @@ def _direct_kl(student, teacher, batch, temperature, reverse=False):
 @pytest.mark.parametrize("direction", ["forward", "reverse"])
 def test_lwf_term_is_lambda_times_the_kl_to_the_previous_model(direction):
     from methods.lwf import LwF
+
     method = LwF(lambda_=0.7, temperature=2.0, teacher="copy", direction=direction)
     module = tiny_module(method)
     method.on_task_start(module, TASK, 1)  # the teacher: the model as it is now
@@ -51,6 +53,7 @@ def test_lwf_term_is_lambda_times_the_kl_to_the_previous_model(direction):
 
 def test_lwf_top_k_over_the_whole_vocabulary_equals_the_copy_teacher():
     from methods.lwf import LwF
+
     copy_method = LwF(teacher="copy")
     module = tiny_module(copy_method)
     vocab = module.model.config.vocab_size
@@ -75,6 +78,7 @@ def test_lwf_top_k_over_the_whole_vocabulary_equals_the_copy_teacher():
 
 def test_lwf_has_no_teacher_on_the_first_task_and_refuses_bad_settings():
     from methods.lwf import LwF
+
     method = LwF()
     module = tiny_module(method)
     method.on_task_start(module, TASK, 0)
@@ -89,6 +93,7 @@ def test_lwf_has_no_teacher_on_the_first_task_and_refuses_bad_settings():
 
 def test_lwf_top_k_teacher_runs_the_stream(make_config):
     from cl_bench.stream_run import run
+
     cfg = make_config("method=lwf", "method.teacher=topk", "method.top_k=8", "tasks.order=[arith,code]")
     assert run(cfg, cfg.paths.output_dir).status == "finished"
 
@@ -102,6 +107,7 @@ def test_lwf_trace_reduction_is_traces_kd_loss_over_every_position():
     from cl_bench.data.tokenization import position_ids
     from cl_bench.training.lm import sequence_and_labelled_logits
     from methods.lwf import LwF
+
     method = LwF(teacher="copy", direction="reverse", reduction="trace")
     module = tiny_module(method)
     method.on_task_start(module, TASK, 1)
@@ -114,13 +120,18 @@ def test_lwf_trace_reduction_is_traces_kd_loss_over_every_position():
     module.step_sequence_logits, *pair = sequence_and_labelled_logits(module.model, batch)
     module.step_logits = tuple(pair)
     got = method.penalty(module, batch, torch.tensor(0.0))
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-              "position_ids": position_ids(batch["attention_mask"])}
+    inputs = {
+        "input_ids": batch["input_ids"],
+        "attention_mask": batch["attention_mask"],
+        "position_ids": position_ids(batch["attention_mask"]),
+    }
     new_logits = module.model(**inputs).logits
     with torch.no_grad():
         prev_logits = teacher(**inputs).logits
     T = 2.0
-    expected = F.kl_div(F.log_softmax(prev_logits / T, dim=-1), F.softmax(new_logits / T, dim=-1), reduction="batchmean")
+    expected = F.kl_div(
+        F.log_softmax(prev_logits / T, dim=-1), F.softmax(new_logits / T, dim=-1), reduction="batchmean"
+    )
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
     # the project's default on the same batch: the answer positions' mean, a much smaller term
     answer = LwF(teacher="copy", direction="reverse")
@@ -128,4 +139,3 @@ def test_lwf_trace_reduction_is_traces_kd_loss_over_every_position():
     assert answer.penalty(module, batch, torch.tensor(0.0)).item() * 5 < got.item()
     with pytest.raises(ConfigError, match="method.reduction=trace needs the teacher's logits at every position"):
         LwF(teacher="topk", reduction="trace")
-

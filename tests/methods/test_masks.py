@@ -1,5 +1,6 @@
 """Masking methods: the gradient mask, FGGM and its options, random rows, MIGU and HFT,
 each against a direct computation or a bitwise invariant on the tiny model."""
+
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -34,7 +35,9 @@ class _Recording(FGGM):
 
     def on_task_start(self, module, task, task_index):
         super().on_task_start(module, task, task_index)
-        self.records.append({"mask": None if self.mask is None else dict(self.mask.masks), "before": _snapshot(module.model)})
+        self.records.append(
+            {"mask": None if self.mask is None else dict(self.mask.masks), "before": _snapshot(module.model)}
+        )
 
     def on_task_end(self, module, task, task_index):
         self.records[-1]["after"] = _snapshot(module.model)
@@ -60,6 +63,7 @@ class _MiguProbe(MIGU):
         def hook(mod, inp, out):
             if mod.training:
                 self.own_sums[name] = self.own_sums.get(name, 0) + (inp[0] @ mod.weight.T).detach().abs().sum((0, 1))
+
         return hook
 
     def edit_gradients(self, pl_module, views):
@@ -102,11 +106,15 @@ class _HftRecording(HFT):
         assert all(p.requires_grad for p in module.model.parameters())
 
 
-@pytest.mark.parametrize("mask", [
-    torch.tensor([[True], [False], [True]]),              # rows
-    torch.tensor([[False, True, True, False]]),           # columns
-    torch.tensor([[True, False, True, False]] * 3),       # elements
-], ids=["row", "column", "element"])
+@pytest.mark.parametrize(
+    "mask",
+    [
+        torch.tensor([[True], [False], [True]]),  # rows
+        torch.tensor([[False, True, True, False]]),  # columns
+        torch.tensor([[True, False, True, False]] * 3),  # elements
+    ],
+    ids=["row", "column", "element"],
+)
 def test_gradient_mask_zeroes_exactly_the_masked_entries(mask):
     torch.manual_seed(0)
     weight = torch.nn.Parameter(torch.randn(3, 4))
@@ -187,6 +195,7 @@ def test_fggm_frozen_entries_stay_bitwise_equal_over_a_task_under_adamw(make_con
 def test_masking_refuses_weight_decay_before_the_model_loads(make_config, monkeypatch, name):
     """Refused at set-up: no model is built, nothing is evaluated (the base row would be)."""
     import cl_bench.stream_run
+
     built = []
     monkeypatch.setattr(cl_bench.stream_run, "evaluate_stream", lambda *a, **k: built.append("evaluated"))
     cfg = make_config(f"method={name}", "tasks.order=[arith,code]", "optimizer.weight_decay=0.01")
@@ -197,6 +206,7 @@ def test_masking_refuses_weight_decay_before_the_model_loads(make_config, monkey
 
 def test_hft_freezes_with_requires_grad_so_weight_decay_is_allowed(make_config):
     from methods.hft import HFT
+
     HFT().check_run(make_config("method=hft", "optimizer.weight_decay=0.01"))  # no error
 
 
@@ -252,6 +262,7 @@ def test_hft_frozen_matrices_stay_bitwise_equal_over_a_task(make_config, monkeyp
 
 def test_fisher_samples_are_seeded_uniform_and_whole_by_default():
     from methods.shared.importance import sample_examples
+
     items = list(range(100))
     first, again, other = sample_examples(items, 10, 1), sample_examples(items, 10, 1), sample_examples(items, 10, 2)
     assert first == again and first != other and first == sorted(first) and len(set(first)) == 10
@@ -265,6 +276,7 @@ def test_fggm_fisher_is_taken_over_its_sample(monkeypatch):
     def fisher(model, batches, params, *args):
         seen.extend(int(b["input_ids"].shape[0]) for b in batches)
         return {n: torch.ones_like(p) for n, p in params.items()}, {"seconds": 0.0, "samples": sum(seen)}
+
     monkeypatch.setattr("methods.fggm.diagonal_fisher", fisher)
     method = FGGM(num_samples=3, seed=5)
     method.on_task_start(tiny_module(method), TASK, 1)
@@ -310,8 +322,7 @@ def test_hft_freezes_a_matrix_with_its_bias():
     method = HFT(seed=3)
     method.on_task_start(SimpleNamespace(model=model, log_metrics=lambda m: None), TASK, 0)
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
-    for n, p in model.named_parameters():
+    for n, _ in model.named_parameters():
         if n.endswith(".bias"):
             assert (n in frozen) == (n.replace(".bias", ".weight") in frozen), n
     assert any(n.endswith("_proj.bias") for n in frozen)
-

@@ -1,5 +1,6 @@
 """Replay in its three modes (concat, interleave, TRACE's separate epoch): what is kept, how
 often each example is trained, and the settings refused."""
+
 import pytest
 
 from cl_bench.data.tasks import Example, Task, TaskSpec
@@ -22,6 +23,7 @@ def test_replay_keeps_the_seeded_sample_and_trains_later_tasks_with_it(tmp_path)
     from cl_bench.rng import derive_seed
     from methods.replay import Replay
     from methods.shared.importance import sample_examples
+
     general = tmp_path / "lima.json"
     general.write_text(json.dumps([{"prompt": "Say hi. Answer:", "answer": "hi"}]))
     method = Replay(ratio=0.25, general_data=str(general), seed=7)
@@ -50,6 +52,7 @@ def test_the_runner_trains_on_the_replayed_examples(make_config, monkeypatch):
 
         def on_train_start(self, trainer, pl_module):
             self.sizes.append(len(trainer.train_dataloader.dataset))
+
     method = Counting()
     monkeypatch.setattr("cl_bench.config.instantiate", instantiate_with(method))
     cfg = make_config("tasks.order=[arith,code,sentiment]")
@@ -57,13 +60,17 @@ def test_the_runner_trains_on_the_replayed_examples(make_config, monkeypatch):
     assert method.sizes == [12, 12 + 3, 12 + 6]  # tasks.num_train=12, 3 kept of each earlier task
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"per_task": None, "ratio": None}, "method.per_task or method.ratio must be set"),
-    ({"per_task": None, "ratio": 1.5}, r"method.ratio must be in \(0, 1\]"),
-    ({"per_task": 0, "ratio": None}, "method.per_task must be an integer >= 1"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"per_task": None, "ratio": None}, "method.per_task or method.ratio must be set"),
+        ({"per_task": None, "ratio": 1.5}, r"method.ratio must be in \(0, 1\]"),
+        ({"per_task": 0, "ratio": None}, "method.per_task must be an integer >= 1"),
+    ],
+)
 def test_bad_replay_settings_are_refused(kwargs, message):
     from methods.replay import Replay
+
     with pytest.raises(ConfigError, match=message):
         Replay(**kwargs)
 
@@ -76,8 +83,14 @@ def test_experiment_trace_composes_traces_lwf_and_replay(make_config):
     replay = make_config("experiment=trace", "method=replay", **trace).method
     assert (replay.mode, replay.sample, replay.ratio) == ("trace", "first", 0.1)
     assert make_config("method=lwf").method.reduction == "answer_mean"
-    assert (make_config("method=replay").method.mode, make_config("method=replay").method.sample) == ("concat", "random")
-    assert make_config("experiment=trace", "method=lwf", "method.reduction=answer_mean", **trace).method.reduction == "answer_mean"
+    assert (make_config("method=replay").method.mode, make_config("method=replay").method.sample) == (
+        "concat",
+        "random",
+    )
+    assert (
+        make_config("experiment=trace", "method=lwf", "method.reduction=answer_mean", **trace).method.reduction
+        == "answer_mean"
+    )
 
 
 @pytest.mark.parametrize("mode", ["concat", "trace"])
@@ -98,6 +111,7 @@ def test_replay_exposure_counts_of_each_mode(make_config, monkeypatch, tmp_path,
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             for ids, mask in zip(batch["input_ids"], batch["attention_mask"]):
                 self.seen[tuple(ids[mask.bool()].tolist())] += 1
+
     general = tmp_path / "general.json"
     general.write_text(json.dumps([{"prompt": "general prompt?", "answer": "general answer"}]))
     method = Seen(ratio=0.5, mode=mode, sample="first", general_data=str(general))
@@ -106,9 +120,13 @@ def test_replay_exposure_counts_of_each_mode(make_config, monkeypatch, tmp_path,
     cfg = make_config("tasks.order=[arith,code,sentiment]", "tasks.epochs=2", "tasks.num_train=4")
     run(cfg, cfg.paths.output_dir)
     from cl_bench.run_config import build_stream
+
     tasks = build_stream(cfg.tasks)
     tok = tiny_llama().tokenizer
-    key = lambda ex: tuple(encode_train(tok, ex, cfg.train.max_prompt_len, cfg.train.max_ans_len)["input_ids"])
+
+    def key(ex):
+        return tuple(encode_train(tok, ex, cfg.train.max_prompt_len, cfg.train.max_ans_len)["input_ids"])
+
     first, rest = tasks[0].train[:2], tasks[0].train[2:]  # kept: the first int(0.5 x 4) in file order
     assert [method.seen[key(ex)] for ex in rest] == [2, 2]  # its own epochs only
     assert [method.seen[key(ex)] for ex in first] == ([2 + 4] * 2 if mode == "concat" else [2 + 2] * 2)
@@ -119,6 +137,7 @@ def test_replay_exposure_counts_of_each_mode(make_config, monkeypatch, tmp_path,
 
 def test_interleaved_replay_puts_a_fixed_share_in_every_global_batch():
     from cl_bench.data.batching import StepBatchSampler
+
     sampler = StepBatchSampler([1] * 14, batch_size=4, fixed_share=(10, 1), shuffle=True, seed=3)
     pooled = []
     for epoch in range(2):
@@ -130,8 +149,10 @@ def test_interleaved_replay_puts_a_fixed_share_in_every_global_batch():
         assert [sum(i >= 10 for i in s) for s in steps] == [1, 1, 1, 1]
         pooled += [i for s in steps for i in s if i >= 10]
     assert sorted(pooled) == [10, 10, 11, 11, 12, 12, 13, 13]  # the pool is cycled whole, twice in 8 draws
-    halves = [StepBatchSampler([1] * 14, batch_size=4, rank=r, world_size=2, fixed_share=(10, 1), shuffle=True, seed=3)
-              for r in (0, 1)]
+    halves = [
+        StepBatchSampler([1] * 14, batch_size=4, rank=r, world_size=2, fixed_share=(10, 1), shuffle=True, seed=3)
+        for r in (0, 1)
+    ]
     sampler.set_epoch(0)
     assert [a + b for a, b in zip(*map(_steps, halves))] == _steps(sampler)
     with pytest.raises(ConfigError, match="a fixed share of 4 pooled examples per batch of 4"):
@@ -141,7 +162,10 @@ def test_interleaved_replay_puts_a_fixed_share_in_every_global_batch():
 def test_interleaved_replay_runs_through_the_runner_and_refuses_a_whole_batch(make_config):
     from cl_bench.stream_run import run
     from methods.replay import Replay
-    cfg = make_config("method=replay", "method.mode=interleave", "method.per_task=2", "tasks.order=[arith,code,sentiment]")
+
+    cfg = make_config(
+        "method=replay", "method.mode=interleave", "method.per_task=2", "tasks.order=[arith,code,sentiment]"
+    )
     assert run(cfg, cfg.paths.output_dir).status == "finished"
     method = Replay(mode="interleave", batch_share=0.9)
     with pytest.raises(ConfigError, match="method.batch_share 0.9 of train.batch_size 4 leaves no room"):
@@ -151,4 +175,3 @@ def test_interleaved_replay_runs_through_the_runner_and_refuses_a_whole_batch(ma
     assert method.replayed_per_batch(TASK, 1) is None  # nothing kept yet
     method.on_task_end(None, TASK, 0)
     assert method.replayed_per_batch(TASK, 1) == 1  # round(0.3 x 4)
-

@@ -2,6 +2,7 @@
 
 L2-init: L = L_task + (weight / 2) * ||theta - theta_0||^2, theta_0 = the weights before the stream.
 """
+
 import torch
 
 from methods.base import CLMethod

@@ -1,4 +1,5 @@
 """Loads the probe's questions (probe.jsonl beside this file) for lm-evaluation-harness."""
+
 from pathlib import Path
 
 
