@@ -70,3 +70,19 @@ def flat_settings(config: dict, leave_out: Iterable[str] = (), prefix: str = "")
         else:
             out[dotted] = value
     return out
+
+
+#: ``_target_`` paths that moved: a run recorded before the move reads as today's
+MOVED_TARGETS = {"cl_bench.training.module.constant_with_warmup": "cl_bench.training.schedules.constant_with_warmup"}
+#: settings retired without changing what a run does where they applied (EWC's and MAS's DDP
+#: ``shard_state``: the same penalty gradient from a split state; retired 2026-12-03)
+RETIRED_SETTINGS = ("method.shard_state",)
+
+
+def current_settings(flat: dict[str, Any]) -> dict[str, Any]:
+    """Flat settings (:func:`flat_settings`) recorded by an earlier version, in today's terms: moved
+    ``_target_`` paths renamed, retired settings left out, so a recorded run still resumes and still
+    groups with new runs of the same settings."""
+    return {
+        k: MOVED_TARGETS.get(v, v) if isinstance(v, str) else v for k, v in flat.items() if k not in RETIRED_SETTINGS
+    }

@@ -101,9 +101,10 @@ class AGEM(CLMethod):
     def reference_gradient(self, module, views: ParameterViews, params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
         """The task-loss gradient on this step's memory batch, as one process would compute it, as
         the views of ``params`` hold it: a backward of each micro-batch into emptied ``.grad`` (the
-        step's gradient put back after), averaged over processes."""
-        step = [p.grad for p in params]
-        for p in params:
+        step's gradient put back after, on every trainable parameter), averaged over processes."""
+        trainable = list(views.parameters().values())
+        step = [p.grad for p in trainable]
+        for p in trainable:
             p.grad = None
         try:
             micro = self.memory_batches(module)
@@ -112,7 +113,7 @@ class AGEM(CLMethod):
                 (causal_lm_loss(module.model, {k: v.to(device) for k, v in batch.items()}) / len(micro)).backward()
             reference = [torch.zeros_like(views.weight(p)) if p.grad is None else views.grad(p) for p in params]
         finally:
-            for p, g in zip(params, step):
+            for p, g in zip(trainable, step):
                 p.grad = g
         views.average_replicas(reference)
         return reference

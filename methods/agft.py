@@ -255,7 +255,7 @@ class AGFT(CLMethod):
                 "agft/correct_samples": correct,
                 "agft/attribution_s": time.perf_counter() - start,
                 # the mean over the whole gate, not this shard's rows
-                "agft/gate_mean": overall_mean(self.gate, split=self.row_shards),
+                "agft/gate_mean": overall_mean(self.gate, split=ParameterViews(module.model).sharded),
             }
         )
 

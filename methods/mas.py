@@ -25,6 +25,7 @@ from collections.abc import Sequence
 
 import torch
 
+from cl_bench.training.parameter_views import ParameterViews
 from methods.ewc import EWC
 from methods.shared.importance import output_sensitivity, overall_mean
 
@@ -57,6 +58,9 @@ class MAS(EWC):
             self.num_samples,
         )
         module.log_metrics(
-            {"mas/importance_s": stats["seconds"], "mas/importance_mean": overall_mean(omega, split=self.row_shards)}
+            {
+                "mas/importance_s": stats["seconds"],
+                "mas/importance_mean": overall_mean(omega, split=ParameterViews(module.model).sharded),
+            }
         )
         return omega

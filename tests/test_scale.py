@@ -507,6 +507,24 @@ def test_resume_refuses_changed_settings(tmp_path, cache_dir):
     assert "optimizer.lr (0.0001 -> 0.5)" in out.stderr
 
 
+def test_a_run_recorded_before_a_setting_moved_or_retired_still_resumes_and_groups():
+    """The scheduler's _target_ moved and EWC's shard_state retired (2026-12-03): a checkpoint or a
+    results.json written before reads as today's settings; any other difference is still refused."""
+    from cl_bench.recording.comparison import result_settings
+    from cl_bench.training.checkpointing import StreamCheckpoints
+
+    today = {"scheduler": {"_target_": "cl_bench.training.schedules.constant_with_warmup"}, "method": {"lambda_": 1.0}}
+    before = {
+        "scheduler": {"_target_": "cl_bench.training.module.constant_with_warmup"},
+        "method": {"lambda_": 1.0, "shard_state": True},
+    }
+    checkpoints = StreamCheckpoints("unused")
+    checkpoints.check_resumable({"config": checkpoints.comparable(before)}, today)
+    assert result_settings(before) == result_settings(today)
+    with pytest.raises(ConfigError, match="1 settings differ.*method.lambda_"):
+        checkpoints.check_resumable({"config": checkpoints.comparable({**before, "method": {"lambda_": 2.0}})}, today)
+
+
 @pytest.mark.processes
 def test_a_sweep_runs_every_job_in_its_own_dir_survives_a_failed_one_and_reports_it(tmp_path):
     """Every job runs; the sweep ends with a table of the 8 jobs and exits 1 (4 were refused)."""

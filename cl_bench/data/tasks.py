@@ -2,7 +2,8 @@
 
 A stream lives in ``<data_dir>/<Task>/{train,eval,test}.json``; each file is a JSON list of
 ``{"prompt": str, "answer": str}`` records (other keys are ignored). Every stream, the embedded
-one included, goes through :func:`load_stream`, so all validation lives here.
+one included, goes through :func:`load_stream`, so the data's validation lives here (the metrics'
+names are the evaluation's to check: cl_bench/evaluation/metrics.py, ``resolve_metrics``).
 """
 
 from __future__ import annotations

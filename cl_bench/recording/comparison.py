@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cl_bench.config import flat_settings
+from cl_bench.config import current_settings, flat_settings
 from cl_bench.errors import ConfigError
 from cl_bench.evaluation.stability_gap import curve_metrics
 
@@ -75,7 +75,7 @@ def result_settings(config: dict) -> dict[str, Any]:
     what decides a run's result, repeats aside."""
     return {
         k: v
-        for k, v in flat_settings(config, NOT_RESULT_KEYS).items()
+        for k, v in current_settings(flat_settings(config, NOT_RESULT_KEYS)).items()
         if not (k.endswith(".seed") and v == config.get("seed"))
     }
 

@@ -28,7 +28,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from omegaconf import OmegaConf
 
-from cl_bench.config import flat_settings
+from cl_bench.config import current_settings, flat_settings
 from cl_bench.distributed import is_main
 from cl_bench.errors import ConfigError
 from cl_bench.files import atomic_write
@@ -163,7 +163,7 @@ class StreamCheckpoints:
 
     def check_resumable(self, saved: dict[str, Any], config: dict[str, Any]) -> None:
         """Refuse to resume from ``saved`` (a stage checkpoint) under settings that differ from its own."""
-        before, after = saved["config"], self.comparable(config)
+        before, after = current_settings(saved["config"]), self.comparable(config)
         changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
         if changed:  # every difference, none left out
             data = " (the stream's data files changed)" if "data_sha256" in changed else ""

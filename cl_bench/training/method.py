@@ -116,7 +116,7 @@ class CLMethod(Callback):
     sequence_logits = False
     #: set by :meth:`check_run`: the run shards by rows (``trainer=fsdp``), known before the model
     #: exists, for planning (``planned_*``) and refusals at start; at run time the framework places
-    #: gradients and per-entry state (cl_bench/training/parameter_views.py), so a method never asks
+    #: gradients and per-entry state (cl_bench/training/parameter_views.py: ParameterViews.sharded)
     row_shards = False
 
     def check_run(self, cfg: Any) -> None:

@@ -79,7 +79,8 @@ class ParameterViews:
         """A sum over entries (a 0-d tensor) made over this process's views: under FSDP, added over
         every process's rows (a collective), as a Python float in float64."""
         value = value.detach().double().reshape(1)
-        if self.sharded and is_distributed():
+        if self.sharded and is_distributed():  # on the parameters' device: NCCL reduces CUDA tensors only
+            value = value.to(next(self.model.parameters()).device)
             torch.distributed.all_reduce(value)
         return value.item()
 
