@@ -172,7 +172,7 @@ class GeRe(CLMethod):
         if not self.texts:
             raise ConfigError("method.general_data: no general text is 2 tokens long or more")
         if self.mode != "batch":  # training rows of exactly these tokens (no BOS or EOS, as the statistics)
-            self.examples = [TokenizedText("", tokenizer.decode(t), tuple(t)) for t in self.texts]
+            self.examples = [TokenizedText("", tokenizer.decode(t), token_ids=tuple(t)) for t in self.texts]
             self.rows = {tuple(t): i for i, t in enumerate(self.texts)}
         # pass 1: per-dimension moments over every token; pass 2: each entry's band (kept on the host)
         total = square = None

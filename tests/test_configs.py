@@ -123,6 +123,6 @@ def test_help_lists_the_groups_and_the_commands_without_a_config_dump():
     )
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
-    assert "method: agem, agft, ewc" in out and "tasks: custom, mini, trace" in out
+    assert "method: agem, agft, ewc" in out and "tasks: custom, long_sequence, mini, standard, superni, trace" in out
     assert "make run" in out and "python -m runners.report" in out and "dry_run=true" in out
     assert "checkpoint:" not in out and "every_n_steps" not in out and len(out.splitlines()) < 40

@@ -39,6 +39,14 @@ def test_sari_metric_uses_the_prompt_as_source():
 
 
 def test_registry_names():
-    project = {"accuracy", "first_letter_accuracy", "rouge_l", "edit_similarity", "sari"}
+    project = {
+        "accuracy",
+        "first_letter_accuracy",
+        "rouge_l",
+        "edit_similarity",
+        "sari",
+        "exact_match",
+        "rouge_l_stemmed",
+    }
     trace = {"trace_accuracy", "trace_first_char_accuracy", "trace_rouge_l", "trace_edit_similarity", "trace_sari"}
     assert set(METRICS) == project | trace

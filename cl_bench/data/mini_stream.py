@@ -196,7 +196,7 @@ def write_mini_stream(root: Path, data_seed: int, sizes: dict[str, int]) -> None
     for name, (generate, _) in GENERATORS.items():
         rng = random.Random(derive_seed(data_seed, name))
         for split, n in sizes.items():
-            records = [generate(rng).__dict__ for _ in range(n)]
+            records = [{"prompt": e.prompt, "answer": e.answer} for e in (generate(rng) for _ in range(n))]
             atomic_write(root / name / f"{split}.json", json.dumps(records, ensure_ascii=False, indent=1))
 
 

@@ -26,7 +26,19 @@ SCORERS = ("project", "trace")
 @dataclass(frozen=True)
 class Example:
     prompt: str
+    #: what the model is trained to answer (and scored against when there are no ``references``)
     answer: str
+    #: every reference answer a prediction is scored against (SuperNI's instances have several);
+    #: empty: ``answer`` alone
+    references: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "references", tuple(self.references))  # a list from a checkpoint
+
+    @property
+    def scored_against(self) -> str | tuple[str, ...]:
+        """What a metric scores a prediction of this example against: its references, or its answer."""
+        return self.references or self.answer
 
 
 @dataclass(frozen=True)

@@ -77,7 +77,7 @@ def stream_fingerprint(stream) -> str:
                 [
                     task.name,
                     {
-                        split: [[e.prompt, e.answer] for e in examples]
+                        split: [[e.prompt, e.answer, *([list(e.references)] if e.references else [])] for e in examples]
                         for split, examples in sorted(task.splits.items())
                     },
                 ]

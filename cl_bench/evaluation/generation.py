@@ -93,7 +93,7 @@ def evaluate_task(
     examples = task.splits[split][:max_examples]
     local = generate(model, tokenizer, shard(examples), cfg.max_new_tokens or task.spec.max_new_tokens, cfg)
     predictions = gather_shards(local, len(examples))
-    score = METRICS[task.metric](predictions, [e.answer for e in examples], [e.prompt for e in examples])
+    score = METRICS[task.metric](predictions, [e.scored_against for e in examples], [e.prompt for e in examples])
     return TaskResult(float(score), predictions)
 
 

@@ -12,6 +12,7 @@ accuracy on 0-1 and edit similarity on 0-100; everything here is on 0-100.
 
 from __future__ import annotations
 
+import string
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from functools import cache
@@ -59,6 +60,46 @@ def rouge_l(predictions, answers, prompts=None) -> float:
     return _mean([scorer.score(a, p)["rougeL"].fmeasure for p, a in zip(predictions, answers)])
 
 
+def normalize_answer(text: str) -> str:
+    """The Super-NaturalInstructions normalisation O-LoRA, SAPT and GainLoRA score with
+    (``compute_metrics.py``: SQuAD's, without removing articles): lower case, no punctuation,
+    whitespace collapsed."""
+    text = "".join(ch for ch in text.lower() if ch not in string.punctuation)
+    return " ".join(text.split())
+
+
+def exact_match(predictions, answers, prompts=None) -> float:
+    """Exact match after :func:`normalize_answer`, against the best of an example's references
+    (0-100): Long Sequence's and Standard's score."""
+    return _mean(
+        [
+            max(float(normalize_answer(p) == normalize_answer(r)) for r in _references(a))
+            for p, a in zip(predictions, answers)
+        ]
+    )
+
+
+@cache
+def _stemmed_rouge_scorer():
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+
+def rouge_l_stemmed(predictions, answers, prompts=None) -> float:
+    """SuperNI's score: ROUGE-L F-measure with rouge-score's Porter stemmer, on the raw texts, the
+    best over an example's references (0-100), as the Super-NaturalInstructions
+    ``compute_metrics.py`` that SAPT and GainLoRA ship."""
+    scorer = _stemmed_rouge_scorer()
+    return _mean(
+        [max(scorer.score(r, p)["rougeL"].fmeasure for r in _references(a)) for p, a in zip(predictions, answers)]
+    )
+
+
+def _references(answer) -> tuple[str, ...]:
+    return (answer,) if isinstance(answer, str) else tuple(answer)
+
+
 def edit_similarity(predictions, answers, prompts=None) -> float:
     """fuzzywuzzy/rapidfuzz ``fuzz.ratio`` (normalised Indel similarity, 0-100), averaged."""
     values = [fuzz.ratio(p.strip(), a.strip()) if _both_non_empty(p, a) else 0.0 for p, a in zip(predictions, answers)]
@@ -76,6 +117,8 @@ METRICS: dict[str, Metric] = {
     "rouge_l": rouge_l,
     "edit_similarity": edit_similarity,
     "sari": sari_metric,
+    "exact_match": exact_match,
+    "rouge_l_stemmed": rouge_l_stemmed,
     # TRACE's own scorers (cl_bench/evaluation/trace_metrics.py), chosen by tasks.scorers=trace
     **{name: getattr(trace_metrics, name) for name in trace_metrics.TRACE_SCORERS.values()},
 }

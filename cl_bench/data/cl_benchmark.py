@@ -1,0 +1,229 @@
+"""The streams of the LoRA line of continual learning, read from the files their authors ship:
+Long Sequence (15 tasks) and the 4-task Standard benchmark (O-LoRA's ``CL_Benchmark``, and SAPT's
+and GainLoRA's ``CL_Benchmark/Long_Sequence``), and SuperNI (15 tasks, SAPT's and GainLoRA's
+``CL_Benchmark/SuperNI``). No file is downloaded: ``tasks.data_dir`` is the folder that holds the
+task folders.
+
+Long Sequence and Standard come in two formats, and both are accepted:
+
+- O-LoRA (cmnfriend/O-LoRA): ``<data_dir>/<family>/<task>/{train,dev,test}.json``, each a list of
+  ``{"sentence", "label"}``, with ``labels.json`` (the options) and the family's zero-shot
+  instruction in ``configs/instruction_config.json``. The prompt is O-LoRA's
+  (``src/uie_dataset_lora.py`` and ``src/uie_collator.py``, with its scripts' ``--add_task_name
+  --add_dataset_name``)::
+
+      Task:<family>\\nDataset:<task>\\n<instruction>Option: <label, label, ...> \\n<sentence>\\nAnswer:
+
+  (COPA: no instruction and no options). The answer is the label.
+- SAPT and GainLoRA: ``<data_dir>/<task>/{train,dev,test}.json``, each a dict with ``Definition``
+  and ``Instances`` (``{"input", "output"}``); the prompt is theirs (``src/cl_dataset.py``)::
+
+      <Definition>\\n<input>\\nOutput:  (no options; the definition may be empty)
+
+SuperNI: ``<data_dir>/<task>/{train,dev,test}.json``, Super-NaturalInstructions task files; the
+prompt is SAPT's and GainLoRA's, ``Definition: <def>\\n\\nNow complete the following example -\\n
+Input: <input>\\nOutput: ``, and an instance's references are every string of its ``output``.
+
+The project's ``eval`` split is the authors' ``dev`` (in all three repositories a copy of ``test``).
+``num_train`` / ``num_eval`` / ``num_test`` cap each task's splits with a seeded uniform sample
+(``sample_seed``), for small machines; the files' own subsampling (1,000 training examples per
+class) is kept as shipped.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Sequence
+from pathlib import Path
+
+from cl_bench.data.tasks import (
+    Example,
+    Task,
+    TaskSpec,
+    TaskStream,
+    check_task_specs,
+    json_list,
+    per_task_values,
+    read_text,
+    resolve_order,
+    select_subset,
+    stream_epochs,
+)
+from cl_bench.errors import ConfigError, check_choice, check_number
+
+#: the authors' split file behind each of the project's splits
+SPLIT_FILES = {"train": "train", "eval": "dev", "test": "test"}
+#: Long Sequence's tasks by O-LoRA's folder name: (family, SAPT's and GainLoRA's folder name)
+LONG_SEQUENCE = {
+    "yelp": ("SC", "yelp"),
+    "amazon": ("SC", "amazon"),
+    "MNLI": ("NLI", "mnli"),
+    "CB": ("NLI", "cb"),
+    "COPA": ("COPA", "copa"),
+    "QQP": ("QQP", "qqp"),
+    "RTE": ("NLI", "rte"),
+    "IMDB": ("SC", "imdb"),
+    "SST-2": ("SC", "sst2"),
+    "dbpedia": ("TC", "dbpedia"),
+    "agnews": ("TC", "agnews"),
+    "yahoo": ("TC", "yahoo"),
+    "MultiRC": ("MultiRC", "multirc"),
+    "BoolQA": ("BoolQA", "boolq"),
+    "WiC": ("WiC", "wic"),
+}
+FORMATS = ("long_sequence", "superni")
+
+
+def task_folder(root: Path, name: str, benchmark: str) -> Path:
+    """Where task ``name`` lives under ``root``: O-LoRA's ``<family>/<name>``, SAPT's and
+    GainLoRA's ``<their name>``, or ``<name>`` itself (the first that exists; the last if none)."""
+    candidates = [root / name]
+    if benchmark == "long_sequence" and name in LONG_SEQUENCE:
+        family, flat = LONG_SEQUENCE[name]
+        candidates = [root / family / name, root / flat, root / name]
+    return next((c for c in candidates if c.is_dir()), candidates[-1])
+
+
+def read_json(path: Path, what: str):
+    """``path`` parsed as JSON (a missing, unreadable or malformed file refused by name)."""
+    if not path.is_file():
+        raise ConfigError(f"missing {what} file: {path}")
+    text = read_text(path)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e.msg}: line {e.lineno} column {e.colno})") from None
+
+
+def _string(path: Path, i: int, record: dict, key: str) -> str:
+    if not isinstance(record, dict) or key not in record:
+        raise ConfigError(f"{path}: record {i} has no '{key}' key")
+    value = record[key]
+    if not isinstance(value, str):
+        raise ConfigError(f"{path}: record {i} '{key}' is a {type(value).__name__}, expected a string")
+    return value
+
+
+def olora_examples(path: Path, name: str, instructions: dict) -> list[Example]:
+    """One split of O-LoRA's format, with O-LoRA's prompt (module docstring)."""
+    family = LONG_SEQUENCE[name][0] if name in LONG_SEQUENCE else path.parent.parent.name
+    records = json_list(path, read_text(path), "{sentence, label} records")
+    if family == "COPA":
+        template = "{0}\nAnswer:"
+    else:
+        labels = read_json(path.parent / "labels.json", "labels")
+        if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
+            raise ConfigError(f"{path.parent / 'labels.json'}: expected a JSON list of label strings")
+        if family not in instructions:
+            raise ConfigError(f"tasks.instruction_config has no instruction for family {family} (task {name})")
+        template = instructions[family] + "Option: " + ", ".join(labels) + " \n{0}\nAnswer:"
+    prefix = f"Task:{family}\nDataset:{name}\n"
+    return [
+        Example(prefix + template.replace("{0}", _string(path, i, r, "sentence")), _string(path, i, r, "label"))
+        for i, r in enumerate(records)
+    ]
+
+
+def instruction_set(path: Path) -> dict[str, str]:
+    """O-LoRA's ``configs/instruction_config.json``: each family's first zero-shot instruction (its
+    scripts' ``--instruction_strategy single``)."""
+    config = read_json(path, "instruction config (tasks.instruction_config)")
+    try:
+        return {family: entries[0]["instruction"] for family, entries in config.items()}
+    except (AttributeError, IndexError, KeyError, TypeError):
+        raise ConfigError(f"{path}: expected family -> [{{'instruction': ...}}, ...] as O-LoRA ships it") from None
+
+
+def task_file_examples(path: Path, superni: bool) -> list[Example]:
+    """One split in SAPT's and GainLoRA's format (a task file with ``Definition`` and
+    ``Instances``), with their prompt; every reference of an instance is kept."""
+    data = read_json(path, "split")
+    if not isinstance(data, dict) or not isinstance(data.get("Instances"), list) or "Definition" not in data:
+        raise ConfigError(f"{path}: expected a task file with 'Definition' and 'Instances'")
+    definition = data["Definition"]
+    definition = (definition[0] if definition else "") if isinstance(definition, list) else definition
+    if superni:
+        head = f"Definition: {definition.strip()}\n\nNow complete the following example -\nInput: "
+    else:
+        head = f"{definition.strip()}\n" if definition else ""
+    examples = []
+    for i, instance in enumerate(data["Instances"]):
+        text = _string(path, i, instance, "input")
+        output = instance.get("output") if isinstance(instance, dict) else None
+        references = tuple(output) if isinstance(output, list) else (output,)
+        if not references or not all(isinstance(r, str) for r in references):
+            raise ConfigError(f"{path}: instance {i} 'output' must be a string or a non-empty list of strings")
+        examples.append(Example(f"{head}{text}\nOutput: ", references[0], references if superni else ()))
+    if not examples:
+        raise ConfigError(f"{path}: the split is empty")
+    return examples
+
+
+def capped(examples: list[Example], cap: int | None, seed: int) -> list[Example]:
+    """A seeded uniform sample of ``cap`` examples in file order (all of them when ``cap`` is None)."""
+    if cap is None or cap >= len(examples):
+        return examples
+    keep = sorted(random.Random(seed).sample(range(len(examples)), cap))
+    return [examples[i] for i in keep]
+
+
+def load_cl_benchmark(
+    data_dir: str | Path | None,
+    benchmark: str,
+    tasks: Sequence[dict | TaskSpec],
+    order: str | Sequence[str] | None = None,
+    orders: dict[str, Sequence[str]] | None = None,
+    subset: Sequence[str] | None = None,
+    epochs: int | Sequence[int] | None = None,
+    max_steps: int | Sequence[int] | None = None,
+    num_train: int | None = None,
+    num_eval: int | None = None,
+    num_test: int | None = None,
+    sample_seed: int = 0,
+    instruction_config: str | Path | None = None,
+    data_help: str = "",
+) -> TaskStream:
+    """A Long Sequence, Standard or SuperNI stream (``benchmark``: long_sequence or superni) from
+    ``data_dir`` (module docstring); every file is checked, and every missing one named, first."""
+    check_choice(benchmark, FORMATS, "tasks.benchmark")
+    specs = [t if isinstance(t, TaskSpec) else TaskSpec(**t) for t in tasks]
+    check_task_specs(specs)
+    by_name = {s.name: s for s in specs}
+    names = select_subset(resolve_order(order, list(by_name), orders), subset)
+    epoch_list = stream_epochs(epochs, [by_name[n] for n in names])
+    step_list = per_task_values(max_steps, len(names), "tasks.max_steps", allow_none=True)
+    caps = {"train": num_train, "eval": num_eval, "test": num_test}
+    for split, cap in caps.items():
+        check_number(cap, f"tasks.num_{split}", integer=True, low=1, allow_none=True)
+    help_text = f"\n{data_help.strip()}" if data_help else ""
+    if data_dir is None:
+        raise ConfigError(f"tasks.data_dir is not set{help_text}")
+    root = Path(data_dir).expanduser()
+    if not root.is_dir():
+        raise ConfigError(f"tasks.data_dir does not exist or is not a folder: {root}{help_text}")
+    folders = {n: task_folder(root, n, benchmark) for n in names}
+    missing = [
+        str(folders[n].relative_to(root) / f"{f}.json")
+        for n in names
+        for f in SPLIT_FILES.values()
+        if not (folders[n] / f"{f}.json").is_file()
+    ]
+    if missing:
+        raise ConfigError(f"tasks.data_dir {root} is incomplete; missing: {', '.join(missing)}{help_text}")
+    instructions = None
+    stream = TaskStream()
+    for index, (name, ep, steps) in enumerate(zip(names, epoch_list, step_list)):
+        splits = {}
+        for split, file in SPLIT_FILES.items():
+            path = folders[name] / f"{file}.json"
+            if benchmark == "long_sequence" and folders[name].parent != root:  # O-LoRA's family folders
+                if instructions is None:
+                    default = root.parent / "configs" / "instruction_config.json"
+                    instructions = instruction_set(Path(instruction_config or default).expanduser())
+                examples = olora_examples(path, name, instructions)
+            else:
+                examples = task_file_examples(path, superni=benchmark == "superni")
+            splits[split] = capped(examples, caps[split], sample_seed * 1000 + index)
+        stream.tasks.append(Task(by_name[name], splits, epochs=ep, max_steps=steps))
+    return stream
