@@ -48,6 +48,7 @@ def validate_run_config(cfg: DictConfig, paths: bool = True) -> None:
         "eval.max_new_tokens": dict(integer=True, low=1, allow_none=True),
         "eval.temperature": dict(low=0, low_open=True),
         "eval.top_p": dict(low=0, high=1, low_open=True),
+        "eval.right_threshold": dict(low=0, high=100),
     }
     for key, bounds in checks.items():
         check_number(_get(cfg, key), key, **bounds)

@@ -33,8 +33,10 @@ from cl_bench.data.token_cache import stream_fingerprint
 from cl_bench.distributed import barrier, is_main, rank, start_processes, world_size
 from cl_bench.errors import as_stop, stop_on_signals
 from cl_bench.evaluation.continual import ContinualEvaluator, ContinualSettings
+from cl_bench.evaluation.example_forgetting import right_answers
 from cl_bench.evaluation.general_ability import GeneralAbility
 from cl_bench.evaluation.generation import GenerationConfig, evaluate_stream
+from cl_bench.evaluation.metrics import METRICS
 from cl_bench.files import RunDirLock
 from cl_bench.models import build_model
 from cl_bench.progress import activity, doing, heartbeat, say, work_summary
@@ -278,6 +280,22 @@ class StreamRun:
         self.module.check_weights_finite()
         self.module.end_fit()
 
+    def right_answers(self, predictions: dict[str, list[str]]) -> dict[str, list[bool]]:
+        """Whether each evaluated example is right (its own score by its task's metric; for
+        non-binary metrics at least ``eval.right_threshold``), per task."""
+        right = {}
+        for task in self.stream:
+            examples = task.splits[self.cfg.eval.split][: self.cfg.eval.max_examples]
+            right[task.name] = right_answers(
+                task.metric,
+                METRICS[task.metric],
+                predictions[task.name],
+                [e.scored_against for e in examples],
+                [e.prompt for e in examples],
+                self.cfg.eval.get("right_threshold", 50.0),
+            )
+        return right
+
     def evaluate_stage(self) -> None:
         """The next row of R (every task of the stream), general ability when due, then record, log
         and checkpoint the stage."""
@@ -301,7 +319,7 @@ class StreamRun:
             )
             if done == 0 or self.general.every_task or done == len(self.training):
                 self._evaluate_general()
-        self.recorder.write_predictions(self.answers, predictions)
+        self.recorder.write_predictions(self.answers, predictions, self.right_answers(predictions))
         self.loggers.log_stage(
             self.recorder, self.module.stream_step, self.out_dir / "score_matrix.png", self.cfg.run_name
         )

@@ -41,7 +41,8 @@ def test_run_writes_the_full_matrix_and_metrics(make_config):
     assert [line.split(",")[0] for line in csv_lines[1:]] == ["base"] + [f"after_{n}" for n in res["tasks"]]
     preds = json.loads((recorder.out_dir / "predictions" / "after_code.json").read_text())
     assert list(preds) == res["tasks"] and len(preds["arith"]) == 6
-    assert {"answer", "prediction"} == set(preds["arith"][0])
+    assert {"answer", "prediction", "right"} == set(preds["arith"][0])
+    assert set(res["example_forgetting"]) == set(res["tasks"][:-1])  # every task with a later stage
     assert len(list((recorder.out_dir / "predictions").glob("*.json"))) == T + 1
 
 

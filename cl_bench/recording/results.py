@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from cl_bench.evaluation.continual import ContinualSettings
+from cl_bench.evaluation.example_forgetting import answer_options, flips
 from cl_bench.evaluation.general_ability import PROBE_TASK
 from cl_bench.evaluation.matrix_metrics import all_metrics
 from cl_bench.evaluation.stability_gap import curve_metrics
@@ -203,6 +204,7 @@ class RunRecorder:
             "stages": self.stages,
             "R": self.R,
             "cl_metrics": self.cl_metrics(),
+            **({"example_forgetting": self.example_forgetting()} if self.writes and not self.joint else {}),
             "general": {
                 "scores": self.general,
                 "delta_RG": self.general_delta(),
@@ -227,6 +229,27 @@ class RunRecorder:
             "config": self.config,
         }
 
+    def example_forgetting(self) -> dict[str, dict]:
+        """Per trained task, its examples' flips from the stage right after it was trained to the
+        latest stage (cl_bench/evaluation/example_forgetting.py), read from the predictions files;
+        empty until a later stage exists."""
+        folder = self.out_dir / "predictions"
+        latest = folder / f"{self.stages[-1]}.json" if self.stages else None
+        if latest is None or not latest.is_file():
+            return {}
+        now = json.loads(latest.read_text())
+        out = {}
+        for task in self.trained:
+            trained = folder / f"after_{task}.json"
+            if trained == latest or not trained.is_file() or task not in now:
+                continue
+            then = json.loads(trained.read_text())[task]
+            if any("right" not in r for r in then + now[task]):
+                continue  # written before per-example results were kept
+            options = answer_options([r["answer"] for r in then])
+            out[task] = flips([r["right"] for r in then], [r["right"] for r in now[task]], options)
+        return out
+
     def scores_csv(self) -> str:
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
@@ -235,12 +258,15 @@ class RunRecorder:
             writer.writerow([stage] + [f"{v:.4f}" for v in row])
         return buf.getvalue()
 
-    def write_predictions(self, answers: dict[str, list[str]], predictions: dict[str, list[str]]) -> None:
-        """``predictions/<stage>.json`` for the latest row: per task, the reference and generated answers."""
+    def write_predictions(
+        self, answers: dict[str, list[str]], predictions: dict[str, list[str]], right: dict[str, list[bool]]
+    ) -> None:
+        """``predictions/<stage>.json`` for the latest row: per task, the reference and generated
+        answers, and whether each is right (cl_bench/evaluation/example_forgetting.py)."""
         if not self.writes:
             return
         records = {
-            task: [{"answer": a, "prediction": p} for a, p in zip(answers[task], preds)]
+            task: [{"answer": a, "prediction": p, "right": r} for a, p, r in zip(answers[task], preds, right[task])]
             for task, preds in predictions.items()
         }
         atomic_write(

@@ -1,0 +1,73 @@
+"""Per-example forgetting and backward transfer: what a task's score hides (Harmon, Hochlehnert,
+Bethge, Prabhu, "Mapping Post-Training Forgetting in Language Models at Scale", ICLR 2026, §2;
+code: post-forget/post-forget, ``src/analyze/create_csv.py``).
+
+For the N test examples of a task, right (1) or wrong (0) at two stages, ``before`` and ``after``:
+
+    F  = (1/N) #{1 -> 0}          BT = (1/N) #{0 -> 1}          (a_after - a_before = BT - F)
+
+On a task with k answer options, a model that does not know an item guesses one of k, so a flip
+can be luck. With mean accuracies a_pre and a_post, the chance level of either flip is
+
+    chance = (1 - a_pre)(1 - a_post) / (k - 1)
+
+and F_true = max(F - chance, 0), BT_true = max(BT - chance, 0), with the ceilings
+F_max = max((k a_pre - 1) / (k - 1), 0) and BT_max = max((k a_post - 1) / (k - 1), 0). Tasks
+without options (generation) get no adjustment (k is None). The run compares each task's stage
+right after it was trained with the latest stage; an example is right when its own score by the
+task's metric reaches ``threshold`` (0-100: 100 for exact-match metrics, a named threshold for
+ROUGE-L, edit similarity or SARI).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+#: metrics whose score of one example is 0 or 100: an example is right at 100 whatever the threshold
+BINARY_METRICS = ("accuracy", "first_letter_accuracy", "exact_match", "trace_accuracy", "trace_first_char_accuracy")
+
+
+def right_answers(metric_name: str, metric, predictions, answers, prompts, threshold: float) -> list[bool]:
+    """Whether each example is right: its own score by the task's metric is 100 (a binary metric) or
+    at least ``threshold`` (0-100; ROUGE-L, edit similarity, SARI)."""
+    bar = 100.0 if metric_name in BINARY_METRICS else threshold
+    return [metric([p], [a], [q]) >= bar for p, a, q in zip(predictions, answers, prompts)]
+
+
+def flips(before: Sequence[bool], after: Sequence[bool], options: int | None = None) -> dict[str, float | int | None]:
+    """F, BT, their chance-adjusted values and ceilings (``options`` = k, None for no adjustment),
+    and the two accuracies, on 0-1; ``before`` and ``after`` align example by example."""
+    if len(before) != len(after) or not before:
+        raise ValueError(f"per-example results must align and be non-empty ({len(before)} vs {len(after)})")
+    n = len(before)
+    forgotten = sum(b and not a for b, a in zip(before, after)) / n
+    gained = sum(a and not b for b, a in zip(before, after)) / n
+    acc_pre, acc_post = sum(before) / n, sum(after) / n
+    out: dict[str, float | int | None] = {
+        "n": n,
+        "options": options,
+        "right_before": acc_pre,
+        "right_after": acc_post,
+        "forgotten": forgotten,
+        "gained": gained,
+        "forgotten_beyond_chance": None,
+        "gained_beyond_chance": None,
+        "max_forgotten": None,
+        "max_gained": None,
+    }
+    if options is not None and options > 1:
+        chance = (1 - acc_pre) * (1 - acc_post) / (options - 1)
+        out.update(
+            forgotten_beyond_chance=max(forgotten - chance, 0.0),
+            gained_beyond_chance=max(gained - chance, 0.0),
+            max_forgotten=max((options * acc_pre - 1) / (options - 1), 0.0),
+            max_gained=max((options * acc_post - 1) / (options - 1), 0.0),
+        )
+    return out
+
+
+def answer_options(answers: Sequence[str], limit: int = 20) -> int | None:
+    """k for a classification task: how many distinct answers its test set has (at most ``limit``);
+    None for a task whose answers are free text (more distinct answers than that, or one per example)."""
+    distinct = len(set(answers))
+    return distinct if 1 < distinct <= limit and distinct < len(answers) else None
