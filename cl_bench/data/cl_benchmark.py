@@ -32,7 +32,6 @@ class) is kept as shipped.
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,13 +41,11 @@ from cl_bench.data.tasks import (
     Task,
     TaskSpec,
     TaskStream,
-    check_task_specs,
+    data_root,
     json_list,
-    per_task_values,
+    parse_json,
     read_text,
-    resolve_order,
-    select_subset,
-    stream_epochs,
+    stream_plan,
 )
 from cl_bench.errors import ConfigError, check_choice, check_number
 
@@ -89,11 +86,7 @@ def read_json(path: Path, what: str):
     """``path`` parsed as JSON (a missing, unreadable or malformed file refused by name)."""
     if not path.is_file():
         raise ConfigError(f"missing {what} file: {path}")
-    text = read_text(path)
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e.msg}: line {e.lineno} column {e.colno})") from None
+    return parse_json(path, read_text(path))
 
 
 def _string(path: Path, i: int, record: dict, key: str) -> str:
@@ -187,21 +180,11 @@ def load_cl_benchmark(
     """A Long Sequence, Standard or SuperNI stream (``benchmark``: long_sequence or superni) from
     ``data_dir`` (module docstring); every file is checked, and every missing one named, first."""
     check_choice(benchmark, FORMATS, "tasks.benchmark")
-    specs = [t if isinstance(t, TaskSpec) else TaskSpec(**t) for t in tasks]
-    check_task_specs(specs)
-    by_name = {s.name: s for s in specs}
-    names = select_subset(resolve_order(order, list(by_name), orders), subset)
-    epoch_list = stream_epochs(epochs, [by_name[n] for n in names])
-    step_list = per_task_values(max_steps, len(names), "tasks.max_steps", allow_none=True)
+    by_name, names, epoch_list, step_list = stream_plan(tasks, order, orders, subset, epochs, max_steps)
     caps = {"train": num_train, "eval": num_eval, "test": num_test}
     for split, cap in caps.items():
         check_number(cap, f"tasks.num_{split}", integer=True, low=1, allow_none=True)
-    help_text = f"\n{data_help.strip()}" if data_help else ""
-    if data_dir is None:
-        raise ConfigError(f"tasks.data_dir is not set{help_text}")
-    root = Path(data_dir).expanduser()
-    if not root.is_dir():
-        raise ConfigError(f"tasks.data_dir does not exist or is not a folder: {root}{help_text}")
+    root, help_text = data_root(data_dir, data_help)
     folders = {n: task_folder(root, n, benchmark) for n in names}
     missing = [
         str(folders[n].relative_to(root) / f"{f}.json")

@@ -138,12 +138,17 @@ def read_text(path: Path) -> str:
         ) from None
 
 
-def json_list(path: Path, text: str, what: str) -> list:
-    """``text`` (of ``path``) parsed as a JSON list of ``what``; anything else refused by name."""
+def parse_json(path: Path, text: str):
+    """``text`` (of ``path``) parsed as JSON; malformed JSON refused in one line naming the file."""
     try:
-        records = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON ({e.msg}: line {e.lineno} column {e.colno})") from None
+
+
+def json_list(path: Path, text: str, what: str) -> list:
+    """``text`` (of ``path``) parsed as a JSON list of ``what``; anything else refused by name."""
+    records = parse_json(path, text)
     if not isinstance(records, list):
         raise ConfigError(f"{path}: expected a JSON list of {what}, got {type(records).__name__}")
     return records
@@ -262,6 +267,38 @@ def check_caps(max_examples: dict[str, int | None] | None, splits: Sequence[str]
     return caps
 
 
+def stream_plan(
+    tasks: Sequence[dict | TaskSpec],
+    order: str | Sequence[str] | None,
+    orders: dict[str, Sequence[str]] | None,
+    subset: Sequence[str] | None,
+    epochs: int | Sequence[int] | None,
+    max_steps: int | Sequence[int] | None,
+) -> tuple[dict[str, TaskSpec], list[str], list[int], list]:
+    """What a stream config declares, checked: the task specs by name, the tasks in their order
+    (``order`` a list or the name of one of ``orders``; ``subset`` keeps some), and each one's epochs
+    and step cap (module docstring of :func:`load_stream`)."""
+    specs = [t if isinstance(t, TaskSpec) else TaskSpec(**t) for t in tasks]
+    check_task_specs(specs)
+    by_name = {s.name: s for s in specs}
+    names = select_subset(resolve_order(order, [s.name for s in specs], orders), subset)
+    epoch_list = stream_epochs(epochs, [by_name[n] for n in names])
+    step_list = per_task_values(max_steps, len(names), "tasks.max_steps", allow_none=True)
+    return by_name, names, epoch_list, step_list
+
+
+def data_root(data_dir: str | Path | None, data_help: str = "") -> tuple[Path, str]:
+    """``tasks.data_dir`` as a folder that exists, and the text that says how to get the data (for
+    the errors that follow); an unset or missing folder refused with it."""
+    help_text = f"\n{data_help.strip()}" if data_help else ""
+    if data_dir is None:
+        raise ConfigError(f"tasks.data_dir is not set{help_text}")
+    root = Path(data_dir).expanduser()
+    if not root.is_dir():
+        raise ConfigError(f"tasks.data_dir does not exist or is not a folder: {root}{help_text}")
+    return root, help_text
+
+
 def missing_data(root: Path, names: Sequence[str], splits: Sequence[str]) -> list[str]:
     """The task folders and split files of the stream that ``root`` lacks."""
     missing = []
@@ -297,19 +334,9 @@ def load_stream(
     anything is returned; the metrics' names are the evaluation's to check (``resolve_metrics``).
     """
     check_choice(scorers, SCORERS, "tasks.scorers")
-    specs = [t if isinstance(t, TaskSpec) else TaskSpec(**t) for t in tasks]
-    check_task_specs(specs)
-    by_name = {s.name: s for s in specs}
-    names = select_subset(resolve_order(order, [s.name for s in specs], orders), subset)
-    epoch_list = stream_epochs(epochs, [by_name[n] for n in names])
-    step_list = per_task_values(max_steps, len(names), "tasks.max_steps", allow_none=True)
+    by_name, names, epoch_list, step_list = stream_plan(tasks, order, orders, subset, epochs, max_steps)
     caps = check_caps(max_examples, splits)
-    help_text = f"\n{data_help.strip()}" if data_help else ""
-    if data_dir is None:
-        raise ConfigError(f"tasks.data_dir is not set{help_text}")
-    root = Path(data_dir).expanduser()
-    if not root.is_dir():
-        raise ConfigError(f"tasks.data_dir does not exist or is not a folder: {root}{help_text}")
+    root, help_text = data_root(data_dir, data_help)
     missing = missing_data(root, names, splits)
     if missing:
         raise ConfigError(f"tasks.data_dir {root} is incomplete; missing: {', '.join(missing)}{help_text}")
