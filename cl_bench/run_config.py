@@ -15,8 +15,9 @@ from cl_bench.files import check_writable_dir
 
 def build_stream(tasks: DictConfig) -> TaskStream:
     """The TaskStream of a ``tasks`` config node, each task's metric resolved by its scorer set
-    (``tasks.scorers``) and checked; its ``joint`` switch is the run's (not the data's) and is left out."""
-    return resolve_metrics(build(without(tasks, "joint")))
+    (``tasks.scorers``) and checked; its ``joint`` switch is the run's (not the data's) and its
+    ``protocol`` (the published counts, for ``runners.data check``) is not the loader's: both left out."""
+    return resolve_metrics(build(without(tasks, "joint", "protocol")))
 
 
 def _get(cfg: DictConfig, key: str):

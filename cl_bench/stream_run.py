@@ -28,15 +28,16 @@ from rich.rule import Rule
 from cl_bench.config import build, optimizer_factory
 from cl_bench.data.batching import check_every_task_trains, layout, task_steps
 from cl_bench.data.loaders import TaskLoaders
+from cl_bench.data.manifest import stream_data
 from cl_bench.data.tasks import Task, TaskStream, training_plan
 from cl_bench.data.token_cache import stream_fingerprint
 from cl_bench.distributed import barrier, is_main, rank, start_processes, world_size
 from cl_bench.errors import as_stop, stop_on_signals
 from cl_bench.evaluation.continual import ContinualEvaluator, ContinualSettings
-from cl_bench.evaluation.example_forgetting import right_answers
+from cl_bench.evaluation.example_forgetting import stream_right_answers
 from cl_bench.evaluation.general_ability import GeneralAbility
 from cl_bench.evaluation.generation import GenerationConfig, evaluate_stream
-from cl_bench.evaluation.metrics import METRICS
+from cl_bench.evaluation.metrics import also_scores
 from cl_bench.files import RunDirLock
 from cl_bench.models import build_model
 from cl_bench.progress import activity, doing, heartbeat, say, work_summary
@@ -76,6 +77,8 @@ class StreamRun:
         t0 = time.perf_counter()
         # validates the data before the model is loaded
         self.stream: TaskStream = build_stream(cfg.tasks)
+        #: every file the stream was read from, hashed: results.json's ``data``
+        self.data = stream_data(self.stream)
         #: what is trained, in order: the stream's tasks, or their union (tasks.joint=true)
         self.training: list[Task] = training_plan(
             self.stream, cfg.tasks.get("joint", False), cfg.train.get("shuffle", True)
@@ -115,6 +118,7 @@ class StreamRun:
             writes=is_main(),
             trained=[t.name for t in self.training],
             continual=self.continual,
+            data=self.data,
         )
         run_ids = self.saved["run_ids"] if self.saved else {}
         self.loggers = RunLoggers(
@@ -280,22 +284,6 @@ class StreamRun:
         self.module.check_weights_finite()
         self.module.end_fit()
 
-    def right_answers(self, predictions: dict[str, list[str]]) -> dict[str, list[bool]]:
-        """Whether each evaluated example is right (its own score by its task's metric; for
-        non-binary metrics at least ``eval.right_threshold``), per task."""
-        right = {}
-        for task in self.stream:
-            examples = task.splits[self.cfg.eval.split][: self.cfg.eval.max_examples]
-            right[task.name] = right_answers(
-                task.metric,
-                METRICS[task.metric],
-                predictions[task.name],
-                [e.scored_against for e in examples],
-                [e.prompt for e in examples],
-                self.cfg.eval.get("right_threshold", 50.0),
-            )
-        return right
-
     def evaluate_stage(self) -> None:
         """The next row of R (every task of the stream), general ability when due, then record, log
         and checkpoint the stage."""
@@ -309,7 +297,9 @@ class StreamRun:
                 self.cfg.eval.split,
                 self.cfg.eval.max_examples,
             )
-            self.recorder.add_row(scores, time.perf_counter() - t)
+            split, cap = self.cfg.eval.split, self.cfg.eval.max_examples
+            also = also_scores(self.stream, predictions, split, cap)
+            self.recorder.add_row(scores, time.perf_counter() - t, also)
             done = self.tasks_done
             activity.tasks_finished(done, len(self.training))
             say(
@@ -319,7 +309,8 @@ class StreamRun:
             )
             if done == 0 or self.general.every_task or done == len(self.training):
                 self._evaluate_general()
-        self.recorder.write_predictions(self.answers, predictions, self.right_answers(predictions))
+        right = stream_right_answers(self.stream, predictions, split, cap, self.cfg.eval.get("right_threshold", 50.0))
+        self.recorder.write_predictions(self.answers, predictions, right)
         self.loggers.log_stage(
             self.recorder, self.module.stream_step, self.out_dir / "score_matrix.png", self.cfg.run_name
         )

@@ -25,6 +25,17 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"  # absolute: main als
 suggest_closest_keys()  # optimzer.lr=... names optimizer.lr, not Hydra's "+optimzer.lr"
 
 
+def compose_config(overrides: list[str]) -> DictConfig:
+    """The run config these overrides compose, as ``python -m runners.cl`` would (no Hydra run
+    started: for the tools that read a run's config without running it)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     """One run; returns ``cfg.objective`` (a CL metric, e.g. op or bwt) for sweepers such as Optuna.

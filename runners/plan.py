@@ -14,12 +14,9 @@ import argparse
 import json
 import sys
 
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-
 from cl_bench.errors import ConfigError
 from cl_bench.memory_plan import GIB, GPU_SIZES, as_dict, measure, plan, render
-from runners.cl import CONF_DIR
+from runners.cl import compose_config
 
 #: changes that shrink a run's memory, tried in this order when a plan does not fit
 SHRINKING = (
@@ -32,12 +29,6 @@ SHRINKING = (
 )
 
 
-def _compose(overrides: list[str]):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=overrides)
-
-
 def what_would_fit(overrides: list[str], gpu_gib: float) -> list[str]:
     """The changes of :data:`SHRINKING` under which the run fits ``gpu_gib`` (and its method still
     runs), each with its peak; the ones the run has already are not tried."""
@@ -46,7 +37,7 @@ def what_would_fit(overrides: list[str], gpu_gib: float) -> list[str]:
         if all(c in overrides for c in change):
             continue
         try:
-            p = plan(_compose([*overrides, *change]))
+            p = plan(compose_config([*overrides, *change]))
         except ConfigError:  # e.g. a micro-batch this batch size cannot split into
             continue
         if p.refusal is None and p.fits(gpu_gib) and p.total not in totals:  # not a plan listed already
@@ -79,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args, overrides = parser.parse_known_args(argv)
     try:
-        cfg = _compose(overrides)
+        cfg = compose_config(overrides)
         result = plan(cfg)
         measured = measure(cfg) if args.measure else None
     except ConfigError as e:

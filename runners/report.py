@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     summary = write_report(runs, args.out, args.baseline.split(","), args.seed)
+    for note in summary["different_data"]:
+        print(f"note: {note}")
     print(
         f"{len(runs)} runs, {len(summary['groups'])} groups, {len(summary['failed'])} not finished; "
         f"report in {args.out}/report.md and report.html ({time.perf_counter() - start:.1f} s)"

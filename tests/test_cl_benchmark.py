@@ -212,15 +212,33 @@ def test_a_superni_stream_runs_end_to_end_on_the_tiny_model(make_config, tmp_pat
                     ],
                 },
             )
-    cfg = make_config(
-        "tasks=superni",
-        f"tasks.data_dir={root}",
-        f"tasks.order=[{','.join(names)}]",
-        f"tasks.tasks=[{{name: {names[0]}, metric: rouge_l_stemmed, max_new_tokens: 4}},"
-        f"{{name: {names[1]}, metric: rouge_l_stemmed, max_new_tokens: 4}}]",
+    declared = [
+        f"tasks.tasks=[{{name: {names[0]}, metric: rouge_l_stemmed, also: [exact_match], max_new_tokens: 4}},"
+        f"{{name: {names[1]}, metric: rouge_l_stemmed, also: [exact_match], max_new_tokens: 4}}]",
         "tasks.orders={}",
-    )
+    ]
+    cfg = make_config("tasks=superni", f"tasks.data_dir={root}", f"tasks.order=[{','.join(names)}]", *declared)
     recorder = run(cfg, cfg.paths.output_dir)
     assert recorder.status == "finished" and len(recorder.R) == 3 and recorder.task_names == names
-    predictions = json.loads((Path(cfg.paths.output_dir) / "predictions" / "after_task902_b.json").read_text())
-    assert [len(predictions[n]) for n in names] == [4, 4]
+    results = json.loads((Path(cfg.paths.output_dir) / "results.json").read_text())
+    for stage in recorder.stages:
+        predictions = json.loads((Path(cfg.paths.output_dir) / "predictions" / f"{stage}.json").read_text())
+        assert [len(predictions[n]) for n in names] == [4, 4]
+        # exact match beside ROUGE-L: SuperNI's compute_metrics, max over the references
+        expected = [
+            100
+            * sum(
+                max(normalize_answer(r["prediction"]) == normalize_answer(ref) for ref in refs)
+                for r, refs in zip(predictions[n], [[f"out {i}", f"alt {i}"] for i in range(4)])
+            )
+            / 4
+            for n in names
+        ]
+        assert results["also"]["exact_match"][recorder.stages.index(stage)] == pytest.approx(expected)
+    # the run's data digest is the one runners.data check writes for the same folder and tasks
+    from runners.data import main
+
+    main(["check", str(root), "--stream", "superni", "--out", str(tmp_path / "m.json"), *declared])
+    manifest = json.loads((tmp_path / "m.json").read_text())
+    assert results["data"]["manifest_sha256"] == manifest["manifest_sha256"]
+    assert results["data"]["files"] == manifest["files"] and len(manifest["files"]) == 6

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from cl_bench.evaluation.example_forgetting import answer_options, flips, right_answers
+from cl_bench.data.tasks import answer_options
+from cl_bench.evaluation.example_forgetting import example_flips, flips, right_answers
 from cl_bench.evaluation.metrics import METRICS
 
 
@@ -76,3 +77,24 @@ def test_a_run_records_each_trained_task_s_flips_from_its_predictions(make_confi
         scores = recorder.R[recorder.stages.index(f"after_{task}")][recorder.task_names.index(task)]
         if recorder.metric_names[recorder.task_names.index(task)] == "accuracy":  # right = the score's examples
             assert 100 * expected["right_before"] == pytest.approx(scores)
+    # the loggers get each task's flips and their means (beyond chance where a task has options)
+    logged = recorder.stage_metrics()
+    flipped = results["example_forgetting"]
+    for task, f in flipped.items():
+        assert (
+            logged[f"examples/{task}/forgotten"] == f["forgotten"] and logged[f"examples/{task}/gained"] == f["gained"]
+        )
+    adjusted = [f["forgotten"] if f["options"] is None else f["forgotten_beyond_chance"] for f in flipped.values()]
+    assert logged["cl/ex_forgotten"] == pytest.approx(100 * sum(adjusted) / len(adjusted))
+
+
+def test_a_run_s_flip_summary_uses_chance_adjustment_only_where_a_task_has_options():
+    per_task = {
+        "cls": flips([True, True, False, False], [False, True, True, False], 2),
+        "gen": flips([True, True, False, False], [False, False, True, False], None),
+    }
+    # cls: F 1/4, BT 1/4, chance (1/2)(1/2)/1 = 1/4: nothing beyond chance; gen: F 2/4, BT 1/4 raw
+    assert example_flips(per_task) == pytest.approx(
+        {"ex_forgotten": 100 * (0 + 0.5) / 2, "ex_gained": 100 * (0 + 0.25) / 2}
+    )
+    assert example_flips({}) == {"ex_forgotten": None, "ex_gained": None}

@@ -18,7 +18,18 @@ ORDER = ["a", "b"]
 
 
 def write_result(
-    root, name, method, seed, R, delta=None, status="finished", error=None, data_seed=0, extra=None, config_extra=None
+    root,
+    name,
+    method,
+    seed,
+    R,
+    delta=None,
+    status="finished",
+    error=None,
+    data_seed=0,
+    extra=None,
+    config_extra=None,
+    results_extra=None,
 ):
     """A results.json as a run writes it (the keys the report reads)."""
     from cl_bench.evaluation.matrix_metrics import all_metrics
@@ -49,6 +60,7 @@ def write_result(
                 "general": general,
                 "timings": {"total_s": 60.0, "cpu_s": 90.0 * seed},
                 "config": config,
+                **(results_extra or {}),
             }
         )
     )
@@ -89,6 +101,65 @@ def test_two_streams_are_never_averaged_together(tmp_path):
     write_result(tmp_path, "y", "sft", 2, [[0, 0], [70, 10], [50, 70]], data_seed=1)
     rows = aggregate(group_runs(find_runs([tmp_path])))
     assert len(rows) == 2 and all(r["op"]["n"] == 1 for r in rows)
+
+
+def test_runs_on_different_data_are_kept_apart_and_said_so_and_a_moved_folder_is_not(tmp_path):
+    from cl_bench.recording.report import write_report
+
+    def run(name, seed, digest, folder):
+        write_result(
+            tmp_path / "runs",
+            name,
+            "sft",
+            seed,
+            [[0, 0], [80, 10], [40 + seed, 90]],
+            config_extra={"tasks": {"_target_": "cl_bench.data.tasks.load_stream", "data_dir": folder}},
+            results_extra={"data": {"manifest_sha256": digest, "files": {}}},
+        )
+
+    run("a1", 1, "a" * 64, "/data/trace_500")
+    run("a2", 2, "a" * 64, "/mnt/other/copy_of_trace_500")  # the same files elsewhere: a repeat
+    run("b1", 1, "b" * 64, "/data/trace_5000")
+    summary = write_report(find_runs([tmp_path / "runs"]), tmp_path / "out")
+    rows = sorted(summary["groups"], key=lambda r: r["stream"])
+    assert [(r["stream"].split(";")[0], r["seeds"]) for r in rows] == [
+        ("load_stream(data aaaaaaaaaaaa", [1, 2]),
+        ("load_stream(data bbbbbbbbbbbb", [1]),
+    ]
+    note = "load_stream on a, b: runs read 2 different data sets (aaaaaaaaaaaa, bbbbbbbbbbbb); they are kept apart"
+    assert summary["different_data"][0].startswith(note)
+    assert note in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_per_example_flips_reach_the_tables_as_a_mean_over_runs(tmp_path):
+    from cl_bench.recording.report import write_report
+
+    def flips(forgotten, adjusted):
+        return {
+            "forgotten": forgotten,
+            "gained": 0.1,
+            "forgotten_beyond_chance": adjusted,
+            "gained_beyond_chance": None,
+        }
+
+    for seed, (cls, gen) in enumerate(((0.5, 0.2), (0.3, 0.4)), start=1):
+        write_result(
+            tmp_path / "runs",
+            str(seed),
+            "sft",
+            seed,
+            [[0, 0], [80, 10], [40, 90]],
+            results_extra={"example_forgetting": {"a": flips(0.9, cls), "b": flips(gen, None)}},
+        )
+    summary = write_report(find_runs([tmp_path / "runs"]), tmp_path / "out")
+    # per run: the mean over tasks of F beyond chance (a, which has options) and raw F (b), in %
+    assert summary["groups"][0]["ex_forgotten"]["mean"] == pytest.approx(
+        (100 * (0.5 + 0.2) / 2 + 100 * (0.3 + 0.4) / 2) / 2
+    )
+    assert summary["groups"][0]["ex_gained"]["mean"] == pytest.approx(10.0)
+    assert "ex_forgotten" in (tmp_path / "out" / "report.md").read_text()
+    write_report(find_runs([sweep(tmp_path / "old")]), tmp_path / "out2")  # recorded before: no column
+    assert "ex_forgotten" not in (tmp_path / "out2" / "report.md").read_text()
 
 
 def test_a_method_s_differing_settings_make_separate_groups(tmp_path):

@@ -203,10 +203,15 @@ def load_cl_benchmark(
             if benchmark == "long_sequence" and folders[name].parent != root:  # O-LoRA's family folders
                 if instructions is None:
                     default = root.parent / "configs" / "instruction_config.json"
-                    instructions = instruction_set(Path(instruction_config or default).expanduser())
+                    config_file = Path(instruction_config or default).expanduser()
+                    instructions = instruction_set(config_file)
+                    stream.files["instruction_config"] = config_file
                 examples = olora_examples(path, name, instructions)
+                if (folders[name] / "labels.json").is_file():
+                    stream.files[f"{name}/labels"] = folders[name] / "labels.json"
             else:
                 examples = task_file_examples(path, superni=benchmark == "superni")
             splits[split] = capped(examples, caps[split], sample_seed * 1000 + index)
+            stream.files[f"{name}/{split}"] = path
         stream.tasks.append(Task(by_name[name], splits, epochs=ep, max_steps=steps))
     return stream

@@ -50,6 +50,12 @@ class TaskSpec:
     max_new_tokens: int
     #: the task's own number of epochs, used when the stream does not set ``epochs``
     epochs: int = 1
+    #: metrics recorded beside ``metric`` (results.json's ``also``; not in R), e.g. SuperNI's exact
+    #: match beside its ROUGE-L
+    also: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "also", tuple(self.also))  # a list from a config
 
 
 @dataclass
@@ -86,6 +92,9 @@ class TaskStream:
     #: how the tasks' metrics are scored: "project" or "trace" (TRACE's own scorers, on the raw
     #: decoded answers; see cl_bench/evaluation/trace_metrics.py)
     scorers: str = "project"
+    #: the files the stream was read from, by what they hold ("<task>/<split>", "<task>/labels", ...):
+    #: what a run's data manifest hashes (cl_bench/data/manifest.py)
+    files: dict[str, Path] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.tasks)
@@ -99,6 +108,13 @@ class TaskStream:
     @property
     def names(self) -> list[str]:
         return [t.name for t in self.tasks]
+
+
+def answer_options(answers: Sequence[str], limit: int = 20) -> int | None:
+    """k for a classification task: how many distinct answers its split has (at most ``limit``, and
+    fewer than its examples); None for a task whose answers are free text."""
+    distinct = len(set(answers))
+    return distinct if 1 < distinct <= limit and distinct < len(answers) else None
 
 
 def joint_task(stream: TaskStream) -> Task:
@@ -343,5 +359,6 @@ def load_stream(
     stream = TaskStream(scorers=scorers)
     for name, ep, steps in zip(names, epoch_list, step_list):
         loaded = {split: read_split(root / name / f"{split}.json")[: caps.get(split)] for split in splits}
+        stream.files.update({f"{name}/{split}": root / name / f"{split}.json" for split in splits})
         stream.tasks.append(Task(by_name[name], loaded, epochs=ep, max_steps=steps))
     return stream

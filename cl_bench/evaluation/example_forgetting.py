@@ -23,6 +23,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from cl_bench.data.tasks import TaskStream
+from cl_bench.evaluation.metrics import METRICS
+
 #: metrics whose score of one example is 0 or 100: an example is right at 100 whatever the threshold
 BINARY_METRICS = ("accuracy", "first_letter_accuracy", "exact_match", "trace_accuracy", "trace_first_char_accuracy")
 
@@ -32,6 +35,20 @@ def right_answers(metric_name: str, metric, predictions, answers, prompts, thres
     at least ``threshold`` (0-100; ROUGE-L, edit similarity, SARI)."""
     bar = 100.0 if metric_name in BINARY_METRICS else threshold
     return [metric([p], [a], [q]) >= bar for p, a, q in zip(predictions, answers, prompts)]
+
+
+def stream_right_answers(
+    stream: TaskStream, predictions: dict[str, list[str]], split: str, max_examples: int | None, threshold: float
+) -> dict[str, list[bool]]:
+    """Per task, whether each example a stage evaluated (the first ``max_examples`` of ``split``) is
+    right by :func:`right_answers`."""
+    right = {}
+    for task in stream:
+        examples = task.splits[split][:max_examples]
+        refs, prompts = [e.scored_against for e in examples], [e.prompt for e in examples]
+        metric = METRICS[task.metric]
+        right[task.name] = right_answers(task.metric, metric, predictions[task.name], refs, prompts, threshold)
+    return right
 
 
 def flips(before: Sequence[bool], after: Sequence[bool], options: int | None = None) -> dict[str, float | int | None]:
@@ -66,8 +83,16 @@ def flips(before: Sequence[bool], after: Sequence[bool], options: int | None = N
     return out
 
 
-def answer_options(answers: Sequence[str], limit: int = 20) -> int | None:
-    """k for a classification task: how many distinct answers its test set has (at most ``limit``);
-    None for a task whose answers are free text (more distinct answers than that, or one per example)."""
-    distinct = len(set(answers))
-    return distinct if 1 < distinct <= limit and distinct < len(answers) else None
+def example_flips(per_task: dict[str, dict]) -> dict[str, float | None]:
+    """A run's summary of its tasks' flips (results.json's ``example_forgetting``), in % of examples,
+    averaged over the tasks: ``ex_forgotten`` and ``ex_gained``, each beyond chance where the task
+    has answer options, raw where it has none; None without tasks."""
+    if not per_task:
+        return {"ex_forgotten": None, "ex_gained": None}
+
+    def mean(kind: str) -> float:
+        adjusted = [f[f"{kind}_beyond_chance"] for f in per_task.values()]
+        values = [f[kind] if a is None else a for a, f in zip(adjusted, per_task.values())]
+        return 100 * sum(values) / len(values)
+
+    return {"ex_forgotten": mean("forgotten"), "ex_gained": mean("gained")}

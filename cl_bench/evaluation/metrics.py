@@ -131,8 +131,24 @@ def resolve_metrics(stream: TaskStream) -> TaskStream:
     (``tasks.scorers``), every name checked against the known metrics."""
     check_choice(stream.scorers, SCORERS, "tasks.scorers")
     for task in stream:
-        metric = SCORER_SETS[stream.scorers].get(task.metric, task.metric)
-        if metric not in METRICS:
-            raise ConfigError(f"task {task.name}: unknown metric '{task.metric}'; known: {sorted(METRICS)}")
-        task.spec = replace(task.spec, metric=metric)
+        scorer = SCORER_SETS[stream.scorers]
+        metric, *also = (scorer.get(name, name) for name in (task.metric, *task.spec.also))
+        for name, declared in zip((metric, *also), (task.metric, *task.spec.also)):
+            if name not in METRICS:
+                raise ConfigError(f"task {task.name}: unknown metric '{declared}'; known: {sorted(METRICS)}")
+        task.spec = replace(task.spec, metric=metric, also=tuple(also))
     return stream
+
+
+def also_scores(
+    stream: TaskStream, predictions: dict[str, list[str]], split: str, max_examples: int | None
+) -> dict[str, dict[str, float]]:
+    """The scores of the metrics each task records beside its own (TaskSpec.also), by metric then
+    task, on the examples a stage evaluated (the first ``max_examples`` of ``split``)."""
+    also: dict[str, dict[str, float]] = {}
+    for task in stream:
+        examples = task.splits[split][:max_examples]
+        refs, prompts = [e.scored_against for e in examples], [e.prompt for e in examples]
+        for name in task.spec.also:
+            also.setdefault(name, {})[task.name] = float(METRICS[name](predictions[task.name], refs, prompts))
+    return also

@@ -23,6 +23,7 @@ from typing import Any
 
 from cl_bench.config import current_settings, flat_settings
 from cl_bench.errors import ConfigError
+from cl_bench.evaluation.example_forgetting import example_flips
 from cl_bench.evaluation.stability_gap import curve_metrics
 
 #: the numbers a group is summarised by: key -> how to read it from a results.json
@@ -38,6 +39,8 @@ METRICS = (
     "avg_min_acc",
     "wc_acc",
     "wf10",
+    "ex_forgotten",
+    "ex_gained",
     "wall_min",
     "cpu_min",
 )
@@ -45,6 +48,8 @@ METRICS = (
 TIMINGS = ("wall_min", "cpu_min")
 #: the continual-evaluation metrics (results.json's continual_metrics; only runs with eval.continual)
 CONTINUAL_METRICS = ("avg_min_acc", "wc_acc", "wf10")
+#: per-example flips (results.json's example_forgetting; runs recorded before it have none)
+EXAMPLE_METRICS = ("ex_forgotten", "ex_gained")
 
 
 #: settings that cannot change what a run computes: two runs that differ only in these (and the
@@ -69,13 +74,15 @@ NOT_RESULT_KEYS = (
 )
 
 
-def result_settings(config: dict) -> dict[str, Any]:
+def result_settings(config: dict, data_hashed: bool = False) -> dict[str, Any]:
     """The resolved config as dotted keys, less :data:`NOT_RESULT_KEYS` and the seeds that follow the
     run's seed (``model.seed: ${seed}``, ``method.adapters.seed: ${seed}``: a ``*.seed`` equal to it):
-    what decides a run's result, repeats aside."""
+    what decides a run's result, repeats aside. ``data_hashed``: the run recorded its data manifest,
+    which then tells its data apart instead of where the data lay (``tasks.data_dir``)."""
+    ignored = (*NOT_RESULT_KEYS, "tasks.data_dir") if data_hashed else NOT_RESULT_KEYS
     return {
         k: v
-        for k, v in current_settings(flat_settings(config, NOT_RESULT_KEYS)).items()
+        for k, v in current_settings(flat_settings(config, ignored)).items()
         if not (k.endswith(".seed") and v == config.get("seed"))
     }
 
@@ -98,6 +105,9 @@ class RunResult:
     values: dict[str, float | None] = field(default_factory=dict)
     #: results.json's ``continual`` (the continual-evaluation curves), when the run had them
     continual: dict[str, Any] | None = None
+    #: the digest of the data the run read (results.json's ``data.manifest_sha256``; None before
+    #: runs recorded it)
+    data: str | None = None
 
 
 #: the display names of the models this project's builders make (a hub model goes by its hub name)
@@ -119,8 +129,10 @@ def _model_name(model: dict) -> str:
     return BUILT_MODELS.get(builder, builder) + suffix
 
 
-def _stream_name(tasks: dict, names: list[str]) -> str:
-    source = tasks.get("data_dir") or f"data_seed={tasks.get('data_seed')}"
+def _stream_name(tasks: dict, names: list[str], data: str | None) -> str:
+    """The stream's loader, its data (the manifest's digest, short; for a run recorded before data
+    manifests, the folder or the embedded stream's seed) and its tasks."""
+    source = f"data {data[:12]}" if data else tasks.get("data_dir") or f"data_seed={tasks.get('data_seed')}"
     kind = str(tasks.get("_target_", "?")).rsplit(".", 1)[-1]
     return f"{kind}({source}; {','.join(sorted(names))})"
 
@@ -148,13 +160,15 @@ def read_run(path: Path) -> RunResult:
     values["wall_min"] = None if total is None else total / 60
     cpu = (data.get("timings") or {}).get("cpu_s")
     values["cpu_min"] = None if cpu is None else cpu / 60
+    values.update(example_flips(data.get("example_forgetting") or {}))
+    digest = (data.get("data") or {}).get("manifest_sha256")
     return RunResult(
         path=file.parent,
         status=data.get("status", "?"),
         error=data.get("error"),
         method=str(method.get("_target_", "?")).rsplit(".", 2)[-2],
-        settings=result_settings(config),
-        stream=_stream_name(config.get("tasks") or {}, data.get("tasks") or []),
+        settings=result_settings(config, data_hashed=digest is not None),
+        stream=_stream_name(config.get("tasks") or {}, data.get("tasks") or [], digest),
         order=tuple(data.get("tasks") or ()),
         model=_model_name(config.get("model") or {}),
         seed=config.get("seed"),
@@ -162,7 +176,23 @@ def read_run(path: Path) -> RunResult:
         R=data.get("R") or [],
         values=values,
         continual=data.get("continual"),
+        data=digest,
     )
+
+
+def different_data(runs: list[RunResult]) -> list[str]:
+    """One line per stream that finished runs read from different data (the same loader and tasks,
+    another manifest digest): the report keeps them in separate settings and says so."""
+    by_stream: dict[tuple, set[str]] = {}
+    for r in runs:
+        if r.status == "finished" and r.data:
+            by_stream.setdefault((r.stream.split("(", 1)[0], tuple(sorted(r.order))), set()).add(r.data)
+    return [
+        f"{kind} on {', '.join(tasks)}: runs read {len(digests)} different data sets "
+        f"({', '.join(sorted(d[:12] for d in digests))}); they are kept apart, never averaged"
+        for (kind, tasks), digests in by_stream.items()
+        if len(digests) > 1
+    ]
 
 
 def find_runs(paths: Iterable[str | Path]) -> list[RunResult]:

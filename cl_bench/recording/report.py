@@ -17,10 +17,12 @@ from typing import Any
 from cl_bench.files import atomic_write
 from cl_bench.recording.comparison import (
     CONTINUAL_METRICS,
+    EXAMPLE_METRICS,
     METRICS,
     TIMINGS,
     RunResult,
     aggregate,
+    different_data,
     group_runs,
     paired,
     separating_keys,
@@ -46,12 +48,17 @@ def _settings(rows: list[dict]) -> list[tuple]:
 
 
 def _shown(rows: list[dict]) -> list[str]:
-    """The metrics of the tables: all, less the continual-evaluation ones no run of ``rows`` has."""
-    return [m for m in METRICS if m not in (*CONTINUAL_METRICS, "cpu_min") or any(r[m]["n"] for r in rows)]
+    """The metrics of the tables: all, less the optional ones (continual evaluation, per-example
+    flips, CPU time) that no run of ``rows`` has."""
+    optional = (*CONTINUAL_METRICS, *EXAMPLE_METRICS, "cpu_min")
+    return [m for m in METRICS if m not in optional or any(r[m]["n"] for r in rows)]
 
 
-def markdown(rows: list[dict], pairs: list[dict], failed: list[RunResult]) -> str:
+def markdown(rows: list[dict], pairs: list[dict], failed: list[RunResult], data_notes: list[str] = ()) -> str:
     out = ["# Comparison report", ""]
+    if data_notes:
+        out += ["Runs on different data (their manifests differ) are in different settings:", ""]
+        out += [f"- {note}" for note in data_notes] + [""]
     for k, (stream, order, model) in enumerate(_settings(rows)):
         mine = [r for r in rows if (r["stream"], tuple(r["order"]), r["model"]) == (stream, order, model)]
         metrics = _shown(mine)
@@ -174,12 +181,14 @@ def write_report(
     rows = aggregate(groups)
     pairs = [p for b in ([baseline] if isinstance(baseline, str) else baseline) for p in paired(groups, b, seed)]
     failed = [r for r in runs if r.status != "finished"]
-    md_text = markdown(rows, pairs, failed)
+    data_notes = different_data(runs)
+    md_text = markdown(rows, pairs, failed, data_notes)
     figs = figures(groups, rows, _settings(rows)) if rows else []
     summary = {
         "groups": rows,
         "paired": pairs,
         "separating_keys": separating_keys([r for r in runs if r.status == "finished"]),
+        "different_data": data_notes,
         "failed": [{"path": str(r.path), "status": r.status, "error": r.error} for r in failed],
     }
     atomic_write(out / "report.md", md_text)

@@ -14,8 +14,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cl_bench.data.tasks import answer_options
 from cl_bench.evaluation.continual import ContinualSettings
-from cl_bench.evaluation.example_forgetting import answer_options, flips
+from cl_bench.evaluation.example_forgetting import example_flips, flips
 from cl_bench.evaluation.general_ability import PROBE_TASK
 from cl_bench.evaluation.matrix_metrics import all_metrics
 from cl_bench.evaluation.stability_gap import curve_metrics
@@ -52,11 +53,13 @@ class RunRecorder:
         writes: bool = True,
         trained: list[str] | None = None,
         continual: ContinualSettings | None = None,
+        data: dict[str, Any] | None = None,
     ):
         """``writes=False`` keeps everything in memory (the processes other than rank 0).
         ``trained``: what each stage trains, when it is not one task of the stream after another
         (a joint run: ``["joint"]``, one row after the base row). ``continual``: the run's continual
-        evaluation, whose points :meth:`add_continual` collects."""
+        evaluation, whose points :meth:`add_continual` collects. ``data``: the stream's data manifest
+        (cl_bench/data/manifest.py, ``stream_data``), results.json's ``data``."""
         self.out_dir = Path(out_dir)
         self.writes = writes
         if writes:
@@ -82,6 +85,10 @@ class RunRecorder:
         self.points: list[dict[str, Any]] = []
         #: the method's own account of the run (CLMethod.report), results.json's ``method``
         self.method_report: dict[str, Any] = {}
+        self.data = data
+        #: per stage, the scores of the metrics recorded beside each task's own (TaskSpec.also):
+        #: {metric: {task: score}}
+        self.also: list[dict[str, dict[str, float]]] = []
 
     @property
     def stages(self) -> list[str]:
@@ -124,7 +131,9 @@ class RunRecorder:
 
     def stage_metrics(self) -> dict[str, float]:
         """What the loggers get after the latest stage: each task's score, the CL metrics, the
-        continual metrics' averages, general ability when it was taken, and the stage's number."""
+        continual metrics' averages, general ability when it was taken, each trained task's
+        per-example flips (``examples/<task>/forgotten``, ...) and their means (``cl/ex_forgotten``,
+        ``cl/ex_gained``, in %), and the stage's number."""
         stage = self.stages[-1]
         metrics = {f"score/{name}": v for name, v in zip(self.task_names, self.R[-1])}
         metrics.update({f"cl/{k}": v for k, v in self.cl_metrics().items()})
@@ -134,12 +143,26 @@ class RunRecorder:
             metrics["general/mean"] = self.general_mean(stage)
             if self.general_delta() is not None:
                 metrics["general/delta_RG"] = self.general_delta()
+        if self.writes and not self.joint:
+            flips = self.example_forgetting()
+            for task, f in flips.items():
+                metrics.update({f"examples/{task}/{k}": v for k, v in f.items() if isinstance(v, float)})
+            metrics.update({f"cl/{k}": v for k, v in example_flips(flips).items() if v is not None})
         metrics["stage"] = len(self.R) - 1
         return metrics
 
-    def add_row(self, scores: list[float], eval_s: float) -> None:
+    def add_row(self, scores: list[float], eval_s: float, also: dict[str, dict[str, float]] | None = None) -> None:
+        """The latest stage's scores (R's next row), its evaluation time, and the scores of the
+        metrics recorded beside the tasks' own (``{metric: {task: score}}``)."""
         self.R.append([float(s) for s in scores])
         self.timings["eval_s"].append(round(eval_s, 3))
+        self.also.append(also or {})
+
+    def also_matrices(self) -> dict[str, list[list[float | None]]]:
+        """results.json's ``also``: per metric recorded beside the tasks' own, a matrix shaped as R
+        (None where a task does not record it)."""
+        names = sorted({m for row in self.also for m in row})
+        return {m: [[row.get(m, {}).get(t) for t in self.task_names] for row in self.also] for m in names}
 
     def add_general(self, scores: dict[str, float]) -> None:
         """General-ability scores taken at the latest stage."""
@@ -180,6 +203,7 @@ class RunRecorder:
             "timings": self.timings,
             "general": self.general,
             "points": self.points,
+            "also": self.also,
             "elapsed_s": time.time() - self.started,
             "cpu_s": self.cpu_seconds(),
         }
@@ -187,6 +211,7 @@ class RunRecorder:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.R, self.timings, self.general = state["R"], state["timings"], state["general"]
         self.points = state.get("points", [])
+        self.also = state.get("also", [{} for _ in self.R])
         self.started = time.time() - state["elapsed_s"]
         spent = state.get("cpu_s")
         self.cpu_started = None if spent is None else time.process_time() - spent
@@ -203,6 +228,7 @@ class RunRecorder:
             "metrics": self.metric_names,
             "stages": self.stages,
             "R": self.R,
+            **({"also": self.also_matrices()} if any(self.also) else {}),
             "cl_metrics": self.cl_metrics(),
             **({"example_forgetting": self.example_forgetting()} if self.writes and not self.joint else {}),
             "general": {
@@ -226,6 +252,7 @@ class RunRecorder:
                     else {}
                 ),
             },
+            "data": self.data,
             "config": self.config,
         }
 
