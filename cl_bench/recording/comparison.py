@@ -71,15 +71,20 @@ NOT_RESULT_KEYS = (
     "trainer.enable_progress_bar",
     "trainer.enable_model_summary",
     "trainer.log_every_n_steps",
+    "tasks.protocol",
 )
+
+
+#: where a stream's files lay: a run that recorded its data's digest is told apart by that instead
+DATA_PATH_KEYS = ("tasks.data_dir", "tasks.instruction_config")
 
 
 def result_settings(config: dict, data_hashed: bool = False) -> dict[str, Any]:
     """The resolved config as dotted keys, less :data:`NOT_RESULT_KEYS` and the seeds that follow the
     run's seed (``model.seed: ${seed}``, ``method.adapters.seed: ${seed}``: a ``*.seed`` equal to it):
     what decides a run's result, repeats aside. ``data_hashed``: the run recorded its data manifest,
-    which then tells its data apart instead of where the data lay (``tasks.data_dir``)."""
-    ignored = (*NOT_RESULT_KEYS, "tasks.data_dir") if data_hashed else NOT_RESULT_KEYS
+    which then tells its data apart instead of where its files lay (:data:`DATA_PATH_KEYS`)."""
+    ignored = (*NOT_RESULT_KEYS, *DATA_PATH_KEYS) if data_hashed else NOT_RESULT_KEYS
     return {
         k: v
         for k, v in current_settings(flat_settings(config, ignored)).items()
