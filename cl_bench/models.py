@@ -130,8 +130,10 @@ def tiny_llama(
     vocab_size: int = 512,
     max_position_embeddings: int = 1024,
     seed: int = 0,
+    initializer_range: float = 0.02,
 ) -> ModelBundle:
-    """A randomly initialised Llama with a byte tokenizer: for tests and quick smoke runs."""
+    """A randomly initialised Llama with a byte tokenizer: for tests and quick smoke runs
+    (``initializer_range``: the std of its weights; wider ones give answers that differ by prompt)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = byte_tokenizer()
@@ -149,6 +151,7 @@ def tiny_llama(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
+        initializer_range=initializer_range,
     )
     with torch.random.fork_rng():
         torch.manual_seed(seed)

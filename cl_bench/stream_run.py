@@ -38,6 +38,7 @@ from cl_bench.evaluation.example_forgetting import stream_right_answers
 from cl_bench.evaluation.general_ability import GeneralAbility
 from cl_bench.evaluation.generation import GenerationConfig, evaluate_stream
 from cl_bench.evaluation.metrics import also_scores
+from cl_bench.evaluation.vllm_engine import build_engine
 from cl_bench.files import RunDirLock
 from cl_bench.models import build_model
 from cl_bench.progress import activity, doing, heartbeat, say, work_summary
@@ -88,6 +89,8 @@ class StreamRun:
         self.general.check()
         self.continual = ContinualSettings.from_config(cfg.eval.get("continual"), self.stream.names)
         self.out_dir = run_dir(cfg, out_dir)
+        #: eval.engine=vllm: the engine every evaluation generates with (refused here if vLLM is missing)
+        self.engine = build_engine(cfg.eval, self.out_dir / "engine", cfg.seed)
         self.lock = RunDirLock(self.out_dir)
         if is_main():
             self.lock.acquire()  # released by close(); the other processes of this run share the dir
@@ -156,6 +159,8 @@ class StreamRun:
         with self.module.precision_context():  # the methods' passes at the run's precision
             self.method.on_stream_start(self.module, self.stream)
         self.generation = GenerationConfig(
+            engine=self.engine,
+            seed=cfg.seed,
             batch_size=cfg.eval.batch_size,
             max_prompt_len=cfg.train.max_prompt_len,
             do_sample=cfg.eval.do_sample,
@@ -205,6 +210,9 @@ class StreamRun:
                 raise
             raise stop from e
         finally:
+            if self.engine is not None:
+                self.engine.close()
+                self.engine.remove_files()  # the weights it was handed: a copy of the stage's
             self.lock.release()  # the run dir goes free
 
     def start_or_restore(self) -> int:
@@ -289,6 +297,8 @@ class StreamRun:
         and checkpoint the stage."""
         t = time.perf_counter()
         with full_weights(self.bundle.model):  # FSDP: every process generates with the whole model
+            if self.engine is not None:
+                self.engine.sync(self.bundle.model, self.module.stream_step)
             scores, predictions = evaluate_stream(
                 self.bundle.model,
                 self.bundle.tokenizer,
@@ -299,6 +309,8 @@ class StreamRun:
             )
             split, cap = self.cfg.eval.split, self.cfg.eval.max_examples
             also = also_scores(self.stream, predictions, split, cap)
+            if self.engine is not None:
+                self.engine.rest()
             self.recorder.add_row(scores, time.perf_counter() - t, also)
             done = self.tasks_done
             activity.tasks_finished(done, len(self.training))

@@ -99,3 +99,38 @@ def test_bench_methods_on_stream_data_times_each_method_on_its_own_batches(tmp_p
     gere = rows["gere/mode=concat,num_samples=4,generate_tokens=8"]
     # its batches hold general texts (every token scored) among the task's short answers
     assert gere["labelled_tokens_per_step"] > rows["sft"]["labelled_tokens_per_step"] > 0
+
+
+@pytest.mark.vllm
+def test_bench_eval_counts_both_engines_alike(tmp_path):
+    """HF at two batch sizes (and the vLLM engine where installed: the vllm venv runs this too):
+    tokens counted alike, the best HF setting the reference of every row's agreement."""
+    from cl_bench.evaluation.vllm_engine import vllm_available
+
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "runners.bench_eval",
+            "model=tiny_llama",
+            "model.hidden_size=128",
+            "model.num_heads=2",
+            "model.initializer_range=0.15",
+            "bench.eval.prompts=10",
+            "bench.eval.max_new_tokens=8",
+            "bench.eval.hf_batch_sizes=[4,10]",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "bench_eval.json").read_text())
+    rows = result["rows"]
+    assert [r["setting"] for r in rows[:2]] == ["batch 4", "batch 10"] and result["prompts"] == 10
+    assert all(r["same_as_hf"] == 10 for r in rows[:2])  # batching does not change greedy answers here
+    for r in rows:
+        assert r["answer_tok_s"] == pytest.approx(r["answer_tokens"] / r["seconds"])
+    assert ("ratio" in result) == vllm_available() == (len(rows) == 3)

@@ -191,3 +191,20 @@ def test_gere_plans_its_extra_forward_on_the_gpu_and_its_bands_on_the_host(make_
     assert (
         plan(make_config("model=llama2_7b_chat", "method=gere", "method.mode=interleave", tiny=False)).pass_items == {}
     )
+
+
+def test_the_vllm_engine_s_reservation_counts_on_the_evaluation_side(make_config, capsys):
+    """The engine reserves eval.vllm.memory_fraction of the GPU while it evaluates and sleeps while
+    training runs: the peak is the states plus the larger of training and that reservation."""
+    base = ["model=qwen2_1_5b", *SEQ]
+    plain = plan(make_config(*base, tiny=False))
+    engine = plan(make_config(*base, "eval.engine=vllm", "eval.vllm.memory_fraction=0.4", tiny=False))
+    assert plain.engine_fraction == 0 and plain.peak(80) == plain.total
+    assert engine.items == plain.items and engine.total == plain.total  # the states are the same
+    training = engine.activations + sum(engine.pass_items.values())
+    for gib in (24, 80):
+        assert engine.peak(gib) == engine.states + max(training, int(0.4 * gib * GIB))
+    assert engine.fits(80) == (engine.states + max(training, int(0.4 * 80 * GIB)) <= 80 * GIB)
+    assert main(["--gpu-gib", "80", *base, "eval.engine=vllm", "eval.vllm.memory_fraction=0.4"]) in (0, 1)
+    out = capsys.readouterr().out
+    assert "evaluation: vLLM engine (40% of the GPU)" in out and f"{0.4 * 80:9.2f}" in out

@@ -525,6 +525,39 @@ def test_a_run_recorded_before_a_setting_moved_or_retired_still_resumes_and_grou
         checkpoints.check_resumable({"config": checkpoints.comparable({**before, "method": {"lambda_": 2.0}})}, today)
 
 
+def test_a_run_recorded_before_a_setting_was_added_resumes_and_groups_at_the_value_it_had():
+    """eval.right_threshold, eval.engine and the tiny model's initializer_range were added
+    (2026-12-03) at the values every earlier run had; the vLLM engine's settings matter only where it
+    runs."""
+    from cl_bench.recording.comparison import result_settings
+    from cl_bench.training.checkpointing import StreamCheckpoints
+
+    tiny = {"_target_": "cl_bench.models.tiny_llama", "hidden_size": 64}
+    vllm = {"dtype": "auto", "memory_fraction": 0.1}
+    today = {
+        "eval": {"split": "test", "right_threshold": 50, "engine": "hf", "vllm": vllm},
+        "model": {**tiny, "initializer_range": 0.02},
+    }
+    before = {"eval": {"split": "test"}, "model": tiny}
+    checkpoints = StreamCheckpoints("unused")
+    checkpoints.check_resumable({"config": checkpoints.comparable(before)}, today)
+    assert result_settings(before) == result_settings(today)
+    other_vllm = {**today, "eval": {**today["eval"], "vllm": {**vllm, "memory_fraction": 0.3}}}
+    checkpoints.check_resumable({"config": checkpoints.comparable(today)}, other_vllm)  # hf: not read
+    with pytest.raises(ConfigError, match="1 settings differ.*eval.vllm.memory_fraction"):
+        engine = {**today["eval"], "engine": "vllm"}
+        checkpoints.check_resumable(
+            {"config": checkpoints.comparable({**today, "eval": engine})},
+            {**today, "eval": {**engine, "vllm": {**vllm, "memory_fraction": 0.3}}},
+        )
+    with pytest.raises(ConfigError, match="1 settings differ.*model.initializer_range"):
+        checkpoints.check_resumable(
+            {"config": checkpoints.comparable(before)}, {**today, "model": {**tiny, "initializer_range": 0.2}}
+        )
+    smollm2 = {"_target_": "cl_bench.models.load_smollm2"}  # not the tiny model: nothing added
+    assert "model.initializer_range" not in result_settings({"model": smollm2})
+
+
 @pytest.mark.processes
 def test_a_sweep_runs_every_job_in_its_own_dir_survives_a_failed_one_and_reports_it(tmp_path):
     """Every job runs; the sweep ends with a table of the 8 jobs and exits 1 (4 were refused)."""

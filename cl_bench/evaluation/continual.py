@@ -174,8 +174,13 @@ class ContinualEvaluator(Callback):
 
     def evaluate(self, trainer, pl_module) -> None:
         start = time.perf_counter()
+        engine = self.generation.engine if any(self.settings.measures[n] == "metric" for n in self.seen) else None
+        if engine is not None:  # eval.engine=vllm: the engine takes this step's weights
+            engine.sync(pl_module.model, pl_module.stream_step)
         with preserved_rng():
             scores = {name: self.score(pl_module.model, name, pl_module.stream_step) for name in self.seen}
+        if engine is not None:
+            engine.rest()
         step = pl_module.stream_step
         self.points.append(
             {

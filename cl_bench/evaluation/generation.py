@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -13,6 +14,7 @@ from cl_bench.data.tokenization import Collator, encode_prompt
 from cl_bench.distributed import gather_shards, shard
 from cl_bench.evaluation.metrics import METRICS
 from cl_bench.progress import advance, doing
+from cl_bench.rng import derive_seed
 from cl_bench.training.lm import eval_mode
 
 
@@ -30,6 +32,11 @@ class GenerationConfig:
     #: the answers exactly as decoded (no clean-up of tokenization spaces, nothing stripped), as
     #: TRACE scores them; else stripped of surrounding whitespace
     raw: bool = False
+    #: ``eval.engine=vllm``: the vLLM engine that generates instead of Hugging Face ``generate``
+    #: (cl_bench/evaluation/vllm_engine.py; it holds the weights of its last ``sync``)
+    engine: Any = None
+    #: the seed of sampled answers under the vLLM engine (one per request, derived from it)
+    seed: int = 0
 
 
 @dataclass
@@ -46,35 +53,46 @@ def generate(
     max_new_tokens: int,
     cfg: GenerationConfig,
 ) -> list[str]:
-    """Answers for ``examples``, in their order. Prompts are batched by length (less padding)."""
+    """Answers for ``examples``, in their order, by Hugging Face ``generate`` (prompts batched by
+    length: less padding) or by the vLLM engine of ``cfg``; both decoded alike."""
+    encoded = [encode_prompt(tokenizer, ex, cfg.max_prompt_len)["input_ids"] for ex in examples]
+    sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p} if cfg.do_sample else {}
+    if cfg.engine is not None:
+        seeds = [derive_seed(cfg.seed, "|".join(map(str, ids))) for ids in encoded]
+        new = cfg.engine.generate(encoded, max_new_tokens, tokenizer.eos_token_id, sampling, seeds)
+        advance()
+        return decode(tokenizer, new, cfg.raw)
     device = next(model.parameters()).device
     collate = Collator(tokenizer.pad_token_id)
-    encoded = [encode_prompt(tokenizer, ex, cfg.max_prompt_len) for ex in examples]
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]))
-    sampling = (
-        {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p}
-        if cfg.do_sample
-        else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-    )
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    greedy = {"temperature": None, "top_p": None, "top_k": None}
     answers: list[str] = [""] * len(examples)
     with eval_mode(model):
         for start in range(0, len(order), cfg.batch_size):
             idx = order[start : start + cfg.batch_size]
-            batch = {k: v.to(device) for k, v in collate([encoded[i] for i in idx]).items()}
+            batch = {k: v.to(device) for k, v in collate([{"input_ids": encoded[i]} for i in idx]).items()}
             out = model.generate(
                 **batch,
                 max_new_tokens=max_new_tokens,
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
                 use_cache=True,
-                **sampling,
+                do_sample=cfg.do_sample,
+                **(sampling or greedy),
             )
             advance()
-            new = out[:, batch["input_ids"].shape[1] :]
-            decode = {"clean_up_tokenization_spaces": False} if cfg.raw else {}
-            for i, text in zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True, **decode)):
-                answers[i] = text if cfg.raw else text.strip()
+            for i, text in zip(idx, decode(tokenizer, out[:, batch["input_ids"].shape[1] :], cfg.raw)):
+                answers[i] = text
     return answers
+
+
+def decode(tokenizer: PreTrainedTokenizerBase, new, raw: bool) -> list[str]:
+    """Generated token ids as answers: special tokens (EOS, padding) dropped; ``raw`` (TRACE) keeps
+    the text exactly as decoded, else it is stripped of surrounding whitespace."""
+    texts = tokenizer.batch_decode(
+        new, skip_special_tokens=True, **({"clean_up_tokenization_spaces": False} if raw else {})
+    )
+    return texts if raw else [t.strip() for t in texts]
 
 
 def evaluate_task(

@@ -49,6 +49,7 @@ RESUMABLE_CHANGES = (
     "hydra",
     "dry_run",
     "heartbeat_s",
+    "tasks.protocol",  # the published counts runners.data check compares with: not read by a run
 )
 
 
@@ -159,7 +160,7 @@ class StreamCheckpoints:
     @staticmethod
     def comparable(config: dict[str, Any]) -> dict[str, Any]:
         """The settings that decide a run's results (what a resume must not change), flattened."""
-        return flat_settings(config, RESUMABLE_CHANGES)
+        return current_settings(flat_settings(config, RESUMABLE_CHANGES))
 
     def check_resumable(self, saved: dict[str, Any], config: dict[str, Any]) -> None:
         """Refuse to resume from ``saved`` (a stage checkpoint) under settings that differ from its own."""

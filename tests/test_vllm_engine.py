@@ -1,0 +1,164 @@
+"""The vLLM engine (eval.engine=vllm) against Hugging Face ``generate``, the reference (lm-eval's own
+docs warn that vLLM's outputs occasionally differ): on the same prompts, greedy, fp32, at least 95%
+of the answers identical, every differing one reported; LoRA adapters handed over; the weights
+synchronised once per version; a whole run's scores beside the default engine's. Skipped without the
+engine (make install ENGINE=vllm; CI runs them in their own venv: make test-engine)."""
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from cl_bench.data.tasks import Example
+from cl_bench.errors import ConfigError
+from cl_bench.evaluation.generation import GenerationConfig, generate
+from cl_bench.evaluation.vllm_engine import VLLMEngine, VLLMSettings, build_engine, vllm_available
+from cl_bench.models import tiny_llama
+
+needs_vllm = pytest.mark.skipif(
+    not vllm_available(), reason="the vLLM engine is not installed (make install ENGINE=vllm)"
+)
+#: the tiny Llama at a head size the CPU backend's attention supports (16 is refused)
+VLLM_TINY = ["model.hidden_size=128", "model.num_heads=2", "model.initializer_range=0.15"]
+PROMPTS = [Example(f"Question {i}: what follows {i * 7 % 13}? Answer:", "") for i in range(24)]
+
+
+def diverse_tiny(seed: int = 0):
+    """The tiny Llama (head size 64) with weights wide enough that greedy answers differ by prompt."""
+    return tiny_llama(hidden_size=128, num_heads=2, seed=seed, initializer_range=0.15)
+
+
+def agreement(hf: list[str], engine: list[str]) -> float:
+    differing = [(i, a, b) for i, (a, b) in enumerate(zip(hf, engine)) if a != b]
+    for i, a, b in differing:  # every differing example reported
+        print(f"example {i}: hf {a!r} vs vllm {b!r}")
+    return 1 - len(differing) / len(hf)
+
+
+def test_the_engine_is_refused_by_key_without_vllm_or_with_bad_settings(monkeypatch, tmp_path):
+    import cl_bench.evaluation.vllm_engine as engine
+
+    monkeypatch.setattr(engine, "vllm_available", lambda: False)
+    with pytest.raises(
+        ConfigError, match="eval.engine=vllm: vLLM is not installed; install the engine with `make install ENGINE=vllm`"
+    ):
+        build_engine({"engine": "vllm"}, tmp_path)
+    assert build_engine({"engine": "hf"}, tmp_path) is None
+    with pytest.raises(ConfigError, match="eval.engine"):
+        build_engine({"engine": "sglang"}, tmp_path)
+    with pytest.raises(ConfigError, match="eval.vllm.memory_fraction"):
+        VLLMSettings(memory_fraction=1.5)
+    with pytest.raises(ConfigError, match="eval.vllm.weight_sync"):
+        VLLMSettings(weight_sync="sometimes")
+
+
+@pytest.mark.vllm
+@needs_vllm
+def test_greedy_answers_equal_hf_generate_and_weights_sync_once_per_version(tmp_path):
+    bundle = diverse_tiny()
+    cfg = GenerationConfig(batch_size=8, max_prompt_len=128)
+    hf = generate(bundle.model, bundle.tokenizer, PROMPTS, 12, cfg)
+    assert len(set(hf)) > 5  # answers that depend on the prompt: a comparison that can fail
+    engine = VLLMEngine(VLLMSettings(dtype="float32", memory_fraction=0.05), tmp_path / "engine")
+    engine.sync(bundle.model, version=0)
+    fast = generate(bundle.model, bundle.tokenizer, PROMPTS, 12, replace(cfg, engine=engine))
+    assert agreement(hf, fast) >= 0.95
+    engine.sync(bundle.model, version=0)  # the same weights: no new engine
+    assert engine.starts == 1
+    with torch.no_grad():  # new weights: the engine answers with them
+        bundle.model.lm_head.weight.mul_(-1)
+    engine.sync(bundle.model, version=1)
+    assert engine.starts == 2
+    flipped = generate(bundle.model, bundle.tokenizer, PROMPTS, 12, replace(cfg, engine=engine))
+    assert agreement(generate(bundle.model, bundle.tokenizer, PROMPTS, 12, cfg), flipped) >= 0.95 and flipped != fast
+    # sampled answers: reproducible, each request with its own seed
+    sampled = replace(cfg, engine=engine, do_sample=True, temperature=1.0, seed=3)
+    assert generate(bundle.model, bundle.tokenizer, PROMPTS, 12, sampled) == generate(
+        bundle.model, bundle.tokenizer, PROMPTS, 12, sampled
+    )
+    engine.close()
+
+
+@pytest.mark.vllm
+@needs_vllm
+def test_lora_adapters_are_handed_over_and_change_the_answers(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    bundle = diverse_tiny()
+    cfg = GenerationConfig(batch_size=8, max_prompt_len=128)
+    base = generate(bundle.model, bundle.tokenizer, PROMPTS, 12, cfg)
+    model = get_peft_model(bundle.model, LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad(), torch.random.fork_rng():
+        torch.manual_seed(1)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # adapters that change what the model says
+    hf = generate(model, bundle.tokenizer, PROMPTS, 12, cfg)
+    assert hf != base
+    engine = VLLMEngine(VLLMSettings(dtype="float32", memory_fraction=0.05), tmp_path / "engine")
+    engine.sync(model, version=0)
+    assert agreement(hf, generate(model, bundle.tokenizer, PROMPTS, 12, replace(cfg, engine=engine))) >= 0.95
+    with torch.no_grad():  # trained further: the running engine takes the new adapters, no restart
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(-2)
+    hf_later = generate(model, bundle.tokenizer, PROMPTS, 12, cfg)
+    engine.sync(model, version=1)
+    later = generate(model, bundle.tokenizer, PROMPTS, 12, replace(cfg, engine=engine))
+    assert engine.starts == 1 and hf_later != hf and agreement(hf_later, later) >= 0.95
+    assert (tmp_path / "engine" / "adapter" / "adapter_config.json").is_file()
+    assert not any("lora" in k for k in json.loads((tmp_path / "engine" / "base" / "config.json").read_text()))
+    engine.close()
+
+
+@pytest.mark.vllm
+@needs_vllm
+def test_a_run_with_the_engine_scores_as_the_default_engine(make_config, tmp_path):
+    from cl_bench.stream_run import run
+
+    results = {}
+    for engine in ("hf", "vllm"):
+        cfg = make_config(
+            *VLLM_TINY,
+            "tasks.order=[arith,sentiment,code]",
+            "model.seed=1",
+            f"eval.engine={engine}",
+            f"paths.output_dir={tmp_path / engine}",
+        )
+        recorder = run(cfg, cfg.paths.output_dir)
+        out = Path(cfg.paths.output_dir)
+        results[engine] = (
+            recorder.R,
+            {p.name: json.loads(p.read_text()) for p in (out / "predictions").glob("*.json")},
+        )
+        assert not (out / "engine").exists()  # the weights handed over are removed at the end
+    (R_hf, pred_hf), (R_vllm, pred_vllm) = results["hf"], results["vllm"]
+    hf = [r["prediction"] for stage in sorted(pred_hf) for task in pred_hf[stage] for r in pred_hf[stage][task]]
+    fast = [r["prediction"] for stage in sorted(pred_vllm) for task in pred_vllm[stage] for r in pred_vllm[stage][task]]
+    assert len(hf) == len(fast) == 4 * 3 * 6 and agreement(hf, fast) >= 0.95
+    assert len(set(hf)) > 20  # answers that depend on the prompt and the stage
+    flat = [v for row in R_vllm for v in row]
+    assert flat == pytest.approx([v for row in R_hf for v in row], abs=100 / 6 + 1e-9)  # one answer of 6 at most
+
+
+@pytest.mark.vllm
+@pytest.mark.processes
+@needs_vllm
+def test_two_processes_each_with_an_engine_on_its_share_score_as_one(tmp_path):
+    """DDP: every process runs its own engine on every other example (its share); the shares are
+    gathered, so every process, and the run, gets the predictions and scores of one process."""
+    from tests.conftest import TINY
+    from tests.test_scale import _run, _run_processes
+
+    args = [*TINY, *VLLM_TINY, "tasks.order=[arith,sentiment]", "eval.engine=vllm", "logger=none"]
+    _run([*args, f"hydra.run.dir={tmp_path / 'one'}"], timeout=600)
+    _run_processes([*args, "trainer=ddp", f"hydra.run.dir={tmp_path / 'two'}"], "env", timeout=600)
+    one, two = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
+    assert one["status"] == two["status"] == "finished"
+    flat = [v for row in two["R"] for v in row]
+    assert flat == pytest.approx([v for row in one["R"] for v in row], abs=100 / 6 + 1e-9)  # one answer of 6
+    for stage in one["stages"]:
+        a, b = (json.loads((tmp_path / d / "predictions" / f"{stage}.json").read_text()) for d in ("one", "two"))
+        assert agreement([r["prediction"] for t in a for r in a[t]], [r["prediction"] for t in b for r in b[t]]) >= 0.95
