@@ -90,7 +90,8 @@ class StreamRun:
         self.continual = ContinualSettings.from_config(cfg.eval.get("continual"), self.stream.names)
         self.out_dir = run_dir(cfg, out_dir)
         #: eval.engine=vllm: the engine every evaluation generates with (refused here if vLLM is missing)
-        self.engine = build_engine(cfg.eval, self.out_dir / "engine", cfg.seed)
+        budget = cfg.eval.get("max_new_tokens") or max(t.spec.max_new_tokens for t in self.stream)
+        self.engine = build_engine(cfg.eval, self.out_dir / "engine", cfg.seed, cfg.train.max_prompt_len + budget)
         self.lock = RunDirLock(self.out_dir)
         if is_main():
             self.lock.acquire()  # released by close(); the other processes of this run share the dir
@@ -311,6 +312,8 @@ class StreamRun:
             also = also_scores(self.stream, predictions, split, cap)
             if self.engine is not None:
                 self.engine.rest()
+                self.recorder.set_timing("engine_sync_s", self.engine.sync_s)  # handing weights over
+                self.recorder.timings["engine_starts"] = self.engine.starts
             self.recorder.add_row(scores, time.perf_counter() - t, also)
             done = self.tasks_done
             activity.tasks_finished(done, len(self.training))

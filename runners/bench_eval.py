@@ -79,7 +79,8 @@ def run_bench(cfg: DictConfig) -> dict:
     result = {"model": bundle.name, "dtype": b.dtype, "prompts": len(examples), "max_new_tokens": b.max_new_tokens}
     if vllm_available():
         settings = VLLMSettings(**{**cfg.eval.vllm, "dtype": b.dtype})
-        engine = VLLMEngine(settings, Path(cfg.paths.output_dir) / "engine", cfg.seed)
+        longest = cfg.train.max_prompt_len + b.max_new_tokens
+        engine = VLLMEngine(settings, Path(cfg.paths.output_dir) / "engine", cfg.seed, longest)
         _, start_s = timed(lambda: engine.sync(bundle.model, version=0))
         answers, seconds = timed(
             lambda: generate(bundle.model, tokenizer, examples, b.max_new_tokens, replace(base, engine=engine))

@@ -162,3 +162,30 @@ def test_two_processes_each_with_an_engine_on_its_share_score_as_one(tmp_path):
     for stage in one["stages"]:
         a, b = (json.loads((tmp_path / d / "predictions" / f"{stage}.json").read_text()) for d in ("one", "two"))
         assert agreement([r["prediction"] for t in a for r in a[t]], [r["prediction"] for t in b for r in b[t]]) >= 0.95
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+@needs_vllm
+def test_smollm2_s_greedy_answers_on_a_stage_equal_hf_s(make_config, tmp_path):
+    """The real model on the embedded stream's test examples (32 a task), fp32, greedy, each task's
+    own answer budget: at least 95% of the answers identical, every differing one printed, and each
+    task's score within one differing answer's worth of HF's."""
+    from cl_bench.evaluation.generation import evaluate_stream
+    from cl_bench.models import build_model
+    from cl_bench.run_config import build_stream
+
+    cfg = make_config("general=none", tiny=False)
+    bundle, stream = build_model(cfg.model), build_stream(cfg.tasks)
+    base = GenerationConfig(batch_size=16, max_prompt_len=cfg.train.max_prompt_len)
+    hf_scores, hf = evaluate_stream(bundle.model, bundle.tokenizer, stream, base, "test", 32)
+    longest = cfg.train.max_prompt_len + max(t.spec.max_new_tokens for t in stream)
+    engine = VLLMEngine(VLLMSettings(dtype="float32", memory_fraction=0.1), tmp_path / "engine", longest=longest)
+    engine.sync(bundle.model, version=0)
+    scores, fast = evaluate_stream(bundle.model, bundle.tokenizer, stream, replace(base, engine=engine), "test", 32)
+    engine.close()
+    answers = [a for t in stream.names for a in hf[t]]
+    assert agreement(answers, [a for t in stream.names for a in fast[t]]) >= 0.95
+    for name, a, b in zip(stream.names, hf_scores, scores):
+        differing = sum(x != y for x, y in zip(hf[name], fast[name]))
+        assert abs(a - b) <= 100 * differing / len(hf[name]) + 1e-9, name

@@ -57,15 +57,16 @@ class VLLMSettings:
 
     #: the engine's dtype; auto = the trained model's
     dtype: str = "auto"
-    #: share of the device's memory the engine reserves for its weights and KV cache (vLLM's
-    #: gpu_memory_utilization; on CPU, of the machine's memory)
+    #: share of the device's memory the engine reserves: on CUDA for its weights and KV cache (vLLM's
+    #: gpu_memory_utilization), on CPU for its KV cache (of the machine's memory)
     memory_fraction: float = 0.1
     weight_sync: str = "auto"
     #: no CUDA graphs (they take seconds to capture at every restart)
     enforce_eager: bool = True
     #: CUDA: vLLM's sleep mode between evaluations (weights offloaded, KV cache freed)
     sleep: bool = True
-    #: the longest prompt plus answer; None = the model's max_position_embeddings
+    #: the longest prompt plus answer; None = what the evaluations need (train.max_prompt_len plus
+    #: the largest answer budget), the model's max_position_embeddings at most
     max_model_len: int | None = None
 
     def __post_init__(self) -> None:
@@ -94,12 +95,15 @@ def lora_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, dict[str, torch
 class VLLMEngine:
     """One vLLM engine for a run's evaluations (module docstring)."""
 
-    def __init__(self, settings: VLLMSettings, folder: str | Path, seed: int = 0):
+    def __init__(self, settings: VLLMSettings, folder: str | Path, seed: int = 0, longest: int | None = None):
+        """``longest``: the longest prompt plus answer the evaluations need (the engine's context
+        unless ``eval.vllm.max_model_len`` sets it; the model's own limit at most)."""
         if not vllm_available():
             raise ConfigError(f"eval.engine=vllm: vLLM is not installed; {INSTALL_HINT}")
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in this process: no spawned copies
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
         self.settings = settings
+        self.longest = longest
         self.folder = Path(folder)
         self.seed = seed
         self.llm = None
@@ -179,13 +183,20 @@ class VLLMEngine:
         if lora:
             rank = max(c.r for c in model.peft_config.values())
             kwargs.update(enable_lora=True, max_lora_rank=max(8, rank), max_loras=1)
+        if device.type == "cuda":
+            kwargs["gpu_memory_utilization"] = self.settings.memory_fraction
+        else:  # the share of the machine's memory, for the KV cache (vLLM's own rule on CPU subtracts
+            # this process's resident memory, the training state included, from the share)
+            ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            kwargs["kv_cache_memory_bytes"] = int(self.settings.memory_fraction * ram)
+        limit = getattr(config, "max_position_embeddings", None)
+        longest = self.settings.max_model_len or self.longest or limit
         self.llm = LLM(
             model=str(self.folder / ("base" if lora else "model")),
             dtype=self.dtype(model),
             seed=self.seed,
             enforce_eager=self.settings.enforce_eager,
-            gpu_memory_utilization=self.settings.memory_fraction,
-            max_model_len=self.settings.max_model_len or getattr(config, "max_position_embeddings", None),
+            max_model_len=min(longest, limit) if longest and limit else longest,
             skip_tokenizer_init=True,  # token ids in and out: the run's tokenizer encodes and decodes
             enable_sleep_mode=device.type == "cuda" and self.settings.sleep,
             **kwargs,
@@ -253,11 +264,11 @@ class VLLMEngine:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def build_engine(node, folder: Path, seed: int = 0) -> VLLMEngine | None:
+def build_engine(node, folder: Path, seed: int = 0, longest: int | None = None) -> VLLMEngine | None:
     """The engine ``eval.engine`` names (the ``eval`` node; ``eval.vllm`` its settings): None for
     Hugging Face ``generate`` (hf), a :class:`VLLMEngine` writing into ``folder`` for vllm."""
     engine = node.get("engine", "hf")
     check_choice(engine, ENGINES, "eval.engine")
     if engine == "hf":
         return None
-    return VLLMEngine(VLLMSettings(**(node.get("vllm") or {})), folder, seed)
+    return VLLMEngine(VLLMSettings(**(node.get("vllm") or {})), folder, seed, longest)
