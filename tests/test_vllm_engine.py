@@ -30,6 +30,19 @@ def diverse_tiny(seed: int = 0):
     return tiny_llama(hidden_size=128, num_heads=2, seed=seed, initializer_range=0.15)
 
 
+#: greedy, 12 new tokens: the tiny model's generation settings in these tests
+TINY_GENERATION = GenerationConfig(batch_size=8, max_prompt_len=128)
+
+
+def answers(model, tokenizer, engine=None, **changes) -> list[str]:
+    """The answers to :data:`PROMPTS`, by HF ``generate`` or by ``engine``."""
+    return generate(model, tokenizer, PROMPTS, 12, replace(TINY_GENERATION, engine=engine, **changes))
+
+
+def tiny_engine(tmp_path: Path) -> VLLMEngine:
+    return VLLMEngine(VLLMSettings(dtype="float32", memory_fraction=0.05), tmp_path / "engine")
+
+
 def agreement(hf: list[str], engine: list[str]) -> float:
     differing = [(i, a, b) for i, (a, b) in enumerate(zip(hf, engine)) if a != b]
     for i, a, b in differing:  # every differing example reported
@@ -58,26 +71,24 @@ def test_the_engine_is_refused_by_key_without_vllm_or_with_bad_settings(monkeypa
 @needs_vllm
 def test_greedy_answers_equal_hf_generate_and_weights_sync_once_per_version(tmp_path):
     bundle = diverse_tiny()
-    cfg = GenerationConfig(batch_size=8, max_prompt_len=128)
-    hf = generate(bundle.model, bundle.tokenizer, PROMPTS, 12, cfg)
+    model, tokenizer = bundle.model, bundle.tokenizer
+    hf = answers(model, tokenizer)
     assert len(set(hf)) > 5  # answers that depend on the prompt: a comparison that can fail
-    engine = VLLMEngine(VLLMSettings(dtype="float32", memory_fraction=0.05), tmp_path / "engine")
-    engine.sync(bundle.model, version=0)
-    fast = generate(bundle.model, bundle.tokenizer, PROMPTS, 12, replace(cfg, engine=engine))
+    engine = tiny_engine(tmp_path)
+    engine.sync(model, version=0)
+    fast = answers(model, tokenizer, engine)
     assert agreement(hf, fast) >= 0.95
-    engine.sync(bundle.model, version=0)  # the same weights: no new engine
+    engine.sync(model, version=0)  # the same weights: no new engine
     assert engine.starts == 1
     with torch.no_grad():  # new weights: the engine answers with them
-        bundle.model.lm_head.weight.mul_(-1)
-    engine.sync(bundle.model, version=1)
+        model.lm_head.weight.mul_(-1)
+    engine.sync(model, version=1)
     assert engine.starts == 2
-    flipped = generate(bundle.model, bundle.tokenizer, PROMPTS, 12, replace(cfg, engine=engine))
-    assert agreement(generate(bundle.model, bundle.tokenizer, PROMPTS, 12, cfg), flipped) >= 0.95 and flipped != fast
+    flipped = answers(model, tokenizer, engine)
+    assert agreement(answers(model, tokenizer), flipped) >= 0.95 and flipped != fast
     # sampled answers: reproducible, each request with its own seed
-    sampled = replace(cfg, engine=engine, do_sample=True, temperature=1.0, seed=3)
-    assert generate(bundle.model, bundle.tokenizer, PROMPTS, 12, sampled) == generate(
-        bundle.model, bundle.tokenizer, PROMPTS, 12, sampled
-    )
+    sampled = {"do_sample": True, "temperature": 1.0, "seed": 3}
+    assert answers(model, tokenizer, engine, **sampled) == answers(model, tokenizer, engine, **sampled)
     engine.close()
 
 
@@ -87,26 +98,26 @@ def test_lora_adapters_are_handed_over_and_change_the_answers(tmp_path):
     from peft import LoraConfig, get_peft_model
 
     bundle = diverse_tiny()
-    cfg = GenerationConfig(batch_size=8, max_prompt_len=128)
-    base = generate(bundle.model, bundle.tokenizer, PROMPTS, 12, cfg)
+    tokenizer = bundle.tokenizer
+    base = answers(bundle.model, tokenizer)
     model = get_peft_model(bundle.model, LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "v_proj"]))
     with torch.no_grad(), torch.random.fork_rng():
         torch.manual_seed(1)
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.5)  # adapters that change what the model says
-    hf = generate(model, bundle.tokenizer, PROMPTS, 12, cfg)
+    hf = answers(model, tokenizer)
     assert hf != base
-    engine = VLLMEngine(VLLMSettings(dtype="float32", memory_fraction=0.05), tmp_path / "engine")
+    engine = tiny_engine(tmp_path)
     engine.sync(model, version=0)
-    assert agreement(hf, generate(model, bundle.tokenizer, PROMPTS, 12, replace(cfg, engine=engine))) >= 0.95
+    assert agreement(hf, answers(model, tokenizer, engine)) >= 0.95
     with torch.no_grad():  # trained further: the running engine takes the new adapters, no restart
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.mul_(-2)
-    hf_later = generate(model, bundle.tokenizer, PROMPTS, 12, cfg)
+    hf_later = answers(model, tokenizer)
     engine.sync(model, version=1)
-    later = generate(model, bundle.tokenizer, PROMPTS, 12, replace(cfg, engine=engine))
+    later = answers(model, tokenizer, engine)
     assert engine.starts == 1 and hf_later != hf and agreement(hf_later, later) >= 0.95
     assert (tmp_path / "engine" / "adapter" / "adapter_config.json").is_file()
     assert not any("lora" in k for k in json.loads((tmp_path / "engine" / "base" / "config.json").read_text()))
