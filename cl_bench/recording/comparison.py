@@ -72,6 +72,7 @@ NOT_RESULT_KEYS = (
     "trainer.enable_model_summary",
     "trainer.log_every_n_steps",
     "tasks.protocol",
+    "tasks.data_help",
 )
 
 
@@ -238,10 +239,14 @@ def group_runs(runs: list[RunResult]) -> dict[tuple[str, str, tuple, str], list[
     (equal result settings, see :func:`result_settings`); a label names the method and the
     settings in which that method's runs differ. The same seed twice in a group is refused."""
     finished = [r for r in runs if r.status == "finished"]
-    varying = separating_keys(finished)
+    by_setting: dict[tuple, list[RunResult]] = {}
+    for r in finished:  # a label separates a method's runs within one setting, not across streams
+        by_setting.setdefault((r.stream, r.order, r.model), []).append(r)
     groups: dict[tuple, list[RunResult]] = {}
-    for r in finished:
-        groups.setdefault((_label(r, varying[r.method]), r.stream, r.order, r.model), []).append(r)
+    for setting, members in by_setting.items():
+        varying = separating_keys(members)
+        for r in members:
+            groups.setdefault((_label(r, varying[r.method]), *setting), []).append(r)
     for key, members in groups.items():
         seen: dict[Any, RunResult] = {}
         for r in members:
