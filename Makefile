@@ -57,18 +57,22 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m runners.bench $(ARGS)
 
-# The replication of docs/methods.md (conf/experiment/replication.yaml): 7 methods x 3 seeds on SmolLM2, then
-# the report. JOBS=2 runs two jobs at once, each with half the cores. Rerun to continue after a stop.
+# A replicated comparison, then its report: EXPERIMENT=replication (default; docs/methods.md: 7 methods x 3
+# seeds on SmolLM2) or EXPERIMENT=rft_vs_sft BASELINE=sft (docs/rft.md: SFT, GRPO, self-SFT, GRPO+EWC x 3 seeds),
+# each conf/experiment/<name>.yaml, its multirun in multirun/<name>/ and its report in docs/results/<name>/.
+# JOBS=2 runs two jobs at once, each with half the cores. Rerun to continue after a stop.
 JOBS ?= 1
-REPLICATION := docs/results/replication
+EXPERIMENT ?= replication
+BASELINE ?= sft,migu
+REPLICATION := docs/results/$(EXPERIMENT)
 # A failed job still gets its row in the report (with its error); make then exits non-zero.
 replicate: $(STAMP)
-	OMP_NUM_THREADS=$$(( $$(nproc) / $(JOBS) > 0 ? $$(nproc) / $(JOBS) : 1 )) $(PY) -m runners.cl -m experiment=replication \
+	OMP_NUM_THREADS=$$(( $$(nproc) / $(JOBS) > 0 ? $$(nproc) / $(JOBS) : 1 )) $(PY) -m runners.cl -m experiment=$(EXPERIMENT) \
 	  $(if $(filter-out 1,$(JOBS)),hydra/launcher=local_parallel hydra.launcher.n_jobs=$(JOBS)) $(ARGS); \
 	status=$$?; \
-	for d in multirun/replication/*/; do mkdir -p $(REPLICATION)/runs/$$(basename $$d) && \
+	for d in multirun/$(EXPERIMENT)/*/; do mkdir -p $(REPLICATION)/runs/$$(basename $$d) && \
 	  cp $$d/results.json $(REPLICATION)/runs/$$(basename $$d)/; done; \
-	$(PY) -m runners.report $(REPLICATION)/runs --out $(REPLICATION) --baseline sft,migu && exit $$status
+	$(PY) -m runners.report $(REPLICATION)/runs --out $(REPLICATION) --baseline $(BASELINE) && exit $$status
 
 clean:
 	rm -rf $(VENV) .venv-vllm outputs multirun .pytest_cache

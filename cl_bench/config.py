@@ -84,8 +84,12 @@ RETIRED_SETTINGS = ("method.shard_state",)
 ADDED_SETTINGS = (
     ("eval.right_threshold", 50, None),
     ("eval.engine", "hf", None),
+    ("eval.kl_to_base", False, None),
     ("model.initializer_range", 0.02, ("model._target_", "cl_bench.models.tiny_llama")),
+    ("learning._target_", "cl_bench.training.learning.SFT", None),
 )
+#: config groups added since runs were recorded: their settings are added even to a run without the group
+NEW_GROUPS = ("learning",)
 
 
 def current_settings(flat: dict[str, Any]) -> dict[str, Any]:
@@ -98,7 +102,8 @@ def current_settings(flat: dict[str, Any]) -> dict[str, Any]:
     }
     for key, value, condition in ADDED_SETTINGS:
         applies = condition is None or out.get(condition[0]) == condition[1]
-        if applies and key not in out and any(k.startswith(key.split(".")[0] + ".") for k in out):
+        group = key.split(".")[0]
+        if applies and key not in out and (group in NEW_GROUPS or any(k.startswith(group + ".") for k in out)):
             out[key] = value
     if out.get("eval.engine") == "hf":
         out = {k: v for k, v in out.items() if not k.startswith("eval.vllm.")}

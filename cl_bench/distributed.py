@@ -111,3 +111,12 @@ def average_across_ranks(tensors: Iterable[torch.Tensor]) -> None:
         for t in tensors:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
             t.div_(world_size())
+
+
+def sum_across_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum of ``tensor`` over the processes (a new tensor; itself in one process)."""
+    if not is_distributed():
+        return tensor
+    out = tensor.clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out

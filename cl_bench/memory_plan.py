@@ -44,6 +44,7 @@ from omegaconf import DictConfig
 
 from cl_bench.distributed import strategy_family
 from cl_bench.errors import ConfigError
+from cl_bench.training.learning import SFT
 from cl_bench.training.method import tensor_bytes
 
 ARCHITECTURES = Path(__file__).resolve().parent / "architectures"
@@ -224,6 +225,12 @@ def plan(cfg: DictConfig) -> MemoryPlan:
             items["DDP gradient buckets"] = t_bytes
     micro = cfg.train.get("micro_batch_size") or max(1, cfg.train.batch_size // world)
     seq = cfg.train.max_prompt_len + cfg.train.max_ans_len
+    learning = build(cfg.learning) if cfg.get("learning") else SFT()
+    # GRPO and self-SFT: a pass over G completions of every prompt of the micro-batch
+    rows = micro * getattr(learning, "num_generations", 1)
+    lora = (cfg.model.get("lora") or {}).get("enabled", False)
+    if (getattr(learning, "needs_reference", False) or cfg.eval.get("kl_to_base", False)) and not lora:
+        items["base model (frozen copy, for the KL to it)"] = n_bytes
     config = model.get_base_model().config if hasattr(model, "peft_config") else model.config
     result = MemoryPlan(
         model=_label(cfg.model),
@@ -234,15 +241,14 @@ def plan(cfg: DictConfig) -> MemoryPlan:
         micro_batch=micro,
         seq_len=seq,
         items=items,
-        activations=activation_bytes(
-            config, micro, seq, cfg.train.max_ans_len, 2 if bf16 else 4, cfg.model.get("lora")
-        ),
+        activations=activation_bytes(config, rows, seq, cfg.train.max_ans_len, 2 if bf16 else 4, cfg.model.get("lora")),
         evaluation=n_bytes if family == "fsdp" else 0,
         engine_fraction=float(cfg.eval.vllm.memory_fraction) if cfg.eval.get("engine", "hf") == "vllm" else 0.0,
     )
     method = build(cfg.method)
     try:
         method.check_run(cfg)
+        learning.check_run(cfg, method)
     except ConfigError as e:
         result.refusal = str(e)
     tasks = len(cfg.tasks.get("order") or []) or 1

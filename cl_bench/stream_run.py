@@ -31,8 +31,9 @@ from cl_bench.data.loaders import TaskLoaders
 from cl_bench.data.manifest import stream_data
 from cl_bench.data.tasks import Task, TaskStream, training_plan
 from cl_bench.data.token_cache import stream_fingerprint
-from cl_bench.distributed import barrier, is_main, rank, start_processes, world_size
+from cl_bench.distributed import is_main, rank, start_processes, world_size
 from cl_bench.errors import as_stop, stop_on_signals
+from cl_bench.evaluation.base_kl import BaseKL
 from cl_bench.evaluation.continual import ContinualEvaluator, ContinualSettings
 from cl_bench.evaluation.example_forgetting import stream_right_answers
 from cl_bench.evaluation.general_ability import GeneralAbility
@@ -49,6 +50,7 @@ from cl_bench.recording.summary import print_summary
 from cl_bench.rng import derive_seed, rng_state, set_rng_state
 from cl_bench.run_config import build_stream, validate_run_config
 from cl_bench.training.checkpointing import StreamCheckpoints, restore_weights, run_dir, stage_weights
+from cl_bench.training.learning import SFT, Learning
 from cl_bench.training.module import CLModule
 from cl_bench.training.sharding import full_weights
 from cl_bench.training.trainer import build_trainer, placement_trainer, warn_low_precision_weights
@@ -71,6 +73,9 @@ class StreamRun:
         self.cfg = cfg
         self.method = build(cfg.method)
         self.method.check_run(cfg)  # its needs of the other groups, before anything loads
+        #: how each task is learned (learning=sft|grpo|self_sft), refused here if the method cannot
+        self.learning: Learning = build(cfg.learning) if cfg.get("learning") else SFT()
+        self.learning.check_run(cfg, self.method)
         placement = placement_trainer(cfg, multirun=in_multirun())
         _, _, self.accumulate = layout(cfg.train.batch_size, cfg.train.get("micro_batch_size"), placement.world_size)
         start_processes(placement)  # from here on, every process runs this run in lockstep
@@ -155,34 +160,22 @@ class StreamRun:
             device=placement.strategy.root_device,
             reset_optimizer=reset_optimizer,
             precision=cfg.trainer.get("precision", "32-true"),
+            learning=self.learning,
         )
         self.module.to(self.module.home_device)
+        # with the untrained model (GRPO's base model is a copy of it), before any restore
+        raw = self.stream.scorers == "trace"
+        #: eval.kl_to_base: the base model kept to measure the KL to it at every stage (shared with GRPO's)
+        self.base_kl = BaseKL.of_run(cfg.eval, self.bundle.model)
+        self.learning.setup(
+            self.module, self.stream, self.bundle.tokenizer, cfg.seed, cfg.train.max_prompt_len, raw, self.base_kl
+        )
         with self.module.precision_context():  # the methods' passes at the run's precision
             self.method.on_stream_start(self.module, self.stream)
-        self.generation = GenerationConfig(
-            engine=self.engine,
-            seed=cfg.seed,
-            batch_size=cfg.eval.batch_size,
-            max_prompt_len=cfg.train.max_prompt_len,
-            do_sample=cfg.eval.do_sample,
-            temperature=cfg.eval.temperature,
-            top_p=cfg.eval.top_p,
-            max_new_tokens=cfg.eval.get("max_new_tokens"),
-            raw=self.stream.scorers == "trace",
-        )
+        self.generation = GenerationConfig.of_run(cfg.eval, cfg.train.max_prompt_len, raw, self.engine, cfg.seed)
         #: scores the seen tasks during training (eval.continual; None when off)
-        self.evaluator = (
-            ContinualEvaluator(
-                self.continual,
-                self.stream,
-                self.bundle.tokenizer,
-                self.loaders,
-                self.generation,
-                cfg.eval.split,
-                cfg.seed,
-            )
-            if self.continual.enabled
-            else None
+        self.evaluator = ContinualEvaluator.of_run(
+            self.continual, self.stream, self.bundle.tokenizer, self.loaders, self.generation, cfg.eval.split, cfg.seed
         )
         self.answers = {
             t.name: [e.answer for e in t.splits[cfg.eval.split][: cfg.eval.max_examples]] for t in self.stream
@@ -226,6 +219,8 @@ class StreamRun:
         saved = self.saved
         self.method.load_state_dict(saved["method"])  # first: a method may add modules (IncLoRA's adapters)
         self.recorder.method_report = self.method.report()
+        self.learning.load_state_dict(saved.get("learning") or {})
+        self.recorder.learning_report = self.learning.report()
         if saved["model"] is not None:
             restore_weights(self.bundle.model, saved["model"])
         self.recorder.load_state_dict(saved["recorder"])
@@ -255,9 +250,10 @@ class StreamRun:
         callbacks = [self.method] + [c for c in (self.evaluator, step_checkpoint) if c is not None]
         trainer = build_trainer(cfg, task.epochs, task.max_steps, callbacks, self.accumulate)
         examples = self.method.training_examples(task, i)
+        self.learning.begin_task(examples, task.name)
         doing(
             f"training {task.name} (task {i + 1}/{len(self.training)}), step",
-            task_steps(len(examples), task, cfg.train, world_size()),
+            task_steps(len(examples), task, cfg.train, world_size(), self.learning.iterations),
             count=lambda: trainer.global_step,
         )
         share = self.method.replayed_per_batch(task, i)
@@ -267,6 +263,7 @@ class StreamRun:
             rank=rank(),
             world_size=world_size(),
             fixed_share=None if share is None else (len(task.train), share),
+            **self.learning.loader_options(),
         )
         mid_task = self.mid_task if self.saved is not None and i == self.saved["tasks_done"] else None
         if mid_task is not None:
@@ -281,13 +278,19 @@ class StreamRun:
         if extra := self.method.after_task_epoch(task, i):
             self.train_after_task_epoch(task, i, extra)
         self.recorder.method_report = self.method.report()
+        self.recorder.learning_report = self.learning.report()
         self.recorder.add_train_time(self.module.task_seconds())  # a resumed task's earlier seconds too
 
     def train_after_task_epoch(self, task: Task, i: int, examples: list) -> None:
         """One epoch over ``examples`` after task ``i``'s fit (TRACE's replay epoch); a resume repeats it."""
         console.print(f"After {task.name}: one epoch over {len(examples)} examples ({self.method.name})")
+        self.learning.begin_task(examples, task.name)
         loader = self.loaders.training(
-            examples, seed=derive_seed(self.cfg.seed + i, 1), rank=rank(), world_size=world_size()
+            examples,
+            seed=derive_seed(self.cfg.seed + i, 1),
+            rank=rank(),
+            world_size=world_size(),
+            **self.learning.loader_options(),
         )
         build_trainer(self.cfg, 1, None, [self.method], self.accumulate).fit(self.module, loader, weights_only=True)
         self.module.check_weights_finite()
@@ -322,8 +325,15 @@ class StreamRun:
                 + " · ".join(f"{n} {v:.1f}" for n, v in zip(self.stream.names, scores))
                 + f" · {activity.times()}"
             )
-            if done == 0 or self.general.every_task or done == len(self.training):
-                self._evaluate_general()
+            due = done == 0 or self.general.every_task or done == len(self.training)
+            if due and (general := self.general.evaluate_on_main(self.bundle.model, self.bundle.tokenizer)):
+                self.recorder.add_general(*general)
+            if self.base_kl is not None:  # eval.kl_to_base: how far from the base model, along these answers
+                self.recorder.kl_to_base.append(
+                    self.base_kl.stage(
+                        self.bundle.model, self.bundle.tokenizer, self.stream, predictions, split, cap, self.generation
+                    )
+                )
         right = stream_right_answers(self.stream, predictions, split, cap, self.cfg.eval.get("right_threshold", 50.0))
         self.recorder.write_predictions(self.answers, predictions, right)
         self.loggers.log_stage(
@@ -355,7 +365,9 @@ class StreamRun:
     # --- pieces ----------------------------------------------------------------------------------
     def opening_line(self) -> str:
         answers = sum(len(t.splits[self.cfg.eval.split][: self.cfg.eval.max_examples]) for t in self.stream)
-        steps = sum(task_steps(len(t.train), t, self.cfg.train, world_size()) for t in self.training)
+        steps = sum(
+            task_steps(len(t.train), t, self.cfg.train, world_size(), self.learning.iterations) for t in self.training
+        )
         return work_summary(
             len(self.training), steps, len(self.training) + 1, answers, self.general.describe(len(self.training))
         )
@@ -367,6 +379,7 @@ class StreamRun:
             "tasks_done": done,
             "model": stage_weights(self.bundle.model) if done else None,
             "method": self.method.state_dict(),
+            **({"learning": learning} if (learning := self.learning.state_dict()) else {}),
             "recorder": self.recorder.state_dict(),
             "step_offset": self.module.step_offset,
             "optimizer": self.module.optimizer_state(),
@@ -374,17 +387,6 @@ class StreamRun:
             "run_ids": self.loggers.run_ids(),
             "config": self.checkpoints.comparable(self.resume_key),
         }
-
-    def _evaluate_general(self) -> None:
-        """lm-eval on rank 0 (the harness runs in one process here); the other processes wait."""
-        if not self.general.enabled:
-            return
-        if is_main():
-            doing(f"general ability ({', '.join(self.general.tasks)}, lm-eval)")
-            t = time.perf_counter()
-            self.recorder.add_general(self.general.evaluate(self.bundle.model, self.bundle.tokenizer))
-            self.recorder.timings.setdefault("general_s", []).append(round(time.perf_counter() - t, 3))
-        barrier()
 
 
 def run(cfg: DictConfig, out_dir: str | Path) -> RunRecorder:

@@ -95,6 +95,11 @@ def margin_loss(
 
 class GeRe(CLMethod):
     name = "gere"
+    learning_paradigms = ("sft",)
+    learning_refusal = (
+        "its general texts are language-modelling rows without a prompt to roll out, and its margin loss reads "
+        "the hidden states and teacher-forced logits of the step's SFT forward pass"
+    )
     supported_strategies = ("single_device", "ddp", "fsdp")
     trains_lora = True  # its penalty is on hidden states, whatever trains
 

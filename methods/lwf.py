@@ -82,6 +82,11 @@ def distillation(
 
 class LwF(CLMethod):
     name = "lwf"
+    learning_paradigms = ("sft",)
+    learning_refusal = (
+        "its distillation compares teacher and student at the reference answer's teacher-forced positions "
+        "(and caches the teacher there per training example), which learning from sampled completions does not have"
+    )
     supported_strategies = ("single_device", "ddp", "fsdp")  # fsdp: with teacher=topk (check_run)
     trains_lora = True  # the teacher is a copy of the model, adapters included
 

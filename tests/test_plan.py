@@ -208,3 +208,20 @@ def test_the_vllm_engine_s_reservation_counts_on_the_evaluation_side(make_config
     assert main(["--gpu-gib", "80", *base, "eval.engine=vllm", "eval.vllm.memory_fraction=0.4"]) in (0, 1)
     out = capsys.readouterr().out
     assert "evaluation: vLLM engine (40% of the GPU)" in out and f"{0.4 * 80:9.2f}" in out
+
+
+def test_grpo_plans_its_frozen_base_model_and_a_pass_over_g_completions_of_every_prompt(make_config):
+    q = 1_543_714_304
+    base = ["model=qwen2_1_5b", "train.batch_size=4", *SEQ]
+    sft = plan(make_config(*base, tiny=False))
+    grpo = plan(make_config(*base, "learning=grpo", "learning.num_generations=8", tiny=False))
+    assert grpo.items == {**sft.items, "base model (frozen copy, for the KL to it)": 4 * q}
+    assert grpo.activations == 8 * sft.activations  # activations are linear in the rows of a pass
+    kl = plan(make_config(*base, "learning=grpo", "learning.kl_telemetry=false", tiny=False))
+    assert kl.items == sft.items  # no KL term, no telemetry: no copy
+    assert (
+        "base model (frozen copy, for the KL to it)"
+        in plan(make_config(*base, "eval.kl_to_base=true", tiny=False)).items
+    )
+    refused = plan(make_config(*base, "learning=grpo", "method=lwf", tiny=False))
+    assert "method lwf cannot be combined with learning=grpo" in refused.refusal

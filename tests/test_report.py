@@ -449,3 +449,36 @@ def test_a_pipe_in_a_setting_does_not_shift_the_columns(tmp_path):
         head, *body = re.findall(r"<tr>(.*?)</tr>", table)
         assert body and all(row.count("<td>") == head.count("<th>") for row in body), table
     assert "fggm [note=a|b]</td>" in page
+
+
+def test_learning_paradigms_name_their_groups_and_the_kl_to_base_and_new_task_score_reach_the_tables(tmp_path):
+    """SFT's runs keep the method's name; GRPO's are "grpo" (plain) or "grpo+ewc"; new_task is the
+    mean of R[t+1][t]; kl_new the mean of the KL matrix's same cells, shown only where measured."""
+    from cl_bench.recording.report import write_report
+
+    R = [[0, 0], [80, 10], [40, 90]]
+    kl = [[0.0, 0.0], [0.5, 0.1], [0.7, 0.3]]
+    grpo = {"learning": {"_target_": "cl_bench.on_policy.grpo.GRPO"}}
+    for seed in (1, 2):
+        write_result(tmp_path / "runs", f"s{seed}", "sft", seed, R, results_extra={"kl_to_base": kl})
+        for method in ("sft", "ewc"):
+            write_result(
+                tmp_path / "runs",
+                f"g{method}{seed}",
+                method,
+                seed,
+                [[0, 0], [20, 10], [20, 30]],
+                config_extra=grpo,
+                results_extra={"learning": {"paradigm": "grpo"}, "kl_to_base": [[0, 0], [0.1, 0], [0.1, 0.2]]},
+            )
+    summary = write_report(find_runs([tmp_path / "runs"]), tmp_path / "out", baseline="sft")
+    rows = {g["method"]: g for g in summary["groups"]}
+    assert set(rows) == {"sft", "grpo", "grpo+ewc"}
+    assert rows["sft"]["new_task"]["mean"] == pytest.approx((80 + 90) / 2)
+    assert rows["grpo"]["new_task"]["mean"] == pytest.approx((20 + 30) / 2)
+    assert rows["sft"]["kl_new"]["mean"] == pytest.approx((0.5 + 0.3) / 2)
+    assert rows["grpo+ewc"]["kl_new"]["mean"] == pytest.approx((0.1 + 0.2) / 2)
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "| grpo+ewc | 1,2 |" in md and "kl_new" in md
+    write_report(find_runs([sweep(tmp_path / "old")]), tmp_path / "out2")  # no KL measured: no column
+    assert "kl_new" not in (tmp_path / "out2" / "report.md").read_text()

@@ -134,6 +134,26 @@ def _final(run_dir: Path):
     return results, torch.load(stages[-1], weights_only=True)["model"]
 
 
+def kill_inside_task_2(args: list[str], killed: Path) -> None:
+    """Start the runner in ``killed`` and SIGKILL it as soon as a step checkpoint of task 2 exists
+    (before task 2 ends)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runners.cl", *args, f"hydra.run.dir={killed}"],
+        cwd=ROOT,
+        env=_runner_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    ckpts = killed / "checkpoints"
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(ckpts.glob("task-001-step-*.ckpt")):
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    steps = list(ckpts.glob("task-001-step-*.ckpt"))
+    assert steps and not (ckpts / "stage-002.pt").exists(), "the kill must land inside task 2"
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -448,21 +468,7 @@ def test_a_run_killed_mid_task_resumes_to_the_same_weights_and_scores(method, tm
     ]
     run(compose_config(common, tmp_path / "whole", cache_dir), tmp_path / "whole")  # uninterrupted, in this process
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "runners.cl", *common, f"hydra.run.dir={killed}"],
-        cwd=ROOT,
-        env=_runner_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    ckpts = killed / "checkpoints"
-    deadline = time.time() + 240
-    while time.time() < deadline and not list(ckpts.glob("task-001-step-*.ckpt")):
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    steps = list(ckpts.glob("task-001-step-*.ckpt"))
-    assert steps and not (ckpts / "stage-002.pt").exists(), "the kill must land inside task 2"
+    kill_inside_task_2(common, killed)
     assert json.loads((killed / "results.json").read_text())["status"] == "running"
     out = _run([*common, f"resume={killed}", f"hydra.run.dir={tmp_path / 'resumed_log'}"])
     assert "Resuming task code from task-001-step-" in out.stdout

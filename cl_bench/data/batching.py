@@ -57,10 +57,12 @@ def steps_per_epoch(examples: int, batch_size: int, drop_last: bool, world_size:
     return full + (0 < rest and not drop_last and rest >= world_size)
 
 
-def task_steps(examples: int, task: Any, train: Any, world_size: int = 1) -> int:
-    """Optimizer steps of ``task`` over ``examples`` under the run's ``train`` settings: its epochs,
-    capped at its ``max_steps`` when set."""
-    steps = task.epochs * steps_per_epoch(examples, train.batch_size, train.get("drop_last", False), world_size)
+def task_steps(examples: int, task: Any, train: Any, world_size: int = 1, repeat: int = 1) -> int:
+    """Optimizer steps of ``task`` over ``examples`` under the run's ``train`` settings: its epochs
+    (each global batch trained ``repeat`` steps), capped at its ``max_steps`` when set."""
+    steps = (
+        task.epochs * repeat * steps_per_epoch(examples, train.batch_size, train.get("drop_last", False), world_size)
+    )
     return min(steps, task.max_steps) if task.max_steps else steps
 
 
@@ -94,9 +96,12 @@ class StepBatchSampler(torch.utils.data.Sampler):
         seed: int = 0,
         drop_last: bool = False,
         fixed_share: tuple[int, int] | None = None,
+        repeat: int = 1,
     ):
         """``fixed_share=(own, r)``: the first ``own`` examples are the task's, the rest a pool of
-        which every global batch takes exactly ``r`` (see :meth:`_steps`)."""
+        which every global batch takes exactly ``r`` (see :meth:`_steps`); ``repeat``: every global
+        batch's micro-batches are handed out that many times in a row (one optimizer step each)."""
+        self.repeat = repeat
         self.per_process, self.micro, self.accumulate = layout(batch_size, micro_batch_size, world_size)
         if fixed_share is not None and not (0 < fixed_share[1] < batch_size and 0 < fixed_share[0] < len(label_tokens)):
             raise ConfigError(
@@ -178,7 +183,8 @@ class StepBatchSampler(torch.utils.data.Sampler):
         out = []
         for step in self._steps():
             normalizer = max(int(self.label_tokens[step].sum()), 1) / (self.world_size * self.accumulate)
-            out.extend([StepIndex(int(i), normalizer) for i in part] for part in self._split(step))
+            parts = [[StepIndex(int(i), normalizer) for i in part] for part in self._split(step)]
+            out.extend(parts * self.repeat)
         return out
 
     def __iter__(self):
@@ -190,7 +196,7 @@ class StepBatchSampler(torch.utils.data.Sampler):
             yield batch
 
     def __len__(self) -> int:
-        return sum(len(self._split(step)) for step in self._steps())
+        return self.repeat * sum(len(self._split(step)) for step in self._steps())
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "consumed": self.consumed}

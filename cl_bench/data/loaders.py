@@ -56,11 +56,16 @@ class TaskLoaders:
         rank: int = 0,
         world_size: int = 1,
         fixed_share: tuple[int, int] | None = None,
+        indexed: bool = False,
+        repeat: int = 1,
     ) -> ResumableLoader:
         """This process (``rank`` of ``world_size``)'s left-padded micro-batches of every global batch,
         epoch by epoch (resumable; see cl_bench.data.batching); ``fixed_share=(own, r)``: r of every
-        global batch from ``examples[own:]`` (a replay pool)."""
+        global batch from ``examples[own:]`` (a replay pool); ``indexed``: each batch carries its rows'
+        places in ``examples`` (``index``); ``repeat``: every global batch is trained that many steps
+        (GRPO's num_iterations)."""
         dataset = EncodedDataset(self.tokenizer, examples, self.max_prompt_len, self.max_ans_len, self.cache_dir)
+        dataset.indexed = indexed
         sampler = StepBatchSampler(
             dataset.label_tokens(),
             self.batch_size,
@@ -71,6 +76,7 @@ class TaskLoaders:
             seed,
             self.drop_last,
             fixed_share,
+            repeat,
         )
         # Its own generator: starting an epoch's iterator must not draw from the global RNG.
         return ResumableLoader(

@@ -82,6 +82,8 @@ class Collator:
         if "loss_normalizer" in features[0]:
             # one value per row (the same for all: its optimizer step's), so the batch slices like the rest
             batch["loss_normalizer"] = torch.tensor([f["loss_normalizer"] for f in features], dtype=torch.float32)
+        if "index" in features[0]:
+            batch["index"] = torch.tensor([f["index"] for f in features], dtype=torch.long)
         return batch
 
 
@@ -107,9 +109,13 @@ class EncodedDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
+    #: True: an item also carries its index in the examples (``index``), for a paradigm that reads them
+    indexed = False
+
     def __getitem__(self, i: int | StepIndex) -> dict:
         if isinstance(i, StepIndex):
-            return {**self.items[i.index], "loss_normalizer": i.loss_normalizer}
+            item = {**self.items[i.index], "loss_normalizer": i.loss_normalizer}
+            return {**item, "index": i.index} if self.indexed else item
         return self.items[i]
 
     def label_tokens(self) -> list[int]:

@@ -112,6 +112,11 @@ def mean_answer_log_likelihood(model: torch.nn.Module, loader, device: torch.dev
 class ContinualEvaluator(Callback):
     """Scores the seen tasks every ``every_n_steps`` optimizer steps and at the end of each fit."""
 
+    @classmethod
+    def of_run(cls, settings: ContinualSettings, *args: Any, **kwargs: Any) -> ContinualEvaluator | None:
+        """The run's evaluator (the arguments of the constructor), None when ``eval.continual`` is off."""
+        return cls(settings, *args, **kwargs) if settings.enabled else None
+
     def __init__(
         self,
         settings: ContinualSettings,

@@ -14,12 +14,15 @@ so turning the evaluation on or off does not change training.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from cl_bench.distributed import barrier, is_main
 from cl_bench.errors import ConfigError, check_number
+from cl_bench.progress import doing
 from cl_bench.rng import preserved_rng
 from cl_bench.training.lm import eval_mode
 
@@ -95,6 +98,19 @@ class GeneralAbility:
                 f"(project tasks: {sorted(p.stem for p in PROJECT_TASKS.glob('*.yaml'))}; "
                 f"list the harness's with `lm_eval --tasks list`)"
             )
+
+    def evaluate_on_main(self, model: torch.nn.Module, tokenizer) -> tuple[dict[str, float], float] | None:
+        """(scores, seconds) on the main process, None on the others and when off: the harness runs
+        in one process here, and the other processes wait for it."""
+        if not self.enabled:
+            return None
+        out = None
+        if is_main():
+            doing(f"general ability ({', '.join(self.tasks)}, lm-eval)")
+            start = time.perf_counter()
+            out = self.evaluate(model, tokenizer), time.perf_counter() - start
+        barrier()
+        return out
 
     def evaluate(self, model: torch.nn.Module, tokenizer) -> dict[str, float]:
         """Each benchmark's score (0-100) for ``model`` as it is now."""

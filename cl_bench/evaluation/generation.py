@@ -38,6 +38,23 @@ class GenerationConfig:
     #: the seed of sampled answers under the vLLM engine (one per request, derived from it)
     seed: int = 0
 
+    @classmethod
+    def of_run(
+        cls, eval_cfg: Any, max_prompt_len: int, raw: bool, engine: Any = None, seed: int = 0
+    ) -> GenerationConfig:
+        """A run's generation settings: its ``eval`` node, ``train.max_prompt_len``, TRACE's raw answers."""
+        return cls(
+            engine=engine,
+            seed=seed,
+            batch_size=eval_cfg.batch_size,
+            max_prompt_len=max_prompt_len,
+            do_sample=eval_cfg.do_sample,
+            temperature=eval_cfg.temperature,
+            top_p=eval_cfg.top_p,
+            max_new_tokens=eval_cfg.get("max_new_tokens"),
+            raw=raw,
+        )
+
 
 @dataclass
 class TaskResult:

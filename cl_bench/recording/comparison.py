@@ -33,6 +33,7 @@ METRICS = (
     "bwt",
     "fwt",
     "forgetting",
+    "new_task",
     "delta_RG",
     "general_before",
     "general_after",
@@ -41,6 +42,7 @@ METRICS = (
     "wf10",
     "ex_forgotten",
     "ex_gained",
+    "kl_new",
     "wall_min",
     "cpu_min",
 )
@@ -50,6 +52,23 @@ TIMINGS = ("wall_min", "cpu_min")
 CONTINUAL_METRICS = ("avg_min_acc", "wc_acc", "wf10")
 #: per-example flips (results.json's example_forgetting; runs recorded before it have none)
 EXAMPLE_METRICS = ("ex_forgotten", "ex_gained")
+#: the KL to the base model on each task just learned (results.json's kl_to_base; runs with eval.kl_to_base)
+KL_METRICS = ("kl_new",)
+
+
+def new_task_score(R: list[list[float]]) -> float | None:
+    """Each task's score right after it was trained, averaged (mean of R[t+1][t]; the plasticity a
+    method's forgetting is traded against); None before a task is trained."""
+    diagonal = [R[t + 1][t] for t in range(min(len(R) - 1, len(R[0]) if R else 0))]
+    return sum(diagonal) / len(diagonal) if diagonal else None
+
+
+def paradigm_label(method: str, paradigm: str | None) -> str:
+    """A run's name in reports: the method under SFT ("ewc"), the paradigm for plain SFT's method
+    learned another way ("grpo"), else both ("grpo+ewc")."""
+    if paradigm in (None, "sft"):
+        return method
+    return paradigm if method == "sft" else f"{paradigm}+{method}"
 
 
 #: settings that cannot change what a run computes: two runs that differ only in these (and the
@@ -167,18 +186,23 @@ def read_run(path: Path) -> RunResult:
     cpu = (data.get("timings") or {}).get("cpu_s")
     values["cpu_min"] = None if cpu is None else cpu / 60
     values.update(example_flips(data.get("example_forgetting") or {}))
+    joint = bool(data.get("joint"))
+    values["new_task"] = None if joint else new_task_score(data.get("R") or [])
+    values["kl_new"] = None if joint or not data.get("kl_to_base") else new_task_score(data["kl_to_base"])
     digest = (data.get("data") or {}).get("manifest_sha256")
     return RunResult(
         path=file.parent,
         status=data.get("status", "?"),
         error=data.get("error"),
-        method=str(method.get("_target_", "?")).rsplit(".", 2)[-2],
+        method=paradigm_label(
+            str(method.get("_target_", "?")).rsplit(".", 2)[-2], (data.get("learning") or {}).get("paradigm")
+        ),
         settings=result_settings(config, data_hashed=digest is not None),
         stream=_stream_name(config.get("tasks") or {}, data.get("tasks") or [], digest),
         order=tuple(data.get("tasks") or ()),
         model=_model_name(config.get("model") or {}),
         seed=config.get("seed"),
-        joint=bool(data.get("joint")),
+        joint=joint,
         R=data.get("R") or [],
         values=values,
         continual=data.get("continual"),

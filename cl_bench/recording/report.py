@@ -18,6 +18,7 @@ from cl_bench.files import atomic_write
 from cl_bench.recording.comparison import (
     CONTINUAL_METRICS,
     EXAMPLE_METRICS,
+    KL_METRICS,
     METRICS,
     TIMINGS,
     RunResult,
@@ -50,7 +51,7 @@ def _settings(rows: list[dict]) -> list[tuple]:
 def _shown(rows: list[dict]) -> list[str]:
     """The metrics of the tables: all, less the optional ones (continual evaluation, per-example
     flips, CPU time) that no run of ``rows`` has."""
-    optional = (*CONTINUAL_METRICS, *EXAMPLE_METRICS, "cpu_min")
+    optional = (*CONTINUAL_METRICS, *EXAMPLE_METRICS, *KL_METRICS, "cpu_min")
     return [m for m in METRICS if m not in optional or any(r[m]["n"] for r in rows)]
 
 

@@ -85,6 +85,10 @@ class RunRecorder:
         self.points: list[dict[str, Any]] = []
         #: the method's own account of the run (CLMethod.report), results.json's ``method``
         self.method_report: dict[str, Any] = {}
+        #: eval.kl_to_base: per stage, each task's per-token KL(base || model) (cl_bench/evaluation/base_kl.py)
+        self.kl_to_base: list[list[float]] = []
+        #: the learning paradigm's telemetry (GRPO, self-SFT; empty for SFT): results.json's ``learning``
+        self.learning_report: dict[str, Any] = {}
         self.data = data
         #: per stage, the scores of the metrics recorded beside each task's own (TaskSpec.also):
         #: {metric: {task: score}}
@@ -164,9 +168,11 @@ class RunRecorder:
         names = sorted({m for row in self.also for m in row})
         return {m: [[row.get(m, {}).get(t) for t in self.task_names] for row in self.also] for m in names}
 
-    def add_general(self, scores: dict[str, float]) -> None:
-        """General-ability scores taken at the latest stage."""
+    def add_general(self, scores: dict[str, float], seconds: float | None = None) -> None:
+        """General-ability scores taken at the latest stage (and the seconds they took)."""
         self.general[self.stages[-1]] = {k: float(v) for k, v in scores.items()}
+        if seconds is not None:
+            self.timings.setdefault("general_s", []).append(round(seconds, 3))
 
     def general_benchmarks(self, scores: dict[str, float]) -> list[str]:
         """The benchmarks the summaries average: all, less the offline probe when others ran too
@@ -204,6 +210,7 @@ class RunRecorder:
             "general": self.general,
             "points": self.points,
             "also": self.also,
+            "kl_to_base": self.kl_to_base,
             "elapsed_s": time.time() - self.started,
             "cpu_s": self.cpu_seconds(),
         }
@@ -212,6 +219,7 @@ class RunRecorder:
         self.R, self.timings, self.general = state["R"], state["timings"], state["general"]
         self.points = state.get("points", [])
         self.also = state.get("also", [{} for _ in self.R])
+        self.kl_to_base = state.get("kl_to_base", [])
         self.started = time.time() - state["elapsed_s"]
         spent = state.get("cpu_s")
         self.cpu_started = None if spent is None else time.process_time() - spent
@@ -229,6 +237,7 @@ class RunRecorder:
             "stages": self.stages,
             "R": self.R,
             **({"also": self.also_matrices()} if any(self.also) else {}),
+            **({"kl_to_base": self.kl_to_base} if self.kl_to_base else {}),
             "cl_metrics": self.cl_metrics(),
             **({"example_forgetting": self.example_forgetting()} if self.writes and not self.joint else {}),
             "general": {
@@ -242,6 +251,7 @@ class RunRecorder:
                 else {}
             ),
             **({"method": self.method_report} if self.method_report else {}),
+            **({"learning": self.learning_report} if self.learning_report else {}),
             "timings": {
                 **self.timings,
                 "total_s": round(time.time() - self.started, 3),

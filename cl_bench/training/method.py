@@ -114,6 +114,10 @@ class CLMethod(Callback):
     #: True for a method whose penalty reads every position's logits (``module.step_sequence_logits``),
     #: not only the answer's: the training forward pass then computes the head at every position
     sequence_logits = False
+    #: the learning paradigms (``learning=``) the method's mechanism is defined under; the others are
+    #: refused at start, with :attr:`learning_refusal`
+    learning_paradigms: tuple[str, ...] = ("sft", "grpo", "self_sft")
+    learning_refusal = ""
     #: set by :meth:`check_run`: the run shards by rows (``trainer=fsdp``), known before the model
     #: exists, for planning (``planned_*``) and refusals at start; at run time the framework places
     #: gradients and per-entry state (cl_bench/training/parameter_views.py: ParameterViews.sharded)

@@ -15,7 +15,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from cl_bench.data.loaders import TaskLoaders
 from cl_bench.errors import Diverged
 from cl_bench.rng import rng_state, set_rng_state
-from cl_bench.training.lm import sequence_and_labelled_logits, token_cross_entropy
+from cl_bench.training.learning import SFT, Learning
 from cl_bench.training.parameter_views import ParameterViews
 from cl_bench.training.sharding import local, shard_model
 
@@ -35,7 +35,8 @@ def autocast_of(precision: str, device: torch.device | str) -> contextlib.Abstra
 
 
 class CLModule(LightningModule):
-    """Wraps the model; the loss is the method's ``training_loss`` (the task loss plus its penalty).
+    """Wraps the model; the loss is the method's ``training_loss`` (the task loss, of ``learning``'s
+    paradigm, plus the method's penalty).
 
     ``optimizer`` and ``scheduler`` are factories (Hydra partials); both are called at every
     ``trainer.fit``, i.e. once per task, unless ``reset_optimizer=False``: then they are called once,
@@ -65,8 +66,11 @@ class CLModule(LightningModule):
         device: torch.device | str = "cpu",
         reset_optimizer: bool = True,
         precision: str = "32-true",
+        learning: Learning | None = None,
     ):
         super().__init__()
+        #: how a micro-batch becomes the task loss (``learning``: SFT unless GRPO or self-SFT)
+        self.learning = learning if learning is not None else SFT()
         #: the run's ``trainer.precision``; :meth:`precision_context` applies it to the methods' passes
         self.precision = str(precision)
         self.model = model
@@ -153,9 +157,7 @@ class CLModule(LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         self.micro_batches_per_step = self.trainer.accumulate_grad_batches
         self.micro_batch_in_step = batch_idx % self.micro_batches_per_step  # every step but an epoch's last is whole
-        sequence, logits, targets = sequence_and_labelled_logits(self.model, batch, self.method.sequence_logits)
-        self.step_logits, self.step_sequence_logits = (logits, targets), sequence
-        task_loss = token_cross_entropy(logits, targets, batch)
+        task_loss = self.learning.task_loss(self, batch)  # SFT: sets step_logits (and step_sequence_logits)
         loss = self.method.training_loss(self, batch, task_loss)
         self.step_logits = self.step_sequence_logits = None  # the logits are not kept past the step
         self.log("loss", loss.detach(), prog_bar=True, logger=False)
@@ -169,8 +171,10 @@ class CLModule(LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         """Once per optimizer step, after every micro-batch and the reduction over processes, before
-        clipping: the method's gradient edit, then the step's loss, the token mean over the whole
-        global batch (every process's, a partial last batch too), logged on logging steps."""
+        clipping: the learning paradigm's step telemetry, the method's gradient edit, then the step's
+        loss, the token mean over the whole global batch (every process's, a partial last batch
+        too), logged on logging steps."""
+        self.learning.end_step(self)
         self.method.edit_gradients(self, ParameterViews(self.model))
         if self.should_log and self.step_losses is not None:
             loss, task_loss = self.trainer.strategy.reduce(self.step_losses, reduce_op="mean").tolist()
@@ -187,9 +191,13 @@ class CLModule(LightningModule):
         """Mid-task checkpoints also carry the RNG states, so a resumed task draws what it would have."""
         checkpoint["rng"] = rng_state()
         checkpoint["task_seconds"] = self.task_seconds()
+        if learning := self.learning.state_dict():  # GRPO: its telemetry and the rollouts still to reuse
+            checkpoint["learning"] = learning
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         set_rng_state(checkpoint["rng"])
+        if "learning" in checkpoint:
+            self.learning.load_state_dict(checkpoint["learning"])
         # the task's seconds up to the checkpoint stand in for this process's own before the fit
         self.task_seconds_before = checkpoint.get("task_seconds", 0.0) - (time.perf_counter() - self.task_started)
 

@@ -1,0 +1,285 @@
+"""What GRPO and self-SFT share: rollouts of the batch's prompts, their rewards, a frozen base
+model, and the per-step telemetry.
+
+Per optimizer step (summed over micro-batches and processes), logged under ``rl/`` on logging
+steps and summed per task into results.json's ``learning``:
+
+- ``reward_mean``, ``reward_std``: over the step's completions (std: population);
+- ``skipped_groups``: the share of prompts whose G rewards were all equal (no signal);
+- ``completion_length``: mean completion tokens (EOS included); ``truncated``: share without EOS;
+- ``clipped``: share of trained completion tokens whose importance ratio was clipped (TRL's
+  ``clip_ratio/region_mean``; 0 while every rollout is used once);
+- ``entropy``: the policy's mean per-token entropy on its completions (at the sampling temperature);
+- ``kl_to_base``: KL(pi_base || pi) per completion token, over the whole vocabulary at each
+  position of the policy's completions of the task's prompts (RL's Razor's forward KL to the base
+  model on the new task); ``kl_reverse``: KL(pi || pi_base) alike. Entropy and KL are measured on
+  logging steps (``trainer.log_every_n_steps``), in one extra pass without gradients.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Sequence
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
+
+import torch
+from hydra.utils import get_method
+
+from cl_bench.data.tokenization import IGNORE_INDEX, encode_prompt
+from cl_bench.distributed import strategy_family, sum_across_ranks
+from cl_bench.errors import ConfigError, check_flag, check_number
+from cl_bench.evaluation.base_kl import BaseKL, forward_kl
+from cl_bench.evaluation.generation import decode
+from cl_bench.on_policy.policy_loss import zero_std_groups
+from cl_bench.on_policy.rewards import TaskScore, checked_rewards
+from cl_bench.on_policy.rollouts import Rollouts, completion_batch, sample_group
+from cl_bench.rng import derive_seed
+from cl_bench.training.learning import Learning
+from cl_bench.training.lm import eval_mode, labelled_logits
+
+if TYPE_CHECKING:
+    from cl_bench.data.tasks import Example, Task, TaskStream
+
+#: what a step sums (over micro-batches and processes) for its telemetry
+SUMS = (
+    "completions",
+    "reward_sum",
+    "reward_sq",
+    "groups",
+    "skipped_groups",
+    "completion_tokens",
+    "truncated",
+    "trained_rows",
+    "trained_tokens",
+    "clipped_tokens",
+    "entropy_sum",
+    "kl_to_base_sum",
+    "kl_reverse_sum",
+    "measured_tokens",
+)
+
+
+def reward_function(reward: Any) -> Callable:
+    """``learning.reward``: None (the task's scorer), a callable (an instantiated ``_target_``), or
+    the dotted path of a function with TRL's signature."""
+    if reward is None:
+        return TaskScore()
+    if isinstance(reward, str):
+        try:
+            return get_method(reward)
+        except Exception as e:
+            raise ConfigError(f"learning.reward: cannot import {reward!r}: {e}") from None
+    if not callable(reward):
+        raise ConfigError(
+            f"learning.reward must be a function (a dotted path or a _target_), not {type(reward).__name__}"
+        )
+    return reward
+
+
+def step_metrics(s: dict[str, float]) -> dict[str, float]:
+    """The telemetry of summed counts (see the module doc); keys absent where nothing was measured."""
+    n = max(s["completions"], 1)
+    mean = s["reward_sum"] / n
+    out = {
+        "reward_mean": mean,
+        "reward_std": math.sqrt(max(s["reward_sq"] / n - mean**2, 0.0)),
+        "skipped_groups": s["skipped_groups"] / max(s["groups"], 1),
+        "completion_length": s["completion_tokens"] / n,
+        "truncated": s["truncated"] / n,
+        "trained_completions": s["trained_rows"] / n,
+        "clipped": s["clipped_tokens"] / max(s["trained_tokens"], 1),
+    }
+    if s["measured_tokens"]:
+        for key in ("entropy", "kl_to_base", "kl_reverse"):
+            out[key] = s[f"{key}_sum"] / s["measured_tokens"]
+    return out
+
+
+class OnPolicy(Learning):
+    """Rollouts and rewards for a paradigm that learns from the policy's own completions."""
+
+    needs_index = True
+    supported_strategies = ("single_device", "ddp")
+
+    def __init__(
+        self,
+        num_generations: int = 8,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        max_completion_length: int | None = None,
+        reward: Any = None,
+        mask_truncated_completions: bool = False,
+        kl_telemetry: bool = True,
+    ):
+        self.num_generations = check_number(num_generations, "learning.num_generations", integer=True, low=2)
+        self.temperature = check_number(temperature, "learning.temperature", low=0, low_open=True)
+        self.top_p = check_number(top_p, "learning.top_p", low=0, high=1, low_open=True)
+        if max_completion_length is not None:
+            check_number(max_completion_length, "learning.max_completion_length", integer=True, low=1)
+        self.max_completion_length = max_completion_length
+        self.reward = reward_function(reward)
+        self.mask_truncated = check_flag(mask_truncated_completions, "learning.mask_truncated_completions")
+        self.kl_telemetry = check_flag(kl_telemetry, "learning.kl_telemetry")
+        self.examples: list[Example] = []
+        self.task_of: dict[Example, Task] = {}
+        #: the base model (KL term and telemetry), kept when needed
+        self.base: BaseKL | None = None
+        #: this step's sums (this process's, until end_step reduces them)
+        self.step = dict.fromkeys(SUMS, 0.0)
+        #: per trained task: its steps' summed telemetry and per-step curves
+        self.tasks: dict[str, dict[str, Any]] = {}
+        self.task_name = ""
+
+    # --- set-up ------------------------------------------------------------------------------------
+    def check_run(self, cfg: Any, method: Any) -> None:
+        super().check_run(cfg, method)
+        family = strategy_family(cfg.trainer.get("strategy", "auto"), cfg.trainer.get("devices", 1))
+        if family not in self.supported_strategies:
+            raise ConfigError(
+                f"learning={self.name} runs under trainer strategies {list(self.supported_strategies)}; "
+                f"trainer.strategy is {family} (its rollouts and frozen base model are not sharded)"
+            )
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.kl_telemetry
+
+    def setup(self, module, stream: TaskStream, tokenizer, seed, max_prompt_len, raw, base=None) -> None:
+        self.tokenizer, self.seed, self.max_prompt_len, self.raw = tokenizer, seed, max_prompt_len, raw
+        self.task_of = {ex: task for task in stream for ex in task.train}
+        if self.needs_reference:  # the base model: the untrained weights (under LoRA: the adapters off)
+            self.base = base if base is not None else BaseKL(module.model)
+
+    def begin_task(self, examples: Sequence[Example], task_name: str) -> None:
+        self.examples, self.task_name = list(examples), task_name
+        for ex in self.examples:
+            if ex not in self.task_of:
+                raise ConfigError(
+                    f"learning={self.name} trains on prompts of the stream's tasks; an example of {task_name}'s "
+                    f"training data belongs to none of them (prompt {ex.prompt[:60]!r}): a method that adds "
+                    "texts without a task (GeRe's general texts) cannot be combined with it"
+                )
+
+    # --- rollouts ----------------------------------------------------------------------------------
+    def budget(self, task: Task) -> int:
+        return self.max_completion_length or task.spec.max_new_tokens
+
+    def rollouts(self, module, batch: dict[str, torch.Tensor]) -> Rollouts:
+        """G completions of every prompt of ``batch`` from the current policy, and their rewards."""
+        index = batch["index"].tolist()
+        tok, g = self.tokenizer, self.num_generations
+        prompts, completions, truncated, budgets, rewards = [], [], [], [], []
+        sampling = {"temperature": self.temperature, "top_p": self.top_p}
+        for i in index:
+            ex = self.examples[i]
+            task = self.task_of[ex]
+            prompt = encode_prompt(tok, ex, self.max_prompt_len)["input_ids"]
+            seed = derive_seed(self.seed, f"rollout/{module.stream_step}/{i}")
+            ids, cut = sample_group(
+                module.model, prompt, g, self.budget(task), sampling, seed, tok.eos_token_id, tok.pad_token_id
+            )
+            texts = decode(tok, ids, self.raw)
+            values = self.reward(
+                prompts=[ex.prompt] * g,
+                completions=texts,
+                completion_ids=ids,
+                answer=[ex.scored_against] * g,
+                task=[task.name] * g,
+                metric=[task.metric] * g,
+                trainer_state=SimpleNamespace(global_step=module.stream_step),
+            )
+            rewards += checked_rewards(values, g, getattr(self.reward, "__name__", type(self.reward).__name__))
+            prompts += [prompt] * g
+            completions += ids
+            truncated += cut
+            budgets += [self.budget(task)] * g
+        device = module.device
+        batch = {k: v.to(device) for k, v in completion_batch(prompts, completions, tok.pad_token_id).items()}
+        return Rollouts(
+            batch=batch,
+            completions=completions,
+            rewards=torch.tensor(rewards, dtype=torch.float32, device=device),
+            truncated=torch.tensor(truncated, device=device),
+            budgets=torch.tensor(budgets, dtype=torch.float32, device=device),
+            index=index,
+        )
+
+    def count_rollouts(self, ro: Rollouts, trained: torch.Tensor) -> None:
+        """Add a micro-batch's rollouts to the step's sums (``trained``: [rows] the rows the loss used)."""
+        g = self.num_generations
+        scored = torch.nan_to_num(ro.rewards, nan=0.0)
+        groups = len(ro.rewards) // g
+        equal = zero_std_groups(ro.rewards, g)
+        mask = ro.batch["labels"] != IGNORE_INDEX
+        self.add(
+            completions=len(ro.rewards),
+            reward_sum=float(scored.sum()),
+            reward_sq=float((scored**2).sum()),
+            groups=groups,
+            skipped_groups=float(equal.sum()),
+            completion_tokens=float(mask.sum()),
+            truncated=float(ro.truncated.sum()),
+            trained_rows=float(trained.sum()),
+        )
+
+    def add(self, **values: float) -> None:
+        for k, v in values.items():
+            self.step[k] += float(v)
+
+    # --- telemetry -----------------------------------------------------------------------------------
+    def reference_logits(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The base model's logits at the batch's labelled positions (no gradient)."""
+        with torch.no_grad():
+            return self.base.base_logits(model, batch)
+
+    @torch.no_grad()
+    def measure(self, module, batch: dict[str, torch.Tensor]) -> None:
+        """Entropy and the KL to the base model on the micro-batch's completions (logging steps)."""
+        model = module.model
+        with eval_mode(model):
+            logits, targets = labelled_logits(model, batch)
+        mask = targets != IGNORE_INDEX
+        logp = torch.log_softmax(logits / self.temperature, -1)
+        entropy = -(logp.exp() * logp).sum(-1)
+        values = {"entropy_sum": float(entropy[mask].sum()), "measured_tokens": float(mask.sum())}
+        if self.kl_telemetry:
+            base = self.reference_logits(model, batch)
+            forward, reverse = forward_kl(base, logits), forward_kl(logits, base)
+            values |= {"kl_to_base_sum": float(forward[mask].sum()), "kl_reverse_sum": float(reverse[mask].sum())}
+        self.add(**values)
+
+    def end_step(self, module) -> None:
+        """Reduce the step's sums over the processes, log them (logging steps) and add them to the task's."""
+        sums = sum_across_ranks(torch.tensor([self.step[k] for k in SUMS], dtype=torch.float64, device=module.device))
+        step = dict(zip(SUMS, sums.tolist()))
+        self.step = dict.fromkeys(SUMS, 0.0)
+        metrics = step_metrics(step)
+        if module.should_log:
+            module.log_metrics({f"rl/{k}": v for k, v in metrics.items()})
+        record = self.tasks.setdefault(self.task_name, {"steps": 0, "sums": dict.fromkeys(SUMS, 0.0), "curves": {}})
+        record["steps"] += 1
+        for k, v in step.items():
+            record["sums"][k] += v
+        for key in ("reward_mean", "kl_to_base"):
+            record["curves"].setdefault(key, []).append(metrics.get(key))
+
+    def report(self) -> dict[str, Any]:
+        """Per trained task: its steps' telemetry (see the module doc) and the per-step curves of the
+        reward and the KL to the base model (None on steps where the KL was not measured)."""
+        per_task = {
+            name: {"steps": r["steps"], **step_metrics(r["sums"]), "curves": r["curves"]}
+            for name, r in self.tasks.items()
+        }
+        return {"paradigm": self.name, "settings": self.settings(), "tasks": per_task}
+
+    def settings(self) -> dict[str, Any]:
+        return {"num_generations": self.num_generations, "temperature": self.temperature, "top_p": self.top_p}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"tasks": copy.deepcopy(self.tasks), "step": dict(self.step)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.tasks = copy.deepcopy(state.get("tasks", {}))
+        self.step = dict(state.get("step") or dict.fromkeys(SUMS, 0.0))
