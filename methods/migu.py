@@ -57,6 +57,11 @@ class MIGU(CLMethod):
         self.mask_tied_head = mask_tied_head
         self.threshold, self.skip_first_task = threshold, skip_first_task
         self.ignore_padding, self.random_update = ignore_padding, random_update
+        if ignore_padding:  # its padding mask is the SFT batch's, not that of a pass over sampled completions
+            self.learning_paradigms = ("sft",)
+            self.learning_refusal = (
+                "ignore_padding reads the SFT batch's attention mask (set method.ignore_padding=false)"
+            )
         self.module_patterns = None if module_patterns is None else list(module_patterns)
         self.generator = torch.Generator().manual_seed(seed)
         self.layers: dict[str, torch.nn.Linear] = {}

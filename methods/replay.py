@@ -58,6 +58,11 @@ class Replay(CLMethod):
         self.per_task = check_number(per_task, "method.per_task", integer=True, low=1, allow_none=True)
         self.ratio = check_number(ratio, "method.ratio", low=0, high=1, low_open=True, allow_none=True)
         self.general_data = general_data
+        if general_data is not None:  # its general examples belong to no task: nothing scores a completion of them
+            self.learning_paradigms = ("sft",)
+            self.learning_refusal = (
+                "its general_data examples belong to no task of the stream, so no scorer rewards them"
+            )
         self.mode = check_choice(mode, MODES, "method.mode")
         self.sample = check_choice(sample, SAMPLES, "method.sample")
         self.batch_share = check_number(batch_share, "method.batch_share", low=0, high=1, low_open=True, high_open=True)

@@ -158,9 +158,9 @@ def test_each_metric_becomes_a_reward_on_0_1_as_its_reference_library_scores_one
 
 
 def test_a_completion_ends_at_its_first_eos_and_one_without_is_truncated():
-    assert cut_at_eos([5, 6, 2, 9, 9], eos=2, pad=0) == ([5, 6, 2], False)
-    assert cut_at_eos([5, 6, 0, 0], eos=2, pad=0) == ([5, 6], False)
-    assert cut_at_eos([5, 6, 7], eos=2, pad=0) == ([5, 6, 7], True)
+    assert cut_at_eos([5, 6, 2, 0, 0], eos=2) == ([5, 6, 2], False)  # HF's padding after the EOS dropped
+    assert cut_at_eos([5, 0, 7], eos=2) == ([5, 0, 7], True)  # a sampled pad token is a token like any
+    assert cut_at_eos([5, 6, 7], eos=2) == ([5, 6, 7], True)
 
 
 # --- GRPO's step on the tiny model ----------------------------------------------------------------
@@ -279,9 +279,18 @@ def test_reused_rollouts_clip_and_each_global_batch_trains_num_iterations_steps(
     [
         (["method=lwf", "learning=grpo"], "method lwf cannot be combined with learning=grpo: its distillation"),
         (["method=gere", "learning=self_sft"], "method gere cannot be combined with learning=self_sft"),
+        (
+            ["method=replay", "method.general_data=x.json", "learning=grpo"],
+            "its general_data examples belong to no task",
+        ),
         (["learning=grpo", "trainer=fsdp"], "learning=grpo runs under trainer strategies"),
         (["learning=grpo", "learning.loss_type=ppo"], "learning.loss_type"),
         (["learning=grpo", "learning.num_generations=1"], "learning.num_generations"),
+        (
+            ["learning=grpo", "learning.num_iterations=2", "train.micro_batch_size=2"],
+            "learning.num_iterations=2 with gradient accumulation .* needs train.drop_last=true",
+        ),
+        (["method=migu", "method.ignore_padding=true", "learning=grpo"], "ignore_padding reads the SFT batch"),
         (["learning=self_sft", "learning.reward=nowhere.reward"], "learning.reward: cannot import 'nowhere.reward'"),
     ],
 )
@@ -297,6 +306,16 @@ def test_a_reward_function_must_return_one_finite_reward_per_completion(make_con
 
 def one_reward(prompts, completions, **columns):
     return [1.0]
+
+
+def test_a_completion_a_reward_function_does_not_score_is_left_out_of_its_group_as_in_trl():
+    from cl_bench.on_policy.rewards import checked_rewards
+
+    rewards = torch.tensor(checked_rewards([None, float("inf"), 0.5, 1.0], 4, "f"))
+    assert rewards.isnan().tolist() == [True, True, False, False]
+    advantages = group_advantages(rewards, 4, "group")
+    assert advantages[:2].tolist() == [0.0, 0.0]  # the group's statistics are those of 0.5 and 1.0 alone
+    assert torch.allclose(advantages[2:], torch.tensor([-0.25, 0.25]) / (math.sqrt(0.125) + 1e-4))
 
 
 def test_self_sft_trains_only_on_completions_that_pass_the_threshold(make_config, tmp_path):
@@ -350,8 +369,9 @@ def test_two_gloo_processes_train_grpo_as_one(tmp_path, cache_dir):
 
 @pytest.mark.processes
 def test_a_grpo_run_killed_mid_task_resumes_to_the_same_weights(tmp_path, cache_dir):
-    """Killed inside task 2 between two uses of the same rollouts (num_iterations=2, a step
-    checkpoint every 3 steps): the resumed run's weights, R and telemetry equal the uninterrupted run's."""
+    """Killed inside task 2 with num_iterations=2 and a step checkpoint asked for every 3 steps: the
+    checkpoints fall at multiples of 6, where no rollouts await reuse, and the resumed run's weights,
+    R and telemetry equal the uninterrupted run's."""
     from tests.conftest import compose_config
     from tests.test_scale import TINY_RUN, _final, _run, kill_inside_task_2
 
@@ -366,6 +386,8 @@ def test_a_grpo_run_killed_mid_task_resumes_to_the_same_weights(tmp_path, cache_
     run(compose_config(common, tmp_path / "whole", cache_dir), tmp_path / "whole")
     killed = tmp_path / "killed"
     kill_inside_task_2(common, killed)
+    steps = [int(p.stem.rsplit("-", 1)[1]) for p in (killed / "checkpoints").glob("task-001-step-*.ckpt")]
+    assert steps and all(step % 6 == 0 for step in steps)
     out = _run([*common, f"resume={killed}", f"hydra.run.dir={tmp_path / 'resumed_log'}"])
     assert "Resuming task code from task-001-step-" in out.stdout
     (r1, w1), (r2, w2) = _final(tmp_path / "whole"), _final(killed)

@@ -50,7 +50,7 @@ class BaseKL:
 
     def base_logits(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.base is None:
-            with model.disable_adapter():
+            with model.disable_adapter(), eval_mode(model):
                 return labelled_logits(model, batch)[0]
         return labelled_logits(self.base.to(next(model.parameters()).device), batch)[0]
 

@@ -20,9 +20,10 @@ from typing import Any
 
 import torch
 
+from cl_bench.data.batching import layout
 from cl_bench.data.tokenization import IGNORE_INDEX
 from cl_bench.distributed import sum_across_ranks, world_size
-from cl_bench.errors import check_choice, check_flag, check_number
+from cl_bench.errors import ConfigError, check_choice, check_flag, check_number
 from cl_bench.on_policy.base import OnPolicy
 from cl_bench.on_policy.policy_loss import (
     LOSS_TYPES,
@@ -108,7 +109,7 @@ class GRPO(OnPolicy):
         sub = rows_of(ro.batch, rows)
         logits, targets = labelled_logits(module.model, sub)
         logps = token_logps(logits, targets, self.temperature)
-        mask = targets != IGNORE_INDEX
+        mask = (targets != IGNORE_INDEX) & trained  # the stand-in row counts no token (dapo's N)
         if self.mask_truncated:
             mask = mask & ~ro.truncated[rows].unsqueeze(1)
         if ro.old_logps is None or ro.old_logps.shape != logps.shape:
@@ -145,9 +146,19 @@ class GRPO(OnPolicy):
             "skip_zero_std": self.skip_zero_std,
         }
 
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "cache": {k: ro.state() for k, ro in self.cache.items()}}
+    def check_run(self, cfg: Any, method: Any) -> None:
+        super().check_run(cfg, method)
+        if self.iterations > 1:
+            world = int(cfg.trainer.get("devices", 1) or 1) * int(cfg.trainer.get("num_nodes", 1) or 1)
+            _, _, accumulate = layout(cfg.train.batch_size, cfg.train.get("micro_batch_size"), world)
+            if accumulate > 1 and not cfg.train.get("drop_last", False):
+                raise ConfigError(
+                    f"learning.num_iterations={self.iterations} with gradient accumulation (train.micro_batch_size) "
+                    "needs train.drop_last=true: an epoch's last, smaller batch would cut fewer micro-batches "
+                    "than a step takes, and its reused rollouts would fall into one step"
+                )
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.cache = {int(k): Rollouts(**ro) for k, ro in (state.get("cache") or {}).items()}
+    @property
+    def checkpoint_every(self) -> int:
+        """Step checkpoints fall where no rollouts await reuse (a multiple of num_iterations)."""
+        return self.iterations

@@ -19,8 +19,8 @@ and the loss aggregates l over the completion mask M (TRL's ``loss_type``)::
 
     grpo     mean_i ( sum_t M l / sum_t M )                 per sequence, then over sequences
     bnpo     sum M l / sum M                                  token mean over the micro-batch
-    dapo     sum M l / N                                      N: the optimizer step's completion tokens
-                                                              over every process and micro-batch, / (W A)
+    dapo     sum M l / N                                      N: the micro-batch's completion tokens
+                                                              summed over the processes, / W
     dr_grpo  sum M l / (rows * max_completion_length)         a constant denominator (here each
                                                               row's token budget, summed)
 

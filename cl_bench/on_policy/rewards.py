@@ -4,9 +4,9 @@ A reward function takes ``prompts`` and ``completions`` (lists of strings, one p
 ``completion_ids`` (lists of token ids) and, as keyword arguments, the columns of each completion's
 example: ``answer`` (what the task scores against: the reference answer, or a SuperNI instance's
 references), ``task`` and ``metric`` (the task's name and metric). It returns one float per
-completion, or None for a completion it does not score (such a completion gets reward 0, as TRL's
-``nansum`` over reward functions gives when none scores it). ``learning.reward`` chooses it by
-``_target_``; the default is :class:`TaskScore`.
+completion, or None for a completion it does not score: as in TRL, such a completion is left out of
+its group's mean and std and gets advantage 0 (a NaN, or an infinite value, counts as None).
+``learning.reward`` chooses it by ``_target_``; the default is :class:`TaskScore`.
 """
 
 from __future__ import annotations
@@ -41,17 +41,11 @@ class TaskScore:
 
 
 def checked_rewards(values, expected: int, name: str) -> list[float]:
-    """A reward function's output as floats (None -> 0), refused with one clear error when it is not
-    one finite number (or None) per completion."""
+    """A reward function's output as floats, NaN where it scored nothing (None or not finite); refused
+    with one clear error when it is not one value per completion."""
     if not isinstance(values, Sequence) or len(values) != expected:
         got = len(values) if isinstance(values, Sequence) else type(values).__name__
         raise ConfigError(
             f"learning.reward ({name}) must return one reward per completion: {expected} expected, got {got}"
         )
-    out = []
-    for v in values:
-        v = 0.0 if v is None else float(v)
-        if not math.isfinite(v):
-            raise ConfigError(f"learning.reward ({name}) returned a non-finite reward ({v})")
-        out.append(v)
-    return out
+    return [math.nan if v is None or not math.isfinite(float(v)) else float(v) for v in values]

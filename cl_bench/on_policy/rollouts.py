@@ -38,18 +38,13 @@ class Rollouts:
     #: [rows, T] the sampling policy's log-probabilities at its first use (for a reused batch's ratio)
     old_logps: torch.Tensor | None = None
 
-    def state(self) -> dict:
-        """Plain tensors and lists (``torch.load(weights_only=True)`` reads them back)."""
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
-
-def cut_at_eos(ids: Sequence[int], eos: int, pad: int | None) -> tuple[list[int], bool]:
-    """A generated row's completion: up to and including its first EOS; (ids, truncated)."""
+def cut_at_eos(ids: Sequence[int], eos: int) -> tuple[list[int], bool]:
+    """A generated row's completion: up to and including its first EOS (HF pads a row only after its
+    EOS); without one, the whole row, truncated at the budget. Returns (ids, truncated)."""
     ids = list(ids)
     if eos in ids:
         return ids[: ids.index(eos) + 1], False
-    if pad is not None and pad != eos and pad in ids:  # HF pads a finished row; it had ended with EOS
-        return ids[: ids.index(pad)], False
     return ids, True
 
 
@@ -82,7 +77,7 @@ def sample_group(
             top_k=0,
             **sampling,
         )
-    cut = [cut_at_eos(row.tolist(), eos, pad) for row in out[:, ids.shape[1] :]]
+    cut = [cut_at_eos(row.tolist(), eos) for row in out[:, ids.shape[1] :]]
     return [c for c, _ in cut], [t for _, t in cut]
 
 

@@ -20,6 +20,7 @@ good one is used instead.
 from __future__ import annotations
 
 import logging
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -178,7 +179,8 @@ class StreamCheckpoints:
 
 
 class StepCheckpoint(Callback):
-    """Saves a Lightning checkpoint every ``every_n_steps`` optimizer steps of one task; first calls
+    """Saves a Lightning checkpoint every ``every_n_steps`` optimizer steps of one task (at multiples of
+    the learning paradigm's ``checkpoint_every`` too: GRPO's num_iterations); first calls
     ``before_save`` (the loggers' flush: a resume from the checkpoint keeps every row logged before it)."""
 
     def __init__(self, checkpoints: StreamCheckpoints, task_index: int, before_save=None):
@@ -187,7 +189,11 @@ class StepCheckpoint(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if step == 0 or step % self.checkpoints.every_n_steps or step == self.last_saved:
+        # GRPO with num_iterations: only where no rollouts await reuse, so none need saving
+        every = math.lcm(
+            self.checkpoints.every_n_steps, getattr(getattr(pl_module, "learning", None), "checkpoint_every", 1)
+        )
+        if step == 0 or step % every or step == self.last_saved:
             return
         pl_module.check_weights_finite()  # a diverged step must not replace the last good checkpoint
         self.last_saved = step

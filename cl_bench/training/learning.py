@@ -36,6 +36,8 @@ class Learning:
     iterations = 1
     #: True when the training batches must carry each row's example index (``batch["index"]``)
     needs_index = False
+    #: step checkpoints are taken only at multiples of this (where nothing of a step awaits reuse)
+    checkpoint_every = 1
 
     def check_run(self, cfg: Any, method: CLMethod) -> None:
         """Refuse, before anything loads, a method that cannot learn this way (its declared
