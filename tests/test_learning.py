@@ -318,6 +318,20 @@ def test_a_completion_a_reward_function_does_not_score_is_left_out_of_its_group_
     assert torch.allclose(advantages[2:], torch.tensor([-0.25, 0.25]) / (math.sqrt(0.125) + 1e-4))
 
 
+def test_self_sft_keeps_right_completions_as_per_example_forgetting_counts_them_by_default():
+    from cl_bench.on_policy.self_sft import SelfSFT
+
+    right = SelfSFT(right_threshold=40)
+    assert [right.bar(m) for m in ("accuracy", "exact_match", "rouge_l", "edit_similarity", "sari")] == [
+        1.0,
+        1.0,
+        0.4,
+        0.4,
+        0.4,
+    ]
+    assert SelfSFT(threshold=0.75).bar("accuracy") == SelfSFT(threshold=0.75).bar("sari") == 0.75
+
+
 def test_self_sft_trains_only_on_completions_that_pass_the_threshold(make_config, tmp_path):
     run(
         make_config(*LEARNABLE, "learning=self_sft", "learning.threshold=0.75", "tasks.epochs=2"),

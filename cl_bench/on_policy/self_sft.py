@@ -4,8 +4,13 @@ Chen et al. 2025, "Retaining by Doing", princeton-pli/retaining-by-doing).
 For every prompt x of a micro-batch::
 
     sample y_1..y_G ~ pi(. | x)                 (as GRPO's rollouts)
-    keep  {y_i : reward(x, y_i) >= threshold}   (the authors keep the correct ones: reward 1)
+    keep  {y_i : reward(x, y_i) >= threshold}   (the authors keep the correct ones)
     L = token mean over the kept completions of -log pi(y_t | x, y_<t)      (the SFT loss)
+
+By default (``threshold: null``) a completion is kept when it is right as per-example forgetting
+counts an answer right: reward 1 under an exact metric (the authors' "correct"), at least
+``eval.right_threshold`` / 100 under ROUGE-L, edit similarity or SARI, where a reward of 1 is
+rarely reached. A number keeps every completion whose reward reaches it, whatever its task.
 
 The token mean runs over the kept tokens of every process's micro-batch (the count is summed over
 the processes, as the SFT loss's normaliser is), so two processes train as one does.
@@ -20,6 +25,7 @@ import torch
 from cl_bench.data.tokenization import IGNORE_INDEX
 from cl_bench.distributed import sum_across_ranks, world_size
 from cl_bench.errors import check_number
+from cl_bench.evaluation.example_forgetting import BINARY_METRICS
 from cl_bench.on_policy.base import OnPolicy
 from cl_bench.training.lm import labelled_logits
 
@@ -27,13 +33,23 @@ from cl_bench.training.lm import labelled_logits
 class SelfSFT(OnPolicy):
     name = "self_sft"
 
-    def __init__(self, threshold: float = 1.0, **on_policy: Any):
+    def __init__(self, threshold: float | None = None, right_threshold: float = 50.0, **on_policy: Any):
         super().__init__(**on_policy)
-        self.threshold = check_number(threshold, "learning.threshold")
+        self.threshold = check_number(threshold, "learning.threshold", allow_none=True)
+        self.right_threshold = check_number(right_threshold, "learning.right_threshold", low=0, high=100)
+
+    def bar(self, metric: str) -> float:
+        """The reward a completion of a task scored by ``metric`` must reach to be trained on."""
+        if self.threshold is not None:
+            return float(self.threshold)
+        return 1.0 if metric in BINARY_METRICS else self.right_threshold / 100.0
 
     def task_loss(self, module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         ro = self.rollouts(module, batch)
-        keep = torch.nan_to_num(ro.rewards, nan=-torch.inf) >= self.threshold
+        bars = torch.tensor(
+            [self.bar(self.task_of[self.examples[i]].metric) for i in ro.index], device=ro.rewards.device
+        )
+        keep = torch.nan_to_num(ro.rewards, nan=-torch.inf) >= bars.repeat_interleave(self.num_generations)
         if self.mask_truncated:
             keep = keep & ~ro.truncated
         self.count_rollouts(ro, keep)
@@ -55,4 +71,4 @@ class SelfSFT(OnPolicy):
         return total / normalizer.to(total.dtype)
 
     def settings(self) -> dict[str, Any]:
-        return {**super().settings(), "threshold": self.threshold}
+        return {**super().settings(), "threshold": self.threshold, "right_threshold": self.right_threshold}
