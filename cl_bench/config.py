@@ -87,6 +87,7 @@ ADDED_SETTINGS = (
     ("eval.kl_to_base", False, None),
     ("model.initializer_range", 0.02, ("model._target_", "cl_bench.models.tiny_llama")),
     ("learning._target_", "cl_bench.training.learning.SFT", None),
+    ("learning.right_threshold", 50, ("learning._target_", "cl_bench.on_policy.self_sft.SelfSFT")),
 )
 #: config groups added since runs were recorded: their settings are added even to a run without the group
 NEW_GROUPS = ("learning",)
