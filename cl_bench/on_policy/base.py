@@ -28,7 +28,7 @@ import torch
 from hydra.utils import get_method
 
 from cl_bench.data.tokenization import IGNORE_INDEX, encode_prompt
-from cl_bench.distributed import strategy_family, sum_across_ranks
+from cl_bench.distributed import sum_across_ranks
 from cl_bench.errors import ConfigError, check_flag, check_number
 from cl_bench.evaluation.base_kl import BaseKL, forward_kl
 from cl_bench.evaluation.generation import decode
@@ -135,7 +135,7 @@ class OnPolicy(Learning):
     # --- set-up ------------------------------------------------------------------------------------
     def check_run(self, cfg: Any, method: Any) -> None:
         super().check_run(cfg, method)
-        family = strategy_family(cfg.trainer.get("strategy", "auto"), cfg.trainer.get("devices", 1))
+        family = method.check_strategy_family(cfg)
         if family not in self.supported_strategies:
             raise ConfigError(
                 f"learning={self.name} runs under trainer strategies {list(self.supported_strategies)}; "

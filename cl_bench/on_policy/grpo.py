@@ -33,7 +33,7 @@ from cl_bench.on_policy.policy_loss import (
     policy_loss,
     zero_std_groups,
 )
-from cl_bench.on_policy.rollouts import Rollouts
+from cl_bench.on_policy.rollouts import Rollouts, rows_of
 from cl_bench.training.lm import labelled_logits
 
 
@@ -41,10 +41,6 @@ def token_logps(logits: torch.Tensor, targets: torch.Tensor, temperature: float)
     """log pi(target) at each position from logits divided by the sampling temperature (as TRL)."""
     logp = torch.log_softmax(logits / temperature, -1)
     return logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-
-
-def rows_of(batch: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
-    return {k: v[rows] for k, v in batch.items()}
 
 
 class GRPO(OnPolicy):

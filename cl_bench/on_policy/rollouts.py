@@ -88,3 +88,8 @@ def completion_batch(prompts: Sequence[Sequence[int]], completions: Sequence[Seq
         for p, c in zip(prompts, completions)
     ]
     return Collator(pad)(rows)
+
+
+def rows_of(batch: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The ``rows`` of every tensor of a rollouts batch (the completions a loss trains on)."""
+    return {k: v[rows] for k, v in batch.items()}

@@ -27,6 +27,7 @@ from cl_bench.distributed import sum_across_ranks, world_size
 from cl_bench.errors import check_number
 from cl_bench.evaluation.example_forgetting import BINARY_METRICS
 from cl_bench.on_policy.base import OnPolicy
+from cl_bench.on_policy.rollouts import rows_of
 from cl_bench.training.lm import labelled_logits
 
 
@@ -59,7 +60,7 @@ class SelfSFT(OnPolicy):
         trained = len(rows) > 0
         if not trained:  # nothing passed: a zero loss that still reaches every weight (DDP)
             rows = torch.zeros(1, dtype=torch.long, device=keep.device)
-        logits, targets = labelled_logits(module.model, {k: v[rows] for k, v in ro.batch.items()})
+        logits, targets = labelled_logits(module.model, rows_of(ro.batch, rows))
         total = torch.nn.functional.cross_entropy(
             logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
         )
