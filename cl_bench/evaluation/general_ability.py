@@ -13,6 +13,7 @@ so turning the evaluation on or off does not change training.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -30,6 +31,16 @@ from cl_bench.training.lm import eval_mode
 PROJECT_TASKS = Path(__file__).parent / "general"
 #: the offline probe's task name: left out of the summary scores when other benchmarks ran beside it
 PROBE_TASK = "cl_bench_probe"
+
+
+@functools.lru_cache(maxsize=4)
+def _task_index(include_paths: tuple[str, ...], defaults: bool):
+    """lm-eval's index of the tasks under ``include_paths`` (and of its own, ``defaults``), built
+    once per process: the harness's own take about 7 s to index, and a sweep's jobs in one process
+    (the basic launcher, Optuna) or several checks would index them again."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=list(include_paths), include_defaults=defaults, verbosity="ERROR")
 
 
 @dataclass
@@ -66,13 +77,11 @@ class GeneralAbility:
         """lm-eval's task index over the project's and ``include_paths``' tasks, plus the harness's
         own only when a requested task needs them (indexing those takes ~10 s)."""
         if self._manager is None:
-            from lm_eval.tasks import TaskManager
-
-            paths = [str(PROJECT_TASKS), *(str(Path(p).expanduser()) for p in self.include_paths)]
-            local = TaskManager(include_path=paths, include_defaults=False, verbosity="ERROR")
+            paths = (str(PROJECT_TASKS), *(str(Path(p).expanduser()) for p in self.include_paths))
+            local = _task_index(paths, defaults=False)
             known = set(local.all_tasks)
             full = all(t in known for t in self.tasks)
-            self._manager = local if full else TaskManager(include_path=paths, verbosity="ERROR")
+            self._manager = local if full else _task_index(paths, defaults=True)
         return self._manager
 
     def describe(self, tasks_trained: int) -> str | None:
