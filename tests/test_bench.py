@@ -1,30 +1,21 @@
 """The overhead benchmark runs (its numbers are recorded in docs/benchmarks.md, not asserted)."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.launch import run_module
 
 
 def test_bench_runs_both_paths_on_identical_steps(tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "runners.bench",
-            "model=tiny_llama",
-            "bench.steps=4",
-            "bench.warmup=1",
-            "bench.repeats=2",
-            "trainer.enable_progress_bar=false",
-            f"hydra.run.dir={tmp_path}",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    proc = run_module(
+        "runners.bench",
+        "model=tiny_llama",
+        "bench.steps=4",
+        "bench.warmup=1",
+        "bench.repeats=2",
+        "trainer.enable_progress_bar=false",
+        f"hydra.run.dir={tmp_path}",
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -35,24 +26,17 @@ def test_bench_runs_both_paths_on_identical_steps(tmp_path):
 
 
 def test_bench_methods_reports_every_method_relative_to_sft(tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "runners.bench_methods",
-            "model=tiny_llama",
-            "bench.steps=3",
-            "bench.warmup=1",
-            "bench.repeats=1",
-            "bench.methods=[sft,fggm,ewc,'agft/scale=update']",
-            "tasks.num_train=8",
-            "trainer.enable_progress_bar=false",
-            f"paths.cache_dir={tmp_path / 'cache'}",
-            f"hydra.run.dir={tmp_path}",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    proc = run_module(
+        "runners.bench_methods",
+        "model=tiny_llama",
+        "bench.steps=3",
+        "bench.warmup=1",
+        "bench.repeats=1",
+        "bench.methods=[sft,fggm,ewc,'agft/scale=update']",
+        "tasks.num_train=8",
+        "trainer.enable_progress_bar=false",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        f"hydra.run.dir={tmp_path}",
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -72,25 +56,18 @@ def test_bench_methods_reports_every_method_relative_to_sft(tmp_path):
 def test_bench_methods_on_stream_data_times_each_method_on_its_own_batches(tmp_path):
     """GeRe in concat mode trains task 2 on its examples plus the general texts: with bench.data=stream
     its timed batches are those, SFT's the task's own."""
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "runners.bench_methods",
-            "model=tiny_llama",
-            "bench.steps=2",
-            "bench.warmup=1",
-            "bench.repeats=1",
-            "bench.data=stream",
-            "bench.methods=[sft,'gere/mode=concat,num_samples=4,generate_tokens=8']",
-            "tasks.num_train=8",
-            "trainer.enable_progress_bar=false",
-            f"paths.cache_dir={tmp_path / 'cache'}",
-            f"hydra.run.dir={tmp_path}",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    proc = run_module(
+        "runners.bench_methods",
+        "model=tiny_llama",
+        "bench.steps=2",
+        "bench.warmup=1",
+        "bench.repeats=1",
+        "bench.data=stream",
+        "bench.methods=[sft,'gere/mode=concat,num_samples=4,generate_tokens=8']",
+        "tasks.num_train=8",
+        "trainer.enable_progress_bar=false",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        f"hydra.run.dir={tmp_path}",
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -107,23 +84,16 @@ def test_bench_eval_counts_both_engines_alike(tmp_path):
     tokens counted alike, the best HF setting the reference of every row's agreement."""
     from cl_bench.evaluation.vllm_engine import vllm_available
 
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "runners.bench_eval",
-            "model=tiny_llama",
-            "model.hidden_size=128",
-            "model.num_heads=2",
-            "model.initializer_range=0.15",
-            "bench.eval.prompts=10",
-            "bench.eval.max_new_tokens=8",
-            "bench.eval.hf_batch_sizes=[4,10]",
-            f"hydra.run.dir={tmp_path}",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    proc = run_module(
+        "runners.bench_eval",
+        "model=tiny_llama",
+        "model.hidden_size=128",
+        "model.num_heads=2",
+        "model.initializer_range=0.15",
+        "bench.eval.prompts=10",
+        "bench.eval.max_new_tokens=8",
+        "bench.eval.hf_batch_sizes=[4,10]",
+        f"hydra.run.dir={tmp_path}",
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -1,12 +1,12 @@
 """Every option of every config group composes, and the CLI prints the composed job config."""
 
-import subprocess
 import sys
 
 import pytest
 from omegaconf import OmegaConf
 
-from tests.conftest import CONF_DIR, ROOT, compose_config
+from tests.conftest import CONF_DIR, compose_config
+from tests.launch import run_module
 
 GROUP_OPTIONS = sorted(
     (group.name, yaml.stem) for group in CONF_DIR.iterdir() if group.is_dir() for yaml in group.glob("*.yaml")
@@ -50,13 +50,7 @@ def test_paper_model_configs_name_their_checkpoints(tmp_path):
 
 
 def test_cli_prints_the_job_config():
-    proc = subprocess.run(
-        [sys.executable, "-m", "runners.cl", "--cfg", "job", "method=sft", "model=tiny_llama", "logger=wandb"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_module("runners.cl", "--cfg", "job", "method=sft", "model=tiny_llama", "logger=wandb", timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "_target_: methods.sft.SFT" in proc.stdout and "cl_bench.recording.loggers.wandb_logger" in proc.stdout
 
@@ -67,13 +61,7 @@ def test_cli_experiment_trace_composes_traces_lwf_and_replay():
 
     jobs = {}
     for method in ("lwf", "replay"):
-        proc = subprocess.run(
-            [sys.executable, "-m", "runners.cl", "--cfg", "job", "experiment=trace", f"method={method}"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        proc = run_module("runners.cl", "--cfg", "job", "experiment=trace", f"method={method}", timeout=120)
         assert proc.returncode == 0, proc.stderr
         jobs[method] = yaml.safe_load(proc.stdout)["method"]
     assert (jobs["lwf"]["reduction"], jobs["lwf"]["direction"]) == ("trace", "reverse")
@@ -81,26 +69,16 @@ def test_cli_experiment_trace_composes_traces_lwf_and_replay():
 
 
 def test_cli_unknown_option_names_the_group():
-    proc = subprocess.run(
-        [sys.executable, "-m", "runners.cl", "--cfg", "job", "method=nope"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_module("runners.cl", "--cfg", "job", "method=nope", timeout=120)
     assert proc.returncode != 0
     assert "Could not find 'method/nope'" in proc.stderr
 
 
 def test_a_key_typo_names_the_closest_existing_key_in_one_line():
     """Issue 25.3: Hydra suggested `+optimzer.lr=0.1` (a key nothing reads); the error names optimizer.lr."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "runners.cl", "--cfg", "job", "method=ewc", "optimzer.lr=0.1", "method.lamdba=2"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    if sys.gettrace() is not None:  # Hydra takes a tracer for a debugger and prints the whole traceback
+        pytest.skip("under a tracer (make coverage, a debugger) Hydra prints the traceback instead of the line")
+    proc = run_module("runners.cl", "--cfg", "job", "method=ewc", "optimzer.lr=0.1", "method.lamdba=2", timeout=120)
     assert proc.returncode == 1
     first = proc.stderr.splitlines()[0]
     assert first.startswith("no setting 'optimzer.lr' in the config") and "did you mean 'optimizer.lr'" in first
@@ -118,9 +96,7 @@ def test_unknown_key_message_prefers_keys_of_the_same_depth():
 
 
 def test_help_lists_the_groups_and_the_commands_without_a_config_dump():
-    proc = subprocess.run(
-        [sys.executable, "-m", "runners.cl", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
-    )
+    proc = run_module("runners.cl", "--help", timeout=120)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "method: agem, agft, ewc" in out and "tasks: custom, long_sequence, mini, standard, superni, trace" in out

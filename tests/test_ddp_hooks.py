@@ -13,11 +13,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from cl_bench.training.parameter_views import ParameterViews
 from methods.ewc import EWC
 from methods.shared.masking import GradientMask
+from tests.launch import spawn
 
 ROW_MASK = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 0.0]).view(6, 1).bool()
 LAMBDA = 5.0
@@ -84,7 +84,7 @@ def test_step_edits_apply_to_the_averaged_gradient_on_every_process(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = str(tmp_path / "grads.pt")
-    mp.spawn(_worker, args=(port, out), nprocs=2)
+    spawn(_worker, (port, out))
     plain = _expected_task_grads()
     fisher, anchor = _state()
     full = sum((fisher[n] * (p.detach() - anchor[n]) ** 2).sum() for n, p in _layer().named_parameters())

@@ -17,6 +17,7 @@ from cl_bench.errors import ConfigError, RunDirInUse
 from cl_bench.files import RunDirLock
 from cl_bench.stream_run import run
 from tests.conftest import ROOT, write_stream
+from tests.launch import run_module, start_module
 
 SHORT = ["tasks.order=[arith,code,sentiment]", "checkpoint.keep_stages=null"]
 
@@ -159,22 +160,17 @@ def test_stale_locks_are_told_by_more_than_the_pid(tmp_path, caplog):
 @pytest.mark.processes
 def test_two_runs_in_one_dir_the_second_is_refused_and_the_first_finishes(tmp_path):
     out = tmp_path / "shared"
-    cmd = [
-        sys.executable,
-        "-m",
-        "runners.cl",
-        "experiment=smoke",
-        "general=none",
-        f"hydra.run.dir={out}",
-        f"paths.cache_dir={tmp_path / 'cache'}",
-    ]
-    # the first trains long enough (20 epochs per task) to still hold the dir when the second starts
-    first = subprocess.Popen(cmd + ["tasks.epochs=20"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = ["experiment=smoke", "general=none", f"hydra.run.dir={out}", f"paths.cache_dir={tmp_path / 'cache'}"]
+    first = start_module("runners.cl", *args, "tasks.order=[arith,code]")
     deadline = time.time() + 120
     while not (out / ".lock").exists() and time.time() < deadline:
-        time.sleep(0.2)
-    second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert first.poll() is None, "the first run ended before the second started: the test proves nothing"
+        time.sleep(0.05)
+    first.send_signal(signal.SIGSTOP)  # it holds the dir, however fast or slow this machine is
+    try:
+        second = run_module("runners.cl", *args)
+        assert first.poll() is None, "the first run ended before the second started: the test proves nothing"
+    finally:
+        first.send_signal(signal.SIGCONT)
     assert first.wait(timeout=300) == 0
     assert second.returncode == 1 and f"is in use by process {first.pid}" in second.stderr
     assert "Traceback" not in second.stderr
@@ -247,20 +243,13 @@ def test_bad_seeds_are_named_at_start(make_config, override, message):
 
 
 def test_a_config_error_prints_one_line_without_a_traceback(tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "runners.cl",
-            "model=tiny_llama",
-            "general=none",
-            "optimizer.lr=-1",
-            f"hydra.run.dir={tmp_path / 'run'}",
-            f"paths.cache_dir={tmp_path / 'cache'}",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    proc = run_module(
+        "runners.cl",
+        "model=tiny_llama",
+        "general=none",
+        "optimizer.lr=-1",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        f"paths.cache_dir={tmp_path / 'cache'}",
         timeout=120,
     )
     assert proc.returncode == 1
@@ -289,26 +278,16 @@ def test_a_resume_keeps_the_csv_rows_before_it_and_logs_into_the_runs_own_dir(ma
 @pytest.mark.processes
 def test_a_refused_rerun_leaves_the_runs_hydra_record_as_it_was(tmp_path):
     out = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "runners.cl",
-        "experiment=smoke",
-        "general=none",
-        "tasks.order=[arith]",
-        f"hydra.run.dir={out}",
-        f"paths.cache_dir={tmp_path / 'cache'}",
-    ]
-    assert subprocess.run(cmd, cwd=ROOT, capture_output=True, timeout=300).returncode == 0
+    args = ["experiment=smoke", "general=none", "tasks.order=[arith]", f"hydra.run.dir={out}"]
+    args.append(f"paths.cache_dir={tmp_path / 'cache'}")
+    assert run_module("runners.cl", *args).returncode == 0
     record = (out / ".hydra" / "config.yaml").read_text()
-    refused = subprocess.run(cmd + ["optimizer.lr=0.5"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    refused = run_module("runners.cl", *args, "optimizer.lr=0.5")
     assert refused.returncode == 1 and "cannot resume" in refused.stderr and "optimizer.lr" in refused.stderr
     assert (out / ".hydra" / "config.yaml").read_text() == record
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".hydra")) == [".hydra"]
     # resume=<dir> alone is the run's own command (issue 25.5): it once ran the defaults and was refused
-    alone = subprocess.run(
-        [sys.executable, "-m", "runners.cl", f"resume={out}"], cwd=ROOT, capture_output=True, text=True, timeout=300
-    )
+    alone = run_module("runners.cl", f"resume={out}", timeout=300)
     assert alone.returncode == 0, alone.stderr[-2000:]
     assert "Resuming" in alone.stdout and json.loads((out / "results.json").read_text())["status"] == "finished"
     assert "Resuming" in (out / "cl.log").read_text()  # the run's own log goes on
@@ -433,13 +412,7 @@ def test_unwritable_folders_are_named_by_their_key_before_the_model_loads(make_c
         run(cfg, cfg.paths.output_dir)
     with pytest.raises(ConfigError, match=f"^run dir {blocker / 'run'} is not writable"):
         RunDirLock(blocker / "run").acquire()
-    proc = subprocess.run(
-        [sys.executable, "-m", "runners.cl", "experiment=smoke", f"hydra.run.dir={blocker / 'run'}"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_module("runners.cl", "experiment=smoke", f"hydra.run.dir={blocker / 'run'}", timeout=120)
     assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
         f"Error: hydra.run.dir {blocker / 'run'} is not writable (Not a directory); "
         "choose another folder or free or unlock this one"
@@ -522,25 +495,18 @@ def test_a_secret_passed_as_a_setting_is_written_nowhere(tmp_path):
     """Issue 25.4: +api_token=... was redacted in results.json only; the stage checkpoints, Hydra's
     .hydra record and the loggers' files held it in plain text."""
     out = tmp_path / "run"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "runners.cl",
-            "model=tiny_llama",
-            "general=none",
-            "logger=csv",
-            "tasks.order=[arith]",
-            "tasks.num_train=8",
-            "tasks.epochs=1",
-            "eval.max_examples=2",
-            "+api_token=s3cret-value",
-            f"hydra.run.dir={out}",
-            f"paths.cache_dir={tmp_path / 'cache'}",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    proc = run_module(
+        "runners.cl",
+        "model=tiny_llama",
+        "general=none",
+        "logger=csv",
+        "tasks.order=[arith]",
+        "tasks.num_train=8",
+        "tasks.epochs=1",
+        "eval.max_examples=2",
+        "+api_token=s3cret-value",
+        f"hydra.run.dir={out}",
+        f"paths.cache_dir={tmp_path / 'cache'}",
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]

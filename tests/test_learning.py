@@ -393,7 +393,7 @@ def test_a_grpo_run_killed_mid_task_resumes_to_the_same_weights(tmp_path, cache_
         *TINY_RUN,
         *PROCESS_RUN,
         "learning.num_iterations=2",
-        "tasks.num_train=40",
+        "tasks.num_train=16",
         "train.batch_size=2",
         "checkpoint.every_n_steps=3",
     ]

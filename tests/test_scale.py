@@ -5,9 +5,6 @@ import os
 import re
 import signal
 import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -25,7 +22,10 @@ from cl_bench.models import tiny_llama
 from cl_bench.stream_run import run
 from cl_bench.training.checkpointing import StreamCheckpoints
 from cl_bench.training.lm import causal_lm_loss
-from tests.conftest import CONF_DIR, METHOD_NAMES, ROOT, TINY, compose_config, method_class
+from tests.conftest import CONF_DIR, METHOD_NAMES, TINY, compose_config, method_class
+from tests.launch import run_module, spawn, start_module
+
+KILL_IN_TASK_2 = "tests.kill_probe:in_task_2"
 
 # --- global batch layout ------------------------------------------------------------------------
 
@@ -114,15 +114,8 @@ def _runner_env() -> dict[str, str]:
     return {**os.environ, "CL_BENCH_CACHE": os.environ.get("CL_BENCH_CACHE", str(Path.home() / ".cache/cl_bench"))}
 
 
-def _run(args, timeout=300, check=True):
-    proc = subprocess.run(
-        [sys.executable, "-m", "runners.cl", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=_runner_env(),
-    )
+def _run(args, timeout=300, check=True, real=False):
+    proc = run_module("runners.cl", *args, env=_runner_env(), timeout=timeout, real=real)
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
@@ -135,21 +128,11 @@ def _final(run_dir: Path):
 
 
 def kill_inside_task_2(args: list[str], killed: Path) -> None:
-    """Start the runner in ``killed`` and SIGKILL it as soon as a step checkpoint of task 2 exists
-    (before task 2 ends)."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "runners.cl", *args, f"hydra.run.dir={killed}"],
-        cwd=ROOT,
-        env=_runner_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    """Run the runner in ``killed`` until it SIGKILLs itself two optimizer steps after the first step
+    checkpoint of task 2 (tests/kill_probe.py), before task 2 ends."""
+    proc = start_module("runners.cl", *args, f"hydra.run.dir={killed}", env=_runner_env(), prelude=KILL_IN_TASK_2)
+    assert proc.wait(300) == -signal.SIGKILL, proc.stderr[-3000:]
     ckpts = killed / "checkpoints"
-    deadline = time.time() + 240
-    while time.time() < deadline and not list(ckpts.glob("task-001-step-*.ckpt")):
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
     steps = list(ckpts.glob("task-001-step-*.ckpt"))
     assert steps and not (ckpts / "stage-002.pt").exists(), "the kill must land inside task 2"
 
@@ -160,33 +143,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_processes(args, launcher: str, n: int = 2, timeout: int = 300) -> None:
+def _run_processes(args, launcher: str, n: int = 2, timeout: int = 300) -> str:
     """The runner on ``n`` CPU processes (``trainer.devices=n``), started three ways.
 
     lightning: one process, which starts the others with Lightning's launcher (a plain command);
     torchrun: ``torchrun --standalone``; env: ``n`` processes at once with the environment torchrun
-    gives its workers (no agent), so they load in parallel: the cheapest in the tests.
+    gives its workers (no agent), forked from the preloaded server: the cheapest in the tests.
+    Returns what the processes printed.
     """
     args = [*args, "trainer.accelerator=cpu", f"trainer.devices={n}", "trainer.precision=32-true"]
     if launcher == "lightning":
-        _run(args, timeout=timeout)
-        return
+        out = _run(args, timeout=timeout)
+        return out.stdout + out.stderr
     env = _runner_env()
     if launcher == "torchrun":
-        commands = [
-            (
-                [
-                    sys.executable,
-                    "-m",
-                    "torch.distributed.run",
-                    "--standalone",
-                    f"--nproc-per-node={n}",
-                    "-m",
-                    "runners.cl",
-                    *args,
-                ],
-                env,
-            )
+        procs = [
+            start_module("torch.distributed.run", "--standalone", f"--nproc-per-node={n}", "-m", "runners.cl", *args)
         ]
     else:
         shared = {
@@ -197,21 +169,18 @@ def _run_processes(args, launcher: str, n: int = 2, timeout: int = 300) -> None:
             "GROUP_RANK": "0",
             "TORCHELASTIC_RUN_ID": "tests",
         }
-        commands = [
-            ([sys.executable, "-m", "runners.cl", *args], {**env, **shared, "RANK": str(r), "LOCAL_RANK": str(r)})
+        procs = [
+            start_module("runners.cl", *args, env={**env, **shared, "RANK": str(r), "LOCAL_RANK": str(r)})
             for r in range(n)
         ]
-    procs = [
-        subprocess.Popen(c, cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for c, e in commands
-    ]
     try:
-        outs = [p.communicate(timeout=timeout)[0] for p in procs]
+        codes = [p.wait(timeout) for p in procs]
     finally:
         for p in procs:
             p.kill()
-    for p, out in zip(procs, outs):
-        assert p.returncode == 0, out[-5000:]
+    for p, code in zip(procs, codes):
+        assert code == 0, (p.stdout + p.stderr)[-5000:]
+    return "".join(p.stdout + p.stderr for p in procs)
 
 
 #: docs/methods.md's DDP and FSDP columns, each "yes" compared with one process: param id -> (method,
@@ -246,9 +215,6 @@ SHARDED = {
     "inclora": ("inclora", ("ddp", "fsdp"), ["model.lora.dropout=0"]),  # dropout draws per example
     "olora": ("olora", ("ddp", "fsdp"), ["model.lora.dropout=0", "method.lambda_1=5", "optimizer.lr=1e-2"]),  # 5e-3
 }
-#: how each comparison's processes start: fggm through Lightning's launcher (docs/scaling.md's command),
-#: migu under torchrun, the rest as torchrun would start them, without its agent (2 s less each)
-LAUNCHER = {"fggm": "lightning", "migu": "torchrun"}
 
 
 #: methods compared with one process by a test of their own: method -> strategies
@@ -312,7 +278,7 @@ def test_two_processes_match_one_process(case, tmp_path, cache_dir):
     for strategy in strategies:
         _run_processes(
             [*common, *dump(strategy), f"hydra.run.dir={tmp_path / strategy}", f"trainer={strategy}"],
-            LAUNCHER.get(case, "env"),
+            "env",
         )
         r2, w2 = _final(tmp_path / strategy)
         # MIGU: n is summed in another order over processes, so a row at the threshold can flip (2e-6)
@@ -360,6 +326,23 @@ def test_two_processes_match_one_process(case, tmp_path, cache_dir):
             frozen = {n: ~m.bool().expand(w2[n].shape) for n, m in ranks[1]["masks"].items()}
             assert sum(f.sum() for f in frozen.values()) > 0
             assert all(torch.equal(w2[n][f], before[n][f]) for n, f in frozen.items())  # frozen rows: bitwise
+
+
+@pytest.mark.processes
+@pytest.mark.parametrize("launcher", ["lightning", "torchrun"])
+def test_the_processes_started_by_lightning_or_torchrun_train_as_one(launcher, tmp_path, cache_dir):
+    """The two ways a user starts several processes (docs/scaling.md): the plain command, whose
+    first process starts the others with Lightning's launcher, and torchrun. Each starts new
+    interpreters (the comparisons above start their processes as torchrun would, without its agent,
+    forked from the tests' preloaded server): one short run, equal to one process's."""
+    common = [*TINY_RUN, "tasks.order=[arith]", "tasks.num_train=8", "eval.max_examples=2", "train.batch_size=4"]
+    run(compose_config(common, tmp_path / "single", cache_dir), tmp_path / "single")
+    printed = _run_processes([*common, f"hydra.run.dir={tmp_path / launcher}", "trainer=ddp"], launcher)
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in printed  # Lightning's line from the second process
+    (r1, w1), (r2, w2) = _final(tmp_path / "single"), _final(tmp_path / launcher)
+    assert r2["status"] == "finished" and r2["R"] == r1["R"]
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=1e-6)
 
 
 @pytest.mark.processes
@@ -445,15 +428,15 @@ def test_a_row_mask_acts_on_the_rows_of_each_shard():
 
 
 @pytest.mark.processes
-@pytest.mark.parametrize("method", ["ewc", "fggm", "agem", "gere"])
+@pytest.mark.parametrize("method", ["ewc", "ewc_trace", "lwf", "agft", "fggm", "agem", "gere"])
 def test_a_run_killed_mid_task_resumes_to_the_same_weights_and_scores(method, tmp_path, cache_dir):
-    """EWC: state from the stage (as LwF's teacher and AGFT's gate, passed 127 and 117 s when run
-    on 2026-11-24, and ewc_trace's F mid-task, passed 24 s on 2026-11-24: left out for time);
-    FGGM: the mask replayed; A-GEM: the memory and the step's memory batch; GeRe: the general set
-    rebuilt, its draws mid-task. FGGM's run also evaluates continually: its curve (points before
-    the kill come from the step checkpoint) equals the uninterrupted run's."""
+    """EWC: state from the stage; TRACE's EWC: F mid-task; LwF: the teacher rebuilt from the stage;
+    AGFT: its gate; FGGM: the mask replayed; A-GEM: the memory and the step's memory batch; GeRe:
+    the general set rebuilt, its draws mid-task. FGGM's run also evaluates continually: its curve
+    (points before the kill come from the step checkpoint) equals the uninterrupted run's."""
     small = {
         "gere": ["method.num_samples=4", "method.generate_tokens=16"],
+        "agft": ["method.num_samples=4"],
         "fggm": ["eval.continual.every_n_steps=5", "eval.continual.max_examples=4"],
     }
     if method != "fggm":  # the kill lands in task 2, its last: a third task would only add time
@@ -461,7 +444,7 @@ def test_a_run_killed_mid_task_resumes_to_the_same_weights_and_scores(method, tm
     common = [
         *TINY_RUN,
         f"method={method}",
-        "tasks.num_train=120",
+        "tasks.num_train=24",
         "train.batch_size=2",
         "checkpoint.every_n_steps=5",
         *small.get(method, []),
@@ -476,8 +459,8 @@ def test_a_run_killed_mid_task_resumes_to_the_same_weights_and_scores(method, tm
     assert r2["status"] == "finished" and r2["R"] == r1["R"]
     untimed = [{k: v for k, v in (r.get("continual") or {}).items() if k != "seconds"} for r in (r1, r2)]
     assert untimed[0] == untimed[1] and r2.get("continual_metrics") == r1.get("continual_metrics")
-    if method == "fggm":  # 60 steps a task, a point every 5: 12 per task
-        assert r1["continual"]["training"] == [0] * 12 + [1] * 12 + [2] * 12
+    if method == "fggm":  # 12 steps a task, a point every 5 and one at its end: 3 per task
+        assert r1["continual"]["training"] == [0] * 3 + [1] * 3 + [2] * 3
     for k in w1:
         assert torch.equal(w2[k], w1[k]), k
 
@@ -671,7 +654,8 @@ def test_the_local_parallel_launcher_runs_jobs_in_worker_processes(tmp_path):
             "hydra/launcher=local_parallel",
             f"hydra.sweep.dir={tmp_path}",
             "hydra.sweep.subdir=${hydra.job.num}",
-        ]
+        ],
+        real=True,  # joblib's workers hang when the runner is forked from the preloaded server
     )
     assert [json.loads((tmp_path / str(n) / "results.json").read_text())["status"] for n in (0, 1)] == ["finished"] * 2
 
@@ -685,7 +669,7 @@ def test_unit_scores_put_together_from_two_processes_rows_equal_one_process_s(tm
     from methods.shared.masking import aggregate
     from tests.ddp_probe import unit_scores_worker
 
-    torch.multiprocessing.spawn(unit_scores_worker, args=(_free_port(), str(tmp_path)), nprocs=2)
+    spawn(unit_scores_worker, (_free_port(), str(tmp_path)))
     whole = {"w": torch.arange(35.0).view(5, 7) ** 1.5, "v": torch.arange(5.0) + 0.5}
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     mean = sum(t.sum() for t in whole.values()).double() / sum(t.numel() for t in whole.values())

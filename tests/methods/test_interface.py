@@ -39,8 +39,8 @@ def test_the_readme_s_adding_a_method_snippet_runs_as_written(tmp_path):
     fails in one line that names the file, the line and the NameError."""
     import re
     import shutil
-    import subprocess
-    import sys
+
+    from tests.launch import run_module
 
     section = (ROOT / "README.md").read_text().split("### Adding a method", 1)[1]
     blocks = re.findall(r"```(?:python|yaml)\n# (\S+)\n(.*?)```", section, re.S)[:2]
@@ -50,17 +50,13 @@ def test_the_readme_s_adding_a_method_snippet_runs_as_written(tmp_path):
         shutil.copytree(ROOT / folder, repo / folder, ignore=shutil.ignore_patterns("__pycache__"))
     for path, text in blocks:
         (repo / path).write_text(text)
-    args = [sys.executable, "-m", "runners.cl", "method=l2_init", *TINY, "tasks.order=[arith]"]
-    done = subprocess.run(
-        [*args, f"hydra.run.dir={tmp_path / 'run'}"], cwd=repo, capture_output=True, text=True, timeout=300
-    )
+    args = ["method=l2_init", *TINY, "tasks.order=[arith]"]
+    done = run_module("runners.cl", *args, f"hydra.run.dir={tmp_path / 'run'}", cwd=repo)  # a copy: a new interpreter
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads((tmp_path / "run" / "results.json").read_text())["status"] == "finished"
     plugin = repo / "methods" / "l2_init.py"
     plugin.write_text(plugin.read_text().replace("from methods.base import CLMethod\n", ""))
-    failed = subprocess.run(
-        [*args, f"hydra.run.dir={tmp_path / 'broken'}"], cwd=repo, capture_output=True, text=True, timeout=300
-    )
+    failed = run_module("runners.cl", *args, f"hydra.run.dir={tmp_path / 'broken'}", cwd=repo)
     line = next(ln for ln in failed.stderr.splitlines() if ln.startswith("Error: "))
     assert failed.returncode == 1 and "Traceback" not in failed.stderr
     assert re.fullmatch(
