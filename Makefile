@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-engine test-fast lint format bench replicate clean
+.PHONY: install run test test-engine test-fast coverage lint format bench replicate clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,8 +34,12 @@ install: $(STAMP) $(if $(filter vllm,$(ENGINE)),$(ENGINE_STAMP))
 run: $(STAMP)
 	$(PY) -m runners.cl $(ARGS)
 
+# The suite runs a worker per core (pytest-xdist), one thread each (tests/conftest.py); TEST_WORKERS=0: one process
+TEST_WORKERS ?= auto
+XDIST = -n $(TEST_WORKERS) --dist worksteal
+
 test: $(STAMP)
-	$(PY) -m pytest tests $(ARGS)
+	$(PY) -m pytest tests $(XDIST) $(ARGS)
 
 # The engine's tests in a venv of their own (vLLM moves transformers to its range): CI runs them
 test-engine:
@@ -43,7 +47,11 @@ test-engine:
 	.venv-vllm/bin/python -m pytest tests -m vllm $(ARGS)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest tests -m "not slow and not processes" $(ARGS)
+	$(PY) -m pytest tests -m "not slow and not processes" $(XDIST) $(ARGS)
+
+# The suite with line coverage of cl_bench, methods and runners, subprocesses included (pyproject.toml)
+coverage: $(STAMP)
+	$(PY) -m pytest tests $(XDIST) --cov --cov-report=term $(ARGS)
 
 # ruff's lint and format checks (settings in pyproject.toml); CI fails on either
 lint: $(STAMP)

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -34,6 +35,24 @@ MODEL_CACHE = Path(os.environ.get("CL_BENCH_CACHE", Path.home() / ".cache" / "cl
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+# One thread per process: the tiny model's ops are too small to share, the suite runs a worker per
+# core (pytest-xdist) and its process tests start two processes; set by hand to compare.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+pytest_plugins = ["tests.budget", "pytester"]  # a test over its time budget fails; pytester tests the suite
+
+
+def pytest_collection_modifyitems(items):
+    """Modules with SmolLM2 or process tests first (each module's tests kept together, in order):
+    with a worker per core, the longest tests start early instead of ending the suite alone."""
+    weight = {}
+    for item in items:
+        module = item.module.__name__
+        marks = {m.name for m in item.iter_markers()}
+        weight[module] = min(weight.get(module, 2), 0 if "slow" in marks else 1 if "processes" in marks else 2)
+    items.sort(key=lambda item: weight[item.module.__name__])
+
 
 # A quick stream for the tiny model: every task, 1 epoch over 12 examples, 6 scored per task.
 TINY = [
