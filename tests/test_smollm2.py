@@ -28,26 +28,27 @@ def test_converted_model_answers_and_batched_generation_matches_single(smollm2):
 
 def test_short_stream_on_smollm2_learns_the_first_task(make_config):
     cfg = make_config(
-        "tasks.order=[sentiment]",
-        "tasks.max_steps=24",
-        "tasks.num_train=48",
-        "eval.max_examples=16",
+        "tasks.order=[minutes]",  # learned in a few steps (sentiment took 24 to pass 50, 67 s on one thread)
+        "tasks.max_steps=8",
+        "tasks.num_train=32",
+        "eval.max_examples=8",
         "trainer.enable_progress_bar=false",
         "logger=none",
         f"model.cache_dir={MODEL_CACHE}",
         tiny=False,
     )
     R = run(cfg, cfg.paths.output_dir).R
-    assert R[1][0] >= R[0][0] + 50  # sentiment accuracy after 24 steps of it (make run: 0 -> 100 in 32)
+    assert R[1][0] >= R[0][0] + 50  # ROUGE-L after 8 steps of minutes (measured 0 -> 100 on 2026-12-07)
 
 
 def test_smollm2_scores_well_above_chance_on_the_offline_probe(smollm2):
     from cl_bench.evaluation.general_ability import GeneralAbility
 
-    general = GeneralAbility(tasks={"cl_bench_probe": "acc,none"}, batch_size=16)
+    # half the probe (it is shuffled: every category is in it), 20 s on one thread instead of 46
+    general = GeneralAbility(tasks={"cl_bench_probe": "acc,none"}, batch_size=16, limit=140)
     general.check()
     score = general.evaluate(smollm2.model, smollm2.tokenizer)["cl_bench_probe"]
-    assert score >= 50.0  # 4 choices: chance is 25 (measured 61.4 on 2026-11-23)
+    assert score >= 50.0  # 4 choices: chance is 25 (measured 56.4 on these 140, 61.4 on all 280)
 
 
 def test_a_lora_stage_checkpoint_is_under_5_percent_of_the_full_one(smollm2, make_config, tmp_path):

@@ -199,8 +199,8 @@ def test_gere_batch_mode_trains_the_same_weights_at_any_micro_batch_size(make_co
         - tiny_llama().model.state_dict()["model.layers.0.mlp.up_proj.weight"]
     )
     assert moved.abs().max() > 1e-3
-    for k in weights[4]:
-        torch.testing.assert_close(weights[1][k], weights[4][k], rtol=1e-4, atol=1e-6)
+    for k in weights[4]:  # float order of 1 vs 4 examples per pass: 1.4e-6 seen; a weighting error moves 1e-3
+        torch.testing.assert_close(weights[1][k], weights[4][k], rtol=1e-4, atol=1e-5)
 
 
 def test_general_texts_are_read_or_refused_with_the_file_named(tmp_path):
