@@ -35,10 +35,16 @@ MODEL_CACHE = Path(os.environ.get("CL_BENCH_CACHE", Path.home() / ".cache" / "cl
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
-# One thread per process: the tiny model's ops are too small to share, the suite runs a worker per
-# core (pytest-xdist) and its process tests start two processes; set by hand to compare.
+# Threads: the cores shared out among the suite's workers (pytest-xdist; one each on 2 cores), one
+# in every process a test starts (the tiny model's ops are too small to share; process tests start
+# two). OMP_NUM_THREADS set by hand wins everywhere.
+_THREADS = os.environ.get("OMP_NUM_THREADS")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+torch.set_num_threads(
+    int(_THREADS)
+    if _THREADS
+    else max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+)
 
 pytest_plugins = ["tests.budget", "pytester"]  # a test over its time budget fails; pytester tests the suite
 

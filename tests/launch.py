@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import importlib
+import importlib.util
 import multiprocessing
 import os
 import runpy
@@ -30,8 +31,10 @@ import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-#: what a run imports, loaded once in the server (the rest of a run's imports are quick)
+#: what a run imports, loaded once in the server (the rest of a run's imports are quick); vLLM where
+#: it is installed (eval.engine=vllm imports it, about 5 s)
 PRELOAD = ["runners.cl", "runners.report", "cl_bench.stream_run", "methods", "peft", "tests.launch"]
+PRELOAD += ["vllm"] if importlib.util.find_spec("vllm") else []
 
 
 def _real_starts() -> bool:

@@ -157,14 +157,16 @@ def test_a_run_with_the_engine_scores_as_the_default_engine(make_config, tmp_pat
 @pytest.mark.vllm
 @pytest.mark.processes
 @needs_vllm
-def test_two_processes_each_with_an_engine_on_its_share_score_as_one(tmp_path):
+def test_two_processes_each_with_an_engine_on_its_share_score_as_one(tmp_path, cache_dir):
     """DDP: every process runs its own engine on every other example (its share); the shares are
-    gathered, so every process, and the run, gets the predictions and scores of one process."""
-    from tests.conftest import TINY
-    from tests.test_scale import _run, _run_processes
+    gathered, so every process, and the run, gets the predictions and scores of one process (run
+    in this process)."""
+    from cl_bench.stream_run import run
+    from tests.conftest import TINY, compose_config
+    from tests.test_scale import _run_processes
 
-    args = [*TINY, *VLLM_TINY, "tasks.order=[arith,sentiment]", "eval.engine=vllm", "logger=none"]
-    _run([*args, f"hydra.run.dir={tmp_path / 'one'}"], timeout=600)
+    args = [*TINY, *VLLM_TINY, "tasks.order=[arith]", "eval.engine=vllm", "logger=none"]
+    run(compose_config(args, tmp_path / "one", cache_dir), tmp_path / "one")
     _run_processes([*args, "trainer=ddp", f"hydra.run.dir={tmp_path / 'two'}"], "env", timeout=600)
     one, two = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
     assert one["status"] == two["status"] == "finished"
@@ -179,21 +181,22 @@ def test_two_processes_each_with_an_engine_on_its_share_score_as_one(tmp_path):
 @pytest.mark.slow
 @needs_vllm
 def test_smollm2_s_greedy_answers_on_a_stage_equal_hf_s(make_config, tmp_path):
-    """The real model on the embedded stream's test examples (32 a task), fp32, greedy, each task's
+    """The real model on the embedded stream's test examples (16 a task), fp32, greedy, each task's
     own answer budget: at least 95% of the answers identical, every differing one printed, and each
     task's score within one differing answer's worth of HF's."""
     from cl_bench.evaluation.generation import evaluate_stream
     from cl_bench.models import build_model
     from cl_bench.run_config import build_stream
+    from tests.conftest import MODEL_CACHE
 
-    cfg = make_config("general=none", tiny=False)
+    cfg = make_config("general=none", f"model.cache_dir={MODEL_CACHE}", tiny=False)  # converted once, shared
     bundle, stream = build_model(cfg.model), build_stream(cfg.tasks)
     base = GenerationConfig(batch_size=16, max_prompt_len=cfg.train.max_prompt_len)
-    hf_scores, hf = evaluate_stream(bundle.model, bundle.tokenizer, stream, base, "test", 32)
+    hf_scores, hf = evaluate_stream(bundle.model, bundle.tokenizer, stream, base, "test", 16)
     longest = cfg.train.max_prompt_len + max(t.spec.max_new_tokens for t in stream)
     engine = VLLMEngine(VLLMSettings(dtype="float32", memory_fraction=0.1), tmp_path / "engine", longest=longest)
     engine.sync(bundle.model, version=0)
-    scores, fast = evaluate_stream(bundle.model, bundle.tokenizer, stream, replace(base, engine=engine), "test", 32)
+    scores, fast = evaluate_stream(bundle.model, bundle.tokenizer, stream, replace(base, engine=engine), "test", 16)
     engine.close()
     answers = [a for t in stream.names for a in hf[t]]
     assert agreement(answers, [a for t in stream.names for a in fast[t]]) >= 0.95
