@@ -2,7 +2,10 @@
 
 Reads every results.json under the given run or multirun dirs (no model is loaded), groups the
 runs that differ only by seed, and writes report.md, report.html (figures embedded), summary.csv,
-summary.json and the PNG figures into ``--out`` (cl_bench/recording/report.py).
+summary.json and the PNG figures into ``--out`` (cl_bench/recording/report.py). A malformed
+results.json is left out, named with the reason, and the others are reported. Bad input the report
+cannot go on with (a path that does not exist, one seed twice in a group, no readable run) is one
+line on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -12,8 +15,9 @@ import sys
 import time
 
 from cl_bench.errors import ConfigError
-from cl_bench.recording.comparison import find_runs
+from cl_bench.recording.reading import find_runs
 from cl_bench.recording.report import write_report
+from cl_bench.recording.run_results import Refused
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,18 +32,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap intervals (default: 0)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
+    refused: list[Refused] = []
     try:
-        runs = find_runs(args.paths)
+        runs = find_runs(args.paths, refused)
+        summary = write_report(runs, args.out, args.baseline.split(","), args.seed, refused)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    summary = write_report(runs, args.out, args.baseline.split(","), args.seed)
+    for r in refused:
+        print(f"refused: {r.path}: {r.reason}", file=sys.stderr)
     for note in summary["different_data"]:
         print(f"note: {note}")
     print(
-        f"{len(runs)} runs, {len(summary['groups'])} groups, {len(summary['failed'])} not finished; "
-        f"report in {args.out}/report.md and report.html ({time.perf_counter() - start:.1f} s)"
+        f"{len(runs)} runs, {len(summary['groups'])} groups, {len(summary['failed'])} not finished, "
+        f"{len(refused)} files refused; report in {args.out}/report.md and report.html "
+        f"({time.perf_counter() - start:.1f} s)"
     )
+    if not runs:
+        print(f"error: no readable run: all {len(refused)} results.json files were refused", file=sys.stderr)
+        return 2
     return 0
 
 

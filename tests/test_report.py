@@ -10,7 +10,9 @@ from html.parser import HTMLParser
 import pytest
 
 from cl_bench.errors import ConfigError
-from cl_bench.recording.comparison import aggregate, bootstrap_interval, find_runs, group_runs, paired
+from cl_bench.recording.comparison import aggregate, group_runs, paired
+from cl_bench.recording.intervals import bootstrap_interval
+from cl_bench.recording.reading import find_runs
 from tests.launch import ready, run_module
 
 ORDER = ["a", "b"]
@@ -175,7 +177,9 @@ def test_paired_differences_and_a_deterministic_bootstrap(tmp_path):
     (row,) = pairs
     assert row["method"] == "fggm" and row["seeds"] == [1, 2]
     assert row["delta_RG"]["diff"] == pytest.approx(statistics.fmean([-1 - -5, 0 - -3]))
-    assert row["op"]["ci95"] == list(bootstrap_interval([70 - 65, 60 - 60], 3))
+    # two pairs: Student's t (t_{0.975,1} = 12.706), not a bootstrap of two values (their min and max)
+    half = 12.706 * statistics.stdev([70 - 65, 60 - 60]) / 2**0.5
+    assert row["op"]["interval"] == "t" and row["op"]["ci95"] == pytest.approx([2.5 - half, 2.5 + half], rel=1e-4)
     diffs = [1.0, 2.0, 4.0, -1.0, 3.0]
     assert bootstrap_interval(diffs, 7) == bootstrap_interval(diffs, 7)
     low, high = bootstrap_interval(diffs, 7)

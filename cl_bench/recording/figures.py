@@ -7,6 +7,7 @@ caption the HTML page shows under it.
 One set per setting (stream, task order, model): the mean score matrix of each method, the CL
 metrics as bars with +-1 std error bars, each task's score across the stages (forgetting curves),
 general ability before and after the stream, and the continual-evaluation curves when runs have them.
+Names from the runs (tasks, methods, settings) are drawn as written (:func:`plain`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
-from cl_bench.recording.comparison import CONTINUAL_METRICS, RunResult, mean_curves, mean_matrix  # noqa: E402
+from cl_bench.recording.comparison import mean_curves, mean_matrix  # noqa: E402
+from cl_bench.recording.run_results import CONTINUAL_METRICS, RunResult  # noqa: E402
 
 SCORE = "score (0-100), higher is better"
 POINTS_HIGHER = "points, higher is better"
@@ -40,6 +42,13 @@ METRIC_AXES = {
 BAR_METRICS = ("op", "bwt", "fwt", "forgetting", "delta_RG")
 #: panels per row of a multi-panel figure (more wrap onto further rows, so a figure stays readable)
 PANELS_PER_ROW = 4
+
+
+def plain(text: str) -> str:
+    """A name from a run, drawn as written: its ``$`` escaped, so that matplotlib does not take the
+    text between two of them for a formula (an old run's task ``p$_$`` would fail to parse and
+    take the whole report down with it)."""
+    return str(text).replace("$", r"\$")
 
 
 @dataclass
@@ -62,8 +71,8 @@ def draw_score_matrix(ax, R: list[list[float]], tasks: list[str], stages: list[s
     """R as a heatmap on ``ax`` (0-100), each cell labelled with its score, the diagonal boxed
     (row "after t", column t: each task right after its own training); returns the image for a colour bar."""
     image = ax.imshow(R, vmin=0, vmax=100, cmap="viridis")
-    ax.set_xticks(range(len(tasks)), tasks, rotation=45, ha="right", fontsize=7)
-    ax.set_yticks(range(len(R)), stages[: len(R)], fontsize=7)
+    ax.set_xticks(range(len(tasks)), [plain(t) for t in tasks], rotation=45, ha="right", fontsize=7)
+    ax.set_yticks(range(len(R)), [plain(s) for s in stages[: len(R)]], fontsize=7)
     ax.set_xlabel("task scored", fontsize=7)
     ax.set_ylabel("model after", fontsize=7)
     for i, row in enumerate(R):
@@ -72,7 +81,7 @@ def draw_score_matrix(ax, R: list[list[float]], tasks: list[str], stages: list[s
     for t in range(1, len(R) if not joint else 1):
         if t - 1 < len(tasks):
             ax.add_patch(Rectangle((t - 1.5, t - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.4))
-    ax.set_title(title, fontsize=8)
+    ax.set_title(plain(title), fontsize=8)
     return image
 
 
@@ -90,6 +99,7 @@ def figures(groups: dict[tuple, list[RunResult]], rows: list[dict], settings: li
         mine = {key[0]: runs for key, runs in groups.items() if key[1:] == setting}
         stats = {r["method"]: r for r in rows if (r["stream"], tuple(r["order"]), r["model"]) == setting}
         labels, tasks, where = list(mine), list(setting[1]), f"Setting {k + 1}: {setting[2]} on {setting[0]}"
+        names = [plain(label) for label in labels]
 
         def add(kind: str, fig, caption: str, k: int = k, where: str = where) -> None:
             out.append(Figure(f"setting{k + 1}_{kind}", *render(fig), f"{caption} {where}."))
@@ -116,7 +126,7 @@ def figures(groups: dict[tuple, list[RunResult]], rows: list[dict], settings: li
                 capsize=3,
                 color=plt.cm.tab10.colors[: len(labels)],
             )
-            ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=7)
+            ax.set_xticks(range(len(labels)), names, rotation=45, ha="right", fontsize=7)
             ax.set_title(METRIC_AXES[m][0], fontsize=8)
             ax.set_ylabel(METRIC_AXES[m][1], fontsize=7)
             ax.axhline(0, color="black", linewidth=0.6)
@@ -126,11 +136,10 @@ def figures(groups: dict[tuple, list[RunResult]], rows: list[dict], settings: li
         for ax, label in zip(axes, labels):
             R = mean_matrix(mine[label])
             for j, task in enumerate(tasks):
-                ax.plot(range(len(R)), [row[j] for row in R], marker="o", markersize=3, label=task)
-            ax.set_xticks(
-                range(len(R)), stage_labels(tasks, len(R), mine[label][0].joint), rotation=45, ha="right", fontsize=6
-            )
-            ax.set_title(label, fontsize=8)
+                ax.plot(range(len(R)), [row[j] for row in R], marker="o", markersize=3, label=plain(task))
+            stages = [plain(s) for s in stage_labels(tasks, len(R), mine[label][0].joint)]
+            ax.set_xticks(range(len(R)), stages, rotation=45, ha="right", fontsize=6)
+            ax.set_title(plain(label), fontsize=8)
             ax.set_xlabel("model after", fontsize=7)
         axes[0].set_ylabel(SCORE, fontsize=7)
         _legend_beside(axes[-1], "task")
@@ -152,7 +161,7 @@ def figures(groups: dict[tuple, list[RunResult]], rows: list[dict], settings: li
                     capsize=3,
                     label=name,
                 )
-            ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=7)
+            ax.set_xticks(range(len(labels)), names, rotation=45, ha="right", fontsize=7)
             ax.set_ylabel("mean benchmark score (0-100),\nhigher is better", fontsize=7)
             ax.set_title("General ability before and after the stream", fontsize=9)
             _legend_beside(ax, "general ability")
@@ -183,11 +192,13 @@ def continual_figure(curves: dict[str, dict], tasks: list[str]):
         for j, task in enumerate(tasks):
             pts = [(s, v) for s, v in zip(c["steps"], c["scores"].get(task, [])) if v is not None]
             if pts:
-                ax.plot(*zip(*pts), marker=".", markersize=3, linewidth=1, color=plt.cm.tab10(j % 10), label=task)
+                ax.plot(
+                    *zip(*pts), marker=".", markersize=3, linewidth=1, color=plt.cm.tab10(j % 10), label=plain(task)
+                )
         for a, b, step in zip(c["training"], c["training"][1:], c["steps"]):
             if b != a:
                 ax.axvline(step, color="grey", linestyle=":", linewidth=0.8)
-        ax.set_title(f"{label} (n={c['n']})", fontsize=8)
+        ax.set_title(f"{plain(label)} (n={c['n']})", fontsize=8)
         ax.set_xlabel("stream step (optimizer steps)", fontsize=7)
         ax.tick_params(labelsize=6)
     measures = sorted({m for c in curves.values() for m in c["measures"].values()})

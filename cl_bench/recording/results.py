@@ -1,7 +1,10 @@
 """Run results on disk: ``results.json`` and ``scores.csv``, rewritten atomically after every stage.
 
 A crash at any point leaves the last complete version of both files; ``status`` says whether the
-run finished, is still running, or failed (with the error).
+run finished, is still running, or failed (with the error). Every JSON file is strict JSON: a
+value that is not a finite number (NaN, an infinity) is written as null, and results.json's
+``non_finite`` says where each was and what it was (:func:`finite_json`), so any JSON reader reads
+the file and no reader takes a null for a missing measurement unawares.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import re
 import time
 from pathlib import Path
@@ -24,6 +28,35 @@ from cl_bench.files import atomic_write
 
 _SECRET_KEY = re.compile(r"(^|_)(api_?key|secret|password|passwd|token|auth|credentials?)$", re.IGNORECASE)
 REDACTED = "<redacted>"
+
+
+def finite_json(obj: Any, where: str = "") -> tuple[Any, dict[str, str]]:
+    """A copy of a JSON tree with every float that is not finite (NaN, +-inf: not JSON) replaced
+    by None, and where each was (``R[2][0]``, ``cl_metrics.op``) with what it was (``nan``, ``inf``):
+    what ``json.dumps(..., allow_nan=False)`` writes, with the reason kept beside it."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None, {where: repr(obj)}
+    found: dict[str, str] = {}
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            out[k], inner = finite_json(v, f"{where}.{k}" if where else str(k))
+            found.update(inner)
+        return out, found
+    if isinstance(obj, (list, tuple)):
+        items = []
+        for i, v in enumerate(obj):
+            item, inner = finite_json(v, f"{where}[{i}]")
+            items.append(item)
+            found.update(inner)
+        return items, found
+    return obj, found
+
+
+def strict_json(obj: Any, **kwargs: Any) -> str:
+    """``obj`` as strict JSON text (``allow_nan=False``); a non-finite number in it is a bug of the
+    caller, which cleans its values with :func:`finite_json` first (it raises ValueError)."""
+    return json.dumps(obj, allow_nan=False, **kwargs)
 
 
 def redact(obj: Any) -> Any:
@@ -307,7 +340,8 @@ class RunRecorder:
             for task, preds in predictions.items()
         }
         atomic_write(
-            self.out_dir / "predictions" / f"{self.stages[-1]}.json", json.dumps(records, ensure_ascii=False, indent=1)
+            self.out_dir / "predictions" / f"{self.stages[-1]}.json",
+            strict_json(records, ensure_ascii=False, indent=1),
         )
 
     def write(self, status: str | None = None, error: str | None = None) -> None:
@@ -317,5 +351,8 @@ class RunRecorder:
             self.error = error
         if not self.writes:
             return
-        atomic_write(self.out_dir / "results.json", json.dumps(self.to_dict(), indent=2))
+        record, non_finite = finite_json(self.to_dict())
+        if non_finite:  # beside status and error: a reader sees first that some values were not numbers
+            record = {"status": record["status"], "error": record["error"], "non_finite": non_finite, **record}
+        atomic_write(self.out_dir / "results.json", strict_json(record, indent=2))
         atomic_write(self.out_dir / "scores.csv", self.scores_csv())
