@@ -28,12 +28,18 @@ def _write(path, data):
     path.write_text(json.dumps(data))
 
 
+def label(name: str, i: int) -> str:
+    """Record i's label: one of labels.json's, as in O-LoRA's files (COPA has none)."""
+    return LABELS[name][i % len(LABELS[name])] if name in LABELS else f"L{i % 2}"
+
+
 def olora_tree(root, sizes=(6, 2, 3)):
     """O-LoRA's CL_Benchmark/<family>/<task> with labels.json, and configs/instruction_config.json."""
     for (family, name), n in zip((("TC", "agnews"), ("COPA", "COPA"), ("SC", "amazon")), sizes):
         for split in ("train", "dev", "test"):
             records = [
-                {"sentence": f"Title: {name} {split} {i}\nText: body {{x}} {i}", "label": f"L{i % 2}"} for i in range(n)
+                {"sentence": f"Title: {name} {split} {i}\nText: body {{x}} {i}", "label": label(name, i)}
+                for i in range(n)
             ]
             _write(root / "CL_Benchmark" / family / name / f"{split}.json", records)
         if name in LABELS:
@@ -179,6 +185,77 @@ def test_caps_draw_a_seeded_sample_and_bad_files_are_named(tmp_path):
     (tmp_path / "again" / "configs" / "instruction_config.json").unlink()
     with pytest.raises(ConfigError, match=r"missing instruction config \(tasks.instruction_config\) file: .*configs"):
         load_cl_benchmark(tmp_path / "again" / "CL_Benchmark", "long_sequence", SPECS[:1])
+
+
+YELP = {"name": "yelp", "metric": "exact_match", "max_new_tokens": 8}
+
+
+def test_a_missing_task_is_named_in_the_layouts_it_was_looked_for_in(tmp_path):
+    """Issue 37.8: a task absent from O-LoRA's tree was named "yelp/train.json", a file of neither
+    the tree's layout (SC/yelp/) nor SAPT's (yelp/)."""
+    root = olora_tree(tmp_path)
+    with pytest.raises(ConfigError, match=r"missing: SC/yelp/ \(O-LoRA's layout\) or yelp/ \(SAPT's and GainLoRA's\)"):
+        load_cl_benchmark(root, "long_sequence", [*SPECS, YELP])
+
+
+def test_a_task_in_two_folders_is_refused_naming_both(tmp_path):
+    """Issue 37.18: the same task under O-LoRA's family folder and SAPT's flat one (or two family
+    folders) was read from whichever the search met first."""
+    root = olora_tree(tmp_path)
+    for other in (root / "agnews", root / "SC" / "agnews"):
+        _write(other / "train.json", [{"sentence": "s", "label": "World"}])
+        with pytest.raises(
+            ConfigError,
+            match=f"task agnews is in 2 folders of tasks.data_dir .*: TC/agnews/, {other.relative_to(root)}/; keep one",
+        ):
+            load_cl_benchmark(root, "long_sequence", SPECS[:1])
+        (other / "train.json").unlink()
+        other.rmdir()
+
+
+@pytest.mark.parametrize(
+    "path, content, message",
+    [
+        # issue 37.12: an empty split trained or evaluated nothing, then failed mid-run naming no file
+        ("COPA/COPA/test.json", "[]", "COPA/COPA/test.json: the split is empty"),
+        ("TC/agnews/train.json", "[]", "TC/agnews/train.json: the split is empty"),
+        # issue 37.13: valid JSON, but no text: the tokenizer failed after the model loaded (45 lines)
+        (
+            "SC/amazon/dev.json",
+            '[{"sentence": "fine \\ud800 here", "label": "positive"}]',
+            r"SC/amazon/dev.json: record 0 'sentence' holds a lone surrogate",
+        ),
+        # issue 37.18: options that offer no answer
+        ("TC/agnews/labels.json", "[]", r"TC/agnews/labels.json: expected a non-empty JSON list of label strings"),
+        (
+            "SC/amazon/labels.json",
+            '["negative"]',
+            r"SC/amazon/train.json: record 1 has label 'positive', which .*SC/amazon/labels.json does not list",
+        ),
+    ],
+)
+def test_bad_olora_files_are_refused_by_file_and_record_before_the_model_loads(
+    tmp_path, capsys, path, content, message
+):
+    """By the loader a run uses (before the model loads) and by `runners.data check` (exit 2)."""
+    import re
+
+    from runners.data import main as data_main
+
+    root = olora_tree(tmp_path)
+    (root / path).write_text(content)
+    with pytest.raises(ConfigError, match=message):
+        load_cl_benchmark(root, "long_sequence", SPECS)
+    tasks = "[" + ",".join(f"{{name: {t['name']}, metric: exact_match, max_new_tokens: 8}}" for t in SPECS) + "]"
+    check = [
+        "check",
+        str(root),
+        "--stream",
+        "long_sequence",
+        "tasks.order=[agnews,COPA,amazon]",
+        f"tasks.tasks={tasks}",
+    ]
+    assert data_main(check) == 2 and re.search(message, capsys.readouterr().err)
 
 
 @pytest.mark.parametrize("stream, tasks, orders", [("long_sequence", 15, 3), ("standard", 4, 3), ("superni", 15, 2)])

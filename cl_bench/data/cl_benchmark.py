@@ -43,9 +43,12 @@ from cl_bench.data.tasks import (
     TaskStream,
     data_root,
     json_list,
+    non_empty,
     parse_json,
     read_text,
+    record_text,
     stream_plan,
+    text,
 )
 from cl_bench.errors import ConfigError, check_choice, check_number
 
@@ -72,14 +75,33 @@ LONG_SEQUENCE = {
 FORMATS = ("long_sequence", "superni")
 
 
-def task_folder(root: Path, name: str, benchmark: str) -> Path:
+def task_folder(root: Path, name: str, benchmark: str) -> Path | None:
     """Where task ``name`` lives under ``root``: O-LoRA's ``<family>/<name>``, SAPT's and
-    GainLoRA's ``<their name>``, or ``<name>`` itself (the first that exists; the last if none)."""
+    GainLoRA's ``<their name>``, or ``<name>`` itself; None if nowhere. A task found in two places
+    (two layouts, or two family folders) is refused, naming both: which one a run reads must not
+    depend on the order of a search."""
     candidates = [root / name]
+    if benchmark == "long_sequence":
+        family, flat = LONG_SEQUENCE.get(name, (None, name))
+        families = [root / family / name] if family else []
+        families += [p for p in sorted(root.glob(f"*/{name}")) if p.parent.name != family and p != root / name]
+        candidates = [*families, root / flat, root / name]
+    found = list(dict.fromkeys(c for c in candidates if any((c / f"{f}.json").is_file() for f in SPLIT_FILES.values())))
+    if len(found) > 1:
+        raise ConfigError(
+            f"task {name} is in {len(found)} folders of tasks.data_dir {root}: "
+            + ", ".join(f"{c.relative_to(root)}/" for c in found)
+            + "; keep one"
+        )
+    return found[0] if found else None
+
+
+def expected_folder(root: Path, name: str, benchmark: str) -> str:
+    """Where a missing task was looked for, in the layouts a stream's files come in."""
     if benchmark == "long_sequence" and name in LONG_SEQUENCE:
         family, flat = LONG_SEQUENCE[name]
-        candidates = [root / family / name, root / flat, root / name]
-    return next((c for c in candidates if c.is_dir()), candidates[-1])
+        return f"{family}/{name}/ (O-LoRA's layout) or {flat}/ (SAPT's and GainLoRA's)"
+    return f"{name}/"
 
 
 def read_json(path: Path, what: str):
@@ -89,33 +111,28 @@ def read_json(path: Path, what: str):
     return parse_json(path, read_text(path))
 
 
-def _string(path: Path, i: int, record: dict, key: str) -> str:
-    if not isinstance(record, dict) or key not in record:
-        raise ConfigError(f"{path}: record {i} has no '{key}' key")
-    value = record[key]
-    if not isinstance(value, str):
-        raise ConfigError(f"{path}: record {i} '{key}' is a {type(value).__name__}, expected a string")
-    return value
-
-
 def olora_examples(path: Path, name: str, instructions: dict) -> list[Example]:
-    """One split of O-LoRA's format, with O-LoRA's prompt (module docstring)."""
+    """One split of O-LoRA's format, with O-LoRA's prompt (module docstring). Every label must be
+    one of ``labels.json``'s (the options the prompt offers)."""
     family = LONG_SEQUENCE[name][0] if name in LONG_SEQUENCE else path.parent.parent.name
-    records = json_list(path, read_text(path), "{sentence, label} records")
+    records = non_empty(path, json_list(path, read_text(path), "{sentence, label} records"))
+    pairs = [(record_text(path, i, r, "sentence"), record_text(path, i, r, "label")) for i, r in enumerate(records)]
     if family == "COPA":
         template = "{0}\nAnswer:"
     else:
-        labels = read_json(path.parent / "labels.json", "labels")
-        if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
-            raise ConfigError(f"{path.parent / 'labels.json'}: expected a JSON list of label strings")
+        labels_file = path.parent / "labels.json"
+        labels = read_json(labels_file, "labels")
+        if not isinstance(labels, list) or not labels:
+            raise ConfigError(f"{labels_file}: expected a non-empty JSON list of label strings")
+        labels = [text(labels_file, f"label {k}", label) for k, label in enumerate(labels)]
+        for i, (_, label) in enumerate(pairs):
+            if label not in labels:
+                raise ConfigError(f"{path}: record {i} has label {label!r}, which {labels_file} does not list")
         if family not in instructions:
             raise ConfigError(f"tasks.instruction_config has no instruction for family {family} (task {name})")
         template = instructions[family] + "Option: " + ", ".join(labels) + " \n{0}\nAnswer:"
     prefix = f"Task:{family}\nDataset:{name}\n"
-    return [
-        Example(prefix + template.replace("{0}", _string(path, i, r, "sentence")), _string(path, i, r, "label"))
-        for i, r in enumerate(records)
-    ]
+    return [Example(prefix + template.replace("{0}", sentence), label) for sentence, label in pairs]
 
 
 def instruction_set(path: Path) -> dict[str, str]:
@@ -136,20 +153,20 @@ def task_file_examples(path: Path, superni: bool) -> list[Example]:
         raise ConfigError(f"{path}: expected a task file with 'Definition' and 'Instances'")
     definition = data["Definition"]
     definition = (definition[0] if definition else "") if isinstance(definition, list) else definition
+    definition = text(path, "'Definition'", definition)
     if superni:
         head = f"Definition: {definition.strip()}\n\nNow complete the following example -\nInput: "
     else:
         head = f"{definition.strip()}\n" if definition else ""
     examples = []
-    for i, instance in enumerate(data["Instances"]):
-        text = _string(path, i, instance, "input")
-        output = instance.get("output") if isinstance(instance, dict) else None
+    for i, instance in enumerate(non_empty(path, data["Instances"])):
+        source = record_text(path, i, instance, "input")
+        output = instance.get("output")
         references = tuple(output) if isinstance(output, list) else (output,)
         if not references or not all(isinstance(r, str) for r in references):
             raise ConfigError(f"{path}: instance {i} 'output' must be a string or a non-empty list of strings")
-        examples.append(Example(f"{head}{text}\nOutput: ", references[0], references if superni else ()))
-    if not examples:
-        raise ConfigError(f"{path}: the split is empty")
+        references = tuple(text(path, f"instance {i} 'output'", r) for r in references)
+        examples.append(Example(f"{head}{source}\nOutput: ", references[0], references if superni else ()))
     return examples
 
 
@@ -186,12 +203,13 @@ def load_cl_benchmark(
         check_number(cap, f"tasks.num_{split}", integer=True, low=1, allow_none=True)
     root, help_text = data_root(data_dir, data_help)
     folders = {n: task_folder(root, n, benchmark) for n in names}
-    missing = [
-        str(folders[n].relative_to(root) / f"{f}.json")
-        for n in names
-        for f in SPLIT_FILES.values()
-        if not (folders[n] / f"{f}.json").is_file()
-    ]
+    missing = []
+    for n in names:
+        if folders[n] is None:
+            missing.append(expected_folder(root, n, benchmark))
+            continue
+        files = [folders[n] / f"{f}.json" for f in SPLIT_FILES.values()]
+        missing += [str(f.relative_to(root)) for f in files if not f.is_file()]
     if missing:
         raise ConfigError(f"tasks.data_dir {root} is incomplete; missing: {', '.join(missing)}{help_text}")
     instructions = None

@@ -177,25 +177,40 @@ def read_split(path: Path) -> list[Example]:
         raise ConfigError(f"{path} is a folder; expected a JSON file")
     if not path.is_file():
         raise ConfigError(f"missing split file: {path}")
-    records = json_list(path, read_text(path), "records")
+    records = non_empty(path, json_list(path, read_text(path), "records"))
+    return [
+        Example(record_text(path, i, r, "prompt"), record_text(path, i, r, "answer")) for i, r in enumerate(records)
+    ]
+
+
+def non_empty(path: Path, records: list) -> list:
+    """``records`` of the split ``path``, refused by name when there are none (a task with no
+    examples would fail later, mid-run, with nothing to say which file)."""
     if not records:
         raise ConfigError(f"{path}: the split is empty")
-    examples = []
-    for i, rec in enumerate(records):
-        if not isinstance(rec, dict):
-            raise ConfigError(f"{path}: record {i} is a {type(rec).__name__}, expected an object")
-        for key in ("prompt", "answer"):
-            if key not in rec:
-                raise ConfigError(f"{path}: record {i} has no '{key}' key")
-            if not isinstance(rec[key], str):
-                raise ConfigError(f"{path}: record {i} '{key}' is a {type(rec[key]).__name__}, expected a string")
-            if not rec[key].isascii() and any("\ud800" <= c <= "\udfff" for c in rec[key]):
-                raise ConfigError(
-                    f"{path}: record {i} '{key}' holds a lone surrogate (an escape such as \\ud800 "
-                    "without its pair), which is not text a tokenizer can encode"
-                )
-        examples.append(Example(rec["prompt"], rec["answer"]))
-    return examples
+    return records
+
+
+def text(path: Path, where: str, value: Any) -> str:
+    """``value`` (``where`` in ``path``: "record 3 'label'") as text a tokenizer can encode: a
+    string without lone surrogates (valid JSON, e.g. "\\ud800", but no text); else refused in one line."""
+    if not isinstance(value, str):
+        raise ConfigError(f"{path}: {where} is a {type(value).__name__}, expected a string")
+    if not value.isascii() and any("\ud800" <= c <= "\udfff" for c in value):
+        raise ConfigError(
+            f"{path}: {where} holds a lone surrogate (an escape such as \\ud800 without its pair), "
+            "which is not text a tokenizer can encode"
+        )
+    return value
+
+
+def record_text(path: Path, i: int, record: Any, key: str) -> str:
+    """Record ``i``'s ``key`` in the split ``path``, checked by :func:`text`."""
+    if not isinstance(record, dict):
+        raise ConfigError(f"{path}: record {i} is a {type(record).__name__}, expected an object")
+    if key not in record:
+        raise ConfigError(f"{path}: record {i} has no '{key}' key")
+    return text(path, f"record {i} '{key}'", record[key])
 
 
 def check_task_specs(specs: Sequence[TaskSpec]) -> None:
