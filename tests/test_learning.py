@@ -513,3 +513,18 @@ def test_methods_work_on_the_grpo_loss(make_config, tmp_path, method, settings):
     if method == "inclora":  # the first task's adapter is frozen during the second, the new one trained
         assert not any(".default." in k for k in moved)
         assert any(".task2." in k and "lora_B" in k and bool(after_2[k].any()) for k in after_2)  # B starts at 0
+
+
+def test_a_kl_is_never_negative_where_float_rounding_would_make_it_so():
+    """Issue 37.6: equal distributions gave KLs like -1.08e-08 (stored in results.json and printed);
+    the per-position KL is clamped at 0 and still equals torch's where it is positive."""
+    from torch.distributions import Categorical, kl_divergence
+
+    from cl_bench.evaluation.base_kl import forward_kl
+
+    logits = torch.randn(64, 512, generator=torch.Generator().manual_seed(0)) * 4
+    same = forward_kl(logits, logits.clone() + 1e-3)  # a shift: the same distribution, other rounding
+    assert (same >= 0).all() and float(same.max()) < 1e-6
+    moved = logits + torch.randn(64, 512, generator=torch.Generator().manual_seed(1))
+    reference = kl_divergence(Categorical(logits=logits), Categorical(logits=moved))
+    torch.testing.assert_close(forward_kl(logits, moved), reference, rtol=1e-5, atol=1e-6)

@@ -1,10 +1,7 @@
-"""How far the model has moved from the base model on each task's inputs: RL's Razor's predictor
-of forgetting (Shenfeld, Pari, Agrawal 2025, "RL's Razor: Why Online Reinforcement Learning
-Forgets Less": forgetting follows the forward KL between the base and the fine-tuned policy,
-evaluated on the new task).
+"""How far the model has moved from the base model on each task's inputs, along its own answers.
 
 At every stage, for each task's evaluated examples (the first ``eval.max_examples`` of
-``eval.split``), along the answer the model itself just generated for each prompt::
+``eval.split``), along the answer the model itself just generated (greedy, unless eval.do_sample)::
 
     KL_task = (1 / #tokens) sum_examples sum_t  sum_v pi_base(v | x, y_<t) log( pi_base(v | ..) / pi(v | ..) )
 
@@ -12,6 +9,12 @@ over the answer's tokens and its EOS: the full-vocabulary forward KL at every po
 model's own answers, averaged per token. The same measure for every learning paradigm (SFT,
 GRPO, self-SFT), so their KLs compare; results.json's ``kl_to_base`` is a matrix shaped like R.
 The base model is a frozen copy of the untrained weights (under LoRA: the adapters switched off).
+
+This is not RL's Razor's estimator (Shenfeld, Pari, Agrawal 2025, "RL's Razor: Why Online
+Reinforcement Learning Forgets Less"), whose forward KL E_{y ~ pi_base}[log pi_base(y|x) / pi(y|x)]
+is taken along responses *sampled from the base model* on the new task's inputs and summed per
+sequence: here the responses are the evaluated model's own, and the KL is averaged per token.
+Both grow as the model moves away from the base; their values do not compare.
 """
 
 from __future__ import annotations
@@ -31,9 +34,11 @@ from cl_bench.training.lm import eval_mode, labelled_logits
 
 
 def forward_kl(base_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """KL(base || model) over the vocabulary at each position ([..., V] -> [...])."""
+    """KL(base || model) over the vocabulary at each position ([..., V] -> [...]), clamped at 0: a
+    KL is never negative, but the float32 sum over the vocabulary of two (nearly) equal
+    distributions rounds to values like -1e-8, which results.json once stored and printed."""
     log_base = torch.log_softmax(base_logits.float(), -1)
-    return (log_base.exp() * (log_base - torch.log_softmax(logits.float(), -1))).sum(-1)
+    return (log_base.exp() * (log_base - torch.log_softmax(logits.float(), -1))).sum(-1).clamp_min(0.0)
 
 
 class BaseKL:

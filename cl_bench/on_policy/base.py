@@ -11,8 +11,9 @@ steps and summed per task into results.json's ``learning``:
   ``clip_ratio/region_mean``; 0 while every rollout is used once);
 - ``entropy``: the policy's mean per-token entropy on its completions (at the sampling temperature);
 - ``kl_to_base``: KL(pi_base || pi) per completion token, over the whole vocabulary at each
-  position of the policy's completions of the task's prompts (RL's Razor's forward KL to the base
-  model on the new task); ``kl_reverse``: KL(pi || pi_base) alike. Entropy and KL are measured on
+  position of the policy's own completions of the task's prompts, averaged per token (not RL's
+  Razor's estimator, which samples from the base model: cl_bench/evaluation/base_kl.py);
+  ``kl_reverse``: KL(pi || pi_base) alike. Entropy and KL are measured on
   logging steps (``trainer.log_every_n_steps``), in one extra pass without gradients.
 """
 
