@@ -15,6 +15,19 @@ from omegaconf import DictConfig, OmegaConf
 from cl_bench.errors import ConfigError, check_flag
 
 
+def arm_name(learning: str | None, method: str) -> str:
+    """What a run learned and with which method, as its name says it: the method under SFT
+    (``ewc``), the paradigm for SFT's plain step learned another way (``grpo``), else both
+    (``grpo+ewc``). The config's ``${cl_arm:<learning>,<method>}``: run names, W&B's job type."""
+    if learning in (None, "", "sft"):
+        return method
+    return learning if method == "sft" else f"{learning}+{method}"
+
+
+# registered when this module is imported (runners/cl.py imports it before Hydra resolves anything)
+OmegaConf.register_new_resolver("cl_arm", arm_name, replace=True)
+
+
 def build(node: DictConfig, **kwargs):
     """``instantiate``, letting our own ConfigError through unwrapped (it already names the key),
     and a ``_target_`` that fails to import (a plugin with a bug) reported in one line: the target,

@@ -11,14 +11,20 @@ checkpoints and logs.
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 
 from cl_bench.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def strategy_family(strategy: Any, devices: Any) -> str:
@@ -120,3 +126,47 @@ def sum_across_ranks(tensor: torch.Tensor) -> torch.Tensor:
     out = tensor.clone()
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out
+
+
+def in_multirun() -> bool:
+    """This run is a job of a Hydra multirun (a sweep)."""
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def parallel_jobs() -> int:
+    """How many jobs of a local sweep run at once on this machine (hydra/launcher=local_parallel's
+    n_jobs; joblib's -1 is every core), 1 otherwise."""
+    if not in_multirun():
+        return 1
+    launcher = HydraConfig.get().launcher
+    if not str(launcher.get("_target_", "")).endswith("JoblibLauncher"):
+        return 1
+    n = int(launcher.get("n_jobs") or 1)
+    return n if n > 0 else max(1, cores() + 1 + n)
+
+
+def cores() -> int:
+    """The cores this process may run on (its CPU affinity: taskset, a SLURM allocation, a cgroup)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def share_threads(processes: int) -> str | None:
+    """Give this process its share of the cores when ``processes`` torch processes run on this
+    machine at once (a run's DDP processes, a local sweep's parallel jobs): each would otherwise
+    start a thread per core, and threads that outnumber the cores wait on each other (20x slower
+    seen at 2 processes on 2 cores). OMP_NUM_THREADS set by the user (torchrun sets 1) is left as it
+    is. Returns what was decided (logged by the main process); None when nothing was changed."""
+    if processes <= 1 or os.environ.get("OMP_NUM_THREADS"):
+        return None
+    threads = max(1, min(torch.get_num_threads(), cores()) // processes)
+    torch.set_num_threads(threads)
+    decided = (
+        f"torch threads: {threads} per process ({processes} processes at once on {cores()} cores; "
+        "OMP_NUM_THREADS overrides)"
+    )
+    if is_main():
+        log.info(decided)
+    return decided

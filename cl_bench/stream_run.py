@@ -19,8 +19,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from lightning import seed_everything
 from omegaconf import DictConfig, OmegaConf
 from rich.rule import Rule
@@ -31,7 +29,7 @@ from cl_bench.data.loaders import TaskLoaders
 from cl_bench.data.manifest import stream_data
 from cl_bench.data.tasks import Task, TaskStream, training_plan
 from cl_bench.data.token_cache import stream_fingerprint
-from cl_bench.distributed import is_main, rank, start_processes, world_size
+from cl_bench.distributed import in_multirun, is_main, parallel_jobs, rank, share_threads, start_processes, world_size
 from cl_bench.errors import as_stop, stop_on_signals
 from cl_bench.evaluation.base_kl import BaseKL
 from cl_bench.evaluation.continual import ContinualEvaluator, ContinualSettings
@@ -49,17 +47,20 @@ from cl_bench.recording.results import RunRecorder, redact
 from cl_bench.recording.summary import print_summary
 from cl_bench.rng import derive_seed, rng_state, set_rng_state
 from cl_bench.run_config import build_stream, validate_run_config
-from cl_bench.training.checkpointing import StreamCheckpoints, restore_weights, run_dir, stage_weights
+from cl_bench.training.checkpointing import (
+    StreamCheckpoints,
+    restore_weights,
+    resume_command,
+    run_dir,
+    stage_weights,
+)
 from cl_bench.training.learning import SFT, Learning
 from cl_bench.training.module import CLModule
+from cl_bench.training.pace import StepPace
 from cl_bench.training.sharding import full_weights
 from cl_bench.training.trainer import build_trainer, placement_trainer, warn_low_precision_weights
 
 log = logging.getLogger(__name__)
-
-
-def in_multirun() -> bool:
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 class StreamRun:
@@ -80,9 +81,9 @@ class StreamRun:
         _, _, self.accumulate = layout(cfg.train.batch_size, cfg.train.get("micro_batch_size"), placement.world_size)
         start_processes(placement)  # from here on, every process runs this run in lockstep
         console.quiet = not is_main()
+        share_threads(placement.num_devices * parallel_jobs())  # a sweep's jobs, DDP on the CPU: cores / processes
         t0 = time.perf_counter()
-        # validates the data before the model is loaded
-        self.stream: TaskStream = build_stream(cfg.tasks)
+        self.stream: TaskStream = build_stream(cfg.tasks)  # validates the data before the model is loaded
         #: every file the stream was read from, hashed: results.json's ``data``
         self.data = stream_data(self.stream)
         #: what is trained, in order: the stream's tasks, or their union (tasks.joint=true)
@@ -97,6 +98,7 @@ class StreamRun:
         #: eval.engine=vllm: the engine every evaluation generates with (refused here if vLLM is missing)
         budget = cfg.eval.get("max_new_tokens") or max(t.spec.max_new_tokens for t in self.stream)
         self.engine = build_engine(cfg.eval, self.out_dir / "engine", cfg.seed, cfg.train.max_prompt_len + budget)
+        self.pace = StepPace()  # warns when the training steps slow down (other processes on the cores)
         self.lock = RunDirLock(self.out_dir)
         if is_main():
             self.lock.acquire()  # released by close(); the other processes of this run share the dir
@@ -234,10 +236,11 @@ class StreamRun:
         """Task ``i``: the method's task start, a fresh Trainer's fit (continuing from this task's
         newest step checkpoint on a resume), the method's task end."""
         task, cfg = self.training[i], self.cfg
+        cap = "" if task.max_steps is None else f", at most {task.max_steps} optimizer steps (tasks.max_steps)"
         console.print(
             Rule(
                 f"Task {i + 1}/{len(self.training)}: {task.name} ({len(task.train)} examples, "
-                f"{task.epochs} epoch(s), metric {task.metric})"
+                f"{task.epochs} epoch(s){cap}, metric {task.metric})"
             )
         )
         self.module.begin_task(task.name)
@@ -247,7 +250,7 @@ class StreamRun:
         if self.evaluator is not None:  # the tasks trained so far (all of them in a joint run)
             self.evaluator.begin_task(i, self.stream.names if self.recorder.joint else self.stream.names[: i + 1])
         # the evaluator before the step checkpoint: a checkpoint at step s holds the point at s
-        callbacks = [self.method] + [c for c in (self.evaluator, step_checkpoint) if c is not None]
+        callbacks = [self.pace, self.method] + [c for c in (self.evaluator, step_checkpoint) if c is not None]
         trainer = build_trainer(cfg, task.epochs, task.max_steps, callbacks, self.accumulate)
         examples = self.method.training_examples(task, i)
         self.learning.begin_task(examples, task.name)
@@ -303,15 +306,10 @@ class StreamRun:
         with full_weights(self.bundle.model):  # FSDP: every process generates with the whole model
             if self.engine is not None:
                 self.engine.sync(self.bundle.model, self.module.stream_step)
-            scores, predictions = evaluate_stream(
-                self.bundle.model,
-                self.bundle.tokenizer,
-                self.stream,
-                self.generation,
-                self.cfg.eval.split,
-                self.cfg.eval.max_examples,
-            )
             split, cap = self.cfg.eval.split, self.cfg.eval.max_examples
+            scores, predictions = evaluate_stream(
+                self.bundle.model, self.bundle.tokenizer, self.stream, self.generation, split, cap
+            )
             also = also_scores(self.stream, predictions, split, cap)
             if self.engine is not None:
                 self.engine.rest()
@@ -352,15 +350,21 @@ class StreamRun:
 
     def fail(self, error: BaseException, status: str = "failed") -> None:
         """Keep what was finished: results.json says the run failed (or was stopped), and why (a full
-        disk or a read-only dir is logged in one line instead). A stopped run continues when rerun."""
-        stopped = f"{error}: rerun the same command (or resume={self.out_dir}) to continue"
+        disk or a read-only dir is logged in one line instead), and the console the command that
+        continues it from its newest checkpoint."""
+        continue_with = resume_command(self.out_dir)
+        why = f"{type(error).__name__}: {error}"
+        if status == "stopped":
+            why = f"{error}: continue it with `{continue_with}`"
         try:
-            self.recorder.write(
-                status=status, error=stopped if status == "stopped" else f"{type(error).__name__}: {error}"
-            )
+            self.recorder.write(status=status, error=why)
         except OSError as e:
             log.error("could not record the failure in %s: %s", self.out_dir / "results.json", e.strerror or e)
         self.loggers.finalize("failed", self.recorder)
+        if is_main():  # soft-wrapped: a command copied from a terminal must hold no line break
+            console.print(
+                f"The run {status}, its finished stages kept. To continue it: {continue_with}", soft_wrap=True
+            )
 
     # --- pieces ----------------------------------------------------------------------------------
     def opening_line(self) -> str:

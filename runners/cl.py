@@ -17,6 +17,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+import cl_bench.config  # noqa: F401  (the config's own resolvers, before Hydra resolves run_name)
 from cl_bench.errors import ConfigError, RunDirInUse, is_user_error
 from cl_bench.override_keys import suggest_closest_keys
 
@@ -50,14 +51,15 @@ def main(cfg: DictConfig) -> float | None:
         print(OmegaConf.to_yaml(cfg, resolve=True))  # (that previews before Hydra starts: runners/preview.py)
         return None
     # torch and Lightning (about 4 s) load only for a run: --help, --cfg and dry_run answer at once
-    from cl_bench.distributed import is_main
+    from cl_bench.distributed import in_multirun, is_main
     from cl_bench.recording.console import one_line_per_bar, quiet_library_logs
-    from cl_bench.recording.hydra_record import discard_backup, redact_record, restore_record
+    from cl_bench.recording.hydra_record import discard_backup, redact_record, remove_new_run_dir, restore_record
     from cl_bench.recording.results import RunRecorder
-    from cl_bench.stream_run import StreamRun, in_multirun
+    from cl_bench.stream_run import StreamRun
 
     quiet_library_logs()
     subdir = HydraConfig.get().output_subdir if HydraConfig.initialized() else None
+    stream_run = None
     try:
         with one_line_per_bar():
             try:
@@ -72,8 +74,11 @@ def main(cfg: DictConfig) -> float | None:
             recorder = stream_run.run()
     except Exception as e:
         results = Path(cfg.paths.output_dir) / "results.json"
+        refused = stream_run is None and is_user_error(e)  # a bad setting, before the run began
+        if refused and not in_multirun() and is_main() and remove_new_run_dir(cfg.paths.output_dir):
+            pass  # a single run's new dir: the console's one line says it all, and no dir is left behind
         # it failed before its recorder existed (never into a dir that another run holds)
-        if is_main() and not results.exists() and not isinstance(e, RunDirInUse):
+        elif is_main() and not results.exists() and not isinstance(e, RunDirInUse):
             config = OmegaConf.to_container(cfg, resolve=False)
             try:
                 RunRecorder(cfg.paths.output_dir, config, [], []).write(

@@ -255,6 +255,7 @@ def test_a_config_error_prints_one_line_without_a_traceback(tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1] == "Error: optimizer.lr must be > 0, got -1"
     assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()  # issue 37.7: a refused single run leaves no run dir behind
 
 
 # --- records of a resumed or refused run ----------------------------------------------------------
@@ -292,6 +293,27 @@ def test_a_refused_rerun_leaves_the_runs_hydra_record_as_it_was(tmp_path):
     assert "Resuming" in alone.stdout and json.loads((out / "results.json").read_text())["status"] == "finished"
     assert "Resuming" in (out / "cl.log").read_text()  # the run's own log goes on
     assert not list(ROOT.glob(f"outputs/*/*{out.name}*"))
+
+
+def test_the_run_record_is_kept_in_a_dir_named_by_the_run_name(tmp_path):
+    """Issue 37.4: in the default run dir (named by run_name, which reads Hydra's choices) the
+    callback raised "HydraConfig was not set" before Hydra set it, and its checks never ran."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from cl_bench.recording.hydra_record import BACKUP_SUFFIX, KeepRunRecord
+    from tests.conftest import CONF_DIR
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[f"hydra.run.dir={tmp_path}/run_${{run_name}}"], return_hydra_config=True)
+    HydraConfig.instance().cfg = None  # as when Hydra calls the callback: before the job sets it
+    record = tmp_path / "run_sft-mini-s42" / ".hydra"
+    record.mkdir(parents=True)
+    (record / "config.yaml").write_text("seed: 1\n")
+    KeepRunRecord().on_run_start(cfg)
+    assert (record.with_name(".hydra" + BACKUP_SUFFIX) / "config.yaml").read_text() == "seed: 1\n"
 
 
 def test_resume_alone_reads_the_runs_recorded_command_and_lets_settings_given_now_win(tmp_path):
@@ -468,7 +490,7 @@ class _SignalAt:
 @pytest.mark.parametrize(
     "when, sig", [("step", signal.SIGTERM), ("between steps", signal.SIGTERM), ("step", signal.SIGINT)]
 )
-def test_sigterm_stops_a_run_as_stopped_non_zero_unlocked_and_resumable(make_config, monkeypatch, when, sig):
+def test_sigterm_stops_a_run_as_stopped_non_zero_unlocked_and_resumable(make_config, monkeypatch, capsys, when, sig):
     """SIGTERM within a training step (Lightning's handler runs first) and between steps (the
     task's end), and Ctrl-C: results.json says "stopped by signal SIGTERM" (SIGINT), the exit
     status is 143 (130), the lock is released, and the same command continues to a finished run."""
@@ -481,7 +503,13 @@ def test_sigterm_stops_a_run_as_stopped_non_zero_unlocked_and_resumable(make_con
         run(cfg, out)
     assert stopped.value.code == 128 + sig
     results = json.loads((out / "results.json").read_text())
-    assert results["status"] == "stopped" and results["error"].startswith(f"stopped by signal {sig.name}: rerun")
+    # issue 37.3: the command that continues this run, not "rerun the same command" (a dated dir: a new run)
+    command = f"python -m runners.cl resume={out}"
+    assert (
+        results["status"] == "stopped"
+        and results["error"] == f"stopped by signal {sig.name}: continue it with `{command}`"
+    )
+    assert f"The run stopped, its finished stages kept. To continue it: {command}\n" in capsys.readouterr().out
     assert len(results["R"]) == 2 and not (out / ".lock").exists()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers before the run are back
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

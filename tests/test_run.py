@@ -368,3 +368,23 @@ def test_cpu_seconds_carry_through_a_resume_and_stay_unknown_when_a_checkpoint_l
     older = {k: v for k, v in state.items() if k != "cpu_s"}  # a checkpoint from before cpu_s existed
     resumed.load_state_dict(older)
     assert resumed.to_dict()["timings"]["cpu_s"] is None and resumed.state_dict()["cpu_s"] is None
+
+
+def test_a_task_capped_by_max_steps_says_so_and_its_bar_counts_the_steps_it_trains(make_config, capsys):
+    """Issue 37.8: under tasks.max_steps the banner said "2 epoch(s)" and the bar ended at 4/16."""
+    from types import SimpleNamespace
+
+    from cl_bench.training.trainer import TaskProgressBar
+
+    cfg = make_config("tasks.order=[arith]", "tasks.epochs=2", "tasks.max_steps=2", "train.batch_size=2")
+    run(cfg, cfg.paths.output_dir)
+    assert "arith (12 examples, 2 epoch(s), at most 2 optimizer steps (tasks.max_steps)" in capsys.readouterr().out
+    bar = TaskProgressBar()
+    bar._trainer = SimpleNamespace(
+        max_epochs=2, max_steps=4, global_step=0, num_training_batches=16, accumulate_grad_batches=1
+    )
+    assert bar.total_train_batches == 4
+    bar._trainer.accumulate_grad_batches, bar._trainer.global_step = 2, 3  # 1 step of 2 micro-batches left
+    assert bar.total_train_batches == 2
+    bar._trainer.max_steps = -1  # no cap: the epoch's batches
+    assert bar.total_train_batches == 16

@@ -499,7 +499,7 @@ def test_resume_refuses_changed_settings(tmp_path, cache_dir):
 def test_a_run_recorded_before_a_setting_moved_or_retired_still_resumes_and_groups():
     """The scheduler's _target_ moved and EWC's shard_state retired (2026-12-03): a checkpoint or a
     results.json written before reads as today's settings; any other difference is still refused."""
-    from cl_bench.recording.comparison import result_settings
+    from cl_bench.recording.run_results import result_settings
     from cl_bench.training.checkpointing import StreamCheckpoints
 
     today = {"scheduler": {"_target_": "cl_bench.training.schedules.constant_with_warmup"}, "method": {"lambda_": 1.0}}
@@ -518,7 +518,7 @@ def test_a_run_recorded_before_a_setting_was_added_resumes_and_groups_at_the_val
     """eval.right_threshold, eval.engine and the tiny model's initializer_range were added
     (2026-12-03) at the values every earlier run had; the vLLM engine's settings matter only where it
     runs."""
-    from cl_bench.recording.comparison import result_settings
+    from cl_bench.recording.run_results import result_settings
     from cl_bench.training.checkpointing import StreamCheckpoints
 
     tiny = {"_target_": "cl_bench.models.tiny_llama", "hidden_size": 64}
@@ -643,21 +643,47 @@ def test_launchers_sweepers_and_trainers_compose_for_eight_gpus():
     assert (wandb.group, wandb.job_type, wandb.name) == ("mini-smollm2_135m", "fggm", "fggm-mini-s3")
 
 
+@pytest.mark.parametrize(
+    "overrides, name",
+    [
+        ([], "sft"),
+        (["method=ewc"], "ewc"),
+        (["learning=grpo"], "grpo"),
+        (["learning=grpo", "method=ewc"], "grpo+ewc"),
+        (["learning=self_sft"], "self_sft"),
+        (["arm=grpo_ewc"], "grpo+ewc"),
+    ],
+)
+def test_a_run_is_named_for_its_learning_paradigm_and_method(overrides, name):
+    """Issue 37.2: learning=grpo with method sft was named sft-mini-s1 (a sweep over learning=sft,grpo
+    made two dirs of that name) and W&B's job type said sft."""
+    cfg = _with_hydra(["logger=wandb", "seed=1", *overrides])
+    assert cfg.run_name == f"{name}-mini-s1"
+    assert (cfg.logger.wandb.name, cfg.logger.wandb.job_type) == (cfg.run_name, name)
+    assert str(cfg.hydra.run.dir).endswith(f"_{name}-mini-s1")
+
+
 @pytest.mark.processes
 def test_the_local_parallel_launcher_runs_jobs_in_worker_processes(tmp_path):
-    _run(
-        [
-            "-m",
-            *TINY_RUN,
-            "tasks.order=[arith,code]",
-            "method=sft,ewc",
-            "hydra/launcher=local_parallel",
-            f"hydra.sweep.dir={tmp_path}",
-            "hydra.sweep.subdir=${hydra.job.num}",
-        ],
+    """Two jobs at once in joblib's workers; each gives torch its share of the cores (issue 37.5:
+    a thread per core in each process made them wait on each other), unless OMP_NUM_THREADS is set."""
+    proc = run_module(
+        "runners.cl",
+        "-m",
+        *TINY_RUN,
+        "tasks.order=[arith,code]",
+        "method=sft,ewc",
+        "hydra/launcher=local_parallel",
+        f"hydra.sweep.dir={tmp_path}",
+        "hydra.sweep.subdir=${hydra.job.num}",
+        env={**_runner_env(), "OMP_NUM_THREADS": ""},  # as a user's shell leaves it
         real=True,  # joblib's workers hang when the runner is forked from the preloaded server
     )
+    assert proc.returncode == 0, proc.stderr[-3000:]
     assert [json.loads((tmp_path / str(n) / "results.json").read_text())["status"] for n in (0, 1)] == ["finished"] * 2
+    for n in (0, 1):
+        log = (tmp_path / str(n) / "cl.log").read_text()
+        assert re.search(r"torch threads: \d+ per process \(2 processes at once on \d+ cores", log), log[-2000:]
 
 
 @pytest.mark.processes

@@ -175,3 +175,44 @@ def test_library_lines_come_once_and_quiet(caplog):
         assert lightning.handlers == [] and lightning.propagate
         assert not logging.getLogger("absl").isEnabledFor(logging.INFO)
         assert logging.getLogger("absl").isEnabledFor(logging.WARNING)
+
+
+def test_a_slow_down_of_the_training_steps_is_told_once_with_the_threads_hint(caplog):
+    """Issue 37.5: steps 5x slower per token than the run's own first ones (other processes on the
+    cores) get one warning that says how to share the cores; a longer task at the same pace does not."""
+    from cl_bench.training.pace import StepPace
+
+    steady = StepPace(warmup=2, window=4)
+    for seconds in [9.0, 9.0] + [1.0] * 40:  # the warm-up batches are left out
+        steady.record(seconds)
+    assert not steady.warned and "OMP_NUM_THREADS" not in caplog.text
+    slowed = StepPace(warmup=2, window=4)
+    for seconds in [1.0] * 6 + [1.2, 3.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0]:
+        slowed.record(seconds)
+    assert slowed.warned and caplog.text.count("OMP_NUM_THREADS=<cores / processes>") == 1
+    assert "4.0x as long per token" in caplog.text  # the first window whose median reached 4
+
+
+def test_processes_on_one_machine_share_its_cores_unless_the_user_set_threads(monkeypatch):
+    """Issue 37.5: each of N torch processes started a thread per core; now cores / N each, and an
+    OMP_NUM_THREADS the user set (torchrun sets 1) is kept."""
+    import torch
+
+    from cl_bench.distributed import share_threads
+
+    monkeypatch.setattr("cl_bench.distributed.cores", lambda: 8)
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        torch.set_num_threads(8)
+        assert share_threads(1) is None and torch.get_num_threads() == 8
+        assert (
+            share_threads(3)
+            == "torch threads: 2 per process (3 processes at once on 8 cores; OMP_NUM_THREADS overrides)"
+        )
+        assert torch.get_num_threads() == 2
+        torch.set_num_threads(8)
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        assert share_threads(4) is None and torch.get_num_threads() == 8
+    finally:
+        torch.set_num_threads(before)

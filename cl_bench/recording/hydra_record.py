@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
@@ -22,6 +23,8 @@ from cl_bench.errors import ConfigError
 from cl_bench.files import check_writable_dir
 
 BACKUP_SUFFIX = ".before-rerun"
+#: run dirs that did not exist when this process's command started (Hydra then made them)
+_NEW_RUN_DIRS: set[Path] = set()
 
 
 def _record(run_dir: str | Path, subdir: str) -> Path:
@@ -52,6 +55,11 @@ class KeepRunRecord(Callback):
     the same sweep refused in that dir puts back the record of the run that is there)."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # Hydra sets its HydraConfig only when the job starts, after this callback; the default run
+        # dir's name (run_name) reads ${hydra:runtime.choices...} and could not be resolved here
+        HydraConfig.instance().set_config(config)
+        if not Path(config.hydra.run.dir).exists():
+            _NEW_RUN_DIRS.add(Path(config.hydra.run.dir).absolute())
         _check_writable(config.hydra.run.dir, "hydra.run.dir")  # before Hydra's log file fails in it
         if config.hydra.output_subdir is not None:
             _back_up(_record(config.hydra.run.dir, config.hydra.output_subdir))
@@ -135,3 +143,14 @@ def with_run_overrides(argv: list[str]) -> list[str]:
     keys_given = {key(a) for a in given}
     recorded = [o for o in yaml.safe_load(record.read_text()) or [] if key(o) not in keys_given | {"resume"}]
     return [argv[0], *recorded, *argv[1:], f"hydra.run.dir={Path(resume).expanduser()}"]
+
+
+def remove_new_run_dir(run_dir: str | Path) -> bool:
+    """Remove ``run_dir`` if this command made it (it holds only Hydra's record and log): a single
+    run refused before it began leaves no run dir behind. True if it was removed."""
+    run_dir = Path(run_dir).absolute()
+    if run_dir not in _NEW_RUN_DIRS:
+        return False
+    shutil.rmtree(run_dir, ignore_errors=True)
+    _NEW_RUN_DIRS.discard(run_dir)
+    return True

@@ -37,8 +37,9 @@ def wandb_logger(
 
     Offline runs land in ``<save_dir>/wandb/offline-run-*``; ``wandb sync`` uploads them later.
     The API key is read by wandb itself from the environment or netrc and is never put in a config.
-    Runs of one sweep share ``group``; ``job_type`` (the method) splits them inside it, so the W&B
-    UI shows each method's mean and spread over seeds. ``run_id`` continues an existing run (resume).
+    Runs of one sweep share ``group``; ``job_type`` (the method, with the learning paradigm when it
+    is not SFT: ``grpo+ewc``) splits them inside it, so the W&B UI shows each method's mean and
+    spread over seeds. ``run_id`` continues an existing run (resume).
     Online, the key is checked first (``login_timeout`` seconds for the server's answer).
     """
     check_choice(mode, ("auto", "online", "offline"), "logger.wandb.mode")

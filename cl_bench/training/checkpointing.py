@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -212,6 +213,12 @@ def run_dir(cfg, out_dir: str | Path) -> Path:
         raise ConfigError(f"resume={resume}: no run to resume there ({resume / CHECKPOINT_DIR} does not exist)")
     OmegaConf.update(cfg, "paths.output_dir", str(resume))
     return resume
+
+
+def resume_command(run_dir: str | Path) -> str:
+    """The command that continues the run in ``run_dir`` (its recorded settings, its newest
+    checkpoint): rerunning the first command would start a new run in a new dated dir."""
+    return f"python -m runners.cl resume={shlex.quote(str(run_dir))}"
 
 
 def stage_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:

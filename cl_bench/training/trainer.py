@@ -76,6 +76,18 @@ def warn_low_precision_weights(model: torch.nn.Module) -> bool:
     return bool(low)
 
 
+class TaskProgressBar(RichProgressBar):
+    """Rich's bar, its total the batches this epoch will train: under tasks.max_steps, Lightning's
+    counts the epoch's batches whenever max_epochs is set (4 steps of 16 batches showed 4/16)."""
+
+    @property
+    def total_train_batches(self) -> int | float:
+        total, trainer = super().total_train_batches, self.trainer
+        if trainer.max_steps is None or trainer.max_steps < 0:
+            return total
+        return min(total, max(trainer.max_steps - trainer.global_step, 0) * trainer.accumulate_grad_batches)
+
+
 def build_trainer(
     cfg: DictConfig,
     epochs: int | None = None,
@@ -99,7 +111,7 @@ def build_trainer(
     if epochs is not None:
         budget = {"max_epochs": epochs, "max_steps": max_steps or -1}
         if cfg.trainer.get("enable_progress_bar", True):
-            callbacks.append(RichProgressBar(leave=True))
+            callbacks.append(TaskProgressBar(leave=True))
     return build(fsdp_mesh(cfg.trainer), callbacks=callbacks, accumulate_grad_batches=accumulate, **budget)
 
 
