@@ -30,6 +30,11 @@ def test_a_new_method_is_one_file_and_one_yaml(make_config):
     assert cfg.method._target_ == "tests.plugin_example.l2_init.L2Init"
     recorder = run(cfg, cfg.paths.output_dir)
     assert recorder.status == "finished"
+    bad = make_config(
+        f"hydra.searchpath=[file://{ROOT / 'tests' / 'plugin_example'}]", "method=l2_init", "method.weight=-1"
+    )
+    with pytest.raises(ConfigError, match=r"^method.weight must be >= 0, got -1$"):
+        run(bad, bad.paths.output_dir)
 
 
 @pytest.mark.processes

@@ -5,6 +5,7 @@ L2-init: L = L_task + (weight / 2) * ||theta - theta_0||^2, theta_0 = the weight
 
 import torch
 
+from cl_bench.errors import check_number
 from methods.base import CLMethod
 
 
@@ -12,7 +13,7 @@ class L2Init(CLMethod):
     name = "l2_init"
 
     def __init__(self, weight: float = 0.1):
-        self.weight = weight
+        self.weight = check_number(weight, "method.weight", low=0)
         self.initial: dict[str, torch.Tensor] = {}
         self.penalties: list[float] = []
 
