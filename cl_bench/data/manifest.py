@@ -4,7 +4,7 @@ and the check of a stream's folder against the counts its authors publish.
 A run records ``data`` in results.json: its files' hashes by what they hold (``<task>/<split>``,
 ``<task>/labels``, ``instruction_config``) and ``manifest_sha256``, the SHA-256 of that table in
 canonical JSON. ``python -m runners.data check`` writes the same table for a whole stream's folder
-(``manifest.json``), with each split's example count and label distribution, so two runs, or a run
+(``manifest-<stream>.json``), with each split's example count and label distribution, so two runs, or a run
 and a folder, can be told apart by hash: runs.report never averages runs whose data differ.
 """
 
@@ -16,7 +16,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from cl_bench.data.tasks import TaskStream, answer_options
+from cl_bench.data.options import answer_options
+from cl_bench.data.tasks import TaskStream
 
 
 def file_sha256(path: Path) -> str:

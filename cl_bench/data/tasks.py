@@ -110,13 +110,6 @@ class TaskStream:
         return [t.name for t in self.tasks]
 
 
-def answer_options(answers: Sequence[str], limit: int = 20) -> int | None:
-    """k for a classification task: how many distinct answers its split has (at most ``limit``, and
-    fewer than its examples); None for a task whose answers are free text."""
-    distinct = len(set(answers))
-    return distinct if 1 < distinct <= limit and distinct < len(answers) else None
-
-
 def joint_task(stream: TaskStream) -> Task:
     """The multi-task reference: one task trained on the union of the stream's training splits,
     each task's examples repeated as many times as it has epochs (one pass over the union then

@@ -12,18 +12,24 @@ can be luck. With mean accuracies a_pre and a_post, the chance level of either f
     chance = (1 - a_pre)(1 - a_post) / (k - 1)
 
 and F_true = max(F - chance, 0), BT_true = max(BT - chance, 0), with the ceilings
-F_max = max((k a_pre - 1) / (k - 1), 0) and BT_max = max((k a_post - 1) / (k - 1), 0). Tasks
-without options (generation) get no adjustment (k is None). The run compares each task's stage
-right after it was trained with the latest stage; an example is right when its own score by the
-task's metric reaches ``threshold`` (0-100: 100 for exact-match metrics, a named threshold for
-ROUGE-L, edit similarity or SARI).
+F_max = max((k a_pre - 1) / (k - 1), 0) and BT_max = max((k a_post - 1) / (k - 1), 0). k is
+the task's own (:func:`task_options`): the options its prompts offer where they offer them (O-LoRA's
+"Option: a, b, c" line from labels.json, lettered choices such as the embedded sentiment task's or
+ScienceQA's), else the number of distinct answers of its whole split; never that of the evaluated
+examples alone, which can miss a label (16 examples of a 4-option task without a "D" would count
+3). Tasks without options (generation) get no adjustment (k is None).
+
+The run compares each task's stage right after it was trained with the latest stage; an example is
+right when its own score by the task's metric reaches ``threshold`` (0-100: 100 for exact-match
+metrics, a named threshold for ROUGE-L, edit similarity or SARI).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from cl_bench.data.tasks import TaskStream
+from cl_bench.data.options import answer_options, declared_options
+from cl_bench.data.tasks import Task, TaskStream
 from cl_bench.evaluation.metrics import METRICS
 
 #: metrics whose score of one example is 0 or 100: an example is right at 100 whatever the threshold
@@ -51,7 +57,28 @@ def stream_right_answers(
     return right
 
 
-def flips(before: Sequence[bool], after: Sequence[bool], options: int | None = None) -> dict[str, float | int | None]:
+def task_options(task: Task, split: str, max_examples: int | None) -> int | float | None:
+    """k of ``task`` for the chance adjustment: the options that the prompts of the examples a stage
+    evaluates (the first ``max_examples`` of ``split``) offer (:func:`declared_options`), where an
+    example is right by an exact match (a binary metric: a free-text task's prompt may hold lines
+    that only look like choices, a dialogue's "A: ..."); else the distinct answers of the whole
+    split (:func:`answer_options`), which a subsample can miss."""
+    examples = task.splits[split]
+    if task.metric in BINARY_METRICS:
+        declared = declared_options([e.prompt for e in examples[:max_examples]])
+        if declared is not None:
+            return declared
+    return answer_options([e.answer for e in examples])
+
+
+def stream_options(stream: TaskStream, split: str, max_examples: int | None) -> dict[str, int | float | None]:
+    """Per task, its k by :func:`task_options` (what a run's recorder adjusts its flips with)."""
+    return {task.name: task_options(task, split, max_examples) for task in stream}
+
+
+def flips(
+    before: Sequence[bool], after: Sequence[bool], options: int | float | None = None
+) -> dict[str, float | int | None]:
     """F, BT, their chance-adjusted values and ceilings (``options`` = k, None for no adjustment),
     and the two accuracies, on 0-1; ``before`` and ``after`` align example by example."""
     if len(before) != len(after) or not before:
