@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 
 import hydra
@@ -20,10 +21,12 @@ from omegaconf import DictConfig, OmegaConf
 import cl_bench.config  # noqa: F401  (the config's own resolvers, before Hydra resolves run_name)
 from cl_bench.errors import ConfigError, RunDirInUse, is_user_error
 from cl_bench.override_keys import suggest_closest_keys
+from cl_bench.secrets import hide_secrets_in_hydra_logs
 
 log = logging.getLogger(__name__)
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"  # absolute: main also runs as runners.cl.main
 suggest_closest_keys()  # optimzer.lr=... names optimizer.lr, not Hydra's "+optimzer.lr"
+hide_secrets_in_hydra_logs()  # its launchers log every job's overrides, +api_token=... included
 
 
 def compose_config(overrides: list[str]) -> DictConfig:
@@ -45,7 +48,8 @@ def main(cfg: DictConfig) -> float | None:
     returns NaN (Optuna records a failed trial) so that the rest of the sweep goes on. A single run
     stopped by what its user fixes (bad input, which names the key or file; a full or read-only
     disk; divergence) prints that one line and exits with status 1; ``HYDRA_FULL_ERROR=1`` shows
-    the traceback instead.
+    the traceback instead. Any other error prints its traceback and exits with status 1 (not raised
+    into Hydra, whose "Error executing job with overrides" line would print the command's secrets).
     """
     if cfg.get("dry_run"):  # reached only when main is called other than as `python -m runners.cl`
         print(OmegaConf.to_yaml(cfg, resolve=True))  # (that previews before Hydra starts: runners/preview.py)
@@ -60,6 +64,8 @@ def main(cfg: DictConfig) -> float | None:
     quiet_library_logs()
     subdir = HydraConfig.get().output_subdir if HydraConfig.initialized() else None
     stream_run = None
+    if subdir is not None and is_main():
+        redact_record(cfg.paths.output_dir, subdir)  # first: no secret stays in Hydra's record, whatever follows
     try:
         with one_line_per_bar():
             try:
@@ -70,7 +76,6 @@ def main(cfg: DictConfig) -> float | None:
                 raise
             if subdir is not None and is_main():
                 discard_backup(cfg.paths.output_dir, subdir)
-                redact_record(cfg.paths.output_dir, subdir)  # no secret stays in Hydra's record
             recorder = stream_run.run()
     except Exception as e:
         results = Path(cfg.paths.output_dir) / "results.json"
@@ -80,17 +85,18 @@ def main(cfg: DictConfig) -> float | None:
         # it failed before its recorder existed (never into a dir that another run holds)
         elif is_main() and not results.exists() and not isinstance(e, RunDirInUse):
             config = OmegaConf.to_container(cfg, resolve=False)
-            try:
+            try:  # refused: a bad setting or a dir that cannot hold it, as the sweep's table says
                 RunRecorder(cfg.paths.output_dir, config, [], []).write(
-                    status="failed", error=f"{type(e).__name__}: {e}"
+                    status="refused" if isinstance(e, ConfigError) else "failed", error=f"{type(e).__name__}: {e}"
                 )
             except OSError as unwritable:  # the dir's disk is the problem: its error must not hide the first
                 log.error("could not record the failure in %s: %s", results, unwritable.strerror or unwritable)
         if not in_multirun():
             if is_user_error(e) and not os.environ.get("HYDRA_FULL_ERROR"):
                 print(f"Error: {e}", file=sys.stderr)
-                sys.exit(1)
-            raise
+            else:  # printed here: raised into Hydra, it would also print the command line, secrets and all
+                traceback.print_exc()
+            sys.exit(1)
         hydra_cfg = HydraConfig.get()
         outcome = "refused" if isinstance(e, ConfigError) else "failed"
         if is_main():  # a row of the sweep's table even where the dir's results.json is another run's

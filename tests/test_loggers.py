@@ -8,7 +8,7 @@ import pytest
 
 from cl_bench.errors import ConfigError
 from cl_bench.recording.loggers import wandb_logger
-from cl_bench.recording.results import REDACTED, redact
+from cl_bench.secrets import REDACTED, redact
 from cl_bench.stream_run import run
 from tests.wandb_log import read_run
 
@@ -25,6 +25,24 @@ def test_redact_hides_secret_keys_only():
     assert out["wandb"] == {"api_key": REDACTED, "project": "p"}
     assert out["hf_token"] == REDACTED and out["list"][0]["password"] == REDACTED
     assert out["eval"]["max_new_tokens"] == 5 and out["secret"] is None
+
+
+def test_credentials_are_hidden_by_their_shape_whatever_their_key():
+    """Issue 37.14: redaction went by key name only, so +wandb_key=<a W&B key> stayed in plain text."""
+    from cl_bench.secrets import redact_override
+
+    key = "0123456789abcdef0123456789abcdef01234567"
+    cfg = {"wandb_key": "x", "note": key, "hub": ["hf_" + "a" * 34], "sha": "0123abcd" * 8, "run_name": "sft-mini-s1"}
+    assert redact(cfg) == {
+        "wandb_key": REDACTED,
+        "note": REDACTED,
+        "hub": [REDACTED],
+        "sha": "0123abcd" * 8,
+        "run_name": "sft-mini-s1",
+    }
+    assert redact_override(f"+my.setting={key}") == f"+my.setting={REDACTED}"
+    assert redact_override("+wandb_key=abc") == f"+wandb_key={REDACTED}"
+    assert redact_override("method=ewc") == "method=ewc"
 
 
 def test_csv_logger_gets_one_monotonic_step_across_tasks_and_methods(make_config):

@@ -5,13 +5,16 @@ so a rerun in an existing run dir that is then refused (changed settings on resu
 by another run) would leave the refused settings as the dir's record. :class:`KeepRunRecord`, a
 Hydra callback (``conf/config.yaml``), copies an existing record aside before Hydra writes;
 the entry point puts it back with :func:`restore_record` when the run is refused and drops the
-copy with :func:`discard_backup` otherwise.
+copy with :func:`discard_backup` otherwise. A multirun's own record (``multirun.yaml`` at the
+sweep dir's root) is kept the same way when every job of a rerun is refused. Every record is
+redacted of credentials before anything can fail (:func:`redact_record`, :func:`redact_file`).
 """
 
 from __future__ import annotations
 
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,8 @@ from cl_bench.errors import ConfigError
 from cl_bench.files import check_writable_dir
 
 BACKUP_SUFFIX = ".before-rerun"
+#: the record a multirun's launcher writes at the sweep dir's root
+MULTIRUN_RECORD = "multirun.yaml"
 #: run dirs that did not exist when this process's command started (Hydra then made them)
 _NEW_RUN_DIRS: set[Path] = set()
 
@@ -66,9 +71,31 @@ class KeepRunRecord(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         _check_writable(config.hydra.sweep.dir, "hydra.sweep.dir")
+        self.started = time.time() - 1  # file times may be rounded to the second
+        sweep = Path(config.hydra.sweep.dir)
+        if (sweep / MULTIRUN_RECORD).is_file():  # the sweep's own record, rewritten by the launcher
+            shutil.copy2(sweep / MULTIRUN_RECORD, sweep / (MULTIRUN_RECORD + BACKUP_SUFFIX))
         if config.hydra.output_subdir is not None:
-            for record in Path(config.hydra.sweep.dir).glob(f"*/{config.hydra.output_subdir}"):
+            for record in sweep.glob(f"*/{config.hydra.output_subdir}"):
                 _back_up(record)
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if config.hydra.mode.name == "MULTIRUN":  # the launcher wrote the sweep's record: its secrets go
+            redact_file(Path(config.hydra.sweep.dir) / MULTIRUN_RECORD)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        """A rerun of a sweep whose every job was refused leaves the sweep's record as it was."""
+        from cl_bench.recording.sweep_summary import sweep_jobs
+
+        sweep = Path(config.hydra.sweep.dir)
+        backup = sweep / (MULTIRUN_RECORD + BACKUP_SUFFIX)
+        if not backup.is_file():
+            return
+        rows = sweep_jobs(sweep, getattr(self, "started", 0.0))
+        if rows and all(r["status"] == "refused" for r in rows):
+            backup.replace(sweep / MULTIRUN_RECORD)
+        else:
+            backup.unlink()
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         value = getattr(job_return, "_return_value", None)
@@ -94,31 +121,34 @@ def discard_backup(run_dir: str | Path, subdir: str = ".hydra") -> None:
 
 
 def redact_record(run_dir: str | Path, subdir: str = ".hydra") -> None:
-    """Hide secret-looking settings (``+api_token=...``, see cl_bench/recording/results.py) in the
-    record Hydra wrote: config.yaml's values and the overrides in overrides.yaml and hydra.yaml."""
+    """Hide credentials (cl_bench/secrets.py: ``+api_token=...``, a W&B key) in the record Hydra
+    wrote: config.yaml's values and the overrides in overrides.yaml and hydra.yaml."""
+    for name in ("config.yaml", "overrides.yaml", "hydra.yaml"):
+        redact_file(_record(run_dir, subdir) / name)
+
+
+def redact_file(path: Path) -> None:
+    """Hide credentials in one of Hydra's records: a list of overrides (overrides.yaml), or a config
+    whose ``hydra`` node lists the command's overrides (config.yaml, hydra.yaml, multirun.yaml)."""
     import yaml
 
     from cl_bench.files import atomic_write
-    from cl_bench.recording.results import redact, redact_override
+    from cl_bench.secrets import redact, redact_override
 
-    record = _record(run_dir, subdir)
-    for name in ("config.yaml", "overrides.yaml", "hydra.yaml"):
-        path = record / name
-        if not path.is_file():
-            continue
-        data = yaml.safe_load(path.read_text())
-        if name == "config.yaml":
-            data = redact(data)
-        elif name == "overrides.yaml":
-            data = [redact_override(o) for o in data or []]
-        else:
-            overrides = data.get("hydra", {}).get("overrides", {})
-            for group in ("task", "hydra"):
-                overrides[group] = [redact_override(o) for o in overrides.get(group) or []]
-            job = data.get("hydra", {}).get("job", {})
-            if job.get("override_dirname"):
-                job["override_dirname"] = ",".join(redact_override(o) for o in job["override_dirname"].split(","))
-        atomic_write(path, yaml.safe_dump(data, sort_keys=False))
+    if not path.is_file():
+        return
+    data = yaml.safe_load(path.read_text())
+    if isinstance(data, list):
+        data = [redact_override(o) for o in data]
+    elif isinstance(data, dict):
+        data = redact(data)
+        overrides = (data.get("hydra") or {}).get("overrides") or {}
+        for group in ("task", "hydra"):
+            overrides[group] = [redact_override(o) for o in overrides.get(group) or []]
+        job = (data.get("hydra") or {}).get("job") or {}
+        if job.get("override_dirname"):
+            job["override_dirname"] = ",".join(redact_override(o) for o in job["override_dirname"].split(","))
+    atomic_write(path, yaml.safe_dump(data, sort_keys=False))
 
 
 def with_run_overrides(argv: list[str]) -> list[str]:

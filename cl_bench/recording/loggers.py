@@ -89,7 +89,7 @@ def check_wandb_login(timeout: float) -> None:
 def redacted_argv() -> Iterator[None]:
     """``sys.argv`` with secret-looking overrides hidden while W&B starts a run: it records the
     command line (its ``args``), and ``+api_token=...`` must not reach W&B's files or servers."""
-    from cl_bench.recording.results import redact_override
+    from cl_bench.secrets import redact_override
 
     given = sys.argv[:]
     sys.argv[:] = [redact_override(a) for a in given]

@@ -13,21 +13,18 @@ import csv
 import io
 import json
 import math
-import re
 import time
 from pathlib import Path
 from typing import Any
 
-from cl_bench.data.tasks import answer_options
+from cl_bench.data.options import answer_options
 from cl_bench.evaluation.continual import ContinualSettings
 from cl_bench.evaluation.example_forgetting import example_flips, flips
 from cl_bench.evaluation.general_ability import PROBE_TASK
 from cl_bench.evaluation.matrix_metrics import all_metrics
 from cl_bench.evaluation.stability_gap import curve_metrics
 from cl_bench.files import atomic_write
-
-_SECRET_KEY = re.compile(r"(^|_)(api_?key|secret|password|passwd|token|auth|credentials?)$", re.IGNORECASE)
-REDACTED = "<redacted>"
+from cl_bench.secrets import redact
 
 
 def finite_json(obj: Any, where: str = "") -> tuple[Any, dict[str, str]]:
@@ -59,21 +56,6 @@ def strict_json(obj: Any, **kwargs: Any) -> str:
     return json.dumps(obj, allow_nan=False, **kwargs)
 
 
-def redact(obj: Any) -> Any:
-    """A copy of a config tree with the values of secret-looking keys (``api_key``, ``token``, ...) hidden."""
-    if isinstance(obj, dict):
-        return {k: REDACTED if _SECRET_KEY.search(str(k)) and v is not None else redact(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [redact(v) for v in obj]
-    return obj
-
-
-def redact_override(override: str) -> str:
-    """A command-line override (``+api_token=...``) with a secret-looking key's value hidden."""
-    key, sep, _ = override.partition("=")
-    return f"{key}={REDACTED}" if sep and _SECRET_KEY.search(key.lstrip("+~").rsplit(".", 1)[-1]) else override
-
-
 class RunRecorder:
     """Collects the score matrix and timings of a run and writes them after every stage."""
 
@@ -87,12 +69,15 @@ class RunRecorder:
         trained: list[str] | None = None,
         continual: ContinualSettings | None = None,
         data: dict[str, Any] | None = None,
+        options: dict[str, int | float | None] | None = None,
     ):
         """``writes=False`` keeps everything in memory (the processes other than rank 0).
         ``trained``: what each stage trains, when it is not one task of the stream after another
         (a joint run: ``["joint"]``, one row after the base row). ``continual``: the run's continual
         evaluation, whose points :meth:`add_continual` collects. ``data``: the stream's data manifest
-        (cl_bench/data/manifest.py, ``stream_data``), results.json's ``data``."""
+        (cl_bench/data/manifest.py, ``stream_data``), results.json's ``data``. ``options``: each task's
+        number of answer options for its flips' chance adjustment (cl_bench/evaluation/example_forgetting.py,
+        ``stream_options``); a task it lacks gets the distinct answers of its evaluated examples."""
         self.out_dir = Path(out_dir)
         self.writes = writes
         if writes:
@@ -123,6 +108,7 @@ class RunRecorder:
         #: the learning paradigm's telemetry (GRPO, self-SFT; empty for SFT): results.json's ``learning``
         self.learning_report: dict[str, Any] = {}
         self.data = data
+        self.options = dict(options or {})
         #: per stage, the scores of the metrics recorded beside each task's own (TaskSpec.also):
         #: {metric: {task: score}}
         self.also: list[dict[str, dict[str, float]]] = []
@@ -316,7 +302,7 @@ class RunRecorder:
             then = json.loads(trained.read_text())[task]
             if any("right" not in r for r in then + now[task]):
                 continue  # written before per-example results were kept
-            options = answer_options([r["answer"] for r in then])
+            options = self.options[task] if task in self.options else answer_options([r["answer"] for r in then])
             out[task] = flips([r["right"] for r in then], [r["right"] for r in now[task]], options)
         return out
 
@@ -345,6 +331,9 @@ class RunRecorder:
         )
 
     def write(self, status: str | None = None, error: str | None = None) -> None:
+        """results.json and scores.csv, atomically. A status given (the run's last word: finished,
+        failed, stopped) is written over the old results.json in place if the disk has no room for
+        a new file, so that a run that filled its disk still says it failed."""
         if status is not None:
             self.status = status
         if error is not None:
@@ -354,5 +343,6 @@ class RunRecorder:
         record, non_finite = finite_json(self.to_dict())
         if non_finite:  # beside status and error: a reader sees first that some values were not numbers
             record = {"status": record["status"], "error": record["error"], "non_finite": non_finite, **record}
-        atomic_write(self.out_dir / "results.json", strict_json(record, indent=2))
-        atomic_write(self.out_dir / "scores.csv", self.scores_csv())
+        last = status is not None  # the run's last word: written in place if need be
+        atomic_write(self.out_dir / "results.json", strict_json(record, indent=2), in_place_when_full=last)
+        atomic_write(self.out_dir / "scores.csv", self.scores_csv(), in_place_when_full=last)
