@@ -14,7 +14,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from cl_bench.errors import ConfigError, RunDirInUse
+from cl_bench.errors import DISK_ERRNOS, ConfigError, RunDirInUse
 
 log = logging.getLogger(__name__)
 
@@ -26,14 +26,19 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def atomic_write(path: str | Path, content: str | bytes | Callable[[Path], None]) -> Path:
+def atomic_write(
+    path: str | Path, content: str | bytes | Callable[[Path], None], in_place_when_full: bool = False
+) -> Path:
     """Write ``content`` (text, bytes, or a function that writes a file or folder at the path it
     is given) to a temporary path beside ``path``, then rename it over ``path``.
 
     The temporary name carries the process id, so processes writing the same file (parallel jobs
     generating one cached stream) never write into each other's file. Text and bytes are fsynced
-    before the rename. If writing fails, the temporary path is removed and ``path`` is untouched.
-    """
+    before the rename. If writing fails, the temporary path is removed and ``path`` is untouched;
+    the error names ``path``. ``in_place_when_full``: on a full disk (or a dir that no longer takes
+    new files), text or bytes that fit in the blocks ``path`` already holds are written over it
+    instead (not atomic, but it needs no free space and no new entry in the dir: a run's failure can
+    still be recorded in its results.json)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -57,11 +62,33 @@ def atomic_write(path: str | Path, content: str | bytes | Callable[[Path], None]
             raise OSError(
                 errno.ENOSPC, f"no space left on the device of {path.parent} while writing {path.name}"
             ) from e
+        if not isinstance(e, OSError):
+            raise
+        if in_place_when_full and e.errno in DISK_ERRNOS and _overwrite(path, content):
+            return path
+        if e.filename is None or Path(e.filename) == tmp:  # "No space left on device", or a temporary's name
+            raise type(e)(e.errno, f"{e.strerror or e} while writing {path}") from e
         raise
     except BaseException:
         _remove(tmp)
         raise
     return path
+
+
+def _overwrite(path: Path, content: str | bytes | Callable[[Path], None]) -> bool:
+    """Write ``content`` over ``path`` in the blocks it holds, if it fits in them; True if written."""
+    data = content.encode("utf-8") if isinstance(content, str) else content
+    try:
+        if not isinstance(data, bytes) or len(data) > path.stat().st_blocks * 512:
+            return False
+        with open(path, "r+b") as f:
+            f.write(data)
+            f.truncate()
+            f.flush()
+            os.fsync(f.fileno())
+        return True
+    except OSError:
+        return False
 
 
 def _release_frames(error: BaseException | None) -> None:
@@ -187,6 +214,11 @@ class RunDirLock:
                 _remove(tmp)
 
     def release(self) -> None:
+        """Let the dir go; a lock that cannot be removed (a dir made read-only under the run) is
+        logged, never raised: the error that ended the run must not be hidden by this one."""
         if self.held:
-            self.path.unlink(missing_ok=True)
             self.held = False
+            try:
+                self.path.unlink(missing_ok=True)
+            except OSError as e:
+                log.error("could not remove the run dir's lock %s (%s): delete it by hand", self.path, e.strerror or e)

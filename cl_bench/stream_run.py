@@ -33,7 +33,7 @@ from cl_bench.distributed import in_multirun, is_main, parallel_jobs, rank, shar
 from cl_bench.errors import as_stop, stop_on_signals
 from cl_bench.evaluation.base_kl import BaseKL
 from cl_bench.evaluation.continual import ContinualEvaluator, ContinualSettings
-from cl_bench.evaluation.example_forgetting import stream_right_answers
+from cl_bench.evaluation.example_forgetting import stream_options, stream_right_answers
 from cl_bench.evaluation.general_ability import GeneralAbility
 from cl_bench.evaluation.generation import GenerationConfig, evaluate_stream
 from cl_bench.evaluation.metrics import also_scores
@@ -43,17 +43,12 @@ from cl_bench.models import build_model
 from cl_bench.progress import activity, doing, heartbeat, say, work_summary
 from cl_bench.recording.console import console
 from cl_bench.recording.loggers import RunLoggers
-from cl_bench.recording.results import RunRecorder, redact
+from cl_bench.recording.results import RunRecorder
 from cl_bench.recording.summary import print_summary
 from cl_bench.rng import derive_seed, rng_state, set_rng_state
 from cl_bench.run_config import build_stream, validate_run_config
-from cl_bench.training.checkpointing import (
-    StreamCheckpoints,
-    restore_weights,
-    resume_command,
-    run_dir,
-    stage_weights,
-)
+from cl_bench.secrets import redact
+from cl_bench.training.checkpointing import StreamCheckpoints, restore_weights, resume_command, run_dir, stage_weights
 from cl_bench.training.learning import SFT, Learning
 from cl_bench.training.module import CLModule
 from cl_bench.training.pace import StepPace
@@ -130,6 +125,7 @@ class StreamRun:
             trained=[t.name for t in self.training],
             continual=self.continual,
             data=self.data,
+            options=stream_options(self.stream, cfg.eval.split, cfg.eval.max_examples),
         )
         run_ids = self.saved["run_ids"] if self.saved else {}
         self.loggers = RunLoggers(
@@ -150,8 +146,7 @@ class StreamRun:
         self.recorder.set_timing("load_s", time.perf_counter() - t0)
         self.loaders = TaskLoaders.from_config(cfg.train, self.bundle.tokenizer)
         optimizer, reset_optimizer = optimizer_factory(cfg.optimizer)
-        # Evaluation and the methods' passes (Fisher, anchors) run where training runs.
-        self.module = CLModule(
+        self.module = CLModule(  # evaluation and the methods' passes (Fisher, anchors) run where training runs
             self.bundle.model,
             self.method,
             optimizer,
@@ -356,11 +351,14 @@ class StreamRun:
         why = f"{type(error).__name__}: {error}"
         if status == "stopped":
             why = f"{error}: continue it with `{continue_with}`"
-        try:
+        try:  # the disk's own error (full, read-only) must not hide the one that ended the run
             self.recorder.write(status=status, error=why)
         except OSError as e:
-            log.error("could not record the failure in %s: %s", self.out_dir / "results.json", e.strerror or e)
-        self.loggers.finalize("failed", self.recorder)
+            log.error("could not record the end in %s (%s): it still says 'running'", self.out_dir, e.strerror or e)
+        try:
+            self.loggers.finalize("failed", self.recorder)
+        except OSError as e:
+            log.error("the loggers could not finish (%s)", e.strerror or e)
         if is_main():  # soft-wrapped: a command copied from a terminal must hold no line break
             console.print(
                 f"The run {status}, its finished stages kept. To continue it: {continue_with}", soft_wrap=True

@@ -533,6 +533,7 @@ def test_a_secret_passed_as_a_setting_is_written_nowhere(tmp_path):
         "tasks.epochs=1",
         "eval.max_examples=2",
         "+api_token=s3cret-value",
+        f"+wandb_key={WANDB_KEY}",
         f"hydra.run.dir={out}",
         f"paths.cache_dir={tmp_path / 'cache'}",
         timeout=300,
@@ -540,8 +541,47 @@ def test_a_secret_passed_as_a_setting_is_written_nowhere(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     files = [p for p in out.rglob("*") if p.is_file()]
     assert any(p.suffix == ".pt" for p in files) and (out / ".hydra" / "overrides.yaml").is_file()
-    assert [str(p) for p in files if b"s3cret-value" in p.read_bytes()] == []
+    assert [str(p) for p in files if b"s3cret-value" in p.read_bytes() or WANDB_KEY.encode() in p.read_bytes()] == []
     assert "api_token=<redacted>" in (out / ".hydra" / "overrides.yaml").read_text()
+    assert "+wandb_key=<redacted>" in (out / ".hydra" / "overrides.yaml").read_text()
+
+
+#: a W&B API key's shape (40 hex digits), under a key name no pattern of names catches
+WANDB_KEY = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.mark.processes
+def test_a_secret_is_written_nowhere_by_a_run_refused_or_crashed_at_start(tmp_path):
+    """Issue 37.14: a sweep's job refused at start kept +api_token=... in plain text in its .hydra
+    record (redacted only once a run began), and a crash raised into Hydra printed "Error executing
+    job with overrides: [...]", the token with it; +wandb_key=<a W&B key> was kept everywhere."""
+    secrets = ["+api_token=s3cret-value", f"+wandb_key={WANDB_KEY}"]
+    refused = run_module(
+        "runners.cl",
+        "-m",
+        "model=tiny_llama",
+        "general=none",
+        "optimizer.lr=-1",
+        *secrets,
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        "hydra.sweep.subdir=job",
+    )
+    crashed = run_module(
+        "runners.cl",
+        "model=tiny_llama",
+        "general=none",
+        "method._target_=math.sqrt",
+        *secrets,
+        f"hydra.run.dir={tmp_path / 'crash'}",
+    )
+    assert refused.returncode == 1 and crashed.returncode == 1 and "Traceback" in crashed.stderr
+    for printed in (refused.stdout + refused.stderr, crashed.stdout + crashed.stderr):
+        assert "s3cret-value" not in printed and WANDB_KEY not in printed
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert (tmp_path / "sweep" / "job" / ".hydra" / "overrides.yaml").is_file() and (
+        tmp_path / "crash" / ".hydra"
+    ).is_dir()
+    assert [str(p) for p in files if b"s3cret-value" in p.read_bytes() or WANDB_KEY.encode() in p.read_bytes()] == []
 
 
 def test_a_resume_refuses_changed_data_and_lists_every_changed_setting(make_config, tmp_path, monkeypatch):
@@ -592,3 +632,44 @@ def test_a_resume_refuses_changed_data_and_lists_every_changed_setting(make_conf
     message = str(refused.value)  # the 11 settings, the data's digest and the run name (it holds the seed)
     assert "these 14 settings differ" in message and "run_name (" in message and "paths.output_dir" not in message
     assert all(f"{o.split('=')[0]} (" in message for o in many) and "data_sha256" in message
+
+
+def test_a_disk_that_fills_mid_run_is_named_and_the_failure_still_recorded(make_config, monkeypatch, caplog):
+    """Issue 37.16: after stage 1 the disk takes no new file: the error said only "No space left on
+    device", results.json stayed "running", and a lock that could not be removed hid the first error.
+    Now the error names the file, the last word is written over results.json in place, and the lock
+    is logged, not raised."""
+    import builtins
+    import errno
+
+    from cl_bench.training.checkpointing import StreamCheckpoints
+
+    full = {"now": False}
+    real_open, save = builtins.open, StreamCheckpoints.save_stage
+
+    def no_new_files(path, mode="r", *args, **kwargs):
+        if full["now"] and ".tmp" in Path(path).name and ("w" in mode or "x" in mode):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(path, mode, *args, **kwargs)
+
+    def filling(self, state, done):
+        save(self, state, done)
+        full["now"] = done >= 1
+
+    def locked(self, missing_ok=False):
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr("cl_bench.files.open", no_new_files, raising=False)
+    monkeypatch.setattr(StreamCheckpoints, "save_stage", filling)
+    cfg = make_config("tasks.order=[arith,code]", "logger=none")
+    out = Path(cfg.paths.output_dir)
+    real_unlink = Path.unlink
+    monkeypatch.setattr(
+        Path, "unlink", lambda p, missing_ok=False: locked(p) if p.name == ".lock" else real_unlink(p, missing_ok)
+    )
+    with pytest.raises(OSError, match=r"No space left on device while writing .*/predictions/after_code.json"):
+        run(cfg, out)
+    monkeypatch.undo()
+    results = _results(out)
+    assert results["status"] == "failed" and "while writing" in results["error"] and len(results["R"]) == 3  # scored
+    assert "could not remove the run dir's lock" in caplog.text and "delete it by hand" in caplog.text
