@@ -566,12 +566,12 @@ def test_a_sweep_runs_every_job_in_its_own_dir_survives_a_failed_one_and_reports
     assert out.returncode == 1 and "4 of 8 jobs did not finish" in out.stdout and "Traceback" not in out.stderr
     rows = [line.split("│")[1:4] for line in out.stdout.splitlines() if re.match(r"│ \d ", line)]
     assert [(r[0].strip(), r[1].strip()) for r in rows] == [
-        (str(n), "finished" if n < 4 else "failed") for n in range(8)
+        (str(n), "finished" if n < 4 else "refused") for n in range(8)
     ]
     assert all(r[2].strip().startswith("op ") for r in rows[:4])
     jobs = [json.loads((tmp_path / str(n) / "results.json").read_text()) for n in range(8)]
     done = [j for j in jobs if j["status"] == "finished"]
-    failed = [j for j in jobs if j["status"] == "failed"]
+    failed = [j for j in jobs if j["status"] == "refused"]  # issue 37.18: refused by its settings, as by its dir
     assert {(j["config"]["method"]["_target_"].rsplit(".", 1)[-1], j["config"]["seed"]) for j in done} == {
         ("SFT", 1),
         ("SFT", 2),
@@ -599,7 +599,7 @@ def test_a_local_sweep_refuses_to_start_ddp_processes(tmp_path):
     )
     assert out.returncode == 1 and "1 of 1 jobs did not finish" in out.stdout
     result = json.loads((tmp_path / "job" / "results.json").read_text())
-    assert result["status"] == "failed" and "a local multirun cannot start DDP processes" in result["error"]
+    assert result["status"] == "refused" and "a local multirun cannot start DDP processes" in result["error"]
 
 
 @pytest.mark.processes
@@ -722,3 +722,19 @@ def test_a_sweep_job_refused_by_its_dir_is_a_failed_row_and_the_record_is_kept(t
     results = json.loads((tmp_path / "same" / "results.json").read_text())
     assert results["status"] == "finished" and results["config"]["seed"] == 1
     assert "seed=1" in (tmp_path / "same" / ".hydra" / "overrides.yaml").read_text()
+    # issue 37.18: a rerun of the sweep whose every job is refused leaves the sweep's own record as it was
+    record = (tmp_path / "multirun.yaml").read_text()
+    again = _run(
+        [
+            "-m",
+            *TINY_RUN,
+            "tasks.order=[arith]",
+            "seed=1",
+            "optimizer.lr=0.5",
+            f"hydra.sweep.dir={tmp_path}",
+            "hydra.sweep.subdir=same",
+        ],
+        check=False,
+    )
+    assert again.returncode == 1 and re.search(r"│ same +│ refused +│", again.stdout), again.stdout[-2000:]
+    assert (tmp_path / "multirun.yaml").read_text() == record and "optimizer.lr=0.5" not in record
