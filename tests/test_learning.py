@@ -292,6 +292,15 @@ def test_reused_rollouts_clip_and_each_global_batch_trains_num_iterations_steps(
         ),
         (["method=migu", "method.ignore_padding=true", "learning=grpo"], "ignore_padding reads the SFT batch"),
         (["learning=self_sft", "learning.reward=nowhere.reward"], "learning.reward: cannot import 'nowhere.reward'"),
+        # issue 37.15: rewards are 0-1, so nothing would ever pass
+        (
+            ["learning=self_sft", "learning.threshold=2"],
+            r"learning.threshold=2: the task scorers' rewards lie in \[0, 1\]",
+        ),
+        (
+            ["learning=grpo", "learning.reward=tests.test_learning.one_argument"],
+            r"learning.reward \(one_argument\) cannot be called with TRL's reward arguments",
+        ),
     ],
 )
 def test_settings_a_paradigm_cannot_run_are_refused_before_the_model_loads(make_config, tmp_path, overrides, message):
@@ -306,6 +315,57 @@ def test_a_reward_function_must_return_one_finite_reward_per_completion(make_con
 
 def one_reward(prompts, completions, **columns):
     return [1.0]
+
+
+def one_argument(completions):
+    return [1.0] * len(completions)
+
+
+def words(prompts, completions, **columns):
+    return ["0.5"] * len(completions)
+
+
+def nothing(prompts, completions, **columns):
+    return [float("nan"), None, float("inf")] * (len(completions) // 3) + [None] * (len(completions) % 3)
+
+
+def test_a_reward_that_is_not_a_number_is_refused_naming_learning_reward(make_config, tmp_path):
+    """Issue 37.15: a reward function returning strings ("0.5") was read as numbers."""
+    with pytest.raises(ConfigError, match=r"learning.reward \(words\) must return numbers .*got str '0.5'"):
+        run(make_config(*LEARNABLE, "learning.reward=tests.test_learning.words"), tmp_path / "run")
+
+
+@pytest.mark.parametrize(
+    "overrides, why",
+    [
+        (["learning.reward=tests.test_learning.nothing"], "the reward function scored no completion"),
+        (
+            ["learning=self_sft", "learning.threshold=1.0", "learning.reward=tests.test_learning.one_half"],
+            "no completion reached learning.threshold",
+        ),
+    ],
+)
+def test_a_task_an_on_policy_run_learns_nothing_from_is_warned_recorded_and_reported(
+    make_config, tmp_path, caplog, overrides, why
+):
+    """Issue 37.15: rewards that were all NaN, inf or None, or a threshold nothing passed, ended
+    "finished" with no word (the telemetry's reward_mean read 0.0): the task's warning is logged,
+    kept in results.json and listed by the report."""
+    from cl_bench.recording.reading import find_runs
+    from cl_bench.recording.report import write_report
+
+    run(make_config(*LEARNABLE, "tasks.num_train=8", "tasks.epochs=1", *overrides), tmp_path / "run")
+    task = json.loads((tmp_path / "run" / "results.json").read_text())["learning"]["tasks"]["arith"]
+    assert [w.startswith(why) for w in task["warnings"]] == [True]
+    assert "task arith, learning=" in caplog.text and why in caplog.text
+    if "nothing" in overrides[0]:
+        assert task["reward_mean"] is None and task["unscored"] == 1.0
+    write_report(find_runs([tmp_path / "run"]), tmp_path / "report", ["sft"])
+    assert f"| arith: {why}" in (tmp_path / "report" / "report.md").read_text()
+
+
+def one_half(prompts, completions, **columns):
+    return [0.5] * len(completions)
 
 
 def test_a_completion_a_reward_function_does_not_score_is_left_out_of_its_group_as_in_trl():

@@ -4,7 +4,8 @@ model, and the per-step telemetry.
 Per optimizer step (summed over micro-batches and processes), logged under ``rl/`` on logging
 steps and summed per task into results.json's ``learning``:
 
-- ``reward_mean``, ``reward_std``: over the step's completions (std: population);
+- ``reward_mean``, ``reward_std``: over the step's scored completions (std: population; None when
+  none was scored); ``unscored``: the share the reward function did not score (None, NaN, infinity);
 - ``skipped_groups``: the share of prompts whose G rewards were all equal (no signal);
 - ``completion_length``: mean completion tokens (EOS included); ``truncated``: share without EOS;
 - ``clipped``: share of trained completion tokens whose importance ratio was clipped (TRL's
@@ -20,6 +21,7 @@ steps and summed per task into results.json's ``learning``:
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from collections.abc import Callable, Sequence
 from types import SimpleNamespace
@@ -29,12 +31,12 @@ import torch
 from hydra.utils import get_method
 
 from cl_bench.data.tokenization import IGNORE_INDEX, encode_prompt
-from cl_bench.distributed import sum_across_ranks
+from cl_bench.distributed import is_main, sum_across_ranks
 from cl_bench.errors import ConfigError, check_flag, check_number
 from cl_bench.evaluation.base_kl import BaseKL, forward_kl
 from cl_bench.evaluation.generation import decode
 from cl_bench.on_policy.policy_loss import zero_std_groups
-from cl_bench.on_policy.rewards import TaskScore, checked_rewards
+from cl_bench.on_policy.rewards import TaskScore, check_signature, checked_rewards
 from cl_bench.on_policy.rollouts import Rollouts, completion_batch, sample_group
 from cl_bench.rng import derive_seed
 from cl_bench.training.learning import Learning
@@ -43,9 +45,12 @@ from cl_bench.training.lm import eval_mode, labelled_logits
 if TYPE_CHECKING:
     from cl_bench.data.tasks import Example, Task, TaskStream
 
+log = logging.getLogger(__name__)
+
 #: what a step sums (over micro-batches and processes) for its telemetry
 SUMS = (
     "completions",
+    "scored",
     "reward_sum",
     "reward_sq",
     "groups",
@@ -69,23 +74,28 @@ def reward_function(reward: Any) -> Callable:
         return TaskScore()
     if isinstance(reward, str):
         try:
-            return get_method(reward)
+            reward = get_method(reward)
         except Exception as e:
             raise ConfigError(f"learning.reward: cannot import {reward!r}: {e}") from None
     if not callable(reward):
         raise ConfigError(
             f"learning.reward must be a function (a dotted path or a _target_), not {type(reward).__name__}"
         )
+    check_signature(reward, getattr(reward, "__name__", type(reward).__name__))
     return reward
 
 
-def step_metrics(s: dict[str, float]) -> dict[str, float]:
-    """The telemetry of summed counts (see the module doc); keys absent where nothing was measured."""
+def step_metrics(s: dict[str, float]) -> dict[str, float | None]:
+    """The telemetry of summed counts (see the module doc); keys absent where nothing was measured.
+    The reward's mean and std are over the scored completions (TRL's nanmean), None when none was;
+    ``unscored`` is the share the reward function did not score (None, NaN, infinity)."""
     n = max(s["completions"], 1)
-    mean = s["reward_sum"] / n
+    scored = s.get("scored", s["completions"])  # runs recorded before unscored completions were counted
+    mean = s["reward_sum"] / scored if scored else None
     out = {
         "reward_mean": mean,
-        "reward_std": math.sqrt(max(s["reward_sq"] / n - mean**2, 0.0)),
+        "reward_std": None if mean is None else math.sqrt(max(s["reward_sq"] / scored - mean**2, 0.0)),
+        "unscored": 1 - scored / n,
         "skipped_groups": s["skipped_groups"] / max(s["groups"], 1),
         "completion_length": s["completion_tokens"] / n,
         "truncated": s["truncated"] / n,
@@ -216,6 +226,7 @@ class OnPolicy(Learning):
         mask = ro.batch["labels"] != IGNORE_INDEX
         self.add(
             completions=len(ro.rewards),
+            scored=float((~ro.rewards.isnan()).sum()),
             reward_sum=float(scored.sum()),
             reward_sq=float((scored**2).sum()),
             groups=groups,
@@ -262,15 +273,37 @@ class OnPolicy(Learning):
         record = self.tasks.setdefault(self.task_name, {"steps": 0, "sums": dict.fromkeys(SUMS, 0.0), "curves": {}})
         record["steps"] += 1
         for k, v in step.items():
-            record["sums"][k] += v
+            record["sums"][k] = record["sums"].get(k, 0.0) + v
         for key in ("reward_mean", "kl_to_base"):
             record["curves"].setdefault(key, []).append(metrics.get(key))
 
+    def unlearned(self, sums: dict[str, float]) -> str | None:
+        """Why a task's fit learned nothing from its rollouts, or None; a paradigm adds its reasons."""
+        if sums["completions"] and not sums.get("scored", sums["completions"]):
+            return "the reward function scored no completion (it gave None, NaN or infinity for every one)"
+        return None
+
+    def end_fit(self) -> None:
+        """A task none of whose rollouts taught anything ends with a warning, also kept in its
+        telemetry (results.json's ``learning.tasks.<task>.warnings``, listed by the report)."""
+        record = self.tasks.get(self.task_name)
+        why = record and self.unlearned(record["sums"])
+        if why and why not in record.setdefault("warnings", []):
+            record["warnings"].append(why)
+            if is_main():
+                log.warning("task %s, learning=%s: %s; nothing was learned from it", self.task_name, self.name, why)
+
     def report(self) -> dict[str, Any]:
-        """Per trained task: its steps' telemetry (see the module doc) and the per-step curves of the
-        reward and the KL to the base model (None on steps where the KL was not measured)."""
+        """Per trained task: its steps' telemetry (see the module doc), the per-step curves of the
+        reward and the KL to the base model (None on steps where the KL was not measured) and the
+        warnings of a task that learned nothing (:meth:`end_fit`)."""
         per_task = {
-            name: {"steps": r["steps"], **step_metrics(r["sums"]), "curves": r["curves"]}
+            name: {
+                "steps": r["steps"],
+                **step_metrics(r["sums"]),
+                "curves": r["curves"],
+                "warnings": r.get("warnings", []),
+            }
             for name, r in self.tasks.items()
         }
         return {"paradigm": self.name, "settings": self.settings(), "tasks": per_task}

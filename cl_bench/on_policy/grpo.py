@@ -90,6 +90,13 @@ class GRPO(OnPolicy):
             raise RuntimeError(f"rollouts of examples {ro.index} reused for a batch of {batch['index'].tolist()}")
         return ro
 
+    def unlearned(self, sums: dict[str, float]) -> str | None:
+        if why := super().unlearned(sums):
+            return why
+        if sums["groups"] and sums["skipped_groups"] == sums["groups"]:
+            return "every prompt's completions got equal rewards (zero advantages: no policy gradient)"
+        return None
+
     def task_loss(self, module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         ro = self.step_rollouts(module, batch)
         g = self.num_generations

@@ -24,9 +24,10 @@ import torch
 
 from cl_bench.data.tokenization import IGNORE_INDEX
 from cl_bench.distributed import sum_across_ranks, world_size
-from cl_bench.errors import check_number
+from cl_bench.errors import ConfigError, check_number
 from cl_bench.evaluation.example_forgetting import BINARY_METRICS
 from cl_bench.on_policy.base import OnPolicy
+from cl_bench.on_policy.rewards import TaskScore
 from cl_bench.on_policy.rollouts import rows_of
 from cl_bench.training.lm import labelled_logits
 
@@ -38,6 +39,26 @@ class SelfSFT(OnPolicy):
         super().__init__(**on_policy)
         self.threshold = check_number(threshold, "learning.threshold", allow_none=True)
         self.right_threshold = check_number(right_threshold, "learning.right_threshold", low=0, high=100)
+
+    def check_run(self, cfg: Any, method: Any) -> None:
+        super().check_run(cfg, method)
+        if self.threshold is not None and self.threshold > 1 and isinstance(self.reward, TaskScore):
+            raise ConfigError(
+                f"learning.threshold={self.threshold}: the task scorers' rewards lie in [0, 1], so no completion "
+                "would ever be trained on; set a reward in [0, 1] (or null: a completion is kept when it is right)"
+            )
+
+    def unlearned(self, sums: dict[str, float]) -> str | None:
+        if why := super().unlearned(sums):
+            return why
+        if sums["completions"] and not sums["trained_rows"]:
+            bar = (
+                "learning.threshold"
+                if self.threshold is not None
+                else "the right-answer bar (learning.threshold: null)"
+            )
+            return f"no completion reached {bar}"
+        return None
 
     def bar(self, metric: str) -> float:
         """The reward a completion of a task scored by ``metric`` must reach to be trained on."""

@@ -267,6 +267,11 @@ def _run_result(file: Path, data: dict) -> RunResult:
         values=values,
         continual=data.get("continual"),
         data=digest,
+        unlearned={
+            task: "; ".join(map(str, record["warnings"]))
+            for task, record in ((data.get("learning") or {}).get("tasks") or {}).items()
+            if isinstance(record, dict) and isinstance(record.get("warnings"), list) and record["warnings"]
+        },
     )
 
 

@@ -117,9 +117,11 @@ def markdown(
     data_notes: list[str] = (),
     refused: list[Refused] = (),
     non_finite: dict[str, dict[str, str]] | None = None,
+    unlearned: dict[str, dict[str, str]] | None = None,
 ) -> str:
     """report.md: per setting the groups' table, a paired table per baseline, the runs of each
-    row; then the values read as missing and what was not included, and why."""
+    row; then the tasks an on-policy run learned nothing on, the values read as missing and what
+    was not included, and why."""
     out = ["# Comparison report", ""]
     if data_notes:
         out += ["Runs on different data (their manifests differ) are in different settings:", ""]
@@ -171,6 +173,21 @@ def markdown(
                 out += ["", "Not paired, so not in the differences above: " + "; ".join(unpaired) + "."]
         out += ["", "Runs in each row:", "", "| method | runs |", "|---|---|"]
         out += [f"| {_cell(r['method'])} | {_cell(' '.join(r['runs']))} |" for r in mine]
+        out.append("")
+    if unlearned:
+        out += [
+            "## Tasks learned from nothing",
+            "",
+            "On-policy runs (GRPO, self-SFT) whose rollouts of a task taught nothing: their scores on it are "
+            "the untrained model's, not a method's retention:",
+            "",
+            "| run | task: why |",
+            "|---|---|",
+        ]
+        out += [
+            f"| {_cell(run)} | {_cell('; '.join(f'{t}: {why}' for t, why in tasks.items()))} |"
+            for run, tasks in unlearned.items()
+        ]
         out.append("")
     if non_finite:
         out += [
@@ -276,7 +293,8 @@ def write_report(
     failed = [r for r in runs if r.status != "finished"]
     data_notes = different_data(runs)
     non_finite = {str(r.path): r.non_finite for r in runs if r.status == "finished" and r.non_finite}
-    md_text = markdown(rows, pairs, failed, data_notes, refused, non_finite)
+    unlearned = {str(r.path): r.unlearned for r in runs if r.status == "finished" and r.unlearned}
+    md_text = markdown(rows, pairs, failed, data_notes, refused, non_finite, unlearned)
     figs = figures(groups, rows, _settings(rows)) if rows else []
     summary = {
         "groups": rows,
@@ -297,6 +315,7 @@ def write_report(
         "failed": [{"path": str(r.path), "status": r.status, "error": r.error} for r in failed],
         "refused": [{"path": str(r.path), "reason": r.reason} for r in refused],
         "non_finite": non_finite,
+        "unlearned": unlearned,
     }
     atomic_write(out / "report.md", md_text)
     record, not_finite = finite_json(summary)

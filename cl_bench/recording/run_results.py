@@ -145,6 +145,8 @@ class RunResult:
     #: values outside R that were not finite numbers (NaN, an infinity), read as missing: where ->
     #: what they were (in the file, or as the run recorded them in results.json's ``non_finite``)
     non_finite: dict[str, str] = field(default_factory=dict)
+    #: tasks an on-policy paradigm learned nothing on, and why (results.json's learning.tasks.<task>.warnings)
+    unlearned: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass

@@ -76,6 +76,9 @@ class Learning:
     def end_step(self, module: Any) -> None:
         """Once per optimizer step, before the method's gradient edit: the step's telemetry."""
 
+    def end_fit(self) -> None:
+        """After a fit (a task, or an epoch after it): say what the fit could not learn from."""
+
     def report(self) -> dict[str, Any]:
         """results.json's ``learning`` section (JSON values); {} for SFT."""
         return {}

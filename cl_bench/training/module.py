@@ -118,6 +118,7 @@ class CLModule(LightningModule):
         """After a task's fit: count its steps into the stream step, detach the finished Trainer
         (its global_step must not count twice) and put the model back on the run's device."""
         self.step_offset += self.trainer.global_step
+        self.learning.end_fit()
         self.trainer = None
         self.to(self.home_device)
 
