@@ -3,7 +3,9 @@ cl_bench/run_config.py)."""
 
 from __future__ import annotations
 
+import inspect
 import os
+import re
 import traceback
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -30,9 +32,10 @@ OmegaConf.register_new_resolver("cl_arm", arm_name, replace=True)
 
 def build(node: DictConfig, **kwargs):
     """``instantiate``, letting our own ConfigError through unwrapped (it already names the key),
-    and a ``_target_`` that fails to import (a plugin with a bug) reported in one line: the target,
+    a ``_target_`` that fails to import (a plugin with a bug) reported in one line: the target,
     the file and line where the import failed, and the exception (Hydra's own message says only
-    "Error locating target" unless HYDRA_FULL_ERROR=1)."""
+    "Error locating target" unless HYDRA_FULL_ERROR=1), and a setting the target does not take
+    (``+method.lamdba=2``) named by its key with the settings it does take."""
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as e:
@@ -40,7 +43,40 @@ def build(node: DictConfig, **kwargs):
             raise e.__cause__ from None
         if str(e).startswith("Error locating target") and e.__cause__ is not None:
             raise ConfigError(f"cannot import {node.get('_target_')}: {_import_failure(e.__cause__)}") from e
+        unknown = re.search(r"got an unexpected keyword argument '(\w+)'", str(e.__cause__ or ""))
+        if isinstance(e.__cause__, TypeError) and unknown and unknown.group(1) in node:
+            where = node._get_full_key(None) if isinstance(node, DictConfig) else ""
+            target = str(node.get("_target_"))
+            raise ConfigError(
+                f"{where + '.' if where else ''}{unknown.group(1)}: {target.rsplit('.', 1)[-1]} takes no such "
+                f"setting; it takes {', '.join(_settings_of(target)) or 'none'}"
+            ) from None
         raise
+
+
+def _settings_of(target: str) -> list[str]:
+    """The keyword settings a ``_target_`` class (or function) takes, its bases' included where its
+    ``__init__`` passes ``**kwargs`` on to them."""
+    from hydra.utils import get_object
+
+    try:
+        obj = get_object(target)
+    except Exception:
+        return []
+    names: list[str] = []
+    for cls in obj.__mro__ if isinstance(obj, type) else [obj]:
+        function = cls.__init__ if isinstance(cls, type) else cls
+        if isinstance(cls, type) and "__init__" not in vars(cls):
+            continue
+        params = inspect.signature(function).parameters.values()
+        names += [
+            p.name
+            for p in params
+            if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.name not in names
+        ]
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
+    return names
 
 
 def _import_failure(error: BaseException) -> str:

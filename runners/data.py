@@ -5,8 +5,9 @@ Reads every task of the stream from ``DIR`` through the loader a run uses (so th
 refused for the same reasons, by name), whole (no caps, every task of the config in its declared
 order), and prints per task and split the example count, the published count where the stream has
 a protocol (``protocol`` in conf/tasks/<stream>.yaml), the file's SHA-256 and, for classification
-tasks, the label distribution. Writes it all, with the manifest's digest, to ``DIR/manifest.json``
-(or ``--out``): a run on these files records the same ``manifest_sha256`` in its results.json.
+tasks, the label distribution. Writes it all, with the manifest's digest, to
+``manifest-<stream>.json`` in the current folder (or ``--out``; never into DIR by default: shared
+data is often read-only): a run on these files records the same ``manifest_sha256`` in its results.json.
 Exit status: 0 when every count matches the protocol (or there is none), 1 when some differ, 2 when
 the folder cannot be read as the stream.
 """
@@ -51,7 +52,7 @@ def check(folder: Path, stream_name: str, out: Path | None, overrides: list[str]
     manifest = check_stream(build_stream(cfg.tasks), cfg.tasks.get("protocol"))
     manifest = {"stream": stream_name, "data_dir": str(folder.resolve()), **manifest}
     print(render(manifest))
-    target = out or folder / "manifest.json"
+    target = out or Path(f"manifest-{stream_name}.json")
     atomic_write(target, json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
     print(f"manifest: {target}")
     return 1 if manifest["differ_from_protocol"] else 0
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     checker.add_argument("folder", type=Path, help="the folder that holds the stream's task folders")
     checker.add_argument("--stream", required=True, choices=STREAMS, help="the stream (conf/tasks/<name>.yaml)")
     checker.add_argument(
-        "--out", type=Path, default=None, help="where to write the manifest (default: FOLDER/manifest.json)"
+        "--out", type=Path, default=None, help="where to write the manifest (default: ./manifest-STREAM.json)"
     )
     args, overrides = parser.parse_known_args(argv)
     try:

@@ -39,11 +39,14 @@ def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_a_superni_folder_is_counted_hashed_and_compared_with_the_published_counts(tmp_path, capsys):
+def test_a_superni_folder_is_counted_hashed_and_compared_with_the_published_counts(tmp_path, capsys, monkeypatch):
     names = stream_tasks("superni", tmp_path)
     root = superni_tree(tmp_path / "SuperNI", names)
+    files = sorted(root.rglob("*"))
+    monkeypatch.chdir(tmp_path)
     assert main(["check", str(root), "--stream", "superni"]) == 1  # 3 examples a split, not 1,000 / 100
-    manifest = json.loads((root / "manifest.json").read_text())
+    assert sorted(root.rglob("*")) == files  # issue 37.18: nothing written into the (maybe read-only) data
+    manifest = json.loads((tmp_path / "manifest-superni.json").read_text())
     assert sorted(manifest["tasks"]) == sorted(names) and manifest["stream"] == "superni"
     for name in names:
         for split, file in (("train", "train"), ("eval", "dev"), ("test", "test")):
@@ -71,7 +74,7 @@ def test_counts_that_match_the_protocol_pass_and_one_that_does_not_is_named(tmp_
     )
 
 
-def test_trace_and_an_olora_folder_check_and_a_changed_label_file_changes_the_digest(tmp_path, capsys):
+def test_trace_and_an_olora_folder_check_and_a_changed_label_file_changes_the_digest(tmp_path, capsys, monkeypatch):
     trace = write_stream(tmp_path / "trace", dict.fromkeys(stream_tasks("trace", tmp_path), 3))
     out = tmp_path / "m.json"
     assert main(["check", str(trace), "--stream", "trace", "--out", str(out)]) == 0  # TRACE publishes no counts
@@ -89,21 +92,23 @@ def test_trace_and_an_olora_folder_check_and_a_changed_label_file_changes_the_di
         tmp_path / "olora" / "configs" / "instruction_config.json",
         {f: [{"instruction": "Pick.\n"}] for f in ("TC", "SC")},
     )
+    monkeypatch.chdir(tmp_path)
     assert main(["check", str(root), "--stream", "standard"]) == 1
-    first = json.loads((root / "manifest.json").read_text())
+    first = json.loads((tmp_path / "manifest-standard.json").read_text())
     assert first["files"]["agnews/labels"] == sha(root / "TC" / "agnews" / "labels.json")
     assert first["files"]["instruction_config"] == sha(tmp_path / "olora" / "configs" / "instruction_config.json")
     assert first["tasks"]["agnews"]["train"]["labels"] == {"L0": 2, "L1": 2}
     _write(root / "TC" / "agnews" / "labels.json", ["L1", "L0"])  # the options' order is in the prompt
     main(["check", str(root), "--stream", "standard"])
-    assert json.loads((root / "manifest.json").read_text())["manifest_sha256"] != first["manifest_sha256"]
+    assert json.loads((tmp_path / "manifest-standard.json").read_text())["manifest_sha256"] != first["manifest_sha256"]
 
 
-def test_a_folder_that_is_not_the_stream_is_refused_naming_the_file(tmp_path, capsys):
+def test_a_folder_that_is_not_the_stream_is_refused_naming_the_file(tmp_path, capsys, monkeypatch):
     root = superni_tree(tmp_path / "SuperNI", stream_tasks("superni", tmp_path))
     (root / "task875_emotion_classification" / "dev.json").unlink()
+    monkeypatch.chdir(tmp_path)
     assert main(["check", str(root), "--stream", "superni"]) == 2
     assert "task875_emotion_classification/dev.json" in capsys.readouterr().err
-    assert not (root / "manifest.json").exists()
+    assert not (tmp_path / "manifest-superni.json").exists()
     with pytest.raises(SystemExit):
         main(["check", str(root), "--stream", "mini"])  # generated, not a folder

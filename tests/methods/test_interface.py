@@ -78,6 +78,12 @@ def test_the_readme_s_adding_a_method_snippet_runs_as_written(tmp_path):
         (["method=fggm", "method.alpha=0"], r"method.alpha must be in \(0, 1\)"),
         (["method=migu", "method.threshold=1.5"], r"method.threshold must be in \(0, 1\)"),
         (["method=ewc", "method.lambda_=-1"], "method.lambda_ must be >= 0"),
+        # issue 37.18: a setting the class does not take was Hydra's 5 lines, no key path
+        (["method=ewc", "+method.lamdba=2"], r"^method.lamdba: EWC takes no such setting; it takes lambda_, mode"),
+        (
+            ["learning=grpo", "+learning.bogus=1"],
+            r"^learning.bogus: GRPO takes no such setting; it takes loss_type, .*, kl_telemetry$",
+        ),
         (["method=ewc", "method.num_samples=0"], "method.num_samples must be an integer >= 1"),
         (["method=fggm", "method.aggregate=block"], "method.aggregate must be one of"),
         (["method=fggm", "method.quantile_scope=local"], "quantile_scope must be one of"),
