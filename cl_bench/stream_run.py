@@ -37,8 +37,8 @@ from cl_bench.evaluation.example_forgetting import stream_options, stream_right_
 from cl_bench.evaluation.general_ability import GeneralAbility
 from cl_bench.evaluation.generation import GenerationConfig, evaluate_stream
 from cl_bench.evaluation.metrics import also_scores
-from cl_bench.evaluation.vllm_engine import build_engine
 from cl_bench.files import RunDirLock
+from cl_bench.generation.build import build_engine
 from cl_bench.models import build_model
 from cl_bench.progress import activity, doing, heartbeat, say, work_summary
 from cl_bench.recording.console import console
@@ -90,7 +90,7 @@ class StreamRun:
         self.general.check()
         self.continual = ContinualSettings.from_config(cfg.eval.get("continual"), self.stream.names)
         self.out_dir = run_dir(cfg, out_dir)
-        #: eval.engine=vllm: the engine every evaluation generates with (refused here if vLLM is missing)
+        #: eval.engine: what every evaluation and rollout generates with (vllm refused here if missing)
         budget = cfg.eval.get("max_new_tokens") or max(t.spec.max_new_tokens for t in self.stream)
         self.engine = build_engine(cfg.eval, self.out_dir / "engine", cfg.seed, cfg.train.max_prompt_len + budget)
         self.pace = StepPace()  # warns when the training steps slow down (other processes on the cores)
@@ -164,15 +164,14 @@ class StreamRun:
         raw = self.stream.scorers == "trace"
         #: eval.kl_to_base: the base model kept to measure the KL to it at every stage (shared with GRPO's)
         self.base_kl = BaseKL.of_run(cfg.eval, self.bundle.model)
-        self.learning.setup(
-            self.module, self.stream, self.bundle.tokenizer, cfg.seed, cfg.train.max_prompt_len, raw, self.base_kl
-        )
+        tok, prompt_len = self.bundle.tokenizer, cfg.train.max_prompt_len
+        self.learning.setup(self.module, self.stream, tok, cfg.seed, prompt_len, raw, self.base_kl, self.engine)
         with self.module.precision_context():  # the methods' passes at the run's precision
             self.method.on_stream_start(self.module, self.stream)
-        self.generation = GenerationConfig.of_run(cfg.eval, cfg.train.max_prompt_len, raw, self.engine, cfg.seed)
+        self.generation = GenerationConfig.of_run(cfg.eval, prompt_len, raw, cfg.seed)
         #: scores the seen tasks during training (eval.continual; None when off)
         self.evaluator = ContinualEvaluator.of_run(
-            self.continual, self.stream, self.bundle.tokenizer, self.loaders, self.generation, cfg.eval.split, cfg.seed
+            self.continual, self.stream, tok, self.loaders, self.generation, cfg.eval.split, cfg.seed, self.engine
         )
         self.answers = {
             t.name: [e.answer for e in t.splits[cfg.eval.split][: cfg.eval.max_examples]] for t in self.stream
@@ -201,9 +200,8 @@ class StreamRun:
                 raise
             raise stop from e
         finally:
-            if self.engine is not None:
-                self.engine.close()
-                self.engine.remove_files()  # the weights it was handed: a copy of the stage's
+            self.engine.close()
+            self.engine.remove_files()  # the weights it was handed: a copy of the stage's
             self.lock.release()  # the run dir goes free
 
     def start_or_restore(self) -> int:
@@ -299,17 +297,15 @@ class StreamRun:
         and checkpoint the stage."""
         t = time.perf_counter()
         with full_weights(self.bundle.model):  # FSDP: every process generates with the whole model
-            if self.engine is not None:
-                self.engine.sync(self.bundle.model, self.module.stream_step)
+            self.engine.sync(self.bundle.model, self.module.stream_step)
             split, cap = self.cfg.eval.split, self.cfg.eval.max_examples
             scores, predictions = evaluate_stream(
-                self.bundle.model, self.bundle.tokenizer, self.stream, self.generation, split, cap
+                self.engine, self.bundle.tokenizer, self.stream, self.generation, split, cap
             )
             also = also_scores(self.stream, predictions, split, cap)
-            if self.engine is not None:
-                self.engine.rest()
-                self.recorder.set_timing("engine_sync_s", self.engine.sync_s)  # handing weights over
-                self.recorder.timings["engine_starts"] = self.engine.starts
+            self.engine.rest()
+            for key, value in self.engine.timings().items():  # starts, handing weights over, generating
+                self.recorder.set_timing(key, value)
             self.recorder.add_row(scores, time.perf_counter() - t, also)
             done = self.tasks_done
             activity.tasks_finished(done, len(self.training))

@@ -26,7 +26,7 @@ from rich.table import Table
 
 from cl_bench.data.tokenization import encode_prompt
 from cl_bench.evaluation.generation import GenerationConfig, generate
-from cl_bench.evaluation.vllm_engine import VLLMEngine, VLLMSettings, vllm_available
+from cl_bench.generation.vllm_engine import VLLMEngine, VLLMSettings, vllm_available
 from cl_bench.models import build_model
 from cl_bench.recording.console import quiet_library_logs
 from cl_bench.run_config import build_stream
@@ -82,9 +82,7 @@ def run_bench(cfg: DictConfig) -> dict:
         longest = cfg.train.max_prompt_len + b.max_new_tokens
         engine = VLLMEngine(settings, Path(cfg.paths.output_dir) / "engine", cfg.seed, longest)
         _, start_s = timed(lambda: engine.sync(bundle.model, version=0))
-        answers, seconds = timed(
-            lambda: generate(bundle.model, tokenizer, examples, b.max_new_tokens, replace(base, engine=engine))
-        )
+        answers, seconds = timed(lambda: generate(engine, tokenizer, examples, b.max_new_tokens, base))
         engine.close()
         engine.remove_files()
         rows.append(

@@ -5,9 +5,11 @@
 Every paradigm trains the same global batch (``train.batch_size`` prompts of the stream's first
 task) from the same weights, through the path ``runners.cl`` uses (CLModule, the configured
 Trainer). A step of GRPO or self-SFT is timed in two parts: the rollouts (sampling G completions
-of each prompt and scoring them) and the update (the forward and backward passes over the
-completions and the optimizer step). Telemetry passes are left out (no logging step is timed).
-Prints seconds per step and the ratio to SFT's; writes bench_learning.json.
+of each prompt and scoring them, through the run's engine: ``eval.engine=hf|vllm``, the HF engine
+in batches of ``eval.batch_size`` rows, so ``eval.batch_size`` = G samples one group per call) and
+the update (the forward and backward passes over the completions and the optimizer step). Telemetry
+passes are left out (no logging step is timed). Prints seconds per step and the ratio to SFT's;
+writes bench_learning.json.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from rich.table import Table
 from cl_bench.config import build, optimizer_factory
 from cl_bench.data.loaders import TaskLoaders
 from cl_bench.data.tasks import TaskStream
+from cl_bench.generation.build import build_engine
+from cl_bench.generation.engine import Engine
 from cl_bench.models import build_model
 from cl_bench.recording.console import one_line_per_bar, quiet_library_logs
 from cl_bench.run_config import build_stream
@@ -45,7 +49,7 @@ def paradigm(name: str, settings: DictConfig) -> object:
     return build(node)
 
 
-def time_paradigm(name: str, cfg: DictConfig, bundle, initial: dict, stream: TaskStream) -> dict:
+def time_paradigm(name: str, cfg: DictConfig, bundle, initial: dict, stream: TaskStream, engine: Engine) -> dict:
     b = cfg.bench
     bundle.model.load_state_dict(initial)
     learning = paradigm(name, b.learning.settings)
@@ -71,7 +75,7 @@ def time_paradigm(name: str, cfg: DictConfig, bundle, initial: dict, stream: Tas
         learning=learning,
     )
     module.log_every_n_steps = 10**9  # no telemetry pass in the timed steps
-    learning.setup(module, stream, bundle.tokenizer, cfg.seed, cfg.train.max_prompt_len, False)
+    learning.setup(module, stream, bundle.tokenizer, cfg.seed, cfg.train.max_prompt_len, False, engine=engine)
     task = stream[0]
     learning.begin_task(task.train, task.name)
     loader = loaders.training(task.train, seed=cfg.seed, **learning.loader_options())
@@ -95,7 +99,13 @@ def run_bench(cfg: DictConfig) -> dict:
     bundle = build_model(cfg.model)
     initial = copy.deepcopy(bundle.model.state_dict())
     stream = build_stream(cfg.tasks)
-    rows = [time_paradigm(name, cfg, bundle, initial, stream) for name in b.learning.paradigms]
+    longest = cfg.train.max_prompt_len + max(t.spec.max_new_tokens for t in stream)
+    engine = build_engine(cfg.eval, Path(cfg.paths.output_dir) / "engine", cfg.seed, longest)
+    try:
+        rows = [time_paradigm(name, cfg, bundle, initial, stream, engine) for name in b.learning.paradigms]
+    finally:
+        engine.close()
+        engine.remove_files()
     sft = next((r["s_per_step"] for r in rows if r["paradigm"] == "sft"), None)
     for r in rows:
         r["ratio_to_sft"] = None if sft is None else r["s_per_step"] / sft
@@ -103,6 +113,10 @@ def run_bench(cfg: DictConfig) -> dict:
         "model": bundle.name,
         "task": stream[0].name,
         "batch_size": cfg.train.batch_size,
+        "engine": engine.name,
+        "engine_batch_size": cfg.eval.batch_size,
+        "engine_starts": engine.starts,
+        "engine_sync_s": engine.sync_s,
         "steps": b.steps,
         "settings": OmegaConf.to_container(b.learning.settings),
         "rows": rows,
@@ -116,7 +130,7 @@ def main(cfg: DictConfig) -> None:
         result = run_bench(cfg)
     table = Table(
         title=f"Step cost by learning paradigm: {result['model']}, {result['task']}, "
-        f"batch {result['batch_size']} prompts, mean of {result['steps']} steps"
+        f"batch {result['batch_size']} prompts, mean of {result['steps']} steps, rollouts by {result['engine']}"
     )
     for col in ("paradigm", "s/step", "rollouts s", "update s", "completion tokens", "/ SFT"):
         table.add_column(col, justify="right")

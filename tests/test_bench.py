@@ -82,7 +82,7 @@ def test_bench_methods_on_stream_data_times_each_method_on_its_own_batches(tmp_p
 def test_bench_eval_counts_both_engines_alike(tmp_path):
     """HF at two batch sizes (and the vLLM engine where installed: the vllm venv runs this too):
     tokens counted alike, the best HF setting the reference of every row's agreement."""
-    from cl_bench.evaluation.vllm_engine import vllm_available
+    from cl_bench.generation.vllm_engine import vllm_available
 
     proc = run_module(
         "runners.bench_eval",

@@ -4,8 +4,8 @@
 
 and inside ``cl_bench``, by the stage of the flow each part serves:
 
-    run (stream_run, run_config, memory_plan)  ->  recording  ->  on_policy  ->  evaluation  ->  training
-        ->  models  ->  data  ->  foundation (errors, files, rng, distributed, progress, config, ...)
+    run (stream_run, run_config, memory_plan)  ->  recording  ->  on_policy  ->  evaluation  ->  generation
+        ->  training  ->  models  ->  data  ->  foundation (errors, files, rng, distributed, progress, config, ...)
 
 An import may name its own layer or any below it, never one above, type hints under
 ``if TYPE_CHECKING:`` included (a hint upward is a circle a reader has to follow too).
@@ -27,6 +27,7 @@ LAYERS = {
     "cl_bench.data": 1,
     "cl_bench.models": 2,
     "cl_bench.training": 3,
+    "cl_bench.generation": 3.5,  # the engines: HF generate and vLLM, for evaluation and rollouts
     "cl_bench.evaluation": 4,
     "cl_bench.on_policy": 5,  # learning from the policy's completions: generation and scorers below it
     "cl_bench.recording": 6,

@@ -14,6 +14,7 @@ from rouge_score import rouge_scorer
 
 from cl_bench.errors import ConfigError
 from cl_bench.evaluation.metrics import METRICS
+from cl_bench.generation.engine import cut_at_eos
 from cl_bench.on_policy.grpo import GRPO, token_logps
 from cl_bench.on_policy.policy_loss import (
     LOSS_TYPES,
@@ -23,7 +24,7 @@ from cl_bench.on_policy.policy_loss import (
     zero_std_groups,
 )
 from cl_bench.on_policy.rewards import TaskScore
-from cl_bench.on_policy.rollouts import Rollouts, completion_batch, cut_at_eos
+from cl_bench.on_policy.rollouts import Rollouts, completion_batch
 from cl_bench.stream_run import run
 
 

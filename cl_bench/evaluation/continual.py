@@ -39,6 +39,7 @@ from cl_bench.data.tasks import Task, TaskStream
 from cl_bench.data.tokenization import IGNORE_INDEX
 from cl_bench.errors import ConfigError, check_choice, check_flag, check_number
 from cl_bench.evaluation.generation import GenerationConfig, evaluate_task
+from cl_bench.generation.engine import Engine
 from cl_bench.rng import derive_seed, preserved_rng
 from cl_bench.training.lm import answer_log_likelihood, eval_mode
 
@@ -126,8 +127,11 @@ class ContinualEvaluator(Callback):
         generation: GenerationConfig,
         split: str,
         seed: int = 0,
+        engine: Engine | None = None,
     ):
+        """``engine``: the run's generation engine (Hugging Face ``generate`` when None)."""
         self.settings = settings
+        self.engine = engine
         self.tokenizer = tokenizer
         self.generation = generation
         self.split = split
@@ -170,22 +174,21 @@ class ContinualEvaluator(Callback):
     def score(self, model: torch.nn.Module, name: str, step: int = 0) -> float:
         task = self.subsample(name, step) if self.settings.resample else self.tasks[name]
         if self.settings.measures[name] == "metric":
-            return evaluate_task(
-                model, self.tokenizer, task, self.generation, self.split, self.settings.max_examples
-            ).score
+            engine, cap = self.engine or model, self.settings.max_examples
+            return evaluate_task(engine, self.tokenizer, task, self.generation, self.split, cap).score
         loader = self.passes(task.splits[self.split]) if self.settings.resample else self.loaders[name]
         with eval_mode(model):
             return mean_answer_log_likelihood(model, loader, next(model.parameters()).device)
 
     def evaluate(self, trainer, pl_module) -> None:
         start = time.perf_counter()
-        engine = self.generation.engine if any(self.settings.measures[n] == "metric" for n in self.seen) else None
-        if engine is not None:  # eval.engine=vllm: the engine takes this step's weights
-            engine.sync(pl_module.model, pl_module.stream_step)
+        generates = self.engine is not None and any(self.settings.measures[n] == "metric" for n in self.seen)
+        if generates:  # the engine takes this step's weights
+            self.engine.sync(pl_module.model, pl_module.stream_step)
         with preserved_rng():
             scores = {name: self.score(pl_module.model, name, pl_module.stream_step) for name in self.seen}
-        if engine is not None:
-            engine.rest()
+        if generates:
+            self.engine.rest()
         step = pl_module.stream_step
         self.points.append(
             {

@@ -1,4 +1,5 @@
-"""Evaluation by batched generation: every task of the stream, scored with its metric (0-100)."""
+"""Evaluation by generation: every task of the stream answered by the run's engine
+(cl_bench/generation/engine.py) and scored with its metric (0-100)."""
 
 from __future__ import annotations
 
@@ -6,16 +7,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from cl_bench.data.tasks import Example, Task, TaskStream
-from cl_bench.data.tokenization import Collator, encode_prompt
+from cl_bench.data.tokenization import encode_prompt
 from cl_bench.distributed import gather_shards, shard
 from cl_bench.evaluation.metrics import METRICS
-from cl_bench.progress import advance, doing
+from cl_bench.generation.engine import Engine, HFEngine
+from cl_bench.progress import doing
 from cl_bench.rng import derive_seed
-from cl_bench.training.lm import eval_mode
 
 
 @dataclass
@@ -32,19 +32,13 @@ class GenerationConfig:
     #: the answers exactly as decoded (no clean-up of tokenization spaces, nothing stripped), as
     #: TRACE scores them; else stripped of surrounding whitespace
     raw: bool = False
-    #: ``eval.engine=vllm``: the vLLM engine that generates instead of Hugging Face ``generate``
-    #: (cl_bench/evaluation/vllm_engine.py; it holds the weights of its last ``sync``)
-    engine: Any = None
-    #: the seed of sampled answers under the vLLM engine (one per request, derived from it)
+    #: the seed of sampled answers (one per request, derived from it and the prompt)
     seed: int = 0
 
     @classmethod
-    def of_run(
-        cls, eval_cfg: Any, max_prompt_len: int, raw: bool, engine: Any = None, seed: int = 0
-    ) -> GenerationConfig:
+    def of_run(cls, eval_cfg: Any, max_prompt_len: int, raw: bool, seed: int = 0) -> GenerationConfig:
         """A run's generation settings: its ``eval`` node, ``train.max_prompt_len``, TRACE's raw answers."""
         return cls(
-            engine=engine,
             seed=seed,
             batch_size=eval_cfg.batch_size,
             max_prompt_len=max_prompt_len,
@@ -62,45 +56,28 @@ class TaskResult:
     predictions: list[str] = field(default_factory=list)
 
 
-@torch.no_grad()
+def as_engine(source: Engine | PreTrainedModel, batch_size: int) -> Engine:
+    """The run's engine, or Hugging Face ``generate`` on a model (a method's own generation)."""
+    return source if isinstance(source, Engine) else HFEngine(batch_size, source)
+
+
 def generate(
-    model: PreTrainedModel,
+    source: Engine | PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     examples: Sequence[Example],
     max_new_tokens: int,
     cfg: GenerationConfig,
 ) -> list[str]:
-    """Answers for ``examples``, in their order, by Hugging Face ``generate`` (prompts batched by
-    length: less padding) or by the vLLM engine of ``cfg``; both decoded alike."""
+    """Answers for ``examples``, in their order, by the run's engine (or HF ``generate`` on a model),
+    decoded alike whichever engine generated them. A sampled answer's seed is derived from
+    ``cfg.seed`` and its prompt, so it is the same in any batch, process or engine restart."""
     encoded = [encode_prompt(tokenizer, ex, cfg.max_prompt_len)["input_ids"] for ex in examples]
-    sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p} if cfg.do_sample else {}
-    if cfg.engine is not None:
-        seeds = [derive_seed(cfg.seed, "|".join(map(str, ids))) for ids in encoded]
-        new = cfg.engine.generate(encoded, max_new_tokens, tokenizer.eos_token_id, sampling, seeds)
-        advance()
-        return decode(tokenizer, new, cfg.raw)
-    device = next(model.parameters()).device
-    collate = Collator(tokenizer.pad_token_id)
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    greedy = {"temperature": None, "top_p": None, "top_k": None}
-    answers: list[str] = [""] * len(examples)
-    with eval_mode(model):
-        for start in range(0, len(order), cfg.batch_size):
-            idx = order[start : start + cfg.batch_size]
-            batch = {k: v.to(device) for k, v in collate([{"input_ids": encoded[i]} for i in idx]).items()}
-            out = model.generate(
-                **batch,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                use_cache=True,
-                do_sample=cfg.do_sample,
-                **(sampling or greedy),
-            )
-            advance()
-            for i, text in zip(idx, decode(tokenizer, out[:, batch["input_ids"].shape[1] :], cfg.raw)):
-                answers[i] = text
-    return answers
+    sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p} if cfg.do_sample else None
+    seeds = [derive_seed(cfg.seed, "|".join(map(str, ids))) for ids in encoded]
+    new = as_engine(source, cfg.batch_size).generate(
+        encoded, max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id, sampling, seeds
+    )
+    return decode(tokenizer, new, cfg.raw)
 
 
 def decode(tokenizer: PreTrainedTokenizerBase, new, raw: bool) -> list[str]:
@@ -113,7 +90,7 @@ def decode(tokenizer: PreTrainedTokenizerBase, new, raw: bool) -> list[str]:
 
 
 def evaluate_task(
-    model: PreTrainedModel,
+    engine: Engine | PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     task: Task,
     cfg: GenerationConfig,
@@ -126,14 +103,14 @@ def evaluate_task(
     predictions back in example order and computes the same score.
     """
     examples = task.splits[split][:max_examples]
-    local = generate(model, tokenizer, shard(examples), cfg.max_new_tokens or task.spec.max_new_tokens, cfg)
+    local = generate(engine, tokenizer, shard(examples), cfg.max_new_tokens or task.spec.max_new_tokens, cfg)
     predictions = gather_shards(local, len(examples))
     score = METRICS[task.metric](predictions, [e.scored_against for e in examples], [e.prompt for e in examples])
     return TaskResult(float(score), predictions)
 
 
 def evaluate_stream(
-    model: PreTrainedModel,
+    engine: Engine | PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     stream: TaskStream,
     cfg: GenerationConfig,
@@ -145,8 +122,8 @@ def evaluate_stream(
     scores, predictions = [], {}
     for k, task in enumerate(stream):
         local = len(shard(task.splits[split][:max_examples]))
-        doing(f"evaluating {task.name} (task {k + 1}/{len(stream)}), batch", -(-local // cfg.batch_size))
-        result = evaluate_task(model, tokenizer, task, cfg, split, max_examples)
+        doing(f"evaluating {task.name} (task {k + 1}/{len(stream)}), answer", local)
+        result = evaluate_task(engine, tokenizer, task, cfg, split, max_examples)
         scores.append(result.score)
         predictions[task.name] = result.predictions
     return scores, predictions

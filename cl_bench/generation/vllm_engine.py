@@ -1,26 +1,36 @@
-"""vLLM as the generation engine of the evaluation (``eval.engine=vllm``): the same prompts' token
-ids in, the generated token ids out, decoded by the caller exactly as Hugging Face ``generate``'s
-are (cl_bench/evaluation/generation.py), so both engines' answers go to the same scorers.
+"""vLLM as the run's generation engine (``eval.engine=vllm``; the interface is
+cl_bench/generation/engine.py): the same prompts' token ids in, the generated token ids out,
+decoded by the caller exactly as Hugging Face ``generate``'s are, so both engines' answers go to the
+same scorers; the evaluations and GRPO's and self-SFT's rollouts generate through it.
 
 The engine must see the weights being evaluated. :meth:`VLLMEngine.sync` hands them over once per
-training step that is evaluated (a stage, a continual-evaluation point), in one of two ways
-(``eval.vllm.weight_sync``):
+training step that generates (a stage, a continual-evaluation point, a step's rollouts), in one of
+two ways (``eval.vllm.weight_sync``):
 
+- ``in_place`` (``auto``, the default): the running engine's model loads the new tensors
+  (``LLM.apply_model`` with the model's ``load_weights``), as TRL and verl synchronise on GPUs. The
+  CPU backend packs each linear layer's weight for its GEMM kernel after loading (oneDNN or
+  sgl-kernel, vllm/model_executor/layers/utils.py ``dispatch_cpu_unquantized_gemm``) and then
+  drops the plain weight, so a loaded tensor had nowhere to go. Here the engine is started with the
+  plain weights kept (:func:`keep_cpu_weights`; their loaders stay attached), and each sync loads
+  into them and packs every such layer again (:func:`load_and_repack`): the same packing as at
+  start, so the answers equal a fresh engine's. It costs a second copy of the linear weights.
 - ``restart``: the weights are saved as a Hugging Face folder (``<run dir>/engine``, rewritten in
-  place) and a fresh engine starts on it. The CPU backend needs this: it repacks its linear layers
-  after loading, so its model cannot take new weights in place. Measured for SmolLM2-135M here:
-  docs/benchmarks.md.
-- ``in_place``: the running engine's model loads the new tensors (``LLM.apply_model`` with the
-  model's ``load_weights``), as TRL and verl synchronise on GPUs. An FSDP-sharded model restarts.
-- ``auto`` (default): in place on CUDA, restart elsewhere.
+  place) and a fresh engine starts on it (5-9 s for SmolLM2-135M here). An FSDP-sharded model
+  always restarts.
 
 LoRA runs hand vLLM the adapters (its LoRA support): the frozen base weights are saved once and
-the engine starts on them; each sync saves only the adapters, under a new adapter id that every
-request names, so a running engine takes them without a restart. Under several processes (DDP, FSDP)
-the main process writes the folder and every process runs its own engine on its share of the
-examples (the shares gathered as with ``generate``). On CPU the engine is shut down after every
-evaluation (its KV-cache memory goes back to training); on CUDA it sleeps between evaluations
-(``eval.vllm.sleep``: vLLM's sleep mode offloads its weights and frees the KV cache).
+the engine starts on them; each sync saves every active adapter stacked as one
+(cl_bench/generation/lora_handover.py: IncLoRA's and O-LoRA's sum of per-task adapters, exactly),
+under a new adapter id that every request names, so a running engine takes them without a restart.
+After an in-place load the prefix cache is reset (its KV blocks were computed by the old weights).
+
+Under several processes (DDP, FSDP) the main process writes the folder and every process runs its
+own engine on its share of the examples (the shares gathered as with ``generate``). On CUDA the
+engine sleeps between uses (``eval.vllm.sleep``: vLLM's sleep mode offloads its weights and frees
+the KV cache); on CPU it stays up (the CPU backend has no sleep mode); under ``restart`` it is
+shut down after each use. The in-process engine replaces ``torch.set_num_threads`` with a no-op;
+it is put back after the start, so the run keeps control of its threads (cl_bench/distributed.py).
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ from __future__ import annotations
 import gc
 import os
 import shutil
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +46,9 @@ import torch
 
 from cl_bench.distributed import barrier, is_main
 from cl_bench.errors import ConfigError, check_choice, check_flag, check_number
+from cl_bench.generation.engine import Engine, cut_at_eos
+from cl_bench.generation.lora_handover import active_rank, save_stacked_adapter
+from cl_bench.progress import advance
 
 ENGINES = ("hf", "vllm")
 WEIGHT_SYNC = ("auto", "restart", "in_place")
@@ -78,6 +92,21 @@ class VLLMSettings:
         check_number(self.max_model_len, "eval.vllm.max_model_len", integer=True, low=1, allow_none=True)
 
 
+#: the ranks vLLM's LoRA support can reserve for its largest adapter (vllm/config/lora.py)
+LORA_RANK_SLOTS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def lora_rank_slot(rank: int) -> int:
+    """The smallest rank vLLM reserves that holds a ``rank`` adapter (eval.engine=vllm with LoRA)."""
+    for slot in LORA_RANK_SLOTS:
+        if slot >= rank:
+            return slot
+    raise ConfigError(
+        f"eval.engine=vllm: the LoRA adapters stack to rank {rank}, above vLLM's largest ({LORA_RANK_SLOTS[-1]}); "
+        "evaluate with eval.engine=hf"
+    )
+
+
 def lora_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, dict[str, torch.Tensor]] | None:
     """For a peft model: its underlying Hugging Face model and that model's own weights (the
     frozen ones, LoRA's wrappers undone); None for a plain model."""
@@ -92,8 +121,40 @@ def lora_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, dict[str, torch
     return base, weights
 
 
-class VLLMEngine:
-    """One vLLM engine for a run's evaluations (module docstring)."""
+@contextmanager
+def keep_cpu_weights():
+    """While vLLM's CPU backend loads a model: each linear layer keeps its plain weight beside the
+    packed one (``remove_weight=False``), so that :func:`load_and_repack` can load into it."""
+    import vllm.model_executor.layers.utils as gemm
+
+    dispatch = gemm.dispatch_cpu_unquantized_gemm
+    gemm.dispatch_cpu_unquantized_gemm = lambda layer, remove_weight: dispatch(layer, remove_weight=False)
+    try:
+        yield
+    finally:
+        gemm.dispatch_cpu_unquantized_gemm = dispatch
+
+
+def load_and_repack(model: torch.nn.Module, weights: list[tuple[str, torch.Tensor]]) -> int:
+    """vLLM's ``model`` (inside the engine) takes ``weights`` (Hugging Face names; its loaders
+    split and fuse them) and, on the CPU backend, packs every packed layer again from its new plain
+    weight; returns how many were repacked."""
+    model.load_weights(weights)
+    packed = [m for m in model.modules() if hasattr(m, "cpu_linear") and getattr(m, "quant_method", None)]
+    with keep_cpu_weights():  # the plain weights stay for the next sync
+        for layer in packed:
+            if layer.weight.numel() == 0:
+                raise RuntimeError(
+                    "the engine's CPU layers dropped their plain weights (start it under keep_cpu_weights)"
+                )
+            layer.quant_method.process_weights_after_loading(layer)
+    return len(packed)
+
+
+class VLLMEngine(Engine):
+    """One vLLM engine for a run's generation (module docstring)."""
+
+    name = "vllm"
 
     def __init__(self, settings: VLLMSettings, folder: str | Path, seed: int = 0, longest: int | None = None):
         """``longest``: the longest prompt plus answer the evaluations need (the engine's context
@@ -102,6 +163,7 @@ class VLLMEngine:
             raise ConfigError(f"eval.engine=vllm: vLLM is not installed; {INSTALL_HINT}")
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in this process: no spawned copies
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+        super().__init__()
         self.settings = settings
         self.longest = longest
         self.folder = Path(folder)
@@ -111,14 +173,12 @@ class VLLMEngine:
         self.sleeping = False
         self.version: object = None
         self.lora_id = 0
+        #: the adapter rank the running engine reserves (vLLM's max_lora_rank)
+        self.lora_slot = 0
         self.base_saved = False
-        #: how many times an engine started, and the seconds spent handing weights over
-        self.starts = 0
-        self.sync_s = 0.0
 
-    def in_place(self, device: torch.device) -> bool:
-        mode = self.settings.weight_sync
-        return mode == "in_place" or (mode == "auto" and device.type == "cuda")
+    def in_place(self) -> bool:
+        return self.settings.weight_sync in ("auto", "in_place")
 
     def sync(self, model: torch.nn.Module, version: object) -> None:
         """Hand the engine ``model``'s current weights, unless it has those of ``version`` already
@@ -133,20 +193,21 @@ class VLLMEngine:
             return
         start = time.perf_counter()
         lora = lora_parts(model)
-        device = next(model.parameters()).device
         if lora is not None:  # the base is frozen: only the adapters are new, under a new id
             self.save(model, lora)
-            if self.llm is None:
-                self.start(model, lora=True)
+            slot = lora_rank_slot(active_rank(model))
+            if self.llm is None or slot > self.lora_slot:  # a stack wider than the engine reserved: restart
+                self.start(model, lora_slot=slot)
             self.wake()
             self.lora_id += 1
-        elif self.llm is not None and self.in_place(device) and not is_sharded(model):
+        elif self.llm is not None and self.in_place() and not is_sharded(model):
             self.wake()
             weights = [(name, tensor.detach()) for name, tensor in model.state_dict().items()]
-            self.llm.apply_model(lambda m: m.load_weights(weights))
+            self.llm.apply_model(lambda m: load_and_repack(m, weights))
+            self.llm.reset_prefix_cache()  # its KV blocks were computed by the old weights
         else:
             self.save(model, None)
-            self.start(model, lora=False)
+            self.start(model)
         self.version = version
         self.sync_s += time.perf_counter() - start
 
@@ -159,7 +220,7 @@ class VLLMEngine:
             if not self.base_saved and is_main():
                 base.save_pretrained(self.folder / "base", state_dict=weights)
             if is_main():
-                model.save_pretrained(self.folder / "adapter")
+                save_stacked_adapter(model, self.folder / "adapter", getattr(torch, self.dtype(model)))
             self.base_saved = True
         else:
             weights = full_state_dict(model)  # every process takes part (FSDP gathers)
@@ -173,16 +234,18 @@ class VLLMEngine:
             return self.settings.dtype
         return str(next(model.parameters()).dtype).removeprefix("torch.")
 
-    def start(self, model: torch.nn.Module, lora: bool) -> None:
+    def start(self, model: torch.nn.Module, lora_slot: int = 0) -> None:
+        """A fresh engine on the saved folder (``lora_slot``: the adapter rank it reserves; 0 without LoRA)."""
         from vllm import LLM
 
         self.close()
         device = next(model.parameters()).device
         config = getattr(model, "config", None)
         kwargs = {}
+        lora = lora_slot > 0
         if lora:
-            rank = max(c.r for c in model.peft_config.values())
-            kwargs.update(enable_lora=True, max_lora_rank=max(8, rank), max_loras=1)
+            kwargs.update(enable_lora=True, max_lora_rank=lora_slot, max_loras=1)
+        self.lora_slot = lora_slot
         if device.type == "cuda":
             kwargs["gpu_memory_utilization"] = self.settings.memory_fraction
         else:  # the share of the machine's memory, for the KV cache (vLLM's own rule on CPU subtracts
@@ -191,16 +254,22 @@ class VLLMEngine:
             kwargs["kv_cache_memory_bytes"] = int(self.settings.memory_fraction * ram)
         limit = getattr(config, "max_position_embeddings", None)
         longest = self.settings.max_model_len or self.longest or limit
-        self.llm = LLM(
-            model=str(self.folder / ("base" if lora else "model")),
-            dtype=self.dtype(model),
-            seed=self.seed,
-            enforce_eager=self.settings.enforce_eager,
-            max_model_len=min(longest, limit) if longest and limit else longest,
-            skip_tokenizer_init=True,  # token ids in and out: the run's tokenizer encodes and decodes
-            enable_sleep_mode=device.type == "cuda" and self.settings.sleep,
-            **kwargs,
-        )
+        set_threads = torch.set_num_threads  # the CPU worker replaces it with a no-op
+        keep = keep_cpu_weights() if device.type == "cpu" and self.in_place() and not lora else nullcontext()
+        try:
+            with keep:
+                self.llm = LLM(
+                    model=str(self.folder / ("base" if lora else "model")),
+                    dtype=self.dtype(model),
+                    seed=self.seed,
+                    enforce_eager=self.settings.enforce_eager,
+                    max_model_len=min(longest, limit) if longest and limit else longest,
+                    skip_tokenizer_init=True,  # token ids in and out: the run's tokenizer encodes and decodes
+                    enable_sleep_mode=device.type == "cuda" and self.settings.sleep,
+                    **kwargs,
+                )
+        finally:
+            torch.set_num_threads = set_threads
         self.starts += 1
         self.cuda = device.type == "cuda"
         self.sleeping = False
@@ -210,14 +279,14 @@ class VLLMEngine:
             self.llm.wake_up()
             self.sleeping = False
 
-    def generate(
-        self, prompts: list[list[int]], max_new_tokens: int, eos_token_id: int, sampling: dict, seeds: list[int]
-    ) -> list[list[int]]:
-        """The new token ids for each prompt's ids, in their order: greedy, or sampled with
-        ``sampling`` (temperature, top_p) and each request's seed."""
+    def generate(self, prompts, max_new_tokens, eos_token_id, pad_token_id, sampling=None, seeds=None):
+        import time
+
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        start = time.perf_counter()
+        sampling = sampling or {}
         params = [
             SamplingParams(
                 max_tokens=max_new_tokens,
@@ -227,7 +296,7 @@ class VLLMEngine:
                 top_p=sampling.get("top_p", 1.0),
                 seed=seed if sampling else None,
             )
-            for seed in seeds
+            for seed in (seeds or [None] * len(prompts))
         ]
         lora = None
         if self.base_saved:
@@ -237,17 +306,19 @@ class VLLMEngine:
         outputs = self.llm.generate(
             [TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False, lora_request=lora
         )
-        return [list(o.outputs[0].token_ids) for o in outputs]
+        advance(len(prompts))
+        self.generate_s += time.perf_counter() - start
+        return [cut_at_eos(o.outputs[0].token_ids, eos_token_id)[0] for o in outputs]
 
     def rest(self) -> None:
-        """After an evaluation: sleep on CUDA (``sleep``), or shut down where the weights are not
-        loaded in place anyway (the CPU backend: its memory goes back to training)."""
+        """After each use (an evaluation, a step's rollouts): sleep on CUDA (``sleep``), shut down
+        under ``weight_sync=restart`` (the next sync starts a fresh engine anyway), else nothing."""
         if self.llm is None:
             return
         if self.cuda and self.settings.sleep:
             self.llm.sleep(level=1)
             self.sleeping = True
-        elif not self.in_place(torch.device("cuda" if self.cuda else "cpu")):
+        elif not self.in_place():
             self.close()
 
     def close(self) -> None:
@@ -262,13 +333,3 @@ class VLLMEngine:
 
     def remove_files(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
-
-
-def build_engine(node, folder: Path, seed: int = 0, longest: int | None = None) -> VLLMEngine | None:
-    """The engine ``eval.engine`` names (the ``eval`` node; ``eval.vllm`` its settings): None for
-    Hugging Face ``generate`` (hf), a :class:`VLLMEngine` writing into ``folder`` for vllm."""
-    engine = node.get("engine", "hf")
-    check_choice(engine, ENGINES, "eval.engine")
-    if engine == "hf":
-        return None
-    return VLLMEngine(VLLMSettings(**(node.get("vllm") or {})), folder, seed, longest)

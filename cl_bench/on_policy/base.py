@@ -35,9 +35,10 @@ from cl_bench.distributed import is_main, sum_across_ranks
 from cl_bench.errors import ConfigError, check_flag, check_number
 from cl_bench.evaluation.base_kl import BaseKL, forward_kl
 from cl_bench.evaluation.generation import decode
+from cl_bench.generation.engine import Engine, HFEngine, cut_at_eos
 from cl_bench.on_policy.policy_loss import zero_std_groups
 from cl_bench.on_policy.rewards import TaskScore, check_signature, checked_rewards
-from cl_bench.on_policy.rollouts import Rollouts, completion_batch, sample_group
+from cl_bench.on_policy.rollouts import Rollouts, completion_batch
 from cl_bench.rng import derive_seed
 from cl_bench.training.learning import Learning
 from cl_bench.training.lm import eval_mode, labelled_logits
@@ -157,8 +158,10 @@ class OnPolicy(Learning):
     def needs_reference(self) -> bool:
         return self.kl_telemetry
 
-    def setup(self, module, stream: TaskStream, tokenizer, seed, max_prompt_len, raw, base=None) -> None:
+    def setup(self, module, stream: TaskStream, tokenizer, seed, max_prompt_len, raw, base=None, engine=None) -> None:
+        """``engine``: the run's generation engine (Hugging Face ``generate`` when None)."""
         self.tokenizer, self.seed, self.max_prompt_len, self.raw = tokenizer, seed, max_prompt_len, raw
+        self.engine: Engine = engine if engine is not None else HFEngine(batch_size=1 << 30)
         self.task_of = {ex: task for task in stream for ex in task.train}
         if self.needs_reference:  # the base model: the untrained weights (under LoRA: the adapters off)
             self.base = base if base is not None else BaseKL(module.model)
@@ -178,36 +181,45 @@ class OnPolicy(Learning):
         return self.max_completion_length or task.spec.max_new_tokens
 
     def rollouts(self, module, batch: dict[str, torch.Tensor]) -> Rollouts:
-        """G completions of every prompt of ``batch`` from the current policy, and their rewards."""
+        """G completions of every prompt of ``batch`` from the current policy, sampled by the run's
+        engine in one call (completion j of prompt i under its own seed, a function of the run's
+        seed, the stream step, the example and j), and their rewards."""
         index = batch["index"].tolist()
         tok, g = self.tokenizer, self.num_generations
-        prompts, completions, truncated, budgets, rewards = [], [], [], [], []
-        sampling = {"temperature": self.temperature, "top_p": self.top_p}
-        for i in index:
-            ex = self.examples[i]
-            task = self.task_of[ex]
-            prompt = encode_prompt(tok, ex, self.max_prompt_len)["input_ids"]
-            seed = derive_seed(self.seed, f"rollout/{module.stream_step}/{i}")
-            ids, cut = sample_group(
-                module.model, prompt, g, self.budget(task), sampling, seed, tok.eos_token_id, tok.pad_token_id
-            )
-            texts = decode(tok, ids, self.raw)
+        examples = [self.examples[i] for i in index]
+        tasks = [self.task_of[ex] for ex in examples]
+        prompts = [encode_prompt(tok, ex, self.max_prompt_len)["input_ids"] for ex in examples]
+        seeds = [derive_seed(self.seed, f"rollout/{module.stream_step}/{i}/{j}") for i in index for j in range(g)]
+        self.engine.sync(module.model, module.stream_step)
+        ids = self.engine.generate(
+            [p for p in prompts for _ in range(g)],
+            max(self.budget(task) for task in tasks),
+            tok.eos_token_id,
+            tok.pad_token_id,
+            {"temperature": self.temperature, "top_p": self.top_p},
+            seeds,
+        )
+        completions, truncated, budgets, rewards = [], [], [], []
+        for k, (ex, task) in enumerate(zip(examples, tasks)):
+            cut = [cut_at_eos(row[: self.budget(task)], tok.eos_token_id) for row in ids[k * g : (k + 1) * g]]
+            group = [c for c, _ in cut]
             values = self.reward(
                 prompts=[ex.prompt] * g,
-                completions=texts,
-                completion_ids=ids,
+                completions=decode(tok, group, self.raw),
+                completion_ids=group,
                 answer=[ex.scored_against] * g,
                 task=[task.name] * g,
                 metric=[task.metric] * g,
                 trainer_state=SimpleNamespace(global_step=module.stream_step),
             )
             rewards += checked_rewards(values, g, getattr(self.reward, "__name__", type(self.reward).__name__))
-            prompts += [prompt] * g
-            completions += ids
-            truncated += cut
+            completions += group
+            truncated += [t for _, t in cut]
             budgets += [self.budget(task)] * g
+        self.engine.rest()
         device = module.device
-        batch = {k: v.to(device) for k, v in completion_batch(prompts, completions, tok.pad_token_id).items()}
+        rows = [p for p in prompts for _ in range(g)]
+        batch = {k: v.to(device) for k, v in completion_batch(rows, completions, tok.pad_token_id).items()}
         return Rollouts(
             batch=batch,
             completions=completions,

@@ -56,9 +56,11 @@ class Learning:
         max_prompt_len: int,
         raw: bool,
         base: Any = None,
+        engine: Any = None,
     ) -> None:
         """Once, with the untrained model, before anything is restored (a reference model is taken
-        here); ``base``: the run's kept base model (cl_bench/evaluation/base_kl.py) when it has one."""
+        here); ``base``: the run's kept base model (cl_bench/evaluation/base_kl.py) when it has one;
+        ``engine``: the run's generation engine (cl_bench/generation/engine.py), for rollouts."""
 
     def begin_task(self, examples: Sequence[Example], task_name: str) -> None:
         """The examples the next fit trains on, in the loader's order (``batch["index"]`` indexes them)."""
