@@ -34,7 +34,6 @@ vocabulary entry of every answer token (logits, fp32 log-softmax).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +46,6 @@ from cl_bench.errors import ConfigError
 from cl_bench.training.learning import SFT
 from cl_bench.training.method import tensor_bytes
 
-ARCHITECTURES = Path(__file__).resolve().parent / "architectures"
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 GIB = 1024**3
 
@@ -57,7 +55,11 @@ def architecture(model_node: DictConfig):
     one shipped in ``cl_bench/architectures`` (named by hub id), or the hub's."""
     from transformers import AutoConfig
 
+    from cl_bench.models import ARCHITECTURES, random_architecture_config, shipped_architecture
+
     target = str(model_node.get("_target_", ""))
+    if target.endswith("random_architecture"):
+        return random_architecture_config(model_node.name, model_node.get("num_layers"))
     if target.endswith("tiny_llama"):
         from cl_bench.config import build, without
 
@@ -70,11 +72,9 @@ def architecture(model_node: DictConfig):
         )
     if Path(name).is_dir():
         return AutoConfig.from_pretrained(name)
-    shipped = ARCHITECTURES / f"{name.replace('/', '--')}.json"
-    if shipped.is_file():
-        fields = json.loads(shipped.read_text())
-        config_class = AutoConfig.for_model(fields["model_type"]).__class__
-        return config_class(**{k: v for k, v in fields.items() if k != "model_type"})
+    shipped = shipped_architecture(name)
+    if shipped is not None:
+        return shipped
     try:
         return AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as e:

@@ -159,6 +159,62 @@ def tiny_llama(
     return ModelBundle(model, tokenizer, "tiny_llama")
 
 
+#: transformers configs of real models, shipped (named by hub id, ``/`` as ``--``): the memory
+#: planner reads them, and :func:`random_architecture` builds them with random weights
+ARCHITECTURES = Path(__file__).resolve().parent / "architectures"
+
+
+def shipped_architecture(name: str):
+    """The transformers config shipped for hub id ``name``, or None when none is shipped."""
+    import json
+
+    from transformers import AutoConfig
+
+    shipped = ARCHITECTURES / f"{name.replace('/', '--')}.json"
+    if not shipped.is_file():
+        return None
+    fields = json.loads(shipped.read_text())
+    config_class = AutoConfig.for_model(fields["model_type"]).__class__
+    return config_class(**{k: v for k, v in fields.items() if k != "model_type"})
+
+
+def random_architecture_config(name: str, num_layers: int | None = None):
+    """The config :func:`random_architecture` builds: the shipped one, ``num_layers`` deep."""
+    config = shipped_architecture(name)
+    if config is None:
+        raise ConfigError(f"model.name={name}: no architecture shipped in {ARCHITECTURES}; add its config.json there")
+    if num_layers is not None:
+        config.num_hidden_layers = check_number(num_layers, "model.num_layers", integer=True, low=1)
+        if hasattr(config, "max_window_layers"):
+            config.max_window_layers = num_layers
+    return config
+
+
+def random_architecture(
+    name: str,
+    seed: int = 0,
+    dtype: str | None = "float32",
+    num_layers: int | None = None,
+    init_device: str = "auto",
+) -> ModelBundle:
+    """A shipped architecture (``name``: its hub id, e.g. Qwen/Qwen2-1.5B) with random weights and
+    the byte tokenizer: a real model's size and shape, for speed and memory, where its weights
+    cannot be fetched (``num_layers``: fewer decoder layers, for a quick rehearsal). The weights
+    are drawn on ``init_device`` (auto: the GPU when there is one; 1.5B weights drawn on a CPU
+    take tens of seconds); the run moves the model where it trains."""
+    config = random_architecture_config(name, num_layers)
+    tokenizer = byte_tokenizer()
+    config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    config.pad_token_id = tokenizer.pad_token_id
+    if init_device == "auto":
+        init_device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(init_device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=_dtype(dtype))
+    return ModelBundle(model, tokenizer, f"{name} (random weights)")
+
+
 def build_model(node) -> ModelBundle:
     """The model of a run config's ``model`` node: its builder (``_target_``) with the other keys,
     then, with ``lora.enabled``, LoRA adapters on it (peft): only the adapters train."""

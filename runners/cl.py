@@ -29,15 +29,24 @@ suggest_closest_keys()  # optimzer.lr=... names optimizer.lr, not Hydra's "+opti
 hide_secrets_in_hydra_logs()  # its launchers log every job's overrides, +api_token=... included
 
 
-def compose_config(overrides: list[str]) -> DictConfig:
+def compose_config(overrides: list[str], runnable: bool = False) -> DictConfig:
     """The run config these overrides compose, as ``python -m runners.cl`` would (no Hydra run
-    started: for the tools that read a run's config without running it)."""
+    started: for the tools that read a run's config without running it). ``runnable``: Hydra's own
+    settings are set as a run's are (the run name's ``${hydra:...}`` resolves), so that
+    ``cl_bench.stream_run.run`` can run it in this process."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=overrides)
+        cfg = compose("config", overrides=overrides, return_hydra_config=runnable)
+    if runnable:
+        HydraConfig.instance().set_config(cfg)
+        with open_dict(cfg):
+            del cfg["hydra"]
+    return cfg
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")

@@ -9,10 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
@@ -76,17 +73,9 @@ TINY = [
 
 def compose_config(overrides: list[str], out_dir: Path, cache_dir: Path) -> DictConfig:
     """The config `python -m runners.cl <overrides>` would run with, with paths under tmp dirs."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(
-            "config",
-            overrides=[f"paths.output_dir={out_dir}", f"paths.cache_dir={cache_dir}", *overrides],
-            return_hydra_config=True,
-        )
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg
+    from runners.cl import compose_config as compose_run
+
+    return compose_run([f"paths.output_dir={out_dir}", f"paths.cache_dir={cache_dir}", *overrides], runnable=True)
 
 
 @pytest.fixture(scope="session")

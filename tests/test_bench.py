@@ -93,6 +93,7 @@ def test_bench_eval_counts_both_engines_alike(tmp_path):
         "bench.eval.prompts=10",
         "bench.eval.max_new_tokens=8",
         "bench.eval.hf_batch_sizes=[4,10]",
+        "bench.eval.vllm_variants=[{},{max_num_seqs:4}]",
         f"hydra.run.dir={tmp_path}",
         timeout=600,
     )
@@ -103,4 +104,7 @@ def test_bench_eval_counts_both_engines_alike(tmp_path):
     assert all(r["same_as_hf"] == 10 for r in rows[:2])  # batching does not change greedy answers here
     for r in rows:
         assert r["answer_tok_s"] == pytest.approx(r["answer_tokens"] / r["seconds"])
-    assert ("ratio" in result) == vllm_available() == (len(rows) == 3)
+    assert ("ratio" in result) == vllm_available() == (len(rows) == 4)
+    if vllm_available():  # one row per engine setting tried, the fastest named
+        assert [r["setting"] for r in rows[2:]] == ["defaults", "max_num_seqs=4"]
+        assert result["best_vllm"] in ("defaults", "max_num_seqs=4")

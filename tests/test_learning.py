@@ -179,10 +179,12 @@ def _grpo_module(**settings):
     return module, grpo, task
 
 
-def test_the_grpo_step_is_trls_loss_on_the_models_tempered_log_probabilities(monkeypatch):
+@pytest.mark.parametrize("shared", [True, False])
+def test_the_grpo_step_is_trls_loss_on_the_models_tempered_log_probabilities(monkeypatch, shared):
     """One micro-batch: 2 prompts x 3 completions, one group with equal rewards (skipped), fixed
-    rollouts; the step's loss equals TRL's on the model's own log-probabilities at temperature 0.7."""
-    module, grpo, task = _grpo_module(loss_type="grpo", beta=0.1)
+    rollouts; the step's loss equals TRL's on the model's own log-probabilities at temperature 0.7,
+    each row's full pass the reference, whether the update shares each prompt's pass or not."""
+    module, grpo, task = _grpo_module(loss_type="grpo", beta=0.1, shared_prompt_pass=shared)
     tok = module.loaders.tokenizer
     prompts = [tok("q1 x3? Answer:", add_special_tokens=False)["input_ids"]] * 3 + [
         tok("q2 x6? Answer:", add_special_tokens=False)["input_ids"]
@@ -190,7 +192,15 @@ def test_the_grpo_step_is_trls_loss_on_the_models_tempered_log_probabilities(mon
     completions = [[5, 6, tok.eos_token_id], [7], [8, 9], [5], [5], [5]]
     rewards = torch.tensor([1.0, 0.0, 0.5, 0.2, 0.2, 0.2])
     batch = completion_batch(prompts, completions, tok.pad_token_id)
-    fixed = Rollouts(batch, completions, rewards, torch.zeros(6, dtype=torch.bool), torch.full((6,), 4.0), [1, 2])
+    fixed = Rollouts(
+        batch,
+        completions,
+        rewards,
+        torch.zeros(6, dtype=torch.bool),
+        torch.full((6,), 4.0),
+        [1, 2],
+        prompts=[prompts[0], prompts[3]],
+    )
     monkeypatch.setattr(grpo, "rollouts", lambda module, batch: fixed)
     monkeypatch.setattr(type(module), "global_step", property(lambda self: 1))  # not a logging step
 
@@ -215,12 +225,46 @@ def test_a_step_whose_groups_are_all_skipped_is_a_zero_loss_that_reaches_the_wei
     tok = module.loaders.tokenizer
     batch = completion_batch([[3, 4]] * 3, [[5], [6], [7]], tok.pad_token_id)
     fixed = Rollouts(
-        batch, [[5], [6], [7]], torch.zeros(3), torch.zeros(3, dtype=torch.bool), torch.full((3,), 4.0), [0]
+        batch,
+        [[5], [6], [7]],
+        torch.zeros(3),
+        torch.zeros(3, dtype=torch.bool),
+        torch.full((3,), 4.0),
+        [0],
+        prompts=[[3, 4]],
     )
     monkeypatch.setattr(grpo, "rollouts", lambda module, batch: fixed)
     loss = grpo.task_loss(module, {"index": torch.tensor([0])})
     loss.backward()
     assert loss.item() == 0 and all(p.grad is not None for p in module.model.parameters() if p.requires_grad)
+
+
+def test_the_shared_prompt_pass_gives_every_weight_the_full_passes_gradient():
+    """Each prompt's pass once for its group (its KV cache shared by the G completions) against
+    every row's whole pass: the same log-probabilities at every completion token and the same
+    gradient on every weight, to float rounding; the prompts differ in length (padding on both)."""
+    from cl_bench.training.lm import labelled_logits, shared_prompt_logits
+
+    module, grpo, task = _grpo_module()
+    model, pad = module.model, module.loaders.tokenizer.pad_token_id
+    prompts = [[5, 6, 7, 8, 9], [11, 12, 13]]
+    completions = [[20, 21, 22, 2], [23, 24], [25], [30, 31, 32, 33, 34], [35, 2], [36, 37]]
+    group = torch.tensor([0, 0, 0, 1, 1, 1])
+
+    def grads(logits, targets):
+        model.zero_grad()
+        mask = targets != -100
+        logps = token_logps(logits, targets, 0.7)[mask]
+        (logps * torch.arange(1, len(logps) + 1)).sum().backward()  # a different weight per token
+        return logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    full, full_grads = grads(
+        *labelled_logits(model, completion_batch([prompts[0]] * 3 + [prompts[1]] * 3, completions, pad))
+    )
+    shared, shared_grads = grads(*shared_prompt_logits(model, prompts, completions, group, pad))
+    assert len(shared) == sum(map(len, completions)) and torch.allclose(shared, full, atol=1e-5)
+    for name, g in full_grads.items():
+        assert torch.allclose(shared_grads[name], g, atol=1e-5), name
 
 
 def test_rollouts_are_a_function_of_the_seed_step_and_example_and_leave_the_global_rng_alone():

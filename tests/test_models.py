@@ -29,3 +29,34 @@ def test_prepare_tokenizer_uses_eos_as_pad_when_missing():
     tok.padding_side = "right"
     prepare_tokenizer(tok)
     assert tok.pad_token == tok.eos_token and tok.padding_side == "left"
+
+
+def test_a_random_architecture_is_the_shipped_config_with_random_weights_as_the_planner_counts_it():
+    """model=random: SmolLM2's shipped architecture, 2 layers deep, with random weights; its
+    parameters are those the memory planner counts for the same node, and it runs on the byte
+    tokenizer's ids. An architecture not shipped is refused by name."""
+    from omegaconf import OmegaConf
+
+    from cl_bench.errors import ConfigError
+    from cl_bench.memory_plan import meta_model
+    from cl_bench.models import build_model
+
+    node = OmegaConf.create(
+        {
+            "_target_": "cl_bench.models.random_architecture",
+            "name": "HuggingFaceTB/SmolLM2-135M-Instruct",
+            "num_layers": 2,
+            "seed": 3,
+            "dtype": "float32",
+            "init_device": "cpu",
+        }
+    )
+    bundle = build_model(node)
+    assert bundle.model.config.num_hidden_layers == 2 and bundle.model.config.hidden_size == 576
+    assert sum(p.numel() for p in bundle.model.parameters()) == sum(p.numel() for p in meta_model(node).parameters())
+    ids = bundle.tokenizer("a test", return_tensors="pt")["input_ids"]
+    assert bundle.model(input_ids=ids).logits.shape[-1] == 49152
+    again = build_model(node).model.state_dict()
+    assert all(torch.equal(v, again[k]) for k, v in bundle.model.state_dict().items())  # seeded
+    with pytest.raises(ConfigError, match="model.name=acme/none: no architecture shipped"):
+        build_model(OmegaConf.merge(node, {"name": "acme/none"}))

@@ -82,6 +82,10 @@ class VLLMSettings:
     #: the longest prompt plus answer; None = what the evaluations need (train.max_prompt_len plus
     #: the largest answer budget), the model's max_position_embeddings at most
     max_model_len: int | None = None
+    #: requests the engine runs at once (vLLM's max_num_seqs); None = vLLM's default
+    max_num_seqs: int | None = None
+    #: vLLM's chunked prefill (long prompts prefilled in chunks beside decoding); None = its default
+    chunked_prefill: bool | None = None
 
     def __post_init__(self) -> None:
         check_choice(self.dtype, DTYPES, "eval.vllm.dtype")
@@ -90,6 +94,9 @@ class VLLMSettings:
         check_flag(self.enforce_eager, "eval.vllm.enforce_eager")
         check_flag(self.sleep, "eval.vllm.sleep")
         check_number(self.max_model_len, "eval.vllm.max_model_len", integer=True, low=1, allow_none=True)
+        check_number(self.max_num_seqs, "eval.vllm.max_num_seqs", integer=True, low=1, allow_none=True)
+        if self.chunked_prefill is not None:
+            check_flag(self.chunked_prefill, "eval.vllm.chunked_prefill")
 
 
 #: the ranks vLLM's LoRA support can reserve for its largest adapter (vllm/config/lora.py)
@@ -242,6 +249,10 @@ class VLLMEngine(Engine):
         device = next(model.parameters()).device
         config = getattr(model, "config", None)
         kwargs = {}
+        if self.settings.max_num_seqs is not None:
+            kwargs["max_num_seqs"] = self.settings.max_num_seqs
+        if self.settings.chunked_prefill is not None:
+            kwargs["enable_chunked_prefill"] = self.settings.chunked_prefill
         lora = lora_slot > 0
         if lora:
             kwargs.update(enable_lora=True, max_lora_rank=lora_slot, max_loras=1)

@@ -227,6 +227,7 @@ class OnPolicy(Learning):
             truncated=torch.tensor(truncated, device=device),
             budgets=torch.tensor(budgets, dtype=torch.float32, device=device),
             index=index,
+            prompts=prompts,
         )
 
     def count_rollouts(self, ro: Rollouts, trained: torch.Tensor) -> None:

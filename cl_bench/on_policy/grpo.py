@@ -34,7 +34,7 @@ from cl_bench.on_policy.policy_loss import (
     zero_std_groups,
 )
 from cl_bench.on_policy.rollouts import Rollouts, rows_of
-from cl_bench.training.lm import labelled_logits
+from cl_bench.training.lm import labelled_logits, shared_prompt_logits
 
 
 def token_logps(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -55,9 +55,12 @@ class GRPO(OnPolicy):
         num_iterations: int = 1,
         scale_rewards: str | None = None,
         skip_zero_std: bool = True,
+        shared_prompt_pass: bool = True,
         **on_policy: Any,
     ):
         super().__init__(**on_policy)
+        #: each prompt's forward pass once for its G completions (its KV cache shared), not G times
+        self.shared_prompt_pass = check_flag(shared_prompt_pass, "learning.shared_prompt_pass")
         self.loss_type = check_choice(loss_type, LOSS_TYPES, "learning.loss_type")
         self.beta = check_number(beta, "learning.beta", low=0)
         check_number(epsilon, "learning.epsilon", low=0)
@@ -110,7 +113,7 @@ class GRPO(OnPolicy):
         if not trained:  # every group skipped: a zero loss that still reaches every weight (DDP)
             rows = torch.zeros(1, dtype=torch.long, device=keep.device)
         sub = rows_of(ro.batch, rows)
-        logits, targets = labelled_logits(module.model, sub)
+        logits, targets = self.completion_logits(module.model, ro, rows, sub)
         logps = token_logps(logits, targets, self.temperature)
         mask = (targets != IGNORE_INDEX) & trained  # the stand-in row counts no token (dapo's N)
         if self.mask_truncated:
@@ -118,8 +121,13 @@ class GRPO(OnPolicy):
         if ro.old_logps is None or ro.old_logps.shape != logps.shape:
             ro.old_logps = logps.detach()  # the sampling policy: this very forward at a rollout's first use
         ref = None
-        if self.beta != 0:
-            ref = token_logps(self.reference_logits(module.model, sub), targets, self.temperature)
+        if self.beta != 0:  # the base model's log-probabilities of the same tokens, in this layout
+            base = self.reference_logits(module.model, sub)
+            base_targets = sub["labels"][:, -base.shape[1] :]
+            ref = torch.zeros_like(logps)
+            ref[targets != IGNORE_INDEX] = token_logps(base, base_targets, self.temperature)[
+                base_targets != IGNORE_INDEX
+            ]
         tokens = sum_across_ranks(mask.sum().to(torch.float64))
         loss, parts = policy_loss(
             logps,
@@ -137,6 +145,18 @@ class GRPO(OnPolicy):
             return loss * 0.0
         self.add(trained_tokens=float(mask.sum()), clipped_tokens=float((parts["clipped"] & mask).sum()))
         return loss
+
+    def completion_logits(
+        self, model, ro: Rollouts, rows: torch.Tensor, sub: dict
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The policy's logits at the ``rows``' completion tokens: each prompt's pass once for its
+        group (``shared_prompt_pass``), or every row's prompt and completion in one pass."""
+        if not self.shared_prompt_pass:
+            return labelled_logits(model, sub)
+        groups, group = torch.unique(rows // self.num_generations, return_inverse=True)
+        prompts = [ro.prompts[int(k)] for k in groups]
+        completions = [ro.completions[int(r)] for r in rows]
+        return shared_prompt_logits(model, prompts, completions, group, self.tokenizer.pad_token_id)
 
     def settings(self) -> dict[str, Any]:
         return {

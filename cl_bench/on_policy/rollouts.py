@@ -34,6 +34,8 @@ class Rollouts:
     budgets: torch.Tensor
     #: the example index of each prompt (the micro-batch's ``index``)
     index: list[int] = field(default_factory=list)
+    #: each group's prompt token ids (the shared-prompt pass runs each once)
+    prompts: list[list[int]] = field(default_factory=list)
     #: [rows, T] the sampling policy's log-probabilities at its first use (for a reused batch's ratio)
     old_logps: torch.Tensor | None = None
 

@@ -10,11 +10,11 @@ short answers, and vocabularies of 50k-150k, that is most of the head's cost.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 
-from cl_bench.data.tokenization import IGNORE_INDEX, position_ids
+from cl_bench.data.tokenization import IGNORE_INDEX, Collator, position_ids
 
 
 @contextlib.contextmanager
@@ -54,6 +54,52 @@ def sequence_and_labelled_logits(
         logits_to_keep=0 if every_position else keep,
     ).logits
     return (logits if every_position else None), logits[:, -keep:-1].float(), labels[:, -(keep - 1) :]
+
+
+def shared_prompt_logits(
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    completions: Sequence[Sequence[int]],
+    group: torch.Tensor,
+    pad: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`labelled_logits` for completions that share prompts (GRPO's G completions of each
+    prompt), with each prompt's pass computed once: the prompts (left-padded) run once with their
+    KV cache kept, the cache rows are repeated for each completion (``group[i]``: completion i's
+    prompt), and the completions (right-padded) run on it. Gradients flow through the shared
+    cache, so the weights get what the full pass of every row would give them (tested equal to
+    float rounding). Returns (fp32 logits [rows, K, V], targets [rows, K]): K the longest
+    completion, each row's targets its completion (IGNORE_INDEX after its end)."""
+    collate = Collator(pad)
+    head = collate([{"input_ids": list(p)} for p in prompts])
+    device = next(model.parameters()).device
+    head = {k: v.to(device) for k, v in head.items()}
+    group = group.to(device)
+    first = model(
+        input_ids=head["input_ids"],
+        attention_mask=head["attention_mask"],
+        position_ids=position_ids(head["attention_mask"]),
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    cache = first.past_key_values
+    cache.reorder_cache(group)  # one cache row per completion (index_select: gradients add up per prompt)
+    longest = max(len(c) for c in completions)
+    ids = torch.full((len(completions), longest), pad, dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids)
+    for i, c in enumerate(completions):
+        ids[i, : len(c)] = torch.tensor(list(c), dtype=torch.long)
+        mask[i, : len(c)] = 1
+    full = torch.cat([head["attention_mask"][group], mask], 1)
+    rest = model(
+        input_ids=ids,
+        attention_mask=full,
+        position_ids=position_ids(full)[:, -longest:],
+        past_key_values=cache,
+        use_cache=True,
+    )
+    logits = torch.cat([first.logits[group, -1:], rest.logits[:, :-1]], 1).float()
+    return logits, ids.masked_fill(mask == 0, IGNORE_INDEX)
 
 
 def labelled_mean(values: torch.Tensor, targets: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
