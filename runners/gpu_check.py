@@ -320,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="the CPU rehearsal: the tiny model, a few steps")
     parser.add_argument("--out", default="outputs/gpu_check", help="folder of gpu_check.json and gpu_check.md")
+    parser.add_argument("--work", default=None, help="folder of the runs' dirs and checkpoints (default: --out)")
     parser.add_argument("--budget-s", type=float, default=480.0, help="wall seconds for all sections")
     parser.add_argument("--methods", default=",".join(METHODS), help="the methods of the memory section")
     args = parser.parse_args(argv)
@@ -327,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu_check: no CUDA device here; --small rehearses the check on the CPU", file=sys.stderr)
         return 2
     sizes = Sizes(args.small)
-    out = Path(args.out)
+    out, work = Path(args.out), Path(args.work or args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     report: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "small": args.small, "sections": {}}
@@ -335,10 +336,10 @@ def main(argv: list[str] | None = None) -> int:
     deadline = start + args.budget_s
     sections = [  # (name, what, the share of the budget it needs left to start)
         ("environment", environment, 0),
-        ("sft_step", lambda: sft_step(sizes, out / "bench"), 0.05),
-        ("streams", lambda: streams(sizes, out, max(60.0, deadline - time.perf_counter())), 0.2),
+        ("sft_step", lambda: sft_step(sizes, work / "bench"), 0.05),
+        ("streams", lambda: streams(sizes, work, max(60.0, deadline - time.perf_counter())), 0.2),
         ("generation", lambda: generation(sizes), 0.1),
-        ("memory", lambda: memory(sizes, out / "memory", methods, deadline), 0.1),
+        ("memory", lambda: memory(sizes, work / "memory", methods, deadline), 0.1),
     ]
     for name, section, needs in sections:
         left = args.budget_s - (time.perf_counter() - start)

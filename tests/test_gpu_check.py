@@ -48,7 +48,10 @@ def test_the_check_runs_every_section_on_the_cpu_and_writes_its_json_and_table(t
     stream runs (the single-device and the FSDP trainer) reach their end; the report holds them."""
     monkeypatch.setenv("CL_BENCH_CACHE", str(cache_dir))
     monkeypatch.chdir(tmp_path)
-    assert main(["--small", "--out", str(tmp_path / "check"), "--budget-s", "600"]) == 0
+    args = ["--small", "--out", str(tmp_path / "check"), "--work", str(tmp_path / "work"), "--budget-s", "600"]
+    assert main(args) == 0
+    assert sorted(p.name for p in (tmp_path / "check").iterdir()) == ["gpu_check.json", "gpu_check.md"]
+    assert (tmp_path / "work" / "memory" / "ewc" / "results.json").is_file()  # the runs' dirs kept apart
     report = json.loads((tmp_path / "check" / "gpu_check.json").read_text())
     sections = report["sections"]
     assert set(sections) == {"environment", "sft_step", "generation", "memory", "streams"}

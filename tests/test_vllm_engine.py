@@ -42,7 +42,7 @@ def answers(model, tokenizer, engine=None, **changes) -> list[str]:
 
 
 def tiny_engine(tmp_path: Path) -> VLLMEngine:
-    return VLLMEngine(VLLMSettings(dtype="float32", memory_fraction=0.05), tmp_path / "engine")
+    return VLLMEngine(VLLMSettings(dtype="float32", cpu_kv_cache_gib=0.25), tmp_path / "engine")
 
 
 def agreement(hf: list[str], engine: list[str]) -> float:
@@ -65,6 +65,8 @@ def test_the_engine_is_refused_by_key_without_vllm_or_with_bad_settings(monkeypa
         build_engine({"engine": "sglang"}, tmp_path)
     with pytest.raises(ConfigError, match="eval.vllm.memory_fraction"):
         VLLMSettings(memory_fraction=1.5)
+    with pytest.raises(ConfigError, match="eval.vllm.cpu_kv_cache_gib"):
+        VLLMSettings(cpu_kv_cache_gib=0)
     with pytest.raises(ConfigError, match="eval.vllm.weight_sync"):
         VLLMSettings(weight_sync="sometimes")
 
@@ -79,7 +81,7 @@ def test_greedy_answers_equal_hf_generate_and_weights_sync_once_per_version(tmp_
     model, tokenizer = bundle.model, bundle.tokenizer
     hf = answers(model, tokenizer)
     assert len(set(hf)) > 5  # answers that depend on the prompt: a comparison that can fail
-    engine = VLLMEngine(VLLMSettings(dtype="float32", memory_fraction=0.05, weight_sync=weight_sync), tmp_path / "e")
+    engine = VLLMEngine(VLLMSettings(dtype="float32", cpu_kv_cache_gib=0.25, weight_sync=weight_sync), tmp_path / "e")
     engine.sync(model, version=0)
     fast = answers(model, tokenizer, engine)
     assert agreement(hf, fast) >= 0.95
@@ -244,7 +246,7 @@ def test_smollm2_s_greedy_answers_on_a_stage_equal_hf_s(make_config, tmp_path):
     base = GenerationConfig(batch_size=16, max_prompt_len=cfg.train.max_prompt_len)
     hf_scores, hf = evaluate_stream(bundle.model, bundle.tokenizer, stream, base, "test", 16)
     longest = cfg.train.max_prompt_len + max(t.spec.max_new_tokens for t in stream)
-    engine = VLLMEngine(VLLMSettings(dtype="float32", memory_fraction=0.1), tmp_path / "engine", longest=longest)
+    engine = VLLMEngine(VLLMSettings(dtype="float32"), tmp_path / "engine", longest=longest)
     engine.sync(bundle.model, version=0)
     scores, fast = evaluate_stream(engine, bundle.tokenizer, stream, base, "test", 16)
     engine.close()
