@@ -68,10 +68,10 @@ bench: $(STAMP)
 # The GPU check (runners/gpu_check.py, docs/scaling.md#the-gpu-check). On a GPU machine with the
 # project installed: `make gpu-check`. On a bare machine whose python3 has torch, lightning,
 # transformers and peft but not the rest (no network), the wheels travel: `make gpu-wheels` here
-# puts what is missing into .whl/ (Python 3.12, manylinux x86_64), and `make gpu-check` there installs
-# them beside that python's own packages and runs the check. ARGS=--small rehearses it on the CPU.
+# puts what is missing into .whl/ (Python 3.12, manylinux x86_64), and `make gpu-check` there (no
+# .venv) installs them beside python3's own packages and runs the check with python3.
+# ARGS=--small rehearses it on the CPU.
 GPU_WHEELS ?= .whl
-GPU_PYTHON ?= $(if $(wildcard $(PY)),$(PY),python3)
 # what the GPU image lacks: binary wheels for its platform, and the pure-Python ones built here
 GPU_BINARY := rapidfuzz==3.14.6
 GPU_PURE := hydra-core==1.3.8 omegaconf==2.3.1 antlr4-python3-runtime==4.9.3 fuzzywuzzy==0.18.0 rouge==1.0.1 \
@@ -84,9 +84,10 @@ gpu-wheels:
 	du -sh $(GPU_WHEELS)
 
 gpu-check:
-	if [ -d $(GPU_WHEELS) ]; then $(GPU_PYTHON) -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-	  --upgrade --target /tmp/cl_bench_site $(GPU_WHEELS)/*.whl; fi
-	PYTHONPATH=$$PWD$(if $(wildcard $(GPU_WHEELS)),:/tmp/cl_bench_site) $(GPU_PYTHON) -m runners.gpu_check $(ARGS)
+	if [ -x $(PY) ]; then $(PY) -m runners.gpu_check $(ARGS); else \
+	  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+	    --target /tmp/cl_bench_site $(GPU_WHEELS)/*.whl && \
+	  PYTHONPATH=$$PWD:/tmp/cl_bench_site python3 -m runners.gpu_check $(ARGS); fi
 
 # A replicated comparison, then its report: EXPERIMENT=replication (default; docs/methods.md: 7 methods x 3
 # seeds on SmolLM2) or EXPERIMENT=rft_vs_sft BASELINE=sft (docs/rft.md: SFT, GRPO, self-SFT, GRPO+EWC x 3 seeds),

@@ -16,8 +16,8 @@ two ways (``eval.vllm.weight_sync``):
   into them and packs every such layer again (:func:`load_and_repack`): the same packing as at
   start, so the answers equal a fresh engine's. It costs a second copy of the linear weights.
 - ``restart``: the weights are saved as a Hugging Face folder (``<run dir>/engine``, rewritten in
-  place) and a fresh engine starts on it (4.4-5.1 s for SmolLM2-135M here; in place: 0.23-0.25 s). An FSDP-sharded model
-  always restarts.
+  place) and a fresh engine starts on it (4.4-5.1 s for SmolLM2-135M here; in place: 0.23-0.25 s). An
+  FSDP-sharded model always restarts.
 
 LoRA runs hand vLLM the adapters (its LoRA support): the frozen base weights are saved once and
 the engine starts on them; each sync saves every active adapter stacked as one
