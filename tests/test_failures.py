@@ -278,7 +278,7 @@ def test_a_resume_keeps_the_csv_rows_before_it_and_logs_into_the_runs_own_dir(ma
 
 @pytest.mark.processes
 def test_a_refused_rerun_leaves_the_runs_hydra_record_as_it_was(tmp_path):
-    out = tmp_path / "run"
+    out = tmp_path / "refused-rerun-record"  # a name no other run dir has (the glob below looks for it)
     args = ["experiment=smoke", "general=none", "tasks.order=[arith]", f"hydra.run.dir={out}"]
     args.append(f"paths.cache_dir={tmp_path / 'cache'}")
     assert run_module("runners.cl", *args).returncode == 0

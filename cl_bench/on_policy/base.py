@@ -190,7 +190,8 @@ class OnPolicy(Learning):
         tasks = [self.task_of[ex] for ex in examples]
         prompts = [encode_prompt(tok, ex, self.max_prompt_len)["input_ids"] for ex in examples]
         seeds = [derive_seed(self.seed, f"rollout/{module.stream_step}/{i}/{j}") for i in index for j in range(g)]
-        self.engine.sync(module.model, module.stream_step)
+        # the step and the task: a method may change the weights between tasks without a step
+        self.engine.sync(module.model, (self.task_name, module.stream_step))
         ids = self.engine.generate(
             [p for p in prompts for _ in range(g)],
             max(self.budget(task) for task in tasks),
