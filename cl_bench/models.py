@@ -164,8 +164,9 @@ def tiny_llama(
 ARCHITECTURES = Path(__file__).resolve().parent / "architectures"
 
 
-def shipped_architecture(name: str):
-    """The transformers config shipped for hub id ``name``, or None when none is shipped."""
+def shipped_architecture(name: str, **changes):
+    """The transformers config shipped for hub id ``name`` (``changes``: fields set before the config
+    derives the others from them), or None when none is shipped."""
     import json
 
     from transformers import AutoConfig
@@ -175,18 +176,20 @@ def shipped_architecture(name: str):
         return None
     fields = json.loads(shipped.read_text())
     config_class = AutoConfig.for_model(fields["model_type"]).__class__
-    return config_class(**{k: v for k, v in fields.items() if k != "model_type"})
+    if "num_hidden_layers" in changes and "max_window_layers" in fields:  # Qwen2's sliding-window layers
+        changes["max_window_layers"] = changes["num_hidden_layers"]
+    return config_class(**{k: v for k, v in fields.items() if k != "model_type"} | changes)
 
 
 def random_architecture_config(name: str, num_layers: int | None = None):
     """The config :func:`random_architecture` builds: the shipped one, ``num_layers`` deep."""
-    config = shipped_architecture(name)
+    depth = {}
+    if num_layers is not None:  # set before the config derives its per-layer fields (Qwen2's layer_types)
+        check_number(num_layers, "model.num_layers", integer=True, low=1)
+        depth = {"num_hidden_layers": num_layers}
+    config = shipped_architecture(name, **depth)
     if config is None:
         raise ConfigError(f"model.name={name}: no architecture shipped in {ARCHITECTURES}; add its config.json there")
-    if num_layers is not None:
-        config.num_hidden_layers = check_number(num_layers, "model.num_layers", integer=True, low=1)
-        if hasattr(config, "max_window_layers"):
-            config.max_window_layers = num_layers
     return config
 
 

@@ -91,7 +91,8 @@ class StreamRun:
         self.continual = ContinualSettings.from_config(cfg.eval.get("continual"), self.stream.names)
         self.out_dir = run_dir(cfg, out_dir)
         #: eval.engine: what every evaluation and rollout generates with (vllm refused here if missing)
-        budget = cfg.eval.get("max_new_tokens") or max(t.spec.max_new_tokens for t in self.stream)
+        rollout = OmegaConf.select(cfg, "learning.max_completion_length") or 0  # and the tasks' own budgets
+        budget = max(cfg.eval.get("max_new_tokens") or 0, rollout, *(t.spec.max_new_tokens for t in self.stream))
         self.engine = build_engine(cfg.eval, self.out_dir / "engine", cfg.seed, cfg.train.max_prompt_len + budget)
         self.pace = StepPace()  # warns when the training steps slow down (other processes on the cores)
         self.lock = RunDirLock(self.out_dir)
@@ -219,6 +220,7 @@ class StreamRun:
         if saved["model"] is not None:
             restore_weights(self.bundle.model, saved["model"])
         self.recorder.load_state_dict(saved["recorder"])
+        self.engine.restore_timings(self.recorder.timings)  # its counters go on from the record
         self.module.resume_stream(saved["step_offset"])
         self.module.load_optimizer_state(saved.get("optimizer"))
         set_rng_state(saved["rng"])

@@ -238,27 +238,35 @@ def generation(sizes: Sizes) -> dict[str, Any]:
     return out
 
 
-def streams(sizes: Sizes, out_dir: Path, timeout: float) -> list[dict[str, Any]]:
-    """``python -m runners.cl`` under the single-device and the FSDP trainer, each to its end."""
+def streams(sizes: Sizes, out_dir: Path, deadline: float) -> list[dict[str, Any]]:
+    """``python -m runners.cl`` under the single-device and the FSDP trainer, each to its end; each
+    run gets its share of the time left before ``deadline`` (a ``time.perf_counter`` value), and one
+    that outlasts it is recorded as timed out."""
+    runs = (("gpu", sizes.trainer), ("fsdp", sizes.fsdp))
     rows = []
-    for name, trainer in (("gpu", sizes.trainer), ("fsdp", sizes.fsdp)):
+    for k, (name, trainer) in enumerate(runs):
         run_dir = out_dir / f"stream-{name}"
         args = [*sizes.model, *trainer, *SHORT_STREAM, f"hydra.run.dir={run_dir}"]
         start = time.perf_counter()
-        proc = subprocess.run(
-            [sys.executable, "-m", "runners.cl", *args], capture_output=True, text=True, timeout=timeout
-        )
+        timeout = max(60.0, (deadline - start) / (len(runs) - k))
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-m", "runners.cl", *args], capture_output=True, text=True, timeout=timeout
+            )
+            code, error = proc.returncode, None if proc.returncode == 0 else proc.stderr[-2000:]
+        except subprocess.TimeoutExpired:
+            code, error = None, f"timed out after {timeout:.0f} s"
         results = run_dir / "results.json"
         data = json.loads(results.read_text()) if results.is_file() else {}
         rows.append(
             {
                 "trainer": name,
-                "exit": proc.returncode,
-                "status": data.get("status", "no results.json"),
+                "exit": code,
+                "status": data.get("status", "no results.json") if code is not None else "timed out",
                 "R_rows": len(data.get("R", [])),
                 "precision": (data.get("config") or {}).get("trainer", {}).get("precision"),
                 "seconds": time.perf_counter() - start,
-                "error": None if proc.returncode == 0 else proc.stderr[-2000:],
+                "error": error,
             }
         )
     return rows
@@ -337,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     sections = [  # (name, what, the share of the budget it needs left to start)
         ("environment", environment, 0),
         ("sft_step", lambda: sft_step(sizes, work / "bench"), 0.05),
-        ("streams", lambda: streams(sizes, work, max(60.0, deadline - time.perf_counter())), 0.2),
+        ("streams", lambda: streams(sizes, work, deadline - 0.3 * args.budget_s), 0.2),  # time left for the rest
         ("generation", lambda: generation(sizes), 0.1),
         ("memory", lambda: memory(sizes, work / "memory", methods, deadline), 0.1),
     ]

@@ -108,3 +108,15 @@ def test_an_adapter_stack_wider_than_vllm_reserves_is_refused_by_key():
     assert [lora_rank_slot(r) for r in (4, 10, 24, 320)] == [8, 16, 32, 320]
     with pytest.raises(ConfigError, match="eval.engine=vllm: the LoRA adapters stack to rank 600"):
         lora_rank_slot(600)
+
+
+def test_an_adapter_on_an_embedding_is_refused_by_name_not_dropped():
+    """peft keeps an embedding's LoRA weights apart from the linear layers'; the stack would leave
+    them out and vLLM would evaluate another model, so the handover refuses it."""
+    from peft import LoraConfig, get_peft_model
+
+    from cl_bench.errors import ConfigError
+
+    model = get_peft_model(tiny_llama(seed=0).model, LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"]))
+    with pytest.raises(ConfigError, match="embed_tokens is an embedding with adapters"):
+        stacked_adapter(model)

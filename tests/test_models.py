@@ -60,3 +60,17 @@ def test_a_random_architecture_is_the_shipped_config_with_random_weights_as_the_
     assert all(torch.equal(v, again[k]) for k, v in bundle.model.state_dict().items())  # seeded
     with pytest.raises(ConfigError, match="model.name=acme/none: no architecture shipped"):
         build_model(OmegaConf.merge(node, {"name": "acme/none"}))
+
+
+def test_a_shallower_random_qwen2_keeps_its_per_layer_fields_consistent(tmp_path):
+    """model.num_layers on Qwen2 (the GPU check's architecture): its per-layer fields (layer_types,
+    max_window_layers) follow the depth, so the config saves, as the vLLM engine's sync saves it."""
+    from transformers import AutoConfig
+
+    from cl_bench.models import random_architecture_config
+
+    config = random_architecture_config("Qwen/Qwen2-1.5B", num_layers=2)
+    assert config.num_hidden_layers == 2 and config.max_window_layers == 2
+    assert len(getattr(config, "layer_types", None) or [None] * 2) == 2
+    config.save_pretrained(tmp_path)
+    assert AutoConfig.from_pretrained(tmp_path).num_hidden_layers == 2

@@ -87,6 +87,8 @@ def test_greedy_answers_equal_hf_generate_and_weights_sync_once_per_version(tmp_
     assert agreement(hf, fast) >= 0.95
     engine.sync(model, version=0)  # the same weights: nothing handed over
     assert engine.starts == 1
+    with pytest.raises(ConfigError, match="need 1032 positions, the engine holds 1024"):  # not cut short silently
+        engine.generate([[5] * 1020], 12, tokenizer.eos_token_id, tokenizer.pad_token_id)
     with torch.no_grad():  # new weights everywhere (every packed layer): the engine answers with them
         for name, p in model.named_parameters():
             if "proj" in name or "lm_head" in name:

@@ -67,13 +67,18 @@ def generate(
     examples: Sequence[Example],
     max_new_tokens: int,
     cfg: GenerationConfig,
+    seeds: Sequence[int] | None = None,
 ) -> list[str]:
     """Answers for ``examples``, in their order, by the run's engine (or HF ``generate`` on a model),
     decoded alike whichever engine generated them. A sampled answer's seed is derived from
-    ``cfg.seed`` and its prompt, so it is the same in any batch, process or engine restart."""
+    ``cfg.seed`` and its prompt, so it is the same in any batch, process or engine restart; or it is
+    the ``seeds`` entry (one per example: repeated prompts that must differ)."""
     encoded = [encode_prompt(tokenizer, ex, cfg.max_prompt_len)["input_ids"] for ex in examples]
     sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p} if cfg.do_sample else None
-    seeds = [derive_seed(cfg.seed, "|".join(map(str, ids))) for ids in encoded]
+    if seeds is None:
+        seeds = [derive_seed(cfg.seed, "|".join(map(str, ids))) for ids in encoded]
+    elif len(seeds) != len(examples):
+        raise ValueError(f"generate: {len(seeds)} seeds for {len(examples)} examples")
     new = as_engine(source, cfg.batch_size).generate(
         encoded, max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id, sampling, seeds
     )

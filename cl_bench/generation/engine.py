@@ -96,6 +96,12 @@ class Engine:
     def remove_files(self) -> None:
         """The files the engine wrote (none by default)."""
 
+    def restore_timings(self, timings: dict[str, float]) -> None:
+        """A resumed run's counters go on from what its record says (:meth:`timings`' keys)."""
+        self.starts = int(timings.get("engine_starts", 0))
+        self.sync_s = float(timings.get("engine_sync_s", 0.0))
+        self.generate_s = float(timings.get("engine_generate_s", 0.0))
+
     def timings(self) -> dict[str, float]:
         return {"engine_starts": self.starts, "engine_sync_s": self.sync_s, "engine_generate_s": self.generate_s}
 

@@ -46,6 +46,12 @@ def stacked_adapter(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], in
     rank, and the targeted module names' last parts."""
     parts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for name, layer in lora_layers(model).items():
+        embedding = [a for a in layer.active_adapters if a in getattr(layer, "lora_embedding_A", {})]
+        if embedding:  # peft keeps an embedding's adapters apart from lora_A/lora_B
+            raise ConfigError(
+                f"eval.engine=vllm hands vLLM the LoRA adapters of linear layers; {name} is an embedding "
+                f"with adapters {embedding}: evaluate with eval.engine=hf"
+            )
         active = [a for a in layer.active_adapters if a in layer.lora_A]
         if not active:
             continue

@@ -187,6 +187,8 @@ class VLLMEngine(Engine):
         self.lora_id = 0
         #: the adapter rank the running engine reserves (vLLM's max_lora_rank)
         self.lora_slot = 0
+        #: the positions (prompt and answer) the running engine holds (vLLM's max_model_len)
+        self.context: int | None = None
         self.base_saved = False
 
     def in_place(self) -> bool:
@@ -269,6 +271,12 @@ class VLLMEngine(Engine):
             kwargs["kv_cache_memory_bytes"] = int(self.settings.cpu_kv_cache_gib * 2**30)
         limit = getattr(config, "max_position_embeddings", None)
         longest = self.settings.max_model_len or self.longest or limit
+        self.context = min(longest, limit) if longest and limit else longest
+        if device.type == "cpu" and self.in_place() and not lora_slot and not self.settings.enforce_eager:
+            raise ConfigError(
+                "eval.vllm.enforce_eager=false with weight_sync in place on the CPU: a compiled graph may keep "
+                "the layers packed at start; set eval.vllm.enforce_eager=true or eval.vllm.weight_sync=restart"
+            )
         set_threads = torch.set_num_threads  # the CPU worker replaces it with a no-op
         keep = keep_cpu_weights() if device.type == "cpu" and self.in_place() and not lora else nullcontext()
         try:
@@ -278,7 +286,7 @@ class VLLMEngine(Engine):
                     dtype=self.dtype(model),
                     seed=self.seed,
                     enforce_eager=self.settings.enforce_eager,
-                    max_model_len=min(longest, limit) if longest and limit else longest,
+                    max_model_len=self.context,
                     skip_tokenizer_init=True,  # token ids in and out: the run's tokenizer encodes and decodes
                     enable_sleep_mode=device.type == "cuda" and self.settings.sleep,
                     **kwargs,
@@ -301,6 +309,12 @@ class VLLMEngine(Engine):
         from vllm.inputs import TokensPrompt
 
         start = time.perf_counter()
+        longest = max(map(len, prompts), default=0) + max_new_tokens
+        if self.context is not None and longest > self.context:  # vLLM would stop there without a word
+            raise ConfigError(
+                f"eval.engine=vllm: a prompt and its {max_new_tokens} new tokens need {longest} positions, "
+                f"the engine holds {self.context} (eval.vllm.max_model_len)"
+            )
         sampling = sampling or {}
         params = [
             SamplingParams(

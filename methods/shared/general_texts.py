@@ -11,12 +11,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
 from cl_bench.data.tasks import Example, json_list, read_text
 from cl_bench.errors import ConfigError
 from cl_bench.evaluation.generation import GenerationConfig, generate
-from cl_bench.rng import preserved_rng
+from cl_bench.rng import derive_seed
 
 OPENINGS = (
     "The history of the printing press",
@@ -83,13 +81,13 @@ def read_texts(path: str | Path) -> list[str]:
 
 def self_generated(model, tokenizer, count: int, new_tokens: int, seed: int, batch_size: int = 32) -> list[str]:
     """``count`` texts: each opening of :data:`OPENINGS` (cycled) followed by a sampled continuation
-    of ``new_tokens`` tokens (temperature 1, top-p 0.95), drawn from ``seed`` without touching the
-    run's random state."""
+    of ``new_tokens`` tokens (temperature 1, top-p 0.95); text i is drawn from its own seed, derived
+    from ``seed`` and i (a repeated opening gets another continuation), without touching the run's
+    random state."""
     openings = [Example(f"{OPENINGS[i % len(OPENINGS)]}:", "") for i in range(count)]
     cfg = GenerationConfig(
         batch_size=batch_size, max_prompt_len=64, do_sample=True, temperature=1.0, top_p=0.95, raw=True
     )
-    with preserved_rng():
-        torch.manual_seed(seed)
-        continuations = generate(model, tokenizer, openings, new_tokens, cfg)
+    seeds = [derive_seed(seed, f"general text {i}") for i in range(count)]
+    continuations = generate(model, tokenizer, openings, new_tokens, cfg, seeds=seeds)
     return [ex.prompt + text for ex, text in zip(openings, continuations)]

@@ -260,3 +260,20 @@ def test_gere_concat_mode_mixes_the_texts_into_the_data_and_scores_them_from_the
     plain = next(iter(module.loaders.passes(list(TASK.train[:2]))))
     module.step_logits = labelled_logits(module.model, plain)
     assert method.training_loss(module, plain, task_loss) is task_loss
+
+
+def test_self_generated_general_texts_differ_per_text_and_follow_the_seed():
+    """More texts than openings: a repeated opening gets its own continuation (each text its own
+    seed), the same seed gives the same texts, another seed other texts, and the run's random state
+    is left alone."""
+    from cl_bench.models import tiny_llama
+    from methods.shared.general_texts import OPENINGS, self_generated
+
+    bundle = tiny_llama(seed=0)
+    count = len(OPENINGS) + 2
+    state = torch.get_rng_state()
+    texts = self_generated(bundle.model, bundle.tokenizer, count, 6, seed=1)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert len(set(texts)) == count  # the two repeated openings continue differently
+    assert texts == self_generated(bundle.model, bundle.tokenizer, count, 6, seed=1)
+    assert texts != self_generated(bundle.model, bundle.tokenizer, count, 6, seed=2)
