@@ -163,7 +163,14 @@ def test_two_runs_in_one_dir_the_second_is_refused_and_the_first_finishes(tmp_pa
     args = ["experiment=smoke", "general=none", f"hydra.run.dir={out}", f"paths.cache_dir={tmp_path / 'cache'}"]
     first = start_module("runners.cl", *args, "tasks.order=[arith,code]")
     deadline = time.time() + 120
-    while not (out / ".lock").exists() and time.time() < deadline:
+
+    def holder_written() -> bool:  # the lock made and its holder written (not stopped between the two)
+        try:
+            return json.loads((out / ".lock").read_text()).get("pid") == first.pid
+        except (OSError, ValueError):
+            return False
+
+    while not holder_written() and time.time() < deadline:
         time.sleep(0.05)
     first.send_signal(signal.SIGSTOP)  # it holds the dir, however fast or slow this machine is
     try:
