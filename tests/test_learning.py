@@ -492,7 +492,7 @@ def test_a_grpo_run_killed_mid_task_resumes_to_the_same_weights(tmp_path, cache_
     checkpoints fall at multiples of 6, where no rollouts await reuse, and the resumed run's weights,
     R and telemetry equal the uninterrupted run's."""
     from tests.conftest import compose_config
-    from tests.test_scale import TINY_RUN, _final, _run, kill_inside_task_2
+    from tests.test_scale import TINY_RUN, kill_inside_task_2
 
     common = [
         *TINY_RUN,
@@ -507,9 +507,18 @@ def test_a_grpo_run_killed_mid_task_resumes_to_the_same_weights(tmp_path, cache_
     kill_inside_task_2(common, killed)
     steps = [int(p.stem.rsplit("-", 1)[1]) for p in (killed / "checkpoints").glob("task-001-step-*.ckpt")]
     assert steps and all(step % 6 == 0 for step in steps)
-    out = _run([*common, f"resume={killed}", f"hydra.run.dir={tmp_path / 'resumed_log'}"])
+    resumes_to_the_whole_run(common, tmp_path / "whole", killed, tmp_path / "resumed_log")
+
+
+def resumes_to_the_whole_run(common: list[str], whole, killed, log_dir) -> None:
+    """Resume the run ``killed`` inside task 2 (the resume's Hydra log in ``log_dir``): it goes on
+    from a step checkpoint of that task and ends with the uninterrupted run's (``whole``) R,
+    paradigm telemetry and weights, bitwise."""
+    from tests.test_scale import _final, _run
+
+    out = _run([*common, f"resume={killed}", f"hydra.run.dir={log_dir}"])
     assert "Resuming task code from task-001-step-" in out.stdout
-    (r1, w1), (r2, w2) = _final(tmp_path / "whole"), _final(killed)
+    (r1, w1), (r2, w2) = _final(whole), _final(killed)
     assert r2["status"] == "finished" and r2["R"] == r1["R"]
     assert r2["learning"]["tasks"] == r1["learning"]["tasks"]
     for k in w1:

@@ -269,8 +269,8 @@ def test_grpo_rolls_out_through_the_engine_and_a_killed_run_resumes_to_the_same_
     telemetry, bitwise."""
     from cl_bench.stream_run import run
     from tests.conftest import compose_config
-    from tests.test_learning import PROCESS_RUN
-    from tests.test_scale import TINY_RUN, _final, _run, kill_inside_task_2
+    from tests.test_learning import PROCESS_RUN, resumes_to_the_whole_run
+    from tests.test_scale import TINY_RUN, kill_inside_task_2
 
     common = [
         *TINY_RUN,
@@ -286,10 +286,4 @@ def test_grpo_rolls_out_through_the_engine_and_a_killed_run_resumes_to_the_same_
     assert recorder.timings["engine_starts"] == 1 and steps >= 16  # one engine for every step's rollouts
     killed = tmp_path / "killed"
     kill_inside_task_2(common, killed)
-    out = _run([*common, f"resume={killed}", f"hydra.run.dir={tmp_path / 'resumed_log'}"])
-    assert "Resuming task code from task-001-step-" in out.stdout
-    (r1, w1), (r2, w2) = _final(tmp_path / "whole"), _final(killed)
-    assert r2["status"] == "finished" and r2["R"] == r1["R"]
-    assert r2["learning"]["tasks"] == r1["learning"]["tasks"]
-    for k in w1:
-        assert torch.equal(w2[k], w1[k]), k
+    resumes_to_the_whole_run(common, tmp_path / "whole", killed, tmp_path / "resumed_log")
