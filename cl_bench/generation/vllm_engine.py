@@ -206,9 +206,8 @@ class VLLMEngine(Engine):
             self.wake()
             return
         start = time.perf_counter()
-        lora = lora_parts(model)
-        if lora is not None:  # the base is frozen: only the adapters are new, under a new id
-            self.save(model, lora)
+        if hasattr(model, "peft_config"):  # the base is frozen: only the adapters are new, under a new id
+            self.save(model, lora=True)
             slot = lora_rank_slot(active_rank(model))
             if self.llm is None or slot > self.lora_slot:  # a stack wider than the engine reserved: restart
                 self.start(model, lora_slot=slot)
@@ -220,18 +219,18 @@ class VLLMEngine(Engine):
             self.llm.apply_model(lambda m: load_and_repack(m, weights))
             self.llm.reset_prefix_cache()  # its KV blocks were computed by the old weights
         else:
-            self.save(model, None)
+            self.save(model, lora=False)
             self.start(model)
         self.version = version
         self.sync_s += time.perf_counter() - start
 
-    def save(self, model: torch.nn.Module, lora) -> None:
+    def save(self, model: torch.nn.Module, lora: bool) -> None:
         """The weights as a Hugging Face folder (a LoRA run: the base once, then its adapters)."""
         from cl_bench.training.sharding import full_state_dict
 
-        if lora is not None:
-            base, weights = lora
+        if lora:
             if not self.base_saved and is_main():
+                base, weights = lora_parts(model)
                 base.save_pretrained(self.folder / "base", state_dict=weights)
             if is_main():
                 save_stacked_adapter(model, self.folder / "adapter", getattr(torch, self.dtype(model)))
