@@ -29,7 +29,6 @@ import torch
 
 from cl_bench.data.batching import layout
 from cl_bench.data.tasks import Example
-from cl_bench.distributed import rank, world_size
 from cl_bench.errors import ConfigError, check_number
 from cl_bench.rng import derive_seed
 from cl_bench.training.lm import causal_lm_loss
@@ -79,7 +78,7 @@ class AGEM(CLMethod):
         loaders = module.loaders
         size = self.memory_batch_size or loaders.batch_size
         try:
-            layout(size, loaders.micro_batch_size, world_size())
+            layout(size, loaders.micro_batch_size, module.processes.world_size)
         except ConfigError as e:
             raise ConfigError(
                 f"method.memory_batch_size ({size}) must be laid out like a training batch: {e}"
@@ -96,7 +95,8 @@ class AGEM(CLMethod):
         batch is used whole)."""
         pool = [ex for kept in self.memory for ex in kept]
         examples = sample_examples(pool, self.loaders.batch_size, derive_seed(self.seed, module.stream_step))
-        return list(self.loaders.training(examples, seed=0, rank=rank(), world_size=world_size()))
+        processes = module.processes
+        return list(self.loaders.training(examples, seed=0, rank=processes.rank, world_size=processes.world_size))
 
     def reference_gradient(self, module, views: ParameterViews, params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
         """The task-loss gradient on this step's memory batch, as one process would compute it, as

@@ -55,7 +55,6 @@ from cl_bench.evaluation.metrics import METRICS
 from cl_bench.rng import derive_seed
 from cl_bench.training.lm import eval_mode, labelled_logits
 from cl_bench.training.parameter_views import ParameterViews, place_state, whole_state
-from cl_bench.training.sharding import full_weights
 from methods.base import CLMethod, model_bytes, trainable_bytes
 from methods.shared.importance import overall_mean, sample_examples
 from methods.shared.masking import select_parameters
@@ -232,7 +231,7 @@ class AGFT(CLMethod):
     def on_task_end(self, module, task, task_index: int) -> None:
         start = time.perf_counter()
         examples = sample_examples(task.train, self.num_samples, derive_seed(self.seed, task_index))
-        with full_weights(module.model):  # FSDP: every process attributes with the gathered weights
+        with module.full_weights():  # FSDP: every process attributes with the gathered weights
             if self.samples == "scored":
                 examples = self.well_answered(module, task, examples)
             params = select_parameters(module.model, self.param_patterns, "method.param_patterns")
@@ -255,7 +254,7 @@ class AGFT(CLMethod):
                 "agft/correct_samples": correct,
                 "agft/attribution_s": time.perf_counter() - start,
                 # the mean over the whole gate, not this shard's rows
-                "agft/gate_mean": overall_mean(self.gate, split=ParameterViews(module.model).sharded),
+                "agft/gate_mean": overall_mean(self.gate, ParameterViews(module.model)),
             }
         )
 

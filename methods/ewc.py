@@ -157,7 +157,7 @@ class EWC(CLMethod):
         module.log_metrics(
             {
                 f"{self.name}/fisher_s": stats["seconds"],
-                f"{self.name}/fisher_mean": overall_mean(fisher, split=ParameterViews(module.model).sharded),
+                f"{self.name}/fisher_mean": overall_mean(fisher, ParameterViews(module.model)),
             }
         )
         return fisher

@@ -57,7 +57,6 @@ import torch
 from cl_bench.data.batching import layout
 from cl_bench.data.tasks import Example
 from cl_bench.data.tokenization import IGNORE_INDEX, TokenizedText
-from cl_bench.distributed import rank, world_size
 from cl_bench.errors import ConfigError, check_choice, check_number
 from cl_bench.models import decoder
 from cl_bench.rng import derive_seed
@@ -291,8 +290,8 @@ class GeRe(CLMethod):
             ce_general, ce, margin = parts
             return ce + self.margin_weight(module, ce_general, ce, margin) * margin
         per_process = module.micro_batches_per_step
-        slots = world_size() * per_process
-        picked = self.draw(module.stream_step, rank() * per_process + module.micro_batch_in_step, slots)
+        slots = module.processes.world_size * per_process
+        picked = self.draw(module.stream_step, module.processes.rank * per_process + module.micro_batch_in_step, slots)
         if not picked:  # the step's loss is (CE_general + CE_task) / 2 + w TM: this share of CE_task halved too
             return task_loss / 2
         general = self.general_batch(picked, task_loss.device)

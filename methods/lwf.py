@@ -44,7 +44,6 @@ import torch
 from cl_bench.data.tokenization import IGNORE_INDEX
 from cl_bench.errors import ConfigError, check_choice, check_number
 from cl_bench.training.lm import eval_mode, labelled_logits, labelled_mean, sequence_and_labelled_logits
-from cl_bench.training.sharding import full_weights
 from methods.base import CLMethod, tensor_bytes
 
 TEACHERS = ("copy", "topk")
@@ -137,7 +136,7 @@ class LwF(CLMethod):
             self.teacher = copy.deepcopy(module.model).eval().requires_grad_(False)
             state = tensor_bytes(self.teacher.parameters())
         else:
-            with full_weights(module.model):  # FSDP: every process caches every example's logits
+            with module.full_weights():  # FSDP: every process caches every example's logits
                 self.cache = self.top_logits(module.model, module.pass_loader(task.train))
             state = tensor_bytes(t for pair in self.cache.values() for t in pair)
         module.log_metrics({"lwf/teacher_bytes": state, "lwf/teacher_s": time.perf_counter() - start})

@@ -60,7 +60,7 @@ class MAS(EWC):
         module.log_metrics(
             {
                 "mas/importance_s": stats["seconds"],
-                "mas/importance_mean": overall_mean(omega, split=ParameterViews(module.model).sharded),
+                "mas/importance_mean": overall_mean(omega, ParameterViews(module.model)),
             }
         )
         return omega

@@ -32,7 +32,6 @@ from collections.abc import Sequence
 
 import torch
 
-from cl_bench.distributed import average_across_ranks
 from cl_bench.errors import ConfigError, check_fraction
 from methods.base import CLMethod
 
@@ -118,8 +117,9 @@ class MIGU(CLMethod):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.token_mask = batch.get("attention_mask")
 
-    def row_masks(self) -> dict[str, torch.Tensor]:
-        """This step's masks: per layer, rows whose summed |W x| is at or above the T-quantile."""
+    def row_masks(self, module) -> dict[str, torch.Tensor]:
+        """This step's masks: per layer, rows whose summed |W x| (averaged over the processes' data)
+        is at or above the T-quantile."""
         if self.random_update:
             return {
                 n: torch.rand(m.out_features, generator=self.generator).to(m.weight.device) >= self.threshold
@@ -127,14 +127,14 @@ class MIGU(CLMethod):
             }
         names = list(self.sums)
         sums = [self.sums[n] for n in names]
-        average_across_ranks(sums)
+        module.processes.average(sums)
         self.last_sums = dict(zip(names, sums))
         return {n: s >= torch.quantile(s, self.threshold) for n, s in self.last_sums.items()}
 
     def edit_gradients(self, module, views) -> None:
         if not self.active:
             return
-        masks = self.row_masks()
+        masks = self.row_masks(module)
         for n, keep in masks.items():
             weight = self.layers[n].weight
             grad = views.grad(weight)

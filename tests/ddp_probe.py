@@ -47,6 +47,7 @@ def unit_scores_worker(rank: int, port: int, out_dir: str) -> None:
     process's."""
     import torch.distributed as dist
 
+    from cl_bench.training.parameter_views import ParameterViews
     from cl_bench.training.sharding import shard_rows
     from methods.shared.fixed_mask import unit_scores_of_shards
     from methods.shared.importance import overall_mean
@@ -55,11 +56,13 @@ def unit_scores_worker(rank: int, port: int, out_dir: str) -> None:
     whole = {"w": torch.arange(35.0).view(5, 7) ** 1.5, "v": torch.arange(5.0) + 0.5}
     params = {n: torch.empty(t.shape, device="meta") for n, t in whole.items()}
     mine = {n: t[shard_rows(t.shape[0], 2, rank)] for n, t in whole.items()}
+    views = ParameterViews(torch.nn.Module())
+    views.sharded = True  # what the views of an FSDP model say; these rows stand in for its shards
     results = {
-        f"{how}-{reduce}": unit_scores_of_shards(mine, params, how, reduce)
+        f"{how}-{reduce}": unit_scores_of_shards(views, mine, params, how, reduce)
         for how in ("row", "column", "element")
         for reduce in ("sum", "mean")
     }
-    results["mean"] = {"split": torch.tensor(overall_mean(mine, split=True), dtype=torch.float64)}
+    results["mean"] = {"split": torch.tensor(overall_mean(mine, views), dtype=torch.float64)}
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     dist.destroy_process_group()

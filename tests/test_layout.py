@@ -161,6 +161,47 @@ def test_the_checks_see_imports_and_skip_type_hints():
     ]
 
 
+#: what only the framework may name: ranks, shards and process groups (cl_bench/distributed.py,
+#: cl_bench/training/sharding.py, torch's own)
+PROCESS_HELPERS = ("cl_bench.distributed", "cl_bench.training.sharding", "torch.distributed")
+#: the plugins and the paradigms: they reach the processes through the module and its views
+#: (cl_bench/training/processes.py, parameter_views.py)
+PLUGIN_PACKAGES = ("methods", "cl_bench.on_policy")
+
+
+def names_a_process_helper(imported: str) -> bool:
+    return any(imported == h or imported.startswith(h + ".") for h in PROCESS_HELPERS)
+
+
+def test_no_plugin_or_paradigm_imports_a_rank_shard_or_process_group_helper():
+    """A method or a learning paradigm states its algorithm once; where it lives (which process,
+    which rows) is the module's business (``module.processes``, ``module.full_weights()``,
+    ``ParameterViews``)."""
+    found = [
+        f"{name} imports {imported}"
+        for name, path in project_modules().items()
+        if any(name == p or name.startswith(p + ".") for p in PLUGIN_PACKAGES)
+        for imported in every_import(ast.parse(path.read_text(), str(path)))
+        if names_a_process_helper(imported)
+    ]
+    assert found == []
+
+
+def test_the_process_helper_check_sees_every_way_of_naming_one():
+    tree = ast.parse(
+        "import torch.distributed as dist\nfrom cl_bench.distributed import rank\n"
+        "def f():\n    from cl_bench.training.sharding import full_weights\nimport torch.nn\n"
+        "from cl_bench.distributed_notes import x\n"
+    )
+    assert [m for m in every_import(tree) if names_a_process_helper(m)] == [
+        "torch.distributed",
+        "cl_bench.distributed",
+        "cl_bench.distributed.rank",
+        "cl_bench.training.sharding",
+        "cl_bench.training.sharding.full_weights",
+    ]
+
+
 @pytest.mark.parametrize("name", sorted(project_modules()))
 def test_no_module_is_longer_than_a_reader_holds(name):
     lines = project_modules()[name].read_text().count("\n")

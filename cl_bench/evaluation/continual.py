@@ -184,7 +184,7 @@ class ContinualEvaluator(Callback):
         start = time.perf_counter()
         generates = self.engine is not None and any(self.settings.measures[n] == "metric" for n in self.seen)
         if generates:  # the engine takes this step's weights
-            self.engine.sync(pl_module.model, pl_module.stream_step)
+            self.engine.sync(pl_module.model, pl_module.weights_version)
         with preserved_rng():
             scores = {name: self.score(pl_module.model, name, pl_module.stream_step) for name in self.seen}
         if generates:

@@ -31,7 +31,6 @@ import torch
 from hydra.utils import get_method
 
 from cl_bench.data.tokenization import IGNORE_INDEX, encode_prompt
-from cl_bench.distributed import is_main, sum_across_ranks
 from cl_bench.errors import ConfigError, check_flag, check_number
 from cl_bench.evaluation.base_kl import BaseKL, forward_kl
 from cl_bench.evaluation.generation import decode
@@ -191,7 +190,7 @@ class OnPolicy(Learning):
         prompts = [encode_prompt(tok, ex, self.max_prompt_len)["input_ids"] for ex in examples]
         seeds = [derive_seed(self.seed, f"rollout/{module.stream_step}/{i}/{j}") for i in index for j in range(g)]
         # the step and the task: a method may change the weights between tasks without a step
-        self.engine.sync(module.model, (self.task_name, module.stream_step))
+        self.engine.sync(module.model, (self.task_name, module.weights_version))
         ids = self.engine.generate(
             [p for p in prompts for _ in range(g)],
             max(self.budget(task) for task in tasks),
@@ -278,7 +277,9 @@ class OnPolicy(Learning):
 
     def end_step(self, module) -> None:
         """Reduce the step's sums over the processes, log them (logging steps) and add them to the task's."""
-        sums = sum_across_ranks(torch.tensor([self.step[k] for k in SUMS], dtype=torch.float64, device=module.device))
+        sums = module.processes.sum(
+            torch.tensor([self.step[k] for k in SUMS], dtype=torch.float64, device=module.device)
+        )
         step = dict(zip(SUMS, sums.tolist()))
         self.step = dict.fromkeys(SUMS, 0.0)
         metrics = step_metrics(step)
@@ -297,14 +298,14 @@ class OnPolicy(Learning):
             return "the reward function scored no completion (it gave None, NaN or infinity for every one)"
         return None
 
-    def end_fit(self) -> None:
+    def end_fit(self, module) -> None:
         """A task none of whose rollouts taught anything ends with a warning, also kept in its
         telemetry (results.json's ``learning.tasks.<task>.warnings``, listed by the report)."""
         record = self.tasks.get(self.task_name)
         why = record and self.unlearned(record["sums"])
         if why and why not in record.setdefault("warnings", []):
             record["warnings"].append(why)
-            if is_main():
+            if module.processes.is_main:
                 log.warning("task %s, learning=%s: %s; nothing was learned from it", self.task_name, self.name, why)
 
     def report(self) -> dict[str, Any]:

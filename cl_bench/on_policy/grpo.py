@@ -22,7 +22,6 @@ import torch
 
 from cl_bench.data.batching import layout
 from cl_bench.data.tokenization import IGNORE_INDEX
-from cl_bench.distributed import sum_across_ranks, world_size
 from cl_bench.errors import ConfigError, check_choice, check_flag, check_number
 from cl_bench.on_policy.base import OnPolicy
 from cl_bench.on_policy.policy_loss import (
@@ -128,7 +127,7 @@ class GRPO(OnPolicy):
             ref[targets != IGNORE_INDEX] = token_logps(base, base_targets, self.temperature)[
                 base_targets != IGNORE_INDEX
             ]
-        tokens = sum_across_ranks(mask.sum().to(torch.float64))
+        tokens = module.processes.sum(mask.sum().to(torch.float64))
         loss, parts = policy_loss(
             logps,
             ro.old_logps,
@@ -136,7 +135,7 @@ class GRPO(OnPolicy):
             mask,
             self.loss,
             ref_logps=ref,
-            normalizer=(tokens / world_size()).clamp(min=1.0).to(logps.dtype),
+            normalizer=(tokens / module.processes.world_size).clamp(min=1.0).to(logps.dtype),
             budgets=ro.budgets[rows],
         )
         if module.should_log:

@@ -23,7 +23,6 @@ from typing import Any
 import torch
 
 from cl_bench.data.tokenization import IGNORE_INDEX
-from cl_bench.distributed import sum_across_ranks, world_size
 from cl_bench.errors import ConfigError, check_number
 from cl_bench.evaluation.example_forgetting import BINARY_METRICS
 from cl_bench.on_policy.base import OnPolicy
@@ -86,7 +85,7 @@ class SelfSFT(OnPolicy):
             logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
         )
         tokens = (targets != IGNORE_INDEX).sum() if trained else torch.zeros((), dtype=torch.long, device=keep.device)
-        normalizer = (sum_across_ranks(tokens.to(torch.float64)) / world_size()).clamp(min=1.0)
+        normalizer = (module.processes.sum(tokens.to(torch.float64)) / module.processes.world_size).clamp(min=1.0)
         if not trained:
             return total * 0.0
         self.add(trained_tokens=float(tokens))

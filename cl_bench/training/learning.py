@@ -78,7 +78,7 @@ class Learning:
     def end_step(self, module: Any) -> None:
         """Once per optimizer step, before the method's gradient edit: the step's telemetry."""
 
-    def end_fit(self) -> None:
+    def end_fit(self, module: Any) -> None:
         """After a fit (a task, or an epoch after it): say what the fit could not learn from."""
 
     def report(self) -> dict[str, Any]:

@@ -14,6 +14,14 @@ The runner calls ``method.on_stream_start(module, stream)`` once, before anythin
                                                       # each optimizer step: method.edit_gradients(...)
     method.on_task_end(module, task, task_index)     # after fit; e.g. EWC's Fisher and anchor
     trainer.fit(module, method.after_task_epoch(...)) # when it returns examples (TRACE's replay epoch)
+    method.merge(module, task, task_index)           # a merging method: the weights evaluated and carried
+    (evaluate the stage)
+
+A merging method (:attr:`merges`) replaces the weights after each task with a merge of what the
+tasks taught (task vectors, a running merge, Fisher-weighted weights), kept as its own state; its
+:attr:`starts_from` says what the next task fine-tunes from: the merged weights, the last task's
+fine-tuned weights or the pretrained ones, which :meth:`start_weights` writes before that task's
+``on_task_start``. The module calls both (``CLModule.merge_after_task``, ``start_task_weights``).
 
 By default a fresh optimizer is created for every task (``configure_optimizers`` runs at each fit),
 so a method never inherits Adam moments from a previous task. With ``optimizer.reset_per_task=false``
@@ -37,6 +45,7 @@ if TYPE_CHECKING:
     from cl_bench.data.loaders import TaskLoaders
     from cl_bench.data.tasks import Example, Task, TaskStream
     from cl_bench.training.parameter_views import ParameterViews
+    from cl_bench.training.processes import Processes
 
 
 class TrainingModule(Protocol):
@@ -54,6 +63,8 @@ class TrainingModule(Protocol):
     #: this process's micro-batches per optimizer step, and the current one's place among them
     micro_batches_per_step: int
     micro_batch_in_step: int
+    #: the run's processes: rank, world size, sums and averages over them (cl_bench/training/processes.py)
+    processes: Processes
 
     @property
     def should_log(self) -> bool: ...
@@ -67,6 +78,8 @@ class TrainingModule(Protocol):
     def pass_loader(self, examples: Sequence[Example]) -> torch.utils.data.DataLoader: ...
 
     def precision_context(self) -> contextlib.AbstractContextManager: ...
+
+    def full_weights(self) -> contextlib.AbstractContextManager: ...
 
     def log_metrics(self, metrics: dict[str, float]) -> None: ...
 
@@ -118,6 +131,13 @@ class CLMethod(Callback):
     #: refused at start, with :attr:`learning_refusal`
     learning_paradigms: tuple[str, ...] = ("sft", "grpo", "self_sft")
     learning_refusal = ""
+    #: True for a method whose :meth:`merge` replaces the weights after every task (model merging)
+    merges = False
+    #: what each task after the first trains from, for a merging method: "merged" (the weights
+    #: evaluated after the previous task, as every other method), "finetuned" (the previous task's
+    #: own fine-tuned weights: sequential fine-tuning) or "pretrained" (the weights before the first
+    #: task: independent fine-tuning); :meth:`start_weights` writes the last two
+    starts_from = "merged"
     #: set by :meth:`check_run`: the run shards by rows (``trainer=fsdp``), known before the model
     #: exists, for planning (``planned_*``) and refusals at start; at run time the framework places
     #: gradients and per-entry state (cl_bench/training/parameter_views.py: ParameterViews.sharded)
@@ -196,6 +216,15 @@ class CLMethod(Callback):
 
     def on_task_end(self, module: TrainingModule, task: Task, task_index: int) -> None:
         """Called after training on ``task``, before it is evaluated."""
+
+    def merge(self, module: TrainingModule, task: Task, task_index: int) -> None:
+        """A merging method (:attr:`merges`), after ``task`` trained and after :meth:`on_task_end` and
+        :meth:`after_task_epoch`: write into ``module.model`` the weights that are evaluated after the
+        task and carried into the next one (through ``ParameterViews``: this process's rows under FSDP)."""
+
+    def start_weights(self, module: TrainingModule, task: Task, task_index: int) -> None:
+        """A merging method whose :attr:`starts_from` is not "merged", before task ``task_index``
+        (> 0) starts (before :meth:`on_task_start`): write the weights it fine-tunes from."""
 
     def planned_state(self, model: torch.nn.Module, world: int, tasks: int) -> dict[str, int]:
         """Bytes per process of the method's own state, by what it is, for ``runners.plan``: ``model``

@@ -17,7 +17,8 @@ from cl_bench.errors import Diverged
 from cl_bench.rng import rng_state, set_rng_state
 from cl_bench.training.learning import SFT, Learning
 from cl_bench.training.parameter_views import ParameterViews
-from cl_bench.training.sharding import local, shard_model
+from cl_bench.training.processes import Processes
+from cl_bench.training.sharding import full_weights, local, shard_model
 
 if TYPE_CHECKING:
     from cl_bench.data.tasks import Example
@@ -49,7 +50,8 @@ class CLModule(LightningModule):
 
     What the run does with it: :meth:`begin_task` before a task's fit, :meth:`end_fit` after it.
     What methods use (cl_bench/training/method.py's ``TrainingModule``): :meth:`pass_loader` (a
-    task's examples, batched as for training), :meth:`precision_context`, :meth:`log_metrics`,
+    task's examples, batched as for training), :attr:`processes`, :meth:`full_weights`,
+    :meth:`precision_context`, :meth:`log_metrics`,
     :attr:`should_log`, :attr:`step_logits` and :attr:`step_sequence_logits` (in ``penalty``),
     ``model`` and ``task_name``.
     """
@@ -100,6 +102,10 @@ class CLModule(LightningModule):
         self.step_sequence_logits: torch.Tensor | None = None
         #: this process's micro-batches per optimizer step and the current one's place among them
         self.micro_batches_per_step, self.micro_batch_in_step = 1, 0
+        #: the run's processes (rank, world size, sums and averages over them) for methods and paradigms
+        self.processes = Processes()
+        #: times the weights were replaced outside training (a merging method's merge and start weights)
+        self.weight_replacements = 0
 
     def begin_task(self, name: str) -> None:
         """The next fit trains task ``name`` (named in errors, e.g. a non-finite loss); its clock starts."""
@@ -110,6 +116,28 @@ class CLModule(LightningModule):
         """Seconds spent on the current task, those before a resume included (step checkpoints carry them)."""
         return self.task_seconds_before + time.perf_counter() - self.task_started
 
+    @property
+    def weights_version(self) -> object:
+        """What names the current weights for an engine's ``sync``: the stream step, and how often
+        they were replaced since (a merge after the task's last step changes them at the same step)."""
+        return self.stream_step if not self.weight_replacements else (self.stream_step, self.weight_replacements)
+
+    def merge_after_task(self, task, task_index: int) -> None:
+        """A merging method's merge (``CLMethod.merge``) after task ``task_index``'s training and task
+        end, at the run's precision (a merge may run a pass first: Fisher merging's Fisher)."""
+        if self.method.merges:
+            with self.precision_context():
+                self.method.merge(self, task, task_index)
+            self.weight_replacements += 1
+
+    @torch.no_grad()
+    def start_task_weights(self, task, task_index: int) -> None:
+        """Before task ``task_index``'s ``on_task_start``: a merging method that does not train on from
+        the merged weights (``CLMethod.starts_from``) writes the weights the task starts from."""
+        if self.method.merges and task_index > 0 and self.method.starts_from != "merged":
+            self.method.start_weights(self, task, task_index)
+            self.weight_replacements += 1
+
     def resume_stream(self, step_offset: int) -> None:
         """Continue the stream's step axis of a resumed run after its ``step_offset`` finished steps."""
         self.step_offset = step_offset
@@ -118,7 +146,7 @@ class CLModule(LightningModule):
         """After a task's fit: count its steps into the stream step, detach the finished Trainer
         (its global_step must not count twice) and put the model back on the run's device."""
         self.step_offset += self.trainer.global_step
-        self.learning.end_fit()
+        self.learning.end_fit(self)
         self.trainer = None
         self.to(self.home_device)
 
@@ -126,6 +154,12 @@ class CLModule(LightningModule):
         """The training step's autocast, for a method's pass outside it (a Fisher, a reference
         gradient, a teacher's cache; see :func:`autocast_of`)."""
         return autocast_of(self.precision, next(self.model.parameters()).device)
+
+    def full_weights(self) -> contextlib.AbstractContextManager:
+        """Inside the block every parameter is whole on every process (FSDP gathers each unit; a
+        no-op otherwise): for a method's pass that needs the whole model on every process (a
+        teacher's logits, an attribution). Every process must enter it."""
+        return full_weights(self.model)
 
     def pass_loader(self, examples: Sequence[Example]) -> torch.utils.data.DataLoader:
         """All of ``examples`` in order, in micro-batches tokenized as for training (for a method's

@@ -78,11 +78,28 @@ class ParameterViews:
     def total(self, value: torch.Tensor) -> float:
         """A sum over entries (a 0-d tensor) made over this process's views: under FSDP, added over
         every process's rows (a collective), as a Python float in float64."""
-        value = value.detach().double().reshape(1)
-        if self.sharded and is_distributed():  # on the parameters' device: NCCL reduces CUDA tensors only
-            value = value.to(next(self.model.parameters()).device)
-            torch.distributed.all_reduce(value)
-        return value.item()
+        return self.sum_over_shards(value.detach().double().reshape(1)).item()
+
+    def sum_over_shards(self, value: torch.Tensor) -> torch.Tensor:
+        """``value`` computed from this process's rows (a column sum, a count) added over every
+        process's rows: under FSDP a new tensor (a collective: every process calls it); otherwise
+        ``value`` as it is."""
+        if not (self.sharded and is_distributed()):
+            return value
+        device = next((local(p).device for p in self.model.parameters()), value.device)
+        out = value.to(device, copy=True)  # on the parameters' device: NCCL reduces CUDA tensors only
+        torch.distributed.all_reduce(out)
+        return out.to(value.device)
+
+    def whole_rows(
+        self, state: dict[str, torch.Tensor], params: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Per-entry state held as this process's rows of ``params`` (default: the model's
+        parameters by name) put back together, on every process (FSDP: a collective every process
+        calls; CPU tensors); otherwise ``state`` as it is."""
+        if not (self.sharded and is_distributed() and state):
+            return state
+        return gather_rows(state, dict(self.model.named_parameters()) if params is None else params)
 
     def average_replicas(self, tensors: list[torch.Tensor]) -> None:
         """Tensors each process computed from its own data, whole, averaged over the processes in
@@ -104,6 +121,4 @@ def place_state(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[
 def whole_state(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The whole of a placed per-entry state, for a checkpoint: under FSDP the rows of every process
     put together (a collective: every process calls it); otherwise the state as it is."""
-    if not (is_sharded(model) and is_distributed() and state):
-        return state
-    return gather_rows(state, dict(model.named_parameters()))
+    return ParameterViews(model).whole_rows(state)

@@ -20,7 +20,6 @@ import torch
 from cl_bench.errors import ConfigError, check_choice, check_fraction
 from cl_bench.training.method import CLMethod, trainable_bytes
 from cl_bench.training.parameter_views import ParameterViews
-from cl_bench.training.sharding import gather_rows
 from methods.shared.masking import (
     AGGREGATES,
     DIRECTIONS,
@@ -37,25 +36,22 @@ from methods.shared.masking import (
 
 
 def unit_scores_of_shards(
-    scores: dict[str, torch.Tensor], params: dict[str, torch.Tensor], how: str, reduce: str
+    views: ParameterViews, scores: dict[str, torch.Tensor], params: dict[str, torch.Tensor], how: str, reduce: str
 ) -> dict[str, torch.Tensor]:
     """FSDP: from each process's rows of per-entry scores, the per-unit scores of the whole tensors
     on every process, shaped so that :func:`aggregate` gives them back unchanged: [rows, 1] for row
     scores (gathered), [1, columns] for column scores (summed over the processes' rows), the whole
     tensor for entries and 1-D tensors (gathered). Every process must call it."""
-    import torch.distributed as dist
-
     out, rows = {}, {}
     for n, s in scores.items():
         if s.dim() == 2 and how == "row":
             rows[n] = aggregate(s, "row", reduce)[:, None]
         elif s.dim() == 2 and how == "column":
-            column = s.sum(dim=0)
-            dist.all_reduce(column)
+            column = views.sum_over_shards(s.sum(dim=0))
             out[n] = (column / params[n].shape[0] if reduce == "mean" else column)[None, :]
         else:
             rows[n] = s
-    out.update(gather_rows(rows, params))
+    out.update(views.whole_rows(rows, params))
     return {n: out[n] for n in scores}
 
 
@@ -156,8 +152,9 @@ class FixedMaskMethod(CLMethod):
         start = time.perf_counter()
         params = select_parameters(module.model, self.param_patterns, "method.param_patterns")
         scores = self.scores(module, task, params)
-        if ParameterViews(module.model).sharded and not self.scores_whole_tensors:  # FSDP: this process's rows
-            scores = unit_scores_of_shards(scores, params, self.aggregate, self.aggregate_reduce)
+        views = ParameterViews(module.model)
+        if views.sharded and not self.scores_whole_tensors:  # FSDP: this process's rows
+            scores = unit_scores_of_shards(views, scores, params, self.aggregate, self.aggregate_reduce)
         masks = self.build_masks(scores)
         self.mask = GradientMask(params, masks)
         groups = defaultdict(list)

@@ -26,13 +26,11 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import TypeVar
 
 import torch
-import torch.distributed as dist
 
 from cl_bench.data.tokenization import IGNORE_INDEX
-from cl_bench.distributed import average_across_ranks, is_distributed
 from cl_bench.errors import ConfigError, check_choice, check_number
 from cl_bench.training.lm import answer_log_likelihood, eval_mode, labelled_logits
-from cl_bench.training.sharding import local
+from cl_bench.training.parameter_views import ParameterViews
 
 FISHER_MODES = ("per_sample", "batch")
 T = TypeVar("T")
@@ -65,7 +63,7 @@ def _gradients(tensors: list[torch.Tensor], sharded: bool) -> Gradients:
 
     def shards(output: torch.Tensor, retain: bool) -> list:
         output.backward(retain_graph=retain)
-        grads = [None if p.grad is None else local(p.grad) for p in tensors]
+        grads = [ParameterViews.grad(p) for p in tensors]
         for p in tensors:
             p.grad = None
         return grads
@@ -87,9 +85,10 @@ def _importance_pass(
     (not under FSDP, where each process holds other rows)."""
     start = time.perf_counter()
     names, tensors = list(params), list(params.values())
-    sharded = any(hasattr(p, "device_mesh") for p in tensors)  # FSDP's parameters (not gathered ones)
-    acc = [torch.zeros_like(local(p), dtype=torch.float32) for p in tensors]
-    device = local(tensors[0]).device
+    views = ParameterViews(model)
+    sharded = views.sharded  # FSDP: this process's rows of each parameter
+    acc = [torch.zeros_like(views.weight(p), dtype=torch.float32) for p in tensors]
+    device = acc[0].device
     saved = [p.grad for p in tensors] if sharded else []  # FSDP's backward writes .grad: put back after
     if sharded:
         for p in tensors:
@@ -113,8 +112,7 @@ def _importance_pass(
         raise ConfigError(f"the {what} pass got no examples (empty training split?)")
     for a in acc:
         a.div_(terms)
-    if not sharded:
-        average_across_ranks(acc)
+    views.average_replicas(acc)  # DDP: every process's own examples; FSDP: each process's rows
     return dict(zip(names, acc)), {"samples": seen, "seconds": time.perf_counter() - start}
 
 
@@ -164,15 +162,13 @@ def output_sensitivity(
     return _importance_pass(model, batches, params, num_samples, add_batch, "MAS importance")
 
 
-def overall_mean(tensors: dict[str, torch.Tensor], split: bool = False) -> float:
-    """The mean of every entry of every tensor (telemetry); ``split``: each process holds its own
-    part of them (FSDP's rows), so the sums and counts are added over processes."""
+def overall_mean(tensors: dict[str, torch.Tensor], views: ParameterViews) -> float:
+    """The mean of every entry of every tensor (telemetry), per-entry state as ``views`` hold it
+    (under FSDP each process's rows: the sums and counts are added over processes)."""
     total = torch.tensor(
         [sum(t.sum().item() for t in tensors.values()), sum(t.numel() for t in tensors.values())], dtype=torch.float64
     )
-    if split and is_distributed():
-        total = total.to(next(iter(tensors.values())).device)
-        dist.all_reduce(total)
+    total = views.sum_over_shards(total)
     return (total[0] / total[1]).item()
 
 
