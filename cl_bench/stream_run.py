@@ -4,7 +4,7 @@
     stream_run.run():
         first = start_or_restore()         # R[0] (the untrained model), or the newest checkpoint
         for i in range(first, len(stream)):
-            train_task(i)                  # on_task_start, Trainer.fit, on_task_end, after_task_epoch
+            train_task(i)                  # on_task_start, Trainer.fit, on_task_end, after_task_epoch, merge
             evaluate_stage()               # R[i + 1]: every task; record, log, checkpoint
         finish()                           # results.json status "finished", summary
 
@@ -239,6 +239,7 @@ class StreamRun:
             )
         )
         self.module.begin_task(task.name)
+        self.module.start_task_weights(task, i)  # a merging method's: pretrained or last fine-tuned
         with self.module.precision_context():
             self.method.on_task_start(self.module, task, i)
         step_checkpoint = self.checkpoints.step_callback(i, self.loggers.save)
@@ -275,6 +276,7 @@ class StreamRun:
             self.method.on_task_end(self.module, task, i)
         if extra := self.method.after_task_epoch(task, i):
             self.train_after_task_epoch(task, i, extra)
+        self.module.merge_after_task(task, i)  # a merging method: the weights evaluated and carried on
         self.recorder.method_report = self.method.report()
         self.recorder.learning_report = self.learning.report()
         self.recorder.add_train_time(self.module.task_seconds())  # a resumed task's earlier seconds too
@@ -299,7 +301,7 @@ class StreamRun:
         and checkpoint the stage."""
         t = time.perf_counter()
         with full_weights(self.bundle.model):  # FSDP: every process generates with the whole model
-            self.engine.sync(self.bundle.model, self.module.stream_step)
+            self.engine.sync(self.bundle.model, self.module.weights_version)
             split, cap = self.cfg.eval.split, self.cfg.eval.max_examples
             scores, predictions = evaluate_stream(
                 self.engine, self.bundle.tokenizer, self.stream, self.generation, split, cap

@@ -17,6 +17,10 @@ a drift of the machine's speed during the run spreads over all methods alike. Th
 method's best repeat: on a shared machine noise only ever adds time (single steps here vary by
 +-30%), so the minimum is the estimate of a method's own cost; medians are reported beside it.
 
+A merging method (task_arithmetic, ties, magmax, opcm, fisher_merge) merges after task 1 (``merge
+s``: its seconds, Fisher merging's Fisher pass included; ``state bytes``: what it keeps in host
+memory) and task 2 starts where it says.
+
 Fisher pass / epoch (EWC's and FGGM's Fisher, MAS's importance, AGFT's attribution pass) is
 measured on task 2 of the stream. A pass covers min(num_samples, N)
 examples and an epoch N, so the ratio depends on the task size N; it is also given for TRACE's
@@ -104,6 +108,9 @@ def set_up(cfg: DictConfig, entry: str, bundle, initial, stream) -> dict:
         method.on_stream_start(module, stream)
         method.on_task_start(module, stream[0], 0)
         method.on_task_end(module, stream[0], 0)
+    module.merge_after_task(stream[0], 0)  # a merging method's merge (its own precision), then where task 2 starts
+    module.start_task_weights(stream[1], 1)
+    with module.precision_context():
         method.on_task_start(module, stream[1], 1)
     batches = None
     if cfg.bench.get("data", "synthetic") == "stream":  # the first batches of what it trains task 2 on
@@ -122,6 +129,7 @@ def set_up(cfg: DictConfig, entry: str, bundle, initial, stream) -> dict:
             (v for k, v in telemetry.items() if k.endswith(("/fisher_s", "/importance_s", "/attribution_s"))), None
         ),
         "num_samples": getattr(method, "num_samples", None),
+        "merge_s": next((v for k, v in telemetry.items() if k.endswith("/merge_s")), None),
     }
 
 
@@ -184,7 +192,16 @@ def main(cfg: DictConfig) -> None:
         else f"batch {b.batch_size}x{b.seq_len}"
     )
     table = Table(title=f"Method cost on {bundle.name}, {shape} (task 2 of the stream)")
-    columns = ["method", "ms/step (best)", "median", "/ SFT", "state bytes", "Fisher pass s", f"Fisher / epoch (N={n})"]
+    columns = [
+        "method",
+        "ms/step (best)",
+        "median",
+        "/ SFT",
+        "state bytes",
+        "merge s",
+        "Fisher pass s",
+        f"Fisher / epoch (N={n})",
+    ]
     for col in columns + [f"(N={size})" for size in TRACE_TASK_SIZES]:
         table.add_column(col, justify="right")
     for r in rows:
@@ -196,6 +213,7 @@ def main(cfg: DictConfig) -> None:
             f"{1000 * r['median_s_per_step']:.1f}",
             f"{r['ratio']:.3f}",
             f"{r['state_bytes']:,}",
+            "-" if r["merge_s"] is None else f"{r['merge_s']:.2f}",
             "-" if r["fisher_s"] is None else f"{r['fisher_s']:.2f}",
             *("-" if v is None else f"{v:.2f}" for v in r["fisher_over_epoch"].values()),
         )

@@ -32,7 +32,7 @@ def test_bench_methods_reports_every_method_relative_to_sft(tmp_path):
         "bench.steps=3",
         "bench.warmup=1",
         "bench.repeats=1",
-        "bench.methods=[sft,fggm,ewc,'agft/scale=update']",
+        "bench.methods=[sft,fggm,ewc,'agft/scale=update',magmax]",
         "tasks.num_train=8",
         "trainer.enable_progress_bar=false",
         f"paths.cache_dir={tmp_path / 'cache'}",
@@ -51,6 +51,9 @@ def test_bench_methods_reports_every_method_relative_to_sft(tmp_path):
     ratios = rows["ewc"]["fisher_over_epoch"]
     assert ratios["5000"] == pytest.approx(ratios["8"] * 512 / 5000)
     assert rows["fggm"]["fisher_over_epoch"]["5000"] == pytest.approx(rows["fggm"]["fisher_over_epoch"]["8"])
+    # MagMax merged after task 1 and keeps theta_0, the running maximum and theta_1: 3 float32 copies
+    assert rows["magmax"]["merge_s"] > 0 and rows["ewc"]["merge_s"] is None
+    assert rows["magmax"]["state_bytes"] == pytest.approx(1.5 * rows["ewc"]["state_bytes"], rel=0.01)
 
 
 def test_bench_methods_on_stream_data_times_each_method_on_its_own_batches(tmp_path):

@@ -214,6 +214,12 @@ SHARDED = {
     "hft": ("hft", ("ddp", "fsdp"), []),
     "inclora": ("inclora", ("ddp", "fsdp"), ["model.lora.dropout=0"]),  # dropout draws per example
     "olora": ("olora", ("ddp", "fsdp"), ["model.lora.dropout=0", "method.lambda_1=5", "optimizer.lr=1e-2"]),  # 5e-3
+    # the merges: each process folds its rows (FSDP), gathering a layer (OPCM) or the model (TIES) whole
+    "task_arithmetic": ("task_arithmetic", ("ddp", "fsdp"), []),
+    "ties": ("ties", ("ddp", "fsdp"), []),
+    "magmax": ("magmax", ("ddp", "fsdp"), []),
+    "opcm": ("opcm", ("ddp", "fsdp"), []),
+    "fisher_merge": ("fisher_merge", ("ddp", "fsdp"), ["method.num_samples=4"]),
 }
 
 
@@ -428,12 +434,14 @@ def test_a_row_mask_acts_on_the_rows_of_each_shard():
 
 
 @pytest.mark.processes
-@pytest.mark.parametrize("method", ["ewc", "ewc_trace", "lwf", "agft", "fggm", "agem", "gere"])
+@pytest.mark.parametrize("method", ["ewc", "ewc_trace", "lwf", "agft", "fggm", "agem", "gere", "magmax", "opcm"])
 def test_a_run_killed_mid_task_resumes_to_the_same_weights_and_scores(method, tmp_path, cache_dir):
     """EWC: state from the stage; TRACE's EWC: F mid-task; LwF: the teacher rebuilt from the stage;
     AGFT: its gate; FGGM: the mask replayed; A-GEM: the memory and the step's memory batch; GeRe:
-    the general set rebuilt, its draws mid-task. FGGM's run also evaluates continually: its curve
-    (points before the kill come from the step checkpoint) equals the uninterrupted run's."""
+    the general set rebuilt, its draws mid-task; MagMax: theta_0, the running maximum and theta_1,
+    where task 2 restarts; OPCM: theta_0, the merge, the norms and lambda. FGGM's run also
+    evaluates continually: its curve (points before the kill come from the step checkpoint) equals
+    the uninterrupted run's."""
     small = {
         "gere": ["method.num_samples=4", "method.generate_tokens=16"],
         "agft": ["method.num_samples=4"],
