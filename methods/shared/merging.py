@@ -33,7 +33,7 @@ import torch
 
 from cl_bench.errors import ConfigError
 from cl_bench.training.parameter_views import ParameterViews
-from methods.base import CLMethod, trainable_bytes
+from cl_bench.training.method import CLMethod, trainable_bytes
 
 STARTS = ("pretrained", "finetuned")
 
