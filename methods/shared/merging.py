@@ -32,8 +32,8 @@ from typing import Any
 import torch
 
 from cl_bench.errors import ConfigError
-from cl_bench.training.parameter_views import ParameterViews
 from cl_bench.training.method import CLMethod, trainable_bytes
+from cl_bench.training.parameter_views import ParameterViews
 
 STARTS = ("pretrained", "finetuned")
 
