@@ -35,15 +35,16 @@ def linear_weight_names(model: torch.nn.Module) -> set[str]:
 
 
 def project_out(merged: torch.Tensor, vector: torch.Tensor, alpha: float) -> torch.Tensor:
-    """U P V^T: ``vector`` with its components along the diagonal of the SVD basis of ``merged`` and
-    within its leading directions (up to the alpha share of the singular values' sum) removed."""
-    u, s, vh = torch.linalg.svd(merged, full_matrices=True)
-    v = vh.T
+    """U P V^T, P = U^T ``vector`` V with its diagonal and its top-left r x r block zeroed, from the
+    SVD of ``merged``. Every zeroed entry lies in the leading k x k block (k = min(rows, columns)),
+    so with the thin SVD (U_k, V_k) it is ``vector`` - U_k (those entries of U_k^T vector V_k) V_k^T:
+    the reference's full-matrices result without its rows x rows and columns x columns bases."""
+    u, s, vh = torch.linalg.svd(merged, full_matrices=False, driver="gesvd" if merged.is_cuda else None)
     split = (s.cumsum(dim=0) / s.sum() > alpha).float().argmax().item()
-    p = u.T @ vector @ v
-    p.diagonal().fill_(0)
-    p[:split, :split] = 0
-    return u @ p @ v.T
+    p = u.T @ vector @ vh.T
+    zeroed = torch.eye(p.shape[0], dtype=torch.bool, device=p.device)
+    zeroed[:split, :split] = True
+    return vector - u @ (p * zeroed) @ vh
 
 
 class OPCM(MergingMethod):
@@ -72,9 +73,10 @@ class OPCM(MergingMethod):
         merged = {}
         for n, tau in vector.items():
             previous = self.merged[n] - self.pretrained[n]
-            if n in linear and tau.dim() == 2:  # the SVD of the whole layer (FSDP: gathered)
-                d, tau_whole = self.whole(views, {n: previous})[n], self.whole(views, {n: tau})[n]
-                cleaned = self.rows(views, params, {n: project_out(d, tau_whole, self.alpha)})[n]
+            if n in linear and tau.dim() == 2:  # the SVD of the whole layer (FSDP: gathered), where it trains
+                device = views.weight(params[n]).device
+                d, tau_whole = (self.whole(views, {n: x})[n].to(device) for x in (previous, tau))
+                cleaned = self.rows(views, params, {n: project_out(d, tau_whole, self.alpha).cpu()})[n]
             else:
                 cleaned = tau
             merged[n] = self.pretrained[n] + (self.lambda_t * previous + cleaned)
@@ -85,10 +87,11 @@ class OPCM(MergingMethod):
         return self.merged
 
     def planned_host(self, model, world, tasks):
-        """Besides the state, a layer's merge holds U (out x out), V (in x in) and the projection."""
+        """Besides the state, a layer's merge holds the two whole task vectors of the layer, its thin
+        U (out x k) and V (k x in), and the projection."""
         linear = linear_weight_names(model)
         largest = max(
-            (p.shape[0] ** 2 + p.shape[1] ** 2 + 2 * p.numel() for n, p in model.named_parameters() if n in linear),
+            (4 * p.numel() + min(p.shape) * sum(p.shape) for n, p in model.named_parameters() if n in linear),
             default=0,
         )
         return {**super().planned_host(model, world, tasks), "merge pass: a layer's SVD (float32)": 4 * largest}

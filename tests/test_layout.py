@@ -173,17 +173,28 @@ def names_a_process_helper(imported: str) -> bool:
     return any(imported == h or imported.startswith(h + ".") for h in PROCESS_HELPERS)
 
 
+def reaches_torch_distributed(tree: ast.AST) -> bool:
+    """``torch.distributed`` named as an attribute (``torch.distributed.all_reduce(...)``)."""
+    return any(
+        isinstance(node, ast.Attribute)
+        and node.attr == "distributed"
+        and isinstance(node.value, ast.Name)
+        and node.value.id == "torch"
+        for node in ast.walk(tree)
+    )
+
+
 def test_no_plugin_or_paradigm_imports_a_rank_shard_or_process_group_helper():
     """A method or a learning paradigm states its algorithm once; where it lives (which process,
     which rows) is the module's business (``module.processes``, ``module.full_weights()``,
     ``ParameterViews``)."""
-    found = [
-        f"{name} imports {imported}"
-        for name, path in project_modules().items()
-        if any(name == p or name.startswith(p + ".") for p in PLUGIN_PACKAGES)
-        for imported in every_import(ast.parse(path.read_text(), str(path)))
-        if names_a_process_helper(imported)
-    ]
+    found = []
+    for name, path in project_modules().items():
+        if not any(name == p or name.startswith(p + ".") for p in PLUGIN_PACKAGES):
+            continue
+        tree = ast.parse(path.read_text(), str(path))
+        found += [f"{name} imports {m}" for m in every_import(tree) if names_a_process_helper(m)]
+        found += [f"{name} calls torch.distributed"] if reaches_torch_distributed(tree) else []
     assert found == []
 
 
@@ -200,6 +211,8 @@ def test_the_process_helper_check_sees_every_way_of_naming_one():
         "cl_bench.training.sharding",
         "cl_bench.training.sharding.full_weights",
     ]
+    assert reaches_torch_distributed(ast.parse("import torch\ntorch.distributed.all_reduce(t)\n"))
+    assert not reaches_torch_distributed(ast.parse("import torch\ntorch.nn.functional.relu(t)\n"))
 
 
 @pytest.mark.parametrize("name", sorted(project_modules()))

@@ -259,11 +259,45 @@ def test_fisher_merge_is_fusion_bench_s_fisher_weighted_average(monkeypatch):
             assert_states(got, expected, rtol=1e-5, atol=1e-7)
 
 
-def test_fisher_merge_runs_ewc_s_fisher_on_the_task_s_examples():
-    method = FisherMerge(num_samples=4)
-    _, theta0, _, tuned, merged = drive(method, tasks=1)
-    assert_states(merged[0], tuned[0], rtol=1e-6, atol=1e-7)  # one model: the average is itself
-    assert all(method.weight_sum[n].min() > 0 for n in theta0)
+def test_fisher_merge_weights_each_task_by_ewc_s_fisher_on_a_seeded_sample(monkeypatch):
+    """The Fisher is EWC's (``diagonal_fisher``) at the task's fine-tuned weights, over
+    ``num_samples`` examples drawn with the method's seed; the sums take w (F + eps) with
+    w = 1 / (||F|| + eps)."""
+    from cl_bench.rng import derive_seed
+    from methods.shared.importance import diagonal_fisher, sample_examples
+
+    seen = []
+
+    def spy(model, batches, params, mode, num_samples):
+        batches = list(batches)
+        fisher, stats = diagonal_fisher(model, batches, params, mode, num_samples)
+        seen.append((sum(len(b["input_ids"]) for b in batches), mode, _weights(model), fisher))
+        return fisher, stats
+
+    monkeypatch.setattr("methods.fisher_merge.diagonal_fisher", spy)
+    method = FisherMerge(num_samples=4, seed=3)
+    module, theta0, _, tuned, _ = drive(method, tasks=1)
+    ((examples, mode, at, fisher),) = seen
+    assert examples == 4 and mode == "batch" and all(torch.equal(at[n], tuned[0][n]) for n in theta0)
+    expected = diagonal_fisher(
+        _model_at(module, tuned[0]),
+        module.pass_loader(sample_examples(tiny_task().train, 4, derive_seed(3, 0))),
+        dict(module.model.named_parameters()),
+        "batch",
+        None,
+    )[0]
+    assert all(torch.equal(fisher[n], expected[n]) for n in theta0)
+    w = 1 / (torch.sqrt(sum(f.double().square().sum() for f in fisher.values())).item() + 1e-6)
+    assert sum(f.sum() for f in fisher.values()) > 0
+    assert_states(method.weight_sum, {n: w * (f + 1e-6) for n, f in fisher.items()}, rtol=1e-6, atol=0)
+
+
+def _model_at(module, weights):
+    """``module.model`` with ``weights`` written into it (the merge moved it since)."""
+    with torch.no_grad():
+        for n, p in module.model.named_parameters():
+            p.copy_(weights[n])
+    return module.model
 
 
 def test_a_merge_changes_the_weights_version_the_engine_syncs_on():
@@ -278,15 +312,42 @@ def test_a_merge_changes_the_weights_version_the_engine_syncs_on():
     assert len({before, after, module.weights_version}) == 3
 
 
-def test_the_state_resumes_bitwise_through_a_checkpoint_round_trip(tmp_path):
-    module, theta0, _, tuned, merged = drive(OPCM(), tasks=2)
-    path = tmp_path / "state.pt"
-    torch.save(module.method.state_dict(), path)
-    again = OPCM()
-    again.load_state_dict(torch.load(path, weights_only=True))
-    for attr in ("pretrained", "merged"):
-        assert all(torch.equal(getattr(again, attr)[n], getattr(module.method, attr)[n]) for n in theta0)
-    assert again.norms == module.method.norms and again.lambda_t == module.method.lambda_t
+MERGERS = {"task_arithmetic": TaskArithmetic, "ties": TIES, "magmax": MagMax, "opcm": OPCM, "fisher_merge": FisherMerge}
+
+
+@pytest.mark.parametrize("name", list(MERGERS))
+def test_a_merge_resumed_from_its_checkpointed_state_continues_bitwise(name, tmp_path, monkeypatch):
+    """Three tasks straight, against two, the state through torch.save and a fresh method and
+    model (the stage's merged weights restored), then the third: the same weights at every point."""
+    if name == "fisher_merge":  # a Fisher that depends on the weights alone, so both paths see the same
+        monkeypatch.setattr(
+            "methods.fisher_merge.diagonal_fisher",
+            lambda model, batches, params, mode, num: (
+                {n: p.detach().abs() + 1 for n, p in params.items()},
+                {"seconds": 0},
+            ),
+        )
+    _, theta0, _, tuned, merged = drive(MERGERS[name](), tasks=3)
+    first = MERGERS[name]()
+    module = tiny_module(first)
+    first.on_stream_start(module, None)
+    for t in range(2):
+        module.start_task_weights(tiny_task(), t)
+        _model_at(module, tuned[t])
+        module.merge_after_task(tiny_task(), t)
+    torch.save(first.state_dict(), tmp_path / "state.pt")
+    again = MERGERS[name]()
+    resumed = tiny_module(again, seed=1)  # other initial weights: everything must come from the state
+    again.on_stream_start(resumed, None)
+    again.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    _model_at(resumed, merged[1])
+    resumed.start_task_weights(tiny_task(), 2)
+    start = _weights(resumed.model)
+    expected_start = tuned[1] if name == "magmax" else theta0
+    assert all(torch.equal(start[n], expected_start[n]) for n in start)
+    _model_at(resumed, tuned[2])
+    resumed.merge_after_task(tiny_task(), 2)
+    assert_states(_weights(resumed.model), merged[2], **EXACT)
 
 
 # --- settings refused by name ----------------------------------------------------------------
@@ -378,4 +439,24 @@ def test_the_plan_counts_the_host_copies_each_process_keeps():
     magmax.row_shards = True  # trainer=fsdp: each process its rows
     assert magmax.planned_host(model, 4, 5) == {"merge state (3 float32 copies)": 3 * fp32 // 4}
     svd = opcm.planned_host(model, 1, 5)["merge pass: a layer's SVD (float32)"]
-    assert svd == 4 * (512**2 + 64**2 + 2 * 512 * 64)  # the largest linear layer, lm_head 512 x 64: U, V, P, U P V^T
+    # the largest linear layer, lm_head 512 x 64: its two task vectors, the projection and its
+    # product (4 x 512 x 64), the thin U (512 x 64) and V^T (64 x 64)
+    assert svd == 4 * (4 * 512 * 64 + 64 * (512 + 64))
+
+
+def test_a_run_resumed_between_tasks_restarts_magmax_from_the_restored_fine_tuned_weights(tmp_path, cache_dir):
+    """The stage checkpoint after task 1 holds the merge; task 2 must start from theta_1, which only
+    the method's restored state has (no step checkpoint to fall back on)."""
+    from cl_bench.stream_run import run
+
+    overrides = [*TINY, "method=magmax", "tasks.order=[arith,code]", "checkpoint.keep_stages=null"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    run(compose_config(overrides, whole, cache_dir), whole)
+    run(compose_config(overrides, cut, cache_dir), cut)
+    (cut / "checkpoints" / "stage-002.pt").unlink()
+    assert not list((cut / "checkpoints").glob("task-001-step-*"))
+    kept = (cut / "checkpoints" / "stage-001.pt").stat().st_mtime_ns
+    run(compose_config(overrides, cut, cache_dir), cut)  # goes on from stage-001
+    assert (cut / "checkpoints" / "stage-001.pt").stat().st_mtime_ns == kept  # task 1 was not trained again
+    w1, w2 = (torch.load(d / "checkpoints" / "stage-002.pt", weights_only=True)["model"] for d in (whole, cut))
+    assert all(torch.equal(w1[n], w2[n]) for n in w1)
