@@ -358,12 +358,15 @@ def measure(cfg: DictConfig) -> dict[str, int]:
     loaders = TaskLoaders.from_config(cfg.train, bundle.tokenizer)
     module = CLModule(bundle.model, method, optimizer_factory(cfg.optimizer)[0], loaders=loaders)
     task = stream.tasks[0]
+    before = _resident()
     method.on_stream_start(module, stream)
+    at_start = _resident() - before  # e.g. a merging method's copy of the pretrained weights
     method.on_task_start(module, task, 0)
     optimizer = module.configure_optimizers()
     causal_lm_loss(bundle.model, next(iter(loaders.passes(task.train)))).backward()
     optimizer.step()
-    measured["gradients + optimizer"] = _resident() - base - measured["weights"]
+    measured["gradients + optimizer"] = _resident() - base - measured["weights"] - at_start
     method.on_task_end(module, task, 0)
+    module.merge_after_task(task, 0)  # a merging method's merge and its running state
     measured["method state"] = _resident() - base - sum(measured.values())
     return measured

@@ -92,14 +92,15 @@ class ParameterViews:
         return out.to(value.device)
 
     def whole_rows(
-        self, state: dict[str, torch.Tensor], params: dict[str, torch.Tensor] | None = None
+        self, state: dict[str, torch.Tensor], params: dict[str, torch.Tensor] | None = None, cut: bool = False
     ) -> dict[str, torch.Tensor]:
         """Per-entry state held as this process's rows of ``params`` (default: the model's
         parameters by name) put back together, on every process (FSDP: a collective every process
-        calls; CPU tensors); otherwise ``state`` as it is."""
+        calls; CPU tensors); otherwise ``state`` as it is. ``cut``: the caller knows the state is
+        rows (a state that may also be whole is told apart by its shapes, on each process)."""
         if not (self.sharded and is_distributed() and state):
             return state
-        return gather_rows(state, dict(self.model.named_parameters()) if params is None else params)
+        return gather_rows(state, dict(self.model.named_parameters()) if params is None else params, cut)
 
     def average_replicas(self, tensors: list[torch.Tensor]) -> None:
         """Tensors each process computed from its own data, whole, averaged over the processes in

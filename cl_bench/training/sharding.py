@@ -114,12 +114,16 @@ def rows_of_shards(state: dict[str, torch.Tensor], params: dict[str, torch.Tenso
     }
 
 
-def gather_rows(state: dict[str, torch.Tensor], params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def gather_rows(
+    state: dict[str, torch.Tensor], params: dict[str, torch.Tensor], cut: bool = False
+) -> dict[str, torch.Tensor]:
     """Row shards of each tensor put back together in rank order on every process (CPU); every
-    process must call it. A state that is whole already (e.g. just restored) is returned as it is."""
+    process must call it. A state that is whole already (e.g. just restored) is returned as it is,
+    unless the caller knows it is cut (``cut``: a parameter of one row looks whole on the process
+    that holds that row, while the others hold none, and every process must gather alike)."""
     import torch.distributed as dist
 
-    if all(t.shape[0] == params[n].shape[0] for n, t in state.items()):
+    if not cut and all(t.shape[0] == params[n].shape[0] for n, t in state.items()):
         return state
     parts = [None] * dist.get_world_size()
     dist.all_gather_object(parts, {n: t.cpu() for n, t in state.items()})

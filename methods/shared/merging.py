@@ -78,6 +78,11 @@ class MergingMethod(CLMethod):
 
     def check_run(self, cfg: Any) -> None:
         super().check_run(cfg)
+        if cfg.tasks.get("joint", False):
+            raise ConfigError(
+                f"method {self.name} merges what each task of the stream taught; tasks.joint=true trains their "
+                "union as one task, which leaves nothing to merge"
+            )
         if not cfg.optimizer.get("reset_per_task", True):
             raise ConfigError(
                 f"method {self.name} fine-tunes each task as its own run (a fresh optimizer, as its reference "
@@ -102,9 +107,12 @@ class MergingMethod(CLMethod):
             out[n] = part.clone() if part.shape != t.shape else t
         return out
 
-    def whole(self, views: ParameterViews, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``state`` whole on every process (FSDP gathers the rows: every process calls it)."""
-        return views.whole_rows(state)
+    def whole(
+        self, views: ParameterViews, state: dict[str, torch.Tensor], cut: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """``state`` whole on every process (FSDP gathers the rows: every process calls it); ``cut``:
+        it is known to be rows (placed), so every process gathers whatever its shapes."""
+        return views.whole_rows(state, cut=cut)
 
     def state_names(self) -> tuple[str, ...]:
         return ("pretrained", "last_tuned", *self.per_entry)
@@ -112,6 +120,12 @@ class MergingMethod(CLMethod):
     def place(self, views: ParameterViews, params: dict[str, torch.Tensor]) -> None:
         for attr in self.state_names():
             setattr(self, attr, self.rows(views, params, getattr(self, attr)))
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        """The model is sharded now (FSDP, from the first fit on): from here each process keeps only
+        its rows of theta_0 and of a restored state (both whole before)."""
+        views = ParameterViews(pl_module.model)
+        self.place(views, views.parameters(self.names))
 
     # --- the seam ------------------------------------------------------------------------------
     def fold(

@@ -374,6 +374,7 @@ def test_bad_settings_are_refused_by_key(build, match):
     [
         (["model.lora.enabled=true"], r"method magmax does not train LoRA adapters .*merge full weights"),
         (["optimizer.reset_per_task=false"], r"method magmax fine-tunes each task as its own run.*reset_per_task"),
+        (["tasks.joint=true"], r"method magmax merges what each task of the stream taught; tasks.joint=true"),
     ],
 )
 def test_a_run_a_merge_cannot_serve_is_refused_at_start(overrides, match, tmp_path, cache_dir):
