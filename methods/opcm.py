@@ -75,7 +75,7 @@ class OPCM(MergingMethod):
             previous = self.merged[n] - self.pretrained[n]
             if n in linear and tau.dim() == 2:  # the SVD of the whole layer (FSDP: gathered), where it trains
                 device = views.weight(params[n]).device
-                d, tau_whole = (self.whole(views, {n: x})[n].to(device) for x in (previous, tau))
+                d, tau_whole = (self.whole(views, {n: x}, cut=True)[n].to(device) for x in (previous, tau))
                 cleaned = self.rows(views, params, {n: project_out(d, tau_whole, self.alpha).cpu()})[n]
             else:
                 cleaned = tau
