@@ -89,7 +89,7 @@ gpu-check:
 	    --target /tmp/cl_bench_site $(GPU_WHEELS)/*.whl && \
 	  PYTHONPATH=$$PWD:/tmp/cl_bench_site python3 -m runners.gpu_check $(ARGS); fi
 
-# A replicated comparison, then its report: EXPERIMENT=replication (default; docs/methods.md: 7 methods x 3
+# A replicated comparison, then its report: EXPERIMENT=replication (default; docs/methods.md: 12 methods x 3
 # seeds on SmolLM2) or EXPERIMENT=rft_vs_sft BASELINE=sft (docs/rft.md: SFT, GRPO, self-SFT, GRPO+EWC x 3 seeds),
 # each conf/experiment/<name>.yaml, its multirun in multirun/<name>/ and its report in docs/results/<name>/.
 # JOBS=2 runs two jobs at once, each with half the cores. Rerun to continue after a stop.

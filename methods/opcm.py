@@ -82,6 +82,9 @@ class OPCM(MergingMethod):
             merged[n] = self.pretrained[n] + (self.lambda_t * previous + cleaned)
         average = sum(self.norms) / len(self.norms)
         norm = math.sqrt(squared_norm(views, {n: m - self.pretrained[n] for n, m in merged.items()}))
+        if norm == 0:  # no task moved the weights (the reference divides 0 by 0): theta_0, nothing to rescale
+            self.lambda_t, self.merged = 1.0, merged
+            return self.merged
         self.lambda_t = norm / average
         self.merged = {n: self.pretrained[n] + (m - self.pretrained[n]) * (average / norm) for n, m in merged.items()}
         return self.merged

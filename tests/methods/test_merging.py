@@ -461,3 +461,28 @@ def test_a_run_resumed_between_tasks_restarts_magmax_from_the_restored_fine_tune
     assert (cut / "checkpoints" / "stage-001.pt").stat().st_mtime_ns == kept  # task 1 was not trained again
     w1, w2 = (torch.load(d / "checkpoints" / "stage-002.pt", weights_only=True)["model"] for d in (whole, cut))
     assert all(torch.equal(w1[n], w2[n]) for n in w1)
+
+
+@pytest.mark.parametrize("name", list(MERGERS))
+def test_tasks_that_moved_no_weight_merge_to_the_pretrained_weights(name, monkeypatch):
+    """A task can leave the weights where they started (every group's rewards equal under GRPO, a
+    learning rate of 0): each merge is theta_0 then, finite (OPCM's rescaling would divide 0 by 0)."""
+    if name == "fisher_merge":
+        monkeypatch.setattr(
+            "methods.fisher_merge.diagonal_fisher",
+            lambda model, batches, params, mode, num: (
+                {n: torch.ones_like(p) for n, p in params.items()},
+                {"seconds": 0},
+            ),
+        )
+    method = MERGERS[name]()
+    module = tiny_module(method)
+    method.on_stream_start(module, None)
+    theta0 = _weights(module.model)
+    for t in range(3):
+        module.start_task_weights(tiny_task(), t)
+        module.merge_after_task(tiny_task(), t)
+        # a weighted average of theta_0 with itself: theta_0 up to the division's rounding
+        assert_states(
+            _weights(module.model), theta0, **({"rtol": 1e-6, "atol": 0} if name == "fisher_merge" else EXACT)
+        )
