@@ -37,20 +37,22 @@ from methods.base import CLMethod, trainable_bytes
 from methods.shared.importance import sample_examples
 
 
+def dot_product(a: list[torch.Tensor], b: list[torch.Tensor], total=lambda value: value.item()) -> float:
+    """The dot product of two gradients given as lists of tensors: per-tensor dot products in the
+    gradients' dtype (fp32 accumulation), summed in float64, added up over processes by ``total``
+    (``ParameterViews.total``, for row shards)."""
+    return total(torch.stack([torch.dot(x.flatten(), y.flatten()) for x, y in zip(a, b)]).double().sum())
+
+
 def project(
     grads: list[torch.Tensor], reference: list[torch.Tensor], total=lambda value: value.item()
 ) -> tuple[float, bool]:
     """A-GEM's projection of ``grads`` against ``reference``, in place; returns (g . g_ref, projected).
     ``total`` adds a sum over entries up over processes (``ParameterViews.total``, for row shards)."""
-
-    def dot_product(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-        # per-tensor dot products in the gradients' dtype (fp32 accumulation), summed in float64
-        return total(torch.stack([torch.dot(x.flatten(), y.flatten()) for x, y in zip(a, b)]).double().sum())
-
-    dot = dot_product(grads, reference)
+    dot = dot_product(grads, reference, total)
     if dot >= 0:  # every process sees the same sum, so all take the same branch
         return dot, False
-    norm = dot_product(reference, reference)
+    norm = dot_product(reference, reference, total)
     if norm == 0:
         return dot, False
     for g, r in zip(grads, reference):
@@ -90,24 +92,29 @@ class AGEM(CLMethod):
     def on_task_start(self, module, task, task_index: int) -> None:
         self.projected_steps = self.steps = 0
 
-    def memory_batches(self, module) -> list[dict[str, torch.Tensor]]:
+    def memory_batches(self, module, pool: list[Example] | None = None, seed: int | None = None) -> list[dict]:
         """This step's memory batch, this process's micro-batches of it (a memory smaller than a
-        batch is used whole)."""
-        pool = [ex for kept in self.memory for ex in kept]
-        examples = sample_examples(pool, self.loaders.batch_size, derive_seed(self.seed, module.stream_step))
+        batch is used whole): drawn from ``pool`` (default: the whole memory) with ``seed``
+        (default: the method's seed and the stream step)."""
+        pool = [ex for kept in self.memory for ex in kept] if pool is None else pool
+        seed = derive_seed(self.seed, module.stream_step) if seed is None else seed
+        examples = sample_examples(pool, self.loaders.batch_size, seed)
         processes = module.processes
         return list(self.loaders.training(examples, seed=0, rank=processes.rank, world_size=processes.world_size))
 
-    def reference_gradient(self, module, views: ParameterViews, params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
-        """The task-loss gradient on this step's memory batch, as one process would compute it, as
-        the views of ``params`` hold it: a backward of each micro-batch into emptied ``.grad`` (the
-        step's gradient put back after, on every trainable parameter), averaged over processes."""
+    def reference_gradient(
+        self, module, views: ParameterViews, params: list[torch.nn.Parameter], micro: list[dict] | None = None
+    ) -> list[torch.Tensor]:
+        """The task-loss gradient on this step's memory batch (or on the micro-batches ``micro``), as
+        one process would compute it, as the views of ``params`` hold it: a backward of each
+        micro-batch into emptied ``.grad`` (the step's gradient put back after, on every trainable
+        parameter), averaged over processes."""
         trainable = list(views.parameters().values())
         step = [p.grad for p in trainable]
         for p in trainable:
             p.grad = None
         try:
-            micro = self.memory_batches(module)
+            micro = self.memory_batches(module) if micro is None else micro
             device = views.weight(params[0]).device
             for batch in micro:
                 (causal_lm_loss(module.model, {k: v.to(device) for k, v in batch.items()}) / len(micro)).backward()

@@ -198,6 +198,7 @@ SHARDED = {
     "random_mask": ("random_mask", ("ddp", "fsdp"), []),
     "migu": ("migu", ("ddp", "fsdp"), []),
     "agem": ("agem", ("ddp", "fsdp"), []),
+    "gem": ("gem", ("ddp", "fsdp"), ["method.per_task=4"]),  # the memory batch of each task laid out as 2 x 2
     "agft": ("agft", ("ddp", "fsdp"), ["method.num_samples=4", "method.samples=all"]),
     "lwf": ("lwf", ("ddp",), ["method.lambda_=100", "optimizer.lr=1e-3"]),  # the copy teacher
     "lwf_topk": (
@@ -434,10 +435,10 @@ def test_a_row_mask_acts_on_the_rows_of_each_shard():
 
 
 @pytest.mark.processes
-@pytest.mark.parametrize("method", ["ewc", "ewc_trace", "lwf", "agft", "fggm", "agem", "gere", "magmax", "opcm"])
+@pytest.mark.parametrize("method", ["ewc", "ewc_trace", "lwf", "agft", "fggm", "agem", "gem", "gere", "magmax", "opcm"])
 def test_a_run_killed_mid_task_resumes_to_the_same_weights_and_scores(method, tmp_path, cache_dir):
     """EWC: state from the stage; TRACE's EWC: F mid-task; LwF: the teacher rebuilt from the stage;
-    AGFT: its gate; FGGM: the mask replayed; A-GEM: the memory and the step's memory batch; GeRe:
+    AGFT: its gate; FGGM: the mask replayed; A-GEM and GEM: the memory and the step's memory batches; GeRe:
     the general set rebuilt, its draws mid-task; MagMax: theta_0, the running maximum and theta_1,
     where task 2 restarts; OPCM: theta_0, the merge, the norms and lambda. FGGM's run also
     evaluates continually: its curve (points before the kill come from the step checkpoint) equals
