@@ -5,8 +5,8 @@ After each task, ``per_task`` seeded training examples of it form that task's ep
 every optimizer step of a later task, the gradient g_k of the task loss on each earlier task k's
 memory (a batch of ``memory_batch_size`` examples of it, drawn per step as A-GEM draws; null: a
 training batch's size; the authors use the whole memory, ``memory_batch_size`` = ``per_task``, t
-times a batch's cost on an LLM) is computed at the current weights. If any g . g_k < 0, g is replaced by the solution of the dual QP
-the authors solve with quadprog:
+times a batch's cost on an LLM) is computed at the current weights. If any g . g_k < 0, g is
+replaced by the solution of the dual QP the authors solve with quadprog:
 
     v* = argmin_v  1/2 v^T (G G^T + eps I) v + (G g)^T v    subject to  v >= margin
     g  <- G^T v* + g                                          (G: the rows g_k)
