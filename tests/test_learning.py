@@ -492,7 +492,7 @@ def test_a_grpo_run_killed_mid_task_resumes_to_the_same_weights(tmp_path, cache_
     checkpoints fall at multiples of 6, where no rollouts await reuse, and the resumed run's weights,
     R and telemetry equal the uninterrupted run's."""
     from tests.conftest import compose_config
-    from tests.test_scale import TINY_RUN, kill_inside_task_2
+    from tests.test_scale import TINY_RUN, children_threads, kill_inside_task_2
 
     common = [
         *TINY_RUN,
@@ -502,7 +502,8 @@ def test_a_grpo_run_killed_mid_task_resumes_to_the_same_weights(tmp_path, cache_
         "train.batch_size=2",
         "checkpoint.every_n_steps=3",
     ]
-    run(compose_config(common, tmp_path / "whole", cache_dir), tmp_path / "whole")
+    with children_threads():
+        run(compose_config(common, tmp_path / "whole", cache_dir), tmp_path / "whole")
     killed = tmp_path / "killed"
     kill_inside_task_2(common, killed)
     steps = [int(p.stem.rsplit("-", 1)[1]) for p in (killed / "checkpoints").glob("task-001-step-*.ckpt")]

@@ -1,5 +1,6 @@
 """Scaling out: global batches over processes, DDP = one process, checkpoints and exact resume, sweeps."""
 
+import contextlib
 import json
 import os
 import re
@@ -125,6 +126,20 @@ def _final(run_dir: Path):
     results = json.loads((run_dir / "results.json").read_text())
     stages = sorted((run_dir / "checkpoints").glob("stage-*.pt"))
     return results, torch.load(stages[-1], weights_only=True)["model"]
+
+
+@contextlib.contextmanager
+def children_threads():
+    """This process on the thread count the runs it starts have (they inherit OMP_NUM_THREADS, 1 in
+    the suite): a bitwise comparison with a run made here needs their float order. Under xdist this
+    process has one thread already; alone (TEST_WORKERS=0) it has every core's, and the weights of
+    every kill-and-resume comparison differed at 1e-9."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or before))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def kill_inside_task_2(args: list[str], killed: Path) -> None:
@@ -458,7 +473,8 @@ def test_a_run_killed_mid_task_resumes_to_the_same_weights_and_scores(method, tm
         "checkpoint.every_n_steps=5",
         *small.get(method, []),
     ]
-    run(compose_config(common, tmp_path / "whole", cache_dir), tmp_path / "whole")  # uninterrupted, in this process
+    with children_threads():  # uninterrupted, in this process
+        run(compose_config(common, tmp_path / "whole", cache_dir), tmp_path / "whole")
     killed = tmp_path / "killed"
     kill_inside_task_2(common, killed)
     assert json.loads((killed / "results.json").read_text())["status"] == "running"

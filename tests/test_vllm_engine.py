@@ -270,7 +270,7 @@ def test_grpo_rolls_out_through_the_engine_and_a_killed_run_resumes_to_the_same_
     from cl_bench.stream_run import run
     from tests.conftest import compose_config
     from tests.test_learning import PROCESS_RUN, resumes_to_the_whole_run
-    from tests.test_scale import TINY_RUN, kill_inside_task_2
+    from tests.test_scale import TINY_RUN, children_threads, kill_inside_task_2
 
     common = [
         *TINY_RUN,
@@ -281,7 +281,8 @@ def test_grpo_rolls_out_through_the_engine_and_a_killed_run_resumes_to_the_same_
         "train.batch_size=2",
         "checkpoint.every_n_steps=3",
     ]
-    recorder = run(compose_config(common, tmp_path / "whole", cache_dir), tmp_path / "whole")
+    with children_threads():
+        recorder = run(compose_config(common, tmp_path / "whole", cache_dir), tmp_path / "whole")
     steps = sum(t["steps"] for t in recorder.learning_report["tasks"].values())
     assert recorder.timings["engine_starts"] == 1 and steps >= 16  # one engine for every step's rollouts
     killed = tmp_path / "killed"
